@@ -1,0 +1,52 @@
+"""``nydus-erofs``: the command group.  Each subcommand lives in its own module and is registered as an
+entry point in the ``nydus_erofs.commands`` group (pyproject.toml), so packages above ``erofs`` (the daemon's
+``mount``) add commands without ``erofs`` importing them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from importlib.metadata import entry_points
+
+import click
+
+from erofs.errors import NydusErofsError
+
+
+class _Group(click.Group):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for ep in sorted(entry_points(group="nydus_erofs.commands"), key=lambda e: e.name):
+            module_name = ep.value.split(":")[0]
+            try:
+                importlib.import_module(module_name)
+            except ModuleNotFoundError as e:  # declared ahead of its module
+                if e.name and module_name.startswith(e.name):
+                    continue
+                raise
+            self.add_command(ep.load(), ep.name)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except NydusErofsError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"nydus-erofs: error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except OSError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            where = f": {e.filename}" if e.filename else ""
+            click.echo(f"nydus-erofs: error: {e.strerror or e}{where}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="nydus-erofs")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Build, inspect and serve Nydus RAFS v6 (EROFS) container images."""
+    ctx.obj = {"debug": debug}
