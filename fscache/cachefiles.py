@@ -1,0 +1,341 @@
+"""Binding of the cachefiles on-demand protocol (``include/uapi/linux/cachefiles.h``).
+
+The daemon opens ``/dev/cachefiles``, binds a cache directory in on-demand mode, then reads one message per
+``read(2)``: OPEN (answer with :meth:`CachefilesDevice.copen`), READ (fill the range with :func:`write_range`,
+then :func:`read_complete`) and CLOSE (close the anonymous fd, no reply). Messages are native-endian.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import platform
+import select
+from collections.abc import Iterable
+from dataclasses import dataclass
+from types import TracebackType
+
+from cffi import FFI
+
+from fscache.errors import (
+    DeviceBusyError,
+    DeviceNotFoundError,
+    KernelInterfaceError,
+    NotPrivilegedError,
+    OnDemandUnsupportedError,
+    ProtocolError,
+    UnsupportedFilesystemError,
+    from_errno,
+)
+
+__all__ = [
+    "CACHEFILES_MSG_MAX_SIZE",
+    "CACHEFILES_OP_OPEN",
+    "CACHEFILES_OP_CLOSE",
+    "CACHEFILES_OP_READ",
+    "CACHEFILES_IOC_READ_COMPLETE",
+    "DEVICE_PATH",
+    "PAGE_SIZE",
+    "CachefilesDevice",
+    "CloseRequest",
+    "Message",
+    "OpenRequest",
+    "ReadRequest",
+    "parse_message",
+    "read_complete",
+    "write_range",
+]
+
+ffi = FFI()
+ffi.cdef(
+    """
+    struct cachefiles_msg {
+        uint32_t msg_id;
+        uint32_t opcode;
+        uint32_t len;
+        uint32_t object_id;
+        uint8_t  data[];
+    };
+    struct cachefiles_open {
+        uint32_t volume_key_size;
+        uint32_t cookie_key_size;
+        uint32_t fd;
+        uint32_t flags;
+        uint8_t  data[];
+    };
+    struct cachefiles_read {
+        uint64_t off;
+        uint64_t len;
+    };
+    """
+)
+
+CACHEFILES_MSG_MAX_SIZE = 1024
+CACHEFILES_OP_OPEN = 0
+CACHEFILES_OP_CLOSE = 1
+CACHEFILES_OP_READ = 2
+
+DEVICE_PATH = "/dev/cachefiles"
+PAGE_SIZE = mmap.PAGESIZE
+
+_MSG_SIZE = ffi.sizeof("struct cachefiles_msg")  # 16
+_OPEN_SIZE = ffi.sizeof("struct cachefiles_open")  # 16
+_READ_SIZE = ffi.sizeof("struct cachefiles_read")  # 16
+
+
+def _iow(type_: int, nr: int, size: int) -> int:
+    """The kernel's ``_IOW(type, nr, size)`` for the running architecture."""
+    machine = platform.machine()
+    if machine.startswith(("ppc", "powerpc", "mips", "sparc")):
+        write_dir, size_bits = 4, 13
+    else:
+        write_dir, size_bits = 1, 14
+    dir_shift = 16 + size_bits
+    assert size < (1 << size_bits)
+    return (write_dir << dir_shift) | (size << 16) | (type_ << 8) | nr
+
+
+#: ``_IOW(0x98, 1, int)``: 0x40049801 on x86, arm64 and asm-generic.
+CACHEFILES_IOC_READ_COMPLETE = _iow(0x98, 1, ffi.sizeof("int"))
+
+
+@dataclass(frozen=True, slots=True)
+class OpenRequest:
+    """OPEN: the kernel opened cache object ``object_id``; answer with ``copen(msg_id, size)``.
+
+    ``fd`` is an anonymous fd already installed in this process (pwrite/ioctl only); keep it until CLOSE.
+    """
+
+    msg_id: int
+    object_id: int
+    volume_key: str
+    cookie_key: str
+    fd: int
+    flags: int
+
+    @property
+    def volume(self) -> str:
+        """The volume key without EROFS's ``"erofs,"`` prefix: the fsid, or domain_id when one is set."""
+        return self.volume_key.removeprefix("erofs,")
+
+
+@dataclass(frozen=True, slots=True)
+class CloseRequest:
+    """CLOSE: the kernel dropped ``object_id``; close its fd. No reply."""
+
+    msg_id: int
+    object_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRequest:
+    """READ: fill ``[offset, offset + length)`` of ``object_id``'s file, then :func:`read_complete`."""
+
+    msg_id: int
+    object_id: int
+    offset: int
+    length: int
+
+
+Message = OpenRequest | CloseRequest | ReadRequest
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def parse_message(buf: bytes) -> Message:
+    """Parse one message exactly as ``read(2)`` on ``/dev/cachefiles`` returned it."""
+    if len(buf) < _MSG_SIZE:
+        raise ProtocolError(f"cachefiles message of {len(buf)} bytes is shorter than its header")
+    cbuf = ffi.from_buffer(buf)
+    msg = ffi.cast("struct cachefiles_msg *", cbuf)
+    if msg.len != len(buf):
+        raise ProtocolError(f"cachefiles message says len={msg.len} but read returned {len(buf)} bytes")
+    payload = len(buf) - _MSG_SIZE
+    if msg.opcode == CACHEFILES_OP_OPEN:
+        if payload < _OPEN_SIZE:
+            raise ProtocolError(f"cachefiles OPEN payload of {payload} bytes is too short")
+        op = ffi.cast("struct cachefiles_open *", msg.data)
+        vsize, csize = op.volume_key_size, op.cookie_key_size
+        if _OPEN_SIZE + vsize + csize > payload:
+            raise ProtocolError(f"cachefiles OPEN keys ({vsize}+{csize} bytes) overrun the message")
+        start = _MSG_SIZE + _OPEN_SIZE
+        volume = bytes(buf[start : start + vsize]).split(b"\0", 1)[0]
+        cookie = bytes(buf[start + vsize : start + vsize + csize])
+        return OpenRequest(msg.msg_id, msg.object_id, _decode(volume), _decode(cookie), op.fd, op.flags)
+    if msg.opcode == CACHEFILES_OP_CLOSE:
+        return CloseRequest(msg.msg_id, msg.object_id)
+    if msg.opcode == CACHEFILES_OP_READ:
+        if payload < _READ_SIZE:
+            raise ProtocolError(f"cachefiles READ payload of {payload} bytes is too short")
+        rd = ffi.cast("struct cachefiles_read *", msg.data)
+        return ReadRequest(msg.msg_id, msg.object_id, rd.off, rd.len)
+    raise ProtocolError(f"unknown cachefiles opcode {msg.opcode}")
+
+
+class CachefilesDevice:
+    """A session on ``/dev/cachefiles``: one per system, open it with :meth:`open`."""
+
+    def __init__(self, fd: int, path: str = DEVICE_PATH) -> None:
+        self._fd = fd
+        self.path = path
+
+    @classmethod
+    def open(cls, path: str = DEVICE_PATH) -> CachefilesDevice:
+        """Open the device read-write; raises a one-line error if it is missing or held by another daemon."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise DeviceNotFoundError(
+                errno.ENOENT, f"no {path}: kernel lacks CONFIG_CACHEFILES (modprobe cachefiles?)", path
+            ) from None
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                raise DeviceBusyError(
+                    errno.EBUSY, f"another cache daemon (cachefilesd?) holds {path}", path
+                ) from None
+            if e.errno in (errno.EPERM, errno.EACCES):
+                raise NotPrivilegedError(e.errno, f"cannot open {path}: needs root (CAP_SYS_ADMIN)", path) from None
+            raise from_errno(e.errno or errno.EIO, f"cannot open {path}", path) from None
+        return cls(fd, path)
+
+    def fileno(self) -> int:
+        """The device fd, for ``poll``/``select``."""
+        if self._fd < 0:
+            raise ValueError("CachefilesDevice is closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def close(self) -> None:
+        """Close the device; the kernel then fails pending and future requests with EIO."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> CachefilesDevice:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def command(self, cmd: str) -> None:
+        """Write one raw command (``dir``, ``tag``, ``bind``, ``copen``, ``restore``...)."""
+        data = cmd.encode()
+        if b"\0" in data or b"\n" in data:
+            raise ValueError(f"cachefiles command must not contain NUL or newline: {cmd!r}")
+        if len(data) >= PAGE_SIZE:
+            raise ValueError(f"cachefiles command longer than {PAGE_SIZE - 1} bytes")
+        try:
+            os.write(self.fileno(), data)
+        except OSError as e:
+            raise from_errno(e.errno or errno.EIO, f"cachefiles command {cmd!r} failed") from None
+
+    def bind(self, cache_dir: str | os.PathLike[str], tag: str | None = None) -> None:
+        """Write ``dir <abs cache_dir>``, ``tag <tag>`` (if given) and ``bind ondemand``."""
+        path = os.path.abspath(os.fspath(cache_dir))
+        self.command(f"dir {path}")
+        if tag is not None:
+            self.command(f"tag {tag}")
+        try:
+            os.write(self.fileno(), b"bind ondemand")
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                raise OnDemandUnsupportedError(
+                    e.errno, "kernel without CONFIG_CACHEFILES_ONDEMAND: 'bind ondemand' refused"
+                ) from None
+            if e.errno == errno.EOPNOTSUPP:
+                raise UnsupportedFilesystemError(
+                    e.errno, f"cache dir {path} on an unsupported filesystem (tmpfs?): use ext4/xfs/btrfs", path
+                ) from None
+            raise from_errno(e.errno or errno.EIO, f"cachefiles 'bind ondemand' on {path} failed", path) from None
+
+    def restore(self) -> None:
+        """Write ``restore``: re-queue requests in flight (failover after a worker died)."""
+        self.command("restore")
+
+    def copen(self, msg_id: int, size: int) -> None:
+        """Answer OPEN ``msg_id`` with the object's size in bytes, or a negative ``-errno`` to fail the mount."""
+        self.command(f"copen {int(msg_id)},{int(size)}")
+
+    def poll(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds (None: forever) until a message is pending."""
+        p = select.poll()
+        p.register(self.fileno(), select.POLLIN)
+        return bool(p.poll(None if timeout is None else int(timeout * 1000)))
+
+    def read_message(self) -> Message | None:
+        """Read and parse one pending message, or return None when none is pending (drained)."""
+        try:
+            buf = os.read(self.fileno(), CACHEFILES_MSG_MAX_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            raise from_errno(e.errno or errno.EIO, f"read from {self.path} failed") from None
+        if not buf:
+            return None
+        return parse_message(buf)
+
+
+def _aligned_buffer(size: int) -> mmap.mmap:
+    return mmap.mmap(-1, size)
+
+
+def write_range(anon_fd: int, offset: int, data: bytes | memoryview | Iterable[bytes | memoryview]) -> int:
+    """Write ``data`` (bytes-like or chunks of it) at ``offset`` into a cache file, zero-padded to whole pages.
+
+    The cache file is written with direct I/O, so the offset must be page-aligned and the write comes from a
+    page-aligned buffer. Returns the number of bytes written (a multiple of :data:`PAGE_SIZE`).
+    """
+    if offset % PAGE_SIZE:
+        raise ValueError(f"cachefiles write offset {offset} is not aligned to {PAGE_SIZE}")
+    chunks: list[bytes | memoryview] = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+    total = sum(memoryview(c).nbytes for c in chunks)
+    if total == 0:
+        return 0
+    padded = -(-total // PAGE_SIZE) * PAGE_SIZE
+    buf = _aligned_buffer(padded)
+    try:
+        pos = 0
+        for c in chunks:
+            mv = memoryview(c).cast("B")
+            buf[pos : pos + mv.nbytes] = mv
+            pos += mv.nbytes
+        view = memoryview(buf)
+        try:
+            done = 0
+            while done < padded:
+                try:
+                    n = os.pwrite(anon_fd, view[done:], offset + done)
+                except OSError as e:
+                    raise KernelInterfaceError(
+                        e.errno or errno.EIO,
+                        f"pwrite of {padded - done} bytes at {offset + done} to cache fd {anon_fd} failed: "
+                        f"{os.strerror(e.errno or errno.EIO)}",
+                    ) from None
+                if n <= 0:
+                    raise KernelInterfaceError(errno.EIO, f"pwrite to cache fd {anon_fd} wrote nothing")
+                done += n
+        finally:
+            view.release()
+    finally:
+        buf.close()
+    return padded
+
+
+def read_complete(anon_fd: int, msg_id: int) -> None:
+    """Tell the kernel READ ``msg_id`` is done (``CACHEFILES_IOC_READ_COMPLETE``, msg_id passed by value).
+
+    A range still holding a hole gives the reader EIO, so completing without writing fails the read.
+    """
+    try:
+        fcntl.ioctl(anon_fd, CACHEFILES_IOC_READ_COMPLETE, int(msg_id))
+    except OSError as e:
+        raise from_errno(e.errno or errno.EIO, f"CACHEFILES_IOC_READ_COMPLETE for msg {msg_id} failed") from None

@@ -1,0 +1,342 @@
+"""Binding of fanotify pre-content events (``include/uapi/linux/fanotify.h``, Linux >= 6.14).
+
+A :class:`FanotifyGroup` marks sparse blob cache files with ``FAN_PRE_ACCESS``. Every read (or write) of a
+marked file by another opener blocks until the group answers: fill the reported range through the event's
+fd (:meth:`PreAccessEvent.write`), then :meth:`FanotifyGroup.allow`, or :meth:`FanotifyGroup.deny` with an
+errno the reader will see. The event fd is opened by the kernel with FMODE_NONOTIFY, so writes through it
+raise no event; so do fds opened before the file was marked. A fd the daemon opens after marking is watched
+like any other and would block on the daemon's own answer.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+from dataclasses import dataclass
+from types import TracebackType
+
+from cffi import FFI
+
+from fscache.errors import (
+    KernelInterfaceError,
+    PreContentUnsupportedError,
+    ProtocolError,
+    UnsupportedFilesystemError,
+    from_errno,
+)
+
+__all__ = [
+    "FAN_ALLOW",
+    "FAN_CLASS_PRE_CONTENT",
+    "FAN_CLOEXEC",
+    "FAN_DENY",
+    "FAN_EVENT_INFO_TYPE_RANGE",
+    "FAN_MARK_ADD",
+    "FAN_MARK_REMOVE",
+    "FAN_NOFD",
+    "FAN_NONBLOCK",
+    "FAN_PRE_ACCESS",
+    "FAN_Q_OVERFLOW",
+    "FANOTIFY_METADATA_VERSION",
+    "FAN_DENY_ERRNO",
+    "FanotifyGroup",
+    "PreAccessEvent",
+    "find_holes",
+    "parse_events",
+]
+
+ffi = FFI()
+ffi.cdef(
+    """
+    struct fanotify_event_metadata {
+        uint32_t event_len;
+        uint8_t  vers;
+        uint8_t  reserved;
+        uint16_t metadata_len;
+        uint64_t mask;
+        int32_t  fd;
+        int32_t  pid;
+    };
+    struct fanotify_event_info_header {
+        uint8_t  info_type;
+        uint8_t  pad;
+        uint16_t len;
+    };
+    struct fanotify_event_info_range {
+        struct fanotify_event_info_header hdr;
+        uint32_t pad;
+        uint64_t offset;
+        uint64_t count;
+    };
+    struct fanotify_response {
+        int32_t  fd;
+        uint32_t response;
+    };
+    int fanotify_init(unsigned int flags, unsigned int event_f_flags);
+    int fanotify_mark(int fanotify_fd, unsigned int flags, uint64_t mask, int dirfd, const char *pathname);
+    """
+)
+_libc = ffi.dlopen(None)
+
+# fanotify_init() flags
+FAN_CLOEXEC = 0x00000001
+FAN_NONBLOCK = 0x00000002
+FAN_CLASS_NOTIF = 0x00000000
+FAN_CLASS_CONTENT = 0x00000004
+FAN_CLASS_PRE_CONTENT = 0x00000008
+FAN_UNLIMITED_QUEUE = 0x00000010
+FAN_REPORT_TID = 0x00000100
+FAN_REPORT_FID = 0x00000200
+
+# fanotify_mark() flags
+FAN_MARK_ADD = 0x00000001
+FAN_MARK_REMOVE = 0x00000002
+FAN_MARK_DONT_FOLLOW = 0x00000004
+FAN_MARK_FLUSH = 0x00000080
+FAN_MARK_INODE = 0x00000000
+
+# event mask bits
+FAN_ACCESS_PERM = 0x00020000
+FAN_OPEN_PERM = 0x00010000
+FAN_Q_OVERFLOW = 0x00004000
+FAN_PRE_ACCESS = 0x00100000
+
+FANOTIFY_METADATA_VERSION = 3
+FAN_EVENT_INFO_TYPE_RANGE = 6
+FAN_NOFD = -1
+
+# responses
+FAN_ALLOW = 0x01
+FAN_DENY = 0x02
+FAN_ERRNO_BITS = 8
+FAN_ERRNO_SHIFT = 32 - FAN_ERRNO_BITS
+FAN_ERRNO_MASK = (1 << FAN_ERRNO_BITS) - 1
+
+AT_FDCWD = -100
+
+_META_SIZE = ffi.sizeof("struct fanotify_event_metadata")  # 24
+_INFO_HDR_SIZE = ffi.sizeof("struct fanotify_event_info_header")  # 4
+_RANGE_SIZE = ffi.sizeof("struct fanotify_event_info_range")  # 24
+_RESPONSE_SIZE = ffi.sizeof("struct fanotify_response")  # 8
+_READ_BUF = 64 * 1024
+
+
+def FAN_DENY_ERRNO(err: int) -> int:  # noqa: N802 - kernel macro name
+    """``FAN_DENY`` carrying ``err`` for the reader (kernels >= 6.14 accept EIO, EPERM, EBUSY, ETXTBSY,
+    EAGAIN, ENOSPC, EDQUOT)."""
+    return FAN_DENY | ((err & FAN_ERRNO_MASK) << FAN_ERRNO_SHIFT)
+
+
+@dataclass(slots=True)
+class PreAccessEvent:
+    """One permission event. ``offset``/``count`` are None when the kernel sent no range record.
+
+    ``fd`` refers to the accessed file (opened read-write, without notification); it is closed once the
+    group answers the event.
+    """
+
+    fd: int
+    pid: int
+    mask: int
+    offset: int | None = None
+    count: int | None = None
+
+    @property
+    def end(self) -> int | None:
+        """End of the reported range (exclusive), or None."""
+        return None if self.offset is None or self.count is None else self.offset + self.count
+
+    def holes(self) -> list[tuple[int, int]]:
+        """The ``(offset, length)`` holes of the file inside the reported range (SEEK_HOLE/SEEK_DATA).
+
+        The kernel raises an event for every access of a marked file, filled or not: only holes need data.
+        """
+        if self.fd < 0:
+            raise ValueError("event already answered (fd closed)")
+        if self.offset is None or self.count is None:
+            return []
+        return find_holes(self.fd, self.offset, self.count)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """Write ``data`` at ``offset`` through the event fd (raises no new event). Returns bytes written."""
+        if self.fd < 0:
+            raise ValueError("event already answered (fd closed)")
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < view.nbytes:
+            try:
+                n = os.pwrite(self.fd, view[done:], offset + done)
+            except OSError as e:
+                err = e.errno or errno.EIO
+                raise KernelInterfaceError(
+                    err, f"pwrite of {view.nbytes - done} bytes at {offset + done} via event fd: {os.strerror(err)}"
+                ) from None
+            if n <= 0:
+                raise KernelInterfaceError(errno.EIO, "pwrite via event fd wrote nothing")
+            done += n
+        return done
+
+
+def find_holes(fd: int, offset: int, count: int) -> list[tuple[int, int]]:
+    """The ``(offset, length)`` holes of ``fd`` within ``[offset, offset + count)``, clipped to its size."""
+    end = min(offset + count, os.fstat(fd).st_size)
+    holes: list[tuple[int, int]] = []
+    pos = offset
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: no data after pos
+                raise
+            data = end
+        if data > pos:
+            holes.append((pos, min(data, end) - pos))
+        if data >= end:
+            break
+        pos = os.lseek(fd, data, os.SEEK_HOLE)
+    return holes
+
+
+def parse_events(buf: bytes | bytearray | memoryview) -> list[PreAccessEvent]:
+    """Parse the events of one ``read(2)`` on a fanotify fd."""
+    events: list[PreAccessEvent] = []
+    data = bytes(buf)
+    cbuf = ffi.from_buffer(data)
+    pos, end = 0, len(data)
+    while end - pos >= _META_SIZE:
+        meta = ffi.cast("struct fanotify_event_metadata *", cbuf + pos)
+        ev_len = meta.event_len
+        if ev_len < _META_SIZE or ev_len > end - pos:
+            raise ProtocolError(f"fanotify event_len {ev_len} invalid at offset {pos} of {end}")
+        if meta.vers != FANOTIFY_METADATA_VERSION:
+            raise ProtocolError(f"fanotify metadata version {meta.vers}, expected {FANOTIFY_METADATA_VERSION}")
+        if meta.metadata_len < _META_SIZE or meta.metadata_len > ev_len:
+            raise ProtocolError(f"fanotify metadata_len {meta.metadata_len} invalid")
+        event = PreAccessEvent(fd=meta.fd, pid=meta.pid, mask=int(meta.mask))
+        info, info_end = pos + meta.metadata_len, pos + ev_len
+        while info_end - info >= _INFO_HDR_SIZE:
+            hdr = ffi.cast("struct fanotify_event_info_header *", cbuf + info)
+            if hdr.len < _INFO_HDR_SIZE or hdr.len > info_end - info:
+                raise ProtocolError(f"fanotify info record length {hdr.len} invalid")
+            if hdr.info_type == FAN_EVENT_INFO_TYPE_RANGE and hdr.len >= _RANGE_SIZE:
+                rng = ffi.cast("struct fanotify_event_info_range *", cbuf + info)
+                event.offset, event.count = int(rng.offset), int(rng.count)
+            info += hdr.len
+        events.append(event)
+        pos += ev_len
+    if pos != end:
+        raise ProtocolError(f"{end - pos} trailing bytes after fanotify events")
+    return events
+
+
+class FanotifyGroup:
+    """A fanotify group (by default pre-content class, non-blocking, event fds opened read-write)."""
+
+    def __init__(self, pre_content: bool = True, nonblocking: bool = True) -> None:
+        flags = FAN_CLOEXEC | (FAN_CLASS_PRE_CONTENT if pre_content else FAN_CLASS_CONTENT)
+        if nonblocking:
+            flags |= FAN_NONBLOCK
+        event_f_flags = os.O_RDWR | os.O_LARGEFILE | os.O_CLOEXEC
+        fd = _libc.fanotify_init(flags, event_f_flags)
+        if fd < 0:
+            err = ffi.errno
+            if err == errno.EINVAL:
+                raise PreContentUnsupportedError(
+                    err, "kernel refuses fanotify_init(FAN_CLASS_PRE_CONTENT): fanotify permission events missing"
+                )
+            if err == errno.ENOSYS:
+                raise PreContentUnsupportedError(err, "kernel without fanotify (CONFIG_FANOTIFY)")
+            raise from_errno(err, "fanotify_init failed")
+        self._fd: int = fd
+        self.pre_content = pre_content
+
+    def fileno(self) -> int:
+        """The group fd, for ``poll``/``select``."""
+        if self._fd < 0:
+            raise ValueError("FanotifyGroup is closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def close(self) -> None:
+        """Close the group; the kernel allows every event still pending and drops the marks."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> FanotifyGroup:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _mark(self, flags: int, mask: int, path: str | os.PathLike[str]) -> None:
+        p = os.fsencode(path)
+        if _libc.fanotify_mark(self.fileno(), flags, mask, AT_FDCWD, p) == 0:
+            return
+        err = ffi.errno
+        name = os.fsdecode(p)
+        if err == errno.EINVAL and mask & FAN_PRE_ACCESS:
+            raise PreContentUnsupportedError(
+                err, f"cannot mark {name} for FAN_PRE_ACCESS: kernel without fanotify pre-content events "
+                "(needs Linux >= 6.14)", name
+            )
+        if err == errno.EOPNOTSUPP:
+            raise UnsupportedFilesystemError(
+                err, f"{name} is on a filesystem without pre-content event support (tmpfs?): use ext4/xfs/btrfs",
+                name,
+            )
+        raise from_errno(err, f"fanotify_mark on {name} failed", name)
+
+    def mark(self, path: str | os.PathLike[str], mask: int = FAN_PRE_ACCESS) -> None:
+        """Watch the regular file ``path`` for ``mask`` (default ``FAN_PRE_ACCESS``).
+
+        Only opens made after the mark raise events, so mark before mounting the file.
+        """
+        self._mark(FAN_MARK_ADD, mask, path)
+
+    def unmark(self, path: str | os.PathLike[str], mask: int = FAN_PRE_ACCESS) -> None:
+        """Stop watching ``path`` for ``mask``."""
+        self._mark(FAN_MARK_REMOVE, mask, path)
+
+    def poll(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds (None: forever) until an event is pending."""
+        p = select.poll()
+        p.register(self.fileno(), select.POLLIN)
+        return bool(p.poll(None if timeout is None else int(timeout * 1000)))
+
+    def read_events(self) -> list[PreAccessEvent]:
+        """Read the pending events; an empty list when none is pending (non-blocking group)."""
+        try:
+            buf = os.read(self.fileno(), _READ_BUF)
+        except BlockingIOError:
+            return []
+        except OSError as e:
+            raise from_errno(e.errno or errno.EIO, "read from fanotify group failed") from None
+        return parse_events(buf)
+
+    def respond(self, event: PreAccessEvent, response: int) -> None:
+        """Write ``struct fanotify_response`` for ``event`` and close its fd (even if the write fails)."""
+        if event.fd < 0:
+            return
+        resp = ffi.new("struct fanotify_response *", {"fd": event.fd, "response": response})
+        try:
+            os.write(self.fileno(), ffi.buffer(resp, _RESPONSE_SIZE))
+        except OSError as e:
+            raise from_errno(e.errno or errno.EIO, f"fanotify response {response:#x} failed") from None
+        finally:
+            fd, event.fd = event.fd, FAN_NOFD
+            os.close(fd)
+
+    def allow(self, event: PreAccessEvent) -> None:
+        """Let the access proceed (the range must be filled by now)."""
+        self.respond(event, FAN_ALLOW)
+
+    def deny(self, event: PreAccessEvent, err: int = errno.EIO) -> None:
+        """Fail the access; the reader gets ``err`` (0 means plain ``FAN_DENY``, i.e. EPERM)."""
+        self.respond(event, FAN_DENY_ERRNO(err) if err else FAN_DENY)
