@@ -1,0 +1,232 @@
+"""Writing one Nydus data blob: chunks, then the blob metadata that lets a daemon find and verify them.
+
+Layout (``../shared/reference/nydus-rafs-v6.md`` §1.8; every tar header follows its payload)::
+
+    [chunks][hdr image.blob][chunk-info table][CCT header 4 KiB][hdr blob.meta]
+    [chunk digests 32 B each][hdr blob.digest][ToC entries][hdr rafs.blob.toc]
+
+Uncompressed offsets advance by 4 KiB-rounded chunk sizes.  With ``compressor="none"`` the stored bytes
+sit at exactly those offsets (zero padded), so the data region is what the kernel reads through a
+file-backed ``device=`` mount.  The blob id is the sha256 of the whole file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from erofs import codec
+from erofs.format import rafs_v6 as r
+from erofs.tree import ChunkRef
+
+BLOCK = 4096
+_ZEROS = bytes(BLOCK)
+
+
+def tar_header(name: bytes, size: int) -> bytes:
+    """The 512-byte GNU tar header Nydus writes after each blob section (empty mode/uid/gid, mtime 0)."""
+    h = bytearray(512)
+    h[0 : len(name)] = name
+    h[124:136] = b"%011o\0" % size
+    h[136:148] = b"%011o\0" % 0
+    h[156:157] = b"0"
+    h[257:265] = b"ustar  \0"
+    h[148:156] = b" " * 8
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+@dataclass(slots=True, frozen=True)
+class BlobInfo:
+    """What the bootstrap's blob table and device table record of a finished blob."""
+
+    blob_id: str
+    blob_index: int
+    chunk_size: int
+    chunk_count: int
+    compressor: str
+    digester: str
+    features: int
+    compressed_size: int  # the whole blob file
+    uncompressed_size: int  # the 4 KiB aligned data layout
+    ci_compressor: str
+    ci_offset: int
+    ci_compressed_size: int
+    ci_uncompressed_size: int
+    blob_toc_size: int
+    blob_toc_digest: bytes
+
+    def blob_table_entry(self) -> bytes:
+        return r.RafsV6Blob.pack(
+            blob_id=self.blob_id.encode(),
+            blob_index=self.blob_index,
+            chunk_size=self.chunk_size,
+            chunk_count=self.chunk_count,
+            compression_algo=r.COMPRESSORS[self.compressor],
+            digest_algo=r.DIGESTERS[self.digester],
+            features=self.features,
+            compressed_size=self.compressed_size,
+            uncompressed_size=self.uncompressed_size,
+            blob_toc_size=self.blob_toc_size,
+            ci_compressor=r.COMPRESSORS[self.ci_compressor],
+            ci_offset=self.ci_offset,
+            ci_compressed_size=self.ci_compressed_size,
+            ci_uncompressed_size=self.ci_uncompressed_size,
+            blob_toc_digest=self.blob_toc_digest,
+        )
+
+
+class BlobWriter:
+    """Appends chunks to a temporary blob file; :meth:`finish` writes the metadata and names the blob."""
+
+    def __init__(self, directory: Path, blob_index: int, chunk_size: int, compressor: str, digester: str) -> None:
+        self.directory = directory
+        self.blob_index = blob_index
+        self.chunk_size = chunk_size
+        self.compressor = compressor
+        self.digester = digester
+        self._tmp = directory / f".blob-{blob_index}.tmp"
+        self._f = open(self._tmp, "wb")  # noqa: SIM115 - closed in finish()/abort()
+        self._sha = hashlib.sha256()
+        self._data_sha = hashlib.sha256()
+        self._c_off = 0
+        self._d_off = 0
+        self._ci: list[tuple[int, int]] = []
+        self._digests: list[bytes] = []
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self._ci)
+
+    def _write(self, data: bytes | memoryview, section_sha: hashlib._Hash | None = None) -> None:
+        self._f.write(data)
+        self._sha.update(data)
+        if section_sha is not None:
+            section_sha.update(data)
+        self._c_off += len(data)
+
+    def add_chunk(self, data: bytes | memoryview, digest: bytes) -> ChunkRef:
+        """Store one chunk (``digest`` is of ``data``, computed by the caller for dedup) and return where."""
+        if len(self._ci) >= r.RAFS_MAX_CHUNKS_PER_BLOB:
+            raise OverflowError("a blob holds at most 2^24 chunks: use a larger --chunk-size")
+        d_size = len(data)
+        stored = codec.compress_chunk(self.compressor, data)
+        c_off, c_size = self._c_off, len(stored)
+        ref = ChunkRef(self.blob_index, len(self._ci), c_off, c_size, self._d_off, d_size, digest)
+        self._write(stored, self._data_sha)
+        pad = -d_size % BLOCK
+        if self.compressor == "none" and pad:
+            self._write(_ZEROS[:pad], self._data_sha)
+        self._d_off += d_size + pad
+        self._ci.append(r.chunk_info_v1_encode(c_off, c_size, ref.d_off, d_size))
+        self._digests.append(digest)
+        return ref
+
+    def abort(self) -> None:
+        self._f.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def finish(self) -> BlobInfo:
+        """Write the blob metadata, fsync, and rename the file to its id.  Returns the blob table facts."""
+        toc: list[bytes] = []
+
+        def section(name: bytes, payload: bytes, digest_of: bytes | None = None) -> None:
+            offset = self._c_off
+            self._write(payload)
+            self._write(tar_header(name, len(payload)))
+            toc.append(self._toc_entry(name, hashlib.sha256(digest_of or payload).digest(), offset, len(payload)))
+
+        data_end = self._c_off
+        self._write(tar_header(r.TOC_ENTRY_BLOB_RAW, data_end))
+        # Upstream records the data section with compressed_offset = its end (builder's running offset).
+        toc.append(
+            r.TocEntry.pack(
+                flags=r.TOC_FLAG_COMPRESSION_NONE,
+                name=r.TOC_ENTRY_BLOB_RAW,
+                uncompressed_digest=self._data_sha.digest(),
+                compressed_offset=data_end,
+                compressed_size=data_end,
+                uncompressed_size=self._d_off,
+            )
+        )
+        features = (
+            r.BLOB_FEATURE_ALIGNED
+            | r.BLOB_FEATURE_INLINED_CHUNK_DIGEST
+            | r.BLOB_FEATURE_HAS_TAR_HEADER
+            | r.BLOB_FEATURE_HAS_TOC
+            | r.BLOB_FEATURE_CAP_TAR_TOC
+        )
+        table = b"".join(r.BlobChunkInfoV1Ondisk.pack(uncomp_info=u, comp_info=c) for u, c in self._ci)
+        stored = codec.compress_chunk(self.compressor, table) if table else table
+        ci_compressor = self.compressor if len(stored) < len(table) else "none"
+        ci_offset = self._c_off
+        header = r.BlobCompressionContextHeader.pack(
+            s_magic=r.BLOB_CCT_MAGIC,
+            s_features=features,
+            s_ci_compressor=r.COMPRESSORS[ci_compressor],
+            s_ci_entries=len(self._ci),
+            s_ci_offset=ci_offset,
+            s_ci_compressed_size=len(stored),
+            s_ci_uncompressed_size=len(table),
+            s_magic2=r.BLOB_CCT_MAGIC,
+        )
+        # blob.meta's tar member holds the table and its header; the ToC names both parts.
+        self._write(stored)
+        toc.append(
+            self._toc_entry(
+                r.TOC_ENTRY_BLOB_META, hashlib.sha256(table).digest(), ci_offset, len(stored), len(table), ci_compressor
+            )
+        )
+        header_off = self._c_off
+        self._write(header)
+        self._write(tar_header(r.TOC_ENTRY_BLOB_META, len(stored) + len(header)))
+        toc.append(
+            self._toc_entry(r.TOC_ENTRY_BLOB_META_HEADER, hashlib.sha256(header).digest(), header_off, len(header))
+        )
+        section(r.TOC_ENTRY_BLOB_DIGEST, b"".join(self._digests))
+        entries = b"".join(toc)
+        toc_header = tar_header(r.TOC_ENTRY_BLOB_TOC, len(entries))
+        self._write(entries)
+        self._write(toc_header)
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        blob_id = self._sha.hexdigest()
+        os.replace(self._tmp, self.directory / blob_id)
+        return BlobInfo(
+            blob_id=blob_id,
+            blob_index=self.blob_index,
+            chunk_size=self.chunk_size,
+            chunk_count=len(self._ci),
+            compressor=self.compressor,
+            digester=self.digester,
+            features=features,
+            compressed_size=self._c_off,
+            uncompressed_size=self._d_off,
+            ci_compressor=ci_compressor,
+            ci_offset=ci_offset,
+            ci_compressed_size=len(stored),
+            ci_uncompressed_size=len(table),
+            blob_toc_size=len(entries) + len(toc_header),
+            blob_toc_digest=hashlib.sha256(entries + toc_header).digest(),
+        )
+
+    @staticmethod
+    def _toc_entry(
+        name: bytes, digest: bytes, offset: int, c_size: int, d_size: int | None = None, compressor: str = "none"
+    ) -> bytes:
+        flags = {
+            "none": r.TOC_FLAG_COMPRESSION_NONE,
+            "zstd": r.TOC_FLAG_COMPRESSION_ZSTD,
+            "lz4_block": r.TOC_FLAG_COMPRESSION_LZ4_BLOCK,
+        }[compressor]
+        return r.TocEntry.pack(
+            flags=flags,
+            name=name,
+            uncompressed_digest=digest,
+            compressed_offset=offset,
+            compressed_size=c_size,
+            uncompressed_size=c_size if d_size is None else d_size,
+        )

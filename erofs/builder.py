@@ -1,0 +1,185 @@
+"""``nydus-erofs build``: sources → one bootstrap + one blob per layer, written atomically into OUT.
+
+Everything is built in a private temporary directory inside OUT and moved into place only when complete:
+a failed build leaves OUT as it was (and removes OUT if the build created it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from erofs.blob import BlobInfo
+from erofs.bootstrap import ImageOptions, write_bootstrap
+from erofs.chunker import ChunkIndex, ChunkStore
+from erofs.errors import SourceError, UsageError
+from erofs.format import rafs_v6 as r
+from erofs.source_dir import read_directory
+from erofs.tree import Inode
+
+BOOTSTRAP_NAME = "image.boot"
+BLOBS_DIR = "blobs"
+
+
+@dataclass(slots=True)
+class BuildResult:
+    bootstrap: Path
+    blobs: list[BlobInfo]
+    inodes: int
+    options: ImageOptions
+    bytes_in: int = 0
+    bytes_deduped: int = 0
+    layers: list[str | None] = field(default_factory=list)  # blob id per source layer (None: no new data)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "bootstrap": str(self.bootstrap),
+            "blobs": [
+                {"id": b.blob_id, "compressed_size": b.compressed_size, "uncompressed_size": b.uncompressed_size,
+                 "chunk_count": b.chunk_count}
+                for b in self.blobs
+            ],
+            "layers": self.layers,
+            "chunk_size": self.options.chunk_size,
+            "compressor": self.options.compressor,
+            "digester": self.options.digester,
+            "inodes": self.inodes,
+            "bytes_in": self.bytes_in,
+            "bytes_deduped": self.bytes_deduped,
+        }  # fmt: skip
+
+
+def check_options(chunk_size: int, compressor: str, digester: str) -> ImageOptions:
+    if chunk_size & (chunk_size - 1) or not r.RAFS_MIN_CHUNK_SIZE <= chunk_size <= r.RAFS_MAX_CHUNK_SIZE:
+        raise UsageError(f"--chunk-size must be a power of two between 4 KiB and 16 MiB, not {chunk_size}")
+    if compressor not in ("none", "lz4_block", "zstd"):
+        raise UsageError(f"unknown compressor {compressor!r} (none, lz4_block, zstd)")
+    if digester not in r.DIGESTERS:
+        raise UsageError(f"unknown digester {digester!r} (blake3, sha256)")
+    return ImageOptions(chunk_size, compressor, digester)
+
+
+# A layer reader fills a tree from one source, storing data through the given store.
+LayerReader = Callable[[ChunkStore], Inode]
+# Merging turns the layer trees (bottom to top) into the image tree.
+Merger = Callable[[list[Inode]], Inode]
+
+
+def _single(trees: list[Inode]) -> Inode:
+    if len(trees) != 1:
+        raise UsageError("several directory sources cannot be stacked: give tar layers or an OCI image")
+    return trees[0]
+
+
+def build_layers(readers: Sequence[LayerReader], output_dir: str | os.PathLike[str], opts: ImageOptions,
+                 merge: Merger = _single, known: ChunkIndex | None = None,
+                 extra_blobs: Sequence[BlobInfo] = ()) -> BuildResult:  # fmt: skip
+    """Build an image from layer readers into ``output_dir`` atomically.
+
+    ``known`` pre-seeds dedup (a chunk dict's chunks, referring to ``extra_blobs``, which become the first
+    blob slots of the image).
+    """
+    out = Path(output_dir)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create output directory {out}: {e.strerror}") from None
+    if not out.is_dir():
+        raise UsageError(f"output {out} is not a directory")
+    tmp = Path(tempfile.mkdtemp(prefix=".nydus-erofs-build-", dir=out))
+    try:
+        (tmp / BLOBS_DIR).mkdir()
+        index: ChunkIndex = dict(known or {})
+        blobs: list[BlobInfo] = list(extra_blobs)
+        trees: list[Inode] = []
+        layers: list[str | None] = []
+        bytes_in = bytes_deduped = 0
+        for reader in readers:
+            store = ChunkStore(tmp / BLOBS_DIR, len(blobs), opts.chunk_size, opts.compressor, opts.digester, index)
+            try:
+                trees.append(reader(store))
+                info = store.finish()
+            except BaseException:
+                store.abort()
+                raise
+            bytes_in += store.bytes_in
+            bytes_deduped += store.bytes_deduped
+            layers.append(info.blob_id if info else None)
+            if info is not None:
+                if len(blobs) >= r.RAFS_MAX_BLOBS:
+                    raise SourceError(f"an image holds at most {r.RAFS_MAX_BLOBS} blobs")
+                blobs.append(info)
+        tree = merge(trees)
+        used = _used_blobs(tree)
+        if used != set(range(len(blobs))):
+            blobs, tree = _drop_unused(blobs, tree, used)
+        inodes = write_bootstrap(tmp / BOOTSTRAP_NAME, tree, blobs, opts)
+        # publish: blobs first (content addressed, harmless if left alone), the bootstrap last
+        (out / BLOBS_DIR).mkdir(exist_ok=True)
+        for b in blobs:
+            src = tmp / BLOBS_DIR / b.blob_id
+            if src.exists():
+                os.replace(src, out / BLOBS_DIR / b.blob_id)
+        os.replace(tmp / BOOTSTRAP_NAME, out / BOOTSTRAP_NAME)
+        _fsync_dir(out / BLOBS_DIR)
+        _fsync_dir(out)
+        return BuildResult(out / BOOTSTRAP_NAME, blobs, inodes, opts, bytes_in, bytes_deduped, layers)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _used_blobs(tree: Inode) -> set[int]:
+    used: set[int] = set()
+    stack = [tree]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        used.update(c.blob_index for c in node.chunks if c is not None)
+        if node.children:
+            stack.extend(node.children.values())
+    return used
+
+
+def _drop_unused(blobs: list[BlobInfo], tree: Inode, used: set[int]) -> tuple[list[BlobInfo], Inode]:
+    """Renumber blobs when some (a lower layer whose files were all deleted, an unused dict) are unreferenced."""
+    import dataclasses
+
+    keep = [b for b in blobs if b.blob_index in used]
+    renumber = {b.blob_index: i for i, b in enumerate(keep)}
+    stack, seen = [tree], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        node.chunks = [None if c is None else dataclasses.replace(c, blob_index=renumber[c.blob_index])
+                       for c in node.chunks]  # fmt: skip
+        if node.children:
+            stack.extend(node.children.values())
+    return [dataclasses.replace(b, blob_index=i) for i, b in enumerate(keep)], tree
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def build_directory(source: str | os.PathLike[str], output_dir: str | os.PathLike[str],
+                    opts: ImageOptions) -> BuildResult:  # fmt: skip
+    """Build an image of one directory tree."""
+    return build_layers([lambda store: read_directory(source, store)], output_dir, opts)

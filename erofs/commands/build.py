@@ -1,0 +1,46 @@
+"""``nydus-erofs build SOURCE... --output-dir OUT``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import click
+
+from erofs.builder import build_directory, check_options
+from erofs.errors import UsageError
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'1MiB', '4k', '0x100000', '1048576' → bytes."""
+    m = re.fullmatch(r"\s*(0x[0-9a-fA-F]+|\d+)\s*([kKmMgG]?)(?:i?[bB])?\s*", text)
+    if not m:
+        raise UsageError(f"not a size: {text!r}")
+    return int(m.group(1), 0) * _UNITS[m.group(2).lower()]
+
+
+@click.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.option(
+    "--output-dir", "-o", required=True, type=click.Path(file_okay=False), help="Where image.boot and blobs/ go."
+)
+@click.option("--chunk-size", default="1MiB", show_default=True, help="Chunk size, a power of two from 4KiB to 16MiB.")
+@click.option("--compressor", type=click.Choice(["none", "lz4_block", "zstd"]), default="none", show_default=True)
+@click.option("--digester", type=click.Choice(["blake3", "sha256"]), default="blake3", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def build(sources: tuple[str, ...], output_dir: str, chunk_size: str, compressor: str, digester: str,
+          as_json: bool) -> None:  # fmt: skip
+    """Build a Nydus RAFS v6 image (OUT/image.boot + OUT/blobs/<id>) from SOURCE."""
+    opts = check_options(parse_size(chunk_size), compressor, digester)
+    if len(sources) != 1 or not os.path.isdir(sources[0]):
+        raise UsageError("SOURCE must be one directory")
+    result = build_directory(sources[0], output_dir, opts)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        click.echo(f"{result.bootstrap}: {result.inodes} inodes, {len(result.blobs)} blob(s)")
+        for b in result.blobs:
+            click.echo(f"  blobs/{b.blob_id}  {b.chunk_count} chunks, {b.compressed_size} bytes")

@@ -1,0 +1,71 @@
+"""The in-memory image tree every source (directory, tar layer, OCI image) is read into.
+
+Data flows one way: a source fills a :class:`Inode` tree, storing file data into a blob as it goes (so a
+regular file carries :class:`ChunkRef` s, never its bytes); the layout then places the tree and the writer
+emits the bootstrap.  Hard links are several directory entries holding the same :class:`Inode`.
+"""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True, frozen=True)
+class ChunkRef:
+    """One stored chunk: where it sits in which blob, and its digest.  Chunks are shared (dedup)."""
+
+    blob_index: int
+    ci_index: int  # index into the blob's chunk-info table
+    c_off: int  # offset of the stored (maybe compressed) bytes in the blob file
+    c_size: int
+    d_off: int  # offset in the blob's uncompressed, 4 KiB aligned layout (what the kernel reads)
+    d_size: int
+    digest: bytes
+
+    @property
+    def compressed(self) -> bool:
+        return self.c_size != self.d_size
+
+
+@dataclass(slots=True, eq=False)
+class Inode:
+    """One file of the image.  ``children`` is set for directories only (name bytes → inode)."""
+
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    mtime: int = 0
+    mtime_nsec: int = 0
+    size: int = 0
+    rdev: int = 0  # (major, minor) packed as os.makedev
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    target: bytes | None = None  # symlink target
+    chunks: list[ChunkRef | None] = field(default_factory=list)  # None = a hole (reads as zeros)
+    children: dict[bytes, Inode] | None = None
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @classmethod
+    def directory(cls, mode: int = 0o755, **kw: object) -> Inode:
+        return cls(mode=stat.S_IFDIR | (mode & 0o7777), children={}, **kw)  # type: ignore[arg-type]
+
+
+def walk(root: Inode, prefix: bytes = b"") -> list[tuple[bytes, Inode]]:
+    """Every (path, inode) below ``root`` in sorted order, depth first, the root as ``b"/"``."""
+    out: list[tuple[bytes, Inode]] = [(prefix or b"/", root)]
+    stack = [(prefix, root)]
+    while stack:
+        base, node = stack.pop()
+        assert node.children is not None
+        subdirs = []
+        for name in sorted(node.children):
+            child = node.children[name]
+            path = base + b"/" + name
+            out.append((path, child))
+            if child.children is not None:
+                subdirs.append((path, child))
+        stack.extend(reversed(subdirs))
+    return out
