@@ -19,6 +19,7 @@ from types import TracebackType
 from cffi import FFI
 
 from fscache.errors import (
+    CommandError,
     KernelInterfaceError,
     PreContentUnsupportedError,
     ProtocolError,
@@ -281,6 +282,8 @@ class FanotifyGroup:
             return
         err = ffi.errno
         name = os.fsdecode(p)
+        if err == errno.EINVAL and mask & FAN_PRE_ACCESS and os.path.exists(p) and not os.path.isfile(p):
+            raise CommandError(err, f"cannot mark {name} for FAN_PRE_ACCESS: not a regular file", name)
         if err == errno.EINVAL and mask & FAN_PRE_ACCESS:
             raise PreContentUnsupportedError(
                 err, f"cannot mark {name} for FAN_PRE_ACCESS: kernel without fanotify pre-content events "
@@ -320,13 +323,25 @@ class FanotifyGroup:
             raise from_errno(e.errno or errno.EIO, "read from fanotify group failed") from None
         return parse_events(buf)
 
-    def respond(self, event: PreAccessEvent, response: int) -> None:
-        """Write ``struct fanotify_response`` for ``event`` and close its fd (even if the write fails)."""
+    def _write_response(self, fd: int, response: int) -> None:
+        resp = ffi.new("struct fanotify_response *", {"fd": fd, "response": response})
+        os.write(self.fileno(), ffi.buffer(resp, _RESPONSE_SIZE))
+
+    def respond(self, event: PreAccessEvent, response: int, fallback: int | None = None) -> None:
+        """Write ``struct fanotify_response`` for ``event`` and close its fd (even if the write fails).
+
+        If the kernel refuses ``response`` with EINVAL and ``fallback`` is given, answer ``fallback`` instead,
+        so the accessing process is never left blocked.
+        """
         if event.fd < 0:
             return
-        resp = ffi.new("struct fanotify_response *", {"fd": event.fd, "response": response})
         try:
-            os.write(self.fileno(), ffi.buffer(resp, _RESPONSE_SIZE))
+            try:
+                self._write_response(event.fd, response)
+            except OSError as e:
+                if e.errno != errno.EINVAL or fallback is None:
+                    raise
+                self._write_response(event.fd, fallback)
         except OSError as e:
             raise from_errno(e.errno or errno.EIO, f"fanotify response {response:#x} failed") from None
         finally:
@@ -338,5 +353,5 @@ class FanotifyGroup:
         self.respond(event, FAN_ALLOW)
 
     def deny(self, event: PreAccessEvent, err: int = errno.EIO) -> None:
-        """Fail the access; the reader gets ``err`` (0 means plain ``FAN_DENY``, i.e. EPERM)."""
-        self.respond(event, FAN_DENY_ERRNO(err) if err else FAN_DENY)
+        """Fail the access; the reader gets ``err`` (0, or an errno the kernel refuses: plain ``FAN_DENY``, EPERM)."""
+        self.respond(event, FAN_DENY_ERRNO(err) if err else FAN_DENY, fallback=FAN_DENY)

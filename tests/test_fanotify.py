@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fscache.errors import FscacheError, PreContentUnsupportedError, UnsupportedFilesystemError
+from fscache.errors import CommandError, FscacheError, PreContentUnsupportedError, UnsupportedFilesystemError
 from fscache.fanotify import (
     FAN_DENY,
     FAN_DENY_ERRNO,
@@ -192,6 +192,24 @@ def test_deny_with_eio(group: FanotifyGroup, tmp_path: Path) -> None:
             result()
     assert info.value.errno == errno.EIO
     assert len(lis.events) == 1
+
+
+def test_deny_with_refused_errno_falls_back_to_eperm(group: FanotifyGroup, tmp_path: Path) -> None:
+    path = _sparse(tmp_path / "blob", 8192)
+    _mark_or_skip(group, path)
+    with Listener(group, lambda g, ev: g.deny(ev, errno.ENOENT)):  # not an errno the kernel passes on
+        result = _in_thread(lambda: _pread(path, 100, 0))
+        with pytest.raises(PermissionError):
+            result()
+
+
+def test_mark_directory_is_refused(group: FanotifyGroup, tmp_path: Path) -> None:
+    try:
+        group.mark(tmp_path)
+    except CommandError as e:
+        assert "not a regular file" in str(e)
+    else:  # some kernels accept pre-content marks on directories
+        group.unmark(tmp_path)
 
 
 def test_unmarked_file_raises_no_event(group: FanotifyGroup, tmp_path: Path) -> None:
