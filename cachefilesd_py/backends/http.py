@@ -1,0 +1,164 @@
+"""Blobs at ``<base URL>/<blob_id>`` on a plain HTTP(S) server, fetched with ``Range`` requests."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Mapping
+
+from erofs.errors import BackendError
+
+from .retry import PermanentFailure, RetryPolicy, retry
+from .stats import BackendStats
+from .transport import Response, Transport, check_digest, parse_content_range, range_body, status_failure
+from .util import check_blob_id, check_range
+
+MAX_DISCARD = 16 << 20
+
+
+class HttpBackend:
+    """Ranged GETs of ``<url>/<blob_id>``; size by HEAD (falling back to a one-byte ranged GET).
+
+    206 answers must cover exactly the range asked; a 200 (server ignoring Range) is read through, skipping at
+    most ``max_discard`` bytes.  Connect errors, timeouts, truncated bodies, 408/429/502/503/504 are retried up to
+    ``retry_limit`` times with exponential backoff (``backoff`` doubling, capped at ``max_backoff``), honouring
+    ``Retry-After``.  A whole-blob read is checked against the blob id (sha256) unless ``verify_digest=False``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 30.0,
+        connect_timeout: float = 5.0,
+        retry_limit: int = 3,
+        backoff: float = 0.2,
+        max_backoff: float = 10.0,
+        headers: Mapping[str, str] | None = None,
+        max_discard: int = MAX_DISCARD,
+        pool_size: int = 8,
+        insecure: bool = False,
+        ca_file: str | None = None,
+        verify_digest: bool = True,
+        sleep: Callable[[float], None] | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.stats = BackendStats()
+        self.retry_policy = RetryPolicy(attempts=retry_limit + 1, backoff=backoff, max_backoff=max_backoff)
+        if sleep is not None:
+            self.retry_policy.sleep = sleep
+        self.headers = dict(headers or {})
+        self.max_discard = max_discard
+        self.verify_digest = verify_digest
+        self.transport = Transport(
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            pool_size=pool_size,
+            insecure=insecure,
+            ca_file=ca_file,
+            stats=self.stats,
+        )
+        self._sizes: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"HttpBackend({self.url!r})"
+
+    def _request(self, blob_id: str, method: str, headers: Mapping[str, str]) -> Response:
+        """Hook for subclasses (auth, redirects): a response for the blob's URL."""
+        return self.transport.request(method, f"{self.url}/{blob_id}", {**self.headers, **headers})
+
+    def _known_size(self, blob_id: str) -> int | None:
+        with self._lock:
+            return self._sizes.get(blob_id)
+
+    def _learn_size(self, blob_id: str, size: int | None) -> None:
+        if size is not None:
+            with self._lock:
+                self._sizes[blob_id] = size
+
+    def read(self, blob_id: str, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes at ``offset``, or BackendError (a range past the end included)."""
+        try:
+            check_range(blob_id, offset, length)
+            known = self._known_size(blob_id)
+            if known is not None and offset + length > known:
+                raise BackendError(
+                    f"blob {blob_id}: range {offset}+{length} is past the end of the blob (size {known})"
+                )
+        except Exception:
+            self.stats.add(errors=1)
+            raise
+        if length == 0:
+            return b""
+        return self._read(blob_id, offset, length)
+
+    @retry
+    def _read(self, blob_id: str, offset: int, length: int) -> bytes:
+        resp = self._request(blob_id, "GET", {"Range": f"bytes={offset}-{offset + length - 1}"})
+        if resp.status == 416:
+            m = re.search(r"/(\d+)\s*$", resp.header("Content-Range") or "")
+            total = int(m.group(1)) if m else None
+            resp.close()
+            self._learn_size(blob_id, total)
+            size = f" (size {total})" if total is not None else ""
+            raise PermanentFailure(f"range {offset}+{length} is past the end of the blob{size}")
+        if resp.status not in (200, 206):
+            raise status_failure(resp, f"for {resp.url}")
+        data, total = range_body(resp, offset, length, stats=self.stats, max_discard=self.max_discard)
+        self._learn_size(blob_id, total)
+        if self.verify_digest and offset == 0 and total == length:
+            check_digest(blob_id, data)
+        return data
+
+    def size(self, blob_id: str) -> int:
+        """The blob's size in bytes (asked once, then remembered: blobs are immutable)."""
+        try:
+            check_blob_id(blob_id)
+        except Exception:
+            self.stats.add(errors=1)
+            raise
+        known = self._known_size(blob_id)
+        if known is not None:
+            return known
+        size = self._size(blob_id)
+        self._learn_size(blob_id, size)
+        return size
+
+    @retry
+    def _size(self, blob_id: str) -> int:
+        resp = self._request(blob_id, "HEAD", {})
+        if resp.status == 200 and resp.content_length is not None:
+            n = resp.content_length
+            resp.release()
+            return n
+        if resp.status not in (200, 405, 501):
+            raise status_failure(resp, f"for {resp.url}")
+        resp.release()
+        # HEAD not supported or without a length: ask for the first byte and read the total from Content-Range
+        resp = self._request(blob_id, "GET", {"Range": "bytes=0-0"})
+        if resp.status == 206:
+            total = parse_content_range(resp.header("Content-Range"))[2]
+            resp.release()
+            if total is not None:
+                return total
+        elif resp.status == 200 and resp.content_length is not None:
+            n = resp.content_length
+            resp.close()
+            return n
+        elif resp.status == 416:  # empty blob
+            resp.close()
+            return 0
+        elif resp.status != 200:
+            raise status_failure(resp, f"for {resp.url}")
+        resp.close()
+        raise PermanentFailure(f"server at {resp.url} tells no size")
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def __enter__(self) -> HttpBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,340 @@
+"""HTTP(S) plumbing shared by the http and registry backends: a thread-safe keep-alive connection pool
+over :mod:`http.client`, and the checks that turn a ranged response into exactly the bytes asked for."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import re
+import ssl
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from .retry import RETRY_STATUSES, PermanentFailure, TempFailure, parse_retry_after
+from .stats import BackendStats
+
+USER_AGENT = "nydus-erofs-cachefilesd-py"
+_PIECE = 1 << 20  # read/discard granularity
+_DRAIN_LIMIT = 64 << 10  # bodies at most this long are read to keep the connection; longer ones close it
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.I)
+_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+
+
+@dataclass(frozen=True)
+class Origin:
+    scheme: str
+    host: str
+    port: int
+
+
+def split_url(url: str) -> tuple[Origin, str]:
+    """(origin, request target) of an absolute http(s) URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise PermanentFailure(f"unsupported URL {url!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    return Origin(parts.scheme, parts.hostname, port), target
+
+
+class Response:
+    """A response whose connection goes back to the pool once its body is consumed (or is closed)."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        origin: Origin,
+        conn: http.client.HTTPConnection,
+        resp: http.client.HTTPResponse,
+        url: str,
+    ) -> None:
+        self._transport = transport
+        self._origin = origin
+        self._conn: http.client.HTTPConnection | None = conn
+        self._resp = resp
+        self.url = url
+        self.status = resp.status
+        self.reason = resp.reason
+        self.headers = resp.headers
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name)
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.headers.get("Content-Length")
+        if value is None or self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            return None
+        try:
+            n = int(value)
+        except ValueError:
+            raise TempFailure(f"bad Content-Length {value!r}") from None
+        if n < 0:
+            raise TempFailure(f"bad Content-Length {value!r}")
+        return n
+
+    def read_exact(self, n: int) -> bytes:
+        """Exactly ``n`` body bytes; a body ending early is a temporary failure (truncated transfer)."""
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        try:
+            while got < n:
+                k = self._resp.readinto(view[got:])
+                if not k:
+                    break
+                got += k
+        except http.client.IncompleteRead:
+            pass
+        except BaseException:
+            self.close()
+            raise
+        if got < n:
+            self.close()
+            raise TempFailure(f"body truncated: got {got} of {n} bytes")
+        return bytes(buf)
+
+    def discard(self, n: int) -> int:
+        """Read and drop ``n`` body bytes, returns how many (fewer only at end of body)."""
+        left = n
+        while left:
+            piece = self._resp.read(min(left, _PIECE))
+            if not piece:
+                break
+            left -= len(piece)
+        return n - left
+
+    def text(self, limit: int = 4096) -> str:
+        """A short body (error JSON), then release or close the connection."""
+        length = self.content_length
+        if length is not None and length > _DRAIN_LIMIT:
+            self.close()
+            return ""
+        try:
+            data = self._resp.read(limit if length is None else length)
+        except (OSError, http.client.HTTPException):
+            self.close()
+            return ""
+        self.release()
+        return data[:limit].decode("utf-8", "replace")
+
+    def release(self) -> None:
+        """Give the connection back if the body was consumed entirely, else close it."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if self._resp.isclosed() and not self._resp.will_close:
+            self._transport._put(self._origin, conn)
+        elif not self._resp.isclosed() and self._resp.length is not None and self._resp.length <= _DRAIN_LIMIT:
+            try:
+                self._resp.read()
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                return
+            if self._resp.will_close:
+                conn.close()
+            else:
+                self._transport._put(self._origin, conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        """Drop the connection (body not wanted, or broken)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+class Transport:
+    """Keep-alive connections per origin, at most ``pool_size`` idle ones each; safe across threads."""
+
+    def __init__(
+        self,
+        *,
+        timeout: float = 30.0,
+        connect_timeout: float = 5.0,
+        pool_size: int = 8,
+        insecure: bool = False,
+        ca_file: str | None = None,
+        stats: BackendStats | None = None,
+        user_agent: str = USER_AGENT,
+    ) -> None:
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.pool_size = pool_size
+        self.stats = stats if stats is not None else BackendStats()
+        self.user_agent = user_agent
+        self._ssl: ssl.SSLContext | None = None
+        self._insecure = insecure
+        self._ca_file = ca_file
+        self._idle: dict[Origin, list[http.client.HTTPConnection]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            ctx = ssl.create_default_context(cafile=self._ca_file)
+            if self._insecure:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            self._ssl = ctx
+        return self._ssl
+
+    def _connect(self, origin: Origin) -> http.client.HTTPConnection:
+        conn: http.client.HTTPConnection
+        if origin.scheme == "https":
+            conn = http.client.HTTPSConnection(
+                origin.host, origin.port, timeout=self.connect_timeout, context=self._context()
+            )
+        else:
+            conn = http.client.HTTPConnection(origin.host, origin.port, timeout=self.connect_timeout)
+        try:
+            conn.connect()
+        except BaseException:
+            conn.close()
+            raise
+        if conn.sock is not None:
+            conn.sock.settimeout(self.timeout)
+        return conn
+
+    def _get(self, origin: Origin) -> tuple[http.client.HTTPConnection, bool]:
+        with self._lock:
+            idle = self._idle.get(origin)
+            if idle:
+                return idle.pop(), True
+        return self._connect(origin), False
+
+    def _put(self, origin: Origin, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(origin, [])
+            if not self._closed and len(idle) < self.pool_size:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def request(
+        self, method: str, url: str, headers: Mapping[str, str] | None = None, body: bytes | None = None
+    ) -> Response:
+        """Send one request and return its response (headers read, body pending).
+
+        A pooled connection the server closed meanwhile is replaced transparently, once."""
+        origin, target = split_url(url)
+        hdrs = {"User-Agent": self.user_agent, **(headers or {})}
+        if body is not None:
+            hdrs.setdefault("Content-Length", str(len(body)))
+        while True:
+            conn, reused = self._get(origin)
+            self.stats.add(requests=1)
+            try:
+                conn.request(method, target, body=body, headers=hdrs)
+                resp = conn.getresponse()
+            except _STALE:
+                conn.close()
+                if reused:
+                    continue
+                raise
+            except BaseException:
+                conn.close()
+                raise
+            return Response(self, origin, conn, resp, url)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                conn.close()
+
+
+def status_failure(resp: Response, what: str = "") -> Exception:
+    """The exception for an unexpected status: temporary for 408/429/502/503/504, permanent otherwise.
+
+    The body (registry error JSON) is read briefly for its first error code and message."""
+    detail = ""
+    body = resp.text()
+    if body:
+        try:
+            errors = json.loads(body).get("errors") or []
+            if errors:
+                e = errors[0]
+                detail = f": {e.get('code', '')} {e.get('message', '')}".rstrip()
+        except (ValueError, AttributeError):
+            pass
+    where = f" {what}" if what else ""
+    message = f"HTTP {resp.status} {resp.reason}{detail}{where}".replace("\n", " ")
+    if resp.status in RETRY_STATUSES:
+        return TempFailure(message, parse_retry_after(resp.header("Retry-After")))
+    return PermanentFailure(message)
+
+
+def parse_content_range(value: str | None) -> tuple[int, int, int | None]:
+    """(first, last, total or None) of ``Content-Range: bytes a-b/t``."""
+    m = _CONTENT_RANGE.match(value or "")
+    if not m:
+        raise TempFailure(f"206 with bad Content-Range {value!r}")
+    first, last = int(m.group(1)), int(m.group(2))
+    total = None if m.group(3) == "*" else int(m.group(3))
+    if last < first or (total is not None and last >= total):
+        raise TempFailure(f"206 with bad Content-Range {value!r}")
+    return first, last, total
+
+
+def range_body(
+    resp: Response, offset: int, length: int, *, stats: BackendStats, max_discard: int
+) -> tuple[bytes, int | None]:
+    """The body of a 2xx answer to ``Range: bytes=offset-(offset+length-1)``: (exactly ``length`` bytes,
+    blob size if the response told it).
+
+    206 must cover exactly the range; 200 (Range ignored) is read through, dropping up to ``max_discard``
+    leading bytes.  A range past the end of the blob is a permanent failure, a short body a temporary one."""
+    end = offset + length - 1
+    if resp.status == 206:
+        if (resp.header("Content-Type") or "").lower().startswith("multipart/"):
+            resp.close()
+            raise PermanentFailure("server answered a single range with multipart/byteranges")
+        first, last, total = parse_content_range(resp.header("Content-Range"))
+        if first != offset or last != end:
+            resp.close()
+            if first == offset and total is not None and last == total - 1 and last < end:
+                raise PermanentFailure(f"range {offset}+{length} is past the end of the blob (size {total})")
+            raise TempFailure(f"asked bytes {offset}-{end}, server sent {first}-{last}")
+        clen = resp.content_length
+        if clen is not None and clen != length:
+            resp.close()
+            raise TempFailure(f"Content-Length {clen} does not match Content-Range {first}-{last}")
+        data = resp.read_exact(length)
+        stats.add(bytes=length)
+        resp.release()
+        return data, total
+    # 200: the whole blob
+    total = resp.content_length
+    if total is not None and offset + length > total:
+        resp.close()
+        raise PermanentFailure(f"range {offset}+{length} is past the end of the blob (size {total})")
+    if offset > max_discard:
+        resp.close()
+        raise PermanentFailure(f"server ignores Range requests; refusing to skip {offset} bytes (limit {max_discard})")
+    skipped = resp.discard(offset)
+    stats.add(bytes=skipped)
+    if skipped < offset:
+        resp.close()
+        if total is None:
+            raise PermanentFailure(f"range {offset}+{length} is past the end of the blob (size {skipped})")
+        raise TempFailure(f"body truncated: got {skipped} of {total} bytes")
+    data = resp.read_exact(length)
+    stats.add(bytes=length)
+    resp.release()  # reads a short rest to keep the connection, closes it otherwise
+    return data, total
+
+
+def check_digest(blob_id: str, data: bytes) -> None:
+    """A whole blob must hash to its id (sha256); a mismatch is retried (corrupted in transit)."""
+    got = hashlib.sha256(data).hexdigest()
+    if got != blob_id:
+        raise TempFailure(f"sha256 mismatch: received data hashes to {got[:16]}…")
