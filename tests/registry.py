@@ -21,6 +21,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -216,6 +217,11 @@ class _Server(http.server.ThreadingHTTPServer):
     block_on_close = False
     front: Front
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
+            return  # the client gave up (timeouts under test): not worth a traceback
+        super().handle_error(request, client_address)
+
 
 class Front:
     """An HTTP server on 127.0.0.1 in a thread: proxies to ``upstream`` (a registry URL) or serves the files of
@@ -226,7 +232,8 @@ class Front:
     - ``redirect_to``: answers blob GET/HEAD with 307 to ``redirect_to + path``;
     - :meth:`inject` queues faults, each spent on one blob request (``match`` filters them): see :data:`FAULTS`.
 
-    ``requests`` records (method, path) of every request; ``tokens_issued`` counts tokens.
+    ``requests`` records (method, path) of every request, ``with_authorization`` the paths of those that carried
+    an Authorization header; ``tokens_issued`` counts tokens.
     """
 
     def __init__(
@@ -253,6 +260,7 @@ class Front:
         self.match = match if upstream else "/"
         self.faults: collections.deque[str] = collections.deque()
         self.requests: list[tuple[str, str]] = []
+        self.with_authorization: list[str] = []
         self.tokens: dict[str, float] = {}
         self.tokens_issued = 0
         self.token_scopes: list[str] = []
@@ -294,6 +302,7 @@ class Front:
         with self._lock:
             self.faults.clear()
             self.requests.clear()
+            self.with_authorization.clear()
 
     def revoke_tokens(self) -> None:
         with self._lock:
@@ -362,6 +371,8 @@ class Front:
             body_in = h.rfile.read(int(h.headers["Content-Length"]))
         with self._lock:
             self.requests.append((h.command, h.path))
+            if "Authorization" in h.headers:
+                self.with_authorization.append(h.path)
         if h.path.startswith("/token"):
             self._token(h)
             return

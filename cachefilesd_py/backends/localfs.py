@@ -100,7 +100,11 @@ class LocalFsBackend:
 
     def read(self, blob_id: str, offset: int, length: int) -> bytes:
         """Exactly ``length`` bytes at ``offset``, or BackendError (a range past the end included)."""
-        check_range(blob_id, offset, length)
+        try:
+            check_range(blob_id, offset, length)
+        except BackendError:
+            self.stats.add(errors=1)
+            raise
         if length == 0:
             return b""
         entry = self._acquire_counted(blob_id)
