@@ -1,0 +1,37 @@
+"""Runs tests/vm inside the test VM (kernel-test/run-vm), so the one `pytest` command covers them."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RUN_VM = REPO / "kernel-test" / "run-vm"
+sys.path.insert(0, str(REPO / "kernel-test"))
+
+import run_vm  # noqa: E402
+
+VM_SUITE_TIMEOUT_S = 900
+
+
+def test_vm_suite_passes_in_the_vm() -> None:
+    missing = run_vm.missing_prerequisites()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the VM suite, but: {missing}")
+        pytest.skip(f"cannot boot the test VM: {missing}")
+    cmd = [str(RUN_VM), "--timeout", str(VM_SUITE_TIMEOUT_S), "--",
+           sys.executable, "-m", "pytest", "tests/vm", "-p", "no:cacheprovider", "-q", "-rfEs", "--color=no"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          timeout=VM_SUITE_TIMEOUT_S + 120)
+    report = f"$ {' '.join(cmd)}\n--- stdout ---\n{done.stdout}\n--- stderr ---\n{done.stderr}"
+    assert done.returncode == 0, report
+    summary = done.stdout.strip().splitlines()[-1]
+    assert re.search(r"\d+ passed", summary), report
+    if os.environ.get("CI"):
+        assert "skipped" not in summary, "VM tests must run in CI, not skip:\n" + report
