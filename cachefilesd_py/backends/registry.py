@@ -264,6 +264,11 @@ def push_blob(
     """Upload the file at ``path`` as a blob of ``repo`` (chunked PATCHes hashed on the fly; at most
     ``chunk_size`` bytes in memory); returns its digest ``sha256:<hex>``.  ``options`` as for
     :class:`RegistryBackend` (``plain_http``, credentials, retries)."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise BackendError(f"push {path}: {e.strerror}") from None
     backend, client = _open_client(registry, repo, options)
     try:
         return _push_retry(

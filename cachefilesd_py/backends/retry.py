@@ -8,6 +8,7 @@ one :class:`~erofs.errors.BackendError` line.
 from __future__ import annotations
 
 import email.utils
+import errno
 import functools
 import http.client
 import random
@@ -20,6 +21,9 @@ from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from erofs.errors import BackendError
 
+_NET_ERRNOS = frozenset(
+    {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN, errno.ETIMEDOUT, errno.EAGAIN}
+)
 #: Statuses worth retrying (OCI distribution spec: 502/503/504; plus 429 and 408).
 RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
 
@@ -57,7 +61,7 @@ def is_temp_failure(exc: BaseException) -> bool:
             ssl.SSLError,
             EOFError,
         ),
-    ) or (isinstance(exc, OSError) and exc.errno is not None)
+    ) or (isinstance(exc, OSError) and exc.errno in _NET_ERRNOS)
 
 
 def describe(exc: BaseException) -> str:
