@@ -127,7 +127,8 @@ def _pread(path: Path, length: int, offset: int) -> bytes:
 
 
 def _pattern(size: int) -> bytes:
-    return bytes((i * 7 + (i >> 12)) & 0xFF for i in range(size))
+    """Deterministic bytes whose period (251) is not a divisor of the page size."""
+    return (bytes(range(251)) * (size // 251 + 1))[:size]
 
 
 # --- pure parsing -------------------------------------------------------------------------------------------
