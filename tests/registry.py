@@ -4,7 +4,7 @@ and inject faults (dropped connections, 503 + Retry-After, truncated or corrupte
 
 Reuse from other tests::
 
-    from registry import RegistryServer, registry_server, push_test_blob
+    from registry import RegistryServer, push_test_blob, registry_server_fixture  # the fixture: registry_server
 """
 
 from __future__ import annotations
@@ -142,16 +142,16 @@ def need_registry() -> None:
         pytest.skip("docker-registry is not installed (setup.sh installs it)")
 
 
-@pytest.fixture(scope="module")
-def registry_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+@pytest.fixture(scope="module", name="registry_server")
+def registry_server_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
     """An anonymous registry for the test module."""
     need_registry()
     with RegistryServer(tmp_path_factory.mktemp("registry")) as reg:
         yield reg
 
 
-@pytest.fixture(scope="module")
-def auth_registry_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+@pytest.fixture(scope="module", name="auth_registry_server")
+def auth_registry_server_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
     """A registry demanding htpasswd Basic auth (TEST_USER / TEST_PASSWORD)."""
     need_registry()
     with RegistryServer(tmp_path_factory.mktemp("registry-auth"), htpasswd=True) as reg:

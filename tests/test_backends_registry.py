@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,10 +17,10 @@ from registry import (
     TEST_USER,
     Front,
     RegistryServer,
-    auth_registry_server,  # noqa: F401 - fixture
+    auth_registry_server_fixture,  # noqa: F401 - the fixture auth_registry_server
     need_registry,
     push_test_blob,
-    registry_server,  # noqa: F401 - fixture
+    registry_server_fixture,  # noqa: F401 - the fixture registry_server
 )
 
 from cachefilesd_py.backends import BlobBackend, make_backend
@@ -42,7 +43,7 @@ class Sleeps(list[float]):
 
 
 @pytest.fixture(scope="module")
-def pushed(registry_server: RegistryServer, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, bytes]:  # noqa: F811
+def pushed(registry_server: RegistryServer, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, bytes]:
     data = random.Random(42).randbytes(SIZE)
     blob_id = push_test_blob(registry_server, REPO, data, tmp_path_factory.mktemp("push"), chunk_size=1 << 20)
     assert blob_id == hashlib.sha256(data).hexdigest()
@@ -68,7 +69,7 @@ def _ranges(size: int, n: int, seed: int) -> list[tuple[int, int]]:
 # --- reads from the real registry -------------------------------------------------------------------------
 
 
-def test_ranged_reads_exact(registry_server: RegistryServer, pushed: tuple[str, bytes]) -> None:  # noqa: F811
+def test_ranged_reads_exact(registry_server: RegistryServer, pushed: tuple[str, bytes]) -> None:
     blob_id, data = pushed
     with _backend(registry_server.host) as b:
         assert isinstance(b, BlobBackend)
@@ -77,20 +78,20 @@ def test_ranged_reads_exact(registry_server: RegistryServer, pushed: tuple[str, 
             assert b.read(blob_id, off, n) == data[off : off + n]
 
 
-def test_partial_read_fetches_only_the_range(registry_server: RegistryServer, pushed: tuple[str, bytes]) -> None:  # noqa: F811
+def test_partial_read_fetches_only_the_range(registry_server: RegistryServer, pushed: tuple[str, bytes]) -> None:
     blob_id, data = pushed
     with _backend(registry_server.host) as b:
         assert b.read(blob_id, 123_456, 65_536) == data[123_456 : 123_456 + 65_536]
         assert b.stats.snapshot() == {"requests": 1, "bytes": 65_536, "errors": 0, "retries": 0}
 
 
-def test_url_host_form_and_scheme(registry_server: RegistryServer, pushed: tuple[str, bytes]) -> None:  # noqa: F811
+def test_url_host_form_and_scheme(registry_server: RegistryServer, pushed: tuple[str, bytes]) -> None:
     blob_id, data = pushed
     with RegistryBackend(registry_server.url, REPO, docker_config=False) as b:  # scheme from the URL
         assert b.read(blob_id, 7, 7) == data[7:14]
 
 
-def test_missing_blob_wrong_repo_past_end(registry_server: RegistryServer, pushed: tuple[str, bytes]) -> None:  # noqa: F811
+def test_missing_blob_wrong_repo_past_end(registry_server: RegistryServer, pushed: tuple[str, bytes]) -> None:
     blob_id, data = pushed
     with _backend(registry_server.host) as b:
         missing = "12" * 32
@@ -111,7 +112,7 @@ def test_missing_blob_wrong_repo_past_end(registry_server: RegistryServer, pushe
         assert str(e.value).startswith(f"blob {blob_id}: ")
 
 
-def test_concurrent_reads(registry_server: RegistryServer, pushed: tuple[str, bytes]) -> None:  # noqa: F811
+def test_concurrent_reads(registry_server: RegistryServer, pushed: tuple[str, bytes]) -> None:
     blob_id, data = pushed
     ranges = _ranges(SIZE, 100, seed=2)
     with _backend(registry_server.host, pool_size=4) as b:
@@ -122,7 +123,7 @@ def test_concurrent_reads(registry_server: RegistryServer, pushed: tuple[str, by
         assert b.stats.errors == 0 and b.stats.retries == 0
 
 
-def test_push_small_chunks_empty_and_manifest(registry_server: RegistryServer, tmp_path: Path) -> None:  # noqa: F811
+def test_push_small_chunks_empty_and_manifest(registry_server: RegistryServer, tmp_path: Path) -> None:
     data = random.Random(5).randbytes(200_001)
     path = tmp_path / "b"
     path.write_bytes(data)
@@ -149,7 +150,7 @@ def test_push_small_chunks_empty_and_manifest(registry_server: RegistryServer, t
     client.transport.close()
 
 
-def test_push_missing_file(registry_server: RegistryServer, tmp_path: Path) -> None:  # noqa: F811
+def test_push_missing_file(registry_server: RegistryServer, tmp_path: Path) -> None:
     with pytest.raises(BackendError, match="nope: No such file"):
         push_blob(registry_server.host, "test/push", tmp_path / "nope", plain_http=True, docker_config=False)
 
@@ -167,7 +168,7 @@ def test_registry_process_is_gone_after_stop(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def auth_pushed(auth_registry_server: RegistryServer, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, bytes]:  # noqa: F811
+def auth_pushed(auth_registry_server: RegistryServer, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, bytes]:
     data = random.Random(9).randbytes(100_000)
     blob_id = push_test_blob(
         auth_registry_server, REPO, data, tmp_path_factory.mktemp("push-auth"), auth=f"{TEST_USER}:{TEST_PASSWORD}"
@@ -175,7 +176,7 @@ def auth_pushed(auth_registry_server: RegistryServer, tmp_path_factory: pytest.T
     return blob_id, data
 
 
-def test_basic_auth_forms(auth_registry_server: RegistryServer, auth_pushed, tmp_path: Path, monkeypatch) -> None:  # noqa: F811
+def test_basic_auth_forms(auth_registry_server: RegistryServer, auth_pushed, tmp_path: Path, monkeypatch) -> None:
     blob_id, data = auth_pushed
     host = auth_registry_server.host
     b64 = base64.b64encode(f"{TEST_USER}:{TEST_PASSWORD}".encode()).decode()
@@ -201,7 +202,7 @@ def test_basic_auth_forms(auth_registry_server: RegistryServer, auth_pushed, tmp
         assert b.read(blob_id, 0, 5) == data[:5]
 
 
-def test_basic_auth_failures(auth_registry_server: RegistryServer, auth_pushed) -> None:  # noqa: F811
+def test_basic_auth_failures(auth_registry_server: RegistryServer, auth_pushed) -> None:
     blob_id, _ = auth_pushed
     with _backend(auth_registry_server.host) as b:
         with pytest.raises(BackendError, match="needs credentials") as e:
@@ -218,7 +219,7 @@ def test_basic_auth_failures(auth_registry_server: RegistryServer, auth_pushed) 
 # --- Bearer: a token front on the real registry -----------------------------------------------------------
 
 
-def test_bearer_token_flow(registry_server: RegistryServer, pushed) -> None:  # noqa: F811
+def test_bearer_token_flow(registry_server: RegistryServer, pushed) -> None:
     blob_id, data = pushed
     creds = (TEST_USER, TEST_PASSWORD)
     with Front(upstream=registry_server.url, auth="bearer", credentials=creds) as front:
@@ -239,7 +240,7 @@ def test_bearer_token_flow(registry_server: RegistryServer, pushed) -> None:  # 
                 b.read(blob_id, 0, 1)
 
 
-def test_bearer_anonymous_token_and_push(registry_server: RegistryServer, tmp_path: Path) -> None:  # noqa: F811
+def test_bearer_anonymous_token_and_push(registry_server: RegistryServer, tmp_path: Path) -> None:
     with Front(upstream=registry_server.url, auth="bearer") as front:
         path = tmp_path / "blob"
         data = random.Random(11).randbytes(70_000)
@@ -253,7 +254,7 @@ def test_bearer_anonymous_token_and_push(registry_server: RegistryServer, tmp_pa
 # --- redirects --------------------------------------------------------------------------------------------
 
 
-def test_redirect_followed_cached_and_evicted(registry_server: RegistryServer, pushed) -> None:  # noqa: F811
+def test_redirect_followed_cached_and_evicted(registry_server: RegistryServer, pushed) -> None:
     blob_id, data = pushed
     with (
         Front(upstream=registry_server.url) as store,
@@ -275,7 +276,7 @@ def test_redirect_followed_cached_and_evicted(registry_server: RegistryServer, p
 
 
 @pytest.fixture(scope="module")
-def faulty(registry_server: RegistryServer):  # noqa: F811
+def faulty(registry_server: RegistryServer):
     with Front(upstream=registry_server.url, retry_after="2") as front:
         yield front
 
@@ -325,7 +326,7 @@ def test_corruption(faulty: Front, pushed) -> None:
             b.read(blob_id, 0, SIZE)
 
 
-def test_timeout(registry_server: RegistryServer, pushed) -> None:  # noqa: F811
+def test_timeout(registry_server: RegistryServer, pushed) -> None:
     blob_id, data = pushed
     with Front(upstream=registry_server.url, stall=1.0) as front, _backend(front.host, timeout=0.2) as b:
         front.inject("stall")
@@ -334,3 +335,26 @@ def test_timeout(registry_server: RegistryServer, pushed) -> None:  # noqa: F811
         front.inject("stall", "stall")
         with _backend(front.host, timeout=0.2, retry_limit=1) as b2, pytest.raises(BackendError, match="timed out"):
             b2.read(blob_id, 0, 10)
+
+
+def test_docker_credential_helper(
+    auth_registry_server: RegistryServer, auth_pushed, tmp_path: Path, monkeypatch
+) -> None:
+    blob_id, data = auth_pushed
+    host = auth_registry_server.host
+    helper = tmp_path / "bin" / "docker-credential-testhelper"
+    helper.parent.mkdir()
+    helper.write_text(
+        "#!/bin/sh\nread host\n"
+        f'[ "$host" = "{host}" ] || {{ echo "credentials not found" >&2; exit 1; }}\n'
+        f'echo \'{{"ServerURL": "{host}", "Username": "{TEST_USER}", "Secret": "{TEST_PASSWORD}"}}\'\n'
+    )
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{helper.parent}:{os.environ['PATH']}")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"auths": {}, "credHelpers": {host: "testhelper"}}))
+    with _backend(host, docker_config=cfg) as b:
+        assert b.read(blob_id, 3, 4) == data[3:7]
+    cfg.write_text(json.dumps({"credsStore": "testhelper"}))
+    with _backend(host, docker_config=cfg) as b:
+        assert b.size(blob_id) == len(data)
