@@ -275,7 +275,10 @@ def unpack_to_tar(reader: ImageReader, output: str | os.PathLike[str]) -> int:
                         ti.type = tarfile.FIFOTYPE
                     else:
                         continue  # sockets cannot be archived (tar has no type for them)
-                tar.addfile(ti, fileobj)
+                try:
+                    tar.addfile(ti, fileobj)
+                except ImageError as e:
+                    raise type(e)(f"{path}: {e}") from None
                 count += 1
         os.rename(tmpname, out)
     except BaseException:
