@@ -90,7 +90,6 @@ class BlobWriter:
         self._tmp = directory / f".blob-{blob_index}.tmp"
         self._f = open(self._tmp, "wb")  # noqa: SIM115 - closed in finish()/abort()
         self._sha = hashlib.sha256()
-        self._data_sha = hashlib.sha256()
         self._c_off = 0
         self._d_off = 0
         self._ci: list[tuple[int, int]] = []
@@ -100,11 +99,9 @@ class BlobWriter:
     def chunk_count(self) -> int:
         return len(self._ci)
 
-    def _write(self, data: bytes | memoryview, section_sha: hashlib._Hash | None = None) -> None:
+    def _write(self, data: bytes | memoryview) -> None:
         self._f.write(data)
         self._sha.update(data)
-        if section_sha is not None:
-            section_sha.update(data)
         self._c_off += len(data)
 
     def add_chunk(self, data: bytes | memoryview, digest: bytes) -> ChunkRef:
@@ -115,10 +112,10 @@ class BlobWriter:
         stored = codec.compress_chunk(self.compressor, data)
         c_off, c_size = self._c_off, len(stored)
         ref = ChunkRef(self.blob_index, len(self._ci), c_off, c_size, self._d_off, d_size, digest)
-        self._write(stored, self._data_sha)
+        self._write(stored)
         pad = -d_size % BLOCK
         if self.compressor == "none" and pad:
-            self._write(_ZEROS[:pad], self._data_sha)
+            self._write(_ZEROS[:pad])
         self._d_off += d_size + pad
         self._ci.append(r.chunk_info_v1_encode(c_off, c_size, ref.d_off, d_size))
         self._digests.append(digest)
@@ -139,13 +136,14 @@ class BlobWriter:
             toc.append(self._toc_entry(name, hashlib.sha256(digest_of or payload).digest(), offset, len(payload)))
 
         data_end = self._c_off
+        data_digest = self._sha.copy().digest()  # the running blob hash covers exactly the data so far
         self._write(tar_header(r.TOC_ENTRY_BLOB_RAW, data_end))
         # Upstream records the data section with compressed_offset = its end (builder's running offset).
         toc.append(
             r.TocEntry.pack(
                 flags=r.TOC_FLAG_COMPRESSION_NONE,
                 name=r.TOC_ENTRY_BLOB_RAW,
-                uncompressed_digest=self._data_sha.digest(),
+                uncompressed_digest=data_digest,
                 compressed_offset=data_end,
                 compressed_size=data_end,
                 uncompressed_size=self._d_off,

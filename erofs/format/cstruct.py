@@ -36,13 +36,13 @@ class CStruct:
         self.size = self.struct.size
         self.tuple = namedtuple(name, self.field_names)  # type: ignore[misc]
         self._defaults = {f: (b"" if fmt.endswith("s") else 0) for f, fmt in fields}
+        self._items = tuple(self._defaults.items())
 
     def pack(self, **fields: Any) -> bytes:
-        unknown = fields.keys() - self._defaults.keys()
-        if unknown:
-            raise TypeError(f"{self.name} has no field(s) {sorted(unknown)}")
-        values = {**self._defaults, **fields}
-        return self.struct.pack(*(values[f] for f in self.field_names))
+        if not fields.keys() <= self._defaults.keys():
+            raise TypeError(f"{self.name} has no field(s) {sorted(fields.keys() - self._defaults.keys())}")
+        get = fields.get
+        return self.struct.pack(*[get(f, d) for f, d in self._items])
 
     def unpack(self, buf: bytes | bytearray | memoryview, offset: int = 0) -> Any:
         if offset < 0 or offset + self.size > len(buf):
