@@ -86,7 +86,7 @@ def test_file_backed_erofs_mount(tmp_path: Path) -> None:
     (tree / "hello.txt").write_text("hello from erofs\n")
     (tree / "sub" / "big.bin").write_bytes(bytes(range(256)) * 100)
     image = tmp_path / "image.erofs"
-    subprocess.run(["mkfs.erofs", "-q", str(image), str(tree)], check=True)
+    subprocess.run(["mkfs.erofs", "--quiet", str(image), str(tree)], check=True)
     target = tmp_path / "mnt"
     target.mkdir()
     sys_mount(str(image), target, "erofs", MS_RDONLY)
