@@ -27,6 +27,18 @@ class _Group(click.Group):
                 raise
             self.add_command(ep.load(), ep.name)
 
+    def main(self, *args, **kwargs):  # one-line usage errors too, not click's usage block
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("nydus-erofs: aborted", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            click.echo(f"nydus-erofs: error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
