@@ -273,10 +273,10 @@ def test_http_retry_after_is_honoured(blob_dir: Path) -> None:
 
 def test_http_timeout_is_retried(blob_dir: Path) -> None:
     blob_id, data = _blob(blob_dir, 10_000)
-    with Front(directory=blob_dir, stall=1.0) as front, _http(front, timeout=0.2) as b:
+    with Front(directory=blob_dir, stall=5.0) as front, _http(front, timeout=0.5) as b:
         front.inject("stall")
         assert b.read(blob_id, 10, 100) == data[10:110]
-        assert b.stats.retries == 1
+        assert b.stats.retries >= 1  # a loaded machine may time out a healthy request too
 
 
 def test_http_whole_blob_digest_checked(served) -> None:

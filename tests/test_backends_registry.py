@@ -328,12 +328,12 @@ def test_corruption(faulty: Front, pushed) -> None:
 
 def test_timeout(registry_server: RegistryServer, pushed) -> None:
     blob_id, data = pushed
-    with Front(upstream=registry_server.url, stall=1.0) as front, _backend(front.host, timeout=0.2) as b:
+    with Front(upstream=registry_server.url, stall=5.0) as front, _backend(front.host, timeout=0.5) as b:
         front.inject("stall")
         assert b.read(blob_id, 0, 10) == data[:10]
-        assert b.stats.retries == 1
+        assert b.stats.retries >= 1
         front.inject("stall", "stall")
-        with _backend(front.host, timeout=0.2, retry_limit=1) as b2, pytest.raises(BackendError, match="timed out"):
+        with _backend(front.host, timeout=0.5, retry_limit=1) as b2, pytest.raises(BackendError, match="timed out"):
             b2.read(blob_id, 0, 10)
 
 

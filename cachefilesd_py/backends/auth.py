@@ -47,12 +47,16 @@ def parse_auth(value: str) -> Credentials:
     return Credentials(user, password)
 
 
+_DOCKER_HUB = {"docker.io", "index.docker.io", "registry-1.docker.io"}
+
+
 def _host_of(key: str) -> str:
     key = key.strip()
     for prefix in ("https://", "http://"):
         if key.startswith(prefix):
             key = key[len(prefix) :]
-    return key.split("/", 1)[0].lower()
+    host = key.split("/", 1)[0].lower()
+    return "docker.io" if host in _DOCKER_HUB else host
 
 
 def docker_config_path() -> Path:
@@ -70,7 +74,7 @@ def docker_credentials(host: str, path: str | os.PathLike[str] | None = None) ->
         return None
     except (OSError, ValueError) as e:
         raise PermanentFailure(f"cannot read docker config {cfg_path}: {e}") from None
-    host = host.lower()
+    host = _host_of(host)
     for key, entry in (cfg.get("auths") or {}).items():
         if _host_of(key) != host or not isinstance(entry, dict):
             continue
@@ -78,8 +82,10 @@ def docker_credentials(host: str, path: str | os.PathLike[str] | None = None) ->
             return parse_auth(entry["auth"])
         if entry.get("username"):
             return Credentials(entry["username"], entry.get("password", ""))
-    helper = (cfg.get("credHelpers") or {}).get(host) or cfg.get("credsStore")
-    return _helper_credentials(helper, host) if helper else None
+    helpers = {_host_of(k): v for k, v in (cfg.get("credHelpers") or {}).items()}
+    helper = helpers.get(host) or cfg.get("credsStore")
+    server = "https://index.docker.io/v1/" if host == "docker.io" else host
+    return _helper_credentials(helper, server) if helper else None
 
 
 def _helper_credentials(helper: str, host: str) -> Credentials | None:

@@ -176,7 +176,7 @@ class RegistryBackend(HttpBackend):
     def _request(self, blob_id: str, method: str, headers: Mapping[str, str]) -> Response:
         with self._lock:
             cached = self._redirects.get(blob_id)
-        if cached is not None:
+        if cached is not None and method == "GET":  # pre-signed URLs are usually good for GET only
             resp = self.transport.request(method, cached, headers)
             if 400 <= resp.status < 500 or resp.status in _REDIRECTS:
                 # expired pre-signed URL (401/403) or gone: forget it and ask the registry again
@@ -202,7 +202,7 @@ class RegistryBackend(HttpBackend):
                 resp = self.client.request(method, url, headers)
             else:  # never send registry credentials to a blob store
                 resp = self.transport.request(method, url, headers)
-        if hops and 200 <= resp.status < 300:
+        if hops and method == "GET" and 200 <= resp.status < 300:
             with self._lock:
                 self._redirects[blob_id] = url
         return resp

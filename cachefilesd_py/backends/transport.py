@@ -293,6 +293,16 @@ def range_body(
 
     206 must cover exactly the range; 200 (Range ignored) is read through, dropping up to ``max_discard``
     leading bytes.  A range past the end of the blob is a permanent failure, a short body a temporary one."""
+    try:
+        return _range_body(resp, offset, length, stats, max_discard)
+    except BaseException:
+        resp.close()  # a no-op once released
+        raise
+
+
+def _range_body(
+    resp: Response, offset: int, length: int, stats: BackendStats, max_discard: int
+) -> tuple[bytes, int | None]:
     end = offset + length - 1
     if resp.status == 206:
         if (resp.header("Content-Type") or "").lower().startswith("multipart/"):
