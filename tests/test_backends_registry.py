@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -358,3 +359,28 @@ def test_docker_credential_helper(
     cfg.write_text(json.dumps({"credsStore": "testhelper"}))
     with _backend(host, docker_config=cfg) as b:
         assert b.size(blob_id) == len(data)
+
+
+def test_bearer_concurrent_first_reads_fetch_one_token(registry_server: RegistryServer, pushed) -> None:
+    blob_id, data = pushed
+    with Front(upstream=registry_server.url, auth="bearer") as front, _backend(front.host) as b:
+        ranges = _ranges(SIZE, 16, seed=8)
+        with ThreadPoolExecutor(8) as ex:
+            results = list(ex.map(lambda r: b.read(blob_id, *r), ranges))
+        assert all(got == data[o : o + n] for got, (o, n) in zip(results, ranges, strict=True))
+        assert front.tokens_issued == 1
+
+
+def test_bearer_token_refreshed_before_expiry(registry_server: RegistryServer, pushed) -> None:
+    blob_id, data = pushed
+    scope = f"repository:{REPO}:pull"
+    with Front(upstream=registry_server.url, auth="bearer", token_lifetime=30) as front, _backend(front.host) as b:
+        assert b.read(blob_id, 0, 10) == data[:10]
+        tokens = b.client.auth._tokens
+        token, expiry = tokens[scope]
+        assert 14 < expiry - time.monotonic() <= 15  # 30 s lifetime, refreshed half of it (at most 20 s) early
+        tokens[scope] = (token, time.monotonic() - 1)  # as if 20 s had passed
+        front.clear()
+        assert b.read(blob_id, 10, 10) == data[10:20]
+        assert front.tokens_issued == 2
+        assert [p for _, p in front.requests if "/token" not in p] == [f"/v2/{REPO}/blobs/sha256:{blob_id}"]
