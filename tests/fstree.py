@@ -1,51 +1,16 @@
-"""Test helpers: mount an image with the real kernel, and compare two trees the way a user would see them.
-
-``mount_erofs`` calls mount(2) directly: util-linux ``mount`` attaches a loop device, which breaks
-``device=<regular file>`` of file-backed EROFS mounts.
-"""
+"""Test helpers: compare two trees the way a user sees them (mounting is in :mod:`tests.kernel`)."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
 import hashlib
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
-_libc = ctypes.CDLL(None, use_errno=True)
-MS_RDONLY = 1
-MNT_DETACH = 2
+from tests.kernel import mount_erofs
 
-
-def mount(source: str | os.PathLike[str], target: str | os.PathLike[str], fstype: str, flags: int, data: str) -> None:
-    if _libc.mount(os.fsencode(source), os.fsencode(target), fstype.encode(), flags, data.encode()) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount {source} on {target} ({data}): {os.strerror(err)}")
-
-
-def umount(target: str | os.PathLike[str]) -> None:
-    if _libc.umount2(os.fsencode(target), 0) != 0:
-        err = ctypes.get_errno()
-        if err == errno.EBUSY and _libc.umount2(os.fsencode(target), MNT_DETACH) == 0:
-            return
-        raise OSError(err, f"umount {target}: {os.strerror(err)}")
-
-
-@contextlib.contextmanager
-def mount_erofs(bootstrap: str | os.PathLike[str], mountpoint: str | os.PathLike[str],
-                devices: list[Path] | tuple[Path, ...] = ()) -> Iterator[Path]:  # fmt: skip
-    """Mount ``bootstrap`` file-backed with one ``device=`` per blob, in device-table order."""
-    mp = Path(mountpoint)
-    mp.mkdir(parents=True, exist_ok=True)
-    opts = ",".join(f"device={Path(d).resolve()}" for d in devices)
-    mount(Path(bootstrap).resolve(), mp, "erofs", MS_RDONLY, opts)
-    try:
-        yield mp
-    finally:
-        umount(mp)
+__all__ = ["assert_same_tree", "image_devices", "mount_erofs", "snapshot"]
 
 
 def image_devices(out_dir: Path) -> list[Path]:
