@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,11 +77,13 @@ def _single(trees: list[Inode]) -> Inode:
 
 def build_layers(readers: Sequence[LayerReader], output_dir: str | os.PathLike[str], opts: ImageOptions,
                  merge: Merger = _single, known: ChunkIndex | None = None,
-                 extra_blobs: Sequence[BlobInfo] = ()) -> BuildResult:  # fmt: skip
+                 extra_blobs: Sequence[BlobInfo] = (),
+                 extra_blob_files: Mapping[str, Path] | None = None) -> BuildResult:  # fmt: skip
     """Build an image from layer readers into ``output_dir`` atomically.
 
     ``known`` pre-seeds dedup (a chunk dict's chunks, referring to ``extra_blobs``, which become the first
-    blob slots of the image).
+    blob slots of the image).  ``extra_blob_files`` (blob id -> file) are copied into OUT/blobs when the
+    image references them, so OUT is self-contained.
     """
     out = Path(output_dir)
     created = not out.exists()
@@ -119,6 +121,10 @@ def build_layers(readers: Sequence[LayerReader], output_dir: str | os.PathLike[s
         if used != set(range(len(blobs))):
             blobs, tree = _drop_unused(blobs, tree, used)
         inodes = write_bootstrap(tmp / BOOTSTRAP_NAME, tree, blobs, opts)
+        for b in blobs:
+            src = (extra_blob_files or {}).get(b.blob_id)
+            if src is not None and not (tmp / BLOBS_DIR / b.blob_id).exists():
+                _link_or_copy(src, tmp / BLOBS_DIR / b.blob_id)
         # publish: blobs first (content addressed, harmless if left alone), the bootstrap last
         (out / BLOBS_DIR).mkdir(exist_ok=True)
         for b in blobs:
@@ -169,6 +175,13 @@ def _drop_unused(blobs: list[BlobInfo], tree: Inode, used: set[int]) -> tuple[li
         if node.children:
             stack.extend(node.children.values())
     return [dataclasses.replace(b, blob_index=i) for i, b in enumerate(keep)], tree
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def _fsync_dir(path: Path) -> None:

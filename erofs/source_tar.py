@@ -1,0 +1,625 @@
+"""A tar layer (plain, gzip or zstd, told apart by content) read as a stream into a layer tree.
+
+Nothing is extracted: each member's data flows from the archive straight into the layer's blob through
+the :class:`~erofs.chunker.ChunkStore`, and the tree is built by name only (no path is ever resolved on
+disk, so no symlink is followed).  Names are normalised (``./``, leading ``/``, repeated slashes); a
+``..`` that would leave the root is an error.  Missing parent directories are created implicitly
+(0755, root-owned, mtime 0) and marked so the merge keeps a lower layer's metadata for them.
+
+Whiteouts (``.wh.NAME``, ``.wh..wh..opq``) stay in the layer tree as the ordinary entries they are in the
+archive; :mod:`erofs.overlay` interprets them.  A hard link to a member that is not in this layer (tar
+requires the target to precede the link) becomes a placeholder resolved against the lower layers by the
+merge.
+
+Decompression runs in a reader thread (zlib and zstd release the GIL), overlapping hashing and writing.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import queue
+import stat
+import sys
+import tarfile
+import threading
+import urllib.parse
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+import zstandard
+
+from erofs.chunker import ChunkStore
+from erofs.errors import NydusErofsError, SourceError
+from erofs.format.erofs_fs import EROFS_NAME_LEN
+from erofs.tree import ChunkRef, Inode
+from erofs.xattr import check_xattrs
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_OTHER_MAGIC = {
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x5d\x00\x00": "lzma",
+    b"\x04\x22\x4d\x18": "lz4 frame",
+    b"PK\x03\x04": "zip",
+}
+_READ_SIZE = 1 << 20
+_QUEUE_DEPTH = 8
+_ZSTD_FEED = 64 << 10  # zstd input per call (its output is not bounded per call)
+# The placeholder of a hard link to a lower layer's file: no file type (never reaches the bootstrap).
+LINK_PLACEHOLDER_MODE = 0
+MAX_MAJOR = (1 << 12) - 1  # new_encode_dev: 12-bit major, 20-bit minor
+MAX_MINOR = (1 << 20) - 1
+_MAX_SYMLINK = 4095
+_U64 = 1 << 64
+_S64_MIN = -(1 << 63)
+
+
+@dataclass(slots=True)
+class LayerTree:
+    """One layer as read: its tree, the implicitly created directories, unresolved hard links."""
+
+    root: Inode
+    implicit: set[int] = field(default_factory=set)  # id() of directories the archive never named
+    # id(placeholder) -> (target path components, member name); where each placeholder sits, for the merge
+    links: dict[int, tuple[list[bytes], str]] = field(default_factory=dict)
+    link_sites: dict[int, list[tuple[Inode, bytes]]] = field(default_factory=dict)
+    keep: list[Inode] = field(default_factory=list)  # keeps placeholders alive so their ids stay unique
+
+
+def is_placeholder(node: Inode) -> bool:
+    return node.mode == LINK_PLACEHOLDER_MODE
+
+
+# ---- byte streams ------------------------------------------------------------------------------
+
+
+class _Decoder:
+    """Incremental decompression of one format; ``feed`` returns output, ``finish`` checks the end."""
+
+    def __init__(self, kind: str, label: str) -> None:
+        self.kind = kind
+        self.label = label
+        self._z: zlib._Decompress | None = None
+        self._zs: zstandard.ZstdDecompressionObj | None = None
+        self._done = False  # the last member/frame ended exactly here
+        self._dctx = zstandard.ZstdDecompressor()
+        self._new()
+
+    def _new(self) -> None:
+        if self.kind == "gzip":
+            self._z = zlib.decompressobj(wbits=31)
+        elif self.kind == "zstd":
+            self._zs = self._dctx.decompressobj()
+        self._done = False
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """Decoded output of ``data`` in pieces of at most ~1 MiB (gzip) so a bomb cannot exhaust memory."""
+        while data:
+            if self._done:
+                if not data.strip(b"\0"):
+                    return  # zero padding after the last member/frame, as gzip and zstd tolerate
+                if not data.startswith(_GZIP_MAGIC if self.kind == "gzip" else _ZSTD_MAGIC[:1]):
+                    raise SourceError(f"{self.label}: trailing garbage after the {self.kind} stream")
+                self._new()
+            try:
+                if self._z is not None:
+                    z = self._z
+                    out = z.decompress(data, _READ_SIZE)
+                    while True:
+                        if out:
+                            yield out
+                        if not z.unconsumed_tail or z.eof:
+                            break
+                        out = z.decompress(z.unconsumed_tail, _READ_SIZE)
+                    if z.eof:
+                        data = z.unused_data
+                        self._done = True
+                    else:
+                        data = b""
+                else:
+                    zs = self._zs
+                    assert zs is not None
+                    rest = memoryview(data)
+                    data = b""
+                    while rest:
+                        piece, rest = rest[:_ZSTD_FEED], rest[_ZSTD_FEED:]
+                        out = zs.decompress(piece)
+                        if out:
+                            yield out
+                        if zs.eof:
+                            data = zs.unused_data + bytes(rest)
+                            self._done = True
+                            break
+            except zlib.error as e:
+                raise SourceError(f"{self.label}: corrupt gzip data ({e})") from None
+            except zstandard.ZstdError as e:
+                raise SourceError(f"{self.label}: corrupt zstd data ({e})") from None
+
+    def finish(self) -> None:
+        if not self._done:
+            raise SourceError(f"{self.label}: truncated {self.kind} stream (ends before its end marker)")
+
+
+class LayerStream(io.RawIOBase):
+    """The uncompressed bytes of a layer file (or stdin), decoded by a reader thread.
+
+    ``raw`` is read to its end; ``on_raw`` sees every raw byte (for digest checks).  Errors of the reader
+    thread surface in :meth:`readinto`.
+    """
+
+    def __init__(self, raw: BinaryIO, label: str, on_raw: Callable[[bytes], None] | None = None,
+                 threaded: bool = True) -> None:  # fmt: skip
+        super().__init__()
+        self.label = label
+        self._raw = raw
+        self._on_raw = on_raw
+        head = self._read_raw(512)
+        self.kind = detect(head, label)
+        self._decoder = _Decoder(self.kind, label) if self.kind != "tar" else None
+        self._pending: list[bytes] = [head]
+        self._buf = memoryview(b"")
+        self._eof = False
+        self._stop = False
+        self._q: queue.Queue[bytes | BaseException | None] | None = None
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._q = queue.Queue(_QUEUE_DEPTH)
+            self._thread = threading.Thread(target=self._produce, name=f"decode {label}", daemon=True)
+            self._thread.start()
+
+    def _read_raw(self, n: int) -> bytes:
+        try:
+            data = self._raw.read(n)
+        except OSError as e:
+            raise SourceError(f"{self.label}: read error: {e.strerror or e}") from None
+        if data and self._on_raw is not None:
+            self._on_raw(data)
+        return data
+
+    def _blocks(self) -> Iterator[bytes]:
+        """Decoded output, block by block, until the raw stream is exhausted."""
+        while True:
+            raw = self._pending.pop() if self._pending else self._read_raw(_READ_SIZE)
+            if not raw:
+                if self._decoder is not None:
+                    self._decoder.finish()
+                return
+            if self._decoder is None:
+                yield raw
+            else:
+                yield from self._decoder.feed(raw)
+
+    def _produce(self) -> None:
+        assert self._q is not None
+        try:
+            for block in self._blocks():
+                self._q.put(block)
+                if self._stop:
+                    break
+            self._q.put(None)
+        except BaseException as e:  # handed to the consumer
+            self._q.put(e)
+
+    def _next_block(self) -> bytes | None:
+        if self._q is None:
+            if not hasattr(self, "_gen"):
+                self._gen = self._blocks()
+            return next(self._gen, None)
+        item = self._q.get()
+        if isinstance(item, BaseException):
+            self._eof = True
+            raise item
+        return item
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        while not self._buf:
+            if self._eof:
+                return 0
+            block = self._next_block()
+            if block is None:
+                self._eof = True
+                return 0
+            self._buf = memoryview(block)
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            return self.readall()
+        if not self._buf and not self._eof:
+            block = self._next_block()
+            if block is None:
+                self._eof = True
+            else:
+                self._buf = memoryview(block)
+        if len(self._buf) and size >= len(self._buf):
+            out = bytes(self._buf)
+            self._buf = memoryview(b"")
+            return out
+        out = bytes(self._buf[:size])
+        self._buf = self._buf[size:]
+        return out
+
+    def drain(self) -> None:
+        """Read (and check) everything left, e.g. padding after the tar's end marker."""
+        while self.read(_READ_SIZE):
+            pass
+
+    def close(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            assert self._q is not None
+            self._stop = True
+            while True:  # unblock the producer; it stops after its current block
+                item = self._q.get()
+                if item is None or isinstance(item, BaseException):
+                    break
+            self._thread.join()
+        super().close()
+
+
+def detect(head: bytes, label: str) -> str:
+    """'gzip', 'zstd' or 'tar' from the first bytes; SourceError for anything else recognisable."""
+    if head.startswith(_GZIP_MAGIC):
+        return "gzip"
+    if head.startswith(_ZSTD_MAGIC):
+        return "zstd"
+    for magic, name in _OTHER_MAGIC.items():
+        if head.startswith(magic):
+            raise SourceError(f"{label}: {name} archives are not supported (tar, tar.gz or tar.zst)")
+    if not head:
+        raise SourceError(f"{label}: empty file, not a tar archive")
+    if len(head) < 512:
+        raise SourceError(f"{label}: not a tar archive (only {len(head)} bytes)")
+    return "tar"
+
+
+def open_source(source: str) -> BinaryIO:
+    """The raw bytes of a tar SOURCE: a file path, or '-' for stdin."""
+    if source == "-":
+        return sys.stdin.buffer
+    try:
+        return open(source, "rb")  # noqa: SIM115 - closed by the caller
+    except OSError as e:
+        raise SourceError(f"cannot read {source}: {e.strerror}") from None
+
+
+# ---- names, times, numbers ---------------------------------------------------------------------
+
+
+def _fs(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def split_path(name: bytes, member: str) -> list[bytes]:
+    """Normalised components of an archive path; '..' may not climb above the root."""
+    if b"\0" in name:
+        raise SourceError(f"member {member!r}: NUL byte in name")
+    parts: list[bytes] = []
+    for comp in name.split(b"/"):
+        if comp in (b"", b"."):
+            continue
+        if comp == b"..":
+            if not parts:
+                raise SourceError(f"member {member!r}: path escapes the image root ('..')")
+            parts.pop()
+            continue
+        if len(comp) > EROFS_NAME_LEN:
+            raise SourceError(f"member {member[:60]!r}...: name component longer than {EROFS_NAME_LEN} bytes")
+        parts.append(comp)
+    return parts
+
+
+def parse_pax_time(text: str, member: str) -> tuple[int, int]:
+    """(seconds, nanoseconds) of a PAX time like '1700000000.123456789' or '-1.5' (floor semantics)."""
+    t = text.strip()
+    neg = t.startswith("-")
+    body = t[1:] if neg else t
+    whole, _, frac = body.partition(".")
+    if not whole.isdigit() or (frac and not frac.isdigit()) or not whole.isascii() or not frac.isascii():
+        raise SourceError(f"member {member!r}: invalid PAX time {text!r}")
+    sec = int(whole)
+    nsec = int((frac + "000000000")[:9]) if frac else 0
+    if neg:
+        sec = -sec
+        if nsec:
+            sec -= 1
+            nsec = 1_000_000_000 - nsec
+    return sec, nsec
+
+
+def _check_time(sec: int, member: str) -> int:
+    if not _S64_MIN <= sec < _U64 // 2:
+        raise SourceError(f"member {member!r}: timestamp {sec} is out of range for EROFS (64-bit seconds)")
+    if sec < 0:
+        raise SourceError(f"member {member!r}: timestamp {sec} is before 1970, which EROFS does not store")
+    return sec
+
+
+def _xattrs(info: tarfile.TarInfo) -> dict[bytes, bytes]:
+    out: dict[bytes, bytes] = {}
+    for key, value in info.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            out[_fs(key[len("SCHILY.xattr.") :])] = _fs(value)
+        elif key.startswith("LIBARCHIVE.xattr."):
+            name = urllib.parse.unquote_to_bytes(key[len("LIBARCHIVE.xattr.") :])
+            try:
+                out[name] = base64.b64decode(_fs(value) + b"==", validate=False)
+            except ValueError:
+                raise SourceError(f"member {info.name!r}: bad base64 in xattr {name!r}") from None
+    try:
+        check_xattrs(out)
+    except SourceError as e:
+        raise SourceError(f"member {info.name!r}: {e}") from None
+    return out
+
+
+# ---- the reader --------------------------------------------------------------------------------
+
+
+class TarLayerReader:
+    """Fills a :class:`LayerTree` from one tar stream; one instance per layer."""
+
+    def __init__(self, stream: LayerStream, store: ChunkStore, label: str) -> None:
+        self.stream = stream
+        self.store = store
+        self.label = label
+        self.tree = LayerTree(Inode.directory(0o755))
+        self.tree.implicit.add(id(self.tree.root))
+
+    # -- tree placement
+    def _parent(self, parts: list[bytes]) -> Inode:
+        node = self.tree.root
+        for comp in parts[:-1]:
+            assert node.children is not None
+            child = node.children.get(comp)
+            if child is None or child.children is None:
+                # absent, or a non-directory (a symlink, a file) in the way: the path wins by name
+                child = Inode.directory(0o755)
+                self.tree.implicit.add(id(child))
+                node.children[comp] = child
+            node = child
+        return node
+
+    def _lookup(self, parts: list[bytes]) -> Inode | None:
+        node: Inode | None = self.tree.root
+        for comp in parts:
+            if node is None or node.children is None:
+                return None
+            node = node.children.get(comp)
+        return node
+
+    def _place(self, parts: list[bytes], node: Inode) -> None:
+        if not parts:  # the root itself ('./')
+            root = self.tree.root
+            if node.children is None:
+                raise SourceError(f"{self.label}: the archive's root entry is not a directory")
+            self._set_meta(root, node)
+            self.tree.implicit.discard(id(root))
+            return
+        parent = self._parent(parts)
+        assert parent.children is not None
+        name = parts[-1]
+        old = parent.children.get(name)
+        if old is not None and old.children is not None and node.children is not None:
+            self._set_meta(old, node)  # a directory entry again: new metadata, same contents
+            self.tree.implicit.discard(id(old))
+            return
+        parent.children[name] = node
+        if is_placeholder(node):
+            self.tree.link_sites.setdefault(id(node), []).append((parent, name))
+
+    @staticmethod
+    def _set_meta(dst: Inode, src: Inode) -> None:
+        dst.mode, dst.uid, dst.gid = src.mode, src.uid, src.gid
+        dst.mtime, dst.mtime_nsec, dst.xattrs = src.mtime, src.mtime_nsec, src.xattrs
+
+    # -- members
+    def _inode(self, info: tarfile.TarInfo, fmt: int) -> Inode:
+        name = info.name
+        raw_mtime = info.pax_headers.get("mtime")
+        if raw_mtime is not None:
+            sec, nsec = parse_pax_time(raw_mtime, name)
+        else:
+            sec, nsec = int(info.mtime), 0
+        sec = _check_time(sec, name)
+        if not 0 <= info.uid < 1 << 32 or not 0 <= info.gid < 1 << 32:
+            raise SourceError(f"member {name!r}: uid/gid {info.uid}/{info.gid} out of range (32 bits)")
+        return Inode(mode=fmt | (info.mode & 0o7777), uid=info.uid, gid=info.gid, mtime=sec, mtime_nsec=nsec,
+                     xattrs=_xattrs(info))  # fmt: skip
+
+    def _data(self, info: tarfile.TarInfo) -> list[ChunkRef | None]:
+        fileobj = self._tar_fileobj
+        fileobj.seek(info.offset_data)
+        size = info.size
+        if info.sparse is None:
+
+            def readinto(view: memoryview) -> int:
+                data = fileobj.read(len(view))
+                view[: len(data)] = data
+                return len(data)
+
+            try:
+                return self.store.add_stream(readinto, size)
+            except EOFError:
+                raise SourceError(f"{self.label}: truncated archive (data of {info.name!r} ends early)") from None
+        return self._sparse_data(info, fileobj)
+
+    def _sparse_data(self, info: tarfile.TarInfo, fileobj: tarfile._Stream) -> list[ChunkRef | None]:
+        size, cs = info.size, self.store.chunk_size
+        segs = [(o, n) for o, n in info.sparse if n]  # type: ignore[union-attr]
+        end = 0
+        for o, n in segs:
+            if o < end or o + n > size:
+                raise SourceError(f"member {info.name!r}: invalid sparse map")
+            end = o + n
+        chunks: list[ChunkRef | None] = []
+        buf = bytearray(min(cs, size))
+        si = 0
+        for start in range(0, size, cs):
+            stop = min(size, start + cs)
+            view = memoryview(buf)[: stop - start]
+            has_data = False
+            view[:] = bytes(len(view))
+            while si < len(segs) and segs[si][0] < stop:
+                o, n = segs[si]
+                a, b = max(o, start), min(o + n, stop)
+                if a < b:
+                    data = fileobj.read(b - a)
+                    if len(data) != b - a:
+                        raise SourceError(f"{self.label}: truncated archive (data of {info.name!r} ends early)")
+                    view[a - start : b - start] = data
+                    has_data = True
+                if o + n <= stop:
+                    si += 1
+                else:
+                    break
+            chunks.append(self.store.add(view) if has_data else None)
+        return chunks
+
+    def _member(self, info: tarfile.TarInfo) -> None:
+        name = info.name
+        parts = split_path(_fs(name), name)
+        t = info.type
+        if info.isdir():
+            node = self._inode(info, stat.S_IFDIR)
+            node.children = {}
+        elif info.isreg():  # includes contiguous files and sparse members
+            node = self._inode(info, stat.S_IFREG)
+            node.size = info.size
+            if info.size:
+                node.chunks = self._data(info)
+        elif info.issym():
+            node = self._inode(info, stat.S_IFLNK)
+            node.mode = stat.S_IFLNK | 0o777  # what every Linux filesystem shows for a symlink
+            target = _fs(info.linkname)
+            if not target or len(target) > _MAX_SYMLINK or b"\0" in target:
+                raise SourceError(f"member {name!r}: invalid symlink target ({len(target)} bytes)")
+            node.target = target
+        elif info.islnk():
+            self._hardlink(info, parts)
+            return
+        elif info.ischr() or info.isblk():
+            node = self._inode(info, stat.S_IFCHR if info.ischr() else stat.S_IFBLK)
+            if not (0 <= info.devmajor <= MAX_MAJOR and 0 <= info.devminor <= MAX_MINOR):
+                raise SourceError(
+                    f"member {name!r}: device {info.devmajor}:{info.devminor} does not fit EROFS "
+                    f"(major ≤ {MAX_MAJOR}, minor ≤ {MAX_MINOR})"
+                )
+            node.rdev = os.makedev(info.devmajor, info.devminor)
+        elif info.isfifo():
+            node = self._inode(info, stat.S_IFIFO)
+        elif t == b"V":  # GNU volume label: not a file
+            return
+        else:
+            raise SourceError(f"member {name!r}: unsupported tar entry type {t!r}")
+        if not parts and not info.isdir():
+            raise SourceError(f"member {name!r}: the archive's root entry is not a directory")
+        self._place(parts, node)
+
+    def _hardlink(self, info: tarfile.TarInfo, parts: list[bytes]) -> None:
+        name = info.name
+        if not parts:
+            raise SourceError(f"member {name!r}: a hard link cannot be the root")
+        target_parts = split_path(_fs(info.linkname), name)
+        target = self._lookup(target_parts)
+        if target is not None and target.children is not None:
+            raise SourceError(f"member {name!r}: hard link to a directory ({info.linkname!r})")
+        if target is None:  # not (yet) in this layer: a lower layer's file, resolved by the merge
+            target = Inode(mode=LINK_PLACEHOLDER_MODE)
+            self.tree.links[id(target)] = (target_parts, name)
+            self.tree.keep.append(target)
+        self._place(parts, target)
+
+    # -- the archive
+    def read(self) -> LayerTree:
+        try:
+            tf = tarfile.open(fileobj=self.stream, mode="r|", bufsize=_READ_SIZE, encoding="utf-8",
+                              errors="surrogateescape")  # fmt: skip
+        except tarfile.ReadError as e:
+            raise SourceError(f"{self.label}: not a tar archive ({e})") from None
+        self._tar_fileobj = tf.fileobj
+        for info in self._members(tf):
+            self._member(info)
+        self.stream.drain()
+        return self.tree
+
+    def _members(self, tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+        """Each member, with tarfile's silent stops (garbage, truncation) turned into errors."""
+        first = tf.firstmember
+        tf.firstmember = None
+        if first is None:
+            if tf.offset == 0:
+                return  # an archive of only its end marker
+            raise SourceError(f"{self.label}: not a tar archive")
+        yield first
+        while True:
+            if tf.offset != tf.fileobj.tell():
+                tf.fileobj.seek(tf.offset - 1)
+                if not tf.fileobj.read(1):
+                    raise SourceError(f"{self.label}: truncated archive (ends inside a member's data)")
+            offset = tf.offset
+            try:
+                info = tf.tarinfo.fromtarfile(tf)
+            except tarfile.EOFHeaderError:
+                return
+            except tarfile.EmptyHeaderError:
+                raise SourceError(f"{self.label}: truncated archive (no end-of-archive marker)") from None
+            except tarfile.TruncatedHeaderError:
+                raise SourceError(f"{self.label}: truncated archive (partial header at {offset})") from None
+            except tarfile.HeaderError as e:
+                raise SourceError(f"{self.label}: invalid tar header at offset {offset} ({e})") from None
+            yield info
+
+
+def read_tar(stream: LayerStream, store: ChunkStore, label: str) -> LayerTree:
+    """Read one tar layer stream into a layer tree; every failure is a one-line :class:`SourceError`."""
+    try:
+        return TarLayerReader(stream, store, label).read()
+    except NydusErofsError:
+        raise
+    except (tarfile.TarError, EOFError) as e:
+        raise SourceError(f"{label}: unreadable tar archive ({e})") from None
+    except (ValueError, UnicodeError, OverflowError) as e:
+        raise SourceError(f"{label}: malformed tar archive ({e})") from None
+
+
+class TarLayer:
+    """A layer reader for :func:`erofs.builder.build_layers`: opens its source, reads it, keeps the tree.
+
+    ``verify`` (optional) is called with every raw byte and then ``None`` at the end, and raises
+    :class:`SourceError` on a mismatch (an OCI layer's digest).
+    """
+
+    def __init__(self, source: str, label: str | None = None,
+                 opener: Callable[[], BinaryIO] | None = None,
+                 verify: Callable[[bytes | None], None] | None = None) -> None:  # fmt: skip
+        self.source = source
+        self.label = label or source
+        self._opener = opener or (lambda: open_source(source))
+        self._verify = verify
+        self.result: LayerTree | None = None
+
+    def __call__(self, store: ChunkStore) -> Inode:
+        raw = self._opener()
+        stream: LayerStream | None = None
+        try:
+            stream = LayerStream(raw, self.label, on_raw=self._verify)
+            self.result = read_tar(stream, store, self.label)
+            if self._verify is not None:
+                self._verify(None)
+        finally:
+            if stream is not None:
+                stream.close()
+            if raw is not sys.stdin.buffer:
+                raw.close()
+        return self.result.root
