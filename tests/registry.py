@@ -4,7 +4,7 @@ and inject faults (dropped connections, 503 + Retry-After, truncated or corrupte
 
 Reuse from other tests::
 
-    from registry import RegistryServer, push_test_blob, registry_server_fixture  # the fixture: registry_server
+    from tests.registry import RegistryServer, push_test_blob, registry_server_fixture  # the fixture: registry_server
 """
 
 from __future__ import annotations

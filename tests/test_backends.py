@@ -11,13 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from registry import Front
 
 from cachefilesd_py.backends import BackendStats, BlobBackend, make_backend
 from cachefilesd_py.backends.http import HttpBackend
 from cachefilesd_py.backends.localfs import LocalFsBackend
 from cachefilesd_py.backends.retry import RetryPolicy, is_temp_failure, parse_retry_after
 from erofs.errors import BackendError
+from tests.registry import Front
 
 
 def _blob(directory: Path, size: int, seed: int = 0) -> tuple[str, bytes]:
@@ -300,7 +300,7 @@ def test_http_concurrent_reads_share_the_pool(served) -> None:
 
 
 def test_http_connection_refused(blob_dir: Path) -> None:
-    from registry import free_port
+    from tests.registry import free_port
 
     sleeps = Sleeps()
     with HttpBackend(f"http://127.0.0.1:{free_port()}", retry_limit=2, sleep=sleeps) as b:

@@ -13,16 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from registry import (
-    TEST_PASSWORD,
-    TEST_USER,
-    Front,
-    RegistryServer,
-    auth_registry_server_fixture,  # noqa: F401 - the fixture auth_registry_server
-    need_registry,
-    push_test_blob,
-    registry_server_fixture,  # noqa: F401 - the fixture registry_server
-)
 
 from cachefilesd_py.backends import BlobBackend, make_backend
 from cachefilesd_py.backends.registry import (
@@ -33,6 +23,16 @@ from cachefilesd_py.backends.registry import (
     push_manifest,
 )
 from erofs.errors import BackendError
+from tests.registry import (
+    TEST_PASSWORD,
+    TEST_USER,
+    Front,
+    RegistryServer,
+    auth_registry_server_fixture,  # noqa: F401 - the fixture auth_registry_server
+    need_registry,
+    push_test_blob,
+    registry_server_fixture,  # noqa: F401 - the fixture registry_server
+)
 
 REPO = "test/blobs"
 SIZE = 3 << 20
