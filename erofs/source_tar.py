@@ -562,22 +562,28 @@ class TarLayerReader:
                 return  # an archive of only its end marker
             raise SourceError(f"{self.label}: not a tar archive")
         yield first
+        data_end = first.offset_data + (first.size if first.isreg() and first.sparse is None else 0)
         while True:
-            if tf.offset != tf.fileobj.tell():
-                tf.fileobj.seek(tf.offset - 1)
-                if not tf.fileobj.read(1):
+            pos = tf.fileobj.tell()
+            while pos < tf.offset:  # skip the rest of the member and its padding
+                got = len(tf.fileobj.read(min(_READ_SIZE, tf.offset - pos)))
+                if not got:
+                    if pos >= data_end:
+                        return  # only padding and the end marker are missing (umoci insert writes such)
                     raise SourceError(f"{self.label}: truncated archive (ends inside a member's data)")
+                pos += got
             offset = tf.offset
             try:
                 info = tf.tarinfo.fromtarfile(tf)
             except tarfile.EOFHeaderError:
                 return
             except tarfile.EmptyHeaderError:
-                raise SourceError(f"{self.label}: truncated archive (no end-of-archive marker)") from None
+                return  # no end-of-archive marker, at a member boundary: GNU tar accepts it too
             except tarfile.TruncatedHeaderError:
                 raise SourceError(f"{self.label}: truncated archive (partial header at {offset})") from None
             except tarfile.HeaderError as e:
                 raise SourceError(f"{self.label}: invalid tar header at offset {offset} ({e})") from None
+            data_end = info.offset_data + (info.size if info.isreg() and info.sparse is None else 0)
             yield info
 
 
