@@ -1,0 +1,37 @@
+"""An image's data blobs as :class:`~cachefilesd_py.pipeline.BlobHandle` objects, ready for the pipeline."""
+
+from __future__ import annotations
+
+import os
+
+from erofs.errors import ImageError
+from erofs.reader.blob import BlobMeta
+from erofs.reader.bootstrap import Bootstrap
+
+from .backends import BlobBackend
+from .pipeline import BlobHandle
+
+__all__ = ["open_image", "blob_handles"]
+
+
+def blob_handles(bootstrap: Bootstrap, backend: BlobBackend) -> list[BlobHandle]:
+    """One handle per data blob of ``bootstrap``, in device-table order (the order of ``device=`` options and
+    of the kernel's blob indexes); each blob's metadata is read and verified through ``backend``."""
+    if not bootstrap.is_rafs:
+        raise ImageError(f"{bootstrap.path}: not a Nydus RAFS v6 bootstrap (no blob table)")
+    blobs = bootstrap.blobs
+    if bootstrap.devices:
+        if len(bootstrap.devices) != len(blobs):
+            raise ImageError(
+                f"{bootstrap.path}: device table has {len(bootstrap.devices)} slots, blob table {len(blobs)} blobs"
+            )
+        order = [bootstrap.blob_by_id(d.tag) for d in bootstrap.devices]
+    else:
+        order = list(blobs)
+    return [BlobHandle(b.blob_id, BlobMeta.load(backend, b, bootstrap), backend) for b in order]
+
+
+def open_image(bootstrap_path: str | os.PathLike[str], backend: BlobBackend) -> list[BlobHandle]:
+    """:func:`blob_handles` of the bootstrap file at ``bootstrap_path``."""
+    with Bootstrap(bootstrap_path) as bs:
+        return blob_handles(bs, backend)

@@ -1,0 +1,360 @@
+"""The one fetch → verify → decompress core both kernel front ends (fscache on-demand, fanotify pre-content) use.
+
+A front end asks :meth:`Pipeline.fill` to make a byte range of a blob's *uncompressed* layout available and
+gives it a ``write(d_off, data)`` callback (pwrite into the anonymous cache fd, or through a fanotify event
+fd).  The pipeline maps the range to chunks (``BlobMeta.chunks_for_range``), widens it to whole chunks,
+amplifies it with the chunks that follow in uncompressed order up to ``amplify`` bytes, drops the chunks the
+caller already has (``present``), fetches the rest with one ranged backend read per contiguous compressed span
+(:func:`erofs.reader.blob.plan_reads`), verifies and decompresses each chunk (``BlobMeta.decode_chunk``) and
+writes it.  A chunk that fails its fetch or its digest is never written.
+
+Data handed to ``write`` is the chunk zero-padded to a multiple of 4 KiB (chunks start 4 KiB-aligned in the
+uncompressed layout, so the padding covers no other chunk).  The buffer is *not* guaranteed to be
+page-aligned in memory: a caller that writes with O_DIRECT copies it into an aligned buffer
+(``fscache.cachefiles.write_range`` does).  ``write`` may be called from the thread that called ``fill`` only.
+
+A chunk wanted by two concurrent fills is fetched once: the first claims it in an in-flight table of futures
+keyed by ``(blob_id, ci)``, the others wait for it.  When the owner's data is not yet in a waiter's
+destination (``present`` false, or no ``present`` given: e.g. two cache objects of the same blob), the waiter
+writes the owner's verified data itself, so every caller ends with its range filled.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+
+from erofs.errors import BackendError, DigestMismatchError, ImageError, NydusErofsError
+from erofs.reader.blob import BlobMeta, plan_reads
+
+from .backends import BlobBackend
+
+__all__ = ["PAGE_SIZE", "BlobHandle", "Pipeline", "PipelineStats", "WriteFn", "PresentFn"]
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 4096
+WriteFn = Callable[[int, memoryview], object]
+PresentFn = Callable[[int, int], bool]
+
+
+@dataclass(eq=False)
+class BlobHandle:
+    """One data blob being served: its id, its verified metadata and the backend it is fetched from."""
+
+    blob_id: str
+    meta: BlobMeta
+    backend: BlobBackend
+
+    @property
+    def uncompressed_size(self) -> int:
+        """Size of the blob's uncompressed layout (the size of its cache file), a multiple of 4 KiB."""
+        size = self.meta.uncompressed_size
+        if not size:
+            size = max((d_off + d_size for _, _, d_off, d_size in map(self.meta.chunk, range(self.meta.chunk_count))),
+                       default=0)  # fmt: skip
+        return -(-size // PAGE_SIZE) * PAGE_SIZE
+
+    @property
+    def compressed_size(self) -> int:
+        return self.meta.size
+
+    def __repr__(self) -> str:
+        return f"<BlobHandle {self.blob_id[:12]} {self.meta.chunk_count} chunks via {self.backend!r}>"
+
+
+@dataclass
+class PipelineStats:
+    """Thread-safe counters of a :class:`Pipeline`.
+
+    ``fills``: calls of ``fill``; ``chunks_fetched``/``bytes_fetched``: chunks and compressed bytes read from
+    backends; ``backend_reads``: ranged backend reads; ``chunks_written``/``bytes_written``: what went to
+    ``write`` (padded); ``chunks_present``: chunks skipped because ``present`` said so; ``chunks_amplified``:
+    chunks added beyond the requested range; ``dedup_hits``: chunks another fill was already fetching;
+    ``digest_failures``, ``fetch_failures`` (backend errors, per chunk), ``decode_failures`` (other image
+    errors, per chunk), ``write_failures``.
+    """
+
+    fills: int = 0
+    backend_reads: int = 0
+    chunks_fetched: int = 0
+    bytes_fetched: int = 0
+    chunks_written: int = 0
+    bytes_written: int = 0
+    chunks_present: int = 0
+    chunks_amplified: int = 0
+    dedup_hits: int = 0
+    digest_failures: int = 0
+    fetch_failures: int = 0
+    decode_failures: int = 0
+    write_failures: int = 0
+    _cond: threading.Condition = field(default_factory=threading.Condition, repr=False, compare=False)
+
+    def add(self, **counts: int) -> None:
+        with self._cond:
+            for k, v in counts.items():
+                setattr(self, k, getattr(self, k) + v)
+            self._cond.notify_all()
+
+    def wait_for(self, predicate: Callable[[PipelineStats], bool], timeout: float | None = None) -> bool:
+        """Block until ``predicate(stats)`` holds (checked after every update) or ``timeout`` passes."""
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self), timeout)
+
+    def snapshot(self) -> dict[str, int]:
+        """The counters as a plain dict (consistent at one instant)."""
+        with self._cond:
+            return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+
+    def reset(self) -> None:
+        with self._cond:
+            for f in fields(self):
+                if not f.name.startswith("_"):
+                    setattr(self, f.name, 0)
+
+
+def _padded(data: memoryview) -> memoryview:
+    n = data.nbytes
+    want = -(-n // PAGE_SIZE) * PAGE_SIZE
+    if want == n:
+        return data
+    buf = bytearray(want)
+    buf[:n] = data
+    return memoryview(buf)
+
+
+class Pipeline:
+    """Fetch → verify → decompress → write, shared by every blob a daemon serves.  Thread-safe.
+
+    ``amplify``: bytes of uncompressed data one fill brings in at least (whole chunks following the requested
+    range, never beyond ``amplify`` in total; the requested range itself is always fetched whole).
+    ``workers``: threads of :meth:`submit`, for front ends whose event loop must never wait on a fetch.
+    """
+
+    def __init__(self, *, amplify: int = 1 << 20, workers: int = 4) -> None:
+        if amplify < 0:
+            raise ValueError(f"amplify must be >= 0, got {amplify}")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.amplify = amplify
+        self.workers = workers
+        self.stats = PipelineStats()
+        self._lock = threading.Lock()
+        self._inflight: dict[tuple[str, int], Future[memoryview | None]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    # -- planning -----------------------------------------------------------------------------------------------
+    def chunks_to_fill(self, blob: BlobHandle, offset: int, length: int) -> tuple[list[int], list[int]]:
+        """(requested, extra): chunk indexes meeting ``[offset, offset+length)`` and the amplification chunks
+        that follow them, both in uncompressed order."""
+        meta = blob.meta
+        wanted = meta.chunks_for_range(offset, length) if length > 0 else []
+        if not wanted:
+            return [], []
+        total = sum(meta.chunk(ci)[3] for ci in wanted)
+        extra: list[int] = []
+        if total < self.amplify:
+            last_d_off = meta.chunk(wanted[-1])[2]
+            seen = set(wanted)
+            for ci in meta.chunks_for_range(last_d_off + 1, self.amplify):
+                if ci in seen:
+                    continue
+                d_size = meta.chunk(ci)[3]
+                if total + d_size > self.amplify:
+                    break
+                extra.append(ci)
+                total += d_size
+        return wanted, extra
+
+    # -- the fill -----------------------------------------------------------------------------------------------
+    def fill(self, blob: BlobHandle, offset: int, length: int, write: WriteFn,
+             present: PresentFn | None = None) -> int:  # fmt: skip
+        """Make ``[offset, offset+length)`` of ``blob``'s uncompressed layout available through ``write``.
+
+        ``present(d_off, d_size)`` says whether a chunk is already in the caller's destination (it is then
+        neither fetched nor written).  Returns the bytes passed to ``write``.  Raises the first error
+        (BackendError, DigestMismatchError, ImageError, or what ``write`` raised) of a chunk of the requested
+        range, after every other chunk has been written; errors of amplification chunks are only logged.
+        """
+        if self._closed:
+            raise RuntimeError("pipeline is closed")
+        self.stats.add(fills=1)
+        wanted, extra = self.chunks_to_fill(blob, offset, length)
+        if not wanted:
+            return 0
+        if extra:
+            self.stats.add(chunks_amplified=len(extra))
+        requested = set(wanted)
+        meta = blob.meta
+        bid = blob.blob_id
+
+        # claim the chunks nobody is fetching; wait for the others
+        owned: list[int] = []
+        waits: list[tuple[int, Future[memoryview | None]]] = []
+        with self._lock:
+            for ci in (*wanted, *extra):
+                fut = self._inflight.get((bid, ci))
+                if fut is None:
+                    self._inflight[(bid, ci)] = Future()
+                    owned.append(ci)
+                else:
+                    waits.append((ci, fut))
+        if waits:
+            self.stats.add(dedup_hits=len(waits))
+
+        errors: dict[int, BaseException] = {}
+        written = 0
+        try:
+            written += self._fetch_owned(blob, owned, write, present, errors)
+        finally:
+            # never leave a claimed chunk unresolved, whatever happened
+            with self._lock:
+                for ci in owned:
+                    fut = self._inflight.pop((bid, ci), None)
+                    if fut is not None and not fut.done():
+                        fut.set_exception(errors.get(ci) or RuntimeError(f"blob {bid}: chunk {ci} was not fetched"))
+
+        refetch: list[int] = []
+        for ci, fut in waits:
+            try:
+                data = fut.result()
+            except BaseException as e:  # noqa: BLE001 - the owner's failure is this chunk's failure
+                errors[ci] = e
+                continue
+            _, _, d_off, d_size = meta.chunk(ci)
+            if present is not None and present(d_off, d_size):
+                continue
+            if data is None:  # the owner had it already, in another destination than ours
+                refetch.append(ci)
+                continue
+            try:
+                write(d_off, data)
+            except Exception as e:  # noqa: BLE001
+                self.stats.add(write_failures=1)
+                errors[ci] = e
+                continue
+            written += data.nbytes
+            self.stats.add(chunks_written=1, bytes_written=data.nbytes)
+        if refetch:
+            written += self._fetch_owned(blob, refetch, write, present, errors, resolve=False)
+
+        first: BaseException | None = None
+        for ci in (*wanted, *extra):
+            e = errors.get(ci)
+            if e is None:
+                continue
+            if ci in requested:
+                log.error("blob %s: chunk %d: %s", bid, ci, e)
+                first = first or e
+            else:
+                log.warning("blob %s: amplification chunk %d not filled: %s", bid, ci, e)
+        if first is not None:
+            raise first
+        return written
+
+    def _resolve(self, bid: str, ci: int, data: memoryview | None = None, error: BaseException | None = None) -> None:
+        with self._lock:
+            fut = self._inflight.pop((bid, ci), None)
+        if fut is None:
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(data)
+
+    def _fetch_owned(self, blob: BlobHandle, cis: Iterable[int], write: WriteFn, present: PresentFn | None,
+                     errors: dict[int, BaseException], resolve: bool = True) -> int:  # fmt: skip
+        meta = blob.meta
+        bid = blob.blob_id
+
+        def fail(ci: int, e: BaseException, counter: str) -> None:
+            errors[ci] = e
+            self.stats.add(**{counter: 1})
+            if resolve:
+                self._resolve(bid, ci, error=e)
+
+        todo: list[tuple[int, int]] = []  # (c_off, ci)
+        skipped = 0
+        for ci in cis:
+            try:
+                c_off, _, d_off, d_size = meta.check_chunk_bounds(ci)
+            except ImageError as e:
+                fail(ci, e, "decode_failures")
+                continue
+            if present is not None and present(d_off, d_size):
+                skipped += 1
+                if resolve:
+                    self._resolve(bid, ci, None)
+                continue
+            todo.append((c_off, ci))
+        if skipped:
+            self.stats.add(chunks_present=skipped)
+        todo.sort()
+        written = 0
+        for start, length, group in plan_reads(meta, (ci for _, ci in todo)):
+            try:
+                buf = blob.backend.read(bid, start, length)
+                if len(buf) != length:
+                    raise BackendError(f"blob {bid}: short read at {start}: {len(buf)} of {length} bytes")
+            except NydusErofsError as e:
+                for ci in group:
+                    fail(ci, e, "fetch_failures")
+                continue
+            except OSError as e:
+                err = BackendError(f"blob {bid}: read of {start}+{length} failed: {e}")
+                for ci in group:
+                    fail(ci, err, "fetch_failures")
+                continue
+            self.stats.add(backend_reads=1, chunks_fetched=len(group), bytes_fetched=length)
+            view = memoryview(buf)
+            for ci in group:
+                c_off, c_size, d_off, _ = meta.chunk(ci)
+                try:
+                    data = _padded(meta.decode_chunk(ci, view[c_off - start : c_off - start + c_size]))
+                except DigestMismatchError as e:
+                    fail(ci, e, "digest_failures")
+                    continue
+                except ImageError as e:
+                    fail(ci, e, "decode_failures")
+                    continue
+                try:
+                    write(d_off, data)
+                except Exception as e:  # noqa: BLE001 - reported as this chunk's failure
+                    errors[ci] = e
+                    self.stats.add(write_failures=1)
+                else:
+                    written += data.nbytes
+                    self.stats.add(chunks_written=1, bytes_written=data.nbytes)
+                if resolve:  # verified data: waiters may write it themselves if our write failed
+                    self._resolve(bid, ci, data)
+        return written
+
+    # -- asynchronous use ---------------------------------------------------------------------------------------
+    def submit(self, blob: BlobHandle, offset: int, length: int, write: WriteFn,
+               present: PresentFn | None = None) -> Future[int]:  # fmt: skip
+        """:meth:`fill` on one of the ``workers`` threads; the future holds its result or error."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("pipeline is closed")
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="pipeline")
+            pool = self._pool
+        return pool.submit(self.fill, blob, offset, length, write, present)
+
+    def close(self) -> None:
+        """Stop accepting work and wait for submitted fills to finish."""
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
