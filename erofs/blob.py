@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +80,57 @@ class BlobInfo:
         )
 
 
+class _Sink:
+    """Writes and hashes the blob in a background thread (both release the GIL), in batches of ~4 MiB, so
+    reading, digesting and compressing the next chunks overlap with it.  Memory is bounded by the queue."""
+
+    BATCH = 4 << 20
+
+    def __init__(self, f: object) -> None:
+        self.f = f
+        self.sha = hashlib.sha256()
+        self._batch = bytearray()
+        self._q: queue.Queue[bytearray | None] = queue.Queue(maxsize=4)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="blob-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (buf := self._q.get()) is not None:
+            if self._error is None:
+                try:
+                    self.f.write(buf)  # type: ignore[attr-defined]
+                    self.sha.update(buf)
+                except BaseException as e:  # reported to the producer at its next write or drain
+                    self._error = e
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._batch += data
+        if len(self._batch) >= self.BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._batch:
+            self._q.put(self._batch)
+            self._batch = bytearray()
+
+    def drain(self) -> None:
+        """Wait until everything written so far is on its way to the file and in the hash."""
+        self._flush()
+        self._q.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        self._thread = threading.Thread(target=self._run, name="blob-writer", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join()
+
+
 class BlobWriter:
     """Appends chunks to a temporary blob file; :meth:`finish` writes the metadata and names the blob."""
 
@@ -89,7 +142,7 @@ class BlobWriter:
         self.digester = digester
         self._tmp = directory / f".blob-{blob_index}.tmp"
         self._f = open(self._tmp, "wb")  # noqa: SIM115 - closed in finish()/abort()
-        self._sha = hashlib.sha256()
+        self._sink = _Sink(self._f)
         self._c_off = 0
         self._d_off = 0
         self._ci: list[tuple[int, int]] = []
@@ -100,8 +153,7 @@ class BlobWriter:
         return len(self._ci)
 
     def _write(self, data: bytes | memoryview) -> None:
-        self._f.write(data)
-        self._sha.update(data)
+        self._sink.write(data)
         self._c_off += len(data)
 
     def add_chunk(self, data: bytes | memoryview, digest: bytes) -> ChunkRef:
@@ -122,6 +174,7 @@ class BlobWriter:
         return ref
 
     def abort(self) -> None:
+        self._sink.close()
         self._f.close()
         self._tmp.unlink(missing_ok=True)
 
@@ -136,7 +189,8 @@ class BlobWriter:
             toc.append(self._toc_entry(name, hashlib.sha256(digest_of or payload).digest(), offset, len(payload)))
 
         data_end = self._c_off
-        data_digest = self._sha.copy().digest()  # the running blob hash covers exactly the data so far
+        self._sink.drain()
+        data_digest = self._sink.sha.copy().digest()  # the running blob hash covers exactly the data so far
         self._write(tar_header(r.TOC_ENTRY_BLOB_RAW, data_end))
         # Upstream records the data section with compressed_offset = its end (builder's running offset).
         toc.append(
@@ -188,10 +242,12 @@ class BlobWriter:
         toc_header = tar_header(r.TOC_ENTRY_BLOB_TOC, len(entries))
         self._write(entries)
         self._write(toc_header)
+        self._sink.drain()
+        self._sink.close()
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
-        blob_id = self._sha.hexdigest()
+        blob_id = self._sink.sha.hexdigest()
         os.replace(self._tmp, self.directory / blob_id)
         return BlobInfo(
             blob_id=blob_id,
