@@ -1,0 +1,221 @@
+"""``cachefilesd-py``: serve Nydus RAFS v6 images to the kernel's EROFS through fscache on-demand mode.
+
+::
+
+    cachefilesd-py --cache-dir DIR --images-dir IMAGES
+                   [--backend localfs [--blob-dir BLOBS] | --backend http --url U
+                    | --backend registry --host H --repo R [--plain-http] [--auth user:pass]]
+                   [--threads N] [--amplify 1MiB] [--api-sock PATH] [--no-supervisor] [--json-logs]
+
+While it runs, ``mount -t erofs none -o fsid=NAME /mnt`` mounts ``IMAGES/NAME/image.boot`` (blobs from
+``IMAGES/NAME/blobs/`` unless a backend for all images is given).  Errors are one line
+(``cachefilesd-py: error: ...``), exit status 1 (2 for usage errors); ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
+
+from cachefilesd_py.api import ApiServer, listen
+from cachefilesd_py.backends import KINDS, BlobBackend, make_backend
+from cachefilesd_py.daemon import Daemon
+from cachefilesd_py.images import ImageStore
+from cachefilesd_py.notify import notify
+from cachefilesd_py.supervisor import Supervisor
+from erofs.commands.build import parse_size
+from erofs.errors import NydusErofsError
+from fscache.cachefiles import DEVICE_PATH, CachefilesDevice
+from fscache.errors import FscacheError
+
+__all__ = ["main"]
+
+PROG = "cachefilesd-py"
+log = logging.getLogger("cachefilesd_py")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not argparse's usage block
+        self.exit(2, f"{PROG}: error: {message} (see --help)\n")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except NydusErofsError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="fscache on-demand daemon for Nydus RAFS v6 images: while it runs, "
+                "`mount -t erofs none -o fsid=NAME MNT` mounts IMAGES/NAME/image.boot.")  # fmt: skip
+    p.add_argument("--cache-dir", required=True, type=Path, help="cache directory (ext4/xfs/btrfs, not tmpfs)")
+    p.add_argument("--images-dir", required=True, type=Path, help="IMAGES: IMAGES/<fsid>/image.boot per image")
+    b = p.add_argument_group("backend (default: localfs, IMAGES/<fsid>/blobs/ of each image)")
+    b.add_argument("--backend", choices=KINDS, default="localfs")
+    b.add_argument("--blob-dir", type=Path, help="localfs: one blob directory for every image")
+    b.add_argument("--url", help="http: base URL, blobs at URL/<blob id>")
+    b.add_argument("--host", help="registry: host[:port] or URL")
+    b.add_argument("--repo", help="registry: repository (namespace/name)")
+    b.add_argument("--plain-http", action="store_true", help="registry: http instead of https")
+    b.add_argument("--auth", help="registry: user:pass (or its base64)")
+    p.add_argument("--threads", type=int, default=4, help="READ worker threads [4]")
+    p.add_argument("--amplify", type=_size, default=1 << 20, help="merge reads of adjacent chunks up to [1MiB]")
+    p.add_argument("--api-sock", type=Path, help="serve the HTTP API on this Unix socket")
+    p.add_argument("--no-supervisor", action="store_true", help="one process, no failover")
+    p.add_argument("--json-logs", action="store_true", help="log JSON lines")
+    p.add_argument("--tag", default=PROG, help="cachefiles cache tag [cachefilesd-py]")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
+    p.add_argument("--device", default=DEVICE_PATH, help=argparse.SUPPRESS)
+    return p
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "pid": record.process,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def _setup_logging(json_logs: bool, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if json_logs:
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(f"{PROG}[%(process)d]: %(levelname)s: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level.upper())
+    log.propagate = False
+
+
+def _backend_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Options of the backend shared by every image, or None for per-image ``IMAGES/<fsid>/blobs``."""
+    if args.backend == "localfs":
+        return None if args.blob_dir is None else {"dir": args.blob_dir}
+    if args.backend == "http":
+        if not args.url:
+            raise _Usage("--backend http needs --url")
+        return {"url": args.url}
+    if not args.host or not args.repo:
+        raise _Usage("--backend registry needs --host and --repo")
+    opts: dict[str, Any] = {"host": args.host, "repo": args.repo, "plain_http": args.plain_http}
+    if args.auth:
+        opts["auth"] = args.auth
+    return opts
+
+
+class _Usage(Exception):
+    pass
+
+
+def _make_backend(args: argparse.Namespace) -> BlobBackend | None:
+    opts = _backend_options(args)
+    return None if opts is None else make_backend(args.backend, **opts)
+
+
+def _serve(args: argparse.Namespace, device: CachefilesDevice, api_sock: socket.socket | None,
+           restarts: int, supervisor_pid: int | None, ready: bool) -> int:  # fmt: skip
+    """The worker: image store, daemon and API, until SIGTERM."""
+    store = ImageStore(args.images_dir, _make_backend(args))
+    daemon = Daemon(device, store, threads=args.threads, amplify=args.amplify)
+
+    def info() -> dict[str, Any]:
+        return {**daemon.info(), "supervisor_pid": supervisor_pid, "restarts": restarts}
+
+    routes = {
+        "/api/v1/daemon": info,
+        "/api/v1/metrics/backend": daemon.backend_metrics,
+        "/api/v1/metrics/blobcache": daemon.blobcache_metrics,
+    }
+    api = ApiServer(api_sock, routes).start() if api_sock is not None else None
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        daemon.stop()
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, on_signal)
+    if ready:
+        notify("READY=1", f"MAINPID={os.getpid()}", "STATUS=serving")
+    try:
+        daemon.run()
+    finally:
+        if api is not None:
+            api.stop()
+        store.close()
+    log.info("stopped")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    images = args.images_dir
+    if not images.is_dir():
+        raise _Usage(f"--images-dir {images}: not a directory")
+    if args.threads < 1:
+        raise _Usage("--threads must be at least 1")
+    backend = _make_backend(args)  # check the options now; each worker makes its own
+    if backend is not None:
+        backend.close()
+    try:
+        args.cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _Usage(f"--cache-dir {args.cache_dir}: cannot create it: {e.strerror}") from None
+    device = CachefilesDevice.open(args.device)
+    api_sock: socket.socket | None = None
+    try:
+        device.bind(args.cache_dir, args.tag)
+        if args.api_sock is not None:
+            try:
+                api_sock = listen(args.api_sock)
+            except OSError as e:
+                raise _Usage(f"--api-sock {args.api_sock}: {e.strerror or e}") from None
+        log.info("bound %s to cache %s (%s)", args.device, args.cache_dir.resolve(), time.strftime("%H:%M:%S"))
+        if args.no_supervisor:
+            return _serve(args, device, api_sock, 0, None, ready=True)
+        sup_pid = os.getpid()
+        sup = Supervisor(device, lambda restarts: _serve(args, device, api_sock, restarts, sup_pid, ready=False))
+        return sup.run()
+    finally:
+        if api_sock is not None:
+            api_sock.close()
+            try:
+                os.unlink(args.api_sock)
+            except OSError:
+                pass
+        device.close()
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.json_logs, args.log_level)
+    try:
+        code = run(args)
+    except _Usage as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (FscacheError, NydusErofsError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 1))
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,362 @@
+"""The fscache on-demand daemon: the ``/dev/cachefiles`` message loop and the worker pool that fills READs.
+
+One thread reads messages (:meth:`Daemon.run`) and never waits on a fetch:
+
+- OPEN, volume ``erofs,<domain_id|fsid>``: a cookie naming an image of the store is its bootstrap (copen size =
+  the file's size; its READs are served from the local file); any other cookie is a blob id, looked up in the
+  images opened in that volume first, then in every image (copen size = the blob's uncompressed size).
+  Unknown fsid or blob: ``copen -ENOENT``.
+- READ: handed to the pool; a worker fills the range through the pipeline (chunks mapped, fetched once,
+  verified, decompressed, written page-aligned into the cache file) and completes it.  A failure completes
+  without writing — the reader gets EIO — and is logged in one line; the daemon keeps serving.
+- CLOSE: the object's anonymous fd is closed once no READ is using it.
+
+The kernel interface is :mod:`fscache.cachefiles`; this module only decides what goes where.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import select
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from cachefilesd_py.images import BlobEntry, Image, ImageStore, UnknownImageError, check_name, parse_volume_key
+from cachefilesd_py.pipeline import Pipeline
+from erofs.errors import NydusErofsError
+from fscache.cachefiles import (
+    CachefilesDevice,
+    CloseRequest,
+    Message,
+    OpenRequest,
+    ReadRequest,
+    read_complete,
+    write_range,
+)
+from fscache.errors import FscacheError
+
+__all__ = ["Daemon"]
+
+log = logging.getLogger("cachefilesd_py")
+
+_BLOB_ID = re.compile(r"[0-9a-f]{64}")
+
+
+class _Object:
+    """A cache object the kernel opened: its anonymous fd, closed after CLOSE once no READ uses it."""
+
+    __slots__ = ("object_id", "fd", "key", "volume", "image", "blob", "written", "_refs", "_closed", "_lock")
+
+    def __init__(self, object_id: int, fd: int, key: str, volume: str, image: Image | None, blob: BlobEntry | None):
+        self.object_id = object_id
+        self.fd = fd
+        self.key = key
+        self.volume = volume
+        self.image = image
+        self.blob = blob
+        self.written: set[int] = set()  # uncompressed offsets of the chunks this daemon wrote to the cache file
+        self._refs = 0
+        self._closed = False
+        self._lock = threading.Lock()
+
+    @property
+    def kind(self) -> str:
+        return "bootstrap" if self.image is not None else "blob"
+
+    @property
+    def what(self) -> str:
+        return f"bootstrap {self.key}" if self.image is not None else f"blob {self.key[:16]}"
+
+    def acquire(self) -> bool:
+        with self._lock:
+            if self._closed:
+                return False
+            self._refs += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._refs -= 1
+            close = self._closed and self._refs == 0
+        if close:
+            os.close(self.fd)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            close = self._refs == 0
+        if close:
+            os.close(self.fd)
+
+
+class _Counters:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.values = {
+            "opens": 0,
+            "opens_failed": 0,
+            "closes": 0,
+            "reads": 0,
+            "reads_failed": 0,
+            "read_bytes": 0,
+            "bytes_written": 0,
+            "bootstrap_reads": 0,
+        }
+
+    def add(self, **kw: int) -> None:
+        with self._lock:
+            for k, v in kw.items():
+                self.values[k] += v
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.values)
+
+
+class Daemon:
+    """Serve the kernel's requests for the images of ``store`` on a bound ``device``.
+
+    ``run()`` loops until ``stop()`` (safe from a signal handler or another thread); ``threads`` workers fill
+    READs.  The device is not closed here: its owner (the CLI or the supervisor) does that.
+    """
+
+    def __init__(
+        self,
+        device: CachefilesDevice,
+        store: ImageStore,
+        *,
+        threads: int = 4,
+        amplify: int = 1 << 20,
+        pipeline: Pipeline | None = None,
+    ) -> None:
+        self.device = device
+        self.store = store
+        self.threads = max(1, threads)
+        self.pipeline = pipeline if pipeline is not None else Pipeline(amplify=amplify, workers=self.threads)
+        self.counters = _Counters()
+        self.state = "INIT"
+        self.started = time.time()
+        self._objects: dict[int, _Object] = {}
+        self._volumes: dict[str, list[str]] = {}  # volume (domain or fsid) -> fsids opened in it
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cachefilesd-read")
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    # -- loop ---------------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Read and dispatch messages until :meth:`stop`; then wait for the READs in flight."""
+        poller = select.poll()
+        poller.register(self.device.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        self.state = "RUNNING"
+        log.info("serving %s (pid %d, %d threads)", self.store.images_dir, os.getpid(), self.threads)
+        try:
+            while not self._stop.is_set():
+                poller.poll()
+                while not self._stop.is_set():
+                    try:
+                        msg = self.device.read_message()
+                    except FscacheError as e:  # e.g. a message the binding cannot parse: skip it
+                        log.error("reading a request failed: %s", e)
+                        break
+                    if msg is None:
+                        break
+                    self.handle(msg)
+        finally:
+            self.state = "STOPPING"
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self.pipeline.close()
+            with self._lock:
+                objects, self._objects = list(self._objects.values()), {}
+            for obj in objects:
+                obj.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self.state = "STOPPED"
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return (async-signal safe enough: sets a flag and writes one byte to a pipe)."""
+        self._stop.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def handle(self, msg: Message) -> None:
+        """Dispatch one message (READs go to the pool)."""
+        if isinstance(msg, OpenRequest):
+            self._open(msg)
+        elif isinstance(msg, ReadRequest):
+            self._read(msg)
+        elif isinstance(msg, CloseRequest):
+            self._close(msg)
+
+    # -- OPEN ---------------------------------------------------------------------------------------------------
+    def _lookup(self, msg: OpenRequest) -> tuple[str, Image | None, BlobEntry | None, int]:
+        volume = check_name(parse_volume_key(msg.volume_key), "volume")
+        key = msg.cookie_key
+        if self.store.has_image(key):
+            image = self.store.image(key)
+            with self._lock:
+                fsids = self._volumes.setdefault(volume, [])
+                if key not in fsids:
+                    fsids.append(key)
+            return volume, image, None, image.size
+        if key == volume or not _BLOB_ID.fullmatch(key):  # an fsid, not a blob id
+            raise UnknownImageError(f"no image {key!r}: {self.store.bootstrap_path(key)} does not exist")
+        with self._lock:
+            prefer = [*self._volumes.get(volume, ()), volume]
+        blob = self.store.blob(key, prefer=prefer)
+        return volume, None, blob, blob.size
+
+    def _open(self, msg: OpenRequest) -> None:
+        try:
+            volume, image, blob, size = self._lookup(msg)
+        except UnknownImageError as e:
+            self._refuse(msg, errno.ENOENT, str(e), logging.WARNING)
+            return
+        except (NydusErofsError, OSError) as e:
+            self._refuse(msg, errno.EIO, str(e), logging.ERROR)
+            return
+        obj = _Object(msg.object_id, msg.fd, msg.cookie_key, volume, image, blob)
+        with self._lock:
+            old = self._objects.pop(msg.object_id, None)
+            self._objects[msg.object_id] = obj
+        if old is not None:
+            old.close()
+        try:
+            self.device.copen(msg.msg_id, size)
+        except FscacheError as e:
+            log.error("OPEN %s in %s: copen failed: %s", msg.cookie_key, msg.volume, e)
+            self.counters.add(opens_failed=1)
+            return
+        self.counters.add(opens=1)
+        log.debug("OPEN object %d: %s in volume %s, %d bytes", msg.object_id, obj.what, volume, size)
+
+    def _refuse(self, msg: OpenRequest, err: int, why: str, level: int) -> None:
+        log.log(level, "OPEN %s in %s refused (%s): %s", msg.cookie_key, msg.volume_key, errno.errorcode[err], why)
+        self.counters.add(opens_failed=1)
+        try:
+            self.device.copen(msg.msg_id, -err)
+        except FscacheError as e:
+            log.error("OPEN %s: copen -%s failed: %s", msg.cookie_key, errno.errorcode[err], e)
+        finally:
+            os.close(msg.fd)
+
+    # -- CLOSE --------------------------------------------------------------------------------------------------
+    def _close(self, msg: CloseRequest) -> None:
+        with self._lock:
+            obj = self._objects.pop(msg.object_id, None)
+        if obj is not None:
+            obj.close()
+            self.counters.add(closes=1)
+            log.debug("CLOSE object %d (%s)", msg.object_id, obj.what)
+
+    # -- READ ---------------------------------------------------------------------------------------------------
+    def _read(self, msg: ReadRequest) -> None:
+        with self._lock:
+            obj = self._objects.get(msg.object_id)
+        if obj is None or not obj.acquire():
+            log.error("READ %d+%d for unknown object %d: ignored", msg.offset, msg.length, msg.object_id)
+            return
+        try:
+            self._pool.submit(self._serve, obj, msg)
+        except RuntimeError:  # pool shut down: stopping
+            obj.release()
+
+    def _serve(self, obj: _Object, msg: ReadRequest) -> None:
+        written = 0
+        ok = False
+        try:
+            if obj.image is not None:
+                written = self._serve_bootstrap(obj.image, obj.fd, msg.offset, msg.length)
+            else:
+                assert obj.blob is not None
+                written = self._serve_blob(obj, msg.offset, msg.length)
+            ok = True
+        except (NydusErofsError, FscacheError, OSError, ValueError) as e:
+            log.error("READ %s %d+%d failed: %s", obj.what, msg.offset, msg.length, e)
+        except Exception as e:  # a bug must not stop the worker: the reader gets EIO, the daemon goes on
+            log.exception("READ %s %d+%d failed: %s", obj.what, msg.offset, msg.length, e)
+        finally:
+            try:
+                read_complete(obj.fd, msg.msg_id)
+            except FscacheError as e:
+                log.error("READ %s %d+%d: completion failed: %s", obj.what, msg.offset, msg.length, e)
+            obj.release()
+            self.counters.add(
+                reads=1,
+                reads_failed=0 if ok else 1,
+                read_bytes=msg.length if ok else 0,
+                bytes_written=written,
+                bootstrap_reads=1 if obj.image is not None else 0,
+            )
+
+    @staticmethod
+    def _serve_bootstrap(image: Image, fd: int, offset: int, length: int) -> int:
+        data = image.bootstrap.data
+        end = min(offset + length, len(data))
+        piece = data[offset:end] if offset < end else memoryview(b"")
+        pad = length - len(piece)
+        return write_range(fd, offset, [piece, bytes(pad)] if pad else piece)
+
+    def _serve_blob(self, obj: _Object, offset: int, length: int) -> int:
+        assert obj.blob is not None
+        written = 0
+
+        def write(d_off: int, data: memoryview) -> None:
+            nonlocal written
+            written += write_range(obj.fd, d_off, data)
+            obj.written.add(d_off)
+
+        def present(d_off: int, d_size: int) -> bool:
+            return d_off in obj.written
+
+        self.pipeline.fill(obj.blob.handle(), offset, length, write, present)
+        return written
+
+    # -- introspection (API) ------------------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        with self._lock:
+            objects = list(self._objects.values())
+            volumes = {k: list(v) for k, v in self._volumes.items()}
+        images = []
+        for img in self.store.loaded_images():
+            images.append(
+                {
+                    "fsid": img.fsid,
+                    "bootstrap": str(img.path),
+                    "blobs": sorted(img.blobs),
+                    "open": any(o.image is img for o in objects),
+                }
+            )
+        return {
+            "state": self.state,
+            "pid": os.getpid(),
+            "threads": self.threads,
+            "images_dir": str(self.store.images_dir),
+            "available": self.store.fsids(),
+            "images": images,
+            "volumes": volumes,
+            "objects": [{"id": o.object_id, "volume": o.volume, "key": o.key, "kind": o.kind} for o in objects],
+            "uptime": round(time.time() - self.started, 3),
+        }
+
+    def backend_metrics(self) -> dict[str, Any]:
+        per = {name: b.stats.snapshot() for name, b in self.store.backends().items()}
+        total: dict[str, int] = {}
+        for snap in per.values():
+            for k, v in snap.items():
+                total[k] = total.get(k, 0) + v
+        return {**{"requests": 0, "bytes": 0, "errors": 0, "retries": 0}, **total, "backends": per}
+
+    def blobcache_metrics(self) -> dict[str, Any]:
+        return {**self.counters.snapshot(), "pipeline": self.pipeline.stats.snapshot()}

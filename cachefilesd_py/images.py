@@ -1,0 +1,252 @@
+"""The image store: which bootstrap and which blobs serve an fsid.
+
+Layout: ``IMAGES/<fsid>/image.boot`` is the bootstrap served for ``mount -t erofs none -o fsid=<fsid>``; its
+blobs come from ``IMAGES/<fsid>/blobs/<blob_id>`` (a localfs backend per image) unless one shared backend is
+configured (``--blob-dir``, ``--backend http|registry``).  Bootstraps are opened when first asked for (and
+reopened when the file changes); blob metadata (chunk-info table, digests) is fetched when a blob is first read,
+by :meth:`BlobEntry.handle`, never at OPEN time.
+
+Key parsing for the kernel's OPEN requests is here too: the volume key is ``erofs,<domain_id or fsid>``, the
+cookie key the fsid (bootstrap) or a device tag (a blob id).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cachefilesd_py.backends import BlobBackend, make_backend
+from cachefilesd_py.pipeline import BlobHandle
+from erofs.errors import ImageError, NydusErofsError
+from erofs.reader.blob import BlobMeta
+from erofs.reader.bootstrap import BlobInfo, Bootstrap
+
+__all__ = [
+    "BOOTSTRAP_NAME",
+    "BlobEntry",
+    "Image",
+    "ImageStore",
+    "UnknownImageError",
+    "check_name",
+    "parse_volume_key",
+]
+
+BOOTSTRAP_NAME = "image.boot"
+BLOBS_DIR = "blobs"
+_NAME = re.compile(r"[A-Za-z0-9._:+=@-]{1,255}")
+
+
+class UnknownImageError(NydusErofsError, LookupError):
+    """No image (or no blob) by that name in the store: the kernel is answered with ``-ENOENT``."""
+
+    exit_code = 1
+
+
+def check_name(name: str, what: str = "fsid") -> str:
+    """An fsid, domain id or blob id usable as a directory name (no ``/``, not ``.``/``..``)."""
+    if not _NAME.fullmatch(name) or name in (".", ".."):
+        raise UnknownImageError(f"{what} {name!r} is not a valid image name")
+    return name
+
+
+def parse_volume_key(volume_key: str) -> str:
+    """``"erofs,<domain or fsid>"`` (NUL already stripped) → the domain or fsid."""
+    prefix, sep, volume = volume_key.partition(",")
+    if prefix != "erofs" or not sep or not volume:
+        raise UnknownImageError(f"volume key {volume_key!r} is not an EROFS volume (erofs,<fsid>)")
+    return volume
+
+
+@dataclass(frozen=True)
+class _Stamp:
+    ino: int
+    size: int
+    mtime_ns: int
+
+
+class Image:
+    """One image: its bootstrap (mapped read-only) and the backend its blobs are fetched from."""
+
+    def __init__(self, fsid: str, path: Path, backend: BlobBackend, stamp: _Stamp) -> None:
+        self.fsid = fsid
+        self.path = path
+        self.backend = backend
+        self.stamp = stamp
+        self.bootstrap = Bootstrap(path)
+        self.size = stamp.size
+        self.blobs: dict[str, BlobInfo] = {b.blob_id: b for b in self.bootstrap.blobs}
+
+    def blob_size(self, blob_id: str) -> int:
+        """Uncompressed size of ``blob_id`` (the copen size of its cache object)."""
+        info = self.blobs[blob_id]
+        if info.uncompressed_size:
+            return info.uncompressed_size
+        for dev in self.bootstrap.devices:  # older bootstraps: the device slot says how many blocks
+            if dev.tag == blob_id:
+                return dev.blocks * self.bootstrap.blksz
+        raise ImageError(f"image {self.fsid}: blob {blob_id} has no uncompressed size and no device slot")
+
+    def close(self) -> None:
+        self.bootstrap.close()
+
+    def __repr__(self) -> str:
+        return f"<Image {self.fsid} {len(self.blobs)} blobs>"
+
+
+class BlobEntry:
+    """A blob of some image; its metadata is fetched on first use (thread-safe, once; failures are retried)."""
+
+    def __init__(self, image: Image, info: BlobInfo) -> None:
+        self.blob_id = info.blob_id
+        self.image = image
+        self.info = info
+        self.backend = image.backend
+        self.size = image.blob_size(info.blob_id)
+        self._handle: BlobHandle | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._handle is not None
+
+    def handle(self) -> BlobHandle:
+        """The pipeline's handle of this blob, its verified chunk table fetched from the backend the first time."""
+        handle = self._handle
+        if handle is not None:
+            return handle
+        with self._lock:
+            if self._handle is None:
+                meta = BlobMeta.load(self.backend, self.info, self.image.bootstrap)
+                self._handle = BlobHandle(self.blob_id, meta, self.backend)
+            return self._handle
+
+    def __repr__(self) -> str:
+        return f"<BlobEntry {self.blob_id[:12]} of {self.image.fsid}>"
+
+
+class ImageStore:
+    """Images under ``images_dir`` by fsid; blobs by id.
+
+    ``backend``: one backend for every image's blobs; when None, each image reads ``<fsid>/blobs/`` through its
+    own localfs backend.  Thread-safe.
+    """
+
+    def __init__(
+        self,
+        images_dir: str | os.PathLike[str],
+        backend: BlobBackend | None = None,
+        *,
+        backend_factory: Callable[[Path], BlobBackend] | None = None,
+    ) -> None:
+        self.images_dir = Path(images_dir)
+        self.shared_backend = backend
+        self._factory = backend_factory or (lambda d: make_backend("localfs", dir=d))
+        self._images: dict[str, Image] = {}
+        self._image_backends: dict[str, BlobBackend] = {}
+        self._blobs: dict[str, BlobEntry] = {}
+        self._lock = threading.RLock()
+
+    # -- images -------------------------------------------------------------------------------------------------
+    def bootstrap_path(self, fsid: str) -> Path:
+        return self.images_dir / check_name(fsid) / BOOTSTRAP_NAME
+
+    def has_image(self, fsid: str) -> bool:
+        try:
+            return self.bootstrap_path(fsid).is_file()
+        except UnknownImageError:
+            return False
+
+    def fsids(self) -> list[str]:
+        """Every fsid with a bootstrap in the store, sorted."""
+        try:
+            names = sorted(p.name for p in self.images_dir.iterdir())
+        except OSError:
+            return []
+        return [n for n in names if self.has_image(n)]
+
+    def _backend_for(self, fsid: str) -> BlobBackend:
+        if self.shared_backend is not None:
+            return self.shared_backend
+        backend = self._image_backends.get(fsid)
+        if backend is None:
+            backend = self._image_backends[fsid] = self._factory(self.images_dir / fsid / BLOBS_DIR)
+        return backend
+
+    def image(self, fsid: str) -> Image:
+        """The image served for ``fsid``; UnknownImageError when there is none, ImageError when it is broken."""
+        path = self.bootstrap_path(fsid)
+        try:
+            st = path.stat()
+        except OSError:
+            raise UnknownImageError(f"no image {fsid!r}: {path} does not exist") from None
+        stamp = _Stamp(st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            img = self._images.get(fsid)
+            if img is not None and img.stamp == stamp:
+                return img
+            try:
+                new = Image(fsid, path, self._backend_for(fsid), stamp)
+            except OSError as e:
+                raise UnknownImageError(f"image {fsid!r}: cannot open {path}: {e.strerror}") from None
+            except ImageError as e:
+                raise ImageError(f"image {fsid!r}: {e}") from None
+            self._images[fsid] = new
+            # blob entries of a replaced bootstrap are dropped; the old mapping stays valid for readers holding it
+            if img is not None:
+                self._blobs = {k: v for k, v in self._blobs.items() if v.image is not img}
+            return new
+
+    def loaded_images(self) -> list[Image]:
+        with self._lock:
+            return list(self._images.values())
+
+    # -- blobs --------------------------------------------------------------------------------------------------
+    def blob(self, blob_id: str, prefer: Iterable[str] = ()) -> BlobEntry:
+        """The blob ``blob_id`` of some image, looking in the fsids of ``prefer`` first, then every image.
+
+        Several images may list the same blob (layers shared across images, ``domain_id`` sharing): a blob id
+        names its content, so any of them serves it.
+        """
+        with self._lock:
+            entry = self._blobs.get(blob_id)
+            if entry is not None and self._images.get(entry.image.fsid) is entry.image:
+                return entry
+        seen: set[str] = set()
+        for fsid in [*prefer, *self.fsids()]:
+            if fsid in seen or not self.has_image(fsid):
+                continue
+            seen.add(fsid)
+            try:
+                img = self.image(fsid)
+            except (UnknownImageError, ImageError):
+                continue
+            info = img.blobs.get(blob_id)
+            if info is None:
+                continue
+            with self._lock:
+                entry = self._blobs.get(blob_id)
+                if entry is None or entry.image is not img:
+                    entry = self._blobs[blob_id] = BlobEntry(img, info)
+                return entry
+        raise UnknownImageError(f"no image in {self.images_dir} has blob {blob_id}")
+
+    def backends(self) -> dict[str, BlobBackend]:
+        """Every backend in use, by name ("shared" or the fsid)."""
+        with self._lock:
+            if self.shared_backend is not None:
+                return {"shared": self.shared_backend}
+            return dict(self._image_backends)
+
+    def close(self) -> None:
+        with self._lock:
+            images, self._images, self._blobs = list(self._images.values()), {}, {}
+            backends = list(self.backends().values())
+            self._image_backends = {}
+        for img in images:
+            img.close()
+        for b in backends:
+            b.close()
