@@ -269,6 +269,9 @@ def choose_accel(mode: str, qemu: str, kernel: Path) -> list[str]:
 
 def qemu_command(qemu: str, kernel: Path, opts: Options, accel: list[str], scratch: Path, job_dir: Path,
                  sockets: Mapping[str, Path]) -> list[str]:
+    for path in (INIT, job_dir):
+        if re.search(r"[\s\"']", str(path)):
+            raise RunVmError(f"{path}: a path on the kernel command line cannot contain blanks or quotes")
     append = " ".join([
         "console=ttyS0", "quiet", "panic=-1", "oops=panic",
         "rootfstype=9p", "root=root", "rootflags=trans=virtio,version=9p2000.L,msize=262144,cache=loose", "ro",
@@ -392,6 +395,8 @@ def _relay(proc: subprocess.Popen[bytes], listeners: Mapping[str, socket.socket]
                         _write(sys.stderr.fileno(), chunk)
                     elif name == "console":
                         out.console += chunk
+                        if opts.verbose:
+                            _write(sys.stderr.fileno(), chunk)
             except OSError:
                 pass
         key.fileobj.close()  # type: ignore[union-attr]
