@@ -1,0 +1,94 @@
+"""``nydus-erofs mount BOOT MOUNTPOINT`` and ``nydus-erofs umount MOUNTPOINT`` (see :mod:`cachefilesd_py.kmount`).
+
+Exit codes: 0 ok; 2 bad options or environment (unsupported cache dir, mode not available); 3 image error;
+4 backend error; 5 mount/umount or daemon failure.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from erofs.commands.build import parse_size as _size
+from erofs.errors import UsageError
+
+
+def _backend_config(text: str | None) -> dict[str, Any]:
+    """A JSON object, ``@FILE`` holding one, or ``key=value,key=value``."""
+    if not text:
+        return {}
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text()
+    if text.lstrip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except ValueError as e:
+            raise UsageError(f"--backend-config: not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise UsageError("--backend-config: expected a JSON object")
+        return value
+    out: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--backend-config: {item!r} is not key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+@click.command()
+@click.argument("boot", type=click.Path(dir_okay=False))
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--blob-dir", type=click.Path(file_okay=False), help="Blobs as files named by id (localfs backend).")
+@click.option("--backend", type=click.Choice(["localfs", "http", "registry"]), default=None,
+              help="Where blobs come from [localfs with --blob-dir].")  # fmt: skip
+@click.option("--backend-config", default=None, help="Backend options: JSON object, @FILE, or key=value,...")
+@click.option("--mode", type=click.Choice(["auto", "fscache", "fanotify", "full"]), default="auto",
+              show_default=True, help="fanotify: lazy (Linux >= 6.14); full: fetch all, then mount.")  # fmt: skip
+@click.option("--cache-dir", required=True, type=click.Path(file_okay=False),
+              help="Blob cache files go here (ext4, xfs or btrfs for fanotify mode).")  # fmt: skip
+@click.option("--amplify", default="1MiB", show_default=True, help="Least bytes one fetch brings in.")
+@click.option("--readahead", default=None, help="Bytes kept filled ahead of a sequential reader [2 x amplify].")
+@click.option("--workers", default=4, show_default=True, type=click.IntRange(1, 256), help="Fill threads.")
+@click.option("--foreground", is_flag=True, help="Serve from this process until umount (fanotify mode).")
+@click.option("--json", "as_json", is_flag=True, help="Print the mount record as JSON.")
+def mount(boot: str, mountpoint: str, blob_dir: str | None, backend: str | None, backend_config: str | None,
+          mode: str, cache_dir: str, amplify: str, readahead: str | None, workers: int, foreground: bool,
+          as_json: bool) -> None:  # fmt: skip
+    """Mount the Nydus image BOOT (its bootstrap) on MOUNTPOINT, fetching blob data lazily."""
+    from cachefilesd_py.kmount import mount_image
+
+    config = _backend_config(backend_config)
+    kind = backend or "localfs"
+    if blob_dir is not None:
+        if kind != "localfs":
+            raise UsageError("--blob-dir goes with the localfs backend")
+        config["dir"] = str(Path(blob_dir).resolve())
+    elif kind == "localfs" and "dir" not in config and "blob_dir" not in config:
+        default = Path(boot).resolve().parent / "blobs"
+        if not default.is_dir():
+            raise UsageError("no blobs: give --blob-dir DIR or --backend with --backend-config")
+        config["dir"] = str(default)
+    rec = mount_image(boot, mountpoint, cache_dir=cache_dir, backend=kind, backend_config=config, mode=mode,
+                      amplify=_size(amplify), readahead=None if readahead is None else _size(readahead),
+                      workers=workers, foreground=foreground)  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(rec, indent=2, sort_keys=True))
+    elif not foreground:
+        who = f"daemon pid {rec['pid']}" if rec.get("pid") else "no daemon"
+        click.echo(f"mounted {rec['boot']} on {rec['mountpoint']} ({rec['mode']} mode, {who})")
+
+
+@click.command()
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the daemon's final stats as JSON.")
+def umount(mountpoint: str, as_json: bool) -> None:
+    """Unmount MOUNTPOINT and stop its daemon."""
+    from cachefilesd_py.kmount import umount_image
+
+    rec = umount_image(mountpoint)
+    if as_json:
+        click.echo(json.dumps(rec, indent=2, sort_keys=True))

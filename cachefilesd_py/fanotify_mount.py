@@ -1,0 +1,458 @@
+"""The fanotify pre-content front end (Linux >= 6.14): lazy file-backed EROFS mounts of Nydus images.
+
+Each data blob gets a sparse cache file ``CACHE/<blob_id>`` as big as the blob's uncompressed layout (an
+existing file of the right size is reused: its holes say what is still missing, there is no other state).
+The files are marked with ``FAN_PRE_ACCESS`` *before* the bootstrap is mounted file-backed with
+``device=<cache files>``, so every read of the mount reaches the daemon as an event with a byte range:
+
+- data already there (no hole in the range, one ``SEEK_HOLE``): allowed at once, on the event thread;
+- otherwise a worker fills the range through the shared :class:`~cachefilesd_py.pipeline.Pipeline` (whole
+  chunks, amplified, verified, decompressed), writing through the event's fd, then allows it.  Any failure
+  denies it with EIO: the reader sees EIO for that file, the daemon logs one line and keeps serving;
+- a reader whose events follow each other (sequential) gets the next ``readahead`` bytes filled in the
+  background, so it finds its next chunks present or in flight; a random reader gets no readahead.
+
+``python -m cachefilesd_py.fanotify_mount`` is the daemon process (:func:`main`): it loads the image, prepares
+and marks the cache files, mounts, writes its runtime record, reports ``ok`` (or a one-line error) on
+``--ready-fd`` and serves until SIGTERM/SIGINT.  :mod:`cachefilesd_py.kmount` starts and stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import logging
+import os
+import select
+import signal
+import stat
+import sys
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from erofs.errors import NydusErofsError, UsageError
+from fscache.errors import FscacheError, PreContentUnsupportedError, UnsupportedFilesystemError
+from fscache.fanotify import FAN_NOFD, FAN_PRE_ACCESS, FanotifyGroup, PreAccessEvent
+
+from .backends import BlobBackend, make_backend
+from .image import open_image
+from .pipeline import PAGE_SIZE, BlobHandle, Pipeline
+
+__all__ = [
+    "CacheFile",
+    "FanotifyServer",
+    "prepare_cache_files",
+    "probe_pre_content",
+    "main",
+]
+
+log = logging.getLogger(__name__)
+
+SEEK_DATA = getattr(os, "SEEK_DATA", 3)
+SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
+
+
+# -- cache files --------------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class CacheFile:
+    """A blob's sparse cache file, with an fd opened before any fanotify mark (so using it raises no event)."""
+
+    handle: BlobHandle
+    path: Path
+    fd: int
+    size: int
+    reused: bool = False
+    # sequential-access detection and readahead window, owned by the event thread
+    last_start: int = -1
+    last_end: int = -1
+    ra_end: int = 0
+
+    def present(self, d_off: int, d_size: int) -> bool:
+        """Whether ``[d_off, d_off + d_size)`` holds data (no hole): the pipeline's ``present``."""
+        end = min(d_off + d_size, self.size)
+        if d_off >= end:
+            return True
+        try:
+            return os.lseek(self.fd, d_off, SEEK_HOLE) >= end
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # d_off at or past EOF
+                return True
+            raise
+
+    def missing(self) -> int:
+        """Bytes of holes in the file (what a fill of everything would still fetch, before amplification)."""
+        pos = missing = 0
+        while pos < self.size:
+            try:
+                data = os.lseek(self.fd, pos, SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                data = self.size
+            missing += min(data, self.size) - pos
+            if data >= self.size:
+                break
+            pos = os.lseek(self.fd, data, SEEK_HOLE)
+        return missing
+
+    def pwrite(self, offset: int, data: memoryview) -> None:
+        """Write through the pre-mark fd (full mode, no events)."""
+        done = 0
+        while done < data.nbytes:
+            done += os.pwrite(self.fd, data[done:], offset + done)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+def check_cache_path(cache_dir: Path) -> None:
+    """Cache file paths go into mount options: no commas, no whitespace."""
+    text = os.fspath(cache_dir)
+    if any(c in text for c in ",\n\t ") or not text.isprintable():
+        raise UsageError(f"cache dir {text!r}: path must not contain commas, whitespace or control characters")
+
+
+def prepare_cache_files(cache_dir: Path, handles: Sequence[BlobHandle]) -> list[CacheFile]:
+    """``CACHE/<blob_id>`` for each blob, sparse and sized to its uncompressed layout; a regular file of the
+    right size is reused as it is, one of another size is emptied first."""
+    cache_dir = cache_dir.resolve()
+    check_cache_path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    out: list[CacheFile] = []
+    try:
+        for h in handles:
+            path = cache_dir / h.blob_id
+            size = h.uncompressed_size
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            except OSError as e:
+                raise UsageError(f"cache file {path}: {e.strerror}") from None
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                raise UsageError(f"cache file {path} is not a regular file")
+            reused = st.st_size == size
+            if not reused:
+                if st.st_size:
+                    log.warning("cache file %s has size %d, expected %d: starting it afresh", path, st.st_size, size)
+                    os.ftruncate(fd, 0)
+                os.ftruncate(fd, size)
+            out.append(CacheFile(h, path, fd, size, reused))
+    except BaseException:
+        for cf in out:
+            cf.close()
+        raise
+    return out
+
+
+def probe_pre_content(cache_dir: Path) -> None:
+    """Raise PreContentUnsupportedError (kernel) or UnsupportedFilesystemError (cache dir's filesystem) unless
+    a sparse file in ``cache_dir`` can be marked for pre-content events."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    probe = cache_dir / f".probe-{os.getpid()}-{threading.get_ident()}"
+    fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    os.close(fd)
+    try:
+        with FanotifyGroup(pre_content=True) as group:
+            group.mark(probe)
+    finally:
+        probe.unlink()
+
+
+# -- the event loop -----------------------------------------------------------------------------------------------
+class FanotifyServer:
+    """Serves FAN_PRE_ACCESS events of the cache files of one or more mounted images through one pipeline.
+
+    Build it (marks the files), mount, then :meth:`serve` until :meth:`stop` (from any thread or a signal
+    handler).  ``readahead``: bytes filled in the background after each fill (0 = off).
+    """
+
+    def __init__(self, files: Sequence[CacheFile], pipeline: Pipeline, *, workers: int = 4,
+                 readahead: int | None = None) -> None:  # fmt: skip
+        self.files = list(files)
+        self.pipeline = pipeline
+        self.readahead = pipeline.amplify if readahead is None else readahead
+        self.workers = workers
+        self._by_inode: dict[tuple[int, int], CacheFile] = {}
+        for cf in self.files:
+            st = os.fstat(cf.fd)
+            self._by_inode[(st.st_dev, st.st_ino)] = cf
+        self._lock = threading.Lock()
+        self.counters = {"events": 0, "allowed_present": 0, "filled": 0, "denied": 0, "readahead": 0}
+        self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.group = FanotifyGroup(pre_content=True)
+        try:
+            for cf in self.files:
+                self.group.mark(cf.path, FAN_PRE_ACCESS)
+        except BaseException:
+            self.close()
+            raise
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="fanotify")
+        self._ra_pool = ThreadPoolExecutor(2, thread_name_prefix="readahead")
+
+    # -- control --------------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Make :meth:`serve` return (async-signal-safe: one write to a pipe)."""
+        try:
+            os.write(self._stop_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self) -> None:
+        """Close the group (the kernel allows pending events and drops the marks) and the stop pipe."""
+        for name in ("_ra_pool", "_pool"):
+            pool = getattr(self, name, None)
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self.group.close()
+        for fd in (self._stop_r, self._stop_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._stop_r = self._stop_w = -1
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            counters = dict(self.counters)
+        backends: dict[int, BlobBackend] = {id(cf.handle.backend): cf.handle.backend for cf in self.files}
+        backend = {"requests": 0, "bytes": 0, "errors": 0, "retries": 0}
+        for b in backends.values():
+            for k, v in b.stats.snapshot().items():
+                backend[k] = backend.get(k, 0) + v
+        return {
+            "events": counters,
+            "pipeline": self.pipeline.stats.snapshot(),
+            "backend": backend,
+            "blob_bytes": sum(cf.handle.compressed_size for cf in self.files),
+            "blobs": {cf.handle.blob_id: {"size": cf.size, "missing": cf.missing()} for cf in self.files},
+        }
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self.counters[key] += 1
+
+    # -- serving --------------------------------------------------------------------------------------------
+    def serve(self) -> None:
+        """Read and answer events until :meth:`stop`."""
+        poller = select.poll()
+        gfd = self.group.fileno()
+        poller.register(gfd, select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
+        by_inode = self._by_inode
+        counters = self.counters
+        while True:
+            ready = poller.poll()
+            if any(fd == self._stop_r for fd, _ in ready):
+                return
+            for ev in self.group.read_events():
+                if ev.fd == FAN_NOFD or ev.fd < 0:  # queue overflow: nothing to answer
+                    continue
+                counters["events"] += 1
+                try:
+                    st = os.fstat(ev.fd)
+                    cf = by_inode.get((st.st_dev, st.st_ino))
+                    if cf is None or ev.offset is None or ev.count is None or ev.count == 0:
+                        self.group.allow(ev)  # not ours, or nothing to read
+                        continue
+                    offset, end = ev.offset, ev.offset + ev.count
+                    if cf.present(offset, ev.count):
+                        counters["allowed_present"] += 1
+                        self.group.allow(ev)
+                    else:
+                        self._pool.submit(self._fill_event, cf, ev)
+                except Exception as e:  # noqa: BLE001 - never leave a reader blocked
+                    log.error("event at %s+%s: %s", ev.offset, ev.count, e)
+                    self._deny(ev)
+                    continue
+                # sequential access: keep `readahead` bytes ahead of the reader, filled in the background
+                sequential = cf.last_start <= offset <= cf.last_end
+                cf.last_start, cf.last_end = offset, end
+                if sequential and self.readahead and end + self.readahead > cf.ra_end and end < cf.size:
+                    start = max(end, cf.ra_end) // PAGE_SIZE * PAGE_SIZE
+                    stop = min(end + 2 * self.readahead, cf.size)
+                    cf.ra_end = stop
+                    counters["readahead"] += 1
+                    self._ra_pool.submit(self._readahead, cf, start, stop - start)
+
+    def _deny(self, ev: PreAccessEvent) -> None:
+        self._count("denied")
+        try:
+            self.group.deny(ev, errno.EIO)
+        except (FscacheError, OSError, ValueError) as e:
+            log.error("deny failed: %s", e)
+
+    def _fill_event(self, cf: CacheFile, ev: PreAccessEvent) -> None:
+        assert ev.offset is not None and ev.count is not None
+        try:
+            self.pipeline.fill(cf.handle, ev.offset, ev.count, ev.write, cf.present)
+        except Exception as e:  # noqa: BLE001 - one line, EIO for this reader, keep serving
+            log.error("blob %s: fill of %d+%d failed: %s", cf.handle.blob_id, ev.offset, ev.count, e)
+            self._deny(ev)
+            return
+        try:
+            self.group.allow(ev)
+        except (FscacheError, OSError) as e:
+            log.error("allow failed: %s", e)
+        self._count("filled")
+
+    def _readahead(self, cf: CacheFile, start: int, length: int) -> None:
+        """Fill ``[start, start + length)`` in the background, writing through the pre-mark fd (no events)."""
+        try:
+            self.pipeline.fill(cf.handle, start, length, cf.pwrite, cf.present)
+        except Exception as e:  # noqa: BLE001 - best effort: a reader's own event will retry and report it
+            log.info("blob %s: readahead of %d+%d: %s", cf.handle.blob_id, start, length, e)
+
+
+# -- full mode ----------------------------------------------------------------------------------------------------
+def fill_all(files: Sequence[CacheFile], pipeline: Pipeline) -> int:
+    """Fetch everything missing into the cache files (verified), writing through their fds. Returns bytes."""
+    total = 0
+    for cf in files:
+        step = max(pipeline.amplify, 8 << 20)
+        for off in range(0, cf.size, step):
+            n = min(step, cf.size - off)
+            if cf.present(off, n):
+                continue
+            total += pipeline.fill(cf.handle, off, n, cf.pwrite, cf.present)
+        os.fsync(cf.fd)
+    return total
+
+
+# -- the daemon process -------------------------------------------------------------------------------------------
+def backend_from_options(kind: str, options: dict[str, Any]) -> BlobBackend:
+    return make_backend(kind, **options)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _report(fd: int | None, message: str) -> None:
+    if fd is None:
+        return
+    try:
+        os.write(fd, message.encode(errors="replace") + b"\n")
+    finally:
+        os.close(fd)
+
+
+def run_daemon(*, boot: Path, mountpoint: Path, cache_dir: Path, backend: BlobBackend, amplify: int,
+               workers: int, readahead: int | None, record: Path, record_data: dict[str, Any],
+               ready_fd: int | None) -> int:  # fmt: skip
+    """Prepare, mark, mount, report readiness on ``ready_fd`` and serve until SIGTERM/SIGINT.
+
+    Every startup failure is reported as one line on ``ready_fd`` (and raised).  On exit the final stats go
+    into the runtime record, for ``umount``.
+    """
+    from .kmount import is_mounted, mount_erofs_file_backed, process_start_time, umount
+
+    files: list[CacheFile] = []
+    server: FanotifyServer | None = None
+    pipeline = Pipeline(amplify=amplify, workers=workers)
+    try:
+        try:
+            handles = open_image(boot, backend)
+            if not handles:
+                raise UsageError(f"{boot}: the image has no data blobs: mount it directly")
+            files = prepare_cache_files(cache_dir, handles)
+            server = FanotifyServer(files, pipeline, workers=workers, readahead=readahead)
+            mount_erofs_file_backed(boot, mountpoint, [cf.path for cf in files])
+        except UnsupportedFilesystemError as e:
+            raise UsageError(f"cache dir {cache_dir}: {e}") from None
+        except PreContentUnsupportedError as e:
+            raise UsageError(f"{e} (use --mode full)") from None
+        data = dict(record_data, pid=os.getpid(), start_time=process_start_time(os.getpid()),
+                    blobs=[cf.handle.blob_id for cf in files])  # fmt: skip
+        _write_json(record, data)
+    except BaseException as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        _report(ready_fd, f"error {msg}")
+        if server is not None:
+            server.close()
+        for cf in files:
+            cf.close()
+        pipeline.close()
+        raise
+
+    def on_signal(signum: int, frame: object) -> None:
+        server.stop()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    _report(ready_fd, "ok")
+    log.info("serving %s on %s (%d blobs)", boot, mountpoint, len(files))
+    try:
+        server.serve()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        # stopped with the image still mounted (not through umount): never leave a mount without its daemon,
+        # whose holes would read as zeros
+        try:
+            if is_mounted(mountpoint):
+                try:
+                    umount(mountpoint)
+                except OSError:
+                    umount(mountpoint, lazy=True)
+                log.warning("unmounted %s on exit", mountpoint)
+        except OSError as e:
+            log.error("cannot unmount %s on exit: %s", mountpoint, e)
+        stats = server.stats()
+        server.close()
+        pipeline.close()
+        for cf in files:
+            cf.close()
+        backend.close()
+        try:
+            _write_json(record, dict(data, stats=stats, stopped=True))
+        except OSError as e:
+            log.error("cannot write final stats to %s: %s", record, e)
+        log.info("stopped: %s", json.dumps(stats["pipeline"]))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cachefilesd_py.fanotify_mount", description=__doc__.splitlines()[0])
+    ap.add_argument("--boot", required=True, type=Path)
+    ap.add_argument("--mountpoint", required=True, type=Path)
+    ap.add_argument("--cache-dir", required=True, type=Path)
+    ap.add_argument("--backend", default="localfs")
+    ap.add_argument("--backend-config", default="{}", help="JSON object of backend options")
+    ap.add_argument("--amplify", type=int, default=1 << 20)
+    ap.add_argument("--readahead", type=int, default=None)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--record", required=True, type=Path)
+    ap.add_argument("--record-data", default="{}", help="JSON object merged into the runtime record")
+    ap.add_argument("--ready-fd", type=int, default=None)
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        stream=sys.stderr)  # fmt: skip
+    try:
+        backend = backend_from_options(args.backend, json.loads(args.backend_config))
+    except (NydusErofsError, ValueError) as e:
+        _report(args.ready_fd, f"error backend {args.backend}: {e}")
+        return 1
+    try:
+        run_daemon(
+            boot=args.boot, mountpoint=args.mountpoint, cache_dir=args.cache_dir, backend=backend,
+            amplify=args.amplify, workers=args.workers, readahead=args.readahead, record=args.record,
+            record_data=json.loads(args.record_data), ready_fd=args.ready_fd,
+        )  # fmt: skip
+    except (NydusErofsError, FscacheError, OSError, ValueError) as e:  # reported on --ready-fd already
+        log.error("%s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""Mounting Nydus images with the kernel's EROFS: ``nydus-erofs mount`` / ``umount`` as library calls.
+
+Modes (:func:`mount_image`):
+
+- ``fanotify``: lazy; a daemon process (:mod:`cachefilesd_py.fanotify_mount`) marks sparse blob cache files,
+  mounts the bootstrap file-backed with ``device=<cache files>`` and fills what readers touch (Linux >= 6.14).
+- ``full``: every blob is fetched (verified) into its cache file first, then the image is mounted; no daemon.
+- ``fscache``: served by the cachefilesd-py daemon by fsid (``mount -t erofs -o fsid=...``), not by this
+  command; asking for it here is an error that says so.
+- ``auto``: fanotify when the kernel has pre-content events, else full.
+
+A runtime record per mountpoint (``$NYDUS_EROFS_RUN_DIR`` or ``/run/nydus-erofs/mounts``,
+``<sha256 of the mountpoint>.json``) holds the daemon's pid; :func:`umount_image` unmounts, stops the daemon
+(SIGTERM, then waits for it through a pidfd) and returns the daemon's final stats.
+
+mount(2) is called directly through ctypes: util-linux ``mount`` attaches a loop device, which breaks
+``device=<regular file>`` of file-backed EROFS mounts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from erofs.errors import NydusErofsError, UsageError
+from fscache.errors import PreContentUnsupportedError, UnsupportedFilesystemError
+
+__all__ = [
+    "MODES",
+    "MountError",
+    "is_mounted",
+    "mount_erofs_file_backed",
+    "mount_image",
+    "record_path",
+    "run_dir",
+    "select_mode",
+    "umount",
+    "umount_image",
+]
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "fscache", "fanotify", "full")
+MS_RDONLY = 1
+MNT_DETACH = 2
+RUN_DIR_ENV = "NYDUS_EROFS_RUN_DIR"
+DEFAULT_RUN_DIR = "/run/nydus-erofs/mounts"
+_TMPFS_MAGIC = {0x01021994: "tmpfs", 0x858458F6: "ramfs"}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+class MountError(NydusErofsError, OSError):
+    """mount(2) / umount2(2) failed, or the daemon did not start."""
+
+    exit_code = 5
+
+
+# -- syscalls -----------------------------------------------------------------------------------------------------
+def mount_erofs_file_backed(boot: str | os.PathLike[str], mountpoint: str | os.PathLike[str],
+                            devices: Sequence[str | os.PathLike[str]]) -> None:  # fmt: skip
+    """mount(2) the bootstrap file read-only as EROFS with ``device=`` files, in device-table order."""
+    paths = [os.path.realpath(d) for d in devices]
+    for p in paths:
+        if "," in p:
+            raise UsageError(f"device path {p!r} contains a comma, which mount options cannot carry")
+    opts = ",".join(f"device={p}" for p in paths)
+    src, dst = os.path.realpath(boot), os.path.realpath(mountpoint)
+    if _libc.mount(os.fsencode(src), os.fsencode(dst), b"erofs", MS_RDONLY, opts.encode()) != 0:
+        err = ctypes.get_errno()
+        hint = ""
+        if err == errno.EINVAL:
+            hint = " (not an EROFS image, or a kernel without file-backed EROFS mounts: Linux >= 6.12)"
+        elif err == errno.ENODEV:
+            hint = " (the kernel has no EROFS)"
+        raise MountError(err, f"mount {src} on {dst}: {os.strerror(err)}{hint}")
+
+
+def umount(mountpoint: str | os.PathLike[str], *, lazy: bool = False) -> None:
+    """umount2(2); EBUSY is an error unless ``lazy`` (then the mount is detached)."""
+    target = os.fsencode(os.path.realpath(mountpoint))
+    if _libc.umount2(target, MNT_DETACH if lazy else 0) == 0:
+        return
+    err = ctypes.get_errno()
+    hint = " (files are still open there)" if err == errno.EBUSY else ""
+    raise MountError(err, f"umount {os.fsdecode(target)}: {os.strerror(err)}{hint}")
+
+
+def _unescape(field: str) -> str:
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def is_mounted(mountpoint: str | os.PathLike[str], fstype: str | None = "erofs") -> bool:
+    """Whether something (of ``fstype``) is mounted exactly at ``mountpoint`` in this mount namespace."""
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split(" - ", 1)
+            fields = parts[0].split()
+            if len(fields) >= 5 and _unescape(fields[4]) == target:
+                if fstype is None or (len(parts) > 1 and parts[1].split()[0] == fstype):
+                    return True
+    return False
+
+
+def filesystem_name(path: str | os.PathLike[str]) -> str | None:
+    """'tmpfs'/'ramfs' when ``path`` is on one of those, else None."""
+    libc_statfs = getattr(_libc, "statfs", None)
+    if libc_statfs is None:  # pragma: no cover
+        return None
+    buf = ctypes.create_string_buffer(256)
+    if libc_statfs(os.fsencode(path), buf) != 0:
+        return None
+    magic = int.from_bytes(buf.raw[:8], sys.byteorder)  # f_type is the first member (long)
+    return _TMPFS_MAGIC.get(magic & 0xFFFFFFFF)
+
+
+# -- runtime records ----------------------------------------------------------------------------------------------
+def run_dir() -> Path:
+    return Path(os.environ.get(RUN_DIR_ENV) or DEFAULT_RUN_DIR)
+
+
+def record_path(mountpoint: str | os.PathLike[str]) -> Path:
+    key = hashlib.sha256(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:32]
+    return run_dir() / f"{key}.json"
+
+
+def read_record(mountpoint: str | os.PathLike[str]) -> dict[str, Any] | None:
+    try:
+        return json.loads(record_path(mountpoint).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise MountError(errno.EIO, f"runtime record {record_path(mountpoint)}: {e}") from None
+
+
+def _write_record(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+# -- mode selection -----------------------------------------------------------------------------------------------
+def check_cache_dir(cache_dir: Path, mode: str) -> None:
+    fs = filesystem_name(cache_dir)
+    if fs is not None and mode == "fanotify":
+        raise UsageError(
+            f"cache dir {cache_dir} is on {fs}, which has no fanotify pre-content events: "
+            "use a directory on ext4, xfs or btrfs (or --mode full)"
+        )
+
+
+def select_mode(mode: str, cache_dir: Path) -> str:
+    """The mode to use for ``mode`` (``auto`` resolved), or UsageError saying why it cannot be had."""
+    if mode not in MODES:
+        raise UsageError(f"unknown mode {mode!r} (expected one of: {', '.join(MODES)})")
+    if mode == "fscache":
+        why = "no /dev/cachefiles on this kernel" if not os.path.exists("/dev/cachefiles") else (
+            "fscache images are served by the cachefilesd-py daemon: put the image in its --images-dir and "
+            "run `mount -t erofs -o fsid=NAME none MOUNTPOINT`"
+        )  # fmt: skip
+        raise UsageError(f"--mode fscache is not available through `nydus-erofs mount`: {why}")
+    if mode == "full":
+        return mode
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    check_cache_dir(cache_dir, "fanotify")
+    from .fanotify_mount import probe_pre_content
+
+    try:
+        probe_pre_content(cache_dir)
+    except UnsupportedFilesystemError as e:
+        raise UsageError(f"cache dir {cache_dir}: {e}") from None
+    except PreContentUnsupportedError as e:
+        if mode == "fanotify":
+            raise UsageError(f"--mode fanotify: {e} (use --mode full)") from None
+        log.info("no fanotify pre-content events (%s): mounting in full mode", e)
+        return "full"
+    return "fanotify"
+
+
+# -- mount / umount -----------------------------------------------------------------------------------------------
+def mount_image(boot: str | os.PathLike[str], mountpoint: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str],
+                backend: str = "localfs", backend_config: dict[str, Any] | None = None, mode: str = "auto",
+                amplify: int = 1 << 20, readahead: int | None = None, workers: int = 4,
+                foreground: bool = False, log_level: str = "INFO") -> dict[str, Any]:  # fmt: skip
+    """Mount ``boot`` on ``mountpoint``; returns the runtime record (``mode``, ``pid`` of the daemon, ...).
+
+    In the foreground (fanotify mode) the daemon runs in this process and this call returns after umount.
+    """
+    boot_p = Path(boot).resolve()
+    mp = Path(mountpoint).resolve()
+    cache = Path(cache_dir).resolve()
+    if not boot_p.is_file():
+        raise UsageError(f"bootstrap {boot} is not a file")
+    if not mp.is_dir():
+        raise UsageError(f"mountpoint {mountpoint} is not a directory")
+    if is_mounted(mp, None) or read_record(mp) is not None:
+        rec = read_record(mp)
+        if rec is not None and not is_mounted(mp, None):
+            _forget(mp, rec)  # stale record of a mount gone by other means
+        else:
+            raise UsageError(f"{mp} is already a mountpoint (nydus-erofs umount {mp} first)")
+    chosen = select_mode(mode, cache)
+    config = dict(backend_config or {})
+    rdir = run_dir()
+    rdir.mkdir(parents=True, exist_ok=True)
+    record = record_path(mp)
+    data: dict[str, Any] = {"mountpoint": str(mp), "boot": str(boot_p), "cache_dir": str(cache), "mode": chosen,
+                            "backend": backend}  # fmt: skip
+    if chosen == "full":
+        _mount_full(boot_p, mp, cache, backend, config, amplify, workers)
+        data["pid"] = None
+        _write_record(record, data)
+        return data
+
+    if foreground:
+        from .fanotify_mount import backend_from_options, run_daemon
+
+        run_daemon(boot=boot_p, mountpoint=mp, cache_dir=cache, backend=backend_from_options(backend, config),
+                   amplify=amplify, workers=workers, readahead=readahead, record=record, record_data=data,
+                   ready_fd=None)  # fmt: skip
+        return data
+
+    r, w = os.pipe2(os.O_CLOEXEC)
+    log_path = record.with_suffix(".log")
+    cmd = [
+        sys.executable, "-m", "cachefilesd_py.fanotify_mount",
+        "--boot", str(boot_p), "--mountpoint", str(mp), "--cache-dir", str(cache),
+        "--backend", backend, "--backend-config", json.dumps(config),
+        "--amplify", str(amplify), "--workers", str(workers), "--record", str(record),
+        "--record-data", json.dumps(data), "--ready-fd", str(w), "--log-level", log_level,
+    ]  # fmt: skip
+    if readahead is not None:
+        cmd += ["--readahead", str(readahead)]
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    try:
+        with open(log_path, "ab") as logf:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf, pass_fds=(w,),
+                start_new_session=True, cwd="/", env=env,
+            )  # fmt: skip
+    finally:
+        os.close(w)
+    try:
+        with os.fdopen(r, "rb") as rf:
+            status = rf.read().decode(errors="replace").strip()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if status == "ok":
+        data["pid"] = proc.pid
+        data["log"] = str(log_path)
+        return data
+    code = proc.wait()
+    if status.startswith("error "):
+        raise MountError(errno.EIO, status[len("error ") :])
+    raise MountError(errno.EIO, f"mount daemon exited with status {code} before mounting (log: {log_path})")
+
+
+def _mount_full(boot: Path, mp: Path, cache: Path, backend: str, config: dict[str, Any], amplify: int,
+                workers: int) -> None:  # fmt: skip
+    from .fanotify_mount import backend_from_options, fill_all, prepare_cache_files
+    from .image import open_image
+    from .pipeline import Pipeline
+
+    be = backend_from_options(backend, config)
+    files = []
+    try:
+        with Pipeline(amplify=max(amplify, 1 << 20), workers=workers) as pipeline:
+            files = prepare_cache_files(cache, open_image(boot, be))
+            fill_all(files, pipeline)
+        mount_erofs_file_backed(boot, mp, [cf.path for cf in files])
+    finally:
+        for cf in files:
+            cf.close()
+        be.close()
+
+
+def _wait_exit(pid: int, timeout: float | None) -> bool:
+    """Wait for process ``pid`` to exit (a pidfd, no polling); reap it if it is our child."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        p = select.poll()
+        p.register(pidfd, select.POLLIN)
+        done = bool(p.poll(None if timeout is None else int(timeout * 1000)))
+    finally:
+        os.close(pidfd)
+    if done:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+    return done
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of a process (clock ticks since boot, /proc/PID/stat field 22): with the pid, its identity."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    return int(raw[raw.rindex(b")") + 2 :].split()[19])
+
+
+def _is_daemon(rec: dict[str, Any]) -> bool:
+    pid = rec.get("pid")
+    return bool(pid) and process_start_time(pid) == rec.get("start_time") is not None
+
+
+def _forget(mp: Path, rec: dict[str, Any]) -> dict[str, Any]:
+    pid = rec.get("pid")
+    if pid and _is_daemon(rec):
+        os.kill(pid, signal.SIGTERM)
+        _wait_exit(pid, 30)
+    rec = read_record(mp) or rec
+    for p in (record_path(mp), record_path(mp).with_suffix(".log")):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+    return rec
+
+
+def umount_image(mountpoint: str | os.PathLike[str], *, timeout: float = 30.0) -> dict[str, Any]:
+    """Unmount, stop the mount's daemon and wait for it; returns the record with the daemon's final ``stats``."""
+    mp = Path(mountpoint).resolve()
+    rec = read_record(mp)
+    if rec is None:
+        if is_mounted(mp):
+            umount(mp)
+            return {"mountpoint": str(mp)}
+        raise UsageError(f"{mp} is not mounted by nydus-erofs")
+    if is_mounted(mp, None):
+        umount(mp)
+    pid = rec.get("pid")
+    if pid and _is_daemon(rec):
+        os.kill(pid, signal.SIGTERM)
+        if not _wait_exit(pid, timeout):
+            os.kill(pid, signal.SIGKILL)
+            _wait_exit(pid, None)
+            raise MountError(errno.ETIMEDOUT, f"daemon {pid} did not stop within {timeout:g}s: killed")
+    return _forget(mp, rec)
