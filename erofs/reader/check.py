@@ -125,6 +125,10 @@ class _Checker:
         self.refs: dict[tuple[int, int], list[tuple[str, int, int, int]]] = {}
         self.plain_files: list[tuple[str, Inode]] = []
         self.plain_nids: set[int] = set()
+        try:
+            self.table = bs.chunk_table
+        except ImageError:
+            self.table = []  # reported by rafs_tables()
 
     def run(self) -> None:
         self.superblock()
@@ -264,6 +268,10 @@ class _Checker:
         def on_error(path: str, e: ImageError) -> None:
             add(_msg(e), path)
 
+        try:
+            bs.root
+        except ImageError:
+            return  # reported with the superblock
         for path, dirent, ino in bs.walk(on_error):
             self.r.inodes += 1
             if dirent is not None and dirent.file_type != file_type_of_mode(ino.mode):
@@ -343,7 +351,7 @@ class _Checker:
                     blob.blob_id,
                     c.ci_index,
                 )
-            if bs.chunk_table:
+            if self.table:
                 ct = bs.chunk_info(c.blob_index, c.ci_index)
                 if ct is None:
                     add("chunk is not in the bootstrap's chunk table", path, blob.blob_id, c.ci_index)
@@ -396,14 +404,16 @@ class _Checker:
             meta = BlobMeta.load(source, blob, bs)
         except (ImageError, BackendError) as e:
             paths = sorted({refs[0][0] for (b, _), refs in self.refs.items() if b == index})
-            users = f" (used by {paths[0]}" + (f" and {len(paths) - 1} more files)" if len(paths) > 1 else ")")
-            add(_msg(e) + (users if paths else ""), blob=None)
+            users = ""
+            if paths:
+                users = f" (used by {paths[0]}" + (f" and {len(paths) - 1} more files)" if len(paths) > 1 else ")")
+            add(_msg(e) + users, blob=None)
             return
         self.r.blobs_checked += 1
         if blob.compressed_size and meta.size < blob.compressed_size:
             add(f"blob file is {meta.size} bytes, the blob table says {blob.compressed_size}", blob=bid)
         # chunk table and file chunk indexes against the blob's own chunk-info table
-        for c in bs.chunk_table:
+        for c in self.table:
             if c.blob_index != index or c.index >= meta.chunk_count:
                 continue
             c_off, c_size, d_off, d_size = meta.chunk(c.index)
