@@ -269,7 +269,7 @@ class _Checker:
             add(_msg(e), path)
 
         try:
-            bs.root
+            _ = bs.root
         except ImageError:
             return  # reported with the superblock
         for path, dirent, ino in bs.walk(on_error):

@@ -106,7 +106,6 @@ class _Unpacker:
                     self.links[ino.nid] = rel
                 try:
                     self._create(name, dfd, ino, path)
-                    self._meta(name, dfd, ino)
                 except ImageError as e:
                     raise type(e)(f"{path}: {e}") from None
         finally:
@@ -133,9 +132,11 @@ class _Unpacker:
                     while done < n:
                         done += os.pwrite(fd, view[done:], off + done)
                 os.ftruncate(fd, ino.size)
+                self._meta_fd(fd, ino)
             finally:
                 os.close(fd)
-        elif mode == stat.S_IFLNK:
+            return
+        if mode == stat.S_IFLNK:
             os.symlink(self.bs.readlink(ino), name, dir_fd=dfd)
         elif mode in (stat.S_IFCHR, stat.S_IFBLK):
             os.mknod(name, mode | 0o600, os.makedev(*ino.rdev), dir_fd=dfd)
@@ -145,6 +146,7 @@ class _Unpacker:
             _make_socket(dfd, name)
         else:  # pragma: no cover - inode() rejects other modes
             raise ImageError(f"{path}: unsupported file type {ino.mode:#o}")
+        self._meta(name, dfd, ino)
 
     def _meta(self, name: bytes, dfd: int, ino: Inode) -> None:
         if stat.S_ISLNK(ino.mode):
@@ -161,7 +163,12 @@ class _Unpacker:
             os.close(fd)
 
     def _meta_fd(self, fd: int, ino: Inode) -> None:
-        self._meta_path(f"/proc/self/fd/{fd}", ino)
+        """Owner, mode (after chown, which clears setuid/setgid), xattrs, then times, on an open fd."""
+        os.fchown(fd, ino.uid, ino.gid)
+        os.fchmod(fd, stat.S_IMODE(ino.mode))
+        for xname, value in self.bs.xattrs(ino):
+            os.setxattr(fd, xname, value)
+        os.utime(fd, ns=(ino.mtime_ns, ino.mtime_ns))
 
     def _meta_path(self, p: str, ino: Inode) -> None:
         os.chown(p, ino.uid, ino.gid)
