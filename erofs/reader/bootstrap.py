@@ -568,10 +568,12 @@ class Bootstrap:
     def listdir(self, ino: Inode) -> list[Dirent]:
         """Directory entries without ``.`` and ``..``; names are validated (no '/', NUL or empty)."""
         out = []
+        dots: set[bytes] = set()
         for d in self.readdir(ino):
-            if d.name in (b".", b".."):
+            if d.name in (b".", b"..") and d.name not in dots:
+                dots.add(d.name)
                 continue
-            if b"/" in d.name or b"\0" in d.name or not d.name:
+            if b"/" in d.name or b"\0" in d.name or not d.name or d.name in dots:
                 raise ImageError(f"nid {ino.nid}: directory entry {d.name!r} is not a valid file name")
             out.append(d)
         return out
