@@ -1,0 +1,421 @@
+"""``nydus-erofs mount`` in fanotify pre-content mode (and full mode) against the running kernel (root, >= 6.14).
+
+Images mounted lazily read back identical to their sources; a small read of a large image fetches little; a
+damaged chunk gives EIO for its file only; a warm cache is reused; several mounts and readers at once; umount
+leaves no mount and no process behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import shutil
+import stat
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cachefilesd_py.backends import make_backend
+from cachefilesd_py.fanotify_mount import probe_pre_content
+from cachefilesd_py.image import open_image
+from cachefilesd_py.kmount import (
+    RUN_DIR_ENV,
+    is_mounted,
+    mount_image,
+    process_start_time,
+    read_record,
+    record_path,
+    umount_image,
+)
+from erofs.reader import Bootstrap, ImageReader, LocalBlobDir
+from fscache.errors import PreContentUnsupportedError, UnsupportedFilesystemError
+from tests.fstree import assert_same_tree
+from tests.kernel import erofs_file_backed_mounts
+from tests.test_build import make_rootfs
+
+CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
+UPSTREAM = Path(__file__).resolve().parents[2] / "shared" / "interop" / "nydus"
+UPSTREAM_FILES = {"lib.rs": 16931, "sync_io.rs": 13400}
+TIMEOUT = 60.0
+
+
+def _skip_reason(tmp: Path) -> str | None:
+    why = erofs_file_backed_mounts()
+    if why:
+        return why
+    try:
+        probe_pre_content(tmp)
+    except PreContentUnsupportedError as e:
+        return f"no fanotify pre-content events: {e}"
+    except UnsupportedFilesystemError as e:
+        return f"temp dir cannot carry pre-content marks: {e}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def fanotify_ok(tmp_path_factory: pytest.TempPathFactory) -> None:
+    why = _skip_reason(tmp_path_factory.mktemp("probe"))
+    if why:
+        pytest.skip(why)
+
+
+def build(sources: list[Path], out: Path, compressor: str = "none", chunk_size: str = "1MiB") -> dict[str, Any]:
+    proc = subprocess.run(
+        [*CLI, "build", *map(str, sources), "--output-dir", str(out), "--json", "--compressor", compressor,
+         "--chunk-size", chunk_size],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class Mounts:
+    """Mounts made by a test; whatever is still mounted at the end is unmounted and its daemon stopped."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.active: list[Path] = []
+
+    def mount(self, out: Path, name: str, *, mode: str = "fanotify", cache: Path | None = None,
+              blobs: Path | None = None, boot: Path | None = None,
+              **kw: Any) -> tuple[Path, dict[str, Any]]:  # fmt: skip
+        mp = self.tmp / f"mnt-{name}"
+        mp.mkdir(exist_ok=True)
+        rec = mount_image(boot or out / "image.boot", mp, cache_dir=cache or self.tmp / f"cache-{name}",
+                          backend_config={"dir": str(blobs or out / "blobs")}, mode=mode, **kw)  # fmt: skip
+        self.active.append(mp)
+        assert is_mounted(mp)
+        return mp, rec
+
+    def umount(self, mp: Path) -> dict[str, Any]:
+        rec = read_record(mp)
+        assert rec is not None
+        final = umount_image(mp)
+        self.active.remove(mp)
+        assert not is_mounted(mp, None), f"{mp} still mounted"
+        assert read_record(mp) is None and not record_path(mp).with_suffix(".log").exists()
+        if rec.get("pid"):
+            assert process_start_time(rec["pid"]) is None, f"daemon {rec['pid']} still running"
+        return final
+
+    def cleanup(self) -> None:
+        for mp in list(self.active):
+            try:
+                self.umount(mp)
+            except Exception:  # noqa: BLE001 - best effort, then report
+                if is_mounted(mp, None):
+                    subprocess.run(["umount", "-l", str(mp)], check=False)
+        self.active.clear()
+
+
+@pytest.fixture
+def mounts(fanotify_ok: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mounts]:
+    monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path / "run"))
+    m = Mounts(tmp_path)
+    try:
+        yield m
+    finally:
+        m.cleanup()
+
+
+def _in_thread(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` in a thread and return its result (a blocked read fails the test instead of hanging it)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(TIMEOUT)
+    assert not t.is_alive(), "reader blocked"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+# -- trees and images ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_rootfs(tmp_path_factory.mktemp("rootfs") / "root")
+
+
+@pytest.fixture(scope="module", params=["none", "lz4_block", "zstd"])
+def image(request: pytest.FixtureRequest, rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp(f"image-{request.param}")
+    build([rootfs], out, request.param, "64KiB")
+    return out
+
+
+def test_builder_images_read_identical(mounts: Mounts, image: Path, rootfs: Path) -> None:
+    mp, rec = mounts.mount(image, "img")
+    assert rec["mode"] == "fanotify" and rec["pid"]
+    _in_thread(lambda: assert_same_tree(rootfs, mp))
+    stats = mounts.umount(mp)["stats"]
+    assert stats["events"]["denied"] == 0 and stats["pipeline"]["digest_failures"] == 0
+    assert stats["pipeline"]["chunks_written"] > 0
+
+
+def test_multi_layer_image_reads_identical(mounts: Mounts, tmp_path: Path) -> None:
+    lower, upper, merged = tmp_path / "lower", tmp_path / "upper", tmp_path / "merged"
+    rnd = random.Random(3)
+    for d in (lower, upper):
+        (d / "etc").mkdir(parents=True)
+    (lower / "etc" / "base.conf").write_bytes(b"base\n" * 1000)
+    (lower / "big.bin").write_bytes(rnd.randbytes(3 << 20))
+    (lower / "replaced.txt").write_bytes(b"old\n")
+    (upper / "etc" / "app.conf").write_bytes(b"app\n" * 500)
+    (upper / "app.bin").write_bytes(rnd.randbytes((2 << 20) + 77))
+    (upper / "replaced.txt").write_bytes(b"new content\n" * 3)
+    for d in (lower, upper):  # directories merge: give both layers the same directory times
+        for p in (d, d / "etc"):
+            os.utime(p, ns=(1_700_000_000 * 10**9, 1_700_000_000 * 10**9))
+    shutil.copytree(lower, merged, symlinks=True)
+    shutil.copytree(upper, merged, symlinks=True, dirs_exist_ok=True)
+    for p in (merged, merged / "etc"):
+        os.utime(p, ns=(1_700_000_000 * 10**9, 1_700_000_000 * 10**9))
+    out = tmp_path / "out"
+    info = build([lower, upper], out, "lz4_block")
+    assert len(info["blobs"]) == 2, info
+    mp, _ = mounts.mount(out, "layers")
+    _in_thread(lambda: assert_same_tree(merged, mp))
+    stats = mounts.umount(mp)["stats"]
+    assert set(stats["blobs"]) == {b["id"] for b in info["blobs"]}
+    assert stats["events"]["denied"] == 0
+
+
+@pytest.mark.skipif(not (UPSTREAM / "rafs-v6-2.2.boot").is_file(), reason=f"no upstream fixtures in {UPSTREAM}")
+def test_upstream_image_reads_back(mounts: Mounts, tmp_path: Path) -> None:
+    mp, _ = mounts.mount(UPSTREAM, "upstream", boot=UPSTREAM / "rafs-v6-2.2.boot", blobs=UPSTREAM / "blobs")
+    with Bootstrap(UPSTREAM / "rafs-v6-2.2.boot") as bs:
+        reader = ImageReader(bs, LocalBlobDir(UPSTREAM / "blobs"))  # the library path, digests verified
+        expected = {name: reader.read_file(bs.lookup("/" + name)) for name in UPSTREAM_FILES}
+    for name, size in UPSTREAM_FILES.items():
+        data = _in_thread(lambda n=name: (mp / n).read_bytes())
+        assert len(data) == size and data == expected[name], name
+    assert sorted(os.listdir(mp)) == sorted(UPSTREAM_FILES)
+    stats = mounts.umount(mp)["stats"]
+    assert stats["pipeline"]["chunks_written"] == 2 and stats["pipeline"]["digest_failures"] == 0
+
+
+# -- what is fetched ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def big_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(source, image): ~104 MB of incompressible data in many files, plus a few small ones."""
+    base = tmp_path_factory.mktemp("big")
+    src = base / "src"
+    (src / "data").mkdir(parents=True)
+    rnd = random.Random(11)
+    for i in range(50):
+        (src / "data" / f"part-{i:02d}.bin").write_bytes(rnd.randbytes((2 << 20) + i * 4096 + 3))
+    (src / "small.txt").write_bytes(b"a small file in a big image\n" * 20)
+    (src / "other.txt").write_bytes(b"another small file\n" * 30)
+    out = base / "out"
+    build([src], out, "lz4_block")
+    return src, out
+
+
+def test_small_read_of_big_image_fetches_little(mounts: Mounts, big_image: tuple[Path, Path]) -> None:
+    src, out = big_image
+    blob_bytes = sum(p.stat().st_size for p in (out / "blobs").iterdir())
+    assert blob_bytes >= 100_000_000
+    mp, _ = mounts.mount(out, "big")
+    assert _in_thread(lambda: (mp / "small.txt").read_bytes()) == (src / "small.txt").read_bytes()
+    stats = mounts.umount(mp)["stats"]
+    fetched = stats["backend"]["bytes"]  # everything read from the backend: blob metadata and chunks
+    print(f"fetched {fetched} of {blob_bytes} blob bytes ({100 * fetched / blob_bytes:.3f}%)")
+    assert 0 < fetched < 0.02 * blob_bytes
+    assert stats["pipeline"]["bytes_fetched"] > 0
+
+
+def test_remount_over_warm_cache_fetches_nothing_already_read(mounts: Mounts, big_image: tuple[Path, Path],
+                                                              tmp_path: Path) -> None:  # fmt: skip
+    src, out = big_image
+    cache = tmp_path / "warm-cache"
+    names = ["small.txt", "data/part-03.bin", "data/part-17.bin"]
+    mp, _ = mounts.mount(out, "warm1", cache=cache)
+    for n in names:
+        assert _in_thread(lambda n=n: _sha(mp / n)) == _sha(src / n)
+    first = mounts.umount(mp)["stats"]["pipeline"]
+    assert first["chunks_fetched"] > 0
+    mp, _ = mounts.mount(out, "warm2", cache=cache)
+    for n in names:
+        assert _in_thread(lambda n=n: _sha(mp / n)) == _sha(src / n)
+    stats = mounts.umount(mp)["stats"]
+    assert stats["pipeline"]["backend_reads"] == 0 and stats["pipeline"]["chunks_fetched"] == 0, stats["pipeline"]
+    assert stats["events"]["events"] > 0 and stats["events"]["denied"] == 0
+    # the daemon still fetches what is not cached yet
+    mp, _ = mounts.mount(out, "warm3", cache=cache)
+    assert _in_thread(lambda: _sha(mp / "data/part-40.bin")) == _sha(src / "data/part-40.bin")
+    assert mounts.umount(mp)["stats"]["pipeline"]["chunks_fetched"] > 0
+
+
+# -- failures -----------------------------------------------------------------------------------------------------
+def test_corrupted_chunk_gives_eio_for_its_file_only(mounts: Mounts, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    rnd = random.Random(5)
+    files = {
+        "before.bin": rnd.randbytes((1 << 20) + 100),
+        "victim.bin": rnd.randbytes(3 << 20),
+        "after.txt": b"after the victim\n" * 4000,
+        "last.bin": rnd.randbytes(700_000),
+    }
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    out = tmp_path / "out"
+    build([src], out, "none")
+    # flip a byte in the middle chunk of victim.bin
+    blobs = tmp_path / "damaged-blobs"
+    shutil.copytree(out / "blobs", blobs)
+    backend = make_backend("localfs", dir=blobs)
+    try:
+        (handle,) = open_image(out / "image.boot", backend)
+    finally:
+        backend.close()
+    with Bootstrap(out / "image.boot") as bs:
+        victim_chunks = [fc for fc in bs.file_chunks(bs.lookup("/victim.bin")) if fc.ci_index is not None]
+    c_off, c_size, _, _ = handle.meta.chunk(victim_chunks[1].ci_index)
+    blob = blobs / handle.blob_id
+    raw = bytearray(blob.read_bytes())
+    raw[c_off + c_size // 2] ^= 0xFF
+    blob.write_bytes(raw)
+
+    mp, rec = mounts.mount(out, "damaged", blobs=blobs)
+    with pytest.raises(OSError) as info:
+        _in_thread(lambda: (mp / "victim.bin").read_bytes())
+    assert info.value.errno == errno.EIO
+    # other files are fine, before and after the damaged one, and the daemon keeps serving
+    for name in ("before.bin", "after.txt", "last.bin"):
+        assert _in_thread(lambda n=name: (mp / n).read_bytes()) == files[name], name
+    # the damaged chunk was never written: reading it again fails again (no zeros), the rest of the file reads
+    with pytest.raises(OSError) as info:
+        _in_thread(lambda: (mp / "victim.bin").read_bytes())
+    assert info.value.errno == errno.EIO
+
+    def head() -> bytes:
+        with open(mp / "victim.bin", "rb") as f:
+            return f.read(1 << 20)
+
+    assert _in_thread(head) == files["victim.bin"][: 1 << 20]
+    log_text = Path(rec["log"]).read_text()
+    assert handle.blob_id in log_text and f"chunk {victim_chunks[1].ci_index}" in log_text
+    stats = mounts.umount(mp)["stats"]
+    assert stats["events"]["denied"] >= 2 and stats["pipeline"]["digest_failures"] >= 1
+
+
+# -- concurrency --------------------------------------------------------------------------------------------------
+def test_several_mounts_and_concurrent_readers(mounts: Mounts, rootfs: Path, tmp_path: Path) -> None:
+    outs = []
+    for comp in ("none", "zstd"):
+        out = tmp_path / f"out-{comp}"
+        build([rootfs], out, comp, "64KiB")
+        outs.append(out)
+    mps = [mounts.mount(outs[0], "a")[0], mounts.mount(outs[1], "b")[0],
+           mounts.mount(outs[0], "c", cache=tmp_path / "cache-c")[0]]  # fmt: skip
+    files = sorted(p.relative_to(rootfs) for p in rootfs.rglob("*")
+                   if stat.S_ISREG(p.lstat().st_mode) and p.lstat().st_size > 0)  # fmt: skip
+    want = {f: _sha(rootfs / f) for f in files}
+    errors: list[str] = []
+    barrier = threading.Barrier(6)
+
+    def reader(i: int) -> None:
+        mp = mps[i % len(mps)]
+        k = i * len(files) // 6
+        order = files[k:] + files[:k]  # every reader starts somewhere else
+        barrier.wait(TIMEOUT)
+        for f in order:
+            try:
+                if _sha(mp / f) != want[f]:
+                    errors.append(f"{mp}/{f}: content differs")
+            except OSError as e:
+                errors.append(f"{mp}/{f}: {e}")
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT * 2)
+        assert not t.is_alive(), "reader blocked"
+    assert not errors, errors[:5]
+    for mp in mps:
+        stats = mounts.umount(mp)["stats"]
+        assert stats["events"]["denied"] == 0
+
+
+# -- modes, CLI and cleanup ---------------------------------------------------------------------------------------
+def test_full_mode_fetches_everything_then_mounts_without_daemon(mounts: Mounts, image: Path, rootfs: Path,
+                                                                 tmp_path: Path) -> None:  # fmt: skip
+    if "none" not in image.name:
+        pytest.skip("one compressor is enough")
+    cache = tmp_path / "full-cache"
+    mp, rec = mounts.mount(image, "full", mode="full", cache=cache)
+    assert rec["mode"] == "full" and rec["pid"] is None
+    for f in cache.iterdir():
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            assert os.lseek(fd, 0, os.SEEK_HOLE) == os.fstat(fd).st_size, f"{f} has holes"
+        finally:
+            os.close(fd)
+    assert_same_tree(rootfs, mp)
+    mounts.umount(mp)
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, timeout=TIMEOUT)
+
+
+def test_cli_mount_umount_and_errors(fanotify_ok: None, image: Path, rootfs: Path, tmp_path: Path) -> None:
+    if "zstd" not in image.name:
+        pytest.skip("one compressor is enough")
+    env = dict(os.environ, **{RUN_DIR_ENV: str(tmp_path / "run")})
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    boot = str(image / "image.boot")
+    proc = _cli("mount", boot, str(mp), "--cache-dir", str(tmp_path / "cache"), "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads(proc.stdout)
+    try:
+        assert rec["mode"] == "fanotify" and process_start_time(rec["pid"]) is not None
+        assert _sha(mp / "odd") == _sha(rootfs / "odd")
+        again = _cli("mount", boot, str(mp), "--cache-dir", str(tmp_path / "cache"), env=env)
+        assert again.returncode == 2 and "already a mountpoint" in again.stderr
+        assert again.stderr.count("\n") == 1
+    finally:
+        proc = _cli("umount", str(mp), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert not is_mounted(mp, None)
+    assert process_start_time(rec["pid"]) is None  # the daemon has exited (and was reaped by init)
+    assert not any((tmp_path / "run").iterdir())
+
+    # errors are one line
+    proc = _cli("umount", str(mp), env=env)
+    assert proc.returncode == 2 and "not mounted" in proc.stderr and proc.stderr.count("\n") == 1
+    proc = _cli("mount", boot, str(mp), "--cache-dir", str(tmp_path / "cache"), "--mode", "fscache", env=env)
+    assert proc.returncode == 2 and "fscache" in proc.stderr and proc.stderr.count("\n") == 1
+    shm = Path("/dev/shm")
+    if shm.is_dir():
+        cache = shm / f"nydus-erofs-test-{os.getpid()}"
+        try:
+            proc = _cli("mount", boot, str(mp), "--cache-dir", str(cache), "--mode", "fanotify", env=env)
+            assert proc.returncode == 2 and "tmpfs" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+    proc = _cli("mount", boot, str(mp), "--cache-dir", str(tmp_path / "c2"), "--blob-dir", str(tmp_path), env=env)
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1 and "not found" in proc.stderr, proc.stderr
+    assert not is_mounted(mp, None)
