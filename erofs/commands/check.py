@@ -30,16 +30,18 @@ def check(bootstrap: str, blob_dir: str | None, devices: tuple[str, ...], as_jso
     Exits 0 only when all is well; otherwise prints one line per problem (naming the file and chunk) and exits 3.
     """
     source = None
+    total = 0
     if blob_dir is not None or devices:
         try:
             with Bootstrap(bootstrap, verify_checksum=False) as bs:
                 source = open_source(bs, blob_dir, devices)
+                total = sum(b.compressed_size for b in bs.blobs)
         except ImageError:
             source = None  # the report below says what is wrong with the bootstrap
     progress = None
     bar = None
-    if source is not None and not as_json and sys.stderr.isatty():
-        bar = click.progressbar(length=0, label="verifying chunks", file=sys.stderr)
+    if source is not None and total and not as_json and sys.stderr.isatty():
+        bar = click.progressbar(length=total, label="verifying chunks", file=sys.stderr)
         progress = bar.update
     report = check_image(bootstrap, source, progress=progress)
     if bar is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -32,13 +33,19 @@ class _FileSource:
 
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def _path(self, blob_id: str) -> Path:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _fd(self, blob_id: str) -> int:
         fd = self._fds.get(blob_id)
-        if fd is None:
+        if fd is not None:
+            return fd
+        with self._lock:  # safe to share between threads: one fd per blob
+            fd = self._fds.get(blob_id)
+            if fd is not None:
+                return fd
             path = self._path(blob_id)
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
