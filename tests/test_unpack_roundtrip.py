@@ -182,7 +182,8 @@ def test_unpack_to_tar(built, tmp_path: Path):
         for rel, m in members.items():
             kind, mode, uid, gid, body, mtime, xattrs, _, _ = expected[rel]
             assert (m.mode, m.uid, m.gid) == (mode, uid, gid), rel
-            assert int(m.mtime) == mtime // 10**9, rel
+            sec, ns = divmod(mtime, 10**9)
+            assert int(m.mtime) == sec and m.pax_headers.get("mtime", f"{sec}.{0:09d}") == f"{sec}.{ns:09d}", rel
             assert {("SCHILY.xattr." + k, v) for k, v in xattrs} == {
                 (k, v.encode("utf-8", "surrogateescape")) for k, v in m.pax_headers.items() if k.startswith("SCHILY")
             }, rel

@@ -251,12 +251,13 @@ def unpack_to_tar(reader: ImageReader, output: str | os.PathLike[str]) -> int:
                 ti = tarfile.TarInfo(name)
                 ti.mode = stat.S_IMODE(ino.mode)
                 ti.uid, ti.gid = ino.uid, ino.gid
-                ti.mtime = ino.mtime + ino.mtime_nsec / 1e9 if ino.mtime_nsec else ino.mtime
-                xattrs = bs.xattrs(ino)
-                if xattrs:
-                    ti.pax_headers = {
-                        "SCHILY.xattr." + os.fsdecode(k): v.decode("utf-8", "surrogateescape") for k, v in xattrs
-                    }
+                ti.mtime = ino.mtime
+                pax = {
+                    "SCHILY.xattr." + os.fsdecode(k): v.decode("utf-8", "surrogateescape") for k, v in bs.xattrs(ino)
+                }
+                if ino.mtime_nsec:
+                    pax["mtime"] = f"{ino.mtime}.{ino.mtime_nsec:09d}"  # exact, not a float
+                ti.pax_headers = pax
                 fileobj = None
                 if not ino.is_dir and ino.nid in links:
                     ti.type = tarfile.LNKTYPE
