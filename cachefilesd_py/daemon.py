@@ -287,18 +287,18 @@ class Daemon:
         except Exception as e:  # a bug must not stop the worker: the reader gets EIO, the daemon goes on
             log.exception("READ %s %d+%d failed: %s", obj.what, msg.offset, msg.length, e)
         finally:
-            try:
-                read_complete(obj.fd, msg.msg_id)
-            except FscacheError as e:
-                log.error("READ %s %d+%d: completion failed: %s", obj.what, msg.offset, msg.length, e)
-            obj.release()
-            self.counters.add(
+            self.counters.add(  # before completing: whoever sees the reader done sees the counters too
                 reads=1,
                 reads_failed=0 if ok else 1,
                 read_bytes=msg.length if ok else 0,
                 bytes_written=written,
                 bootstrap_reads=1 if obj.image is not None else 0,
             )
+            try:
+                read_complete(obj.fd, msg.msg_id)
+            except FscacheError as e:
+                log.error("READ %s %d+%d: completion failed: %s", obj.what, msg.offset, msg.length, e)
+            obj.release()
 
     @staticmethod
     def _serve_bootstrap(image: Image, fd: int, offset: int, length: int) -> int:

@@ -1,0 +1,418 @@
+"""cachefilesd-py in the test VM: EROFS images mounted by fsid through the fscache on-demand daemon.
+
+Runs inside the VM only (tests/test_vm_suite.py runs tests/vm there).  Everything is written under
+``$VM_SCRATCH/daemon``; images are built in the guest with ``nydus-erofs build``.  One daemon (with its
+supervisor) serves the module; the tests that need the device free come first, the worker-killing test last.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cachefilesd_py.api import get
+from erofs.reader import Bootstrap, ImageReader, LocalBlobDir
+from fscache.cachefiles import DEVICE_PATH
+from tests.fstree import assert_same_tree
+from tests.kernel import MS_RDONLY, mount, umount
+
+pytestmark = pytest.mark.skipif(
+    "VM_SCRATCH" not in os.environ or not os.path.exists(DEVICE_PATH),
+    reason="needs the fscache test VM (VM_SCRATCH and /dev/cachefiles)",
+)
+
+BIN = Path(sys.executable).parent
+NYDUS_EROFS = BIN / "nydus-erofs"
+CACHEFILESD = BIN / "cachefilesd-py"
+UPSTREAM = Path(__file__).resolve().parents[3] / "shared" / "interop" / "nydus"
+TIMEOUT = 120.0
+MiB = 1 << 20
+LARGE_MIB = 64  # the large image: one file of LARGE_MIB distinct 1 MiB chunks, stored uncompressed
+
+
+def scratch() -> Path:
+    path = Path(os.environ["VM_SCRATCH"]) / "daemon"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+# --- helpers (bench_daemon.py uses them too) ----------------------------------------------------------------
+
+
+def build(out: Path, *sources: Path, compressor: str = "none", chunk_size: str = "1MiB") -> dict[str, Any]:
+    """``nydus-erofs build SOURCES -o OUT``: OUT/image.boot + OUT/blobs/."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [str(NYDUS_EROFS), "build", *map(str, sources), "--output-dir", str(out), "--json",
+           "--compressor", compressor, "--chunk-size", chunk_size]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def large_image() -> tuple[Path, str]:
+    """(image dir, sha256 of its one file ``big``) of a ≥ 64 MiB single-blob image, built once per boot."""
+    base = scratch() / "large"
+    done = base / "sha256"
+    if done.exists():
+        return base / "image", done.read_text()
+    shutil.rmtree(base, ignore_errors=True)
+    src = base / "src"
+    src.mkdir(parents=True)
+    body = os.urandom(MiB)
+    h = hashlib.sha256()
+    with open(src / "big", "wb") as f:
+        for i in range(LARGE_MIB):  # every chunk differs (no dedup): the blob holds LARGE_MIB MiB
+            piece = struct.pack("<Q", i) + body[8:]
+            h.update(piece)
+            f.write(piece)
+    build(base / "image", src)
+    done.write_text(h.hexdigest())
+    return base / "image", h.hexdigest()
+
+
+def link_image(images: Path, fsid: str, image_dir: Path) -> None:
+    """Serve ``image_dir`` as ``fsid`` too (a fresh fsid has fresh cache objects: a cold cache)."""
+    target = images / fsid
+    if target.is_symlink() or target.exists():
+        target.unlink()
+    target.symlink_to(image_dir, target_is_directory=True)
+
+
+def sha256_file(path: Path, size: int = MiB) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while piece := f.read(size):
+            h.update(piece)
+    return h.hexdigest()
+
+
+class DaemonProc:
+    """``cachefilesd-py`` as a child process: started and waited for through ``$NOTIFY_SOCKET`` (READY=1),
+    stopped with SIGTERM, its API on a Unix socket."""
+
+    def __init__(self, base: Path, *extra: str) -> None:
+        self.base = base
+        self.images = base / "images"
+        self.cache = base / "cache"
+        self.api_sock = base / "api.sock"
+        self.log = base / "daemon.log"
+        self.extra = extra
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> DaemonProc:
+        shutil.rmtree(self.cache, ignore_errors=True)  # cache files outlive the daemon: start cold
+        self.images.mkdir(parents=True, exist_ok=True)
+        notify_path = self.base / "notify.sock"
+        notify_path.unlink(missing_ok=True)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
+            ns.bind(str(notify_path))
+            ns.settimeout(1.0)
+            env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
+            cmd = [str(CACHEFILESD), "--cache-dir", str(self.cache), "--images-dir", str(self.images),
+                   "--api-sock", str(self.api_sock), *self.extra]  # fmt: skip
+            with open(self.log, "wb") as log:
+                self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
+            for _ in range(int(TIMEOUT)):
+                try:
+                    msg = ns.recv(4096)
+                except TimeoutError:
+                    if self.proc.poll() is not None:
+                        break
+                    continue
+                if b"READY=1" in msg.split(b"\n"):
+                    return self
+            self.kill()
+            raise AssertionError(f"cachefilesd-py did not get ready:\n{self.log_text()}")
+
+    def api(self, path: str) -> dict[str, Any]:
+        return get(self.api_sock, path, timeout=TIMEOUT)
+
+    def backend_bytes(self, name: str) -> int:
+        return int(self.api("/api/v1/metrics/backend")["backends"].get(name, {}).get("bytes", 0))
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@contextmanager
+def mounted(fsid: str, options: str = "") -> Iterator[Path]:
+    mnt = scratch() / "mnt" / fsid
+    mnt.mkdir(parents=True, exist_ok=True)
+    mount("none", mnt, "erofs", MS_RDONLY, f"fsid={fsid}" + (f",{options}" if options else ""))
+    try:
+        yield mnt
+    finally:
+        umount(mnt)
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(CACHEFILESD), *args], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          timeout=TIMEOUT)  # fmt: skip
+
+
+# --- with the device free -----------------------------------------------------------------------------------
+
+
+def test_tmpfs_cache_dir_is_a_one_line_error() -> None:
+    tmpfs = scratch() / "tmpfs"
+    tmpfs.mkdir(exist_ok=True)
+    mount("none", tmpfs, "tmpfs", 0, "size=1m")
+    try:
+        done = _run_cli("--cache-dir", str(tmpfs), "--images-dir", str(scratch()))
+    finally:
+        umount(tmpfs)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("cachefilesd-py: error: cache dir ") and "unsupported filesystem" in lines[-1]
+    assert "Traceback" not in done.stderr
+
+
+# --- one daemon for the rest ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[DaemonProc]:
+    d = DaemonProc(scratch() / "main").start()
+    try:
+        yield d
+    finally:
+        info = d.api("/api/v1/daemon") if d.proc and d.proc.poll() is None else {}
+        rc = d.stop()
+        log = d.log_text()
+        print(log[-3000:])
+        assert rc == 0, log
+        for pid in (info.get("pid"), info.get("supervisor_pid")):
+            assert pid is None or not Path(f"/proc/{pid}").exists(), f"process {pid} left behind"
+
+
+@pytest.fixture(scope="module")
+def rootfs() -> Path:
+    from tests.test_build import make_rootfs
+
+    path = scratch() / "rootfs"
+    shutil.rmtree(path, ignore_errors=True)
+    make_rootfs(path)
+    many = path / "many"  # 3000 entries there: keep 200 (with the odd names), TCG is slow
+    mtime = many.stat().st_mtime_ns
+    for entry in many.iterdir():
+        if entry.name.startswith("entry-") and int(entry.name[6:11]) >= 200:
+            entry.unlink()
+    os.utime(many, ns=(mtime, mtime))
+    return path
+
+
+def test_second_daemon_is_a_busy_error(daemon: DaemonProc) -> None:
+    done = _run_cli("--cache-dir", str(scratch() / "cache2"), "--images-dir", str(daemon.images))
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == \
+        "cachefilesd-py: error: another cache daemon (cachefilesd?) holds /dev/cachefiles"  # fmt: skip
+
+
+def test_api_reports_the_daemon(daemon: DaemonProc) -> None:
+    info = daemon.api("/api/v1/daemon")
+    assert info["state"] == "RUNNING" and info["restarts"] == 0
+    assert info["supervisor_pid"] == daemon.proc.pid != info["pid"]  # type: ignore[union-attr]
+    assert {"bytes", "requests", "errors"} <= set(daemon.api("/api/v1/metrics/backend"))
+    assert "pipeline" in daemon.api("/api/v1/metrics/blobcache")
+
+
+@pytest.mark.parametrize(("compressor", "chunk_size"), [("none", "1MiB"), ("lz4_block", "64KiB"), ("zstd", "4KiB")])
+def test_builder_image_mounted_by_fsid_equals_its_source(daemon: DaemonProc, rootfs: Path, compressor: str,
+                                                         chunk_size: str) -> None:  # fmt: skip
+    fsid = f"rootfs-{compressor}"
+    build(daemon.images / fsid, rootfs, compressor=compressor, chunk_size=chunk_size)
+    with mounted(fsid) as mnt:
+        assert_same_tree(rootfs, mnt)
+
+
+def test_multi_layer_image_equals_the_merged_layers(daemon: DaemonProc) -> None:
+    base = scratch() / "layers"
+    shutil.rmtree(base, ignore_errors=True)
+    lower, upper, merged = base / "lower", base / "upper", base / "merged"
+    (lower / "etc").mkdir(parents=True)
+    (lower / "etc" / "os-release").write_bytes(b"ID=lower\n")
+    (lower / "data").write_bytes(os.urandom(3 * MiB + 5))
+    os.symlink("data", lower / "link")
+    (upper / "etc").mkdir(parents=True)
+    (upper / "etc" / "os-release").write_bytes(b"ID=upper\n")  # replaces the lower one
+    (upper / "app").mkdir()
+    (upper / "app" / "bin").write_bytes(os.urandom(700_000))
+    os.setxattr(upper / "app" / "bin", "user.layer", b"upper")
+    for d in (lower, upper):
+        for dirpath, dirnames, filenames in os.walk(d):
+            for n in dirnames + filenames:
+                os.utime(os.path.join(dirpath, n), ns=(1, 1_700_000_000_123_456_789), follow_symlinks=False)
+        os.utime(d, ns=(1, 1_700_000_000_000_000_001))
+    subprocess.run(["cp", "-a", str(lower), str(merged)], check=True)
+    subprocess.run(["cp", "-a", f"{upper}/.", str(merged)], check=True)
+    out = build(daemon.images / "layers", lower, upper, compressor="zstd")
+    assert len(out["blobs"]) == 2
+    with mounted("layers") as mnt:
+        assert_same_tree(merged, mnt)
+    opened = [o for o in daemon.api("/api/v1/daemon")["objects"] if o["volume"] == "layers"]
+    assert opened == []  # umounted: every object CLOSEd
+
+
+def test_domain_sharing_opens_a_shared_blob_once(daemon: DaemonProc) -> None:
+    base = scratch() / "domain"
+    shutil.rmtree(base, ignore_errors=True)
+    shared, top_a, top_b = base / "shared", base / "a", base / "b"
+    for d, name in ((shared, "shared.bin"), (top_a, "a.bin"), (top_b, "b.bin")):
+        d.mkdir(parents=True)
+        (d / name).write_bytes(os.urandom(1_500_000))
+    img_a = build(daemon.images / "dom-a", shared, top_a, compressor="lz4_block")
+    img_b = build(daemon.images / "dom-b", shared, top_b, compressor="lz4_block")
+    shared_id = img_a["layers"][0]
+    assert img_b["layers"][0] == shared_id
+    with mounted("dom-a", "domain_id=dom") as ma, mounted("dom-b", "domain_id=dom") as mb:
+        for mnt, top in ((ma, top_a), (mb, top_b)):
+            for src in (shared / "shared.bin", top / next(p.name for p in top.iterdir())):
+                assert (mnt / src.name).read_bytes() == src.read_bytes()
+        objects = [o for o in daemon.api("/api/v1/daemon")["objects"] if o["volume"] == "dom"]
+        keys = sorted(o["key"] for o in objects)
+        assert keys.count(shared_id) == 1, objects  # one cache object for both mounts
+        assert {"dom-a", "dom-b", img_a["layers"][1], img_b["layers"][1]} <= set(keys)
+
+
+def test_upstream_image_mounted_by_fsid_reads_back(daemon: DaemonProc) -> None:
+    boot = UPSTREAM / "rafs-v6-2.2.boot"
+    if not boot.exists():
+        pytest.skip(f"no upstream fixtures at {UPSTREAM}")
+    img = daemon.images / "upstream"
+    shutil.rmtree(img, ignore_errors=True)
+    img.mkdir()
+    (img / "image.boot").symlink_to(boot)
+    (img / "blobs").symlink_to(UPSTREAM / "blobs", target_is_directory=True)
+    bs = Bootstrap(boot)
+    reader = ImageReader(bs, LocalBlobDir(UPSTREAM / "blobs"))
+    before = daemon.api("/api/v1/metrics/blobcache")["pipeline"]
+    sizes = {}
+    with mounted("upstream") as mnt:
+        for path, _, ino in bs.walk():
+            if ino.is_reg:
+                data = (mnt / path.lstrip("/")).read_bytes()
+                assert data == reader.read_file(ino), path
+                sizes[path.rsplit("/", 1)[-1]] = len(data)
+    assert sizes == {"lib.rs": 16931, "sync_io.rs": 13400}
+    after = daemon.api("/api/v1/metrics/blobcache")["pipeline"]
+    assert after["chunks_written"] > before["chunks_written"]  # blake3 digests checked on the way
+    assert after["digest_failures"] == before["digest_failures"]
+
+
+def test_unknown_fsid_fails_the_mount(daemon: DaemonProc) -> None:
+    with pytest.raises(OSError) as info:
+        with mounted("no-such-image"):
+            pass
+    assert info.value.errno in (errno.EIO, errno.ENOBUFS, errno.ENOENT)
+    assert "OPEN no-such-image in erofs,no-such-image refused (ENOENT)" in daemon.log_text()
+
+
+def test_partial_read_of_a_large_image_fetches_only_what_it_needs(daemon: DaemonProc) -> None:
+    image, _ = large_image()
+    (blob,) = (image / "blobs").iterdir()
+    assert blob.stat().st_size >= 50 * MiB
+    link_image(daemon.images, "large-partial", image)
+    with mounted("large-partial") as mnt:
+        with open(mnt / "big", "rb", buffering=0) as f:
+            f.seek(30 * MiB + 12345)
+            piece = f.read(100_000)
+    fetched = daemon.backend_bytes("large-partial")
+    with open(scratch() / "large" / "src" / "big", "rb") as src:
+        src.seek(30 * MiB + 12345)
+        assert piece == src.read(100_000)
+    print(f"partial read: 100000 bytes of a {blob.stat().st_size}-byte blob fetched {fetched} backend bytes")
+    assert 0 < fetched <= 3 * MiB  # the chunk, at most ~1 MiB of amplification, and the blob's metadata
+
+
+def test_corrupted_chunk_gives_eio_for_its_file_only(daemon: DaemonProc) -> None:
+    src = scratch() / "damaged-src"
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir()
+    files = {name: os.urandom(200_000) for name in ("a-good", "b-bad", "c-good")}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    out = build(daemon.images / "damaged", src, chunk_size="64KiB")
+    blob = daemon.images / "damaged" / "blobs" / out["blobs"][0]["id"]
+    raw = bytearray(blob.read_bytes())
+    at = raw.find(files["b-bad"][100_000:100_064])
+    assert at > 0
+    raw[at] ^= 0xFF
+    blob.write_bytes(raw)
+    with mounted("damaged") as mnt:
+        assert (mnt / "a-good").read_bytes() == files["a-good"]
+        with pytest.raises(OSError) as info:
+            (mnt / "b-bad").read_bytes()
+        assert info.value.errno == errno.EIO
+        assert (mnt / "c-good").read_bytes() == files["c-good"]
+        with open(mnt / "b-bad", "rb", buffering=0) as f:  # the chunks before the damaged one are fine
+            assert f.read(65536) == files["b-bad"][:65536]
+    stats = daemon.api("/api/v1/metrics/blobcache")
+    assert stats["reads_failed"] >= 1 and stats["pipeline"]["digest_failures"] >= 1
+    assert "does not match its digest" in daemon.log_text()
+
+
+def test_killed_worker_is_replaced_and_the_read_completes(daemon: DaemonProc) -> None:
+    """SIGKILL the worker while a big cold read is going on: the supervisor writes ``restore`` and starts a
+    new worker; the reader never notices (no remount)."""
+    image, digest = large_image()
+    link_image(daemon.images, "large-failover", image)
+    first = daemon.api("/api/v1/daemon")
+    started = threading.Event()
+    result: dict[str, Any] = {}
+
+    def reader(path: Path) -> None:
+        h = hashlib.sha256()
+        try:
+            with open(path, "rb", buffering=0) as f:
+                while piece := f.read(MiB):
+                    h.update(piece)
+                    started.set()
+            result["sha256"] = h.hexdigest()
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            result["error"] = e
+        finally:
+            started.set()
+
+    with mounted("large-failover") as mnt:
+        t = threading.Thread(target=reader, args=(mnt / "big",))
+        t.start()
+        assert started.wait(TIMEOUT)
+        os.kill(first["pid"], signal.SIGKILL)
+        assert "sha256" not in result, "the read ended before the worker was killed"
+        t.join(TIMEOUT * 2)
+        assert not t.is_alive(), "the read did not complete after the worker was killed"
+        second = daemon.api("/api/v1/daemon")
+    assert "error" not in result, result
+    assert result["sha256"] == digest
+    assert second["restarts"] == 1 and second["pid"] != first["pid"]
+    assert second["supervisor_pid"] == first["supervisor_pid"]
+    assert "died (killed by SIGKILL): restoring" in daemon.log_text()
