@@ -71,6 +71,7 @@ class CacheFile:
     last_start: int = -1
     last_end: int = -1
     ra_end: int = 0
+    marked: bool = False
 
     def present(self, d_off: int, d_size: int) -> bool:
         """Whether ``[d_off, d_off + d_size)`` holds data (no hole): the pipeline's ``present``."""
@@ -83,6 +84,10 @@ class CacheFile:
             if e.errno == errno.ENXIO:  # d_off at or past EOF
                 return True
             raise
+
+    def complete(self) -> bool:
+        """No hole anywhere: every chunk is in the file."""
+        return self.present(0, self.size)
 
     def missing(self) -> int:
         """Bytes of holes in the file (what a fill of everything would still fetch, before amplification)."""
@@ -175,27 +180,34 @@ class FanotifyServer:
     """
 
     def __init__(self, files: Sequence[CacheFile], pipeline: Pipeline, *, workers: int = 4,
-                 readahead: int | None = None) -> None:  # fmt: skip
+                 readahead: int | None = None, readahead_workers: int = 2) -> None:  # fmt: skip
         self.files = list(files)
         self.pipeline = pipeline
-        self.readahead = pipeline.amplify if readahead is None else readahead
+        self.readahead = 4 * max(pipeline.amplify, 1 << 20) if readahead is None else readahead
+        self.ra_piece = max(pipeline.amplify, 1 << 20)
         self.workers = workers
         self._by_inode: dict[tuple[int, int], CacheFile] = {}
         for cf in self.files:
             st = os.fstat(cf.fd)
             self._by_inode[(st.st_dev, st.st_ino)] = cf
         self._lock = threading.Lock()
-        self.counters = {"events": 0, "allowed_present": 0, "filled": 0, "denied": 0, "readahead": 0}
+        self.counters = {"events": 0, "allowed_present": 0, "filled": 0, "denied": 0, "readahead": 0,
+                         "complete_unmarked": 0}  # fmt: skip
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.group = FanotifyGroup(pre_content=True)
         try:
             for cf in self.files:
-                self.group.mark(cf.path, FAN_PRE_ACCESS)
+                if cf.complete():  # a full cache file needs no events: reads go at the kernel's own speed
+                    cf.marked = False
+                    self.counters["complete_unmarked"] += 1
+                else:
+                    self.group.mark(cf.path, FAN_PRE_ACCESS)
+                    cf.marked = True
         except BaseException:
             self.close()
             raise
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="fanotify")
-        self._ra_pool = ThreadPoolExecutor(2, thread_name_prefix="readahead")
+        self._ra_pool = ThreadPoolExecutor(readahead_workers, thread_name_prefix="readahead")
 
     # -- control --------------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -280,7 +292,9 @@ class FanotifyServer:
                     stop = min(end + 2 * self.readahead, cf.size)
                     cf.ra_end = stop
                     counters["readahead"] += 1
-                    self._ra_pool.submit(self._readahead, cf, start, stop - start)
+                    piece = self.ra_piece  # in pieces, so the readahead workers overlap fetch, verify and write
+                    for pos in range(start, stop, piece):
+                        self._ra_pool.submit(self._readahead, cf, pos, min(piece, stop - pos))
 
     def _deny(self, ev: PreAccessEvent) -> None:
         self._count("denied")
@@ -302,11 +316,28 @@ class FanotifyServer:
         except (FscacheError, OSError) as e:
             log.error("allow failed: %s", e)
         self._count("filled")
+        self._unmark_if_complete(cf)
+
+    def _unmark_if_complete(self, cf: CacheFile) -> None:
+        """Once a cache file has no hole left, drop its mark: later reads raise no event at all."""
+        if not cf.marked or not cf.complete():
+            return
+        with self._lock:
+            if not cf.marked:
+                return
+            cf.marked = False
+            self.counters["complete_unmarked"] += 1
+        try:
+            self.group.unmark(cf.path, FAN_PRE_ACCESS)
+            log.info("blob %s: cache file complete, unmarked", cf.handle.blob_id)
+        except (FscacheError, OSError) as e:
+            log.warning("blob %s: cannot unmark the complete cache file: %s", cf.handle.blob_id, e)
 
     def _readahead(self, cf: CacheFile, start: int, length: int) -> None:
         """Fill ``[start, start + length)`` in the background, writing through the pre-mark fd (no events)."""
         try:
-            self.pipeline.fill(cf.handle, start, length, cf.pwrite, cf.present)
+            if self.pipeline.fill(cf.handle, start, length, cf.pwrite, cf.present):
+                self._unmark_if_complete(cf)
         except Exception as e:  # noqa: BLE001 - best effort: a reader's own event will retry and report it
             log.info("blob %s: readahead of %d+%d: %s", cf.handle.blob_id, start, length, e)
 

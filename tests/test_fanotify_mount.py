@@ -374,6 +374,13 @@ def test_full_mode_fetches_everything_then_mounts_without_daemon(mounts: Mounts,
             os.close(fd)
     assert_same_tree(rootfs, mp)
     mounts.umount(mp)
+    # a lazy mount over the complete cache marks nothing: no event, no fetch
+    mp, rec = mounts.mount(image, "after-full", cache=cache)
+    assert rec["mode"] == "fanotify"
+    _in_thread(lambda: assert_same_tree(rootfs, mp))
+    stats = mounts.umount(mp)["stats"]
+    assert stats["events"]["events"] == 0 and stats["events"]["complete_unmarked"] == 1
+    assert stats["pipeline"]["backend_reads"] == 0
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
