@@ -170,6 +170,17 @@ class _Checker:
         flags = ext.s_flags
         if bs.blkszbits != 12:
             add(f"superblock: RAFS v6 needs 4096-byte blocks, not {bs.blksz}")
+        # what upstream nydus (RafsV6SuperBlock validation) insists on, beyond the kernel
+        if sb.checksum != 0:
+            add(f"superblock: checksum {sb.checksum:#x} is not 0 (upstream nydus rejects RAFS v6 images with one)")
+        want_incompat = fs.EROFS_FEATURE_INCOMPAT_CHUNKED_FILE | fs.EROFS_FEATURE_INCOMPAT_DEVICE_TABLE
+        if sb.feature_incompat != want_incompat:
+            add(
+                f"superblock: feature_incompat is {sb.feature_incompat:#x}; upstream nydus accepts only "
+                f"{want_incompat:#x} (chunked_file|device_table)"
+            )
+        if sb.xattr_blkaddr:
+            add("superblock: shared xattrs (xattr_blkaddr) are not part of RAFS v6; upstream nydus ignores them")
         comp = [n for n, b in rv.COMPRESSOR_SUPER_FLAGS.items() if flags & b]
         digs = [n for n, b in rv.DIGESTER_SUPER_FLAGS.items() if flags & b]
         if len(comp) != 1:
