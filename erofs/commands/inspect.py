@@ -303,10 +303,11 @@ def inspect(bootstrap: str, as_json: bool, ls_path: str | None, stat_path: str |
         )
         click.echo(f"blobs: {len(info['blobs'])}")
         for b in info["blobs"]:
-            extra = ""
-            if b.get("compressor"):
-                extra = f", {b['compressor']}/{b['digester']}, chunk size {b['chunk_size']}"
+            if b["chunk_count"] is None:  # a plain EROFS device
+                click.echo(f"  {b['index']}: {b['id']}  {b['uncompressed_size']} bytes (device)")
+                continue
             click.echo(
                 f"  {b['index']}: {b['id']}  {b['chunk_count']} chunks, {b['compressed_size']} bytes compressed, "
-                f"{b['uncompressed_size']} uncompressed{extra}"
+                f"{b['uncompressed_size']} uncompressed, {b['compressor']}/{b['digester']}, "
+                f"chunk size {b['chunk_size']}"
             )
