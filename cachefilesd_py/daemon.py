@@ -23,6 +23,7 @@ import re
 import select
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -98,7 +99,7 @@ class _Object:
 
 class _Counters:
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self.values = {
             "opens": 0,
             "opens_failed": 0,
@@ -111,13 +112,19 @@ class _Counters:
         }
 
     def add(self, **kw: int) -> None:
-        with self._lock:
+        with self._cond:
             for k, v in kw.items():
                 self.values[k] += v
+            self._cond.notify_all()
 
     def snapshot(self) -> dict[str, int]:
-        with self._lock:
+        with self._cond:
             return dict(self.values)
+
+    def wait_for(self, predicate: Callable[[dict[str, int]], bool], timeout: float | None = None) -> bool:
+        """Wait until ``predicate(counters)`` holds (for tests and tools); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self.values), timeout)
 
 
 class Daemon:

@@ -1,0 +1,140 @@
+"""cachefilesd_py.images: the image store (fsid → bootstrap, blob id → image and backend) and key parsing.
+
+Host-side: no kernel needed.  Images are built with ``nydus-erofs build``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cachefilesd_py.backends import make_backend
+from cachefilesd_py.images import ImageStore, UnknownImageError, check_name, parse_volume_key
+from erofs.errors import ImageError
+
+CLI = str(Path(sys.executable).with_name("nydus-erofs"))
+
+
+def build(out: Path, *sources: Path, compressor: str = "zstd") -> dict:
+    proc = subprocess.run([CLI, "build", *map(str, sources), "-o", str(out), "--json", "--compressor", compressor,
+                           "--chunk-size", "64KiB"], capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict], dict[str, bytes]]:
+    """IMAGES with ``one`` (a single layer) and ``two`` (the same base layer + another)."""
+    root = tmp_path_factory.mktemp("store")
+    base, top = root / "src" / "base", root / "src" / "top"
+    base.mkdir(parents=True)
+    top.mkdir(parents=True)
+    files = {"base.bin": os.urandom(300_000), "top.bin": os.urandom(200_000)}
+    (base / "base.bin").write_bytes(files["base.bin"])
+    (top / "top.bin").write_bytes(files["top.bin"])
+    imgs = root / "images"
+    out = {"one": build(imgs / "one", base), "two": build(imgs / "two", base, top)}
+    (imgs / "not-an-image").mkdir()
+    return imgs, out, files
+
+
+def test_volume_keys() -> None:
+    assert parse_volume_key("erofs,img1") == "img1"
+    assert parse_volume_key("erofs,domain,with,commas") == "domain,with,commas"
+    for bad in ("img1", "erofs,", "ext4,img", ""):
+        with pytest.raises(UnknownImageError):
+            parse_volume_key(bad)
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "", "x" * 256, "sp ace", "nul\0"])
+def test_names_that_are_not_directory_names_are_refused(name: str) -> None:
+    with pytest.raises(UnknownImageError):
+        check_name(name)
+
+
+def test_fsid_lookup(images: tuple[Path, dict, dict]) -> None:
+    imgs, out, _ = images
+    store = ImageStore(imgs)
+    assert store.fsids() == ["one", "two"]
+    assert store.has_image("one") and not store.has_image("not-an-image") and not store.has_image("../one")
+    img = store.image("two")
+    assert img.size == (imgs / "two" / "image.boot").stat().st_size
+    assert sorted(img.blobs) == sorted(b["id"] for b in out["two"]["blobs"])
+    assert store.image("two") is img  # cached
+    with pytest.raises(UnknownImageError, match="no image 'nope'"):
+        store.image("nope")
+    with pytest.raises(UnknownImageError):
+        store.image("../two")
+    store.close()
+
+
+def test_blob_lookup_prefers_the_volume_and_finds_any_image(images: tuple[Path, dict, dict]) -> None:
+    imgs, out, _ = images
+    store = ImageStore(imgs)
+    base_id = out["one"]["blobs"][0]["id"]
+    top = out["two"]["blobs"][1]
+    assert out["two"]["blobs"][0]["id"] == base_id  # the same layer gives the same blob
+    assert store.blob(base_id, prefer=["two"]).image.fsid == "two"
+    assert store.blob(base_id).image.fsid in ("one", "two")
+    entry = store.blob(top["id"], prefer=["one"])  # not in "one": found in "two" anyway (failover re-OPEN)
+    assert entry.image.fsid == "two" and entry.size == top["uncompressed_size"]
+    with pytest.raises(UnknownImageError, match="has blob"):
+        store.blob("0" * 64)
+    store.close()
+
+
+def test_blob_metadata_is_fetched_on_first_use(images: tuple[Path, dict, dict]) -> None:
+    imgs, out, files = images
+    store = ImageStore(imgs)
+    entry = store.blob(out["one"]["blobs"][0]["id"], prefer=["one"])
+    backend = store.backends()["one"]
+    assert not entry.loaded and backend.stats.bytes == 0  # OPEN costs no fetch
+    handle = entry.handle()
+    assert entry.loaded and entry.handle() is handle and backend.stats.bytes > 0
+    assert handle.uncompressed_size == entry.size
+    store.close()
+
+
+def test_shared_backend_serves_every_image(images: tuple[Path, dict, dict], tmp_path: Path) -> None:
+    imgs, out, _ = images
+    blob_dir = tmp_path / "blobs"
+    blob_dir.mkdir()
+    for fsid in ("one", "two"):
+        for b in (imgs / fsid / "blobs").iterdir():
+            (blob_dir / b.name).write_bytes(b.read_bytes())
+    shared = make_backend("localfs", dir=blob_dir)
+    store = ImageStore(imgs, shared)
+    entry = store.blob(out["two"]["blobs"][1]["id"])
+    assert entry.backend is shared and store.backends() == {"shared": shared}
+    entry.handle()
+    assert shared.stats.bytes > 0
+    store.close()
+
+
+def test_a_rebuilt_image_is_reloaded(images: tuple[Path, dict, dict], tmp_path: Path) -> None:
+    imgs = tmp_path / "images"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"first")
+    first = build(imgs / "img", src)
+    store = ImageStore(imgs)
+    old = store.image("img")
+    (src / "f").write_bytes(b"second version, another blob")
+    second = build(tmp_path / "new", src)
+    os.replace(tmp_path / "new" / "image.boot", imgs / "img" / "image.boot")
+    assert first["blobs"][0]["id"] != second["blobs"][0]["id"]
+    new = store.image("img")
+    assert new is not old and second["blobs"][0]["id"] in new.blobs
+    store.close()
+
+
+def test_a_broken_bootstrap_is_an_image_error(tmp_path: Path) -> None:
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "image.boot").write_bytes(b"\0" * 8192)
+    with pytest.raises(ImageError, match="image 'bad'"):
+        ImageStore(tmp_path).image("bad")
