@@ -356,14 +356,17 @@ class BlobMeta:
         return f"<BlobMeta {self.blob_id[:12]} {self.chunk_count} chunks {self.compressor}/{self.digester}>"
 
 
-def plan_reads(meta: BlobMeta, ci_indexes: Iterable[int]) -> Iterator[tuple[int, int, list[int]]]:
+def plan_reads(
+    meta: BlobMeta, ci_indexes: Iterable[int], max_span: int = MAX_READ_SPAN
+) -> Iterator[tuple[int, int, list[int]]]:
     """Group chunks into ranged reads: (start, length, [ci...]) with chunks in the given order, each group's
-    compressed extents ascending and at most MAX_READ_GAP apart, spanning at most MAX_READ_SPAN."""
+    compressed extents ascending and at most MAX_READ_GAP apart, spanning at most ``max_span`` bytes (a single
+    chunk may exceed it)."""
     start = end = -1
     group: list[int] = []
     for ci in ci_indexes:
         c_off, c_size, _, _ = meta.check_chunk_bounds(ci)
-        if group and end <= c_off <= end + MAX_READ_GAP and c_off + c_size - start <= MAX_READ_SPAN:
+        if group and end <= c_off <= end + MAX_READ_GAP and c_off + c_size - start <= max_span:
             end = c_off + c_size
             group.append(ci)
             continue

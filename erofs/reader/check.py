@@ -9,7 +9,9 @@ damaged image: it returns a :class:`CheckReport` whose problems each name the pa
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -467,24 +469,50 @@ class _Checker:
                 continue
             order.append((c_off, ci))
         order.sort()
-        for start, length, group in plan_reads(meta, [ci for _, ci in order]):
-            try:
-                buf = memoryview(source.read(bid, start, length))
-            except BackendError as e:
-                for ci in group:
-                    add(_msg(e), self._who(index, ci), bid, ci)
-                continue
-            self.r.bytes_read += length
-            for ci in group:
-                c_off, c_size, _, d_size = meta.chunk(ci)
-                try:
-                    meta.decode_chunk(ci, buf[c_off - start : c_off - start + c_size])
-                except ImageError as e:
-                    msg = _msg(e).removeprefix(f"blob {bid}: chunk {ci} ")
-                    msg = msg.removeprefix(f"blob {bid}: ")
-                    add(msg, self._who(index, ci), bid, ci)
-                    continue
+        workers = min(4, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="check") as pool:
+            pending: deque[Future[tuple[int, list[tuple[int, str | None, int]]]]] = deque()
+            for start, length, group in plan_reads(meta, [ci for _, ci in order], CHECK_READ_SPAN):
+                pending.append(pool.submit(_verify_group, source, meta, start, length, group))
+                if len(pending) > 2 * workers:  # bounded read-ahead: at most ~3 x workers spans in memory
+                    self._collect(index, pending.popleft().result())
+            while pending:
+                self._collect(index, pending.popleft().result())
+
+    def _collect(self, index: int, result: tuple[int, list[tuple[int, str | None, int]]]) -> None:
+        read, chunks = result
+        bid = self.bs.blobs[index].blob_id
+        self.r.bytes_read += read
+        for ci, error, d_size in chunks:
+            if error is not None:
+                self.r.add(error, self._who(index, ci), bid, ci)
+            else:
                 self.r.chunks_verified += 1
                 self.r.bytes_verified += d_size
-            if self.progress is not None:
-                self.progress(length)
+        if self.progress is not None and read:
+            self.progress(read)
+
+
+CHECK_READ_SPAN = 4 << 20  # smaller spans than the daemon's, so the workers share a blob evenly
+
+
+def _verify_group(
+    source: BlobSource, meta: BlobMeta, start: int, length: int, group: list[int]
+) -> tuple[int, list[tuple[int, str | None, int]]]:
+    """Read one span and verify its chunks: (bytes read, [(ci, problem or None, uncompressed size)])."""
+    bid = meta.blob_id
+    try:
+        buf = memoryview(source.read(bid, start, length))
+    except BackendError as e:
+        return 0, [(ci, _msg(e), 0) for ci in group]
+    out: list[tuple[int, str | None, int]] = []
+    for ci in group:
+        c_off, c_size, _, d_size = meta.chunk(ci)
+        try:
+            meta.decode_chunk(ci, buf[c_off - start : c_off - start + c_size])
+        except ImageError as e:
+            msg = _msg(e).removeprefix(f"blob {bid}: chunk {ci} ").removeprefix(f"blob {bid}: ")
+            out.append((ci, msg, 0))
+            continue
+        out.append((ci, None, d_size))
+    return length, out
