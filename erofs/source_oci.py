@@ -119,6 +119,15 @@ class OciLayout:
         return self._resolve(desc, platform, 0)
 
     def _resolve(self, desc: dict[str, Any], platform: str, depth: int) -> dict[str, Any]:
+        choices: list[str] = []
+        found = self._find(desc, parse_platform(platform), depth, choices)
+        if found is None:
+            raise SourceError(f"{self.path}: no manifest for platform {platform} (has: {', '.join(choices) or 'none'})")
+        return found
+
+    def _find(self, desc: dict[str, Any], want: tuple[str, str, str | None], depth: int,
+              choices: list[str]) -> dict[str, Any] | None:  # fmt: skip
+        """The manifest below ``desc`` for platform ``want`` (an index's entries, nested indexes too)."""
         if depth > _MAX_NESTING:
             raise SourceError(f"{self.path}: image indexes nested too deeply")
         doc = self._blob_json(desc)
@@ -126,20 +135,21 @@ class OciLayout:
             raise SourceError(f"{self.path}: blob {desc.get('digest')} is not a manifest or index")
         media = doc.get("mediaType") or desc.get("mediaType")
         if media in (MT_INDEX, MT_DOCKER_LIST) or (media is None and "manifests" in doc):
-            want = parse_platform(platform)
-            choices = []
             for d in doc.get("manifests") or []:
-                p = d.get("platform") if isinstance(d, dict) else None
-                if not isinstance(p, dict):
+                if not isinstance(d, dict):
                     continue
-                choices.append(
-                    f"{p.get('os')}/{p.get('architecture')}" + (f"/{p['variant']}" if p.get("variant") else "")
-                )
-                if (p.get("os"), p.get("architecture")) == want[:2] and (
-                    want[2] is None or p.get("variant") == want[2]
-                ):
-                    return self._resolve(d, platform, depth + 1)
-            raise SourceError(f"{self.path}: no manifest for platform {platform} (has: {', '.join(choices) or 'none'})")
+                p = d.get("platform")
+                if not isinstance(p, dict):
+                    if d.get("mediaType") in (MT_INDEX, MT_DOCKER_LIST):  # a nested index: look inside
+                        found = self._find(d, want, depth + 1, choices)
+                        if found is not None:
+                            return found
+                    continue
+                variant = p.get("variant")
+                choices.append(f"{p.get('os')}/{p.get('architecture')}" + (f"/{variant}" if variant else ""))
+                if (p.get("os"), p.get("architecture")) == want[:2] and want[2] in (None, variant):
+                    return self._find(d, want, depth + 1, choices)
+            return None
         if media in (MT_MANIFEST, MT_DOCKER_MANIFEST) or (media is None and "layers" in doc):
             if not isinstance(doc.get("layers"), list):
                 raise SourceError(f"{self.path}: manifest {desc.get('digest')} has no layer list")

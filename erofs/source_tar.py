@@ -167,7 +167,12 @@ class LayerStream(io.RawIOBase):
         self.label = label
         self._raw = raw
         self._on_raw = on_raw
-        head = self._read_raw(512)
+        head = b""
+        while len(head) < 512:  # a pipe may deliver less than asked
+            more = self._read_raw(512 - len(head))
+            if not more:
+                break
+            head += more
         self.kind = detect(head, label)
         self._decoder = _Decoder(self.kind, label) if self.kind != "tar" else None
         self._pending: list[bytes] = [head]
