@@ -64,6 +64,7 @@ LINK_PLACEHOLDER_MODE = 0
 MAX_MAJOR = (1 << 12) - 1  # new_encode_dev: 12-bit major, 20-bit minor
 MAX_MINOR = (1 << 20) - 1
 _MAX_SYMLINK = 4095
+_MAX_SPARSE_CHUNKS = 1 << 22  # a sparse file's chunk indexes stay under 32 MiB of bootstrap
 _U64 = 1 << 64
 _S64_MIN = -(1 << 63)
 
@@ -486,6 +487,8 @@ class TarLayerReader:
 
     def _sparse_data(self, info: tarfile.TarInfo) -> list[ChunkRef | None]:
         size, cs = info.size, self.store.chunk_size
+        if -(-size // cs) > _MAX_SPARSE_CHUNKS:
+            raise SourceError(f"member {info.name!r}: sparse file of {size} bytes is too large ({cs}-byte chunks)")
         segs = [(o, n) for o, n in info.sparse if n]  # type: ignore[union-attr]
         end = 0
         for o, n in segs:

@@ -140,6 +140,10 @@ def _check_deep(mnt: Path) -> None:
         os.close(fd)
 
 
+def _check_libarchive_xattr(mnt: Path) -> None:
+    assert os.getxattr(mnt / "f", "user.k=x") == "vé".encode()  # name URL-encoded, value base64
+
+
 def _check_big_time(mnt: Path) -> None:
     assert os.stat(mnt / "future").st_mtime_ns == (2**33 + 5) * 10**9 + 120_000_000
 
@@ -183,6 +187,10 @@ CASES = [
     Case("empty-symlink", _file(tar_bytes(member("s", tarfile.SYMTYPE, linkname=""))), "invalid symlink target"),
     Case("multivolume-member", _file(tar_bytes(member("m", b"M", data=b"x"), fmt=tarfile.GNU_FORMAT)),
          "unsupported tar entry type"),
+    Case("sparse-claiming-2^50-bytes", _file(tar_bytes(member("s", data=b"12345", pax={
+        "GNU.sparse.map": "0,5", "GNU.sparse.size": str(2**50), "GNU.sparse.name": "s"}))), "too large"),
+    Case("libarchive-xattr-bad-namespace", _file(tar_bytes(member("f", pax={"LIBARCHIVE.xattr.system.x": "dg=="}))),
+         "EROFS stores only"),
     Case("missing-source", lambda d: str(d / "does-not-exist"), "no such file"),
     Case("oci-digest-mismatch", lambda d: _oci(d / "L", GOOD, digest="0" * 64), "does not match its digest"),
     Case("oci-unknown-media-type", lambda d: _oci(d / "L", GOOD, media="application/vnd.example.weird"),
@@ -201,6 +209,8 @@ CASES = [
     Case("absolute-and-dotdot-inside", _file(tar_bytes(member("/etc/abs", data=b"abs"),
                                                        member("up/x/../ok", data=b"ok"))), None, _check_absolute),
     Case("very-deep-tree", _file(_deep(1500)), None, _check_deep),
+    Case("libarchive-xattr-only", _file(tar_bytes(member("f", pax={"LIBARCHIVE.xattr.user.k%3Dx": "dsOp"}))), None,
+         _check_libarchive_xattr),
 ]  # fmt: skip
 
 

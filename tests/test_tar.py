@@ -133,3 +133,25 @@ def test_stdin_source_and_repeatable_output(tree: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["layers"] == a["layers"]
     assert (tmp_path / "a" / "image.boot").read_bytes() == (tmp_path / "b" / "image.boot").read_bytes()
+
+
+@pytest.mark.skipif(shutil.which("bsdtar") is None, reason="no bsdtar")
+def test_bsdtar_pax_archive_mounts_like_its_extraction(tree: Path, tmp_path: Path) -> None:
+    """libarchive's writer: LIBARCHIVE.xattr.* (base64) next to SCHILY.xattr.*, its own sparse encoding."""
+    archive = tmp_path / "layer"
+    proc = subprocess.run(["bsdtar", "-c", "-f", str(archive), "--format", "pax", "--xattrs", "--numeric-owner",
+                           "-C", str(tree), "."], capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert b"LIBARCHIVE.xattr.user.note" in archive.read_bytes()
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    proc = subprocess.run(["bsdtar", "-x", "-p", "-f", str(archive), "--xattrs", "--numeric-owner", "-C", str(ref)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    st = os.stat(tree)  # bsdtar leaves the extraction root's own mtime alone; the archive's './' has it
+    os.utime(ref, ns=(st.st_atime_ns, st.st_mtime_ns))
+    out = tmp_path / "out"
+    build(archive, "-o", out)
+    with mount_erofs(out / "image.boot", tmp_path / "mnt", image_devices(out)) as mnt:
+        assert_same_tree(ref, mnt)
+        assert os.getxattr(mnt / "plain", "user.note") == b"value \xff binary"
