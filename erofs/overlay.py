@@ -119,7 +119,10 @@ def _apply(merged: Inode, layer: LayerTree, spec: str) -> None:
                 continue
             old = base.children.get(name)
             if old is None or old.children is None:
+                over_whiteout = spec == "overlayfs" and old is not None and _is_ovl_whiteout(old)
                 old = Inode.directory(0o755)
+                if over_whiteout:  # still hide what lies below the image, as overlayfs does on a copy-up
+                    old.xattrs[OVL_OPAQUE] = b"y"
                 base.children[name] = old
             if id(node) not in layer.implicit:  # implicit parents keep the lower (or default) metadata
                 keep = {k: v for k, v in old.xattrs.items() if k in (OVL_OPAQUE, OVL_ORIGIN)}

@@ -25,13 +25,17 @@ from pathlib import Path
 
 import pytest
 
+from erofs.errors import SourceError
+from erofs.overlay import merge_layers
+from erofs.source_tar import LINK_PLACEHOLDER_MODE, LayerTree
+from erofs.tree import Inode, walk
 from tests.fstree import assert_same_tree, image_devices, snapshot
 from tests.kernel import mount, mount_erofs, umount
 
 CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 NS = 123_456_789
 
-pytestmark = pytest.mark.skipif(shutil.which("umoci") is None or os.geteuid() != 0, reason="needs umoci and root")
+needs_umoci = pytest.mark.skipif(shutil.which("umoci") is None or os.geteuid() != 0, reason="needs umoci and root")
 
 
 def run(*args: str | Path, cwd: Path | None = None) -> str:
@@ -169,6 +173,7 @@ def _layer_blobs(layout: Path, tag: str) -> list[Path]:
     return [layout / "blobs" / "sha256" / ld["digest"].split(":")[1] for ld in manifest["layers"]]
 
 
+@needs_umoci
 @pytest.mark.parametrize("tag", ["t1", "t2", "t3", "t4"])
 def test_flattened_image_equals_umoci_unpack(image: Path, tmp_path: Path, tag: str) -> None:
     ref = _unpacked(image, tag, tmp_path / "ref")
@@ -182,6 +187,7 @@ def test_flattened_image_equals_umoci_unpack(image: Path, tmp_path: Path, tag: s
             assert st.st_ino == os.stat(mnt / "keep" / "lk").st_ino and st.st_nlink == 4
 
 
+@needs_umoci
 def test_layer_files_as_sources_equal_the_oci_source(image: Path, tmp_path: Path) -> None:
     """The layer blobs given as tar.gz SOURCEs (the last one from stdin) give the same bootstrap."""
     blobs = _layer_blobs(image, "t4")
@@ -198,6 +204,7 @@ def test_layer_files_as_sources_equal_the_oci_source(image: Path, tmp_path: Path
     assert (tmp_path / "a" / "image.boot").read_bytes() == (tmp_path / "b" / "image.boot").read_bytes()
 
 
+@needs_umoci
 def test_dedup_across_layers_in_umoci_image(image: Path, tmp_path: Path) -> None:
     """Layer 2 repeats the 3 MiB 'big' of layer 1 as 'big2': its blob holds no chunk of it."""
     info = build(f"oci:{image}:t2", "-o", tmp_path / "out", "--chunk-size", "1MiB")
@@ -216,6 +223,7 @@ def _ovl_view(snap: dict[bytes, tuple]) -> dict[bytes, tuple]:
     return out
 
 
+@needs_umoci
 def test_overlayfs_spec_image_works_as_an_overlay_lower(image: Path, tmp_path: Path) -> None:
     """Layers 2-3 built alone with ``--whiteout-spec overlayfs`` are a diff: overlaid on umoci's t1 they
     give umoci's t3 (whiteouts as char 0:0, opaque dirs by trusted.overlay.opaque=y)."""
@@ -240,6 +248,7 @@ def test_overlayfs_spec_image_works_as_an_overlay_lower(image: Path, tmp_path: P
             umount(merged)
 
 
+@needs_umoci
 def test_none_spec_keeps_whiteouts_as_files(image: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     build(f"oci:{image}:t2", "-o", out, "--whiteout-spec", "none")
@@ -247,3 +256,65 @@ def test_none_spec_keeps_whiteouts_as_files(image: Path, tmp_path: Path) -> None
         assert (mnt / "keep" / ".wh.gone").is_file()
         assert (mnt / "keep" / "gone").is_file()  # nothing was removed
         assert (mnt / "d" / "sub" / "deep").is_file()
+
+
+# ---- the merge on its own (no tools, no mount) --------------------------------------------------------------
+
+
+def _layer(spec: dict[str, object]) -> LayerTree:
+    """A layer tree from {path: 'file' | 'dir' | 'chr00' | bytes}; parents are implicit directories."""
+    tree = LayerTree(Inode.directory(0o755))
+    tree.implicit.add(id(tree.root))
+    for path, kind in spec.items():
+        node = tree.root
+        parts = path.encode().split(b"/")
+        for comp in parts[:-1]:
+            assert node.children is not None
+            if comp not in node.children:
+                node.children[comp] = Inode.directory(0o755)
+                tree.implicit.add(id(node.children[comp]))
+            node = node.children[comp]
+        assert node.children is not None
+        if kind == "dir":
+            node.children[parts[-1]] = Inode.directory(0o700, mtime=5)
+        elif kind == "chr00":
+            node.children[parts[-1]] = Inode(mode=stat.S_IFCHR | 0o600)
+        else:
+            node.children[parts[-1]] = Inode(mode=stat.S_IFREG | 0o644, mtime=len(str(kind)))
+    return tree
+
+
+def _paths(root: Inode) -> dict[str, tuple[int, dict[bytes, bytes]]]:
+    return {p.decode(): (n.mode, n.xattrs) for p, n in walk(root) if p != b"/"}
+
+
+def test_merge_oci_spec() -> None:
+    lower = _layer({"a/x": "f", "a/y": "f", "b/z": "f", "c/w": "f"})
+    upper = _layer({"a/.wh.x": "", "a/x2": "f", "b/.wh..wh..opq": "", "b/new": "f", "c/.wh.w": "", "c/w": "again"})
+    got = _paths(merge_layers([lower, upper], "oci"))
+    assert set(got) == {"/a", "/a/y", "/a/x2", "/b", "/b/new", "/c", "/c/w"}  # a same-layer entry survives
+    assert got["/a"][0] == stat.S_IFDIR | 0o755  # implicit in the upper: the lower's metadata stays
+
+
+def test_merge_overlayfs_spec() -> None:
+    lower = _layer({"a/x": "f", "b/z": "f", "d": "dir"})
+    upper = _layer({"a/.wh.x": "", "b/.wh..wh..opq": "", "b/new": "f", "e/old": "chr00", ".wh.d": ""})
+    top = _layer({"d/in": "f"})
+    got = _paths(merge_layers([lower, upper, top], "overlayfs"))
+    assert got["/a/x"][0] == stat.S_IFCHR | 0o644 and got["/a"][1] == {b"trusted.overlay.origin": b""}
+    assert got["/b"][1] == {b"trusted.overlay.opaque": b"y"} and "/b/z" not in got and "/b/new" in got
+    assert got["/e/old"][0] == stat.S_IFCHR | 0o600  # a source's own 0:0 whiteout is kept
+    assert got["/d"][1] == {b"trusted.overlay.opaque": b"y"}  # a dir re-created over a whiteout hides below
+
+
+def test_merge_none_spec_and_missing_lower_link() -> None:
+    lower = _layer({"a/x": "f"})
+    upper = _layer({"a/.wh.x": ""})
+    assert set(_paths(merge_layers([lower, upper], "none"))) == {"/a", "/a/x", "/a/.wh.x"}
+    link = Inode(mode=LINK_PLACEHOLDER_MODE)
+    upper.links[id(link)] = ([b"nowhere"], "l")
+    upper.link_sites[id(link)] = [(upper.root, b"l")]
+    assert upper.root.children is not None
+    upper.root.children[b"l"] = link
+    with pytest.raises(SourceError, match="neither this nor a lower layer"):
+        merge_layers([lower, upper], "oci")
