@@ -14,6 +14,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import tracemalloc
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from erofs.errors import BackendError, NydusErofsError
 from erofs.reader import Bootstrap, ImageReader
 from erofs.reader.blob import BlobMeta, read_chunks
 from erofs.reader.check import check_image
+from erofs.reader.unpack import unpack_to_dir, unpack_to_tar
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 NYDUS = SHARED / "interop" / "nydus"
@@ -101,6 +103,21 @@ def exercise(boot: bytes, blobs: dict[str, bytes]) -> None:
             meta.chunks_for_range(0, 1 << 30)
         except NydusErofsError:
             pass
+
+
+def unpack_confined(bs: Bootstrap, reader: ImageReader) -> None:
+    """Unpacking a damaged image ends in a clean error (or succeeds) and writes nothing beside its output."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp) / "work"
+        work.mkdir()
+        for out in (work / "out", work / "out.tar"):
+            try:
+                (unpack_to_tar if out.suffix == ".tar" else unpack_to_dir)(reader, out)
+            except (NydusErofsError, OSError):
+                assert not out.exists()
+            assert [p.name for p in work.iterdir()] in ([], [out.name]), list(work.iterdir())
+            shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
+        assert [p.name for p in Path(tmp).iterdir()] == ["work"]
 
 
 def run_bounded(boot: bytes, blobs: dict[str, bytes]) -> None:
@@ -237,3 +254,20 @@ def test_mutated_own_blob(muts, use_hot):
     boot, blobs = _SEEDS["ours"]
     (bid, blob), *_ = blobs.items()
     run_bounded(boot, {**blobs, bid: mutate(blob, muts, (max(0, len(blob) - 8192), len(blob)), use_hot)})
+
+
+@pytest.mark.usefixtures("seeds")
+@settings(FUZZ, max_examples=_LONG or 30)
+@given(
+    which=st.sampled_from(["upstream", "ours"]),
+    muts=st.lists(mutation, min_size=1, max_size=4),
+    hot=st.sampled_from(_BOOT_HOT),
+    use_hot=st.lists(st.booleans(), min_size=4, max_size=4),
+)
+def test_unpack_of_mutated_bootstrap_stays_confined(which, muts, hot, use_hot):
+    boot, blobs = _SEEDS.get(which) or _upstream()
+    try:
+        bs = Bootstrap.from_bytes(mutate(boot, muts, hot, use_hot))
+    except NydusErofsError:
+        return
+    unpack_confined(bs, ImageReader(bs, MemBlobs(blobs)))

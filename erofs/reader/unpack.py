@@ -153,7 +153,7 @@ class _Unpacker:
             os.chown(name, ino.uid, ino.gid, dir_fd=dfd, follow_symlinks=False)
             for xname, value in self.bs.xattrs(ino):
                 _setxattr_link(dfd, name, xname, value)
-            os.utime(name, ns=(ino.mtime_ns, ino.mtime_ns), dir_fd=dfd, follow_symlinks=False)
+            os.utime(name, ns=_times(ino), dir_fd=dfd, follow_symlinks=False)
             return
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_PATH, dir_fd=dfd)
         try:
@@ -168,14 +168,25 @@ class _Unpacker:
         os.fchmod(fd, stat.S_IMODE(ino.mode))
         for xname, value in self.bs.xattrs(ino):
             os.setxattr(fd, xname, value)
-        os.utime(fd, ns=(ino.mtime_ns, ino.mtime_ns))
+        os.utime(fd, ns=_times(ino))
 
     def _meta_path(self, p: str, ino: Inode) -> None:
         os.chown(p, ino.uid, ino.gid)
         os.chmod(p, stat.S_IMODE(ino.mode))  # after chown, which clears setuid/setgid
         for xname, value in self.bs.xattrs(ino):
             os.setxattr(p, xname, value)
-        os.utime(p, ns=(ino.mtime_ns, ino.mtime_ns))
+        os.utime(p, ns=_times(ino))
+
+
+_MAX_TIME_NS = (2**63 - 1) // 10**9 * 10**9  # what a 64-bit time_t takes
+
+
+def _times(ino: Inode) -> tuple[int, int]:
+    """(atime, mtime) in ns; EROFS has one timestamp.  One the host cannot represent is an ImageError."""
+    ns = ino.mtime_ns
+    if ino.mtime_nsec >= 10**9 or ns > _MAX_TIME_NS:
+        raise ImageError(f"nid {ino.nid}: mtime {ino.mtime}.{ino.mtime_nsec:09d} is out of range")
+    return ns, ns
 
 
 def _make_socket(dfd: int, name: bytes) -> None:
@@ -251,6 +262,7 @@ def unpack_to_tar(reader: ImageReader, output: str | os.PathLike[str]) -> int:
                 ti = tarfile.TarInfo(name)
                 ti.mode = stat.S_IMODE(ino.mode)
                 ti.uid, ti.gid = ino.uid, ino.gid
+                _times(ino)  # validated like a directory unpack
                 ti.mtime = ino.mtime
                 pax = {
                     "SCHILY.xattr." + os.fsdecode(k): v.decode("utf-8", "surrogateescape") for k, v in bs.xattrs(ino)
