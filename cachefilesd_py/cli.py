@@ -22,26 +22,26 @@ import re
 import signal
 import socket
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from cachefilesd_py.api import ApiServer, listen
-from cachefilesd_py.backends import KINDS, BlobBackend, make_backend
-from cachefilesd_py.daemon import Daemon
-from cachefilesd_py.images import ImageStore
 from cachefilesd_py.notify import notify
-from cachefilesd_py.supervisor import Supervisor
 from erofs.errors import NydusErofsError
 from fscache.cachefiles import DEVICE_PATH, CachefilesDevice
 from fscache.errors import FscacheError
+
+if TYPE_CHECKING:
+    from cachefilesd_py.backends import BlobBackend
+
+# The daemon, pipeline, reader and backends are imported once the device is bound: startup errors come fast.
 
 __all__ = ["main"]
 
 PROG = "cachefilesd-py"
 log = logging.getLogger("cachefilesd_py")
+BACKENDS = ("localfs", "http", "registry")  # cachefilesd_py.backends.KINDS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", required=True, type=Path, help="cache directory (ext4/xfs/btrfs, not tmpfs)")
     p.add_argument("--images-dir", required=True, type=Path, help="IMAGES: IMAGES/<fsid>/image.boot per image")
     b = p.add_argument_group("backend (default: localfs, IMAGES/<fsid>/blobs/ of each image)")
-    b.add_argument("--backend", choices=KINDS, default="localfs")
+    b.add_argument("--backend", choices=BACKENDS, default="localfs")
     b.add_argument("--blob-dir", type=Path, help="localfs: one blob directory for every image")
     b.add_argument("--url", help="http: base URL, blobs at URL/<blob id>")
     b.add_argument("--host", help="registry: host[:port] or URL")
@@ -130,6 +130,8 @@ class _Usage(Exception):
 
 
 def _make_backend(args: argparse.Namespace) -> BlobBackend | None:
+    from cachefilesd_py.backends import make_backend
+
     opts = _backend_options(args)
     return None if opts is None else make_backend(args.backend, **opts)
 
@@ -137,6 +139,10 @@ def _make_backend(args: argparse.Namespace) -> BlobBackend | None:
 def _serve(args: argparse.Namespace, device: CachefilesDevice, api_sock: socket.socket | None,
            restarts: int, supervisor_pid: int | None, ready: bool) -> int:  # fmt: skip
     """The worker: image store, daemon and API, until SIGTERM."""
+    from cachefilesd_py.api import ApiServer
+    from cachefilesd_py.daemon import Daemon
+    from cachefilesd_py.images import ImageStore
+
     store = ImageStore(args.images_dir, _make_backend(args))
     daemon = Daemon(device, store, threads=args.threads, amplify=args.amplify)
 
@@ -173,9 +179,7 @@ def run(args: argparse.Namespace) -> int:
         raise _Usage(f"--images-dir {images}: not a directory")
     if args.threads < 1:
         raise _Usage("--threads must be at least 1")
-    backend = _make_backend(args)  # check the options now; each worker makes its own
-    if backend is not None:
-        backend.close()
+    _backend_options(args)  # usage errors first; the backend itself is made by each worker
     try:
         args.cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -184,12 +188,19 @@ def run(args: argparse.Namespace) -> int:
     api_sock: socket.socket | None = None
     try:
         device.bind(args.cache_dir, args.tag)
+        from cachefilesd_py import daemon, images  # noqa: F401 - loaded once here, not again in each new worker
+        from cachefilesd_py.api import listen
+        from cachefilesd_py.supervisor import Supervisor
+
+        backend = _make_backend(args)  # bad backend options (auth, URL) fail here, before serving
+        if backend is not None:
+            backend.close()
         if args.api_sock is not None:
             try:
                 api_sock = listen(args.api_sock)
             except OSError as e:
                 raise _Usage(f"--api-sock {args.api_sock}: {e.strerror or e}") from None
-        log.info("bound %s to cache %s (%s)", args.device, args.cache_dir.resolve(), time.strftime("%H:%M:%S"))
+        log.info("bound %s to cache %s", args.device, args.cache_dir.resolve())
         if args.no_supervisor:
             return _serve(args, device, api_sock, 0, None, ready=True)
         sup_pid = os.getpid()

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,95 @@ def mounted(fsid: str, options: str = "") -> Iterator[Path]:
         umount(mnt)
 
 
+class Builds:
+    """Images built in the background (``nydus-erofs build`` runs for seconds under TCG: use every vCPU)."""
+
+    def __init__(self, images: Path) -> None:
+        self.images = images
+        self.pool = ThreadPoolExecutor(os.cpu_count() or 2)
+        self.futures: dict[str, Future[dict[str, Any]]] = {}
+        self.data: dict[str, Any] = {}  # what the tests compare against, by image
+
+    def submit(self, fsid: str, *sources: Path, **kw: str) -> None:
+        self.futures[fsid] = self.pool.submit(build, self.images / fsid, *sources, **kw)
+
+    def result(self, fsid: str) -> dict[str, Any]:
+        return self.futures[fsid].result(TIMEOUT * 2)
+
+
+COMPRESSORS = [("none", "1MiB"), ("lz4_block", "64KiB"), ("zstd", "4KiB")]
+
+
+def _rootfs(path: Path) -> Path:
+    from tests.test_build import make_rootfs
+
+    shutil.rmtree(path, ignore_errors=True)
+    make_rootfs(path)
+    many = path / "many"  # 3000 entries there: keep 200 (with the odd names), TCG is slow
+    mtime = many.stat().st_mtime_ns
+    for entry in many.iterdir():
+        if entry.name.startswith("entry-") and int(entry.name[6:11]) >= 200:
+            entry.unlink()
+    os.utime(many, ns=(mtime, mtime))
+    return path
+
+
+def _layers(base: Path) -> tuple[Path, Path, Path]:
+    """(lower, upper, what the two merged look like)"""
+    shutil.rmtree(base, ignore_errors=True)
+    lower, upper, merged = base / "lower", base / "upper", base / "merged"
+    (lower / "etc").mkdir(parents=True)
+    (lower / "etc" / "os-release").write_bytes(b"ID=lower\n")
+    (lower / "data").write_bytes(os.urandom(3 * MiB + 5))
+    os.symlink("data", lower / "link")
+    (upper / "etc").mkdir(parents=True)
+    (upper / "etc" / "os-release").write_bytes(b"ID=upper\n")  # replaces the lower one
+    (upper / "app").mkdir()
+    (upper / "app" / "bin").write_bytes(os.urandom(700_000))
+    os.setxattr(upper / "app" / "bin", "user.layer", b"upper")
+    for d in (lower, upper):
+        for dirpath, dirnames, filenames in os.walk(d):
+            for n in dirnames + filenames:
+                os.utime(os.path.join(dirpath, n), ns=(1, 1_700_000_000_123_456_789), follow_symlinks=False)
+        os.utime(d, ns=(1, 1_700_000_000_000_000_001))
+    subprocess.run(["cp", "-a", str(lower), str(merged)], check=True)
+    subprocess.run(["cp", "-a", f"{upper}/.", str(merged)], check=True)
+    return lower, upper, merged
+
+
+def _tree(path: Path, files: dict[str, bytes]) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    for name, data in files.items():
+        (path / name).write_bytes(data)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def builds() -> Iterator[Builds]:
+    """Every image of this module, building while the first tests run (the daemon serves IMAGES live)."""
+    b = Builds(scratch() / "main" / "images")
+    b.images.mkdir(parents=True, exist_ok=True)
+    base = scratch() / "sources"
+    base.mkdir(exist_ok=True)
+    rootfs = b.data["rootfs"] = _rootfs(base / "rootfs")
+    for compressor, chunk_size in COMPRESSORS:
+        b.submit(f"rootfs-{compressor}", rootfs, compressor=compressor, chunk_size=chunk_size)
+    lower, upper, b.data["layers"] = _layers(base / "layers")
+    b.submit("layers", lower, upper, compressor="zstd")
+    shared = _tree(base / "shared", {"shared.bin": os.urandom(1_500_000)})
+    for name in ("a", "b"):
+        b.data[f"dom-{name}"] = top = _tree(base / name, {f"{name}.bin": os.urandom(1_500_000)})
+        b.submit(f"dom-{name}", shared, top, compressor="lz4_block")
+    b.data["shared"] = shared
+    files = b.data["damaged"] = {name: os.urandom(200_000) for name in ("a-good", "b-bad", "c-good")}
+    b.submit("damaged", _tree(base / "damaged", files), chunk_size="64KiB")
+    try:
+        yield b
+    finally:
+        b.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(CACHEFILESD), *args], capture_output=True, text=True, stdin=subprocess.DEVNULL,
                           timeout=TIMEOUT)  # fmt: skip
@@ -214,22 +304,6 @@ def daemon() -> Iterator[DaemonProc]:
             assert pid is None or not Path(f"/proc/{pid}").exists(), f"process {pid} left behind"
 
 
-@pytest.fixture(scope="module")
-def rootfs() -> Path:
-    from tests.test_build import make_rootfs
-
-    path = scratch() / "rootfs"
-    shutil.rmtree(path, ignore_errors=True)
-    make_rootfs(path)
-    many = path / "many"  # 3000 entries there: keep 200 (with the odd names), TCG is slow
-    mtime = many.stat().st_mtime_ns
-    for entry in many.iterdir():
-        if entry.name.startswith("entry-") and int(entry.name[6:11]) >= 200:
-            entry.unlink()
-    os.utime(many, ns=(mtime, mtime))
-    return path
-
-
 def test_second_daemon_is_a_busy_error(daemon: DaemonProc) -> None:
     done = _run_cli("--cache-dir", str(scratch() / "cache2"), "--images-dir", str(daemon.images))
     assert done.returncode == 1
@@ -245,36 +319,17 @@ def test_api_reports_the_daemon(daemon: DaemonProc) -> None:
     assert "pipeline" in daemon.api("/api/v1/metrics/blobcache")
 
 
-@pytest.mark.parametrize(("compressor", "chunk_size"), [("none", "1MiB"), ("lz4_block", "64KiB"), ("zstd", "4KiB")])
-def test_builder_image_mounted_by_fsid_equals_its_source(daemon: DaemonProc, rootfs: Path, compressor: str,
-                                                         chunk_size: str) -> None:  # fmt: skip
+@pytest.mark.parametrize("compressor", [c for c, _ in COMPRESSORS])
+def test_builder_image_mounted_by_fsid_equals_its_source(daemon: DaemonProc, builds: Builds, compressor: str) -> None:
     fsid = f"rootfs-{compressor}"
-    build(daemon.images / fsid, rootfs, compressor=compressor, chunk_size=chunk_size)
+    builds.result(fsid)
     with mounted(fsid) as mnt:
-        assert_same_tree(rootfs, mnt)
+        assert_same_tree(builds.data["rootfs"], mnt)
 
 
-def test_multi_layer_image_equals_the_merged_layers(daemon: DaemonProc) -> None:
-    base = scratch() / "layers"
-    shutil.rmtree(base, ignore_errors=True)
-    lower, upper, merged = base / "lower", base / "upper", base / "merged"
-    (lower / "etc").mkdir(parents=True)
-    (lower / "etc" / "os-release").write_bytes(b"ID=lower\n")
-    (lower / "data").write_bytes(os.urandom(3 * MiB + 5))
-    os.symlink("data", lower / "link")
-    (upper / "etc").mkdir(parents=True)
-    (upper / "etc" / "os-release").write_bytes(b"ID=upper\n")  # replaces the lower one
-    (upper / "app").mkdir()
-    (upper / "app" / "bin").write_bytes(os.urandom(700_000))
-    os.setxattr(upper / "app" / "bin", "user.layer", b"upper")
-    for d in (lower, upper):
-        for dirpath, dirnames, filenames in os.walk(d):
-            for n in dirnames + filenames:
-                os.utime(os.path.join(dirpath, n), ns=(1, 1_700_000_000_123_456_789), follow_symlinks=False)
-        os.utime(d, ns=(1, 1_700_000_000_000_000_001))
-    subprocess.run(["cp", "-a", str(lower), str(merged)], check=True)
-    subprocess.run(["cp", "-a", f"{upper}/.", str(merged)], check=True)
-    out = build(daemon.images / "layers", lower, upper, compressor="zstd")
+def test_multi_layer_image_equals_the_merged_layers(daemon: DaemonProc, builds: Builds) -> None:
+    out = builds.result("layers")
+    merged = builds.data["layers"]
     assert len(out["blobs"]) == 2
     with mounted("layers") as mnt:
         assert_same_tree(merged, mnt)
@@ -282,15 +337,9 @@ def test_multi_layer_image_equals_the_merged_layers(daemon: DaemonProc) -> None:
     assert opened == []  # umounted: every object CLOSEd
 
 
-def test_domain_sharing_opens_a_shared_blob_once(daemon: DaemonProc) -> None:
-    base = scratch() / "domain"
-    shutil.rmtree(base, ignore_errors=True)
-    shared, top_a, top_b = base / "shared", base / "a", base / "b"
-    for d, name in ((shared, "shared.bin"), (top_a, "a.bin"), (top_b, "b.bin")):
-        d.mkdir(parents=True)
-        (d / name).write_bytes(os.urandom(1_500_000))
-    img_a = build(daemon.images / "dom-a", shared, top_a, compressor="lz4_block")
-    img_b = build(daemon.images / "dom-b", shared, top_b, compressor="lz4_block")
+def test_domain_sharing_opens_a_shared_blob_once(daemon: DaemonProc, builds: Builds) -> None:
+    img_a, img_b = builds.result("dom-a"), builds.result("dom-b")
+    shared, top_a, top_b = builds.data["shared"], builds.data["dom-a"], builds.data["dom-b"]
     shared_id = img_a["layers"][0]
     assert img_b["layers"][0] == shared_id
     with mounted("dom-a", "domain_id=dom") as ma, mounted("dom-b", "domain_id=dom") as mb:
@@ -353,14 +402,9 @@ def test_partial_read_of_a_large_image_fetches_only_what_it_needs(daemon: Daemon
     assert 0 < fetched <= 3 * MiB  # the chunk, at most ~1 MiB of amplification, and the blob's metadata
 
 
-def test_corrupted_chunk_gives_eio_for_its_file_only(daemon: DaemonProc) -> None:
-    src = scratch() / "damaged-src"
-    shutil.rmtree(src, ignore_errors=True)
-    src.mkdir()
-    files = {name: os.urandom(200_000) for name in ("a-good", "b-bad", "c-good")}
-    for name, data in files.items():
-        (src / name).write_bytes(data)
-    out = build(daemon.images / "damaged", src, chunk_size="64KiB")
+def test_corrupted_chunk_gives_eio_for_its_file_only(daemon: DaemonProc, builds: Builds) -> None:
+    out = builds.result("damaged")
+    files = builds.data["damaged"]
     blob = daemon.images / "damaged" / "blobs" / out["blobs"][0]["id"]
     raw = bytearray(blob.read_bytes())
     at = raw.find(files["b-bad"][100_000:100_064])
