@@ -250,3 +250,22 @@ def test_no_dev_cachefiles_on_this_host(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert done.stderr == "cachefilesd-py: error: no /dev/cachefiles: kernel lacks CONFIG_CACHEFILES " \
                           "(modprobe cachefiles?)\n"  # fmt: skip
+
+
+def test_json_logs(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from cachefilesd_py.cli import _setup_logging
+
+    log = logging.getLogger("cachefilesd_py")
+    saved = (log.handlers[:], log.level, log.propagate)
+    try:
+        _setup_logging(True, "info")
+        log.error("READ blob %s failed: %s", "abc", "digest mismatch")
+        log.debug("not shown")
+    finally:
+        log.handlers[:], log.level, log.propagate = saved
+    (line,) = capsys.readouterr().err.splitlines()
+    record = json.loads(line)
+    assert record["level"] == "error" and record["msg"] == "READ blob abc failed: digest mismatch"
+    assert record["pid"] == os.getpid()

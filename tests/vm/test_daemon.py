@@ -458,5 +458,6 @@ def test_killed_worker_is_replaced_and_the_read_completes(daemon: DaemonProc) ->
     assert "error" not in result, result
     assert result["sha256"] == digest
     assert second["restarts"] == 1 and second["pid"] != first["pid"]
+    assert daemon.api("/api/v1/metrics/blobcache")["reads"] > 0  # the new worker served the rest
     assert second["supervisor_pid"] == first["supervisor_pid"]
     assert "died (killed by SIGKILL): restoring" in daemon.log_text()
