@@ -160,6 +160,7 @@ def build_kernel(fragment: Path = FRAGMENT, cache_root: Path = CACHE_ROOT, jobs:
                               f"missing from {fragment}")
         _run([*make, "bzImage"], cwd=tree)
         staging = Path(tempfile.mkdtemp(prefix="staging-", dir=dest.parent))
+        staging.chmod(0o755)
         shutil.copyfile(tree / "arch" / "x86" / "boot" / "bzImage", staging / "bzImage")
         shutil.copyfile(tree / ".config", staging / "config")
         shutil.copyfile(fragment, staging / "fragment.config")
