@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import faulthandler
 import json
 import logging
 import os
@@ -99,10 +100,11 @@ class CacheFile:
                 if e.errno != errno.ENXIO:
                     raise
                 data = self.size
-            missing += min(data, self.size) - pos
+            missing += max(min(data, self.size) - pos, 0)
             if data >= self.size:
                 break
-            pos = os.lseek(self.fd, data, SEEK_HOLE)
+            hole = os.lseek(self.fd, data, SEEK_HOLE)
+            pos = hole if hole > pos else pos + PAGE_SIZE  # never loop on a filesystem that answers oddly
         return missing
 
     def pwrite(self, offset: int, data: memoryview) -> None:
@@ -385,7 +387,7 @@ def run_daemon(*, boot: Path, mountpoint: Path, cache_dir: Path, backend: BlobBa
     Every startup failure is reported as one line on ``ready_fd`` (and raised).  On exit the final stats go
     into the runtime record, for ``umount``.
     """
-    from .kmount import is_mounted, mount_erofs_file_backed, process_start_time, umount
+    from .kmount import is_mounted, mount_erofs_file_backed, process_start_time, set_mount_readahead, umount
 
     files: list[CacheFile] = []
     server: FanotifyServer | None = None
@@ -398,6 +400,8 @@ def run_daemon(*, boot: Path, mountpoint: Path, cache_dir: Path, backend: BlobBa
             files = prepare_cache_files(cache_dir, handles)
             server = FanotifyServer(files, pipeline, workers=workers, readahead=readahead)
             mount_erofs_file_backed(boot, mountpoint, [cf.path for cf in files])
+            # events as big as a fetch: one round trip per amplification window rather than per 128 KiB
+            set_mount_readahead(mountpoint, min(max(amplify >> 10, 128), 4096))
         except UnsupportedFilesystemError as e:
             raise UsageError(f"cache dir {cache_dir}: {e}") from None
         except PreContentUnsupportedError as e:
@@ -466,6 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--ready-fd", type=int, default=None)
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)  # `kill -USR1`: thread stacks to the log
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
                         stream=sys.stderr)  # fmt: skip
     try:

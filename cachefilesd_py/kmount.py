@@ -99,6 +99,45 @@ def umount(mountpoint: str | os.PathLike[str], *, lazy: bool = False) -> None:
     raise MountError(err, f"umount {os.fsdecode(target)}: {os.strerror(err)}{hint}")
 
 
+FS_IOC_GETFSSYSFSPATH = 0x80811501  # _IOR(0x15, 1, struct fs_sysfs_path { __u8 len; __u8 name[128]; })
+
+
+def mount_bdi_name(mountpoint: str | os.PathLike[str]) -> str | None:
+    """The backing-dev name of the filesystem mounted at ``mountpoint`` (``erofs-324`` for a file-backed
+    EROFS mount, from its sysfs path ``erofs/erofs-324``), or None when the kernel does not say (< 6.8)."""
+    import fcntl
+
+    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        buf = bytearray(129)
+        fcntl.ioctl(fd, FS_IOC_GETFSSYSFSPATH, buf)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    name = bytes(buf[1 : 1 + min(buf[0], 128)]).decode(errors="replace")
+    return name.rsplit("/", 1)[-1] or None
+
+
+def set_mount_readahead(mountpoint: str | os.PathLike[str], kib: int) -> bool:
+    """Set the readahead window of the mount's backing-dev (``/sys/class/bdi/<name>/read_ahead_kb``).
+
+    A file-backed EROFS mount reads its ``device=`` files in windows of this size, so in fanotify mode it is
+    the size of each pre-content event: 1 MiB windows mean 8x fewer daemon round trips than the 128 KiB
+    default.  Best effort: False when the kernel does not say which bdi the mount has.
+    """
+    name = mount_bdi_name(mountpoint)
+    if not name or "/" in name or name.startswith("."):
+        return False
+    path = Path("/sys/class/bdi") / name / "read_ahead_kb"
+    try:
+        path.write_text(f"{int(kib)}\n")
+    except OSError as e:
+        log.info("cannot set %s: %s", path, e)
+        return False
+    return True
+
+
 def _unescape(field: str) -> str:
     out, i = [], 0
     while i < len(field):
@@ -277,6 +316,7 @@ def mount_image(boot: str | os.PathLike[str], mountpoint: str | os.PathLike[str]
         return data
     code = proc.wait()
     if status.startswith("error "):
+        log_path.unlink(missing_ok=True)  # the error is the one line reported
         raise MountError(errno.EIO, status[len("error ") :])
     raise MountError(errno.EIO, f"mount daemon exited with status {code} before mounting (log: {log_path})")
 
