@@ -189,9 +189,10 @@ class BlobWriter:
             toc.append(self._toc_entry(name, hashlib.sha256(digest_of or payload).digest(), offset, len(payload)))
 
         data_end = self._c_off
-        self._sink.drain()
-        data_digest = self._sink.sha.copy().digest()  # the running blob hash covers exactly the data so far
         self._write(tar_header(r.TOC_ENTRY_BLOB_RAW, data_end))
+        self._sink.drain()
+        # as upstream: the running blob hash at this point, i.e. sha256 of the data and its tar header
+        data_digest = self._sink.sha.copy().digest()
         # Upstream records the data section with compressed_offset = its end (builder's running offset).
         toc.append(
             r.TocEntry.pack(
