@@ -233,6 +233,10 @@ class Daemon:
         except (NydusErofsError, OSError) as e:
             self._refuse(msg, errno.EIO, str(e), logging.ERROR)
             return
+        except Exception as e:  # a bug: fail this mount, keep serving the others
+            log.exception("OPEN %s: unexpected error", msg.cookie_key)
+            self._refuse(msg, errno.EIO, f"unexpected error: {e!r}", logging.ERROR)
+            return
         obj = _Object(msg.object_id, msg.fd, msg.cookie_key, volume, image, blob)
         with self._lock:
             old = self._objects.pop(msg.object_id, None)
@@ -244,6 +248,10 @@ class Daemon:
         except FscacheError as e:
             log.error("OPEN %s in %s: copen failed: %s", msg.cookie_key, msg.volume, e)
             self.counters.add(opens_failed=1)
+            with self._lock:
+                if self._objects.get(msg.object_id) is obj:
+                    del self._objects[msg.object_id]
+            obj.close()
             return
         self.counters.add(opens=1)
         log.debug("OPEN object %d: %s in volume %s, %d bytes", msg.object_id, obj.what, volume, size)
