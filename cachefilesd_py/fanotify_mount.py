@@ -254,18 +254,40 @@ class FanotifyServer:
             self.counters[key] += 1
 
     # -- serving --------------------------------------------------------------------------------------------
-    def serve(self) -> None:
-        """Read and answer events until :meth:`stop`."""
+    def serve(self, until_unmounted: Path | None = None) -> None:
+        """Read and answer events until :meth:`stop` (or, with ``until_unmounted``, until nothing is mounted
+        there any more: a plain ``umount`` then also ends the daemon)."""
+        from .kmount import is_mounted
+
         poller = select.poll()
         gfd = self.group.fileno()
         poller.register(gfd, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
+        mounts = None
+        if until_unmounted is not None:  # the mount table polls POLLPRI on every change
+            mounts = open("/proc/self/mounts", "rb")  # noqa: SIM115 - closed below
+            poller.register(mounts.fileno(), select.POLLPRI)
         by_inode = self._by_inode
         counters = self.counters
+        try:
+            self._serve(poller, mounts, until_unmounted, is_mounted, by_inode, counters)
+        finally:
+            if mounts is not None:
+                mounts.close()
+
+    def _serve(self, poller: Any, mounts: Any, mountpoint: Path | None, is_mounted: Any,
+               by_inode: dict[tuple[int, int], CacheFile], counters: dict[str, int]) -> None:  # fmt: skip
+        mfd = mounts.fileno() if mounts is not None else -1
         while True:
             ready = poller.poll()
             if any(fd == self._stop_r for fd, _ in ready):
                 return
+            if mfd >= 0 and any(fd == mfd for fd, _ in ready):
+                mounts.seek(0)
+                mounts.read()  # re-arms the notification
+                if not is_mounted(mountpoint, None):
+                    log.warning("%s was unmounted: stopping", mountpoint)
+                    return
             for ev in self.group.read_events():
                 if ev.fd == FAN_NOFD or ev.fd < 0:  # queue overflow: nothing to answer
                     continue
@@ -426,10 +448,8 @@ def run_daemon(*, boot: Path, mountpoint: Path, cache_dir: Path, backend: BlobBa
     _report(ready_fd, "ok")
     log.info("serving %s on %s (%d blobs)", boot, mountpoint, len(files))
     try:
-        server.serve()
+        server.serve(until_unmounted=mountpoint)
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
         # stopped with the image still mounted (not through umount): never leave a mount without its daemon,
         # whose holes would read as zeros
         try:
@@ -452,6 +472,8 @@ def run_daemon(*, boot: Path, mountpoint: Path, cache_dir: Path, backend: BlobBa
         except OSError as e:
             log.error("cannot write final stats to %s: %s", record, e)
         log.info("stopped: %s", json.dumps(stats["pipeline"]))
+        for s, h in old.items():  # only now: a late SIGTERM must not cut the final record short
+            signal.signal(s, h)
     return 0
 
 

@@ -379,11 +379,23 @@ def _is_daemon(rec: dict[str, Any]) -> bool:
     return bool(pid) and process_start_time(pid) == rec.get("start_time") is not None
 
 
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:  # exited meanwhile
+        pass
+
+
 def _forget(mp: Path, rec: dict[str, Any]) -> dict[str, Any]:
     pid = rec.get("pid")
     if pid and _is_daemon(rec):
-        os.kill(pid, signal.SIGTERM)
+        _kill(pid, signal.SIGTERM)
         _wait_exit(pid, 30)
+    elif pid:
+        try:  # our child that exited by itself: reap it
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
     rec = read_record(mp) or rec
     for p in (record_path(mp), record_path(mp).with_suffix(".log")):
         try:
@@ -405,10 +417,12 @@ def umount_image(mountpoint: str | os.PathLike[str], *, timeout: float = 30.0) -
     if is_mounted(mp, None):
         umount(mp)
     pid = rec.get("pid")
-    if pid and _is_daemon(rec):
-        os.kill(pid, signal.SIGTERM)
+    if pid and _is_daemon(rec):  # (it also stops by itself once it sees the mount gone)
+        _kill(pid, signal.SIGTERM)
         if not _wait_exit(pid, timeout):
-            os.kill(pid, signal.SIGKILL)
+            _kill(pid, signal.SIGUSR1)  # the daemon dumps its threads' stacks into its log
+            _wait_exit(pid, 1.0)
+            _kill(pid, signal.SIGKILL)
             _wait_exit(pid, None)
             raise MountError(errno.ETIMEDOUT, f"daemon {pid} did not stop within {timeout:g}s: killed")
     return _forget(mp, rec)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import random
+import select
 import shutil
 import stat
 import subprocess
@@ -39,6 +40,7 @@ from erofs.reader import Bootstrap, ImageReader, LocalBlobDir
 from fscache.errors import PreContentUnsupportedError, UnsupportedFilesystemError
 from tests.fstree import assert_same_tree
 from tests.kernel import erofs_file_backed_mounts
+from tests.kernel import umount as kernel_umount
 from tests.test_build import make_rootfs
 
 CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
@@ -387,6 +389,25 @@ def test_full_mode_fetches_everything_then_mounts_without_daemon(mounts: Mounts,
     stats = mounts.umount(mp)["stats"]
     assert stats["events"]["events"] == 0 and stats["events"]["complete_unmarked"] == 1
     assert stats["pipeline"]["backend_reads"] == 0
+
+
+def test_plain_umount_stops_the_daemon(mounts: Mounts, image: Path) -> None:
+    """Unmounted by other means (util-linux umount): the daemon notices and exits, recording its stats."""
+    if "none" not in image.name:
+        pytest.skip("one compressor is enough")
+    mp, rec = mounts.mount(image, "plain")
+    assert (mp / "small").read_bytes() == b"hello\n"
+    pidfd = os.pidfd_open(rec["pid"])
+    try:
+        kernel_umount(mp)
+        p = select.poll()
+        p.register(pidfd, select.POLLIN)
+        assert p.poll(TIMEOUT * 1000), "daemon still running after its mount went away"
+    finally:
+        os.close(pidfd)
+    left = read_record(mp)
+    assert left is not None and left["stopped"] and left["stats"]["pipeline"]["chunks_written"] > 0
+    mounts.umount(mp)  # forgets the record, reaps the daemon
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
