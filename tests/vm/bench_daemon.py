@@ -27,7 +27,7 @@ _times: dict[str, float] = {}
 
 @pytest.fixture(scope="module")
 def bench_daemon() -> Iterator[DaemonProc]:
-    d = DaemonProc(scratch() / "bench").start()
+    d = DaemonProc(scratch() / "bench", "--no-supervisor", "--json-logs").start()  # the one-process mode
     try:
         yield d
     finally:
