@@ -1,7 +1,7 @@
 """An OCI image layout (``oci:PATH[:TAG]``) as a list of tar layers, bottom to top.
 
 ``index.json`` → the manifest named by ``org.opencontainers.image.ref.name`` (or the only one) → for an
-image index, the manifest of the wanted platform (``--platform os/arch[/variant]``, default linux/amd64)
+image index, the manifest of the wanted platform (``--platform os/arch[/variant]``, default the host's)
 → its layers in order.  Each layer blob is read as a stream and its sha256 is checked while it streams;
 a mismatch fails the build.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +36,10 @@ LAYER_MEDIA_TYPES = {
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
 }
 REF_NAME = "org.opencontainers.image.ref.name"
-DEFAULT_PLATFORM = "linux/amd64"
+_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm/v7",
+         "armv6l": "arm/v6", "i686": "386", "i386": "386", "ppc64le": "ppc64le", "s390x": "s390x",
+         "riscv64": "riscv64"}  # fmt: skip
+DEFAULT_PLATFORM = "linux/" + _ARCH.get(platform.machine().lower(), "amd64")  # the host's, as docker pulls
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 _MAX_JSON = 16 << 20
 _MAX_NESTING = 8
@@ -202,9 +206,9 @@ def _verifier(hexd: str, size: int | None, digest: object) -> Callable[[bytes | 
     return verify
 
 
-def oci_layers(reference: str, platform: str | None = None) -> list[TarLayer]:
-    """The tar layers of ``oci:PATH[:TAG]``, bottom first."""
+def oci_layers(reference: str, want: str | None = None) -> list[TarLayer]:
+    """The tar layers of ``oci:PATH[:TAG]`` (for platform ``want``, default the host's), bottom first."""
     path, tag = parse_reference(reference)
     if not path.is_dir():
         raise SourceError(f"{path}: no such OCI image layout directory")
-    return OciLayout(path).layers(tag, platform or DEFAULT_PLATFORM)
+    return OciLayout(path).layers(tag, want or DEFAULT_PLATFORM)

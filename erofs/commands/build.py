@@ -86,7 +86,7 @@ def layers_of(sources: Sequence[str], platform: str | None = None) -> list[Layer
               help="Dedup against this image bootstrap (blobs it uses are copied into OUT/blobs).")  # fmt: skip
 @click.option("--chunk-dict-blob-dir", type=click.Path(file_okay=False),
               help="Blob directory of --chunk-dict [default: its directory's blobs/].")  # fmt: skip
-@click.option("--platform", default=None, help="os/arch[/variant] of a multi-platform OCI image [linux/amd64].")
+@click.option("--platform", default=None, help="os/arch[/variant] of a multi-platform OCI image [the host's].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def build(sources: tuple[str, ...], output_dir: str, chunk_size: str, compressor: str, digester: str,
           whiteout_spec: str, chunk_dict: str | None, chunk_dict_blob_dir: str | None, platform: str | None,
