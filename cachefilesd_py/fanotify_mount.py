@@ -30,9 +30,9 @@ import signal
 import stat
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,13 @@ SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 # -- cache files --------------------------------------------------------------------------------------------------
 @dataclass(eq=False)
 class CacheFile:
-    """A blob's sparse cache file, with an fd opened before any fanotify mark (so using it raises no event)."""
+    """A blob's sparse cache file, with an fd opened before any fanotify mark (so using it raises no event).
+
+    What is present is what the file holds: at open, its data extents (SEEK_DATA/SEEK_HOLE) are read into a
+    page map, which then follows our own writes (a write is recorded once it has succeeded).  Presence checks
+    on the hot path use the map, not a syscall: ``lseek(SEEK_HOLE)`` waits for the inode lock that every
+    concurrent 1 MiB write holds.  Pages no chunk covers count as present (there is nothing to fetch there).
+    """
 
     handle: BlobHandle
     path: Path
@@ -73,45 +79,99 @@ class CacheFile:
     last_end: int = -1
     ra_end: int = 0
     marked: bool = False
+    pages: bytearray = field(default_factory=bytearray, repr=False)
 
-    def present(self, d_off: int, d_size: int) -> bool:
-        """Whether ``[d_off, d_off + d_size)`` holds data (no hole): the pipeline's ``present``."""
-        end = min(d_off + d_size, self.size)
-        if d_off >= end:
-            return True
-        try:
-            return os.lseek(self.fd, d_off, SEEK_HOLE) >= end
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # d_off at or past EOF
-                return True
-            raise
+    def __post_init__(self) -> None:
+        if not self.pages:
+            self.pages = self._scan()
 
-    def complete(self) -> bool:
-        """No hole anywhere: every chunk is in the file."""
-        return self.present(0, self.size)
+    def _scan(self) -> bytearray:
+        npages = -(-self.size // PAGE_SIZE)
+        pages = bytearray(b"\x01") * npages  # no chunk there: nothing to fetch
+        meta = self.handle.meta
+        for ci in range(meta.chunk_count):
+            _, _, d_off, d_size = meta.chunk(ci)
+            a, b = d_off // PAGE_SIZE, min(-(-(d_off + d_size) // PAGE_SIZE), npages)
+            if a < b:
+                pages[a:b] = bytes(b - a)
+        for off, length in self.data_extents():
+            a, b = -(-off // PAGE_SIZE), (off + length) // PAGE_SIZE
+            if a < b:
+                pages[a:b] = b"\x01" * (b - a)
+        return pages
 
-    def missing(self) -> int:
-        """Bytes of holes in the file (what a fill of everything would still fetch, before amplification)."""
-        pos = missing = 0
+    def data_extents(self) -> list[tuple[int, int]]:
+        """``(offset, length)`` of the file's data (non-hole) extents."""
+        out: list[tuple[int, int]] = []
+        pos = 0
         while pos < self.size:
             try:
                 data = os.lseek(self.fd, pos, SEEK_DATA)
             except OSError as e:
-                if e.errno != errno.ENXIO:
+                if e.errno != errno.ENXIO:  # no data after pos
                     raise
-                data = self.size
-            missing += max(min(data, self.size) - pos, 0)
+                break
             if data >= self.size:
                 break
-            hole = os.lseek(self.fd, data, SEEK_HOLE)
-            pos = hole if hole > pos else pos + PAGE_SIZE  # never loop on a filesystem that answers oddly
-        return missing
+            hole = min(os.lseek(self.fd, data, SEEK_HOLE), self.size)
+            if hole <= data:  # never loop on a filesystem that answers oddly
+                hole = data + PAGE_SIZE
+            out.append((data, hole - data))
+            pos = hole
+        return out
+
+    def present(self, d_off: int, d_size: int) -> bool:
+        """Whether ``[d_off, d_off + d_size)`` is in the file (the pipeline's ``present``)."""
+        a = d_off // PAGE_SIZE
+        b = -(-min(d_off + d_size, self.size) // PAGE_SIZE)
+        return a >= b or self.pages.find(0, a, b) < 0
+
+    def record(self, offset: int, length: int) -> None:
+        """``[offset, offset + length)`` was written (whole pages)."""
+        a, b = offset // PAGE_SIZE, -(-(offset + length) // PAGE_SIZE)
+        self.pages[a:b] = b"\x01" * (b - a)
+
+    def complete(self) -> bool:
+        """Nothing left to fetch (the map says so, and the file agrees)."""
+        if self.pages.find(0) >= 0:
+            return False
+        return not self.missing_pages()
+
+    def missing_pages(self) -> list[int]:
+        """Pages some chunk covers that are holes in the file."""
+        have = bytearray(-(-self.size // PAGE_SIZE))
+        for off, length in self.data_extents():
+            a, b = off // PAGE_SIZE, -(-(off + length) // PAGE_SIZE)
+            have[a:b] = b"\x01" * (b - a)
+        out = []
+        meta = self.handle.meta
+        for ci in range(meta.chunk_count):
+            _, _, d_off, d_size = meta.chunk(ci)
+            a, b = d_off // PAGE_SIZE, -(-(d_off + d_size) // PAGE_SIZE)
+            i = have.find(0, a, b)
+            if i >= 0:
+                out.append(i)
+        return out
+
+    def missing(self) -> int:
+        """Bytes of the page map still to fetch."""
+        return self.pages.count(0) * PAGE_SIZE
 
     def pwrite(self, offset: int, data: memoryview) -> None:
-        """Write through the pre-mark fd (full mode, no events)."""
+        """Write through the pre-mark fd (readahead, full mode: no events)."""
         done = 0
         while done < data.nbytes:
             done += os.pwrite(self.fd, data[done:], offset + done)
+        self.record(offset, data.nbytes)
+
+    def event_writer(self, ev: PreAccessEvent) -> Callable[[int, memoryview], None]:
+        """A pipeline ``write`` through the event's fd that records what it wrote."""
+
+        def write(offset: int, data: memoryview) -> None:
+            ev.write(offset, data)
+            self.record(offset, data.nbytes)
+
+        return write
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -330,7 +390,7 @@ class FanotifyServer:
     def _fill_event(self, cf: CacheFile, ev: PreAccessEvent) -> None:
         assert ev.offset is not None and ev.count is not None
         try:
-            self.pipeline.fill(cf.handle, ev.offset, ev.count, ev.write, cf.present)
+            self.pipeline.fill(cf.handle, ev.offset, ev.count, cf.event_writer(ev), cf.present)
         except Exception as e:  # noqa: BLE001 - one line, EIO for this reader, keep serving
             log.error("blob %s: fill of %d+%d failed: %s", cf.handle.blob_id, ev.offset, ev.count, e)
             self._deny(ev)
@@ -423,7 +483,7 @@ def run_daemon(*, boot: Path, mountpoint: Path, cache_dir: Path, backend: BlobBa
             server = FanotifyServer(files, pipeline, workers=workers, readahead=readahead)
             mount_erofs_file_backed(boot, mountpoint, [cf.path for cf in files])
             # events as big as a fetch: one round trip per amplification window rather than per 128 KiB
-            set_mount_readahead(mountpoint, min(max(amplify >> 10, 128), 4096))
+            set_mount_readahead(mountpoint, min(max(amplify >> 10, 128), 1024))
         except UnsupportedFilesystemError as e:
             raise UsageError(f"cache dir {cache_dir}: {e}") from None
         except PreContentUnsupportedError as e:
