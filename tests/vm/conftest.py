@@ -1,6 +1,7 @@
 """Tests in tests/vm run inside the test VM only (kernel-test/run-vm sets NYDUS_EROFS_IN_VM=1).
 
-On the host they are skipped; tests/test_vm_suite.py boots the VM once and runs this folder there. In the guest:
+On the host they are not collected (tests/conftest.py); tests/test_vm_suite.py boots the VM once and runs this
+folder there. In the guest:
 - the root file system is the host's, read-only; write only under $VM_SCRATCH (ext4) — pytest's ``tmp_path``
   is there too, because run-vm points TMPDIR at $VM_SCRATCH/tmp;
 - you are root, with /dev/cachefiles (one opener at a time, system-wide), fanotify, EROFS (file-backed and
@@ -13,19 +14,6 @@ import os
 from pathlib import Path
 
 import pytest
-
-IN_VM = os.environ.get("NYDUS_EROFS_IN_VM") == "1"
-HERE = Path(__file__).resolve().parent
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if IN_VM:
-        return
-    skip = pytest.mark.skip(reason="runs only inside the test VM: tests/test_vm_suite.py runs tests/vm there "
-                                   "through kernel-test/run-vm")
-    for item in items:
-        if HERE in item.path.parents:
-            item.add_marker(skip)
 
 
 @pytest.fixture
