@@ -21,6 +21,7 @@ writes the owner's verified data itself, so every caller ends with its range fil
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -32,7 +33,7 @@ from erofs.reader.blob import BlobMeta, plan_reads
 
 from .backends import BlobBackend
 
-__all__ = ["PAGE_SIZE", "BlobHandle", "Pipeline", "PipelineStats", "WriteFn", "PresentFn"]
+__all__ = ["PAGE_SIZE", "BlobHandle", "Pipeline", "PipelineStats", "WriteFn", "PresentFn", "tune_malloc"]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,32 @@ class PipelineStats:
                     setattr(self, f.name, 0)
 
 
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_malloc_tuned = False
+
+
+def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 64 << 20) -> bool:
+    """Keep chunk-sized buffers (fetched spans, decompressed chunks) in the malloc heap (glibc only).
+
+    By default glibc serves every 1 MiB allocation with a fresh mmap (or trims the heap right after it is
+    freed), so each chunk costs 256 page faults and the zeroing of 1 MiB: lz4 decompression then runs at
+    ~0.8 GB/s instead of ~7-10.  Called once per process by :class:`Pipeline`; True if it applied.
+    """
+    global _malloc_tuned
+    if _malloc_tuned:
+        return True
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    _malloc_tuned = ok
+    return ok
+
+
 def _padded(data: memoryview) -> memoryview:
     n = data.nbytes
     want = -(-n // PAGE_SIZE) * PAGE_SIZE
@@ -142,6 +169,7 @@ class Pipeline:
         self.amplify = amplify
         self.workers = workers
         self.stats = PipelineStats()
+        tune_malloc()
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, int], Future[memoryview | None]] = {}
         self._pool: ThreadPoolExecutor | None = None
