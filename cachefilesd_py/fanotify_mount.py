@@ -242,10 +242,10 @@ class FanotifyServer:
     """
 
     def __init__(self, files: Sequence[CacheFile], pipeline: Pipeline, *, workers: int = 4,
-                 readahead: int | None = None, readahead_workers: int = 2) -> None:  # fmt: skip
+                 readahead: int | None = None, readahead_workers: int = 3) -> None:  # fmt: skip
         self.files = list(files)
         self.pipeline = pipeline
-        self.readahead = 4 * max(pipeline.amplify, 1 << 20) if readahead is None else readahead
+        self.readahead = 8 * max(pipeline.amplify, 1 << 20) if readahead is None else readahead
         self.ra_piece = max(pipeline.amplify, 1 << 20)
         self.workers = workers
         self._by_inode: dict[tuple[int, int], CacheFile] = {}

@@ -51,7 +51,7 @@ def _backend_config(text: str | None) -> dict[str, Any]:
 @click.option("--cache-dir", required=True, type=click.Path(file_okay=False),
               help="Blob cache files go here (ext4, xfs or btrfs for fanotify mode).")  # fmt: skip
 @click.option("--amplify", default="1MiB", show_default=True, help="Least bytes one fetch brings in.")
-@click.option("--readahead", default=None, help="Bytes kept filled ahead of a sequential reader [2 x amplify].")
+@click.option("--readahead", default=None, help="Bytes filled ahead of a sequential reader (0: off) [8 x amplify].")
 @click.option("--workers", default=4, show_default=True, type=click.IntRange(1, 256), help="Fill threads.")
 @click.option("--foreground", is_flag=True, help="Serve from this process until umount (fanotify mode).")
 @click.option("--json", "as_json", is_flag=True, help="Print the mount record as JSON.")
