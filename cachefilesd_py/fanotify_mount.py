@@ -428,15 +428,25 @@ class FanotifyServer:
 
 # -- full mode ----------------------------------------------------------------------------------------------------
 def fill_all(files: Sequence[CacheFile], pipeline: Pipeline) -> int:
-    """Fetch everything missing into the cache files (verified), writing through their fds. Returns bytes."""
+    """Fetch everything missing into the cache files (verified), writing through their fds, on the
+    pipeline's workers; then fsync.  Returns the bytes written; raises the first failure."""
+    step = max(pipeline.amplify, 8 << 20)
+    futures = [
+        pipeline.submit(cf.handle, off, min(step, cf.size - off), cf.pwrite, cf.present)
+        for cf in files
+        for off in range(0, cf.size, step)
+        if not cf.present(off, min(step, cf.size - off))
+    ]
     total = 0
+    first: BaseException | None = None
+    for fut in futures:
+        try:
+            total += fut.result()
+        except Exception as e:  # noqa: BLE001 - wait for the others, then raise the first
+            first = first or e
+    if first is not None:
+        raise first
     for cf in files:
-        step = max(pipeline.amplify, 8 << 20)
-        for off in range(0, cf.size, step):
-            n = min(step, cf.size - off)
-            if cf.present(off, n):
-                continue
-            total += pipeline.fill(cf.handle, off, n, cf.pwrite, cf.present)
         os.fsync(cf.fd)
     return total
 

@@ -36,6 +36,7 @@ from cachefilesd_py.kmount import (
     record_path,
     umount_image,
 )
+from erofs.errors import DigestMismatchError
 from erofs.reader import Bootstrap, ImageReader, LocalBlobDir
 from fscache.errors import PreContentUnsupportedError, UnsupportedFilesystemError
 from tests.fstree import assert_same_tree
@@ -325,6 +326,11 @@ def test_corrupted_chunk_gives_eio_for_its_file_only(mounts: Mounts, tmp_path: P
     assert handle.blob_id in log_text and f"chunk {victim_chunks[1].ci_index}" in log_text
     stats = mounts.umount(mp)["stats"]
     assert stats["events"]["denied"] >= 2 and stats["pipeline"]["digest_failures"] >= 1
+    # full mode verifies everything before mounting: the damaged chunk fails the mount, nothing is mounted
+    with pytest.raises(DigestMismatchError) as failed:
+        mounts.mount(out, "damaged-full", mode="full", blobs=blobs)
+    assert handle.blob_id in str(failed.value) and "\n" not in str(failed.value)
+    assert not is_mounted(tmp_path / "mnt-damaged-full", None) and read_record(tmp_path / "mnt-damaged-full") is None
 
 
 # -- concurrency --------------------------------------------------------------------------------------------------
