@@ -103,8 +103,9 @@ def parse_args(argv: Sequence[str]) -> Options:
                     "fanotify; the host root is the guest's read-only root, a fresh ext4 disk is at $VM_SCRATCH. "
                     "Exits with CMD's status, 124 on timeout, 125 when the VM failed.",
     )
-    parser.add_argument("--kernel", type=Path, help=f"bzImage to boot (default: ${vmkernel.ENV_KERNEL}, else "
-                        "the shared or cached kernel that fits kernel-test/fragment.config)")
+    parser.add_argument("--kernel", type=Path, metavar="PATH",
+                        help=f"bzImage to boot (default: ${vmkernel.ENV_KERNEL}, else the shared or cached kernel "
+                             "that fits kernel-test/fragment.config)")
     parser.add_argument("--mem", type=int, default=DEFAULT_MEM_MB, metavar="MB",
                         help="guest memory (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
