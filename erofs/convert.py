@@ -1,0 +1,188 @@
+"""``nydus-erofs convert``: an OCI image → a Nydus image, as an OCI image layout or pushed to a registry.
+
+The Nydus image follows upstream nydusify's conventions (``contrib/nydusify/pkg/utils/constant.go``): one
+layer per data blob (media type ``application/vnd.oci.image.layer.nydus.blob.v1``, digest = ``sha256:<blob
+id>``, annotation ``containerd.io/snapshot/nydus-blob``), then, last, a gzip tar layer holding
+``image/image.boot`` (annotation ``containerd.io/snapshot/nydus-bootstrap``).  The config is the source's, its
+``rootfs.diff_ids`` rewritten for the new layers.  Registries are reached through skopeo (a real peer): a
+``docker://`` source is copied into a temporary layout first, a ``docker://`` target is pushed from one.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from erofs.bootstrap import ImageOptions
+from erofs.builder import BOOTSTRAP_NAME, BuildResult
+from erofs.errors import SourceError, UsageError
+from erofs.source_oci import DEFAULT_PLATFORM, MT_MANIFEST, REF_NAME, OciLayout, parse_platform, parse_reference
+from erofs.sources import build_image
+
+MT_CONFIG = "application/vnd.oci.image.config.v1+json"
+MT_NYDUS_BLOB = "application/vnd.oci.image.layer.nydus.blob.v1"
+MT_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+ANN_NYDUS_BLOB = "containerd.io/snapshot/nydus-blob"
+ANN_NYDUS_BOOTSTRAP = "containerd.io/snapshot/nydus-bootstrap"
+ANN_NYDUS_FS_VERSION = "containerd.io/snapshot/nydus-fs-version"
+NYDUS_OS_FEATURE = "nydus.remoteimage.v1"
+BOOTSTRAP_MEMBER = "image/image.boot"
+
+
+@dataclass(slots=True)
+class ConvertResult:
+    target: str
+    manifest_digest: str
+    manifest: dict[str, Any]
+    build: BuildResult
+
+    def to_json(self) -> dict[str, object]:
+        return {"target": self.target, "manifest_digest": self.manifest_digest, "manifest": self.manifest,
+                "image": self.build.to_json()}  # fmt: skip
+
+
+def _skopeo(*args: str) -> None:
+    if shutil.which("skopeo") is None:
+        raise UsageError("docker:// references need skopeo (apt-get install skopeo)")
+    proc = subprocess.run(["skopeo", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        raise SourceError(f"skopeo {args[0]}: {lines[-1] if lines else 'failed'}")
+
+
+def _split(ref: str) -> tuple[str, str]:
+    kind, sep, rest = ref.partition(":")
+    if not sep or kind not in ("oci", "docker") or not rest:
+        raise UsageError(f"{ref!r}: expected oci:PATH[:TAG] or docker://REGISTRY/REPO[:TAG]")
+    return kind, rest
+
+
+def _tls(plain_http: bool, flag: str) -> list[str]:
+    return [f"--{flag}-tls-verify=false"] if plain_http else []
+
+
+def _bootstrap_layer(boot: Path) -> tuple[bytes, str]:
+    """The bootstrap as a reproducible tar.gz (bytes) and the sha256 of the uncompressed tar (its diff id)."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in ("image",):
+            info = tarfile.TarInfo(name)
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 0
+            tar.addfile(info)
+        info = tarfile.TarInfo(BOOTSTRAP_MEMBER)
+        info.size, info.mode, info.mtime = boot.stat().st_size, 0o644, 0
+        with open(boot, "rb") as f:
+            tar.addfile(info, f)
+    tar_bytes = raw.getvalue()
+    return gzip.compress(tar_bytes, mtime=0), "sha256:" + hashlib.sha256(tar_bytes).hexdigest()
+
+
+class _LayoutWriter:
+    """Adds content-addressed blobs and one tagged manifest to an OCI image layout directory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        (path / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        if not (path / "oci-layout").exists():
+            self._atomic(path / "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+
+    @staticmethod
+    def _atomic(dest: Path, data: bytes) -> None:
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+
+    def add_bytes(self, data: bytes, media_type: str, **extra: Any) -> dict[str, Any]:
+        digest = hashlib.sha256(data).hexdigest()
+        dest = self.path / "blobs" / "sha256" / digest
+        if not dest.exists():
+            self._atomic(dest, data)
+        return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data), **extra}
+
+    def add_file(self, src: Path, digest: str, media_type: str, **extra: Any) -> dict[str, Any]:
+        dest = self.path / "blobs" / "sha256" / digest
+        if not dest.exists():
+            tmp = dest.with_name(f".{digest}.tmp")
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copyfile(src, tmp)
+            os.replace(tmp, dest)
+        return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": src.stat().st_size, **extra}
+
+    def tag(self, manifest_desc: dict[str, Any], tag: str | None) -> None:
+        index_path = self.path / "index.json"
+        index = json.loads(index_path.read_text()) if index_path.exists() else {"schemaVersion": 2, "manifests": []}
+        if tag:
+            manifest_desc = {**manifest_desc, "annotations": {REF_NAME: tag}}
+            index["manifests"] = [m for m in index.get("manifests", [])
+                                  if m.get("annotations", {}).get(REF_NAME) != tag]  # fmt: skip
+        index.setdefault("manifests", []).append(manifest_desc)
+        index.setdefault("mediaType", "application/vnd.oci.image.index.v1+json")
+        self._atomic(index_path, json.dumps(index, indent=2).encode())
+
+
+def convert(source: str, target: str, opts: ImageOptions, *, platform: str | None = None,
+            chunk_dict: str | None = None, plain_http: bool = False,
+            work_dir: str | None = None) -> ConvertResult:  # fmt: skip
+    """Convert the OCI image ``source`` into a Nydus image at ``target`` (``oci:`` or ``docker://``)."""
+    src_kind, src_rest = _split(source)
+    dst_kind, dst_rest = _split(target)
+    want = platform or DEFAULT_PLATFORM
+    parse_platform(want)
+    with tempfile.TemporaryDirectory(prefix="nydus-erofs-convert-", dir=work_dir) as tmpdir:
+        tmp = Path(tmpdir)
+        if src_kind == "docker":
+            os_name, arch = want.split("/")[:2]
+            src_ref = f"oci:{tmp / 'src'}:src"
+            _skopeo("copy", "--quiet", *_tls(plain_http, "src"), f"--override-os={os_name}",
+                    f"--override-arch={arch}", f"docker:{src_rest}", src_ref)  # fmt: skip
+        else:
+            src_ref = source
+        layout_path, tag = parse_reference(src_ref)
+        if not layout_path.is_dir():
+            raise SourceError(f"{layout_path}: no such OCI image layout directory")
+        layout = OciLayout(layout_path)
+        src_manifest = layout.manifest(tag, want)
+        config = layout._blob_json(src_manifest["config"])
+        sources = [src_ref]
+        result = build_image(sources, tmp / "image", opts, platform=want, chunk_dict=chunk_dict)
+
+        if dst_kind == "oci":
+            out_path, out_tag = parse_reference(target)
+            out_path.mkdir(parents=True, exist_ok=True)
+        else:
+            out_path, out_tag = tmp / "out", "nydus"
+        writer = _LayoutWriter(out_path)
+        layers = []
+        diff_ids = []
+        for b in result.blobs:
+            layers.append(writer.add_file(tmp / "image" / "blobs" / b.blob_id, b.blob_id, MT_NYDUS_BLOB,
+                                          annotations={ANN_NYDUS_BLOB: "true"}))  # fmt: skip
+            diff_ids.append(f"sha256:{b.blob_id}")
+        boot_gz, boot_diff_id = _bootstrap_layer(tmp / "image" / BOOTSTRAP_NAME)
+        layers.append(writer.add_bytes(boot_gz, MT_LAYER_GZIP, annotations={ANN_NYDUS_BOOTSTRAP: "true",
+                                                                            ANN_NYDUS_FS_VERSION: "6"}))  # fmt: skip
+        diff_ids.append(boot_diff_id)
+        new_config = {k: v for k, v in config.items() if k != "history"}
+        new_config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
+        config_desc = writer.add_bytes(json.dumps(new_config, sort_keys=True).encode(), MT_CONFIG)
+        manifest = {"schemaVersion": 2, "mediaType": MT_MANIFEST, "config": config_desc, "layers": layers}
+        manifest_desc = writer.add_bytes(json.dumps(manifest, indent=2).encode(), MT_MANIFEST)
+        os_name, arch, *variant = want.split("/")
+        manifest_desc["platform"] = {"os": os_name, "architecture": arch, "os.features": [NYDUS_OS_FEATURE],
+                                     **({"variant": variant[0]} if variant else {})}  # fmt: skip
+        writer.tag(manifest_desc, out_tag)
+        if dst_kind == "docker":
+            _skopeo("copy", "--quiet", *_tls(plain_http, "dest"), f"oci:{out_path}:{out_tag}", f"docker:{dst_rest}")
+        return ConvertResult(target, manifest_desc["digest"], manifest, result)
