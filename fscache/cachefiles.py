@@ -15,7 +15,6 @@ import platform
 import select
 from collections.abc import Iterable
 from dataclasses import dataclass
-from types import TracebackType
 
 from cffi import FFI
 
@@ -29,6 +28,7 @@ from fscache.errors import (
     UnsupportedFilesystemError,
     from_errno,
 )
+from fscache.fd import FdOwner
 
 __all__ = [
     "CACHEFILES_MSG_MAX_SIZE",
@@ -176,7 +176,7 @@ def parse_message(buf: bytes) -> Message:
     raise ProtocolError(f"unknown cachefiles opcode {msg.opcode}")
 
 
-class CachefilesDevice:
+class CachefilesDevice(FdOwner):
     """A session on ``/dev/cachefiles``: one per system, open it with :meth:`open`."""
 
     def __init__(self, fd: int, path: str = DEVICE_PATH) -> None:
@@ -194,37 +194,15 @@ class CachefilesDevice:
             ) from None
         except OSError as e:
             if e.errno == errno.EBUSY:
-                raise DeviceBusyError(
-                    errno.EBUSY, f"another cache daemon (cachefilesd?) holds {path}", path
-                ) from None
+                raise DeviceBusyError(errno.EBUSY, f"another cache daemon (cachefilesd?) holds {path}", path) from None
             if e.errno in (errno.EPERM, errno.EACCES):
                 raise NotPrivilegedError(e.errno, f"cannot open {path}: needs root (CAP_SYS_ADMIN)", path) from None
             raise from_errno(e.errno or errno.EIO, f"cannot open {path}", path) from None
         return cls(fd, path)
 
-    def fileno(self) -> int:
-        """The device fd, for ``poll``/``select``."""
-        if self._fd < 0:
-            raise ValueError("CachefilesDevice is closed")
-        return self._fd
-
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
-
     def close(self) -> None:
         """Close the device; the kernel then fails pending and future requests with EIO."""
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
-
-    def __enter__(self) -> CachefilesDevice:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+        super().close()
 
     def command(self, cmd: str) -> None:
         """Write one raw command (``dir``, ``tag``, ``bind``, ``copen``, ``restore``...)."""

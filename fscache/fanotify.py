@@ -14,7 +14,6 @@ import errno
 import os
 import select
 from dataclasses import dataclass
-from types import TracebackType
 
 from cffi import FFI
 
@@ -26,6 +25,7 @@ from fscache.errors import (
     UnsupportedFilesystemError,
     from_errno,
 )
+from fscache.fd import FdOwner
 
 __all__ = [
     "FAN_ALLOW",
@@ -231,7 +231,7 @@ def parse_events(buf: bytes | bytearray | memoryview) -> list[PreAccessEvent]:
     return events
 
 
-class FanotifyGroup:
+class FanotifyGroup(FdOwner):
     """A fanotify group (by default pre-content class, non-blocking, event fds opened read-write)."""
 
     def __init__(self, pre_content: bool = True, nonblocking: bool = True) -> None:
@@ -252,29 +252,9 @@ class FanotifyGroup:
         self._fd: int = fd
         self.pre_content = pre_content
 
-    def fileno(self) -> int:
-        """The group fd, for ``poll``/``select``."""
-        if self._fd < 0:
-            raise ValueError("FanotifyGroup is closed")
-        return self._fd
-
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
-
     def close(self) -> None:
         """Close the group; the kernel allows every event still pending and drops the marks."""
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
-
-    def __enter__(self) -> FanotifyGroup:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+        super().close()
 
     def _mark(self, flags: int, mask: int, path: str | os.PathLike[str]) -> None:
         p = os.fsencode(path)
@@ -286,12 +266,15 @@ class FanotifyGroup:
             raise CommandError(err, f"cannot mark {name} for FAN_PRE_ACCESS: not a regular file", name)
         if err == errno.EINVAL and mask & FAN_PRE_ACCESS:
             raise PreContentUnsupportedError(
-                err, f"cannot mark {name} for FAN_PRE_ACCESS: kernel without fanotify pre-content events "
-                "(needs Linux >= 6.14)", name
+                err,
+                f"cannot mark {name} for FAN_PRE_ACCESS: kernel without fanotify pre-content events "
+                "(needs Linux >= 6.14)",
+                name,
             )
         if err == errno.EOPNOTSUPP:
             raise UnsupportedFilesystemError(
-                err, f"{name} is on a filesystem without pre-content event support (tmpfs?): use ext4/xfs/btrfs",
+                err,
+                f"{name} is on a filesystem without pre-content event support (tmpfs?): use ext4/xfs/btrfs",
                 name,
             )
         raise from_errno(err, f"fanotify_mark on {name} failed", name)
