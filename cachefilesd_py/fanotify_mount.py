@@ -253,6 +253,7 @@ class FanotifyServer:
             st = os.fstat(cf.fd)
             self._by_inode[(st.st_dev, st.st_ino)] = cf
         self._lock = threading.Lock()
+        self._closing = False
         self.counters = {"events": 0, "allowed_present": 0, "filled": 0, "denied": 0, "readahead": 0,
                          "complete_unmarked": 0}  # fmt: skip
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -280,11 +281,23 @@ class FanotifyServer:
             pass
 
     def close(self) -> None:
-        """Close the group (the kernel allows pending events and drops the marks) and the stop pipe."""
-        for name in ("_ra_pool", "_pool"):
-            pool = getattr(self, name, None)
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+        """Deny every event still held or queued (EIO: when the group closes, the kernel would *allow* them,
+        and holes would read as zeros), then close the group and the stop pipe."""
+        self._closing = True
+        ra_pool = getattr(self, "_ra_pool", None)
+        if ra_pool is not None:
+            ra_pool.shutdown(wait=True, cancel_futures=True)
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True)  # queued fills see _closing and deny
+        if not self.group.closed:
+            try:
+                while events := self.group.read_events():
+                    for ev in events:
+                        if ev.fd >= 0:
+                            self._deny(ev)
+            except (FscacheError, OSError) as e:
+                log.error("draining events: %s", e)
         self.group.close()
         for fd in (self._stop_r, self._stop_w):
             try:
@@ -389,6 +402,9 @@ class FanotifyServer:
 
     def _fill_event(self, cf: CacheFile, ev: PreAccessEvent) -> None:
         assert ev.offset is not None and ev.count is not None
+        if self._closing:
+            self._deny(ev)
+            return
         try:
             self.pipeline.fill(cf.handle, ev.offset, ev.count, cf.event_writer(ev), cf.present)
         except Exception as e:  # noqa: BLE001 - one line, EIO for this reader, keep serving
