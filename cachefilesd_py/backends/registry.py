@@ -13,7 +13,7 @@ from urllib.parse import urljoin, urlsplit
 from erofs.errors import BackendError
 
 from .auth import Credentials, RegistryAuth, docker_credentials, parse_auth
-from .http import MAX_DISCARD, HttpBackend
+from .http import HttpBackend
 from .retry import PermanentFailure, RetryPolicy, describe, is_temp_failure
 from .transport import Response, Transport, status_failure
 
@@ -129,33 +129,11 @@ class RegistryBackend(HttpBackend):
         password: str | None = None,
         token: str | None = None,
         docker_config: str | os.PathLike[str] | bool | None = None,
-        timeout: float = 30.0,
-        connect_timeout: float = 5.0,
-        retry_limit: int = 3,
-        backoff: float = 0.2,
-        max_backoff: float = 10.0,
-        max_discard: int = MAX_DISCARD,
-        pool_size: int = 8,
-        insecure: bool = False,
-        ca_file: str | None = None,
-        verify_digest: bool = True,
-        sleep: Callable[[float], None] | None = None,
+        **network: Any,
     ) -> None:
+        """``network``: :class:`HttpBackend`'s options (timeouts, retries, pool, TLS, ``verify_digest``)."""
         base, _ = _registry_origin(host, scheme, plain_http)
-        super().__init__(
-            f"{base}/v2/{_check_repo(repo)}/blobs",
-            timeout=timeout,
-            connect_timeout=connect_timeout,
-            retry_limit=retry_limit,
-            backoff=backoff,
-            max_backoff=max_backoff,
-            max_discard=max_discard,
-            pool_size=pool_size,
-            insecure=insecure,
-            ca_file=ca_file,
-            verify_digest=verify_digest,
-            sleep=sleep,
-        )
+        super().__init__(f"{base}/v2/{_check_repo(repo)}/blobs", **network)
         self.client = RegistryClient(
             host,
             repo,
