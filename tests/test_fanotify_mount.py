@@ -14,6 +14,7 @@ import os
 import random
 import select
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from typing import Any
 import pytest
 
 from cachefilesd_py.backends import make_backend
-from cachefilesd_py.fanotify_mount import probe_pre_content
+from cachefilesd_py.fanotify_mount import prepare_cache_files, probe_pre_content
 from cachefilesd_py.image import open_image
 from cachefilesd_py.kmount import (
     RUN_DIR_ENV,
@@ -36,6 +37,7 @@ from cachefilesd_py.kmount import (
     record_path,
     umount_image,
 )
+from cachefilesd_py.pipeline import Pipeline
 from erofs.errors import DigestMismatchError
 from erofs.reader import Bootstrap, ImageReader, LocalBlobDir
 from fscache.errors import PreContentUnsupportedError, UnsupportedFilesystemError
@@ -414,6 +416,52 @@ def test_plain_umount_stops_the_daemon(mounts: Mounts, image: Path) -> None:
     left = read_record(mp)
     assert left is not None and left["stopped"] and left["stats"]["pipeline"]["chunks_written"] > 0
     mounts.umount(mp)  # forgets the record, reaps the daemon
+
+
+def test_sigterm_while_mounted_unmounts(mounts: Mounts, image: Path) -> None:
+    """The daemon stopped without umount takes its mount with it (holes must never read as zeros)."""
+    if "lz4" not in image.name:
+        pytest.skip("one compressor is enough")
+    mp, rec = mounts.mount(image, "term")
+    pidfd = os.pidfd_open(rec["pid"])
+    try:
+        os.kill(rec["pid"], signal.SIGTERM)
+        p = select.poll()
+        p.register(pidfd, select.POLLIN)
+        assert p.poll(TIMEOUT * 1000), "daemon did not stop"
+    finally:
+        os.close(pidfd)
+    assert not is_mounted(mp, None)
+    assert read_record(mp)["stopped"]
+    mounts.umount(mp)
+
+
+def test_cache_files_reused_or_started_afresh(fanotify_ok: None, image: Path, tmp_path: Path) -> None:
+    if "none" not in image.name:
+        pytest.skip("one compressor is enough")
+    backend = make_backend("localfs", dir=image / "blobs")
+    try:
+        handles = open_image(image / "image.boot", backend)
+        cache = tmp_path / "cache"
+        cache.mkdir()
+        stale = cache / handles[0].blob_id
+        stale.write_bytes(b"junk" * 1000)  # wrong size: emptied, then sized
+        (cf,) = prepare_cache_files(cache, handles)
+        try:
+            assert cf.size == handles[0].uncompressed_size == stale.stat().st_size and not cf.reused
+            assert cf.data_extents() == [] and cf.missing() > 0 and not cf.complete()
+            chunk = handles[0].meta.chunk(0)
+            with Pipeline() as p:
+                p.fill(handles[0], chunk[2], 1, cf.pwrite, cf.present)
+        finally:
+            cf.close()
+        (again,) = prepare_cache_files(cache, handles)  # right size: reused, what is there is present
+        try:
+            assert again.reused and again.present(chunk[2], chunk[3]) and again.data_extents()
+        finally:
+            again.close()
+    finally:
+        backend.close()
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
