@@ -14,9 +14,9 @@ import pytest
 
 from cachefilesd_py.backends import BackendStats, BlobBackend, make_backend
 from cachefilesd_py.backends.http import HttpBackend
-from cachefilesd_py.backends.localfs import LocalFsBackend
 from cachefilesd_py.backends.retry import RetryPolicy, is_temp_failure, parse_retry_after
 from erofs.errors import BackendError
+from erofs.reader.source import LocalBlobDir
 from tests.registry import Front
 
 
@@ -56,7 +56,7 @@ def blob_dir(tmp_path: Path) -> Path:
 
 def test_localfs_ranges_exact(blob_dir: Path) -> None:
     blob_id, data = _blob(blob_dir, 300_000)
-    with LocalFsBackend(blob_dir) as b:
+    with LocalBlobDir(blob_dir, strict_ids=True) as b:
         assert isinstance(b, BlobBackend)
         assert b.size(blob_id) == len(data)
         for off, n in _ranges(len(data)):
@@ -69,13 +69,13 @@ def test_localfs_ranges_exact(blob_dir: Path) -> None:
 
 def test_localfs_is_a_reader_blob_source(blob_dir: Path) -> None:
     source = pytest.importorskip("erofs.reader.source")
-    with LocalFsBackend(blob_dir) as b:
+    with LocalBlobDir(blob_dir, strict_ids=True) as b:
         assert isinstance(b, source.BlobSource)
 
 
 def test_localfs_past_end_and_missing(blob_dir: Path) -> None:
     blob_id, data = _blob(blob_dir, 1000)
-    with LocalFsBackend(blob_dir) as b:
+    with LocalBlobDir(blob_dir, strict_ids=True) as b:
         with pytest.raises(BackendError, match=r"past the end of the blob \(size 1000\)") as e:
             b.read(blob_id, 990, 11)
         _one_line(e.value, blob_id)
@@ -90,7 +90,7 @@ def test_localfs_past_end_and_missing(blob_dir: Path) -> None:
 
 @pytest.mark.parametrize("bad", ["../../etc/passwd", "AB" * 32, "ab" * 31, "ab" * 32 + "/", "", "ab" * 32 + "\0"])
 def test_localfs_rejects_ids_that_are_not_sha256(blob_dir: Path, bad: str) -> None:
-    with LocalFsBackend(blob_dir) as b, pytest.raises(BackendError, match="not 64 lowercase hex"):
+    with LocalBlobDir(blob_dir, strict_ids=True) as b, pytest.raises(BackendError, match="not 64 lowercase hex"):
         b.read(bad, 0, 1)
 
 
@@ -115,7 +115,7 @@ def _open_fds() -> int:
 def test_localfs_fd_cache_bounded_and_concurrent(blob_dir: Path) -> None:
     blobs = [_blob(blob_dir, 50_000 + i, seed=i) for i in range(6)]
     before = _open_fds()
-    b = LocalFsBackend(blob_dir, max_open=2)
+    b = LocalBlobDir(blob_dir, strict_ids=True, max_open=2)
     errors: list[BaseException] = []
 
     def worker(seed: int) -> None:

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from cachefilesd_py.backends import make_backend
-from cachefilesd_py.backends.localfs import LocalFsBackend
 from cachefilesd_py.image import open_image
 from cachefilesd_py.pipeline import PAGE_SIZE, BlobHandle, Pipeline
 from erofs.errors import BackendError, DigestMismatchError
 from erofs.reader.bootstrap import Bootstrap
+from erofs.reader.source import LocalBlobDir
 
 CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 CHUNK = 64 * 1024
@@ -59,9 +59,9 @@ def image(request: pytest.FixtureRequest, source: Path, tmp_path_factory: pytest
 
 
 @pytest.fixture
-def backend(image: Path) -> Iterator[LocalFsBackend]:
+def backend(image: Path) -> Iterator[LocalBlobDir]:
     b = make_backend("localfs", dir=image / "blobs")
-    assert isinstance(b, LocalFsBackend)
+    assert isinstance(b, LocalBlobDir)
     try:
         yield b
     finally:
@@ -104,7 +104,7 @@ def _expected_layout(image: Path, source: Path) -> list[tuple[int, bytes]]:
     return out
 
 
-def test_open_image_handles(image: Path, backend: LocalFsBackend) -> None:
+def test_open_image_handles(image: Path, backend: LocalBlobDir) -> None:
     handles = open_image(image / "image.boot", backend)
     assert len(handles) == 1
     h = handles[0]
@@ -112,7 +112,7 @@ def test_open_image_handles(image: Path, backend: LocalFsBackend) -> None:
     assert h.uncompressed_size % PAGE_SIZE == 0 and h.meta.chunk_count > 10
 
 
-def test_fill_whole_blob_matches_source(image: Path, source: Path, backend: LocalFsBackend) -> None:
+def test_fill_whole_blob_matches_source(image: Path, source: Path, backend: LocalBlobDir) -> None:
     (h,) = open_image(image / "image.boot", backend)
     dest = Dest(h.uncompressed_size)
     backend.stats.reset()
@@ -133,7 +133,7 @@ def _chunks_by_d_off(h: BlobHandle) -> list[tuple[int, int, int]]:
     return sorted((h.meta.chunk(ci)[2], h.meta.chunk(ci)[3], ci) for ci in range(h.meta.chunk_count))
 
 
-def test_ranges_at_chunk_edges(image: Path, backend: LocalFsBackend) -> None:
+def test_ranges_at_chunk_edges(image: Path, backend: LocalBlobDir) -> None:
     (h,) = open_image(image / "image.boot", backend)
     chunks = _chunks_by_d_off(h)
     (a_off, a_size, _), (b_off, b_size, _) = chunks[3], chunks[4]
@@ -158,7 +158,7 @@ def test_ranges_at_chunk_edges(image: Path, backend: LocalFsBackend) -> None:
         assert dest.writes == []
 
 
-def test_amplification_bound(image: Path, backend: LocalFsBackend) -> None:
+def test_amplification_bound(image: Path, backend: LocalBlobDir) -> None:
     (h,) = open_image(image / "image.boot", backend)
     chunks = _chunks_by_d_off(h)
     start = 2
@@ -185,7 +185,7 @@ def test_amplification_bound(image: Path, backend: LocalFsBackend) -> None:
         assert sorted(w[0] for w in dest.writes) == [c[0] for c in chunks[start : start + 7]]
 
 
-def test_present_chunks_are_skipped(image: Path, backend: LocalFsBackend) -> None:
+def test_present_chunks_are_skipped(image: Path, backend: LocalBlobDir) -> None:
     (h,) = open_image(image / "image.boot", backend)
     chunks = _chunks_by_d_off(h)
     dest = Dest(h.uncompressed_size)
@@ -205,7 +205,7 @@ def test_present_chunks_are_skipped(image: Path, backend: LocalFsBackend) -> Non
         assert backend.stats.requests == 0
 
 
-class GatedBackend(LocalFsBackend):
+class GatedBackend(LocalBlobDir):
     """A localfs backend whose reads wait for ``go`` (to hold a fetch in flight while others pile up)."""
 
     def __init__(self, *args: object, **kw: object) -> None:
@@ -334,7 +334,7 @@ def test_missing_blob_raises_backend_error(image: Path, tmp_path: Path) -> None:
             backend.close()
 
 
-def test_submit_runs_on_workers(image: Path, backend: LocalFsBackend) -> None:
+def test_submit_runs_on_workers(image: Path, backend: LocalBlobDir) -> None:
     (h,) = open_image(image / "image.boot", backend)
     dest = Dest(h.uncompressed_size)
     with Pipeline(workers=2) as p:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 from erofs.errors import BackendError
+from erofs.reader.source import BackendStats, LocalBlobDir
 
 from .retry import RetryPolicy, is_temp_failure, retry
-from .stats import BackendStats
 
 
 @runtime_checkable
@@ -50,11 +50,9 @@ def make_backend(kind: str, **options: Any) -> BlobBackend:
     options = {k.replace("-", "_"): v for k, v in options.items()}
     try:
         if kind == "localfs":
-            from .localfs import LocalFsBackend
-
             if "blob_dir" in options:
                 options["dir"] = options.pop("blob_dir")
-            return LocalFsBackend(**options)
+            return LocalBlobDir(**options, strict_ids=True)
         if kind == "http":
             from .http import HttpBackend
 

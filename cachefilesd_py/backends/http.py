@@ -7,11 +7,10 @@ import threading
 from collections.abc import Callable, Mapping
 
 from erofs.errors import BackendError
+from erofs.reader.source import BackendStats, check_blob_id
 
 from .retry import PermanentFailure, RetryPolicy, retry
-from .stats import BackendStats
 from .transport import Response, Transport, check_digest, parse_content_range, range_body, status_failure
-from .util import check_blob_id, check_range
 
 MAX_DISCARD = 16 << 20
 
@@ -80,7 +79,9 @@ class HttpBackend:
     def read(self, blob_id: str, offset: int, length: int) -> bytes:
         """Exactly ``length`` bytes at ``offset``, or BackendError (a range past the end included)."""
         try:
-            check_range(blob_id, offset, length)
+            check_blob_id(blob_id)
+            if offset < 0 or length < 0:
+                raise BackendError(f"blob {blob_id}: invalid range {offset}+{length}")
             known = self._known_size(blob_id)
             if known is not None and offset + length > known:
                 raise BackendError(

@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from erofs.reader.source import BackendStats
+
 from .retry import RETRY_STATUSES, PermanentFailure, TempFailure, parse_retry_after
-from .stats import BackendStats
 
 USER_AGENT = "nydus-erofs-cachefilesd-py"
 _PIECE = 1 << 20  # read/discard granularity

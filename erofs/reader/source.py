@@ -9,14 +9,57 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import threading
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Self, runtime_checkable
 
 from erofs.errors import BackendError
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:+=-]{1,128}")
+_BLOB_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def check_blob_id(blob_id: str) -> str:
+    """A blob id is the sha256 of the blob: 64 lowercase hex digits (so it is always a safe file name)."""
+    if not isinstance(blob_id, str) or not _BLOB_ID.fullmatch(blob_id):
+        raise BackendError(f"blob id {blob_id!r} is not 64 lowercase hex digits")
+    return blob_id
+
+
+@dataclass
+class BackendStats:
+    """Thread-safe counters.
+
+    ``requests``: requests sent (HTTP requests, or ``pread`` calls for localfs), auth included;
+    ``bytes``: blob bytes received from the backend (bytes skipped over when a server ignores Range count
+    too); ``errors``: failed ``read``/``size`` calls; ``retries``: extra attempts after a temporary failure.
+    """
+
+    requests: int = 0
+    bytes: int = 0
+    errors: int = 0
+    retries: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, *, requests: int = 0, bytes: int = 0, errors: int = 0, retries: int = 0) -> None:
+        with self._lock:
+            self.requests += requests
+            self.bytes += bytes
+            self.errors += errors
+            self.retries += retries
+
+    def snapshot(self) -> dict[str, int]:
+        """The counters as a plain dict (consistent at one instant)."""
+        with self._lock:
+            return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+
+    def reset(self) -> None:
+        with self._lock:
+            self.requests = self.bytes = self.errors = self.retries = 0
 
 
 @runtime_checkable
@@ -28,62 +71,135 @@ class BlobSource(Protocol):
     def size(self, blob_id: str) -> int: ...
 
 
-class _FileSource:
-    """Shared pread machinery: one cached O_RDONLY fd per blob."""
+class _Fd:
+    __slots__ = ("fd", "refs", "evicted")
 
-    def __init__(self) -> None:
-        self._fds: dict[str, int] = {}
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.refs = 0
+        self.evicted = False
+
+
+class BlobFileSource:
+    """Blobs as local files, read with ``os.pread`` through a bounded cache of open fds (least recently used
+    closed first; an fd in use by a concurrent read is closed when that read ends).  Thread-safe.
+    Subclasses say where a blob's file is (:meth:`_candidates`)."""
+
+    def __init__(self, *, max_open: int = 64) -> None:
+        self.max_open = max(1, max_open)
+        self.stats = BackendStats()
+        self._fds: OrderedDict[str, _Fd] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _path(self, blob_id: str) -> Path:  # pragma: no cover - abstract
+    def _candidates(self, blob_id: str) -> list[Path]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _fd(self, blob_id: str) -> int:
-        fd = self._fds.get(blob_id)
-        if fd is not None:
-            return fd
-        with self._lock:  # safe to share between threads: one fd per blob
-            fd = self._fds.get(blob_id)
-            if fd is not None:
-                return fd
-            path = self._path(blob_id)
+    def _missing(self, blob_id: str) -> BackendError:
+        return BackendError(f"blob {blob_id}: not found")
+
+    def _open(self, blob_id: str) -> int:
+        for path in self._candidates(blob_id):
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
-                raise BackendError(f"blob {blob_id}: not found ({path})") from None
+                continue
             except OSError as e:
                 raise BackendError(f"blob {blob_id}: cannot open {path}: {e.strerror}") from None
-            self._fds[blob_id] = fd
-        return fd
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise BackendError(f"blob {blob_id}: {path} is not a regular file")
+            return fd
+        raise self._missing(blob_id)
+
+    def _acquire(self, blob_id: str) -> _Fd:
+        with self._lock:
+            entry = self._fds.get(blob_id)
+            if entry is not None:
+                self._fds.move_to_end(blob_id)
+                entry.refs += 1
+                return entry
+        fd = self._open(blob_id)  # outside the lock: opening may be slow (NFS)
+        to_close: list[int] = []
+        with self._lock:
+            entry = self._fds.get(blob_id)
+            if entry is not None:  # another thread won the race
+                to_close.append(fd)
+                self._fds.move_to_end(blob_id)
+            else:
+                entry = self._fds[blob_id] = _Fd(fd)
+                while len(self._fds) > self.max_open:
+                    _, old = self._fds.popitem(last=False)
+                    old.evicted = True
+                    if old.refs == 0:
+                        to_close.append(old.fd)
+            entry.refs += 1
+        for f in to_close:
+            os.close(f)
+        return entry
+
+    def _acquire_counted(self, blob_id: str) -> _Fd:
+        try:
+            return self._acquire(blob_id)
+        except BackendError:
+            self.stats.add(errors=1)
+            raise
+
+    def _release(self, entry: _Fd) -> None:
+        with self._lock:
+            entry.refs -= 1
+            close = entry.evicted and entry.refs == 0
+        if close:
+            os.close(entry.fd)
 
     def read(self, blob_id: str, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes at ``offset``, or BackendError (a range past the end included)."""
         if offset < 0 or length < 0:
+            self.stats.add(errors=1)
             raise BackendError(f"blob {blob_id}: invalid range {offset}+{length}")
-        fd = self._fd(blob_id)
-        data = os.pread(fd, length, offset)
-        if len(data) == length:
-            return data
-        parts = [data]
-        got = len(data)
-        while got < length:
-            more = os.pread(fd, length - got, offset + got)
-            if not more:
-                raise BackendError(
-                    f"blob {blob_id}: short read at offset {offset}: {got} of {length} bytes (blob is truncated?)"
-                )
-            parts.append(more)
-            got += len(more)
-        return b"".join(parts)
+        if length == 0:
+            return b""
+        entry = self._acquire_counted(blob_id)
+        try:
+            parts: list[bytes] = []
+            got = 0
+            while got < length:
+                try:
+                    data = os.pread(entry.fd, length - got, offset + got)
+                except OSError as e:
+                    self.stats.add(requests=1, errors=1)
+                    raise BackendError(f"blob {blob_id}: read at {offset + got} failed: {e.strerror}") from None
+                self.stats.add(requests=1, bytes=len(data))
+                if not data:
+                    self.stats.add(errors=1)
+                    size = os.fstat(entry.fd).st_size
+                    raise BackendError(
+                        f"blob {blob_id}: range {offset}+{length} is past the end of the blob (size {size})"
+                    )
+                parts.append(data)
+                got += len(data)
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        finally:
+            self._release(entry)
 
     def size(self, blob_id: str) -> int:
-        return os.fstat(self._fd(blob_id)).st_size
+        entry = self._acquire_counted(blob_id)
+        try:
+            return os.fstat(entry.fd).st_size
+        finally:
+            self._release(entry)
 
     def close(self) -> None:
-        fds, self._fds = self._fds, {}
-        for fd in fds.values():
+        with self._lock:
+            entries, self._fds = list(self._fds.values()), OrderedDict()
+            to_close = []
+            for e in entries:
+                e.evicted = True
+                if e.refs == 0:
+                    to_close.append(e.fd)
+        for fd in to_close:
             os.close(fd)
 
-    def __enter__(self) -> _FileSource:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -96,32 +212,42 @@ class _FileSource:
             pass
 
 
-class LocalBlobDir(_FileSource):
-    """Blob files named by their id in one directory."""
+class LocalBlobDir(BlobFileSource):
+    """Blob files named by their id in ``dir`` (then each of ``alt_dirs``): the ``nydus-image -D`` layout and
+    the daemon's ``localfs`` backend.  With ``strict_ids`` an id must be a sha256 (64 lowercase hex digits);
+    otherwise any plain file name is accepted.  Either way a path never leaves the directories."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        super().__init__()
-        self.path = Path(path)
+    def __init__(self, dir: str | os.PathLike[str], *, alt_dirs: Sequence[str | os.PathLike[str]] = (),
+                 max_open: int = 64, strict_ids: bool = False) -> None:  # fmt: skip
+        super().__init__(max_open=max_open)
+        self.dirs = [Path(dir), *(Path(d) for d in alt_dirs)]
+        self.path = self.dirs[0]
+        self.strict_ids = strict_ids
 
-    def _path(self, blob_id: str) -> Path:
-        if not _SAFE_ID.fullmatch(blob_id) or blob_id in (".", ".."):
+    def _candidates(self, blob_id: str) -> list[Path]:
+        if self.strict_ids:
+            check_blob_id(blob_id)
+        elif not isinstance(blob_id, str) or not _SAFE_ID.fullmatch(blob_id) or blob_id in (".", ".."):
             raise BackendError(f"blob id {blob_id!r} is not a valid file name")
-        return self.path / blob_id
+        return [d / blob_id for d in self.dirs]
+
+    def _missing(self, blob_id: str) -> BackendError:
+        return BackendError(f"blob {blob_id}: not found in {' or '.join(str(d) for d in self.dirs)}")
 
     def __repr__(self) -> str:
-        return f"LocalBlobDir({str(self.path)!r})"
+        return f"LocalBlobDir({', '.join(repr(str(d)) for d in self.dirs)})"
 
 
-class BlobFiles(_FileSource):
+class BlobFiles(BlobFileSource):
     """Explicit id → file mapping (e.g. the ``--device`` files of a plain EROFS image, by device key)."""
 
     def __init__(self, files: Mapping[str, str | os.PathLike[str]]) -> None:
         super().__init__()
         self.files = {k: Path(v) for k, v in files.items()}
 
-    def _path(self, blob_id: str) -> Path:
+    def _candidates(self, blob_id: str) -> list[Path]:
         try:
-            return self.files[blob_id]
+            return [self.files[blob_id]]
         except KeyError:
             raise BackendError(f"blob {blob_id}: no file given for it") from None
 
