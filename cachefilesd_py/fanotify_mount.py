@@ -128,11 +128,26 @@ class CacheFile:
             pos = hole
         return out
 
-    def present(self, d_off: int, d_size: int) -> bool:
-        """Whether ``[d_off, d_off + d_size)`` is in the file (the pipeline's ``present``)."""
-        a = d_off // PAGE_SIZE
-        b = -(-min(d_off + d_size, self.size) // PAGE_SIZE)
+    def known(self, offset: int, length: int) -> bool:
+        """Whether the page map has all of ``[offset, offset + length)`` (no syscall: the event thread's check)."""
+        a = offset // PAGE_SIZE
+        b = -(-min(offset + length, self.size) // PAGE_SIZE)
         return a >= b or self.pages.find(0, a, b) < 0
+
+    def present(self, d_off: int, d_size: int) -> bool:
+        """Whether ``[d_off, d_off + d_size)`` is in the file (the pipeline's ``present``): the page map, else
+        the file itself (another daemon sharing the cache dir may have filled it), recorded if so."""
+        if self.known(d_off, d_size):
+            return True
+        end = min(d_off + d_size, self.size)
+        try:
+            if os.lseek(self.fd, d_off, SEEK_HOLE) < end:
+                return False
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+        self.record(d_off, end - d_off)
+        return True
 
     def record(self, offset: int, length: int) -> None:
         """``[offset, offset + length)`` was written (whole pages)."""
@@ -380,7 +395,7 @@ class FanotifyServer:
                         self.group.allow(ev)  # not ours, or nothing to read
                         continue
                     offset, end = ev.offset, ev.offset + ev.count
-                    if cf.present(offset, ev.count):
+                    if cf.known(offset, ev.count):
                         counters["allowed_present"] += 1
                         self.group.allow(ev)
                     else:
