@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import errno
 import faulthandler
+import fcntl
 import json
 import logging
 import os
@@ -87,6 +88,9 @@ class CacheFile:
     last_end: int = -1
     ra_end: int = 0
     marked: bool = False
+    # another daemon (another mount of the same blob) served this file when we opened it: our fd may then be
+    # watched by our own group too, so we never write through it (no readahead; event fds only)
+    shared: bool = False
     pages: bytearray = field(default_factory=bytearray, repr=False)
 
     def __post_init__(self) -> None:
@@ -228,13 +232,21 @@ def prepare_cache_files(cache_dir: Path, handles: Sequence[BlobHandle]) -> list[
             if not stat.S_ISREG(st.st_mode):
                 os.close(fd)
                 raise UsageError(f"cache file {path} is not a regular file")
+            try:  # the first daemon of a cache file holds this lock for as long as it serves it
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shared = False
+            except BlockingIOError:
+                shared = True
             reused = st.st_size == size
             if not reused:
+                if shared:
+                    os.close(fd)
+                    raise UsageError(f"cache file {path} is in use by another mount with another size ({st.st_size})")
                 if st.st_size:
                     log.warning("cache file %s has size %d, expected %d: starting it afresh", path, st.st_size, size)
                     os.ftruncate(fd, 0)
                 os.ftruncate(fd, size)
-            out.append(CacheFile(h, path, fd, size, reused))
+            out.append(CacheFile(h, path, fd, size, reused, shared=shared))
     except BaseException:
         for cf in out:
             cf.close()
@@ -407,7 +419,8 @@ class FanotifyServer:
                 # sequential access: keep `readahead` bytes ahead of the reader, filled in the background
                 sequential = cf.last_start <= offset <= cf.last_end
                 cf.last_start, cf.last_end = offset, end
-                if sequential and self.readahead and end + self.readahead > cf.ra_end and end < cf.size:
+                if sequential and self.readahead and end + self.readahead > cf.ra_end and end < cf.size \
+                        and not cf.shared:  # fmt: skip
                     start = max(end, cf.ra_end) // PAGE_SIZE * PAGE_SIZE
                     stop = min(end + 2 * self.readahead, cf.size)
                     cf.ra_end = stop
