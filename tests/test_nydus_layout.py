@@ -194,15 +194,6 @@ def build(src: Path, out: Path, *opts: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120)  # fmt: skip
 
 
-def _builder_available() -> bool:
-    try:
-        import erofs.builder  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _builder_available(), reason="the builder has not landed")
 @pytest.mark.parametrize("compressor", ["none", "lz4_block", "zstd"])
 @pytest.mark.parametrize("digester", ["blake3", "sha256"])
 def test_our_builder_output_matches_the_reference(tmp_path: Path, compressor: str, digester: str):
