@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import sys
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from cachefilesd_py.notify import notify
 from erofs.errors import NydusErofsError
+from erofs.units import parse_size
 from fscache.cachefiles import DEVICE_PATH, CachefilesDevice
 from fscache.errors import FscacheError
 
@@ -49,15 +49,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {message} (see --help)\n")
 
 
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    """'1MiB', '512k', '0x100000', '1048576' → bytes."""
-    m = re.fullmatch(r"\s*(0x[0-9a-fA-F]+|\d+)\s*([kKmMgG]?)(?:i?[bB])?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
-    return int(m.group(1), 0) * _UNITS[m.group(2).lower()]
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plain-http", action="store_true", help="registry: http instead of https")
     b.add_argument("--auth", help="registry: user:pass (or its base64)")
     p.add_argument("--threads", type=int, default=4, help="READ worker threads [4]")
-    p.add_argument("--amplify", type=parse_size, default=1 << 20, help="merge reads of adjacent chunks up to [1MiB]")
+    p.add_argument("--amplify", type=_size, default=1 << 20, help="merge reads of adjacent chunks up to [1MiB]")
     p.add_argument("--api-sock", type=Path, help="serve the HTTP API on this Unix socket")
     p.add_argument("--no-supervisor", action="store_true", help="one process, no failover")
     p.add_argument("--json-logs", action="store_true", help="log JSON lines")

@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 
 import click
 
 from erofs.builder import check_options
-from erofs.errors import UsageError
 from erofs.overlay import WHITEOUT_SPECS
 from erofs.sources import build_image
-
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    """'1MiB', '4k', '0x100000', '1048576' → bytes."""
-    m = re.fullmatch(r"\s*(0x[0-9a-fA-F]+|\d+)\s*([kKmMgG]?)(?:i?[bB])?\s*", text)
-    if not m:
-        raise UsageError(f"not a size: {text!r}")
-    return int(m.group(1), 0) * _UNITS[m.group(2).lower()]
+from erofs.units import parse_size
 
 
 @click.command()

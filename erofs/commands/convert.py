@@ -7,8 +7,8 @@ import json
 import click
 
 from erofs.builder import check_options
-from erofs.commands.build import parse_size
 from erofs.convert import convert as convert_image
+from erofs.units import parse_size
 
 
 @click.command()
