@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import socket
-import stat
 import struct
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from erofs.reader import Bootstrap, ImageReader, LocalBlobDir
 from fscache.cachefiles import DEVICE_PATH
 from tests.fstree import assert_same_tree
 from tests.kernel import MS_RDONLY, mount, umount
+from tests.rootfs import make_rootfs
 
 pytestmark = pytest.mark.skipif(
     "VM_SCRATCH" not in os.environ or not os.path.exists(DEVICE_PATH),
@@ -196,66 +196,9 @@ COMPRESSORS = [("none", "1MiB"), ("lz4_block", "64KiB"), ("zstd", "4KiB")]
 
 
 def _rootfs(root: Path) -> Path:
-    """What a container root file system holds, small enough for TCG (tests/test_build.py's make_rootfs has
-    3000 more directory entries): every file type, hard links, owners above 65535, setuid/sticky modes,
-    xattrs of every namespace with ACLs, nanosecond mtimes, holes, odd names."""
-    from tests.test_build import ACL_ACCESS, ACL_DEFAULT, T0
-
+    """What a container root file system holds (tests/rootfs.py), with a directory small enough for TCG."""
     shutil.rmtree(root, ignore_errors=True)
-    root.mkdir()
-    (root / "empty").write_bytes(b"")
-    (root / "small").write_bytes(b"hello\n")
-    (root / "odd").write_bytes(os.urandom(MiB | 123))  # a partial block at the end
-    with open(root / "sparse", "wb") as f:
-        f.write(b"head")
-        f.seek(3 * MiB)
-        f.write(os.urandom(5000))
-        f.truncate(4 * MiB + 17)
-    (root / "dup1").write_bytes(b"same content\n" * 10000)
-    (root / "dup2").write_bytes(b"same content\n" * 10000)
-    many = root / "many"
-    many.mkdir()
-    for i in range(150):  # more than one directory block
-        (many / f"entry-{i:05d}-{'x' * (i % 60)}").write_bytes(b"%d" % i if i % 3 else b"")
-    (many / ("L" * 255)).write_bytes(b"longest name")
-    for odd in ("-x", "!a", "#", ".hidden", "..."):
-        (many / odd).write_bytes(odd.encode())
-    os.mkdir(os.path.join(os.fsencode(root), b"not-utf8-\xff\xfe"))
-    os.symlink("small", root / "link-short")
-    os.symlink("t" * 4095, root / "link-4095")
-    os.symlink("/nonexistent/dangling", root / "link-dangling")
-    (root / "sub").mkdir()
-    os.link(root / "small", root / "hardlink-1")
-    os.link(root / "small", root / "sub" / "hardlink-2")
-    os.mkfifo(root / "fifo")
-    os.mknod(root / "socket", stat.S_IFSOCK | 0o755)
-    os.mknod(root / "chardev", stat.S_IFCHR | 0o600, os.makedev(1, 3))
-    os.mknod(root / "blockdev", stat.S_IFBLK | 0o660, os.makedev(259, 70000))
-    os.mknod(root / "whiteout", stat.S_IFCHR, os.makedev(0, 0))
-    (root / "setuid").write_bytes(b"#!/bin/sh\n")
-    os.chmod(root / "setuid", 0o4755)
-    os.chmod(root / "sub", 0o2775)
-    (root / "tmp").mkdir()
-    os.chmod(root / "tmp", 0o1777)
-    os.lchown(root / "odd", 100000, 200000)
-    os.lchown(root / "link-short", 70000, 70001)
-    x = root / "xattrs"
-    x.write_bytes(b"x")
-    os.setxattr(x, "user.empty", b"")
-    os.setxattr(x, "user.big", os.urandom(3000))
-    os.setxattr(x, "trusted.overlay.opaque", b"y")
-    os.setxattr(x, "security.capability", bytes.fromhex("0100000200200000000000000000000000000000"))
-    os.setxattr(x, "system.posix_acl_access", ACL_ACCESS)
-    os.setxattr(root / "sub", "system.posix_acl_default", ACL_DEFAULT)
-    os.setxattr(root / "sub", "user." + "n" * 250, b"long name")
-    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
-        for name in dirnames + filenames:
-            os.utime(os.path.join(dirpath, name), ns=(T0 * 10**9, T0 * 10**9), follow_symlinks=False)
-    os.utime(root / "small", ns=(0, 1_234_567_890_123_456_789))
-    os.utime(root / "link-short", ns=(0, 5 * 10**9 + 999_999_999), follow_symlinks=False)
-    os.utime(root / "sub", ns=(0, (T0 + 1) * 10**9 + 1))
-    os.utime(root, ns=(T0 * 10**9, T0 * 10**9))
-    return root
+    return make_rootfs(root, entries=150)
 
 
 def _layers(base: Path) -> tuple[Path, Path, Path]:
