@@ -6,6 +6,7 @@ a failed build leaves OUT as it was (and removes OUT if the build created it).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -160,8 +161,6 @@ def _used_blobs(tree: Inode) -> set[int]:
 
 def _drop_unused(blobs: list[BlobInfo], tree: Inode, used: set[int]) -> tuple[list[BlobInfo], Inode]:
     """Renumber blobs when some (a lower layer whose files were all deleted, an unused dict) are unreferenced."""
-    import dataclasses
-
     keep = [b for b in blobs if b.blob_index in used]
     renumber = {b.blob_index: i for i, b in enumerate(keep)}
     stack, seen = [tree], set()
