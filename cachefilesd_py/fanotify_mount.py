@@ -18,11 +18,38 @@ The files are marked with ``FAN_PRE_ACCESS`` *before* the bootstrap is mounted f
 The mount's readahead window (its bdi's ``read_ahead_kb``) is set to the amplification size, so each event
 covers 1 MiB instead of 128 KiB: 8x fewer round trips through the daemon.
 
-``python -m cachefilesd_py.fanotify_mount`` is the daemon process (:func:`main`): it loads the image, prepares
-and marks the cache files, mounts, writes its runtime record, reports ``ok`` (or a one-line error) on
-``--ready-fd`` and serves until SIGTERM/SIGINT or until its mount goes away; on the way out it unmounts (if
-still mounted), denies what it still holds and writes its final stats into the record.
-:mod:`cachefilesd_py.kmount` starts and stops it; ``kill -USR1`` dumps its threads' stacks into its log.
+The daemon is two processes (:func:`main`), so that a crash of the one doing the work never lets a hole
+read as zeros: when the last fd of a fanotify group closes, the kernel drops its marks and *allows* every
+pending event, and an unmarked sparse file reads zeros where data is missing.
+
+- ``python -m cachefilesd_py.fanotify_mount --supervise``, the :class:`Supervisor`, creates the fanotify group
+  and holds it, and does nothing else (no image machinery imported).  It starts the worker, relays its
+  readiness line (``ok`` or a one-line error) to ``--ready-fd`` and waits for it.  While it holds the group,
+  the marks stay: a read of a hole with no worker running blocks until a worker answers it.  When the worker
+  dies (SIGKILL, a crash: anything but exit status 0), the kernel still holds the permission events the worker
+  had read; it matches a response by the event fd *number* only (``process_access_response``: ENOENT when no
+  pending event has it), so the supervisor answers every number below the worker's RLIMIT_NOFILE with
+  ``FAN_DENY`` + EIO: those readers get EIO (the kernel may also retry a failed readahead page by page, which
+  the next worker then serves), never zeros.  Events queued but not read yet stay in the group's queue.  Then it
+  starts a new worker on the same group (at most 5 restarts a minute; then, and whenever it stops with the
+  image still mounted and no worker, it unmounts).  SIGTERM/SIGINT: the worker is stopped (it unmounts
+  first), then queued events are denied and the group closed.  SIGUSR1 is passed on to the worker.
+- The worker (the same command with ``--group-fd``, exec'd by the supervisor) loads the image, prepares and
+  marks the cache files on the inherited group, mounts, writes the runtime record (``pid``: the supervisor,
+  ``worker_pid``: itself), reports ``ok`` (or a one-line error) on ``--ready-fd`` and serves until SIGTERM/SIGINT
+  or until its mount goes away; on the way out it unmounts (if still mounted), denies what it still holds and
+  writes its final stats into the record.  A restarted worker (``--restart N``) finds the files marked and the
+  image mounted: it only reopens the cache files (those fds, opened after the marks, are watched by the group:
+  it writes through a dup of an event fd instead, opened by the kernel without notification).
+  ``kill -USR1`` dumps its threads' stacks into the log.
+
+If the supervisor itself is SIGKILLed nothing restarts the worker: the worker still holds the group and serves
+until its mount goes away, but if it dies too, the kernel drops the group and its marks, and the holes of the
+cache files read as zeros through the mount.  Nothing can be done about that from user space: keep the
+supervisor alive (it is small, single-threaded and only waits).  ``nydus-erofs mount --foreground`` runs the
+worker alone, in the calling process, with no supervisor.
+
+:mod:`cachefilesd_py.kmount` starts the supervisor and stops it (``umount``).
 """
 
 from __future__ import annotations
@@ -34,28 +61,33 @@ import fcntl
 import json
 import logging
 import os
+import resource
 import select
 import signal
 import stat
+import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from erofs.errors import NydusErofsError, UsageError
 from fscache.errors import FscacheError, PreContentUnsupportedError, UnsupportedFilesystemError
-from fscache.fanotify import FAN_NOFD, FAN_PRE_ACCESS, FanotifyGroup, PreAccessEvent
+from fscache.fanotify import FAN_DENY, FAN_DENY_ERRNO, FAN_NOFD, FAN_PRE_ACCESS, FanotifyGroup, PreAccessEvent
 
-from .backends import BlobBackend, make_backend
-from .image import open_image
-from .pipeline import PAGE_SIZE, BlobHandle, Pipeline
+if TYPE_CHECKING:  # imported where used: the supervisor process never loads the image machinery
+    from .backends import BlobBackend
+    from .pipeline import BlobHandle, Pipeline
 
 __all__ = [
     "CacheFile",
     "FanotifyServer",
+    "Supervisor",
     "prepare_cache_files",
     "probe_pre_content",
     "main",
@@ -63,6 +95,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+PAGE_SIZE = 4096  # = pipeline.PAGE_SIZE (checked in run_daemon; not imported, see above)
 SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 
@@ -91,6 +124,10 @@ class CacheFile:
     # another daemon (another mount of the same blob) served this file when we opened it: our fd may then be
     # watched by our own group too, so we never write through it (no readahead; event fds only)
     shared: bool = False
+    # opened by a restarted worker, after the marks were made: our fd is watched by our own group, so until an
+    # event hands us a fd opened without notification (adopt_event_fd) nothing is written through it
+    watched: bool = False
+    lock_fd: int = -1  # the fd holding the flock, once `fd` is a dup of an event fd
     pages: bytearray = field(default_factory=bytearray, repr=False)
 
     def __post_init__(self) -> None:
@@ -200,10 +237,18 @@ class CacheFile:
 
         return write
 
+    def adopt_event_fd(self, event_fd: int) -> None:
+        """From now on use a dup of ``event_fd`` (the kernel opened it without notification: writing through
+        it raises no event); the fd we opened stays open for its flock."""
+        self.lock_fd, self.fd = self.fd, os.dup(event_fd)
+        self.watched = False
+
     def close(self) -> None:
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            os.close(fd)
+        for name in ("fd", "lock_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                setattr(self, name, -1)
+                os.close(fd)
 
 
 def check_cache_path(cache_dir: Path) -> None:
@@ -213,9 +258,12 @@ def check_cache_path(cache_dir: Path) -> None:
         raise UsageError(f"cache dir {text!r}: path must not contain commas, whitespace or control characters")
 
 
-def prepare_cache_files(cache_dir: Path, handles: Sequence[BlobHandle]) -> list[CacheFile]:
+def prepare_cache_files(cache_dir: Path, handles: Sequence[BlobHandle], *, marked: bool = False) -> list[CacheFile]:
     """``CACHE/<blob_id>`` for each blob, sparse and sized to its uncompressed layout; a regular file of the
-    right size is reused as it is, one of another size is emptied first."""
+    right size is reused as it is, one of another size is emptied first.
+
+    ``marked``: the files are already marked and mounted (a restarted worker): they must have the right size,
+    and the fds opened now are ``watched``."""
     cache_dir = cache_dir.resolve()
     check_cache_path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -238,6 +286,9 @@ def prepare_cache_files(cache_dir: Path, handles: Sequence[BlobHandle]) -> list[
             except BlockingIOError:
                 shared = True
             reused = st.st_size == size
+            if not reused and marked:
+                os.close(fd)
+                raise UsageError(f"cache file {path} has size {st.st_size}, expected {size}, while mounted")
             if not reused:
                 if shared:
                     os.close(fd)
@@ -246,7 +297,7 @@ def prepare_cache_files(cache_dir: Path, handles: Sequence[BlobHandle]) -> list[
                     log.warning("cache file %s has size %d, expected %d: starting it afresh", path, st.st_size, size)
                     os.ftruncate(fd, 0)
                 os.ftruncate(fd, size)
-            out.append(CacheFile(h, path, fd, size, reused, shared=shared))
+            out.append(CacheFile(h, path, fd, size, reused, shared=shared, watched=marked))
     except BaseException:
         for cf in out:
             cf.close()
@@ -273,11 +324,14 @@ class FanotifyServer:
     """Serves FAN_PRE_ACCESS events of the cache files of one or more mounted images through one pipeline.
 
     Build it (marks the files), mount, then :meth:`serve` until :meth:`stop` (from any thread or a signal
-    handler).  ``readahead``: bytes filled in the background after each fill (0 = off).
+    handler).  ``readahead``: bytes filled in the background after each fill (0 = off).  ``group``: serve this
+    group (one the supervisor holds too) instead of a new one; ``adopted``: its marks exist already (a
+    restarted worker): complete files are unmarked, the others marked again (harmless).
     """
 
     def __init__(self, files: Sequence[CacheFile], pipeline: Pipeline, *, workers: int = 4,
-                 readahead: int | None = None, readahead_workers: int = 3) -> None:  # fmt: skip
+                 readahead: int | None = None, readahead_workers: int = 3, group: FanotifyGroup | None = None,
+                 adopted: bool = False) -> None:  # fmt: skip
         self.files = list(files)
         self.pipeline = pipeline
         self.readahead = 8 * max(pipeline.amplify, 1 << 20) if readahead is None else readahead
@@ -292,17 +346,22 @@ class FanotifyServer:
         self.counters = {"events": 0, "allowed_present": 0, "filled": 0, "denied": 0, "readahead": 0,
                          "complete_unmarked": 0}  # fmt: skip
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.group = FanotifyGroup(pre_content=True)
+        self.group = FanotifyGroup(pre_content=True) if group is None else group
         try:
             for cf in self.files:
                 if cf.complete():  # a full cache file needs no events: reads go at the kernel's own speed
                     cf.marked = False
                     self.counters["complete_unmarked"] += 1
+                    if adopted:
+                        try:
+                            self.group.unmark(cf.path, FAN_PRE_ACCESS)
+                        except (FscacheError, OSError):
+                            pass  # was not marked
                 else:
                     self.group.mark(cf.path, FAN_PRE_ACCESS)
                     cf.marked = True
         except BaseException:
-            self.close()
+            self.close(deny_queued=not adopted)
             raise
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="fanotify")
         self._ra_pool = ThreadPoolExecutor(readahead_workers, thread_name_prefix="readahead")
@@ -315,7 +374,7 @@ class FanotifyServer:
         except (BlockingIOError, OSError):
             pass
 
-    def close(self) -> None:
+    def close(self, deny_queued: bool = True) -> None:
         """Deny every event still held or queued (EIO: when the group closes, the kernel would *allow* them,
         and holes would read as zeros), then close the group and the stop pipe."""
         self._closing = True
@@ -325,7 +384,7 @@ class FanotifyServer:
         pool = getattr(self, "_pool", None)
         if pool is not None:
             pool.shutdown(wait=True)  # queued fills see _closing and deny
-        if not self.group.closed:
+        if not self.group.closed and deny_queued:
             try:
                 while events := self.group.read_events():
                     for ev in events:
@@ -406,6 +465,8 @@ class FanotifyServer:
                     if cf is None or ev.offset is None or ev.count is None or ev.count == 0:
                         self.group.allow(ev)  # not ours, or nothing to read
                         continue
+                    if cf.watched:
+                        cf.adopt_event_fd(ev.fd)
                     offset, end = ev.offset, ev.offset + ev.count
                     if cf.known(offset, ev.count):
                         counters["allowed_present"] += 1
@@ -420,7 +481,7 @@ class FanotifyServer:
                 sequential = cf.last_start <= offset <= cf.last_end
                 cf.last_start, cf.last_end = offset, end
                 if sequential and self.readahead and end + self.readahead > cf.ra_end and end < cf.size \
-                        and not cf.shared:  # fmt: skip
+                        and not cf.shared and not cf.watched:  # fmt: skip
                     start = max(end, cf.ra_end) // PAGE_SIZE * PAGE_SIZE
                     stop = min(end + 2 * self.readahead, cf.size)
                     cf.ra_end = stop
@@ -505,6 +566,8 @@ def fill_all(files: Sequence[CacheFile], pipeline: Pipeline) -> int:
 
 # -- the daemon process -------------------------------------------------------------------------------------------
 def backend_from_options(kind: str, options: dict[str, Any]) -> BlobBackend:
+    from .backends import make_backend
+
     return make_backend(kind, **options)
 
 
@@ -525,39 +588,58 @@ def _report(fd: int | None, message: str) -> None:
 
 def run_daemon(*, boot: Path, mountpoint: Path, cache_dir: Path, backend: BlobBackend, amplify: int,
                workers: int, readahead: int | None, record: Path, record_data: dict[str, Any],
-               ready_fd: int | None) -> int:  # fmt: skip
+               ready_fd: int | None, group_fd: int | None = None, restart: int = 0) -> int:  # fmt: skip
     """Prepare, mark, mount, report readiness on ``ready_fd`` and serve until SIGTERM/SIGINT.
+
+    ``group_fd``: the fanotify group, inherited from the :class:`Supervisor` (the record then names the
+    supervisor as ``pid`` and this process as ``worker_pid``); ``restart`` > 0: the files are marked and the
+    image mounted already, by a worker that died: serve them as they are.
 
     Every startup failure is reported as one line on ``ready_fd`` (and raised).  On exit the final stats go
     into the runtime record, for ``umount``.
     """
+    from . import pipeline as pipeline_mod
+    from .image import open_image
     from .kmount import is_mounted, mount_erofs_file_backed, process_start_time, set_mount_readahead, umount
 
+    assert pipeline_mod.PAGE_SIZE == PAGE_SIZE
     files: list[CacheFile] = []
     server: FanotifyServer | None = None
-    pipeline = Pipeline(amplify=amplify, workers=workers)
+    group = None if group_fd is None else FanotifyGroup.from_fd(group_fd)
+    adopted = restart > 0
+    pipeline = pipeline_mod.Pipeline(amplify=amplify, workers=workers)
     try:
         try:
+            if adopted and not is_mounted(mountpoint):
+                raise UsageError(f"{mountpoint} is no longer mounted")
             handles = open_image(boot, backend)
             if not handles:
                 raise UsageError(f"{boot}: the image has no data blobs: mount it directly")
-            files = prepare_cache_files(cache_dir, handles)
-            server = FanotifyServer(files, pipeline, workers=workers, readahead=readahead)
-            mount_erofs_file_backed(boot, mountpoint, [cf.path for cf in files])
-            # events as big as a fetch: one round trip per amplification window rather than per 128 KiB
-            set_mount_readahead(mountpoint, min(max(amplify >> 10, 128), 1024))
+            files = prepare_cache_files(cache_dir, handles, marked=adopted)
+            server = FanotifyServer(files, pipeline, workers=workers, readahead=readahead, group=group,
+                                    adopted=adopted)  # fmt: skip
+            if not adopted:
+                mount_erofs_file_backed(boot, mountpoint, [cf.path for cf in files])
+                # events as big as a fetch: one round trip per amplification window rather than per 128 KiB
+                set_mount_readahead(mountpoint, min(max(amplify >> 10, 128), 1024))
         except UnsupportedFilesystemError as e:
             raise UsageError(f"cache dir {cache_dir}: {e}") from None
         except PreContentUnsupportedError as e:
             raise UsageError(f"{e} (use --mode full)") from None
-        data = dict(record_data, pid=os.getpid(), start_time=process_start_time(os.getpid()),
+        me = os.getpid()
+        owner = me if group_fd is None else os.getppid()  # the supervisor: umount stops it
+        data = dict(record_data, pid=owner, start_time=process_start_time(owner),
                     blobs=[cf.handle.blob_id for cf in files])  # fmt: skip
+        if group_fd is not None:
+            data.update(worker_pid=me, worker_start_time=process_start_time(me), restarts=restart)
         _write_json(record, data)
     except BaseException as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         _report(ready_fd, f"error {msg}")
         if server is not None:
-            server.close()
+            server.close(deny_queued=not adopted)  # a restarted worker leaves the queue to the next one
+        elif group is not None:
+            group.close()
         for cf in files:
             cf.close()
         pipeline.close()
@@ -599,6 +681,195 @@ def run_daemon(*, boot: Path, mountpoint: Path, cache_dir: Path, backend: BlobBa
     return 0
 
 
+# -- the supervisor -----------------------------------------------------------------------------------------------
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+class Supervisor:
+    """Holds the fanotify group; runs the worker (``worker_cmd``, a fresh interpreter given the group fd) and
+    starts a new one when it dies.
+
+    While the supervisor holds the group, its marks stay: a read of a hole blocks until some worker answers,
+    it never reads zeros.  When a worker dies (killed, crashed: not an exit with status 0), the permission
+    events it had read are still pending, matched by their event fd numbers, which died with it: the
+    supervisor answers each number below the worker's RLIMIT_NOFILE with a deny (EIO), the unknown ones
+    failing with ENOENT (a few tens of ms for 20000).  Events queued but not read yet stay queued for the next
+    worker.  More than ``max_restarts`` deaths within ``window`` seconds: the supervisor unmounts and stops.
+    """
+
+    def __init__(self, worker_cmd: Sequence[str], mountpoint: Path, *, max_restarts: int = 5,
+                 window: float = 60.0) -> None:  # fmt: skip
+        self.worker_cmd = list(worker_cmd)
+        self.mountpoint = mountpoint
+        self.max_restarts = max_restarts
+        self.window = window
+        self.restarts = 0
+        self.group: FanotifyGroup | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.stopping = False
+        self._recent: list[float] = []
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum in _STOP_SIGNALS:
+            self.stopping = True
+        proc = self.proc
+        if proc is not None:
+            try:
+                proc.send_signal(signal.SIGTERM if signum in _STOP_SIGNALS else signum)
+            except (ProcessLookupError, OSError):
+                pass
+
+    def _spawn(self) -> str:
+        """Start a worker; its readiness line (``ok``, ``error ...``, or empty if it died without one)."""
+        assert self.group is not None
+        gfd = self.group.fileno()
+        r, w = os.pipe2(os.O_CLOEXEC)
+        cmd = [*self.worker_cmd, "--group-fd", str(gfd), "--restart", str(self.restarts), "--ready-fd", str(w)]
+        try:
+            self.proc = proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=(gfd, w))
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        if self.stopping:  # a stop signal came while there was no worker to pass it on to
+            self._on_signal(signal.SIGTERM, None)
+        with os.fdopen(r, "rb") as rf:
+            line = rf.read().decode(errors="replace").strip()
+        log.info("worker %d started%s: %s", proc.pid, f" (restart {self.restarts})" if self.restarts else "",
+                 line or "no answer")  # fmt: skip
+        return line
+
+    def _wait(self) -> int:
+        assert self.proc is not None
+        code = self.proc.wait()
+        self.proc = None
+        return code
+
+    def deny_in_flight(self) -> int:
+        """Deny (EIO) every permission event a dead worker had read and not answered; returns how many."""
+        assert self.group is not None
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # the worker's too (inherited, never raised)
+        if limit == resource.RLIM_INFINITY:
+            limit = int(Path("/proc/sys/fs/nr_open").read_text())
+        denied = 0
+        for fd in range(limit):
+            try:
+                if self.group.respond_fd(fd, FAN_DENY_ERRNO(errno.EIO), fallback=FAN_DENY):
+                    denied += 1
+            except FscacheError as e:
+                log.error("deny of event fd %d: %s", fd, e)
+        return denied
+
+    def _deny_queued(self) -> None:
+        assert self.group is not None
+        try:
+            while events := self.group.read_events():
+                for ev in events:
+                    if ev.fd >= 0:
+                        self.group.deny(ev, errno.EIO)
+        except (FscacheError, OSError) as e:
+            log.error("denying queued events: %s", e)
+
+    def run(self, ready_fd: int | None) -> int:
+        """Start the first worker, relay its readiness line to ``ready_fd``, supervise; the exit status."""
+        from .kmount import is_mounted, umount
+
+        previous = {s: signal.signal(s, self._on_signal) for s in (*_STOP_SIGNALS, signal.SIGUSR1)}
+        was_mounted = is_mounted(self.mountpoint, None)
+        died = False  # the last worker died without answering what it had read
+        try:
+            try:
+                self.group = FanotifyGroup(pre_content=True)
+            except PreContentUnsupportedError as e:
+                _report(ready_fd, f"error {e} (use --mode full)")
+                return 1
+            except (FscacheError, OSError) as e:
+                _report(ready_fd, f"error {e}")
+                return 1
+            line = self._spawn()
+            if line:
+                _report(ready_fd, line)
+            elif ready_fd is not None:
+                os.close(ready_fd)  # the mount command reports the exit status and the log
+            if line != "ok":
+                died = self._wait() != 0
+                return 1
+            while True:
+                assert self.proc is not None
+                pid = self.proc.pid
+                code = self._wait()
+                if code == 0 or (self.stopping and code == -signal.SIGTERM):
+                    log.info("worker %d stopped", pid)
+                    return 0
+                died = True
+                log.error("worker %d died (%s): denying its pending events", pid, _describe(code))
+                log.error("denied %d events of worker %d (EIO)", self.deny_in_flight(), pid)
+                died = False
+                if self.stopping:
+                    return 1
+                if not is_mounted(self.mountpoint):
+                    log.warning("%s is no longer mounted: stopping", self.mountpoint)
+                    return 1
+                now = time.monotonic()
+                self._recent = [t for t in self._recent if now - t < self.window] + [now]
+                if len(self._recent) > self.max_restarts:
+                    log.error("worker died %d times in %.0f s: giving up", len(self._recent), self.window)
+                    return 1
+                self.restarts += 1
+                line = self._spawn()
+                if line != "ok":
+                    log.error("restarted worker failed: %s", line or "no answer")
+        finally:
+            if self.proc is not None:  # an error above: never leave the worker behind
+                try:
+                    self.proc.send_signal(signal.SIGTERM)
+                except OSError:
+                    pass
+                died = self._wait() != 0 or died
+            if not was_mounted and is_mounted(self.mountpoint, None):  # no worker left: holes would read as zeros
+                try:
+                    try:
+                        umount(self.mountpoint)
+                    except OSError:
+                        umount(self.mountpoint, lazy=True)
+                    log.warning("unmounted %s", self.mountpoint)
+                except OSError as e:
+                    log.error("cannot unmount %s: %s", self.mountpoint, e)
+            if self.group is not None:
+                if died:
+                    self.deny_in_flight()
+                self._deny_queued()
+                self.group.close()
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def _worker_argv(argv: Sequence[str]) -> list[str]:
+    """The supervisor's arguments minus its own (``--supervise``, ``--ready-fd N``)."""
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--supervise" or a.startswith("--ready-fd="):
+            pass
+        elif a == "--ready-fd":
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cachefilesd_py.fanotify_mount", description=__doc__.splitlines()[0])
     ap.add_argument("--boot", required=True, type=Path)
@@ -613,10 +884,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--record-data", default="{}", help="JSON object merged into the runtime record")
     ap.add_argument("--ready-fd", type=int, default=None)
     ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--supervise", action="store_true", help="Run as the supervisor of worker processes")
+    ap.add_argument("--group-fd", type=int, default=None, help="Inherited fanotify group (a worker)")
+    ap.add_argument("--restart", type=int, default=0, help="Restart number of this worker (0: the first)")
     args = ap.parse_args(argv)
-    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)  # `kill -USR1`: thread stacks to the log
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
                         stream=sys.stderr)  # fmt: skip
+    if args.supervise:
+        worker = [sys.executable, "-m", "cachefilesd_py.fanotify_mount",
+                  *_worker_argv(sys.argv[1:] if argv is None else argv)]  # fmt: skip
+        return Supervisor(worker, args.mountpoint).run(args.ready_fd)
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)  # `kill -USR1`: thread stacks to the log
     try:
         backend = backend_from_options(args.backend, json.loads(args.backend_config))
     except (NydusErofsError, ValueError) as e:
@@ -626,7 +904,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_daemon(
             boot=args.boot, mountpoint=args.mountpoint, cache_dir=args.cache_dir, backend=backend,
             amplify=args.amplify, workers=args.workers, readahead=args.readahead, record=args.record,
-            record_data=json.loads(args.record_data), ready_fd=args.ready_fd,
+            record_data=json.loads(args.record_data), ready_fd=args.ready_fd, group_fd=args.group_fd,
+            restart=args.restart,
         )  # fmt: skip
     except (NydusErofsError, FscacheError, OSError, ValueError) as e:  # reported on --ready-fd already
         log.error("%s", e)

@@ -9,9 +9,13 @@ Modes (:func:`mount_image`):
   command; asking for it here is an error that says so.
 - ``auto``: fanotify when the kernel has pre-content events, else full.
 
+The fanotify daemon is two processes: a supervisor holding the fanotify group, and the worker serving it,
+which the supervisor restarts if it dies (see :class:`cachefilesd_py.fanotify_mount.Supervisor`).
+
 A runtime record per mountpoint (``$NYDUS_EROFS_RUN_DIR`` or ``/run/nydus-erofs/mounts``,
-``<sha256 of the mountpoint>.json``) holds the daemon's pid; :func:`umount_image` unmounts, stops the daemon
-(SIGTERM, then waits for it through a pidfd) and returns the daemon's final stats.
+``<sha256 of the mountpoint>.json``) holds the supervisor's pid (``pid``) and the worker's (``worker_pid``);
+:func:`umount_image` unmounts, stops the supervisor, which stops its worker (SIGTERM, then waits for it
+through a pidfd) and returns the worker's final stats.
 
 mount(2) is called directly through ctypes: util-linux ``mount`` attaches a loop device, which breaks
 ``device=<regular file>`` of file-backed EROFS mounts.
@@ -284,7 +288,7 @@ def mount_image(boot: str | os.PathLike[str], mountpoint: str | os.PathLike[str]
     r, w = os.pipe2(os.O_CLOEXEC)
     log_path = record.with_suffix(".log")
     cmd = [
-        sys.executable, "-m", "cachefilesd_py.fanotify_mount",
+        sys.executable, "-m", "cachefilesd_py.fanotify_mount", "--supervise",
         "--boot", str(boot_p), "--mountpoint", str(mp), "--cache-dir", str(cache),
         "--backend", backend, "--backend-config", json.dumps(config),
         "--amplify", str(amplify), "--workers", str(workers), "--record", str(record),
@@ -313,6 +317,8 @@ def mount_image(boot: str | os.PathLike[str], mountpoint: str | os.PathLike[str]
     if status == "ok":
         data["pid"] = proc.pid
         data["log"] = str(log_path)
+        written = read_record(mp) or {}
+        data["worker_pid"] = written.get("worker_pid")
         return data
     code = proc.wait()
     if status.startswith("error "):
@@ -397,6 +403,11 @@ def _forget(mp: Path, rec: dict[str, Any]) -> dict[str, Any]:
         except ChildProcessError:
             pass
     rec = read_record(mp) or rec
+    worker = rec.get("worker_pid")
+    if worker and process_start_time(worker) == rec.get("worker_start_time") is not None:
+        # its supervisor is gone (killed): the worker stops once its mount is gone, or now
+        _kill(worker, signal.SIGTERM)
+        _wait_exit(worker, 30)
     for p in (record_path(mp), record_path(mp).with_suffix(".log")):
         try:
             p.unlink()

@@ -252,8 +252,20 @@ class FanotifyGroup(FdOwner):
         self._fd: int = fd
         self.pre_content = pre_content
 
+    @classmethod
+    def from_fd(cls, fd: int, pre_content: bool = True) -> FanotifyGroup:
+        """Own ``fd``, a group fd inherited from another process (the same group: marks, queue, pending events)."""
+        if fd < 0:
+            raise ValueError(f"invalid fanotify group fd {fd}")
+        group = cls.__new__(cls)
+        group._fd = fd
+        group.pre_content = pre_content
+        os.set_inheritable(fd, False)
+        return group
+
     def close(self) -> None:
-        """Close the group; the kernel allows every event still pending and drops the marks."""
+        """Close this fd of the group. When the last one closes, the kernel allows every event still pending
+        and drops the marks."""
         super().close()
 
     def _mark(self, flags: int, mask: int, path: str | os.PathLike[str]) -> None:
@@ -309,6 +321,27 @@ class FanotifyGroup(FdOwner):
     def _write_response(self, fd: int, response: int) -> None:
         resp = ffi.new("struct fanotify_response *", {"fd": fd, "response": response})
         os.write(self.fileno(), ffi.buffer(resp, _RESPONSE_SIZE))
+
+    def respond_fd(self, fd: int, response: int, fallback: int | None = None) -> bool:
+        """Answer the pending permission event that was read with event fd number ``fd``; False if there is none.
+
+        The kernel matches a response by the fd number recorded in the event when it was read, in whichever
+        process read it: a process holding the group can answer the events of another reader of the group
+        that died (its event fds are gone, its events still pending). Writing a number no pending event has
+        fails with ENOENT, cheaply. ``fallback`` as in :meth:`respond`.
+        """
+        try:
+            try:
+                self._write_response(fd, response)
+            except OSError as e:
+                if e.errno != errno.EINVAL or fallback is None:
+                    raise
+                self._write_response(fd, fallback)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return False
+            raise from_errno(e.errno or errno.EIO, f"fanotify response {response:#x} for fd {fd} failed") from None
+        return True
 
     def respond(self, event: PreAccessEvent, response: int, fallback: int | None = None) -> None:
         """Write ``struct fanotify_response`` for ``event`` and close its fd (even if the write fails).

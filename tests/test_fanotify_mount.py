@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import http.server
 import json
 import os
 import random
+import re
 import select
 import shutil
 import signal
@@ -19,6 +21,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -113,6 +116,8 @@ class Mounts:
         assert read_record(mp) is None and not record_path(mp).with_suffix(".log").exists()
         if rec.get("pid"):
             assert process_start_time(rec["pid"]) is None, f"daemon {rec['pid']} still running"
+        for worker in {final.get("worker_pid"), rec.get("worker_pid")} - {None}:  # the supervisor's worker(s)
+            assert process_start_time(worker) is None, f"worker {worker} still running"
         return final
 
     def cleanup(self) -> None:
@@ -545,3 +550,235 @@ def test_cli_mount_umount_and_errors(fanotify_ok: None, images: dict[str, Path],
     proc = _cli("mount", boot, str(mp), "--cache-dir", str(tmp_path / "c2"), "--blob-dir", str(tmp_path), env=env)
     assert proc.returncode != 0 and proc.stderr.count("\n") == 1 and "not found" in proc.stderr, proc.stderr
     assert not is_mounted(mp, None)
+
+
+# -- worker failover ----------------------------------------------------------------------------------------------
+def _kill_worker(rec: dict[str, Any]) -> int:
+    """SIGKILL the mount's worker and wait until it is gone; its pid."""
+    worker = rec["worker_pid"]
+    assert worker and worker != rec["pid"] and process_start_time(worker) is not None
+    pidfd = os.pidfd_open(worker)
+    try:
+        os.kill(worker, signal.SIGKILL)
+        p = select.poll()
+        p.register(pidfd, select.POLLIN)
+        assert p.poll(TIMEOUT * 1000), f"worker {worker} survived SIGKILL"
+    finally:
+        os.close(pidfd)
+    return worker
+
+
+def _new_worker(mp: Path, old: int) -> dict[str, Any]:
+    """The record once the supervisor's next worker serves (polled, bounded)."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        rec = read_record(mp) or {}
+        pid = rec.get("worker_pid")
+        if pid and pid != old and process_start_time(pid) == rec.get("worker_start_time"):
+            return rec
+        time.sleep(0.01)
+    raise AssertionError(f"no new worker after {old} died: {read_record(mp)}")
+
+
+def test_worker_killed_during_cold_read(mounts: Mounts, big_image: tuple[Path, Path]) -> None:
+    """SIGKILL the worker in the middle of a cold read of many files: every byte read is right, a read the
+    dead worker held fails with EIO (never zeros); the new worker serves the rest and the files read again."""
+    src, out = big_image
+    mp, rec = mounts.mount(out, "kill", readahead=0)  # every 1 MiB window is an event the worker fills
+    names = [f"data/part-{i:02d}.bin" for i in range(50)]
+    started = threading.Event()
+    result: dict[str, Any] = {"wrong": [], "eio": [], "other": [], "complete": []}
+
+    def reader() -> None:
+        for name in names:
+            want = (src / name).read_bytes()
+            pos = 0
+            try:
+                with open(mp / name, "rb", buffering=0) as f:
+                    while piece := f.read(256 << 10):
+                        if piece != want[pos : pos + len(piece)]:
+                            result["wrong"].append((name, pos))
+                            break
+                        pos += len(piece)
+                        started.set()
+            except OSError as e:
+                result["eio" if e.errno == errno.EIO else "other"].append((name, pos, e.errno))
+            else:
+                if pos == len(want):
+                    result["complete"].append(name)
+        started.set()
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    assert started.wait(TIMEOUT)
+    old = _kill_worker(rec)
+    t.join(TIMEOUT * 2)
+    assert not t.is_alive(), "reader blocked"
+    assert not result["wrong"] and not result["other"], result
+    assert len(result["complete"]) + len(result["eio"]) == len(names), result
+    print(f"{len(result['eio'])} reads failed with EIO: {result['eio']}")
+    new = _new_worker(mp, old)
+    assert new["pid"] == rec["pid"] and new["restarts"] >= 1
+    # a fresh read of every file is right, the one the worker died in included; other files too
+    for name in [*names, "small.txt", "other.txt"]:
+        assert _in_thread(lambda n=name: _sha(mp / n)) == _sha(src / name), name
+    log_text = Path(rec["log"]).read_text()
+    assert f"worker {old} died (killed by SIGKILL)" in log_text
+    print(*(line for line in log_text.splitlines() if "denied" in line or "worker" in line), sep="\n")
+    stats = mounts.umount(mp)["stats"]
+    assert stats["pipeline"]["digest_failures"] == 0
+    assert process_start_time(old) is None and process_start_time(new["worker_pid"]) is None
+
+
+def test_worker_killed_while_idle_then_read(mounts: Mounts, images: dict[str, Path], rootfs: Path) -> None:
+    """Reads made while no worker runs wait for the next one, which serves them right."""
+    mp, rec = mounts.mount(images["zstd"], "idle")
+    assert (mp / "small").read_bytes() == b"hello\n"
+    old = _kill_worker(rec)
+    _in_thread(lambda: assert_same_tree(rootfs, mp))  # started before the new worker (probably): it waits
+    new = _new_worker(mp, old)
+    assert new["pid"] == rec["pid"]
+    # and again: the restarted worker is supervised like the first
+    again = _kill_worker(new)
+    _in_thread(lambda: assert_same_tree(rootfs, mp))
+    last = _new_worker(mp, again)
+    assert last["restarts"] == 2
+    stats = mounts.umount(mp)["stats"]
+    assert stats["events"]["denied"] == 0
+    for pid in (rec["pid"], old, again, last["worker_pid"]):
+        assert process_start_time(pid) is None, pid
+    assert not is_mounted(mp, None)
+
+
+class GatedBlobServer:
+    """Blobs over HTTP (ranged GETs); while ``armed``, a GET reports itself (``arrived``) and waits for
+    ``release``: the worker is then certainly in the middle of a fill it has not answered."""
+
+    def __init__(self, blobs: Path) -> None:
+        self.armed, self.arrived, self.release = threading.Event(), threading.Event(), threading.Event()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+                pass
+
+            def _blob(self) -> Path | None:
+                path = blobs / self.path.strip("/")
+                if not path.is_file():
+                    self.send_error(404)
+                    return None
+                return path
+
+            def do_HEAD(self) -> None:  # noqa: N802 - the base class's name
+                if path := self._blob():
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(path.stat().st_size))
+                    self.end_headers()
+
+            def do_GET(self) -> None:  # noqa: N802
+                if outer.armed.is_set():
+                    outer.arrived.set()
+                    outer.release.wait(TIMEOUT)
+                path = self._blob()
+                if path is None:
+                    return
+                size = path.stat().st_size
+                m = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
+                first, last = (int(m.group(1)), min(int(m.group(2)), size - 1)) if m else (0, size - 1)
+                with open(path, "rb") as f:
+                    f.seek(first)
+                    body = f.read(last + 1 - first)
+                self.send_response(206 if m else 200)
+                if m:
+                    self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except OSError:
+                    pass  # the worker was killed
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.armed.clear()
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_worker_killed_holding_an_event_reader_gets_eio(mounts: Mounts, big_image: tuple[Path, Path],
+                                                        tmp_path: Path) -> None:  # fmt: skip
+    """The worker dies in the middle of a fill (its backend request stalled): the supervisor denies the event
+    it held, the reader gets EIO, not zeros; the next worker serves the file and the others."""
+    src, out = big_image
+    server = GatedBlobServer(out / "blobs")
+    try:
+        mp = tmp_path / "mnt-gated"
+        mp.mkdir()
+        rec = mount_image(out / "image.boot", mp, cache_dir=tmp_path / "cache-gated", backend="http",
+                          backend_config={"url": server.url, "retry_limit": 0}, mode="fanotify")  # fmt: skip
+        mounts.active.append(mp)
+        name = "data/part-05.bin"
+        server.armed.set()
+        box: dict[str, Any] = {}
+
+        def reader() -> None:
+            try:
+                box["data"] = (mp / name).read_bytes()
+            except OSError as e:
+                box["errno"] = e.errno
+
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        assert server.arrived.wait(TIMEOUT), "no fetch for the read"
+        old = _kill_worker(rec)
+        server.armed.clear()
+        server.release.set()
+        t.join(TIMEOUT)
+        assert not t.is_alive(), "reader blocked"
+        # the read the dead worker held fails with EIO; the kernel may retry it (a failed readahead is read
+        # again page by page), then the new worker serves it: right data then, never zeros
+        assert box.get("errno") == errno.EIO or box.get("data") == (src / name).read_bytes(), box.get("errno")
+        print("reader got", "EIO" if "errno" in box else "the right data")
+        new = _new_worker(mp, old)
+        assert new["pid"] == rec["pid"] and new["restarts"] == 1
+        for n in (name, "data/part-06.bin", "small.txt"):
+            assert _in_thread(lambda n=n: _sha(mp / n)) == _sha(src / n), n
+        denied = re.search(rf"denied (\d+) events of worker {old} ", Path(rec["log"]).read_text())
+        assert denied and int(denied.group(1)) >= 1  # the event it held, answered by the supervisor
+        stats = mounts.umount(mp)["stats"]  # the new worker's
+        assert stats["pipeline"]["digest_failures"] == 0 and stats["events"]["denied"] == 0
+        # it reads ahead too, writing through a dup of an event fd (its own fds, opened after the marks, are
+        # watched by the group)
+        assert stats["events"]["readahead"] > 0
+        assert process_start_time(old) is None and process_start_time(new["worker_pid"]) is None
+    finally:
+        server.close()
+
+
+def test_worker_that_cannot_restart_the_supervisor_unmounts(mounts: Mounts, images: dict[str, Path],
+                                                            tmp_path: Path) -> None:  # fmt: skip
+    """Workers that keep failing (here: the blobs went away): the supervisor gives up and takes the mount with
+    it rather than leave holes to read as zeros."""
+    blobs = tmp_path / "blobs"
+    shutil.copytree(images["none"] / "blobs", blobs)
+    mp, rec = mounts.mount(images["none"], "giveup", blobs=blobs)
+    blobs.rename(tmp_path / "gone")
+    pidfd = os.pidfd_open(rec["pid"])
+    try:
+        _kill_worker(rec)
+        p = select.poll()
+        p.register(pidfd, select.POLLIN)
+        assert p.poll(TIMEOUT * 1000), "supervisor still running"
+    finally:
+        os.close(pidfd)
+    assert not is_mounted(mp, None)
+    assert "giving up" in Path(rec["log"]).read_text()
+    mounts.umount(mp)
