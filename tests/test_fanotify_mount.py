@@ -47,7 +47,7 @@ from fscache.errors import PreContentUnsupportedError, UnsupportedFilesystemErro
 from tests.fstree import assert_same_tree
 from tests.kernel import erofs_file_backed_mounts
 from tests.kernel import umount as kernel_umount
-from tests.test_build import make_rootfs
+from tests.rootfs import make_rootfs
 
 CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 UPSTREAM = Path(__file__).resolve().parents[2] / "shared" / "interop" / "nydus"
