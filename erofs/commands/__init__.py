@@ -1,0 +1,24 @@
+"""The ``nydus-erofs`` subcommands, one module each, and the options several of them share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def blob_source_options(fn: F) -> F:
+    """``--blob-dir`` and ``--device``: where a command reads an image's blobs from."""
+    fn = click.option(
+        "--device",
+        "devices",
+        multiple=True,
+        type=click.Path(exists=True, dir_okay=False),
+        help="A blob/device file, in device-table order (repeatable; for plain EROFS images).",
+    )(fn)
+    return click.option(
+        "--blob-dir", type=click.Path(exists=True, file_okay=False), help="Directory of blob files named by id."
+    )(fn)

@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from erofs.commands import blob_source_options
 from erofs.errors import ImageError
 from erofs.reader.bootstrap import Bootstrap
 from erofs.reader.check import check_image
@@ -15,14 +16,7 @@ from erofs.reader.data import open_source
 
 @click.command()
 @click.argument("bootstrap", type=click.Path(exists=True, dir_okay=False))
-@click.option("--blob-dir", type=click.Path(exists=True, file_okay=False), help="Directory of blob files named by id.")
-@click.option(
-    "--device",
-    "devices",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="A blob/device file, in device-table order (repeatable; for plain EROFS images).",
-)
+@blob_source_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def check(bootstrap: str, blob_dir: str | None, devices: tuple[str, ...], as_json: bool) -> None:  # fmt: skip
     """Check a bootstrap's structure and, with its blobs, read, verify and decompress every chunk.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from erofs.commands import blob_source_options
 from erofs.reader.bootstrap import Bootstrap
 from erofs.reader.data import ImageReader, open_source
 from erofs.reader.unpack import unpack_to_dir, unpack_to_tar
@@ -11,14 +12,7 @@ from erofs.reader.unpack import unpack_to_dir, unpack_to_tar
 
 @click.command()
 @click.argument("bootstrap", type=click.Path(exists=True, dir_okay=False))
-@click.option("--blob-dir", type=click.Path(exists=True, file_okay=False), help="Directory of blob files named by id.")
-@click.option(
-    "--device",
-    "devices",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="A blob/device file, in device-table order (repeatable; for plain EROFS images).",
-)
+@blob_source_options
 @click.option(
     "--output",
     "-o",
