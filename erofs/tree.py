@@ -54,7 +54,7 @@ class Inode:
 
 
 def walk(root: Inode, prefix: bytes = b"") -> list[tuple[bytes, Inode]]:
-    """Every (path, inode) below ``root`` in sorted order, depth first, the root as ``b"/"``."""
+    """Every (path, inode) below ``root``, parents before children and siblings sorted; the root is ``b"/"``."""
     out: list[tuple[bytes, Inode]] = [(prefix or b"/", root)]
     stack = [(prefix, root)]
     while stack:
