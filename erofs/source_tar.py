@@ -58,7 +58,8 @@ _OTHER_MAGIC = {
 _READ_SIZE = 1 << 20
 _QUEUE_DEPTH = 8
 _HEADER_READ = 16 << 10  # tarfile's read-ahead: small, since member data bypasses it
-_ZSTD_FEED = 64 << 10  # zstd input per call (its output is not bounded per call)
+_ZSTD_FEED = 4 << 10  # zstd input per call: its output is not bounded per call, but 4 KiB of input
+# expand to at most ~128 MiB (one 128 KiB RLE block per 4 input bytes), which bounds memory
 # The placeholder of a hard link to a lower layer's file: no file type (never reaches the bootstrap).
 LINK_PLACEHOLDER_MODE = 0
 MAX_MAJOR = (1 << 12) - 1  # new_encode_dev: 12-bit major, 20-bit minor
