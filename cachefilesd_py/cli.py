@@ -26,6 +26,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
+import click
+
 from cachefilesd_py.notify import notify
 from erofs.errors import NydusErofsError
 from erofs.units import parse_size
@@ -44,41 +46,64 @@ log = logging.getLogger("cachefilesd_py")
 BACKENDS = ("localfs", "http", "registry")  # cachefilesd_py.backends.KINDS
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, not argparse's usage block
-        self.exit(2, f"{PROG}: error: {message} (see --help)\n")
+class _Size(click.ParamType):
+    name = "size"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
 
 
-def _size(text: str) -> int:
+_PATH = click.Path(path_type=Path)
+
+
+@click.command(
+    name=PROG,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+    help="fscache on-demand daemon for Nydus RAFS v6 images: while it runs, `mount -t erofs none -o fsid=NAME MNT` "
+    "mounts IMAGES/NAME/image.boot (blobs from IMAGES/NAME/blobs/ unless a backend for all images is given).",
+)
+@click.option("--cache-dir", required=True, type=_PATH, help="Cache directory (ext4/xfs/btrfs, not tmpfs).")
+@click.option("--images-dir", required=True, type=_PATH, help="IMAGES: IMAGES/<fsid>/image.boot per image.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="localfs", show_default=True,
+              help="Where blobs come from (localfs: IMAGES/<fsid>/blobs/ unless --blob-dir).")  # fmt: skip
+@click.option("--blob-dir", type=_PATH, help="localfs: one blob directory for every image.")
+@click.option("--url", help="http: base URL, blobs at URL/<blob id>.")
+@click.option("--host", help="registry: host[:port] or URL.")
+@click.option("--repo", help="registry: repository (namespace/name).")
+@click.option("--plain-http", is_flag=True, help="registry: http instead of https.")
+@click.option("--auth", help="registry: user:pass (or its base64).")
+@click.option("--threads", type=int, default=4, show_default=True, help="READ worker threads.")
+@click.option("--amplify", type=_Size(), default="1MiB", show_default=True,
+              help="Merge reads of adjacent chunks up to this many bytes.")  # fmt: skip
+@click.option("--api-sock", type=_PATH, help="Serve the HTTP API on this Unix socket.")
+@click.option("--no-supervisor", is_flag=True, help="One process, no failover.")
+@click.option("--json-logs", is_flag=True, help="Log JSON lines.")
+@click.option("--tag", default=PROG, show_default=True, help="cachefiles cache tag.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)  # fmt: skip
+@click.option("--debug", is_flag=True, help="Tracebacks instead of one-line errors.")
+@click.option("--device", default=DEVICE_PATH, hidden=True)
+@click.version_option(package_name="nydus-erofs")
+def command(**options: Any) -> None:
+    """Parsed options → :func:`run`; errors are one line (see :func:`main`)."""
+    args = argparse.Namespace(**options)
+    _setup_logging(args.json_logs, args.log_level)
     try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="fscache on-demand daemon for Nydus RAFS v6 images: while it runs, "
-                "`mount -t erofs none -o fsid=NAME MNT` mounts IMAGES/NAME/image.boot.")  # fmt: skip
-    p.add_argument("--cache-dir", required=True, type=Path, help="cache directory (ext4/xfs/btrfs, not tmpfs)")
-    p.add_argument("--images-dir", required=True, type=Path, help="IMAGES: IMAGES/<fsid>/image.boot per image")
-    b = p.add_argument_group("backend (default: localfs, IMAGES/<fsid>/blobs/ of each image)")
-    b.add_argument("--backend", choices=BACKENDS, default="localfs")
-    b.add_argument("--blob-dir", type=Path, help="localfs: one blob directory for every image")
-    b.add_argument("--url", help="http: base URL, blobs at URL/<blob id>")
-    b.add_argument("--host", help="registry: host[:port] or URL")
-    b.add_argument("--repo", help="registry: repository (namespace/name)")
-    b.add_argument("--plain-http", action="store_true", help="registry: http instead of https")
-    b.add_argument("--auth", help="registry: user:pass (or its base64)")
-    p.add_argument("--threads", type=int, default=4, help="READ worker threads [4]")
-    p.add_argument("--amplify", type=_size, default=1 << 20, help="merge reads of adjacent chunks up to [1MiB]")
-    p.add_argument("--api-sock", type=Path, help="serve the HTTP API on this Unix socket")
-    p.add_argument("--no-supervisor", action="store_true", help="one process, no failover")
-    p.add_argument("--json-logs", action="store_true", help="log JSON lines")
-    p.add_argument("--tag", default=PROG, help="cachefiles cache tag [cachefilesd-py]")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
-    p.add_argument("--device", default=DEVICE_PATH, help=argparse.SUPPRESS)
-    return p
+        code = run(args)
+    except _Usage as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (FscacheError, NydusErofsError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 1))
+    sys.exit(code)
 
 
 class _JsonFormatter(logging.Formatter):
@@ -213,19 +238,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    args = build_parser().parse_args(argv)
-    _setup_logging(args.json_logs, args.log_level)
+    """The console script: usage errors are one line too (exit status 2)."""
     try:
-        code = run(args)
-    except _Usage as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        command.main(args=list(argv) if argv is not None else None, prog_name=PROG, standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        print(f"{PROG}: error: {e.format_message()} (see --help)", file=sys.stderr)
         sys.exit(2)
-    except (FscacheError, NydusErofsError, OSError) as e:
-        if args.debug:
-            raise
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        sys.exit(getattr(e, "exit_code", 1))
-    sys.exit(code)
+    sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -229,7 +229,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
          "no /nonexistent/cachefiles: kernel lacks CONFIG_CACHEFILES (modprobe cachefiles?)"),
         (["--backend", "http"], 2, "--backend http needs --url"),
         (["--backend", "registry", "--host", "r.example"], 2, "--backend registry needs --host and --repo"),
-        (["--amplify", "lots"], 2, "argument --amplify: not a size: 'lots' (see --help)"),
+        (["--amplify", "lots"], 2, "Invalid value for '--amplify': not a size: 'lots' (see --help)"),
         (["--threads", "0"], 2, "--threads must be at least 1"),
     ],
 )  # fmt: skip
