@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -326,8 +327,12 @@ def test_multi_layer_image_equals_the_merged_layers(daemon: DaemonProc, builds: 
     assert len(out["blobs"]) == 2
     with mounted("layers") as mnt:
         assert_same_tree(merged, mnt)
-    opened = [o for o in daemon.api("/api/v1/daemon")["objects"] if o["volume"] == "layers"]
-    assert opened == []  # umounted: every object CLOSEd
+    # umounted: every object gets CLOSEd; the kernel sends CLOSE as the umount ends, so the daemon may still
+    # be handling it when umount returns: poll the API, bounded
+    deadline = time.monotonic() + 20
+    while opened := [o for o in daemon.api("/api/v1/daemon")["objects"] if o["volume"] == "layers"]:
+        assert time.monotonic() < deadline, f"still open after umount: {opened}"
+        time.sleep(0.05)
 
 
 def test_domain_sharing_opens_a_shared_blob_once(daemon: DaemonProc, builds: Builds) -> None:
