@@ -55,6 +55,18 @@ UPSTREAM_FILES = {"lib.rs": 16931, "sync_io.rs": 13400}
 TIMEOUT = 60.0
 
 
+def _wait_exit(pid: int, act: Callable[[], object], what: str) -> None:
+    """Run ``act`` (which should end process ``pid``) and wait, bounded, until the process is gone."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        act()
+        p = select.poll()
+        p.register(pidfd, select.POLLIN)
+        assert p.poll(TIMEOUT * 1000), what
+    finally:
+        os.close(pidfd)
+
+
 def _skip_reason(tmp: Path) -> str | None:
     why = erofs_file_backed_mounts()
     if why:
@@ -451,14 +463,7 @@ def test_plain_umount_stops_the_daemon(mounts: Mounts, images: dict[str, Path]) 
     image = images["none"]
     mp, rec = mounts.mount(image, "plain")
     assert (mp / "small").read_bytes() == b"hello\n"
-    pidfd = os.pidfd_open(rec["pid"])
-    try:
-        kernel_umount(mp)
-        p = select.poll()
-        p.register(pidfd, select.POLLIN)
-        assert p.poll(TIMEOUT * 1000), "daemon still running after its mount went away"
-    finally:
-        os.close(pidfd)
+    _wait_exit(rec["pid"], lambda: kernel_umount(mp), "daemon still running after its mount went away")
     left = read_record(mp)
     assert left is not None and left["stopped"] and left["stats"]["pipeline"]["chunks_written"] > 0
     mounts.umount(mp)  # forgets the record, reaps the daemon
@@ -468,14 +473,7 @@ def test_sigterm_while_mounted_unmounts(mounts: Mounts, images: dict[str, Path])
     """The daemon stopped without umount takes its mount with it (holes must never read as zeros)."""
     image = images["lz4_block"]
     mp, rec = mounts.mount(image, "term")
-    pidfd = os.pidfd_open(rec["pid"])
-    try:
-        os.kill(rec["pid"], signal.SIGTERM)
-        p = select.poll()
-        p.register(pidfd, select.POLLIN)
-        assert p.poll(TIMEOUT * 1000), "daemon did not stop"
-    finally:
-        os.close(pidfd)
+    _wait_exit(rec["pid"], lambda: os.kill(rec["pid"], signal.SIGTERM), "daemon did not stop")
     assert not is_mounted(mp, None)
     assert read_record(mp)["stopped"]
     mounts.umount(mp)
@@ -557,14 +555,7 @@ def _kill_worker(rec: dict[str, Any]) -> int:
     """SIGKILL the mount's worker and wait until it is gone; its pid."""
     worker = rec["worker_pid"]
     assert worker and worker != rec["pid"] and process_start_time(worker) is not None
-    pidfd = os.pidfd_open(worker)
-    try:
-        os.kill(worker, signal.SIGKILL)
-        p = select.poll()
-        p.register(pidfd, select.POLLIN)
-        assert p.poll(TIMEOUT * 1000), f"worker {worker} survived SIGKILL"
-    finally:
-        os.close(pidfd)
+    _wait_exit(worker, lambda: os.kill(worker, signal.SIGKILL), f"worker {worker} survived SIGKILL")
     return worker
 
 
@@ -771,14 +762,7 @@ def test_worker_that_cannot_restart_the_supervisor_unmounts(mounts: Mounts, imag
     shutil.copytree(images["none"] / "blobs", blobs)
     mp, rec = mounts.mount(images["none"], "giveup", blobs=blobs)
     blobs.rename(tmp_path / "gone")
-    pidfd = os.pidfd_open(rec["pid"])
-    try:
-        _kill_worker(rec)
-        p = select.poll()
-        p.register(pidfd, select.POLLIN)
-        assert p.poll(TIMEOUT * 1000), "supervisor still running"
-    finally:
-        os.close(pidfd)
+    _wait_exit(rec["pid"], lambda: _kill_worker(rec), "supervisor still running")
     assert not is_mounted(mp, None)
     assert "giving up" in Path(rec["log"]).read_text()
     mounts.umount(mp)
