@@ -176,10 +176,14 @@ class CacheFile:
         return a >= b or self.pages.find(0, a, b) < 0
 
     def present(self, d_off: int, d_size: int) -> bool:
-        """Whether ``[d_off, d_off + d_size)`` is in the file (the pipeline's ``present``): the page map, else
-        the file itself (another daemon sharing the cache dir may have filled it), recorded if so."""
+        """Whether ``[d_off, d_off + d_size)`` is in the file (the pipeline's ``present``): the page map; for a
+        ``shared`` file also the file itself (the other daemon may have filled it), recorded if so.  A file we
+        hold the lock of has no other writer: its map is exact, and ``lseek`` (which waits for the inode lock of
+        every concurrent write, and for the fd's position lock) is never needed."""
         if self.known(d_off, d_size):
             return True
+        if not self.shared:
+            return False
         end = min(d_off + d_size, self.size)
         try:
             if os.lseek(self.fd, d_off, SEEK_HOLE) < end:
@@ -482,13 +486,15 @@ class FanotifyServer:
                 cf.last_start, cf.last_end = offset, end
                 if sequential and self.readahead and end + self.readahead > cf.ra_end and end < cf.size \
                         and not cf.shared and not cf.watched:  # fmt: skip
-                    start = max(end, cf.ra_end) // PAGE_SIZE * PAGE_SIZE
+                    start = max(end, cf.ra_end)
                     stop = min(end + 2 * self.readahead, cf.size)
-                    cf.ra_end = stop
                     counters["readahead"] += 1
-                    piece = self.ra_piece  # in pieces, so the readahead workers overlap fetch, verify and write
-                    for pos in range(start, stop, piece):
-                        self._ra_pool.submit(self._readahead, cf, pos, min(piece, stop - pos))
+                    cf.ra_end = stop
+                    # in pieces of whole chunks (pieces sharing a chunk would wait for each other), so the
+                    # readahead workers overlap fetch, verify and write
+                    for pos, length in self.pipeline.pieces(cf.handle, start, stop - start, self.ra_piece):
+                        self._ra_pool.submit(self._readahead, cf, pos, length)
+                        cf.ra_end = max(cf.ra_end, pos + length)
 
     def _deny(self, ev: PreAccessEvent) -> None:
         self._count("denied")
@@ -533,7 +539,7 @@ class FanotifyServer:
     def _readahead(self, cf: CacheFile, start: int, length: int) -> None:
         """Fill ``[start, start + length)`` in the background, writing through the pre-mark fd (no events)."""
         try:
-            if self.pipeline.fill(cf.handle, start, length, cf.pwrite, cf.present):
+            if self.pipeline.fill(cf.handle, start, length, cf.pwrite, cf.present, wait=False):
                 self._unmark_if_complete(cf)
         except Exception as e:  # noqa: BLE001 - best effort: a reader's own event will retry and report it
             log.info("blob %s: readahead of %d+%d: %s", cf.handle.blob_id, start, length, e)

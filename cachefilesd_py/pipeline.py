@@ -198,15 +198,35 @@ class Pipeline:
                 total += d_size
         return wanted, extra
 
+    def pieces(self, blob: BlobHandle, offset: int, length: int, piece: int) -> list[tuple[int, int]]:
+        """``[offset, offset+length)`` as ``(offset, length)`` ranges of whole chunks, each at least ``piece``
+        bytes but the last (a chunk straddling a bound belongs to one piece only).  For filling a large range
+        on several threads at once: pieces that shared a chunk would wait for each other."""
+        meta = blob.meta
+        out: list[tuple[int, int]] = []
+        start = end = -1
+        for ci in meta.chunks_for_range(offset, length) if length > 0 else ():
+            _, _, d_off, d_size = meta.chunk(ci)
+            if start < 0:
+                start = d_off
+            end = max(end, d_off + d_size)
+            if end - start >= piece:
+                out.append((start, end - start))
+                start = -1
+        if start >= 0:
+            out.append((start, end - start))
+        return out
+
     # -- the fill -----------------------------------------------------------------------------------------------
     def fill(self, blob: BlobHandle, offset: int, length: int, write: WriteFn,
-             present: PresentFn | None = None) -> int:  # fmt: skip
+             present: PresentFn | None = None, *, wait: bool = True) -> int:  # fmt: skip
         """Make ``[offset, offset+length)`` of ``blob``'s uncompressed layout available through ``write``.
 
         ``present(d_off, d_size)`` says whether a chunk is already in the caller's destination (it is then
         neither fetched nor written).  Returns the bytes passed to ``write``.  Raises the first error
         (BackendError, DigestMismatchError, ImageError, or what ``write`` raised) of a chunk of the requested
         range, after every other chunk has been written; errors of amplification chunks are only logged.
+        ``wait=False`` (readahead): chunks another fill is fetching are left to it, not waited for.
         """
         if self._closed:
             raise RuntimeError("pipeline is closed")
@@ -229,7 +249,7 @@ class Pipeline:
                 if fut is None:
                     self._inflight[(bid, ci)] = Future()
                     owned.append(ci)
-                else:
+                elif wait:
                     waits.append((ci, fut))
         if waits:
             self.stats.add(dedup_hits=len(waits))

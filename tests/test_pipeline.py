@@ -270,6 +270,67 @@ def test_concurrent_fills_fetch_each_chunk_once(image: Path, with_present: bool)
         backend.close()
 
 
+def test_pieces_are_whole_chunks_covering_the_range(image: Path, backend: LocalBlobDir) -> None:
+    (h,) = open_image(image / "image.boot", backend)
+    chunks = _chunks_by_d_off(h)
+    with Pipeline() as p:
+        # a range starting and ending inside chunks, cut in pieces of at least 2 chunks' worth
+        lo, hi = chunks[1][0] + 100, chunks[9][0] + 5
+        pieces = p.pieces(h, lo, hi - lo, 2 * CHUNK)
+        starts = {d_off for d_off, _, _ in chunks}
+        ends = {d_off + d_size for d_off, d_size, _ in chunks}
+        assert pieces[0][0] == chunks[1][0] and pieces[-1][0] + pieces[-1][1] == chunks[9][0] + chunks[9][1]
+        for (a, n), (b, _) in zip(pieces, pieces[1:], strict=False):
+            assert a + n <= b  # disjoint, in order: no chunk in two pieces
+        for a, n in pieces:
+            assert a in starts and a + n in ends
+        assert all(n >= 2 * CHUNK for _, n in pieces[:-1])
+        # every chunk meeting the range is in exactly one piece
+        covered = [d_off for d_off, d_size, _ in chunks if any(a <= d_off < a + n for a, n in pieces)]
+        assert covered == [d_off for d_off, d_size, _ in chunks if d_off < hi and d_off + d_size > lo]
+        assert p.pieces(h, lo, 0, CHUNK) == []
+
+
+class HeldBackend(LocalBlobDir):
+    """A localfs backend that holds every read covering stored offset ``held`` until ``release`` is set."""
+
+    def __init__(self, *args: object, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self.held = -1
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def read(self, blob_id: str, offset: int, length: int) -> bytes:
+        if offset <= self.held < offset + length:
+            self.entered.set()
+            assert self.release.wait(TIMEOUT), "never released"
+        return super().read(blob_id, offset, length)
+
+
+def test_fill_without_wait_leaves_inflight_chunks_to_their_owner(image: Path) -> None:
+    backend = HeldBackend(image / "blobs")
+    try:
+        (h,) = open_image(image / "image.boot", backend)
+        chunks = _chunks_by_d_off(h)
+        (d2, _, ci2), (d3, _, _), (d4, s4, _) = chunks[2:5]
+        backend.held = h.meta.chunk(ci2)[0]
+        dest = Dest(h.uncompressed_size)
+        with Pipeline(amplify=0) as p:
+            owner = p.submit(h, d2, 1, dest.write, dest.present)  # holds chunk 2 in flight
+            assert backend.entered.wait(TIMEOUT)
+            # a readahead of chunks 2..4 fetches 3 and 4 and returns while chunk 2 is still in flight
+            written = p.fill(h, d2, d4 + s4 - d2, dest.write, dest.present, wait=False)
+            assert not owner.done()
+            assert sorted(w[0] for w in dest.writes) == [d3, d4] and written == sum(n for _, n in dest.writes)
+            assert p.stats.dedup_hits == 0
+            backend.release.set()
+            assert owner.result(TIMEOUT) > 0
+        assert sorted(w[0] for w in dest.writes) == [d2, d3, d4] and p.stats.chunks_fetched == 3
+    finally:
+        backend.release.set()
+        backend.close()
+
+
 def _corrupt_chunk(image: Path, tmp_path: Path, pick: int) -> tuple[Path, int]:
     """Copy the image's blob dir with one byte of chunk ``pick`` (in uncompressed order) flipped."""
     blobs = tmp_path / "blobs"
