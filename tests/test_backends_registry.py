@@ -18,6 +18,7 @@ from cachefilesd_py.backends import BlobBackend, make_backend
 from cachefilesd_py.backends.registry import (
     RegistryBackend,
     RegistryClient,
+    RegistryOptions,
     image_manifest,
     push_blob,
     push_manifest,
@@ -144,7 +145,7 @@ def test_push_small_chunks_empty_and_manifest(registry_server: RegistryServer, t
     config_digest = push_blob(registry_server.host, "test/push", config, plain_http=True, docker_config=False)
     manifest = image_manifest((config_digest, 2), [(digest, len(data), "application/vnd.oci.image.layer.v1.tar")])
     mdigest = push_manifest(registry_server.host, "test/push", "v1", manifest, plain_http=True, docker_config=False)
-    client = RegistryClient(registry_server.host, "test/push", plain_http=True, docker_config=False)
+    client = RegistryClient(RegistryOptions(registry_server.host, "test/push", plain_http=True, docker_config=False))
     resp = client.request("GET", client.url("manifests/v1"), {"Accept": manifest["mediaType"]})
     assert resp.status == 200 and resp.header("Docker-Content-Digest") == mdigest
     assert json.loads(resp.text(1 << 16))["layers"][0]["digest"] == digest

@@ -39,8 +39,8 @@ def make_backend(kind: str, **options: Any) -> BlobBackend:
     - ``localfs``: ``dir``, ``alt_dirs=()``, ``max_open=64``.
     - ``http``: ``url`` (base; blobs at ``<url>/<blob_id>``), ``headers``, and the common network options.
     - ``registry``: ``host`` (``name[:port]`` or a URL), ``repo``, ``scheme="https"``, ``plain_http``,
-      ``auth`` (``user:pass`` or base64), ``username``/``password``, ``token``, ``docker_config``, and the
-      common network options.
+      ``auth`` (``user:pass`` or base64), ``username``/``password``, ``token``, ``docker_config`` (the fields of
+      :class:`.registry.RegistryOptions`, which says what each means), and the common network options.
 
     Common network options: ``timeout=30``, ``connect_timeout=5``, ``retry_limit=3`` (retries after the first
     try), ``backoff=0.2``, ``max_backoff=10`` (seconds), ``max_discard=16 MiB`` (how far to skip into a body

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -22,62 +23,92 @@ MAX_REDIRECTS = 5
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
-def _registry_origin(host: str, scheme: str | None, plain_http: bool) -> tuple[str, str]:
-    """(base URL, host[:port]) from ``host`` (``name[:port]`` or a URL) and the scheme options."""
-    if "://" in host:
-        parts = urlsplit(host)
-        scheme = scheme or parts.scheme
-        host = parts.netloc
-    scheme = "http" if plain_http else (scheme or "https")
-    if scheme not in ("http", "https"):
-        raise BackendError(f"registry scheme {scheme!r} is not http or https")
-    host = host.rstrip("/")
-    return f"{scheme}://{host}", host
+@dataclass(frozen=True)
+class RegistryOptions:
+    """Which registry and repository, and who we are to it: the one list of registry options, taken by
+    :class:`RegistryClient` and (as keywords) by :class:`RegistryBackend`, the push helpers and
+    ``make_backend("registry", ...)``.
 
+    ``host``: ``name[:port]`` or a URL (its scheme is used unless ``scheme`` says otherwise); ``scheme``
+    (``https``), ``plain_http`` (``http`` whatever the rest says).  Credentials: ``auth`` (``user:pass`` or its
+    base64; the ``IMAGE_PULL_AUTH`` environment variable overrides it), or ``username``/``password``, or a static
+    bearer ``token``, else ``docker_config`` (a path; default ``$DOCKER_CONFIG`` or ``~/.docker/config.json``;
+    ``False`` to skip).  Made normalised (``host`` is ``name[:port]``, ``scheme`` http or https, ``repo`` without
+    edge slashes); a bad scheme or repository name is a :class:`BackendError` here, before any request.
+    """
 
-def _check_repo(repo: str) -> str:
-    if not repo or repo.startswith("/") or ".." in repo.split("/") or any(c in repo for c in "?#% "):
-        raise BackendError(f"registry repository name {repo!r} is not valid")
-    return repo.strip("/")
+    host: str
+    repo: str
+    scheme: str | None = None
+    plain_http: bool = False
+    auth: str | None = field(default=None, repr=False)
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    docker_config: str | os.PathLike[str] | bool | None = None
+
+    def __post_init__(self) -> None:
+        host, scheme = self.host, self.scheme
+        if "://" in host:
+            parts = urlsplit(host)
+            scheme = scheme or parts.scheme
+            host = parts.netloc
+        scheme = "http" if self.plain_http else (scheme or "https")
+        if scheme not in ("http", "https"):
+            raise BackendError(f"registry scheme {scheme!r} is not http or https")
+        repo = self.repo
+        if not repo or repo.startswith("/") or ".." in repo.split("/") or any(c in repo for c in "?#% "):
+            raise BackendError(f"registry repository name {repo!r} is not valid")
+        object.__setattr__(self, "host", host.rstrip("/"))
+        object.__setattr__(self, "scheme", scheme)
+        object.__setattr__(self, "repo", repo.strip("/"))
+
+    @classmethod
+    def split(cls, host: str, repo: str, options: Mapping[str, Any]) -> tuple[RegistryOptions, dict[str, Any]]:
+        """These options taken out of keyword ``options``, and the rest (for the transport: timeouts, TLS...)."""
+        names = {f.name for f in fields(cls)}
+        mine = {k: v for k, v in options.items() if k in names}
+        return cls(host, repo, **mine), {k: v for k, v in options.items() if k not in names}
+
+    @property
+    def base(self) -> str:
+        """``scheme://host[:port]``."""
+        return f"{self.scheme}://{self.host}"
+
+    def url(self, path: str) -> str:
+        """The URL of ``path`` under the repository (``blobs/...``, ``manifests/...``)."""
+        return f"{self.base}/v2/{self.repo}/{path}"
+
+    def credentials(self) -> Credentials | None:
+        """``username``/``password``, else ``IMAGE_PULL_AUTH`` or ``auth``, else the docker config's for the
+        host (None: anonymous)."""
+        auth = os.environ.get("IMAGE_PULL_AUTH") or self.auth
+        try:
+            if self.username is not None:
+                return Credentials(self.username, self.password or "")
+            if auth:
+                return parse_auth(auth)
+            if self.docker_config is not False:
+                path = None if self.docker_config in (None, True) else self.docker_config
+                return docker_credentials(self.host, path)  # type: ignore[arg-type]
+        except PermanentFailure as e:
+            raise BackendError(f"registry {self.host}: {e}") from None
+        return None
 
 
 class RegistryClient:
     """Authenticated requests to one registry and repository; thread-safe.  Used by the backend and the push
-    helpers."""
+    helpers; ``transport`` defaults to a new :class:`Transport` of its own."""
 
-    def __init__(
-        self,
-        host: str,
-        repo: str,
-        *,
-        scheme: str | None = None,
-        plain_http: bool = False,
-        auth: str | None = None,
-        username: str | None = None,
-        password: str | None = None,
-        token: str | None = None,
-        docker_config: str | os.PathLike[str] | bool | None = None,
-        transport: Transport | None = None,
-    ) -> None:
-        self.base, self.host = _registry_origin(host, scheme, plain_http)
-        self.repo = _check_repo(repo)
-        auth = os.environ.get("IMAGE_PULL_AUTH") or auth
-        creds: Credentials | None = None
-        try:
-            if username is not None:
-                creds = Credentials(username, password or "")
-            elif auth:
-                creds = parse_auth(auth)
-            elif docker_config is not False:
-                path = None if docker_config in (None, True) else docker_config
-                creds = docker_credentials(self.host, path)  # type: ignore[arg-type]
-        except PermanentFailure as e:
-            raise BackendError(f"registry {self.host}: {e}") from None
+    def __init__(self, options: RegistryOptions, transport: Transport | None = None) -> None:
+        self.options = options
+        self.base, self.host, self.repo = options.base, options.host, options.repo
+        creds = options.credentials()
         self.transport = transport if transport is not None else Transport()
-        self.auth = RegistryAuth(self.transport, creds, token)
+        self.auth = RegistryAuth(self.transport, creds, options.token)
 
     def url(self, path: str) -> str:
-        return f"{self.base}/v2/{self.repo}/{path}"
+        return self.options.url(path)
 
     def request(
         self,
@@ -111,41 +142,14 @@ class RegistryClient:
 class RegistryBackend(HttpBackend):
     """Blobs of ``repo`` on the registry at ``host``: ``read``/``size``/``close`` like every backend.
 
-    Options: ``scheme`` (``https``), ``plain_http``; credentials ``auth`` (``user:pass`` or its base64; the
-    ``IMAGE_PULL_AUTH`` environment variable overrides it), or ``username``/``password``, or a static bearer
-    ``token``, else ``docker_config`` (a path; default ``$DOCKER_CONFIG`` or ``~/.docker/config.json``;
-    ``False`` to skip); plus :class:`HttpBackend`'s timeouts, retries, TLS and ``verify_digest`` options.
+    ``options``: the rest of :class:`RegistryOptions` (scheme, credentials) and :class:`HttpBackend`'s (timeouts,
+    retries, pool, TLS, ``verify_digest``).
     """
 
-    def __init__(
-        self,
-        host: str,
-        repo: str,
-        *,
-        scheme: str | None = None,
-        plain_http: bool = False,
-        auth: str | None = None,
-        username: str | None = None,
-        password: str | None = None,
-        token: str | None = None,
-        docker_config: str | os.PathLike[str] | bool | None = None,
-        **network: Any,
-    ) -> None:
-        """``network``: :class:`HttpBackend`'s options (timeouts, retries, pool, TLS, ``verify_digest``)."""
-        base, _ = _registry_origin(host, scheme, plain_http)
-        super().__init__(f"{base}/v2/{_check_repo(repo)}/blobs", **network)
-        self.client = RegistryClient(
-            host,
-            repo,
-            scheme=scheme,
-            plain_http=plain_http,
-            auth=auth,
-            username=username,
-            password=password,
-            token=token,
-            docker_config=docker_config,
-            transport=self.transport,
-        )
+    def __init__(self, host: str, repo: str, **options: Any) -> None:
+        registry, network = RegistryOptions.split(host, repo, options)
+        super().__init__(registry.url("blobs"), **network)
+        self.client = RegistryClient(registry, self.transport)
         self._redirects: dict[str, str] = {}
 
     def __repr__(self) -> str:
@@ -304,4 +308,4 @@ def image_manifest(
     }
 
 
-__all__ = ["RegistryBackend", "RegistryClient", "image_manifest", "push_blob", "push_manifest"]
+__all__ = ["RegistryBackend", "RegistryClient", "RegistryOptions", "image_manifest", "push_blob", "push_manifest"]
