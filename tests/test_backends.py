@@ -6,14 +6,18 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from cachefilesd_py.backends import BackendStats, BlobBackend, make_backend
+from cachefilesd_py.backends.auth import Credentials
 from cachefilesd_py.backends.http import HttpBackend
+from cachefilesd_py.backends.registry import RegistryBackend, RegistryOptions
 from cachefilesd_py.backends.retry import RetryPolicy, is_temp_failure, parse_retry_after
 from erofs.errors import BackendError
 from erofs.reader.source import LocalBlobDir
@@ -150,6 +154,26 @@ def test_make_backend_errors(tmp_path: Path) -> None:
         make_backend("localfs", dir=tmp_path, colour="blue")
     with pytest.raises(BackendError, match="registry repository name"):
         make_backend("registry", host="127.0.0.1:1", repo="../x", docker_config=False)
+
+
+def test_make_backend_registry_options_are_one_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry options make_backend documents are RegistryOptions' fields, and each one reaches the client."""
+    doc = make_backend.__doc__ or ""
+    start = doc.index("- ``registry``:") + len("- ``registry``:")
+    documented = set(re.findall(r"``(\w+)(?:=[^`]*)?``", doc[start : doc.index("common network options", start)]))
+    assert documented == {f.name for f in fields(RegistryOptions)}
+    monkeypatch.delenv("IMAGE_PULL_AUTH", raising=False)
+    given = {"host": "http://127.0.0.1:1/", "repo": "a/b/", "scheme": "http", "plain_http": False, "auth": "x:y",
+             "username": "u", "password": "p", "token": "t", "docker_config": False}  # fmt: skip
+    assert set(given) == documented  # each one not its default
+    b = make_backend("registry", **given, retry_limit=0)
+    try:
+        assert isinstance(b, RegistryBackend) and b.client.options == RegistryOptions(**given)
+        assert (b.client.host, b.client.repo, b.url) == ("127.0.0.1:1", "a/b", "http://127.0.0.1:1/v2/a/b/blobs")
+        assert b.client.auth.credentials == Credentials("u", "p") and b.client.auth.static_token == "t"
+        assert b.retry_policy.attempts == 1  # the rest went to the transport side
+    finally:
+        b.close()
 
 
 def test_retry_after_and_backoff() -> None:
