@@ -176,6 +176,36 @@ def test_make_backend_registry_options_are_one_list(monkeypatch: pytest.MonkeyPa
         b.close()
 
 
+def test_make_backend_options_given_as_text_are_typed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--backend-config key=value`` hands every value over as text: each becomes what its option takes."""
+    monkeypatch.delenv("IMAGE_PULL_AUTH", raising=False)
+    b = make_backend("registry", host="127.0.0.1:1", repo="a", plain_http="false", scheme="http", password="123",
+                     username="u", docker_config="false", timeout="2.5", retry_limit="0", insecure="yes")  # fmt: skip
+    try:
+        assert isinstance(b, RegistryBackend)
+        opts = b.client.options
+        assert opts.plain_http is False and opts.docker_config is False and opts.password == "123"
+        assert b.retry_policy.attempts == 1
+    finally:
+        b.close()
+    b = make_backend("registry", host="127.0.0.1:1", repo="a", plain_http="true", docker_config="false")
+    try:
+        assert b.url.startswith("http://")
+    finally:
+        b.close()
+    local = make_backend("localfs", dir=str(tmp_path), max_open="3")
+    assert isinstance(local, LocalBlobDir) and local.max_open == 3
+    for kind, bad, msg in [
+        ("registry", {"plain_http": "maybe"}, "option plain_http: expected true or false, got 'maybe'"),
+        ("registry", {"retry_limit": "many"}, "option retry_limit: expected an integer, got 'many'"),
+        ("registry", {"timeout": "soon"}, "option timeout: expected a number, got 'soon'"),
+        ("localfs", {"max_open": "lots"}, "option max_open: expected an integer, got 'lots'"),
+    ]:
+        base = {"host": "h", "repo": "r"} if kind == "registry" else {"dir": str(tmp_path)}
+        with pytest.raises(BackendError, match=re.escape(f"backend {kind}: {msg}")):
+            make_backend(kind, **base, **bad)
+
+
 def test_retry_after_and_backoff() -> None:
     assert parse_retry_after("3") == 3.0
     assert parse_retry_after("Fri, 27 Nov 2026 20:00:10 GMT", now=1795809600.0) == 10.0

@@ -8,6 +8,7 @@ threads at once.  :func:`make_backend` builds one by kind: ``localfs``, ``http``
 
 from __future__ import annotations
 
+import typing
 from typing import Any, Protocol, runtime_checkable
 
 from erofs.errors import BackendError
@@ -49,6 +50,7 @@ def make_backend(kind: str, **options: Any) -> BlobBackend:
     """
     options = {k.replace("-", "_"): v for k, v in options.items()}
     try:
+        options = _typed(kind, options)
         if kind == "localfs":
             if "blob_dir" in options:
                 options["dir"] = options.pop("blob_dir")
@@ -64,6 +66,54 @@ def make_backend(kind: str, **options: Any) -> BlobBackend:
     except TypeError as e:
         raise BackendError(f"backend {kind}: bad options: {e}") from None
     raise BackendError(f"unknown backend kind {kind!r} (expected one of: {', '.join(KINDS)})")
+
+
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def _option_types(kind: str) -> dict[str, Any]:
+    """Each option's annotated type, for ``kind``'s constructor(s)."""
+    if kind == "localfs":
+        return typing.get_type_hints(LocalBlobDir.__init__)
+    from .http import HttpBackend
+
+    hints = typing.get_type_hints(HttpBackend.__init__)
+    if kind == "registry":
+        from .registry import RegistryOptions
+
+        hints.update(typing.get_type_hints(RegistryOptions))
+    return hints
+
+
+def _typed(kind: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Options given as text (``--backend-config key=value``) converted to the bool, int or float their
+    parameter takes; other values are left as they are.  A bad value is a one-line BackendError."""
+    if kind not in KINDS or not any(isinstance(v, str) for v in options.values()):
+        return options
+    hints = _option_types(kind)
+    out = dict(options)
+    for key, value in options.items():
+        if not isinstance(value, str) or key not in hints:
+            continue
+        types = set(typing.get_args(hints[key])) or {hints[key]}
+        types.discard(type(None))
+        if bool in types and value.lower() in _BOOL_WORDS:
+            out[key] = _BOOL_WORDS[value.lower()]
+        elif str in types:
+            continue
+        elif types <= {bool}:
+            raise BackendError(f"backend {kind}: option {key}: expected true or false, got {value!r}")
+        elif types <= {int}:
+            try:
+                out[key] = int(value, 0)
+            except ValueError:
+                raise BackendError(f"backend {kind}: option {key}: expected an integer, got {value!r}") from None
+        elif types <= {int, float}:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                raise BackendError(f"backend {kind}: option {key}: expected a number, got {value!r}") from None
+    return out
 
 
 __all__ = [
