@@ -30,10 +30,15 @@ pending event, and an unmarked sparse file reads zeros where data is missing.
   had read; it matches a response by the event fd *number* only (``process_access_response``: ENOENT when no
   pending event has it), so the supervisor answers every number below the worker's RLIMIT_NOFILE with
   ``FAN_DENY`` + EIO: those readers get EIO (the kernel may also retry a failed readahead page by page, which
-  the next worker then serves), never zeros.  Events queued but not read yet stay in the group's queue.  Then it
-  starts a new worker on the same group (at most 5 restarts a minute; then, and whenever it stops with the
-  image still mounted and no worker, it unmounts).  SIGTERM/SIGINT: the worker is stopped (it unmounts
-  first), then queued events are denied and the group closed.  SIGUSR1 is passed on to the worker.
+  the next worker then serves), never zeros.  Events queued but not read yet stay in the group's queue.  Then it starts
+  a new worker on the same group, after a backoff: the n-th worker death in a row waits 0.1 s * 2**(n-1), at most 5 s,
+  before the restart (0.1, 0.2, 0.4, ... 3.2, 5, 5 s: a backend briefly down gets time to come back), and the 11th in a
+  row (about half a minute of failing workers) makes it give up.  A worker that lived a minute ends the row: its death
+  is the first of a new one.  It logs one line per restart with its delay.  While it waits no worker runs: reads of
+  holes block, their events stay queued for the next worker; a stop signal or the loss of the mount ends the wait at
+  once.  When it gives up, and whenever it stops with the image still mounted and no worker, it unmounts.
+  SIGTERM/SIGINT: the worker is stopped (it unmounts first), then queued events are denied (EIO) and the group closed.
+  SIGUSR1 is passed on to the worker.
 - The worker (the same command with ``--group-fd``, exec'd by the supervisor) loads the image, prepares and
   marks the cache files on the inherited group, mounts, writes the runtime record (``pid``: the supervisor,
   ``worker_pid``: itself), reports ``ok`` (or a one-line error) on ``--ready-fd`` and serves until SIGTERM/SIGINT
@@ -689,6 +694,9 @@ def run_daemon(*, boot: Path, mountpoint: Path, cache_dir: Path, backend: BlobBa
 
 # -- the supervisor -----------------------------------------------------------------------------------------------
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# a test hook, not a setting: "DELAY,MAX_DELAY,MAX_RESTARTS" replaces the restart backoff's defaults, so that a
+# test of it takes seconds rather than half a minute
+TEST_BACKOFF_ENV = "NYDUS_EROFS_TEST_RESTART_BACKOFF"
 
 
 def _describe(code: int) -> str:
@@ -709,20 +717,79 @@ class Supervisor:
     events it had read are still pending, matched by their event fd numbers, which died with it: the
     supervisor answers each number below the worker's RLIMIT_NOFILE with a deny (EIO), the unknown ones
     failing with ENOENT (a few tens of ms for 20000).  Events queued but not read yet stay queued for the next
-    worker.  More than ``max_restarts`` deaths within ``window`` seconds: the supervisor unmounts and stops.
+    worker.
+
+    Restarts back off (:meth:`next_delay`): the n-th worker death in a row waits ``delay * 2**(n-1)`` seconds, at most
+    ``max_delay``, and the ``max_restarts + 1``-th makes the supervisor unmount and stop.  A worker that lived
+    ``stable`` seconds ends the row (its death is the first of a new one).  The wait polls a pipe that the signals write
+    to (``set_wakeup_fd``) and the mount table: a stop signal or an unmount ends it at once.
     """
 
-    def __init__(self, worker_cmd: Sequence[str], mountpoint: Path, *, max_restarts: int = 5,
-                 window: float = 60.0) -> None:  # fmt: skip
+    def __init__(self, worker_cmd: Sequence[str], mountpoint: Path, *, delay: float = 0.1, max_delay: float = 5.0,
+                 max_restarts: int = 10, stable: float = 60.0) -> None:  # fmt: skip
         self.worker_cmd = list(worker_cmd)
         self.mountpoint = mountpoint
+        self.delay = delay
+        self.max_delay = max_delay
         self.max_restarts = max_restarts
-        self.window = window
+        self.stable = stable
         self.restarts = 0
+        self.streak = 0  # worker deaths in a row
         self.group: FanotifyGroup | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.stopping = False
-        self._recent: list[float] = []
+        self._started = 0.0  # monotonic time of the last spawn
+        self._wake_r = -1  # the signals' wakeup fd (read end)
+
+    @staticmethod
+    def backoff_from_env() -> dict[str, Any]:
+        """The backoff parameters of :data:`TEST_BACKOFF_ENV`, if set (a test hook)."""
+        text = os.environ.get(TEST_BACKOFF_ENV)
+        if not text:
+            return {}
+        try:
+            delay, max_delay, max_restarts = text.split(",")
+            return {"delay": float(delay), "max_delay": float(max_delay), "max_restarts": int(max_restarts)}
+        except ValueError:
+            raise UsageError(f"{TEST_BACKOFF_ENV}={text!r}: expected DELAY,MAX_DELAY,MAX_RESTARTS") from None
+
+    def next_delay(self, lived: float) -> float | None:
+        """The wait before restarting a worker that died ``lived`` seconds after its start; None: give up."""
+        if lived >= self.stable:
+            self.streak = 0
+        self.streak += 1
+        if self.streak > self.max_restarts:
+            return None
+        return min(self.delay * 2 ** (self.streak - 1), self.max_delay)
+
+    def _pause(self, seconds: float) -> bool:
+        """Wait ``seconds`` before a restart; False when a stop signal or the loss of the mount ended it."""
+        from .kmount import is_mounted
+
+        deadline = time.monotonic() + seconds
+        with open("/proc/self/mounts", "rb") as mounts:  # polls POLLPRI on every change of the mount table
+            poller = select.poll()
+            poller.register(self._wake_r, select.POLLIN)
+            poller.register(mounts.fileno(), select.POLLPRI)
+            while not self.stopping:  # (set by the handler, which has run once the wakeup fd is readable)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return True
+                for fd, _ in poller.poll(int(left * 1000) + 1):
+                    if fd == self._wake_r:  # a SIGUSR1 wakes us too: drain, go on waiting
+                        try:
+                            while os.read(fd, 256):
+                                pass
+                        except BlockingIOError:
+                            pass
+                    else:
+                        mounts.seek(0)
+                        mounts.read()  # re-arms the notification
+                        if not is_mounted(self.mountpoint):
+                            log.warning("%s is no longer mounted: stopping", self.mountpoint)
+                            return False
+        log.warning("stopped while waiting to restart the worker")
+        return False
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum in _STOP_SIGNALS:
@@ -740,6 +807,7 @@ class Supervisor:
         gfd = self.group.fileno()
         r, w = os.pipe2(os.O_CLOEXEC)
         cmd = [*self.worker_cmd, "--group-fd", str(gfd), "--restart", str(self.restarts), "--ready-fd", str(w)]
+        self._started = time.monotonic()
         try:
             self.proc = proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=(gfd, w))
         except BaseException:
@@ -778,18 +846,24 @@ class Supervisor:
 
     def _deny_queued(self) -> None:
         assert self.group is not None
+        denied = 0
         try:
             while events := self.group.read_events():
                 for ev in events:
                     if ev.fd >= 0:
                         self.group.deny(ev, errno.EIO)
+                        denied += 1
         except (FscacheError, OSError) as e:
             log.error("denying queued events: %s", e)
+        if denied:
+            log.warning("denied %d queued events (EIO)", denied)
 
     def run(self, ready_fd: int | None) -> int:
         """Start the first worker, relay its readiness line to ``ready_fd``, supervise; the exit status."""
         from .kmount import is_mounted, umount
 
+        self._wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        previous_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)  # wakes _pause on a signal
         previous = {s: signal.signal(s, self._on_signal) for s in (*_STOP_SIGNALS, signal.SIGUSR1)}
         was_mounted = is_mounted(self.mountpoint, None)
         died = False  # the last worker died without answering what it had read
@@ -814,6 +888,7 @@ class Supervisor:
                 assert self.proc is not None
                 pid = self.proc.pid
                 code = self._wait()
+                lived = time.monotonic() - self._started
                 if code == 0 or (self.stopping and code == -signal.SIGTERM):
                     log.info("worker %d stopped", pid)
                     return 0
@@ -826,12 +901,16 @@ class Supervisor:
                 if not is_mounted(self.mountpoint):
                     log.warning("%s is no longer mounted: stopping", self.mountpoint)
                     return 1
-                now = time.monotonic()
-                self._recent = [t for t in self._recent if now - t < self.window] + [now]
-                if len(self._recent) > self.max_restarts:
-                    log.error("worker died %d times in %.0f s: giving up", len(self._recent), self.window)
+                delay = self.next_delay(lived)
+                if delay is None:
+                    log.error("worker died %d times in a row (no restarted one lived %.0f s): giving up",
+                              self.streak, self.stable)  # fmt: skip
                     return 1
                 self.restarts += 1
+                log.warning("restarting the worker in %.2f s (restart %d, death %d in a row)", delay,
+                            self.restarts, self.streak)  # fmt: skip
+                if not self._pause(delay):
+                    return 1
                 line = self._spawn()
                 if line != "ok":
                     log.error("restarted worker failed: %s", line or "no answer")
@@ -858,6 +937,10 @@ class Supervisor:
                 self.group.close()
             for s, h in previous.items():
                 signal.signal(s, h)
+            signal.set_wakeup_fd(previous_wakeup)
+            for fd in (self._wake_r, wake_w):
+                os.close(fd)
+            self._wake_r = -1
 
 
 def _worker_argv(argv: Sequence[str]) -> list[str]:
@@ -899,7 +982,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.supervise:
         worker = [sys.executable, "-m", "cachefilesd_py.fanotify_mount",
                   *_worker_argv(sys.argv[1:] if argv is None else argv)]  # fmt: skip
-        return Supervisor(worker, args.mountpoint).run(args.ready_fd)
+        try:
+            backoff = Supervisor.backoff_from_env()
+        except UsageError as e:
+            _report(args.ready_fd, f"error {e}")
+            return 1
+        return Supervisor(worker, args.mountpoint, **backoff).run(args.ready_fd)
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)  # `kill -USR1`: thread stacks to the log
     try:
         backend = backend_from_options(args.backend, json.loads(args.backend_config))
