@@ -2,7 +2,7 @@
 
 Images mounted lazily read back identical to their sources; a small read of a large image fetches little; a
 damaged chunk gives EIO for its file only; a warm cache is reused; several mounts and readers at once; umount
-leaves no mount and no process behind.
+leaves no mount and no process behind; a dead worker is replaced after a growing wait, which a stop ends at once.
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cachefilesd_py.backends import make_backend
-from cachefilesd_py.fanotify_mount import prepare_cache_files, probe_pre_content
+from cachefilesd_py.fanotify_mount import TEST_BACKOFF_ENV, Supervisor, prepare_cache_files, probe_pre_content
 from cachefilesd_py.image import open_image
 from cachefilesd_py.kmount import (
     RUN_DIR_ENV,
@@ -754,10 +755,11 @@ def test_worker_killed_holding_an_event_reader_gets_eio(mounts: Mounts, big_imag
         server.close()
 
 
-def test_worker_that_cannot_restart_the_supervisor_unmounts(mounts: Mounts, images: dict[str, Path],
-                                                            tmp_path: Path) -> None:  # fmt: skip
+def test_worker_that_cannot_restart_the_supervisor_unmounts(mounts: Mounts, images: dict[str, Path], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """Workers that keep failing (here: the blobs went away): the supervisor gives up and takes the mount with
     it rather than leave holes to read as zeros."""
+    monkeypatch.setenv(TEST_BACKOFF_ENV, "0.1,0.4,4")  # give up after 4 restarts, not half a minute
     blobs = tmp_path / "blobs"
     shutil.copytree(images["none"] / "blobs", blobs)
     mp, rec = mounts.mount(images["none"], "giveup", blobs=blobs)
@@ -766,3 +768,176 @@ def test_worker_that_cannot_restart_the_supervisor_unmounts(mounts: Mounts, imag
     assert not is_mounted(mp, None)
     assert "giving up" in Path(rec["log"]).read_text()
     mounts.umount(mp)
+
+
+# -- restart backoff ----------------------------------------------------------------------------------------------
+RESTARTING = re.compile(r"^(\S+ \S+) .*restarting the worker in ([\d.]+) s \(restart (\d+),", re.M)
+STARTED = re.compile(r"^(\S+ \S+) .*worker \d+ started \(restart (\d+)\)", re.M)
+
+
+def _log_time(stamp: str) -> float:
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def _wait_log(rec: dict[str, Any], pattern: str, count: int = 1) -> str:
+    """The daemon's log once ``pattern`` occurs ``count`` times in it (polled, bounded)."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        text = Path(rec["log"]).read_text()
+        if len(re.findall(pattern, text)) >= count:
+            return text
+        time.sleep(0.01)
+    raise AssertionError(f"{pattern!r} not {count} times in the log: {Path(rec['log']).read_text()}")
+
+
+class BlockedReader:
+    """Reads a file in a thread; :meth:`wait_blocked` returns once the read waits in the kernel for a fanotify
+    answer (the thread's wchan)."""
+
+    def __init__(self, path: Path) -> None:
+        self.result: dict[str, Any] = {}
+        self.tid = 0
+        self.started = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(path,), daemon=True)
+        self.thread.start()
+        assert self.started.wait(TIMEOUT)
+
+    def _run(self, path: Path) -> None:
+        self.tid = threading.get_native_id()
+        self.started.set()
+        try:
+            self.result["data"] = path.read_bytes()
+        except OSError as e:
+            self.result["errno"] = e.errno
+
+    def wait_blocked(self) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            assert self.thread.is_alive(), f"the read did not block: {self.result}"
+            if "fanotify" in Path(f"/proc/self/task/{self.tid}/wchan").read_text():
+                return
+            time.sleep(0.01)
+        raise AssertionError("the read never waited for a fanotify answer")
+
+    def join(self) -> dict[str, Any]:
+        self.thread.join(TIMEOUT)
+        assert not self.thread.is_alive(), "reader blocked"
+        return self.result
+
+
+def _children(pid: int) -> str:
+    return Path(f"/proc/{pid}/task/{pid}/children").read_text().strip()
+
+
+def test_restart_backoff_doubles_to_its_cap_gives_up_and_resets() -> None:
+    sup = Supervisor([], Path("/nonexistent"), delay=0.1, max_delay=1.0, max_restarts=6, stable=60.0)
+    waits = [sup.next_delay(0.5) for _ in range(7)]
+    assert waits == [pytest.approx(w) for w in (0.1, 0.2, 0.4, 0.8, 1.0, 1.0)] + [None]
+    # a worker that lived `stable` seconds ends the row: its death is the first of a new one
+    sup = Supervisor([], Path("/nonexistent"), delay=0.1, max_delay=1.0, max_restarts=6, stable=60.0)
+    assert [sup.next_delay(lived) for lived in (0.5, 0.5, 0.5, 60.0, 0.5)] == pytest.approx([0.1, 0.2, 0.4, 0.1, 0.2])
+    # the defaults: 0.1 s doubling to 5 s, giving up on the 11th death in a row, about half a minute of waits
+    sup = Supervisor([], Path("/nonexistent"))
+    waits = [sup.next_delay(1.0) for _ in range(11)]
+    assert waits[:7] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0]) and waits[-1] is None
+    assert 25 < sum(w for w in waits if w is not None) < 30
+
+
+def test_worker_that_keeps_dying_is_restarted_with_growing_delays_then_unmounted(
+        mounts: Mounts, images: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Each new worker is SIGKILLed as soon as it serves: the waits before the restarts double up to the cap
+    (really waited: the log's timestamps say so), and the death one past the limit unmounts."""
+    monkeypatch.setenv(TEST_BACKOFF_ENV, "0.1,0.8,5")
+    mp, rec = mounts.mount(images["none"], "dying")
+    workers, current = [], rec
+    for _ in range(5):
+        workers.append(_kill_worker(current))
+        current = _new_worker(mp, workers[-1])
+    workers.append(current["worker_pid"])
+    assert current["restarts"] == 5
+    _wait_exit(rec["pid"], lambda: _kill_worker(current), "supervisor still running after the last death")
+    assert not is_mounted(mp, None)
+    for pid in workers:
+        assert process_start_time(pid) is None, pid
+    log_text = Path(rec["log"]).read_text()
+    restarting = RESTARTING.findall(log_text)
+    assert [(float(d), int(n)) for _, d, n in restarting] == [(0.1, 1), (0.2, 2), (0.4, 3), (0.8, 4), (0.8, 5)]
+    started = {int(n): _log_time(t) for t, n in STARTED.findall(log_text)}
+    for stamp, delay, n in restarting:  # from the restart line to the next worker's start: at least the delay
+        waited = started[int(n)] - _log_time(stamp)
+        assert waited >= float(delay) - 0.002, (n, delay, waited)
+    print(*(line for line in log_text.splitlines() if "restart" in line or "giving up" in line), sep="\n")
+    (give_up,) = [line for line in log_text.splitlines() if "giving up" in line]
+    assert " ERROR: worker died 6 times in a row" in give_up
+    assert f"unmounted {mp}" in log_text
+    mounts.umount(mp)  # forgets the record
+
+
+def test_sigterm_during_restart_backoff_stops_at_once(mounts: Mounts, images: dict[str, Path],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """SIGTERM while the supervisor waits (5 minutes) to restart a dead worker: it stops within seconds, denies
+    the read queued meanwhile (the reader is released), nothing stays mounted, no process is left."""
+    monkeypatch.setenv(TEST_BACKOFF_ENV, "300,300,5")
+    mp, rec = mounts.mount(images["zstd"], "backoff-term")
+    old = _kill_worker(rec)
+    _wait_log(rec, r"restarting the worker in 300\.00 s")
+    reader = BlockedReader(mp / "odd")
+    reader.wait_blocked()
+    assert _children(rec["pid"]) == ""  # no worker: the read waits in the group's queue
+    start = time.monotonic()
+    _wait_exit(rec["pid"], lambda: os.kill(rec["pid"], signal.SIGTERM), "supervisor did not stop")
+    took = time.monotonic() - start
+    print(f"supervisor stopped {took:.3f} s after SIGTERM")
+    assert took < 10
+    # released; what it read is not asserted: the kernel retries a denied readahead page by page, and with the
+    # group closed a file still open on the detached mount reads its holes as zeros (the stop path's, not the
+    # backoff's: the same after a SIGTERM with a worker)
+    reader.join()
+    assert not is_mounted(mp, None)
+    assert process_start_time(old) is None and process_start_time(rec["pid"]) is None
+    log_text = Path(rec["log"]).read_text()
+    assert "stopped while waiting to restart the worker" in log_text and f"unmounted {mp}" in log_text
+    assert re.search(r"denied [1-9]\d* queued events \(EIO\)", log_text)
+    assert "started (restart" not in log_text
+    mounts.umount(mp)
+
+
+def test_plain_umount_during_restart_backoff_stops_at_once(mounts: Mounts, images: dict[str, Path],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The image unmounted by other means while the supervisor waits to restart: it stops at once (the wait
+    watches the mount table too)."""
+    monkeypatch.setenv(TEST_BACKOFF_ENV, "300,300,5")
+    mp, rec = mounts.mount(images["none"], "backoff-umount")
+    _kill_worker(rec)
+    _wait_log(rec, r"restarting the worker in 300\.00 s")
+    start = time.monotonic()
+    _wait_exit(rec["pid"], lambda: kernel_umount(mp), "supervisor did not stop")
+    assert time.monotonic() - start < 10
+    assert f"{mp} is no longer mounted: stopping" in Path(rec["log"]).read_text()
+    mounts.umount(mp)
+
+
+def test_backend_back_during_backoff_queued_read_served_by_next_worker(
+        mounts: Mounts, images: dict[str, Path], rootfs: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The backend goes away and the worker dies: restarts fail, with growing waits between them; a read made
+    meanwhile stays queued; once the backend is back the next worker starts and serves it right."""
+    monkeypatch.setenv(TEST_BACKOFF_ENV, "0.2,1.6,20")
+    blobs = tmp_path / "blobs"
+    shutil.copytree(images["none"] / "blobs", blobs)
+    mp, rec = mounts.mount(images["none"], "comeback", blobs=blobs)
+    blobs.rename(tmp_path / "away")
+    old = _kill_worker(rec)
+    _wait_log(rec, "restarted worker failed", 2)
+    reader = BlockedReader(mp / "odd")
+    reader.wait_blocked()
+    (tmp_path / "away").rename(blobs)
+    new = _new_worker(mp, old)
+    assert reader.join() == {"data": (rootfs / "odd").read_bytes()}
+    log_text = Path(rec["log"]).read_text()
+    delays = [float(d) for _, d, _ in RESTARTING.findall(log_text)]
+    print(*(line for line in log_text.splitlines() if "restart" in line), sep="\n")
+    assert len(delays) == new["restarts"] >= 3 and delays[:3] == [0.2, 0.4, 0.8], delays
+    assert "giving up" not in log_text
+    stats = mounts.umount(mp)["stats"]  # the new worker's: it answered the queued read
+    assert stats["events"]["filled"] >= 1 and stats["events"]["denied"] == 0
