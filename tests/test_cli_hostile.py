@@ -1,0 +1,92 @@
+"""The CLIs against a hostile or careless user: every bad path, option or stream gives one clear error line and
+a non-zero exit — never a traceback, never a write outside the output, never a half-written or destroyed
+result (inputs included), never a hang — and what the user asked for is left alone when it is not ours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BIN = Path(sys.executable).parent
+CLI = str(BIN / "nydus-erofs")
+CACHEFILESD = str(BIN / "cachefilesd-py")
+TIMEOUT = 60
+
+
+def run(*args: str | os.PathLike[str], prog: str = CLI, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([prog, *map(str, args)], capture_output=True, text=True, timeout=TIMEOUT, **kw)
+
+
+def one_line(proc: subprocess.CompletedProcess[str], code: int, text: str, prog: str = "nydus-erofs") -> None:
+    """Exit ``code``, and stderr is exactly one error line holding ``text``."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), proc.stderr
+    assert text in lines[0], lines[0]
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+
+
+def listing(root: Path) -> dict[str, str]:
+    """Every path under ``root`` (the root included) and what it is: file hashes, link targets, kinds."""
+    out: dict[str, str] = {}
+    for p in [root, *sorted(root.rglob("*"))]:
+        st = p.lstat()
+        if stat.S_ISREG(st.st_mode):
+            out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+        elif stat.S_ISLNK(st.st_mode):
+            out[str(p)] = "-> " + os.readlink(p)
+        else:
+            out[str(p)] = stat.filemode(st.st_mode)[0]
+    return out
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    src = tmp_path_factory.mktemp("hostile-src") / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"hello\n")
+    (src / "big").write_bytes(os.urandom(100_000))
+    (src / "link").symlink_to("d/f")
+    return src
+
+
+@pytest.fixture
+def image(source: Path, tmp_path: Path) -> Path:
+    """A fresh image of ``source`` (OUT with image.boot and blobs/), uncompressed, 4 KiB chunks."""
+    out = tmp_path / "image"
+    r = run("build", source, "-o", out, "--chunk-size", "4KiB")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def blob_of(image: Path) -> Path:
+    (blob,) = (image / "blobs").iterdir()
+    return blob
+
+
+# -- sizes -------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", ["1" * 5000, "١٠٢٤"], ids=["5000-digits", "arabic-digits"])
+def test_a_size_that_is_not_one(size: str, source: Path, tmp_path: Path) -> None:
+    r = run("build", source, "-o", tmp_path / "out", "--chunk-size", size)
+    one_line(r, 2, "not a size")
+    assert len(r.stderr) < 200 and not (tmp_path / "out").exists()
+
+
+def test_a_size_with_a_leading_zero_is_decimal(source: Path, tmp_path: Path) -> None:
+    r = run("build", source, "-o", tmp_path / "out", "--chunk-size", "04096", "--json")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert '"chunk_size": 4096' in r.stdout
+
+
+def test_daemon_size_of_5000_digits(tmp_path: Path) -> None:
+    r = run("--cache-dir", tmp_path / "c", "--images-dir", tmp_path, "--amplify", "9" * 5000, prog=CACHEFILESD)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "not a size" in r.stderr, r.stderr
+    assert "set_int_max_str_digits" not in r.stderr and len(r.stderr) < 200
