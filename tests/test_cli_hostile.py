@@ -90,3 +90,21 @@ def test_daemon_size_of_5000_digits(tmp_path: Path) -> None:
     r = run("--cache-dir", tmp_path / "c", "--images-dir", tmp_path, "--amplify", "9" * 5000, prog=CACHEFILESD)
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "not a size" in r.stderr, r.stderr
     assert "set_int_max_str_digits" not in r.stderr and len(r.stderr) < 200
+
+
+# -- a FIFO where a bootstrap or blob is read --------------------------------------------------------------------------
+def test_a_fifo_where_a_file_is_read_does_not_hang(image: Path, source: Path, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    one_line(run("inspect", fifo), 2, "not a regular file")
+    one_line(run("check", fifo, "--json"), 2, "not a regular file")
+    one_line(run("build", source, "-o", tmp_path / "o", "--chunk-dict", fifo), 2, "not a regular file")
+    assert not (tmp_path / "o").exists()
+    r = run("check", image / "image.boot", "--device", fifo)
+    assert r.returncode == 3 and "not a regular file" in r.stdout, (r.stdout, r.stderr)
+    fifo_blobs = tmp_path / "blobs"
+    fifo_blobs.mkdir()
+    os.mkfifo(fifo_blobs / blob_of(image).name)
+    r = run("unpack", image / "image.boot", "--blob-dir", fifo_blobs, "-o", tmp_path / "u")
+    one_line(r, 4, "not a regular file")
+    assert not (tmp_path / "u").exists()

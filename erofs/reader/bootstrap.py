@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import crc32c
 
-from erofs.errors import ImageError
+from erofs.errors import ImageError, UsageError
 from erofs.format import erofs_fs as fs
 from erofs.format import rafs_v6 as rv
 
@@ -247,9 +247,12 @@ class Bootstrap:
 
     def __init__(self, path: str | os.PathLike[str], *, verify_checksum: bool = True) -> None:
         self.path = os.fspath(path)
-        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO must not block the open
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UsageError(f"{self.path}: not a regular file")
+            size = st.st_size
             if size < fs.EROFS_SUPER_OFFSET + fs.erofs_super_block.size:
                 raise ImageError(f"{self.path}: {size} bytes is too small for an EROFS image")
             self._mmap: mmap.mmap | None = mmap.mmap(fd, size, prot=mmap.PROT_READ)

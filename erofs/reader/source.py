@@ -100,7 +100,7 @@ class BlobFileSource:
     def _open(self, blob_id: str) -> int:
         for path in self._candidates(blob_id):
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO must not block the open
             except FileNotFoundError:
                 continue
             except OSError as e:
