@@ -19,6 +19,7 @@ from erofs.bootstrap import ImageOptions, write_bootstrap
 from erofs.chunker import ChunkIndex, ChunkStore
 from erofs.errors import SourceError, UsageError
 from erofs.format import rafs_v6 as r
+from erofs.paths import make_dirs, remove_dirs
 from erofs.source_dir import read_directory
 from erofs.tree import Inode
 
@@ -87,14 +88,17 @@ def build_layers(readers: Sequence[LayerReader], output_dir: str | os.PathLike[s
     image references them, so OUT is self-contained.
     """
     out = Path(output_dir)
-    created = not out.exists()
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        made = make_dirs(out)  # what a failure removes again (OUT and any parents this build created)
     except OSError as e:
         raise UsageError(f"cannot create output directory {out}: {e.strerror}") from None
-    if not out.is_dir():
-        raise UsageError(f"output {out} is not a directory")
-    tmp = Path(tempfile.mkdtemp(prefix=".nydus-erofs-build-", dir=out))
+    try:
+        if not out.is_dir():
+            raise UsageError(f"output {out} is not a directory")
+        tmp = Path(tempfile.mkdtemp(prefix=".nydus-erofs-build-", dir=out))
+    except BaseException:
+        remove_dirs(made)
+        raise
     try:
         (tmp / BLOBS_DIR).mkdir()
         index: ChunkIndex = dict(known or {})
@@ -137,8 +141,8 @@ def build_layers(readers: Sequence[LayerReader], output_dir: str | os.PathLike[s
         _fsync_dir(out)
         return BuildResult(out / BOOTSTRAP_NAME, blobs, inodes, opts, bytes_in, bytes_deduped, layers)
     except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
+        if made:
+            shutil.rmtree(made[0], ignore_errors=True)
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -42,12 +42,14 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from erofs.chunker import ChunkStore
 from erofs.errors import NydusErofsError, SourceError
-from erofs.format.erofs_fs import EROFS_NAME_LEN
+from erofs.format.erofs_fs import EROFS_NAME_LEN, EROFS_SUPER_MAGIC_V1, EROFS_SUPER_OFFSET
 from erofs.tree import ChunkRef, Inode
 from erofs.xattr import check_xattrs
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_EROFS_MAGIC = EROFS_SUPER_MAGIC_V1.to_bytes(4, "little")
+_HEAD_SIZE = EROFS_SUPER_OFFSET + 4  # enough to tell an EROFS image from a tar
 _OTHER_MAGIC = {
     b"BZh": "bzip2",
     b"\xfd7zXZ\x00": "xz",
@@ -170,8 +172,8 @@ class LayerStream(io.RawIOBase):
         self._raw = raw
         self._on_raw = on_raw
         head = b""
-        while len(head) < 512:  # a pipe may deliver less than asked
-            more = self._read_raw(512 - len(head))
+        while len(head) < _HEAD_SIZE:  # a pipe may deliver less than asked
+            more = self._read_raw(_HEAD_SIZE - len(head))
             if not more:
                 break
             head += more
@@ -292,6 +294,8 @@ def detect(head: bytes, label: str) -> str:
     for magic, name in _OTHER_MAGIC.items():
         if head.startswith(magic):
             raise SourceError(f"{label}: {name} archives are not supported (tar, tar.gz or tar.zst)")
+    if head[EROFS_SUPER_OFFSET : EROFS_SUPER_OFFSET + 4] == _EROFS_MAGIC:  # its zero first KiB reads as an empty tar
+        raise SourceError(f"{label}: an EROFS image (a bootstrap), not a tar archive")
     if not head:
         raise SourceError(f"{label}: empty file, not a tar archive")
     if len(head) < 512:

@@ -65,6 +65,11 @@ def build_image(sources: Sequence[str], output_dir: str | os.PathLike[str], opts
     if chunk_dict_blob_dir and not chunk_dict:
         raise UsageError("--chunk-dict-blob-dir needs --chunk-dict")
     layers = layers_of(sources, platform)
+    out = os.path.realpath(output_dir)
+    for layer in layers:
+        src = os.path.realpath(layer.path) if isinstance(layer, DirLayer) else None
+        if src is not None and (out == src or out.startswith(src.rstrip("/") + "/")):
+            raise UsageError(f"--output-dir {output_dir} is inside SOURCE {layer.path}: the image would hold itself")
     cd = load_chunk_dict(chunk_dict, chunk_dict_blob_dir, opts) if chunk_dict else None
 
     def merge(_trees: list[Inode]) -> Inode:

@@ -5,11 +5,14 @@ result (inputs included), never a hang — and what the user asked for is left a
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
+import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +111,49 @@ def test_a_fifo_where_a_file_is_read_does_not_hang(image: Path, source: Path, tm
     r = run("unpack", image / "image.boot", "--blob-dir", fifo_blobs, "-o", tmp_path / "u")
     one_line(r, 4, "not a regular file")
     assert not (tmp_path / "u").exists()
+
+
+# -- build: sources and output -----------------------------------------------------------------------------------------
+def test_an_erofs_image_is_not_an_empty_tar_layer(image: Path, tmp_path: Path) -> None:
+    # its first KiB is zeros, which tar reads as an end-of-archive marker: an empty layer, silently
+    one_line(run("build", image / "image.boot", "-o", tmp_path / "o"), 2, "an EROFS image (a bootstrap), not a tar")
+    with open(image / "image.boot", "rb") as f:
+        one_line(run("build", "-", "-o", tmp_path / "o", stdin=f), 2, "an EROFS image")
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_inside_the_source_directory(source: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(source, src, symlinks=True)
+    before = listing(src)
+    for out in (src, src / "sub" / "out", tmp_path / "src" / ".." / "src" / "o"):
+        one_line(run("build", src, "-o", out), 2, "is inside SOURCE")
+    assert listing(src) == before
+
+
+def test_a_failed_build_takes_back_the_parents_it_made(tmp_path: Path) -> None:
+    (tmp_path / "bad.tar").write_bytes(b"not a tar" * 100)
+    one_line(run("build", tmp_path / "bad.tar", "-o", tmp_path / "a" / "b" / "out"), 2, "not a tar archive")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tar"]
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs: ENOSPC in the middle of writing."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"tmpfs", os.fsencode(mnt), b"tmpfs", 0, b"size=1M") != 0:
+        pytest.skip(f"cannot mount a tmpfs: {os.strerror(ctypes.get_errno())}")
+    try:
+        yield mnt
+    finally:
+        libc.umount2(os.fsencode(mnt), 2)
+
+
+def test_build_out_of_space_takes_back_the_parents_it_made(small_fs: Path) -> None:
+    big = small_fs.parent / "bigsrc"
+    big.mkdir()
+    (big / "f").write_bytes(os.urandom(3 << 20))
+    one_line(run("build", big, "-o", small_fs / "a" / "o"), 1, "No space left on device")
+    assert list(small_fs.iterdir()) == []
