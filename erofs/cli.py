@@ -6,6 +6,7 @@ entry point in the ``nydus_erofs.commands`` group (pyproject.toml), so packages 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from importlib.metadata import entry_points
 
@@ -28,6 +29,7 @@ class _Group(click.Group):
             self.add_command(ep.load(), ep.name)
 
     def main(self, *args, **kwargs):  # one-line usage errors too, not click's usage block
+        _guard_std_fds()
         try:
             return super().main(*args, standalone_mode=False, **kwargs)
         except click.exceptions.Exit as e:
@@ -42,6 +44,16 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:  # one line, not click's blank line + "Aborted!"
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo("nydus-erofs: aborted", err=True)
+            sys.exit(130)
+        except EOFError as e:  # click would call it an abort (Ctrl-D at a prompt); here it is an error
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"nydus-erofs: error: {e or 'unexpected end of file'}", err=True)
+            sys.exit(1)
         except NydusErofsError as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
@@ -50,9 +62,26 @@ class _Group(click.Group):
         except OSError as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            where = f": {e.filename}" if e.filename else ""
+            where = f": {os.fsdecode(e.filename)}" if e.filename else ""
             click.echo(f"nydus-erofs: error: {e.strerror or e}{where}", err=True)
             sys.exit(1)
+
+
+def _guard_std_fds() -> None:
+    """Put /dev/null on a closed stdin, stdout or stderr: otherwise the next file opened (a blob being
+    written) would get that fd, and whatever is written to the stream would land in it."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        null = os.open(os.devnull, os.O_RDWR)
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115 - lives as long as the process
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -85,6 +85,8 @@ def read_directory(root: str | os.PathLike[str], store: ChunkStore,
                     fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
                     try:
                         child.chunks = store.add_file(fd, st.st_size)
+                    except EOFError as e:  # e.g. /sys files, whose size is a page whatever they hold
+                        raise SourceError(f"{os.fsdecode(full)}: {e}") from None
                     finally:
                         os.close(fd)
                     if progress:

@@ -9,9 +9,11 @@ import ctypes
 import hashlib
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -157,3 +159,59 @@ def test_build_out_of_space_takes_back_the_parents_it_made(small_fs: Path) -> No
     (big / "f").write_bytes(os.urandom(3 << 20))
     one_line(run("build", big, "-o", small_fs / "a" / "o"), 1, "No space left on device")
     assert list(small_fs.iterdir()) == []
+
+
+# -- streams and signals -----------------------------------------------------------------------------------------------
+def test_a_source_file_shorter_than_its_size(tmp_path: Path) -> None:
+    # sysfs attributes say 4096 bytes and hold a few: EOFError used to come out as "aborted", like Ctrl-C
+    sysdir = Path("/sys/kernel/mm/transparent_hugepage")
+    if not sysdir.is_dir():
+        pytest.skip(f"no {sysdir}")
+    r = run("build", sysdir, "-o", tmp_path / "o")
+    assert r.returncode not in (0, 130) and "aborted" not in r.stderr
+    one_line(r, r.returncode, "")
+    assert not (tmp_path / "o").exists()
+
+
+def test_sigint_while_blocked_leaves_nothing(tmp_path: Path) -> None:
+    fifo = tmp_path / "layer.tar"
+    os.mkfifo(fifo)  # the build makes OUT, then waits for a writer here
+    out = tmp_path / "new" / "out"
+    proc = subprocess.Popen([CLI, "build", str(fifo), "-o", str(out)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not out.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (proc.returncode, err) == (130, "nydus-erofs: aborted\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layer.tar"]
+
+
+def _sh(redirect: str, *args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sh", "-c", f'exec "$0" "$@" {redirect}', CLI, *map(str, args)], capture_output=True,
+                          text=True, timeout=TIMEOUT)  # fmt: skip
+
+
+def test_stdout_closed(source: Path, tmp_path: Path) -> None:
+    r = _sh(">&-", "build", source, "-o", tmp_path / "o", "--json")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert (tmp_path / "o" / "image.boot").is_file()
+    r = _sh(">&-", "inspect", tmp_path / "o" / "image.boot", "--json")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_stdin_closed(tmp_path: Path) -> None:
+    one_line(_sh("<&-", "build", "-", "-o", tmp_path / "o"), 2, "<stdin>: empty file")
+    assert not (tmp_path / "o").exists()
+
+
+def test_stderr_closed_is_not_a_file_we_write(source: Path, tmp_path: Path) -> None:
+    # with fd 2 closed the blob would get fd 2, and anything written to stderr would land in it
+    r = _sh("2>&-", "build", source, "-o", tmp_path / "o")
+    assert r.returncode == 0
+    assert run("check", tmp_path / "o" / "image.boot", "--blob-dir", tmp_path / "o" / "blobs").returncode == 0
