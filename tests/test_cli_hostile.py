@@ -13,6 +13,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -215,3 +216,46 @@ def test_stderr_closed_is_not_a_file_we_write(source: Path, tmp_path: Path) -> N
     r = _sh("2>&-", "build", source, "-o", tmp_path / "o")
     assert r.returncode == 0
     assert run("check", tmp_path / "o" / "image.boot", "--blob-dir", tmp_path / "o" / "blobs").returncode == 0
+
+
+# -- unpack ------------------------------------------------------------------------------------------------------------
+def test_unpack_never_replaces_the_image_it_reads(image: Path, tmp_path: Path) -> None:
+    before = listing(image)
+    boot, blob = image / "image.boot", blob_of(image)
+    for args in (("--blob-dir", image / "blobs", "-o", blob), ("--blob-dir", image / "blobs", "-o", boot),
+                 ("--device", blob, "-o", blob)):  # fmt: skip
+        one_line(run("unpack", boot, *args, "--format", "tar"), 2, "the output would replace")
+    assert listing(image) == before
+    assert run("check", boot, "--blob-dir", image / "blobs").returncode == 0
+
+
+def test_unpack_tar_onto_something_not_a_file(image: Path, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.tar"
+    os.mkfifo(fifo)
+    (tmp_path / "dangling.tar").symlink_to("nowhere")
+    for out in (fifo, tmp_path / "dangling.tar"):
+        r = run("unpack", image / "image.boot", "--blob-dir", image / "blobs", "-o", out)
+        one_line(r, 2, "not a regular file")
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and (tmp_path / "dangling.tar").is_symlink()
+    (tmp_path / "dangling").symlink_to("nowhere")
+    r = run("unpack", image / "image.boot", "--blob-dir", image / "blobs", "-o", tmp_path / "dangling")
+    one_line(r, 2, "output exists")
+
+
+def test_unpack_tar_mode_follows_the_umask(image: Path, tmp_path: Path) -> None:
+    r = run("unpack", image / "image.boot", "--blob-dir", image / "blobs", "-o", tmp_path / "x.tar", umask=0o022)
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE((tmp_path / "x.tar").stat().st_mode) == 0o644
+    with tarfile.open(tmp_path / "x.tar") as t:
+        assert "./big" in t.getnames()
+
+
+@pytest.mark.parametrize("out", ["a/b/dir", "a/b/x.tar"])
+def test_a_failed_unpack_takes_back_the_parents_it_made(out: str, image: Path, tmp_path: Path) -> None:
+    blob = blob_of(image)
+    blob.write_bytes(blob.read_bytes()[:5000])  # the data of /big is gone
+    work = tmp_path / "work"
+    work.mkdir()
+    r = run("unpack", image / "image.boot", "--blob-dir", image / "blobs", "-o", work / out)
+    assert r.returncode == 3 and len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert list(work.iterdir()) == []

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from erofs.commands import blob_source_options
+from erofs.errors import UsageError
 from erofs.reader.bootstrap import Bootstrap
 from erofs.reader.data import ImageReader, open_source
 from erofs.reader.unpack import unpack_to_dir, unpack_to_tar
@@ -30,6 +33,7 @@ from erofs.reader.unpack import unpack_to_dir, unpack_to_tar
 )
 def unpack(bootstrap: str, blob_dir: str | None, devices: tuple[str, ...], output: str, fmt: str) -> None:  # fmt: skip
     """Extract an image with full metadata (run as root for owners and devices); chunk digests are verified."""
+    _check_not_an_input(output, bootstrap, blob_dir, devices)
     with Bootstrap(bootstrap) as bs:
         reader = ImageReader(bs, open_source(bs, blob_dir, devices))
         if fmt == "tar" or (fmt == "auto" and output.endswith(".tar")):
@@ -37,3 +41,15 @@ def unpack(bootstrap: str, blob_dir: str | None, devices: tuple[str, ...], outpu
         else:
             n = unpack_to_dir(reader, output)
     click.echo(f"{output}: {n} entries", err=True)
+
+
+def _check_not_an_input(output: str, bootstrap: str, blob_dir: str | None, devices: tuple[str, ...]) -> None:
+    """An existing OUTPUT (replaced by a tar) must not be the bootstrap, a --device or a file in --blob-dir."""
+    if not os.path.exists(output):
+        return
+    for given in (bootstrap, *devices):
+        if os.path.samefile(output, given):
+            raise UsageError(f"{output}: the output would replace the image's own file {given}")
+    parent = os.path.dirname(os.path.abspath(output))
+    if blob_dir is not None and os.path.samefile(parent, blob_dir):
+        raise UsageError(f"{output}: the output would replace a file in --blob-dir {blob_dir}")

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from erofs.errors import ImageError, UsageError
+from erofs.paths import make_dirs, remove_dirs
 from erofs.reader.bootstrap import Dirent, Inode
 from erofs.reader.data import ImageReader
 
@@ -39,15 +40,19 @@ def unpack_to_dir(reader: ImageReader, output: str | os.PathLike[str]) -> int:
     """Write the image's tree to ``output`` (must not exist, or be an empty directory).  Returns the number of
     inodes written.  On failure nothing is left at ``output``."""
     out = Path(output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if os.path.lexists(out) and (out.is_symlink() or not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out}: output exists and is not an empty directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.unpack-", dir=out.parent))
+    made = make_dirs(out.parent)
     try:
-        n = _Unpacker(reader, tmp).run()
-        os.rename(tmp, out)  # replaces an empty directory atomically
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.unpack-", dir=out.parent))
+        try:
+            n = _Unpacker(reader, tmp).run()
+            os.rename(tmp, out)  # replaces an empty directory atomically
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_dirs(made)
         raise
     return n
 
@@ -247,12 +252,21 @@ def unpack_to_tar(reader: ImageReader, output: str | os.PathLike[str]) -> int:
     """Write the image's tree as a PAX tar (xattrs as SCHILY.xattr.*, hard links, devices).  Returns the number
     of members.  The tar is written to a temporary file and renamed into place when complete."""
     out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmpname = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    if os.path.lexists(out) and not stat.S_ISREG(os.lstat(out).st_mode):
+        raise UsageError(f"{out}: output exists and is not a regular file")  # a FIFO, a device, /dev/stdout...
+    made = make_dirs(out.parent)
+    try:
+        fd, tmpname = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except BaseException:
+        remove_dirs(made)
+        raise
     bs = reader.bootstrap
     count = 0
     try:
         with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(f.fileno(), 0o666 & ~umask)  # as a shell redirection creates it, not mkstemp's 0600
             tar.copybufsize = 1 << 20  # type: ignore[attr-defined]
             links: dict[int, str] = {}
             for path, dirent, ino in bs.walk():
@@ -306,5 +320,6 @@ def unpack_to_tar(reader: ImageReader, output: str | os.PathLike[str]) -> int:
             os.unlink(tmpname)
         except FileNotFoundError:
             pass
+        remove_dirs(made)
         raise
     return count
