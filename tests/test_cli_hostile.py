@@ -259,3 +259,9 @@ def test_a_failed_unpack_takes_back_the_parents_it_made(out: str, image: Path, t
     r = run("unpack", image / "image.boot", "--blob-dir", image / "blobs", "-o", work / out)
     assert r.returncode == 3 and len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
     assert list(work.iterdir()) == []
+
+
+# -- inspect -----------------------------------------------------------------------------------------------------------
+def test_inspect_a_path_not_in_the_image_is_bad_usage(image: Path) -> None:
+    one_line(run("inspect", image / "image.boot", "--ls", "/nope"), 2, "no such file or directory in the image")
+    one_line(run("inspect", image / "image.boot", "--stat", "/nope", "--json"), 2, "no such file")

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from erofs.errors import ImageError
+from erofs.errors import UsageError
 from erofs.format import erofs_fs as fs
 from erofs.format import rafs_v6 as rv
 from erofs.reader.bootstrap import Bootstrap, Inode
@@ -230,7 +230,7 @@ def _lookup(bs: Bootstrap, path: str) -> Inode:
     try:
         return bs.lookup(path)
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such file or directory in the image") from None
+        raise UsageError(f"{path}: no such file or directory in the image") from None
 
 
 @click.command()
