@@ -26,6 +26,7 @@ from typing import Any
 from erofs.bootstrap import ImageOptions
 from erofs.builder import BOOTSTRAP_NAME, BuildResult
 from erofs.errors import SourceError, UsageError
+from erofs.paths import make_dirs
 from erofs.source_oci import DEFAULT_PLATFORM, MT_MANIFEST, REF_NAME, OciLayout, parse_platform, parse_reference
 from erofs.sources import build_image
 
@@ -99,8 +100,12 @@ class _LayoutWriter:
     @staticmethod
     def _atomic(dest: Path, data: bytes) -> None:
         tmp = dest.with_name(f".{dest.name}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, dest)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def add_bytes(self, data: bytes, media_type: str, **extra: Any) -> dict[str, Any]:
         digest = hashlib.sha256(data).hexdigest()
@@ -114,15 +119,22 @@ class _LayoutWriter:
         if not dest.exists():
             tmp = dest.with_name(f".{digest}.tmp")
             try:
-                os.link(src, tmp)
-            except OSError:
-                shutil.copyfile(src, tmp)
-            os.replace(tmp, dest)
+                try:
+                    os.link(src, tmp)
+                except OSError:
+                    try:
+                        shutil.copyfile(src, tmp)
+                    except OSError as e:  # say where it could not be written (not the source, in the work dir)
+                        raise OSError(e.errno, e.strerror, str(dest)) from None
+                os.replace(tmp, dest)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
         return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": src.stat().st_size, **extra}
 
     def tag(self, manifest_desc: dict[str, Any], tag: str | None) -> None:
         index_path = self.path / "index.json"
-        index = json.loads(index_path.read_text()) if index_path.exists() else {"schemaVersion": 2, "manifests": []}
+        index = read_target_index(self.path)
         if tag:
             manifest_desc = {**manifest_desc, "annotations": {REF_NAME: tag}}
             index["manifests"] = [m for m in index.get("manifests", [])
@@ -130,6 +142,25 @@ class _LayoutWriter:
         index.setdefault("manifests", []).append(manifest_desc)
         index.setdefault("mediaType", "application/vnd.oci.image.index.v1+json")
         self._atomic(index_path, json.dumps(index, indent=2).encode())
+
+
+def read_target_index(path: Path) -> dict[str, Any]:
+    """The index.json of a target layout directory (a new one if it has none); UsageError when ``path``
+    cannot be a target: not a directory, a directory with other things than a layout, a garbled index."""
+    if os.path.lexists(path) and not path.is_dir():
+        raise UsageError(f"target {path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not (path / "oci-layout").is_file():
+        raise UsageError(f"target {path} is a directory but not an OCI image layout (it has no oci-layout file)")
+    index_path = path / "index.json"
+    if not os.path.lexists(index_path):
+        return {"schemaVersion": 2, "manifests": []}
+    try:
+        index = json.loads(index_path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"target {index_path}: {getattr(e, 'strerror', None) or e}") from None
+    if not isinstance(index, dict) or not isinstance(index.get("manifests", []), list):
+        raise UsageError(f"target {index_path}: not an OCI image index")
+    return index
 
 
 def convert(source: str, target: str, opts: ImageOptions, *, platform: str | None = None,
@@ -140,6 +171,8 @@ def convert(source: str, target: str, opts: ImageOptions, *, platform: str | Non
     dst_kind, dst_rest = _split(target)
     want = platform or DEFAULT_PLATFORM
     parse_platform(want)
+    if dst_kind == "oci":
+        read_target_index(parse_reference(target)[0])  # an unusable target fails now, not after the build
     with tempfile.TemporaryDirectory(prefix="nydus-erofs-convert-", dir=work_dir) as tmpdir:
         tmp = Path(tmpdir)
         if src_kind == "docker":
@@ -158,31 +191,37 @@ def convert(source: str, target: str, opts: ImageOptions, *, platform: str | Non
         sources = [src_ref]
         result = build_image(sources, tmp / "image", opts, platform=want, chunk_dict=chunk_dict)
 
+        made: list[Path] = []
         if dst_kind == "oci":
             out_path, out_tag = parse_reference(target)
-            out_path.mkdir(parents=True, exist_ok=True)
+            made = make_dirs(out_path)
         else:
             out_path, out_tag = tmp / "out", "nydus"
-        writer = _LayoutWriter(out_path)
-        layers = []
-        diff_ids = []
-        for b in result.blobs:
-            layers.append(writer.add_file(tmp / "image" / "blobs" / b.blob_id, b.blob_id, MT_NYDUS_BLOB,
-                                          annotations={ANN_NYDUS_BLOB: "true"}))  # fmt: skip
-            diff_ids.append(f"sha256:{b.blob_id}")
-        boot_gz, boot_diff_id = _bootstrap_layer(tmp / "image" / BOOTSTRAP_NAME)
-        layers.append(writer.add_bytes(boot_gz, MT_LAYER_GZIP, annotations={ANN_NYDUS_BOOTSTRAP: "true",
-                                                                            ANN_NYDUS_FS_VERSION: "6"}))  # fmt: skip
-        diff_ids.append(boot_diff_id)
-        new_config = {k: v for k, v in config.items() if k != "history"}
-        new_config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
-        config_desc = writer.add_bytes(json.dumps(new_config, sort_keys=True).encode(), MT_CONFIG)
-        manifest = {"schemaVersion": 2, "mediaType": MT_MANIFEST, "config": config_desc, "layers": layers}
-        manifest_desc = writer.add_bytes(json.dumps(manifest, indent=2).encode(), MT_MANIFEST)
-        os_name, arch, *variant = want.split("/")
-        manifest_desc["platform"] = {"os": os_name, "architecture": arch, "os.features": [NYDUS_OS_FEATURE],
-                                     **({"variant": variant[0]} if variant else {})}  # fmt: skip
-        writer.tag(manifest_desc, out_tag)
-        if dst_kind == "docker":
-            _skopeo("copy", "--quiet", *_tls(plain_http, "dest"), f"oci:{out_path}:{out_tag}", f"docker:{dst_rest}")
-        return ConvertResult(target, manifest_desc["digest"], manifest, result)
+        try:
+            writer = _LayoutWriter(out_path)
+            layers = []
+            diff_ids = []
+            for b in result.blobs:
+                layers.append(writer.add_file(tmp / "image" / "blobs" / b.blob_id, b.blob_id, MT_NYDUS_BLOB,
+                                              annotations={ANN_NYDUS_BLOB: "true"}))  # fmt: skip
+                diff_ids.append(f"sha256:{b.blob_id}")
+            boot_gz, boot_diff_id = _bootstrap_layer(tmp / "image" / BOOTSTRAP_NAME)
+            boot_annotations = {ANN_NYDUS_BOOTSTRAP: "true", ANN_NYDUS_FS_VERSION: "6"}
+            layers.append(writer.add_bytes(boot_gz, MT_LAYER_GZIP, annotations=boot_annotations))
+            diff_ids.append(boot_diff_id)
+            new_config = {k: v for k, v in config.items() if k != "history"}
+            new_config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
+            config_desc = writer.add_bytes(json.dumps(new_config, sort_keys=True).encode(), MT_CONFIG)
+            manifest = {"schemaVersion": 2, "mediaType": MT_MANIFEST, "config": config_desc, "layers": layers}
+            manifest_desc = writer.add_bytes(json.dumps(manifest, indent=2).encode(), MT_MANIFEST)
+            os_name, arch, *variant = want.split("/")
+            manifest_desc["platform"] = {"os": os_name, "architecture": arch, "os.features": [NYDUS_OS_FEATURE],
+                                         **({"variant": variant[0]} if variant else {})}  # fmt: skip
+            writer.tag(manifest_desc, out_tag)
+            if dst_kind == "docker":
+                _skopeo("copy", "--quiet", *_tls(plain_http, "dest"), f"oci:{out_path}:{out_tag}", f"docker:{dst_rest}")
+            return ConvertResult(target, manifest_desc["digest"], manifest, result)
+        except BaseException:
+            if made:  # a layout this conversion created: gone again, not left half-written
+                shutil.rmtree(made[0], ignore_errors=True)
+            raise

@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from tests.test_hostile import _oci, member, tar_bytes
+
 BIN = Path(sys.executable).parent
 CLI = str(BIN / "nydus-erofs")
 CACHEFILESD = str(BIN / "cachefilesd-py")
@@ -265,3 +267,39 @@ def test_a_failed_unpack_takes_back_the_parents_it_made(out: str, image: Path, t
 def test_inspect_a_path_not_in_the_image_is_bad_usage(image: Path) -> None:
     one_line(run("inspect", image / "image.boot", "--ls", "/nope"), 2, "no such file or directory in the image")
     one_line(run("inspect", image / "image.boot", "--stat", "/nope", "--json"), 2, "no such file")
+
+
+# -- convert -----------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def layout(tmp_path: Path) -> str:
+    return _oci(tmp_path / "L", tar_bytes(member("big", data=os.urandom(3 << 20))))
+
+
+def test_convert_into_a_garbled_layout(layout: str, tmp_path: Path) -> None:
+    target = tmp_path / "T"
+    target.mkdir()
+    (target / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (target / "index.json").write_text("garbage")
+    before = listing(target)
+    one_line(run("convert", layout, f"oci:{target}:n"), 2, "index.json")
+    (target / "index.json").write_text("[]")
+    one_line(run("convert", layout, f"oci:{target}:n"), 2, "not an OCI image index")
+    (target / "index.json").write_text("garbage")
+    assert listing(target) == before
+
+
+def test_convert_into_a_directory_that_is_not_a_layout(layout: str, source: Path, tmp_path: Path) -> None:
+    target = tmp_path / "home"
+    shutil.copytree(source, target, symlinks=True)
+    before = listing(target)
+    one_line(run("convert", layout, f"oci:{target}:n"), 2, "not an OCI image layout")
+    assert listing(target) == before
+    (tmp_path / "file").write_text("x")
+    one_line(run("convert", layout, f"oci:{tmp_path / 'file'}:n"), 2, "is not a directory")
+
+
+def test_convert_out_of_space_leaves_no_half_layout(layout: str, small_fs: Path) -> None:
+    r = run("convert", layout, f"oci:{small_fs / 'a' / 'T'}:n", "--compressor", "none")
+    one_line(r, 1, "No space left on device")
+    assert str(small_fs) in r.stderr  # where it could not write, not the work dir
+    assert list(small_fs.iterdir()) == []
