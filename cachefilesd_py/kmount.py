@@ -15,7 +15,10 @@ which the supervisor restarts if it dies (see :class:`cachefilesd_py.fanotify_mo
 A runtime record per mountpoint (``$NYDUS_EROFS_RUN_DIR`` or ``/run/nydus-erofs/mounts``,
 ``<sha256 of the mountpoint>.json``) holds the supervisor's pid (``pid``) and the worker's (``worker_pid``);
 :func:`umount_image` unmounts, stops the supervisor, which stops its worker (SIGTERM, then waits for it
-through a pidfd) and returns the worker's final stats.
+through a pidfd) and returns the worker's final stats.  It never detaches: a mount with files open there is an
+error (EBUSY) and stays served.  A mount detached by other means (``umount -l``) lives on while files are open on
+it, and its daemon serves them until they close: :func:`umount_image` then waits for it, and when it does not exit
+in time says so, without killing it (the holes of those files would read as zeros).
 
 mount(2) is called directly through ctypes: util-linux ``mount`` attaches a loop device, which breaks
 ``device=<regular file>`` of file-backed EROFS mounts.
@@ -425,12 +428,16 @@ def umount_image(mountpoint: str | os.PathLike[str], *, timeout: float = 30.0) -
             umount(mp)
             return {"mountpoint": str(mp)}
         raise UsageError(f"{mp} is not mounted by nydus-erofs")
-    if is_mounted(mp, None):
-        umount(mp)
+    mounted = is_mounted(mp, None)
+    if mounted:
+        umount(mp)  # never lazily: EBUSY when files are open there, and the daemon serves on
     pid = rec.get("pid")
-    if pid and _is_daemon(rec):  # (it also stops by itself once it sees the mount gone)
+    if pid and _is_daemon(rec):  # (it also stops by itself once the image is released)
         _kill(pid, signal.SIGTERM)
         if not _wait_exit(pid, timeout):
+            if not mounted:  # detached by other means and still in use: it serves those files until they close
+                raise MountError(errno.EBUSY, f"{mp} was detached but files are still open on it: daemon {pid} "
+                                 "serves them until they close, then exits")  # fmt: skip
             _kill(pid, signal.SIGUSR1)  # the daemon dumps its threads' stacks into its log
             _wait_exit(pid, 1.0)
             _kill(pid, signal.SIGKILL)
