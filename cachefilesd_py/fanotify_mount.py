@@ -20,39 +20,59 @@ covers 1 MiB instead of 128 KiB: 8x fewer round trips through the daemon.
 
 The daemon is two processes (:func:`main`), so that a crash of the one doing the work never lets a hole
 read as zeros: when the last fd of a fanotify group closes, the kernel drops its marks and *allows* every
-pending event, and an unmarked sparse file reads zeros where data is missing.
+pending event, and an unmarked sparse file reads zeros where data is missing.  For the same reason the group
+is held until the image's EROFS superblock is released, not until the mount leaves the mount table: a mount
+detached lazily (``umount -l``, or a stop with files open there) is gone from the table but its open files
+still read through the cache files.  An inotify watch on the mount's root (:class:`ImageWatch`, added right
+after mounting; it does not make the mount busy) gets ``IN_UNMOUNT`` when the superblock is shut down: at once
+after a plain umount, at the close of the last open file after a detach.  The inotify instance is the
+supervisor's, inherited by every worker with the group, so a restarted worker has the watch even when the
+mountpoint no longer leads to the image.
 
 - ``python -m cachefilesd_py.fanotify_mount --supervise``, the :class:`Supervisor`, creates the fanotify group
-  and holds it, and does nothing else (no image machinery imported).  It starts the worker, relays its
-  readiness line (``ok`` or a one-line error) to ``--ready-fd`` and waits for it.  While it holds the group,
-  the marks stay: a read of a hole with no worker running blocks until a worker answers it.  When the worker
-  dies (SIGKILL, a crash: anything but exit status 0), the kernel still holds the permission events the worker
-  had read; it matches a response by the event fd *number* only (``process_access_response``: ENOENT when no
-  pending event has it), so the supervisor answers every number below the worker's RLIMIT_NOFILE with
-  ``FAN_DENY`` + EIO: those readers get EIO (the kernel may also retry a failed readahead page by page, which
-  the next worker then serves), never zeros.  Events queued but not read yet stay in the group's queue.  Then it starts
-  a new worker on the same group, after a backoff: the n-th worker death in a row waits 0.1 s * 2**(n-1), at most 5 s,
-  before the restart (0.1, 0.2, 0.4, ... 3.2, 5, 5 s: a backend briefly down gets time to come back), and the 11th in a
-  row (about half a minute of failing workers) makes it give up.  A worker that lived a minute ends the row: its death
-  is the first of a new one.  It logs one line per restart with its delay.  While it waits no worker runs: reads of
-  holes block, their events stay queued for the next worker; a stop signal or the loss of the mount ends the wait at
-  once.  When it gives up, and whenever it stops with the image still mounted and no worker, it unmounts.
-  SIGTERM/SIGINT: the worker is stopped (it unmounts first), then queued events are denied (EIO) and the group closed.
-  SIGUSR1 is passed on to the worker.
-- The worker (the same command with ``--group-fd``, exec'd by the supervisor) loads the image, prepares and
-  marks the cache files on the inherited group, mounts, writes the runtime record (``pid``: the supervisor,
-  ``worker_pid``: itself), reports ``ok`` (or a one-line error) on ``--ready-fd`` and serves until SIGTERM/SIGINT
-  or until its mount goes away; on the way out it unmounts (if still mounted), denies what it still holds and
-  writes its final stats into the record.  A restarted worker (``--restart N``) finds the files marked and the
-  image mounted: it only reopens the cache files (those fds, opened after the marks, are watched by the group:
-  it writes through a dup of an event fd instead, opened by the kernel without notification).
-  ``kill -USR1`` dumps its threads' stacks into the log.
+  and the inotify instance and holds them, and does nothing else (no image machinery imported).  It starts the
+  worker, relays its readiness line (``ok`` or a one-line error) to ``--ready-fd`` and waits for it.  While it
+  holds the group, the marks stay: a read of a hole with no worker running blocks until a worker answers it.
+  When the worker dies (SIGKILL, a crash: anything but exit status 0) with the image not released, the kernel
+  still holds the permission events the worker had read; it matches a response by the event fd *number* only
+  (``process_access_response``: ENOENT when no pending event has it), so the supervisor answers every number
+  below the worker's RLIMIT_NOFILE with ``FAN_DENY`` + EIO: those readers get EIO (the kernel may also retry a
+  failed readahead page by page, which the next worker then serves), never zeros.  Events queued but not read
+  yet stay in the group's queue.  Then it starts a new worker on the same group, after a backoff: the n-th
+  worker death in a row waits 0.1 s * 2**(n-1), at most 5 s, before the restart (0.1, 0.2, 0.4, ... 3.2, 5, 5 s:
+  a backend briefly down gets time to come back), and the 11th in a row (about half a minute of failing workers)
+  makes it give up.  A worker that lived a minute ends the row: its death is the first of a new one.  It logs
+  one line per restart with its delay.  While it waits no worker runs: reads of holes block, their events stay
+  queued for the next worker; a stop signal or the release of the image ends the wait at once (a detach does
+  not: its open files need the next worker).
+  It closes the group only once the image is released: a worker exiting (status 0) means it was; when no worker
+  will run again (it gave up, a stop signal came after a worker's death, or an error) it unmounts the image if
+  the mountpoint still shows it (plainly, or detached when files are open there) and, until the release,
+  answers every event itself: ranges the cache file holds are allowed, holes denied with EIO (EIO, never
+  zeros).  SIGTERM/SIGINT are passed on to the worker, and the supervisor waits for it; a second one changes
+  nothing.  SIGUSR1 is passed on to the worker.
+- The worker (the same command with ``--group-fd`` and ``--inotify-fd``, exec'd by the supervisor) loads the
+  image, prepares and marks the cache files on the inherited group, mounts, adds the watch, writes the runtime
+  record (``pid``: the supervisor, ``worker_pid``: itself), reports ``ok`` (or a one-line error) on
+  ``--ready-fd`` and serves until the image is released; then it exits with status 0 after writing its final
+  stats into the record (unless the record is not its own any more).  A plain umount thus ends it at once, a
+  ``umount -l`` when the last file open there closes.  SIGTERM/SIGINT: it unmounts if the mountpoint still
+  shows the image: plainly when nothing is open there (the release follows at once), else detached, logging
+  one line (``stopping: MP is detached, serving it until its N open files close``) and serving on until the
+  release; a second signal changes nothing.  A restarted worker (``--restart N``) finds the files marked and
+  the image mounted (perhaps detached) and watched: it only reopens the cache files (those fds, opened after
+  the marks, are watched by the group: it writes through a dup of an event fd instead, opened by the kernel
+  without notification).  ``kill -USR1`` dumps its threads' stacks into the log.
+
+``nydus-erofs umount`` never detaches: a mount with files open there fails with EBUSY and stays served.
 
 If the supervisor itself is SIGKILLed nothing restarts the worker: the worker still holds the group and serves
-until its mount goes away, but if it dies too, the kernel drops the group and its marks, and the holes of the
-cache files read as zeros through the mount.  Nothing can be done about that from user space: keep the
-supervisor alive (it is small, single-threaded and only waits).  ``nydus-erofs mount --foreground`` runs the
-worker alone, in the calling process, with no supervisor.
+until the image is released, but if it dies too, the kernel drops the group and its marks, and the holes of the
+cache files read as zeros through the mount.  Likewise a SIGKILL of the supervisor while it answers events
+itself (no worker) drops the group.  Nothing can be done about that from user space: keep the supervisor alive
+(it is small, single-threaded and only waits), and give a stop (systemd's ``TimeoutStopSec``) time for the
+files open on the image to close.  ``nydus-erofs mount --foreground`` runs the worker alone, in the calling
+process, with no supervisor.
 
 :mod:`cachefilesd_py.kmount` starts the supervisor and stops it (``umount``).
 """
@@ -84,6 +104,8 @@ from typing import TYPE_CHECKING, Any
 from erofs.errors import NydusErofsError, UsageError
 from fscache.errors import FscacheError, PreContentUnsupportedError, UnsupportedFilesystemError
 from fscache.fanotify import FAN_DENY, FAN_DENY_ERRNO, FAN_NOFD, FAN_PRE_ACCESS, FanotifyGroup, PreAccessEvent
+
+from .inotify import IN_IGNORED, IN_ONLYDIR, IN_UNMOUNT, Inotify, InotifyError, Watch
 
 if TYPE_CHECKING:  # imported where used: the supervisor process never loads the image machinery
     from .backends import BlobBackend
@@ -328,14 +350,136 @@ def probe_pre_content(cache_dir: Path) -> None:
         probe.unlink()
 
 
+# -- the image's lifetime -----------------------------------------------------------------------------------------
+class ImageWatch:
+    """The inotify watch on the root of the mounted image: says when its EROFS superblock is released.
+
+    The filesystem outlives its place in the mount table: a mount detached lazily (``umount -l``, or our own stop
+    with files open there) still reads through the cache files for as long as a file is open on it, and its holes
+    must never read as zeros, so the marks, and the group holding them, must stay until the superblock is shut
+    down.  Then the watch gets ``IN_UNMOUNT`` (then ``IN_IGNORED``) and leaves the instance's watch list; a watch
+    does not make the mount busy.  The instance is shared by the supervisor and its workers (inherited): whoever
+    reads takes the events, so the watch list (``/proc/self/fdinfo``) is what says a release already happened.
+    """
+
+    def __init__(self, inotify: Inotify, watch: Watch, mountpoint: Path) -> None:
+        self.inotify = inotify
+        self.wd = watch.wd
+        self.dev = watch.dev  # st_dev of the image's filesystem
+        self.mountpoint = mountpoint
+        self.mnt_id = self.mount_id()  # of our mount, while the mount table shows it (to count its open files)
+        self._released = False
+        self._lingering = False
+
+    @classmethod
+    def add(cls, inotify: Inotify, mountpoint: Path) -> ImageWatch:
+        """Watch the image just mounted at ``mountpoint``."""
+        wd = inotify.add_watch(mountpoint, IN_UNMOUNT | IN_ONLYDIR)
+        for w in inotify.watches():
+            if w.wd == wd:
+                return cls(inotify, w, mountpoint)
+        raise InotifyError(errno.ENOENT, f"{mountpoint} was unmounted at once")
+
+    @classmethod
+    def inherited(cls, inotify: Inotify, mountpoint: Path) -> ImageWatch | None:
+        """The watch of an inherited instance (a restarted worker, the supervisor); None once the image is
+        released (or before it was mounted)."""
+        watches = inotify.watches()
+        return cls(inotify, watches[0], mountpoint) if watches else None
+
+    def fileno(self) -> int:
+        return self.inotify.fileno()
+
+    def released(self) -> bool:
+        """Whether the superblock is gone (reads the events queued, then the watch list)."""
+        if not self._released:
+            for ev in self.inotify.read_events():
+                if ev.wd == self.wd and ev.mask & (IN_UNMOUNT | IN_IGNORED):
+                    self._released = True
+            if not self._released and all(w.wd != self.wd for w in self.inotify.watches()):
+                self._released = True
+        return self._released
+
+    def mount_id(self) -> int | None:
+        """The id of our mount if it is the one on top at the mountpoint (``/proc/self/mountinfo``), else None."""
+        from .kmount import _unescape
+
+        target = os.path.realpath(self.mountpoint)
+        found = None
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split(" - ", 1)[0].split()
+                if len(fields) >= 5 and _unescape(fields[4]) == target:  # the last one is on top
+                    major, minor = fields[2].split(":")
+                    found = int(fields[0]) if os.makedev(int(major), int(minor)) == self.dev else None
+        if found is not None:
+            self.mnt_id = found
+        return found
+
+    def unmount(self) -> None:
+        """Unmount the image if the mountpoint still shows it: plainly, else (files are open there) detached,
+        the filesystem living on until they close (:meth:`released` says when).  Never by path alone: after a
+        detach another mount may sit there."""
+        from .kmount import umount
+
+        if self.mount_id() is None:
+            return
+        try:
+            umount(self.mountpoint)
+            log.warning("unmounted %s", self.mountpoint)
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                log.error("cannot unmount %s: %s", self.mountpoint, e)
+                return
+        try:
+            umount(self.mountpoint, lazy=True)
+            log.warning("detached %s (files are open there)", self.mountpoint)
+        except OSError as e:
+            log.error("cannot detach %s: %s", self.mountpoint, e)
+
+    def log_linger(self, why: str, what: str) -> None:
+        """Say (once) that ``what`` goes on until the detached image is released: until how many open files close."""
+        if self._lingering:
+            return
+        self._lingering = True
+        n = open_files(self.mnt_id) if self.mnt_id is not None else 0
+        until = f"its {n} open file{'s' * (n != 1)} close" if n else "the files open there close"
+        log.warning("%s: %s is detached, %s until %s", why, self.mountpoint, what, until)
+
+
+def open_files(mnt_id: int) -> int:
+    """How many fds of all processes are open on mount ``mnt_id`` (their ``fdinfo`` says; best effort, for a log
+    line: files mapped or used as a cwd hold a mount too)."""
+    n = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fdinfo")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
+                    info = f.read()
+            except OSError:
+                continue
+            for line in info.splitlines():
+                if line.startswith(b"mnt_id:"):
+                    n += int(line.split()[1]) == mnt_id
+                    break
+    return n
+
+
 # -- the event loop -----------------------------------------------------------------------------------------------
 class FanotifyServer:
     """Serves FAN_PRE_ACCESS events of the cache files of one or more mounted images through one pipeline.
 
     Build it (marks the files), mount, then :meth:`serve` until :meth:`stop` (from any thread or a signal
-    handler).  ``readahead``: bytes filled in the background after each fill (0 = off).  ``group``: serve this
-    group (one the supervisor holds too) instead of a new one; ``adopted``: its marks exist already (a
-    restarted worker): complete files are unmarked, the others marked again (harmless).
+    handler) or the release of the image.  ``readahead``: bytes filled in the background after each fill
+    (0 = off).  ``group``: serve this group (one the supervisor holds too) instead of a new one; ``adopted``: its
+    marks exist already (a restarted worker): complete files are unmarked, the others marked again (harmless).
     """
 
     def __init__(self, files: Sequence[CacheFile], pipeline: Pipeline, *, workers: int = 4,
@@ -430,40 +574,30 @@ class FanotifyServer:
             self.counters[key] += 1
 
     # -- serving --------------------------------------------------------------------------------------------
-    def serve(self, until_unmounted: Path | None = None) -> None:
-        """Read and answer events until :meth:`stop` (or, with ``until_unmounted``, until nothing is mounted
-        there any more: a plain ``umount`` then also ends the daemon)."""
-        from .kmount import is_mounted
-
+    def serve(self, watch: ImageWatch | None = None) -> bool:
+        """Read and answer events until :meth:`stop` (False) or, with ``watch``, until the image's filesystem is
+        released (True): a plain umount, or the close of the last file open on a detached mount.  A mount that
+        only left the mount table (``umount -l``) is served on: its open files still read through the marks."""
         poller = select.poll()
-        gfd = self.group.fileno()
-        poller.register(gfd, select.POLLIN)
+        poller.register(self.group.fileno(), select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
-        mounts = None
-        if until_unmounted is not None:  # the mount table polls POLLPRI on every change
-            mounts = open("/proc/self/mounts", "rb")  # noqa: SIM115 - closed below
-            poller.register(mounts.fileno(), select.POLLPRI)
-        by_inode = self._by_inode
-        counters = self.counters
-        try:
-            self._serve(poller, mounts, until_unmounted, is_mounted, by_inode, counters)
-        finally:
-            if mounts is not None:
-                mounts.close()
+        if watch is not None:
+            poller.register(watch.fileno(), select.POLLIN)
+            if watch.released():  # (its events may have been read by a process sharing the watch)
+                return True
+        return self._serve(poller, watch, self._by_inode, self.counters)
 
-    def _serve(self, poller: Any, mounts: Any, mountpoint: Path | None, is_mounted: Any,
-               by_inode: dict[tuple[int, int], CacheFile], counters: dict[str, int]) -> None:  # fmt: skip
-        mfd = mounts.fileno() if mounts is not None else -1
+    def _serve(self, poller: Any, watch: ImageWatch | None, by_inode: dict[tuple[int, int], CacheFile],
+               counters: dict[str, int]) -> bool:  # fmt: skip
+        wfd = watch.fileno() if watch is not None else -1
         while True:
             ready = poller.poll()
             if any(fd == self._stop_r for fd, _ in ready):
-                return
-            if mfd >= 0 and any(fd == mfd for fd, _ in ready):
-                mounts.seek(0)
-                mounts.read()  # re-arms the notification
-                if not is_mounted(mountpoint, None):
-                    log.warning("%s was unmounted: stopping", mountpoint)
-                    return
+                _drain(self._stop_r)
+                return False
+            if watch is not None and any(fd == wfd for fd, _ in ready) and watch.released():
+                log.info("%s released", watch.mountpoint)
+                return True
             for ev in self.group.read_events():
                 if ev.fd == FAN_NOFD or ev.fd < 0:  # queue overflow: nothing to answer
                     continue
@@ -588,6 +722,13 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
 def _report(fd: int | None, message: str) -> None:
     if fd is None:
         return
@@ -599,30 +740,42 @@ def _report(fd: int | None, message: str) -> None:
 
 def run_daemon(*, boot: Path, mountpoint: Path, cache_dir: Path, backend: BlobBackend, amplify: int,
                workers: int, readahead: int | None, record: Path, record_data: dict[str, Any],
-               ready_fd: int | None, group_fd: int | None = None, restart: int = 0) -> int:  # fmt: skip
-    """Prepare, mark, mount, report readiness on ``ready_fd`` and serve until SIGTERM/SIGINT.
+               ready_fd: int | None, group_fd: int | None = None, inotify_fd: int | None = None,
+               restart: int = 0) -> int:  # fmt: skip
+    """Prepare, mark, mount, watch the mount (:class:`ImageWatch`), report readiness on ``ready_fd`` and serve
+    until the image's filesystem is released.
 
-    ``group_fd``: the fanotify group, inherited from the :class:`Supervisor` (the record then names the
-    supervisor as ``pid`` and this process as ``worker_pid``); ``restart`` > 0: the files are marked and the
-    image mounted already, by a worker that died: serve them as they are.
+    SIGTERM/SIGINT unmount: plainly if nothing is open there (the filesystem is released at once), else the
+    mount is detached and served until its last open file closes; a second signal changes nothing.
+
+    ``group_fd``, ``inotify_fd``: the fanotify group and the inotify instance, inherited from the
+    :class:`Supervisor` (the record then names the supervisor as ``pid`` and this process as ``worker_pid``);
+    ``restart`` > 0: the files are marked and the image mounted (perhaps detached) and watched already, by a
+    worker that died: serve them as they are.
 
     Every startup failure is reported as one line on ``ready_fd`` (and raised).  On exit the final stats go
-    into the runtime record, for ``umount``.
+    into the runtime record, for ``umount`` (unless the record is another daemon's by then).
     """
     from . import pipeline as pipeline_mod
     from .image import open_image
-    from .kmount import is_mounted, mount_erofs_file_backed, process_start_time, set_mount_readahead, umount
+    from .kmount import mount_erofs_file_backed, process_start_time, set_mount_readahead
 
     assert pipeline_mod.PAGE_SIZE == PAGE_SIZE
     files: list[CacheFile] = []
     server: FanotifyServer | None = None
+    watch: ImageWatch | None = None
     group = None if group_fd is None else FanotifyGroup.from_fd(group_fd)
+    inotify = None if inotify_fd is None else Inotify.from_fd(inotify_fd)
     adopted = restart > 0
     pipeline = pipeline_mod.Pipeline(amplify=amplify, workers=workers)
     try:
         try:
-            if adopted and not is_mounted(mountpoint):
-                raise UsageError(f"{mountpoint} is no longer mounted")
+            if inotify is None:
+                inotify = Inotify()
+            if adopted:
+                watch = ImageWatch.inherited(inotify, mountpoint)
+                if watch is None:
+                    raise UsageError(f"{mountpoint} was unmounted and released")
             handles = open_image(boot, backend)
             if not handles:
                 raise UsageError(f"{boot}: the image has no data blobs: mount it directly")
@@ -631,6 +784,7 @@ def run_daemon(*, boot: Path, mountpoint: Path, cache_dir: Path, backend: BlobBa
                                     adopted=adopted)  # fmt: skip
             if not adopted:
                 mount_erofs_file_backed(boot, mountpoint, [cf.path for cf in files])
+                watch = ImageWatch.add(inotify, mountpoint)
                 # events as big as a fetch: one round trip per amplification window rather than per 128 KiB
                 set_mount_readahead(mountpoint, min(max(amplify >> 10, 128), 1024))
         except UnsupportedFilesystemError as e:
@@ -647,6 +801,8 @@ def run_daemon(*, boot: Path, mountpoint: Path, cache_dir: Path, backend: BlobBa
     except BaseException as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         _report(ready_fd, f"error {msg}")
+        if watch is not None and not adopted:  # mounted by us: nobody has used it yet
+            watch.unmount()  # (a supervisor serves what a detach leaves until it is released)
         if server is not None:
             server.close(deny_queued=not adopted)  # a restarted worker leaves the queue to the next one
         elif group is not None:
@@ -654,7 +810,10 @@ def run_daemon(*, boot: Path, mountpoint: Path, cache_dir: Path, backend: BlobBa
         for cf in files:
             cf.close()
         pipeline.close()
+        if inotify is not None:
+            inotify.close()
         raise
+    assert watch is not None and inotify is not None
 
     def on_signal(signum: int, frame: object) -> None:
         server.stop()
@@ -663,28 +822,26 @@ def run_daemon(*, boot: Path, mountpoint: Path, cache_dir: Path, backend: BlobBa
     _report(ready_fd, "ok")
     log.info("serving %s on %s (%d blobs)", boot, mountpoint, len(files))
     try:
-        server.serve(until_unmounted=mountpoint)
+        while not server.serve(watch):  # a stop signal: unmount; if files are open there, serve until they close
+            watch.unmount()
+            if not watch.released():
+                watch.log_linger("stopping", "serving it")
     finally:
-        # stopped with the image still mounted (not through umount): never leave a mount without its daemon,
-        # whose holes would read as zeros
-        try:
-            if is_mounted(mountpoint):
-                try:
-                    umount(mountpoint)
-                except OSError:
-                    umount(mountpoint, lazy=True)
-                log.warning("unmounted %s on exit", mountpoint)
-        except OSError as e:
-            log.error("cannot unmount %s on exit: %s", mountpoint, e)
+        # a failure: a supervisor starts the next worker on the mount as it is; alone, unmount (detached if busy)
+        if group_fd is None and not watch.released():
+            watch.unmount()
         stats = server.stats()
         server.close()
         pipeline.close()
         for cf in files:
             cf.close()
         backend.close()
+        inotify.close()
+        who = "worker_pid" if group_fd is not None else "pid"
         try:
-            _write_json(record, dict(data, stats=stats, stopped=True))
-        except OSError as e:
+            if (_read_json(record) or {}).get(who) == me:  # not removed, nor a new mount's by now
+                _write_json(record, dict(data, stats=stats, stopped=True))
+        except (OSError, ValueError) as e:
             log.error("cannot write final stats to %s: %s", record, e)
         log.info("stopped: %s", json.dumps(stats["pipeline"]))
         for s, h in old.items():  # only now: a late SIGTERM must not cut the final record short
@@ -709,8 +866,8 @@ def _describe(code: int) -> str:
 
 
 class Supervisor:
-    """Holds the fanotify group; runs the worker (``worker_cmd``, a fresh interpreter given the group fd) and
-    starts a new one when it dies.
+    """Holds the fanotify group and the inotify instance watching the image (:class:`ImageWatch`); runs the worker
+    (``worker_cmd``, a fresh interpreter given both fds) and starts a new one when it dies.
 
     While the supervisor holds the group, its marks stay: a read of a hole blocks until some worker answers,
     it never reads zeros.  When a worker dies (killed, crashed: not an exit with status 0), the permission
@@ -720,9 +877,12 @@ class Supervisor:
     worker.
 
     Restarts back off (:meth:`next_delay`): the n-th worker death in a row waits ``delay * 2**(n-1)`` seconds, at most
-    ``max_delay``, and the ``max_restarts + 1``-th makes the supervisor unmount and stop.  A worker that lived
-    ``stable`` seconds ends the row (its death is the first of a new one).  The wait polls a pipe that the signals write
-    to (``set_wakeup_fd``) and the mount table: a stop signal or an unmount ends it at once.
+    ``max_delay``, and the ``max_restarts + 1``-th makes the supervisor give up.  A worker that lived ``stable``
+    seconds ends the row (its death is the first of a new one).  The wait polls a pipe that the signals write to
+    (``set_wakeup_fd``) and the inotify instance: a stop signal or the release of the image ends it at once.
+
+    The group is closed only once the image is released (:meth:`run`); with no worker left, :meth:`_linger`
+    unmounts and answers the events until then.
     """
 
     def __init__(self, worker_cmd: Sequence[str], mountpoint: Path, *, delay: float = 0.1, max_delay: float = 5.0,
@@ -736,6 +896,8 @@ class Supervisor:
         self.restarts = 0
         self.streak = 0  # worker deaths in a row
         self.group: FanotifyGroup | None = None
+        self.inotify: Inotify | None = None  # shared with the workers: the first one adds the watch of the image
+        self.watch: ImageWatch | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.stopping = False
         self._started = 0.0  # monotonic time of the last spawn
@@ -763,33 +925,33 @@ class Supervisor:
         return min(self.delay * 2 ** (self.streak - 1), self.max_delay)
 
     def _pause(self, seconds: float) -> bool:
-        """Wait ``seconds`` before a restart; False when a stop signal or the loss of the mount ended it."""
-        from .kmount import is_mounted
-
+        """Wait ``seconds`` before a restart; False when a stop signal or the release of the image ended it."""
+        assert self.inotify is not None
         deadline = time.monotonic() + seconds
-        with open("/proc/self/mounts", "rb") as mounts:  # polls POLLPRI on every change of the mount table
-            poller = select.poll()
-            poller.register(self._wake_r, select.POLLIN)
-            poller.register(mounts.fileno(), select.POLLPRI)
-            while not self.stopping:  # (set by the handler, which has run once the wakeup fd is readable)
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return True
-                for fd, _ in poller.poll(int(left * 1000) + 1):
-                    if fd == self._wake_r:  # a SIGUSR1 wakes us too: drain, go on waiting
-                        try:
-                            while os.read(fd, 256):
-                                pass
-                        except BlockingIOError:
-                            pass
-                    else:
-                        mounts.seek(0)
-                        mounts.read()  # re-arms the notification
-                        if not is_mounted(self.mountpoint):
-                            log.warning("%s is no longer mounted: stopping", self.mountpoint)
-                            return False
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        poller.register(self.inotify.fileno(), select.POLLIN)
+        while not self.stopping:  # (set by the handler, which has run once the wakeup fd is readable)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return True
+            for fd, _ in poller.poll(int(left * 1000) + 1):
+                if fd == self._wake_r:  # a SIGUSR1 wakes us too: drain, go on waiting
+                    _drain(fd)
+                elif self._released():
+                    log.warning("%s was unmounted and released: stopping", self.mountpoint)
+                    return False
         log.warning("stopped while waiting to restart the worker")
         return False
+
+    def _released(self) -> bool:
+        """Whether the image's filesystem is gone (or was never mounted): nothing reads through the marks."""
+        if self.watch is None:
+            assert self.inotify is not None
+            self.watch = ImageWatch.inherited(self.inotify, self.mountpoint)
+            if self.watch is None:
+                return True
+        return self.watch.released()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum in _STOP_SIGNALS:
@@ -803,13 +965,14 @@ class Supervisor:
 
     def _spawn(self) -> str:
         """Start a worker; its readiness line (``ok``, ``error ...``, or empty if it died without one)."""
-        assert self.group is not None
-        gfd = self.group.fileno()
+        assert self.group is not None and self.inotify is not None
+        gfd, ifd = self.group.fileno(), self.inotify.fileno()
         r, w = os.pipe2(os.O_CLOEXEC)
-        cmd = [*self.worker_cmd, "--group-fd", str(gfd), "--restart", str(self.restarts), "--ready-fd", str(w)]
+        cmd = [*self.worker_cmd, "--group-fd", str(gfd), "--inotify-fd", str(ifd), "--restart", str(self.restarts),
+               "--ready-fd", str(w)]  # fmt: skip
         self._started = time.monotonic()
         try:
-            self.proc = proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=(gfd, w))
+            self.proc = proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=(gfd, ifd, w))
         except BaseException:
             os.close(r)
             raise
@@ -858,22 +1021,74 @@ class Supervisor:
         if denied:
             log.warning("denied %d queued events (EIO)", denied)
 
-    def run(self, ready_fd: int | None) -> int:
-        """Start the first worker, relay its readiness line to ``ready_fd``, supervise; the exit status."""
-        from .kmount import is_mounted, umount
+    def _linger(self) -> None:
+        """No worker will run again: if the image's filesystem is still alive, unmount it (detached when files
+        are open there) and answer its reads until it is released (ranges the cache file holds are allowed, the
+        others denied with EIO: never zeros); then the group may close.  Stop signals change nothing here."""
+        assert self.group is not None and self.watch is not None
+        watch = self.watch
+        watch.unmount()
+        if watch.released():
+            return
+        watch.log_linger("no worker left", "denying reads of missing data (EIO)")
+        poller = select.poll()
+        for fd in (self.group.fileno(), watch.fileno(), self._wake_r):
+            poller.register(fd, select.POLLIN)
+        allowed = denied = 0
+        while True:
+            ready = {fd for fd, _ in poller.poll()}
+            if self._wake_r in ready:
+                _drain(self._wake_r)
+            if watch.fileno() in ready and watch.released():
+                break
+            if self.group.fileno() in ready:
+                for ev in self.group.read_events():
+                    if ev.fd < 0:
+                        continue
+                    if self._answer_present(ev):
+                        allowed += 1
+                    else:
+                        denied += 1
+        log.warning("%s released: %d reads allowed, %d denied (EIO) meanwhile", self.mountpoint, allowed, denied)
 
+    def _answer_present(self, ev: PreAccessEvent) -> bool:
+        """Allow a read of data the cache file holds (verified when it was written), deny (EIO) one of a hole."""
+        group = self.group
+        assert group is not None
+        try:
+            if ev.offset is not None and ev.count and ev.holes():
+                group.deny(ev, errno.EIO)
+                return False
+            group.allow(ev)
+            return True
+        except (FscacheError, OSError, ValueError) as e:
+            log.error("answering an event: %s", e)
+            if ev.fd >= 0:
+                try:
+                    group.deny(ev, errno.EIO)
+                except (FscacheError, OSError) as e2:
+                    log.error("deny failed: %s", e2)
+            return False
+
+    def run(self, ready_fd: int | None) -> int:
+        """Start the first worker, relay its readiness line to ``ready_fd``, supervise; the exit status.
+
+        The group is closed only once the image's filesystem is released (see :class:`ImageWatch`): while a
+        worker runs, by waiting for it (it serves until then); when none will run again (a stop signal after
+        its death, giving up, an error), by :meth:`_linger`.
+        """
         self._wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         previous_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)  # wakes _pause on a signal
         previous = {s: signal.signal(s, self._on_signal) for s in (*_STOP_SIGNALS, signal.SIGUSR1)}
-        was_mounted = is_mounted(self.mountpoint, None)
         died = False  # the last worker died without answering what it had read
         try:
             try:
                 self.group = FanotifyGroup(pre_content=True)
+                self.inotify = Inotify()
             except PreContentUnsupportedError as e:
                 _report(ready_fd, f"error {e} (use --mode full)")
                 return 1
-            except (FscacheError, OSError) as e:
+            except (NydusErofsError, FscacheError, OSError) as e:
                 _report(ready_fd, f"error {e}")
                 return 1
             line = self._spawn()
@@ -889,17 +1104,15 @@ class Supervisor:
                 pid = self.proc.pid
                 code = self._wait()
                 lived = time.monotonic() - self._started
-                if code == 0 or (self.stopping and code == -signal.SIGTERM):
+                clean = code == 0 or (self.stopping and code == -signal.SIGTERM)
+                if code == 0 or self._released():  # a worker exits 0 once the image is released
                     log.info("worker %d stopped", pid)
-                    return 0
+                    return 0 if clean else 1
                 died = True
                 log.error("worker %d died (%s): denying its pending events", pid, _describe(code))
                 log.error("denied %d events of worker %d (EIO)", self.deny_in_flight(), pid)
                 died = False
                 if self.stopping:
-                    return 1
-                if not is_mounted(self.mountpoint):
-                    log.warning("%s is no longer mounted: stopping", self.mountpoint)
                     return 1
                 delay = self.next_delay(lived)
                 if delay is None:
@@ -915,32 +1128,39 @@ class Supervisor:
                 if line != "ok":
                     log.error("restarted worker failed: %s", line or "no answer")
         finally:
-            if self.proc is not None:  # an error above: never leave the worker behind
+            if self.proc is not None:  # an error above: stop the worker (it serves until the image is released)
                 try:
                     self.proc.send_signal(signal.SIGTERM)
                 except OSError:
                     pass
                 died = self._wait() != 0 or died
-            if not was_mounted and is_mounted(self.mountpoint, None):  # no worker left: holes would read as zeros
-                try:
-                    try:
-                        umount(self.mountpoint)
-                    except OSError:
-                        umount(self.mountpoint, lazy=True)
-                    log.warning("unmounted %s", self.mountpoint)
-                except OSError as e:
-                    log.error("cannot unmount %s: %s", self.mountpoint, e)
             if self.group is not None:
                 if died:
                     self.deny_in_flight()
+                try:
+                    if not self._released():
+                        self._linger()
+                except (NydusErofsError, OSError) as e:  # cannot tell any more: close, as before
+                    log.error("waiting for %s to be released: %s", self.mountpoint, e)
                 self._deny_queued()
                 self.group.close()
-            for s, h in previous.items():
+            if self.inotify is not None:
+                self.inotify.close()
+            for s, h in previous.items():  # only now: a second SIGTERM must not end the wait above
                 signal.signal(s, h)
             signal.set_wakeup_fd(previous_wakeup)
             for fd in (self._wake_r, wake_w):
                 os.close(fd)
             self._wake_r = -1
+
+
+def _drain(fd: int) -> None:
+    """Read a non-blocking pipe empty."""
+    try:
+        while os.read(fd, 256):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _worker_argv(argv: Sequence[str]) -> list[str]:
@@ -975,6 +1195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--log-level", default="INFO")
     ap.add_argument("--supervise", action="store_true", help="Run as the supervisor of worker processes")
     ap.add_argument("--group-fd", type=int, default=None, help="Inherited fanotify group (a worker)")
+    ap.add_argument("--inotify-fd", type=int, default=None, help="Inherited inotify instance (a worker)")
     ap.add_argument("--restart", type=int, default=0, help="Restart number of this worker (0: the first)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
@@ -999,7 +1220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             boot=args.boot, mountpoint=args.mountpoint, cache_dir=args.cache_dir, backend=backend,
             amplify=args.amplify, workers=args.workers, readahead=args.readahead, record=args.record,
             record_data=json.loads(args.record_data), ready_fd=args.ready_fd, group_fd=args.group_fd,
-            restart=args.restart,
+            inotify_fd=args.inotify_fd, restart=args.restart,
         )  # fmt: skip
     except (NydusErofsError, FscacheError, OSError, ValueError) as e:  # reported on --ready-fd already
         log.error("%s", e)

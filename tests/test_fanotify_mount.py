@@ -2,7 +2,9 @@
 
 Images mounted lazily read back identical to their sources; a small read of a large image fetches little; a
 damaged chunk gives EIO for its file only; a warm cache is reused; several mounts and readers at once; umount
-leaves no mount and no process behind; a dead worker is replaced after a growing wait, which a stop ends at once.
+leaves no mount and no process behind; a dead worker is replaced after a growing wait, which a stop ends at once;
+a file open on a mount detached lazily (a stop signal, ``umount -l``, a supervisor giving up) reads right or fails
+with EIO until it closes, never reads zeros.
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ from cachefilesd_py.fanotify_mount import TEST_BACKOFF_ENV, Supervisor, prepare_
 from cachefilesd_py.image import open_image
 from cachefilesd_py.kmount import (
     RUN_DIR_ENV,
+    MountError,
     is_mounted,
     mount_image,
     process_start_time,
     read_record,
     record_path,
+    umount,
     umount_image,
 )
 from cachefilesd_py.pipeline import Pipeline
@@ -889,15 +893,14 @@ def test_sigterm_during_restart_backoff_stops_at_once(mounts: Mounts, images: di
     took = time.monotonic() - start
     print(f"supervisor stopped {took:.3f} s after SIGTERM")
     assert took < 10
-    # released; what it read is not asserted: the kernel retries a denied readahead page by page, and with the
-    # group closed a file still open on the detached mount reads its holes as zeros (the stop path's, not the
-    # backoff's: the same after a SIGTERM with a worker)
-    reader.join()
+    # the reader held the file open: the mount was detached, and its read (retried page by page by the kernel)
+    # denied until it failed and closed the file, which released the filesystem
+    assert reader.join() == {"errno": errno.EIO}
     assert not is_mounted(mp, None)
     assert process_start_time(old) is None and process_start_time(rec["pid"]) is None
     log_text = Path(rec["log"]).read_text()
-    assert "stopped while waiting to restart the worker" in log_text and f"unmounted {mp}" in log_text
-    assert re.search(r"denied [1-9]\d* queued events \(EIO\)", log_text)
+    assert "stopped while waiting to restart the worker" in log_text and f"detached {mp}" in log_text
+    assert re.search(r"released: \d+ reads allowed, [1-9]\d* denied \(EIO\)", log_text)
     assert "started (restart" not in log_text
     mounts.umount(mp)
 
@@ -913,7 +916,7 @@ def test_plain_umount_during_restart_backoff_stops_at_once(mounts: Mounts, image
     start = time.monotonic()
     _wait_exit(rec["pid"], lambda: kernel_umount(mp), "supervisor did not stop")
     assert time.monotonic() - start < 10
-    assert f"{mp} is no longer mounted: stopping" in Path(rec["log"]).read_text()
+    assert f"{mp} was unmounted and released: stopping" in Path(rec["log"]).read_text()
     mounts.umount(mp)
 
 
@@ -941,3 +944,144 @@ def test_backend_back_during_backoff_queued_read_served_by_next_worker(
     assert "giving up" not in log_text
     stats = mounts.umount(mp)["stats"]  # the new worker's: it answered the queued read
     assert stats["events"]["filled"] >= 1 and stats["events"]["denied"] == 0
+
+
+# -- a detached mount still in use --------------------------------------------------------------------------------
+def _read_all(fd: int) -> bytes:
+    out = bytearray()
+    while piece := os.pread(fd, 256 << 10, len(out)):
+        out += piece
+    return bytes(out)
+
+
+def _wait_for(cond: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def _serving(rec: dict[str, Any]) -> bool:
+    return process_start_time(rec["pid"]) is not None and process_start_time(rec["worker_pid"]) is not None
+
+
+def _closed_and_gone(mounts: Mounts, mp: Path, rec: dict[str, Any], fd: int) -> dict[str, Any]:
+    """Close ``fd``, the last file open on the detached ``mp``: the daemon exits; no mount, no process left."""
+    _wait_exit(rec["pid"], lambda: os.close(fd), "daemon still running after the last open file closed")
+    assert not is_mounted(mp, None) and process_start_time(rec["worker_pid"]) is None
+    return mounts.umount(mp)
+
+
+def test_sigterm_with_a_file_open_serves_it_until_it_closes(mounts: Mounts, images: dict[str, Path],
+                                                            rootfs: Path) -> None:  # fmt: skip
+    """SIGTERM to the supervisor (systemd stop) while a file is open on the mount: the mount can only be
+    detached, and the daemon serves the file until it closes (its holes read right, never as zeros; a second
+    SIGTERM changes nothing), then exits."""
+    mp, rec = mounts.mount(images["zstd"], "term-open")
+    fd = os.open(mp / "odd", os.O_RDONLY)  # not read yet: its chunks are holes of the cache file
+    try:
+        os.kill(rec["pid"], signal.SIGTERM)
+        _wait_for(lambda: not is_mounted(mp, None), f"{mp} still in the mount table")
+        os.kill(rec["pid"], signal.SIGTERM)  # (systemd may send it again)
+        assert _in_thread(lambda: _read_all(fd)) == (rootfs / "odd").read_bytes()
+        assert _serving(rec)
+        _wait_log(rec, rf"stopping: {mp} is detached, serving it until its 1 open file close")
+    except BaseException:
+        os.close(fd)
+        raise
+    stats = _closed_and_gone(mounts, mp, rec, fd)["stats"]
+    assert stats["events"]["filled"] >= 1 and stats["events"]["denied"] == 0
+
+
+def test_lazy_umount_with_a_file_open_serves_it_until_it_closes(mounts: Mounts, images: dict[str, Path],
+                                                                rootfs: Path) -> None:  # fmt: skip
+    """``umount -l`` by someone else while a file is open: the mount leaves the table, the daemon stays and
+    serves the file until it closes, then exits."""
+    mp, rec = mounts.mount(images["none"], "detach-open")
+    fd = os.open(mp / "odd", os.O_RDONLY)
+    try:
+        umount(mp, lazy=True)
+        assert not is_mounted(mp, None)
+        # nydus-erofs umount now waits for the daemon, then says why it is still there, without killing it
+        with pytest.raises(MountError) as failed:
+            umount_image(mp, timeout=0.5)
+        assert failed.value.errno == errno.EBUSY and "files are still open on it" in str(failed.value)
+        assert _in_thread(lambda: _read_all(fd)) == (rootfs / "odd").read_bytes()
+        assert _serving(rec)
+    except BaseException:
+        os.close(fd)
+        raise
+    assert _closed_and_gone(mounts, mp, rec, fd)["stats"]["events"]["denied"] == 0
+
+
+def test_worker_dying_on_a_detached_mount_is_replaced(mounts: Mounts, images: dict[str, Path], rootfs: Path) -> None:
+    """The worker dies while the mount is detached and a file open on it: the next worker serves it (the watch of
+    the image is inherited; the mountpoint no longer leads to it)."""
+    mp, rec = mounts.mount(images["zstd"], "detach-restart")
+    fd = os.open(mp / "odd", os.O_RDONLY)
+    try:
+        umount(mp, lazy=True)
+        new = _new_worker(mp, _kill_worker(rec))
+        assert new["restarts"] == 1
+        assert _in_thread(lambda: _read_all(fd)) == (rootfs / "odd").read_bytes()
+        assert _serving(new)
+    except BaseException:
+        os.close(fd)
+        raise
+    assert _closed_and_gone(mounts, mp, new, fd)["stats"]["events"]["filled"] >= 1
+
+
+def test_umount_of_a_busy_mount_fails_and_of_an_idle_one_stops_the_daemon(mounts: Mounts, images: dict[str, Path],
+                                                                          rootfs: Path) -> None:  # fmt: skip
+    """``nydus-erofs umount`` never detaches: of a busy mount it fails with one line and the daemon serves on;
+    once idle the umount releases the filesystem at once and the daemon stops promptly."""
+    mp, rec = mounts.mount(images["lz4_block"], "busy")
+    fd = os.open(mp / "odd", os.O_RDONLY)
+    try:
+        proc = _cli("umount", str(mp), env=dict(os.environ))
+        assert proc.returncode != 0 and "busy" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+        assert is_mounted(mp) and _serving(rec) and read_record(mp) is not None
+        assert _in_thread(lambda: _read_all(fd)) == (rootfs / "odd").read_bytes()
+    finally:
+        os.close(fd)
+    start = time.monotonic()
+    mounts.umount(mp)  # no mount, no process left
+    took = time.monotonic() - start
+    print(f"umount took {took:.3f} s")
+    assert took < 5
+
+
+def test_supervisor_giving_up_with_a_file_open_denies_its_reads_until_it_closes(
+        mounts: Mounts, images: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Workers keep dying and the supervisor gives up while a file is open: it detaches the mount and, with no
+    worker to fill the holes, fails their reads with EIO (never zeros), a stop signal changing nothing, until the
+    file closes; then it closes the group and exits."""
+    monkeypatch.setenv(TEST_BACKOFF_ENV, "0.1,0.2,2")  # give up on the third death in a row
+    mp, rec = mounts.mount(images["zstd"], "giveup-open")
+    fd = os.open(mp / "odd", os.O_RDONLY)
+    try:
+        current = rec
+        for _ in range(2):
+            current = _new_worker(mp, _kill_worker(current))
+        _kill_worker(current)
+        _wait_for(lambda: not is_mounted(mp, None), "the supervisor did not give up")
+        for offset in (0, 0, 1 << 20):  # the kernel retries a failed read page by page: each one fails
+            with pytest.raises(OSError) as info:
+                _in_thread(lambda o=offset: os.pread(fd, 256 << 10, o))
+            assert info.value.errno == errno.EIO
+        os.kill(rec["pid"], signal.SIGTERM)
+        with pytest.raises(OSError) as info:
+            _in_thread(lambda: os.pread(fd, 4096, 4096))
+        assert info.value.errno == errno.EIO
+        assert process_start_time(rec["pid"]) is not None
+    except BaseException:
+        os.close(fd)
+        raise
+    _wait_exit(rec["pid"], lambda: os.close(fd), "supervisor still running after the last open file closed")
+    assert not is_mounted(mp, None)
+    log_text = Path(rec["log"]).read_text()
+    assert "giving up" in log_text
+    assert f"no worker left: {mp} is detached, denying reads of missing data (EIO) until its 1 open file close" \
+        in log_text  # fmt: skip
+    assert re.search(r"released: 0 reads allowed, [1-9]\d* denied \(EIO\)", log_text)
+    mounts.umount(mp)
