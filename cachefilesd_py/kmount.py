@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from erofs.errors import NydusErofsError, UsageError
+from erofs.errors import BackendError, NydusErofsError, UsageError
 from fscache.errors import PreContentUnsupportedError, UnsupportedFilesystemError
 
 __all__ = [
@@ -74,6 +74,9 @@ class MountError(NydusErofsError, OSError):
     """mount(2) / umount2(2) failed, or the daemon did not start."""
 
     exit_code = 5
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno N] "
+        return self.strerror or super().__str__()
 
 
 # -- syscalls -----------------------------------------------------------------------------------------------------
@@ -267,8 +270,11 @@ def mount_image(boot: str | os.PathLike[str], mountpoint: str | os.PathLike[str]
             _forget(mp, rec)  # stale record of a mount gone by other means
         else:
             raise UsageError(f"{mp} is already a mountpoint (nydus-erofs umount {mp} first)")
-    chosen = select_mode(mode, cache)
     config = dict(backend_config or {})
+    if backend == "localfs":
+        _check_cache_not_blobs(cache, config)
+    _check_image_and_backend(boot_p, backend, config)
+    chosen = select_mode(mode, cache)
     rdir = run_dir()
     rdir.mkdir(parents=True, exist_ok=True)
     record = record_path(mp)
@@ -277,7 +283,11 @@ def mount_image(boot: str | os.PathLike[str], mountpoint: str | os.PathLike[str]
     if chosen == "full":
         _mount_full(boot_p, mp, cache, backend, config, amplify, workers)
         data["pid"] = None
-        _write_record(record, data)
+        try:
+            _write_record(record, data)
+        except BaseException:  # a mount without its record could not be unmounted by us
+            umount(mp)
+            raise
         return data
 
     if foreground:
@@ -328,6 +338,27 @@ def mount_image(boot: str | os.PathLike[str], mountpoint: str | os.PathLike[str]
         log_path.unlink(missing_ok=True)  # the error is the one line reported
         raise MountError(errno.EIO, status[len("error ") :])
     raise MountError(errno.EIO, f"mount daemon exited with status {code} before mounting (log: {log_path})")
+
+
+def _check_image_and_backend(boot: Path, backend: str, config: dict[str, Any]) -> None:
+    """A damaged bootstrap or bad backend options fail here, with their own error, not in the daemon."""
+    from erofs.reader.bootstrap import Bootstrap
+
+    from .fanotify_mount import backend_from_options
+
+    Bootstrap(boot).close()
+    try:
+        backend_from_options(backend, config).close()
+    except BackendError as e:  # making a backend does no I/O: its options are wrong
+        raise UsageError(f"--backend-config: {e}") from None
+
+
+def _check_cache_not_blobs(cache: Path, config: dict[str, Any]) -> None:
+    """The cache files (CACHE/<blob id>, sparse, resized) must never be the localfs blob files themselves."""
+    dirs = [config.get("dir"), config.get("blob_dir"), *(config.get("alt_dirs") or ())]
+    for d in dirs:
+        if isinstance(d, str | os.PathLike) and cache.is_dir() and os.path.isdir(d) and os.path.samefile(cache, d):
+            raise UsageError(f"--cache-dir {cache} is the blob directory: its cache files would overwrite the blobs")
 
 
 def _mount_full(boot: Path, mp: Path, cache: Path, backend: str, config: dict[str, Any], amplify: int,
@@ -423,11 +454,9 @@ def umount_image(mountpoint: str | os.PathLike[str], *, timeout: float = 30.0) -
     """Unmount, stop the mount's daemon and wait for it; returns the record with the daemon's final ``stats``."""
     mp = Path(mountpoint).resolve()
     rec = read_record(mp)
-    if rec is None:
-        if is_mounted(mp):
-            umount(mp)
-            return {"mountpoint": str(mp)}
-        raise UsageError(f"{mp} is not mounted by nydus-erofs")
+    if rec is None:  # whatever is mounted there is someone else's: leave it alone
+        why = " (an EROFS mount it has no record of: use umount(8))" if is_mounted(mp) else ""
+        raise UsageError(f"{mp} is not mounted by nydus-erofs{why}")
     mounted = is_mounted(mp, None)
     if mounted:
         umount(mp)  # never lazily: EBUSY when files are open there, and the daemon serves on

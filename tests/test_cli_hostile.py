@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.kernel import erofs_file_backed_mounts, mount_erofs
 from tests.test_hostile import _oci, member, tar_bytes
 
 BIN = Path(sys.executable).parent
@@ -303,3 +304,73 @@ def test_convert_out_of_space_leaves_no_half_layout(layout: str, small_fs: Path)
     one_line(r, 1, "No space left on device")
     assert str(small_fs) in r.stderr  # where it could not write, not the work dir
     assert list(small_fs.iterdir()) == []
+
+
+# -- mount / umount ----------------------------------------------------------------------------------------------------
+@pytest.fixture
+def run_env(tmp_path: Path) -> dict[str, str]:
+    return dict(os.environ, NYDUS_EROFS_RUN_DIR=str(tmp_path / "run"))
+
+
+def _mounted(mp: Path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(mp.resolve()) for line in f)
+
+
+@pytest.fixture
+def mountpoint(tmp_path: Path, run_env: dict[str, str]) -> Iterator[Path]:
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    try:
+        yield mp
+    finally:
+        if _mounted(mp):  # a failing test must not leave its mount (and daemon) behind
+            run("umount", mp, env=run_env)
+        if _mounted(mp):
+            ctypes.CDLL(None, use_errno=True).umount2(os.fsencode(mp), 2)
+
+
+def test_mount_with_the_blob_dir_as_cache_dir(image: Path, mountpoint: Path, run_env: dict[str, str]) -> None:
+    before = listing(image)
+    for extra in ((), ("--blob-dir", image / "blobs"), ("--mode", "full")):
+        r = run("mount", image / "image.boot", mountpoint, "--cache-dir", image / "blobs", *extra, env=run_env)
+        one_line(r, 2, "is the blob directory")
+        assert not _mounted(mountpoint)
+    assert listing(image) == before
+
+
+def test_mount_a_damaged_bootstrap(image: Path, mountpoint: Path, run_env: dict[str, str], tmp_path: Path) -> None:
+    boot = tmp_path / "trunc.boot"
+    boot.write_bytes((image / "image.boot").read_bytes()[:2000])
+    r = run("mount", boot, mountpoint, "--cache-dir", tmp_path / "c", "--blob-dir", image / "blobs", env=run_env)
+    one_line(r, 3, "superblock")
+    assert "[Errno" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--backend", "http", "--backend-config", '{"url": 5}'], "option url: expected str, got 5"),
+        (["--backend-config", '{"dir": null}'], "option dir"),
+        (["--backend", "http"], "--backend http needs url="),
+        (["--backend", "registry", "--backend-config", "host=r.example"], "needs repo="),
+        (["--backend-config", "@/nonexistent/cfg"], "No such file or directory"),
+        (["--backend-config", "@BAD"], "codec can't decode"),
+    ],
+)  # fmt: skip
+def test_mount_bad_backend_config(args: list[str], message: str, image: Path, mountpoint: Path,
+                                  run_env: dict[str, str], tmp_path: Path) -> None:  # fmt: skip
+    (tmp_path / "bad.cfg").write_bytes(b"\xff\xfe{")  # not UTF-8
+    args = [f"@{tmp_path / 'bad.cfg'}" if a == "@BAD" else a for a in args]
+    r = run("mount", image / "image.boot", mountpoint, "--cache-dir", tmp_path / "c", *args, env=run_env)
+    one_line(r, 2, message)
+    assert "[Errno" not in r.stderr and "__init__()" not in r.stderr
+    assert not _mounted(mountpoint)
+
+
+def test_umount_leaves_a_mount_that_is_not_ours(image: Path, mountpoint: Path, run_env: dict[str, str]) -> None:
+    if erofs_file_backed_mounts() is not None:
+        pytest.skip(str(erofs_file_backed_mounts()))
+    with mount_erofs(image / "image.boot", mountpoint, [blob_of(image)]):
+        one_line(run("umount", mountpoint, env=run_env), 2, "not mounted by nydus-erofs")
+        assert _mounted(mountpoint) and (mountpoint / "d" / "f").read_bytes() == b"hello\n"

@@ -8,6 +8,7 @@ threads at once.  :func:`make_backend` builds one by kind: ``localfs``, ``http``
 
 from __future__ import annotations
 
+import types
 import typing
 from typing import Any, Protocol, runtime_checkable
 
@@ -85,15 +86,36 @@ def _option_types(kind: str) -> dict[str, Any]:
     return hints
 
 
+def _classes(hint: Any) -> tuple[type, ...] | None:
+    """The classes a value of type ``hint`` may be an instance of (an int passes for a float), or None when
+    that cannot be told by isinstance."""
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    out: list[type] = []
+    for m in members:
+        c = typing.get_origin(m) or m
+        if not isinstance(c, type):
+            return None
+        out.append(c)
+    if float in out:
+        out.append(int)
+    return tuple(out)
+
+
 def _typed(kind: str, options: dict[str, Any]) -> dict[str, Any]:
     """Options given as text (``--backend-config key=value``) converted to the bool, int or float their
     parameter takes; other values are left as they are.  A bad value is a one-line BackendError."""
-    if kind not in KINDS or not any(isinstance(v, str) for v in options.values()):
+    if kind not in KINDS:
         return options
     hints = _option_types(kind)
     out = dict(options)
     for key, value in options.items():
-        if not isinstance(value, str) or key not in hints:
+        if key not in hints:
+            continue
+        if not isinstance(value, str):  # e.g. from a JSON --backend-config: must be of the parameter's type
+            classes = _classes(hints[key])
+            if classes is not None and not isinstance(value, classes):
+                names = " or ".join(sorted({"null" if c is type(None) else c.__name__ for c in classes}))
+                raise BackendError(f"backend {kind}: option {key}: expected {names}, got {value!r}")
             continue
         types = set(typing.get_args(hints[key])) or {hints[key]}
         types.discard(type(None))

@@ -15,13 +15,18 @@ import click
 from erofs.commands.build import parse_size as _size
 from erofs.errors import UsageError
 
+_REQUIRED = {"http": ("url",), "registry": ("host", "repo")}
+
 
 def _backend_config(text: str | None) -> dict[str, Any]:
     """A JSON object, ``@FILE`` holding one, or ``key=value,key=value``."""
     if not text:
         return {}
     if text.startswith("@"):
-        text = Path(text[1:]).read_text()
+        try:
+            text = Path(text[1:]).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--backend-config {text}: {getattr(e, 'strerror', None) or e}") from None
     if text.lstrip().startswith("{"):
         try:
             value = json.loads(text)
@@ -72,6 +77,9 @@ def mount(boot: str, mountpoint: str, blob_dir: str | None, backend: str | None,
         if not default.is_dir():
             raise UsageError("no blobs: give --blob-dir DIR or --backend with --backend-config")
         config["dir"] = str(default)
+    for key in _REQUIRED.get(kind, ()):
+        if key not in config:
+            raise UsageError(f"--backend {kind} needs {key}=... in --backend-config")
     rec = mount_image(boot, mountpoint, cache_dir=cache_dir, backend=kind, backend_config=config, mode=mode,
                       amplify=_size(amplify), readahead=None if readahead is None else _size(readahead),
                       workers=workers, foreground=foreground)  # fmt: skip
