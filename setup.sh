@@ -7,7 +7,7 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends \
     erofs-utils e2fsprogs qemu-system-x86 qemu-utils skopeo umoci docker-registry vagrant \
-    tar gzip zstd python3-venv ca-certificates
+    tar gzip zstd python3-venv ca-certificates iproute2
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --upgrade pip

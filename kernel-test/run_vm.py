@@ -1,6 +1,6 @@
 """run-vm: run one command inside a throwaway VM that has an fscache-capable kernel.
 
-    kernel-test/run-vm [--kernel PATH] [--mem MB] [--timeout S] [--scratch-size SIZE] [--accel MODE]
+    kernel-test/run-vm [--kernel PATH] [--mem MB] [--timeout S] [--scratch-size SIZE] [--accel MODE] [--net]
                        [--verbose] -- CMD [ARGS...]
 
 The guest's root is the host's ``/``, shared read-only over 9p, so every host path is where it is (the checkout,
@@ -13,6 +13,10 @@ directory must not be under them. A fresh sparse ext4 disk (deleted afterwards) 
     VM_SCRATCH=/run/vm-scratch   the writable ext4 scratch folder (everything else is read-only)
     TMPDIR=$VM_SCRATCH/tmp  so tempfile and pytest's tmp_path work
     PYTHONDONTWRITEBYTECODE=1
+    VM_HOST=10.0.2.2        with --net only: the host's 127.0.0.1 as the guest reaches it
+
+With ``--net`` the guest has a qemu user-mode (slirp) virtio NIC, 10.0.2.15/24 with the default route via
+10.0.2.2, which slirp maps to the host's loopback: a server the host runs on 127.0.0.1:PORT is VM_HOST:PORT.
 
 CMD's stdout and stderr reach run-vm's stdout and stderr live, over two virtio serial ports; the kernel log goes
 to a third channel (shown with ``--verbose``, and its tail on failure). run-vm exits with CMD's status; 124 when
@@ -48,6 +52,7 @@ import vmkernel
 HERE = Path(__file__).resolve().parent
 INIT = HERE / "vm-init"
 GUEST_SCRATCH = "/run/vm-scratch"
+HOST_FROM_GUEST = "10.0.2.2"  # slirp's gateway: the host's 127.0.0.1 (vm-init configures 10.0.2.15/24 via it)
 HIDDEN_IN_GUEST = ("/proc", "/sys", "/dev", "/run")
 PORT_PREFIX = "org.nydus-erofs."
 CHANNELS = ("console", "stdout", "stderr", "status")
@@ -80,6 +85,7 @@ class Options:
     timeout_s: float = DEFAULT_TIMEOUT_S
     scratch_bytes: int = 2 << 30
     accel: str = "auto"
+    net: bool = False
     verbose: bool = False
     cwd: Path = field(default_factory=Path.cwd)
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
@@ -97,7 +103,7 @@ def parse_size(text: str) -> int:
 def parse_args(argv: Sequence[str]) -> Options:
     parser = argparse.ArgumentParser(
         prog="run-vm",
-        usage="run-vm [--kernel PATH] [--mem MB] [--timeout S] [--scratch-size SIZE] [--accel MODE] "
+        usage="run-vm [--kernel PATH] [--mem MB] [--timeout S] [--scratch-size SIZE] [--accel MODE] [--net] "
               "[--verbose] -- CMD [ARGS...]",
         description="Run CMD in a throwaway qemu VM whose kernel has fscache on-demand (cachefiles), EROFS and "
                     "fanotify; the host root is the guest's read-only root, a fresh ext4 disk is at $VM_SCRATCH. "
@@ -116,6 +122,9 @@ def parse_args(argv: Sequence[str]) -> Options:
                         default=os.environ.get("NYDUS_EROFS_VM_ACCEL", "auto"),
                         help="auto: KVM only when a (cached) probe boot shows it works, else TCG "
                              "(default: $NYDUS_EROFS_VM_ACCEL or auto)")
+    parser.add_argument("--net", action="store_true",
+                        help=f"give the guest a user-mode NIC: the host's 127.0.0.1 is {HOST_FROM_GUEST} there "
+                             "($VM_HOST)")
     parser.add_argument("-v", "--verbose", action="store_true", help="stream the kernel log to stderr")
     argv = list(argv)
     if "--" in argv:
@@ -137,14 +146,16 @@ def parse_args(argv: Sequence[str]) -> Options:
     if scratch < 16 << 20:
         parser.error("--scratch-size: at least 16M")
     return Options(command=command, kernel=args.kernel, mem_mb=args.mem, timeout_s=args.timeout,
-                   scratch_bytes=scratch, accel=args.accel, verbose=args.verbose)
+                   scratch_bytes=scratch, accel=args.accel, net=args.net, verbose=args.verbose)
 
 
-def guest_env(env: Mapping[str, str]) -> dict[str, str]:
+def guest_env(env: Mapping[str, str], net: bool = False) -> dict[str, str]:
     """The caller's environment as CMD sees it in the guest."""
-    out = dict(env)
+    out = {k: v for k, v in env.items() if k != "VM_HOST"}
     out.update(NYDUS_EROFS_IN_VM="1", VM_SCRATCH=GUEST_SCRATCH, TMPDIR=f"{GUEST_SCRATCH}/tmp",
                PYTHONDONTWRITEBYTECODE="1")
+    if net:
+        out["VM_HOST"] = HOST_FROM_GUEST
     return out
 
 
@@ -292,6 +303,10 @@ def qemu_command(qemu: str, kernel: Path, opts: Options, accel: list[str], scrat
     for nr, name in enumerate(("stdout", "stderr", "status"), start=1):
         cmd += ["-chardev", f"socket,id={name},path={sockets[name]}",
                 "-device", f"virtserialport,bus=vser.0,nr={nr},chardev={name},name={PORT_PREFIX}{name}"]
+    if opts.net:
+        # slirp's defaults: guest 10.0.2.15, gateway (the host's loopback) 10.0.2.2; vm-init sets the address
+        # up statically (no DHCP wait). No option ROM: the guest boots with -kernel, never from the network.
+        cmd += ["-netdev", "user,id=net0,ipv6=off", "-device", "virtio-net-pci,netdev=net0,romfile="]
     return cmd
 
 
@@ -429,7 +444,7 @@ def run(opts: Options) -> int:
     with tempfile.TemporaryDirectory(prefix="run-vm-", dir=_job_parent()) as tmp:
         job_dir = Path(tmp)
         job_dir.chmod(0o755)
-        (job_dir / "job.sh").write_text(job_script(opts.command, cwd, guest_env(opts.env)))
+        (job_dir / "job.sh").write_text(job_script(opts.command, cwd, guest_env(opts.env, opts.net)))
         scratch = job_dir / "scratch.img"
         make_scratch(scratch, opts.scratch_bytes)
         sockets = {name: job_dir / f"{name}.sock" for name in CHANNELS}

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -123,6 +125,19 @@ def test_job_script_quotes_every_word(tmp_path: Path) -> None:
     assert done.stdout == "a b|it's|$HOME|"
 
 
+def test_net_is_optional_one_user_mode_nic(tmp_path: Path) -> None:
+    sockets = {name: tmp_path / f"{name}.sock" for name in run_vm.CHANNELS}
+    plain, net = (run_vm.parse_args([*flags, "--", "true"]) for flags in ([], ["--net"]))
+    assert not plain.net and net.net
+    cmd = run_vm.qemu_command("qemu", tmp_path / "bzImage", plain, [], tmp_path / "s.img", tmp_path, sockets)
+    assert "-netdev" not in cmd
+    cmd = run_vm.qemu_command("qemu", tmp_path / "bzImage", net, [], tmp_path / "s.img", tmp_path, sockets)
+    assert cmd[cmd.index("-netdev") + 1].startswith("user,id=net0")
+    assert cmd[cmd.index("-netdev") + 2:][:2] == ["-device", "virtio-net-pci,netdev=net0,romfile="]
+    assert "VM_HOST" not in run_vm.guest_env({"VM_HOST": "stale"})
+    assert run_vm.guest_env({}, net=True)["VM_HOST"] == run_vm.HOST_FROM_GUEST == "10.0.2.2"
+
+
 def test_usage_errors_exit_2_without_booting() -> None:
     assert run_vm_cmd().returncode == 2
     assert run_vm_cmd("--timeout", "5").returncode == 2
@@ -157,6 +172,32 @@ def test_cwd_argv_and_environment_reach_the_command(tmp_path: Path) -> None:
     assert rest.pop("path").endswith(os.environ["PATH"])
     assert rest == {"cwd": str(tmp_path.resolve()), "weird": weird, "plain": "plain", "invm": "1",
                     "scratch": run_vm.GUEST_SCRATCH, "tmpdir": f"{run_vm.GUEST_SCRATCH}/tmp"}
+
+
+@needs_vm
+def test_net_guest_reaches_a_host_loopback_server_at_vm_host() -> None:
+    got: list[bytes] = []
+
+    def serve(server: socket.socket) -> None:
+        try:
+            conn, _ = server.accept()
+        except OSError:
+            return  # closed: the guest never came
+        with conn:
+            got.append(conn.recv(64))
+            conn.sendall(b"pong")
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(120)
+        port = server.getsockname()[1]
+        t = threading.Thread(target=serve, args=(server,), daemon=True)
+        t.start()
+        client = (f"import os, socket; s = socket.create_connection((os.environ['VM_HOST'], {port}), 60); "
+                  "s.sendall(b'ping'); print(s.recv(64).decode())")
+        done = run_vm_cmd("--net", "--timeout", "180", "--", sys.executable, "-I", "-S", "-c", client)
+        t.join(5)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "pong\n" and got == [b"ping"]
 
 
 @needs_vm
