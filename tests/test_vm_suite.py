@@ -1,4 +1,7 @@
-"""Runs tests/vm inside the test VM (kernel-test/run-vm), so the one `pytest` command covers them."""
+"""Runs tests/vm inside the test VM (kernel-test/run-vm), so the one `pytest` command covers them.
+
+The VM gets a network (run-vm --net) and, while it runs, the host serves an image's blob over HTTP and from a
+docker-registry (tests/vm_remote.py) for tests/vm/test_remote_backends.py."""
 
 from __future__ import annotations
 
@@ -16,23 +19,27 @@ sys.path.insert(0, str(REPO / "kernel-test"))
 
 import run_vm  # noqa: E402
 
+from tests.vm_remote import serve_for_vm  # noqa: E402
+
 # Boot included. The whole folder shares one boot; under TCG, Python runs some 20 times slower than on the host.
 VM_SUITE_TIMEOUT_S = int(os.environ.get("NYDUS_EROFS_VM_SUITE_TIMEOUT", "1200"))
 
 
-def test_vm_suite_passes_in_the_vm() -> None:
+def test_vm_suite_passes_in_the_vm(tmp_path: Path) -> None:
     missing = run_vm.missing_prerequisites()
     if missing:
         if os.environ.get("CI"):
             pytest.fail(f"CI must run the VM suite, but: {missing}")
         pytest.skip(f"cannot boot the test VM: {missing}")
-    cmd = [str(RUN_VM), "--timeout", str(VM_SUITE_TIMEOUT_S), "--",
+    assert run_vm.hidden_in_guest(tmp_path.resolve()) is None, f"{tmp_path} is hidden in the guest"
+    cmd = [str(RUN_VM), "--net", "--timeout", str(VM_SUITE_TIMEOUT_S), "--",
            sys.executable, "-m", "pytest", "tests/vm", "-q", "-rfEs", "--color=no", "--durations=5",
            # The root is read-only in the guest: no .pytest_cache. No VM test uses hypothesis, whose pytest
            # plugin imports all of hypothesis at the session's end (tens of seconds under TCG).
            "-p", "no:cacheprovider", "-p", "no:hypothesispytest"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          timeout=VM_SUITE_TIMEOUT_S + 120)
+    with serve_for_vm(tmp_path) as served:  # the servers stop when the VM is done
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                              env={**os.environ, **served}, timeout=VM_SUITE_TIMEOUT_S + 120)
     report = f"$ {' '.join(cmd)}\n--- stdout ---\n{done.stdout}\n--- stderr ---\n{done.stderr}"
     assert done.returncode == 0, report
     summary = done.stdout.strip().splitlines()[-1]
