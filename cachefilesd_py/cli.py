@@ -77,7 +77,7 @@ _PATH = click.Path(path_type=Path)
 @click.option("--repo", help="registry: repository (namespace/name).")
 @click.option("--plain-http", is_flag=True, help="registry: http instead of https.")
 @click.option("--auth", help="registry: user:pass (or its base64).")
-@click.option("--threads", type=int, default=4, show_default=True, help="READ worker threads.")
+@click.option("--threads", type=click.IntRange(max=1024), default=4, show_default=True, help="READ worker threads.")
 @click.option("--amplify", type=_Size(), default="1MiB", show_default=True,
               help="Merge reads of adjacent chunks up to this many bytes.")  # fmt: skip
 @click.option("--api-sock", type=_PATH, help="Serve the HTTP API on this Unix socket.")
@@ -201,13 +201,15 @@ def run(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise _Usage("--threads must be at least 1")
     _backend_options(args)  # usage errors first; the backend itself is made by each worker
-    try:
-        args.cache_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise _Usage(f"--cache-dir {args.cache_dir}: cannot create it: {e.strerror}") from None
-    device = CachefilesDevice.open(args.device)
+    if os.path.lexists(args.cache_dir) and not args.cache_dir.is_dir():
+        raise _Usage(f"--cache-dir {args.cache_dir}: cannot create it: File exists")
+    device = CachefilesDevice.open(args.device)  # before creating the cache dir: no device, nothing made
     api_sock: socket.socket | None = None
     try:
+        try:
+            args.cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _Usage(f"--cache-dir {args.cache_dir}: cannot create it: {e.strerror}") from None
         device.bind(args.cache_dir, args.tag)
         from cachefilesd_py import daemon, images  # noqa: F401 - loaded once here, not again in each new worker
         from cachefilesd_py.api import listen

@@ -374,3 +374,17 @@ def test_umount_leaves_a_mount_that_is_not_ours(image: Path, mountpoint: Path, r
     with mount_erofs(image / "image.boot", mountpoint, [blob_of(image)]):
         one_line(run("umount", mountpoint, env=run_env), 2, "not mounted by nydus-erofs")
         assert _mounted(mountpoint) and (mountpoint / "d" / "f").read_bytes() == b"hello\n"
+
+
+# -- cachefilesd-py ----------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(os.path.exists("/dev/cachefiles"), reason="this host has /dev/cachefiles")
+def test_daemon_without_dev_cachefiles_makes_no_cache_dir(tmp_path: Path) -> None:
+    r = run("--cache-dir", tmp_path / "a" / "cache", "--images-dir", tmp_path, prog=CACHEFILESD)
+    one_line(r, 1, "no /dev/cachefiles", prog="cachefilesd-py")
+    assert not (tmp_path / "a").exists()
+
+
+def test_daemon_threads_out_of_range(tmp_path: Path) -> None:
+    r = run("--cache-dir", tmp_path / "c", "--images-dir", tmp_path, "--threads", "99999999999", prog=CACHEFILESD)
+    one_line(r, 2, "--threads", prog="cachefilesd-py")
+    assert not (tmp_path / "c").exists()
