@@ -6,6 +6,7 @@ entry point in the ``nydus_erofs.commands`` group (pyproject.toml), so packages 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 from importlib.metadata import entry_points
@@ -91,3 +92,7 @@ def _guard_std_fds() -> None:
 def main(ctx: click.Context, debug: bool) -> None:
     """Build, inspect and serve Nydus RAFS v6 (EROFS) container images."""
     ctx.obj = {"debug": debug}
+    if debug:
+        logging.basicConfig(level=logging.DEBUG, format="nydus-erofs: %(levelname)s: %(name)s: %(message)s")
+    else:  # what the libraries log about a failure comes out once, as the error line (not via logging.lastResort)
+        logging.getLogger().addHandler(logging.NullHandler())

@@ -368,6 +368,17 @@ def test_mount_bad_backend_config(args: list[str], message: str, image: Path, mo
     assert not _mounted(mountpoint)
 
 
+def test_mount_full_of_a_damaged_blob_is_one_line(image: Path, mountpoint: Path, run_env: dict[str, str],
+                                                  tmp_path: Path) -> None:  # fmt: skip
+    blob = blob_of(image)
+    data = bytearray(blob.read_bytes())
+    data[5000] ^= 1  # in chunk 1 of /big
+    blob.write_bytes(data)
+    r = run("mount", image / "image.boot", mountpoint, "--cache-dir", tmp_path / "c", "--mode", "full", env=run_env)
+    one_line(r, 3, "does not match its digest")  # the pipeline's log line of the same failure came out too
+    assert not _mounted(mountpoint)
+
+
 def test_umount_leaves_a_mount_that_is_not_ours(image: Path, mountpoint: Path, run_env: dict[str, str]) -> None:
     if erofs_file_backed_mounts() is not None:
         pytest.skip(str(erofs_file_backed_mounts()))

@@ -7,6 +7,7 @@ Exit codes: 0 ok; 2 bad options or environment (unsupported cache dir, mode not 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,9 @@ def mount(boot: str, mountpoint: str, blob_dir: str | None, backend: str | None,
     for key in _REQUIRED.get(kind, ()):
         if key not in config:
             raise UsageError(f"--backend {kind} needs {key}=... in --backend-config")
+    if foreground:  # a daemon in this process: its log goes to stderr
+        logging.basicConfig(level=logging.INFO, format="nydus-erofs[%(process)d]: %(levelname)s: %(message)s",
+                            force=True)  # fmt: skip
     rec = mount_image(boot, mountpoint, cache_dir=cache_dir, backend=kind, backend_config=config, mode=mode,
                       amplify=_size(amplify), readahead=None if readahead is None else _size(readahead),
                       workers=workers, foreground=foreground)  # fmt: skip
