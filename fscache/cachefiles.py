@@ -13,6 +13,7 @@ import mmap
 import os
 import platform
 import select
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -198,6 +199,10 @@ class CachefilesDevice(FdOwner):
             if e.errno in (errno.EPERM, errno.EACCES):
                 raise NotPrivilegedError(e.errno, f"cannot open {path}: needs root (CAP_SYS_ADMIN)", path) from None
             raise from_errno(e.errno or errno.EIO, f"cannot open {path}", path) from None
+        if not stat.S_ISCHR(os.fstat(fd).st_mode):  # commands written to a regular file would land in it
+            os.close(fd)
+            raise DeviceNotFoundError(errno.ENODEV, f"{path} is not the cachefiles device (not a character device)",
+                                      path)  # fmt: skip
         return cls(fd, path)
 
     def close(self) -> None:

@@ -399,3 +399,11 @@ def test_daemon_threads_out_of_range(tmp_path: Path) -> None:
     r = run("--cache-dir", tmp_path / "c", "--images-dir", tmp_path, "--threads", "99999999999", prog=CACHEFILESD)
     one_line(r, 2, "--threads", prog="cachefilesd-py")
     assert not (tmp_path / "c").exists()
+
+
+def test_daemon_device_that_is_a_file_is_not_written(tmp_path: Path) -> None:
+    fake = tmp_path / "cachefiles"
+    fake.write_bytes(b"")
+    r = run("--cache-dir", tmp_path / "c", "--images-dir", tmp_path, "--device", fake, prog=CACHEFILESD)
+    one_line(r, 1, "not a character device", prog="cachefilesd-py")  # it used to write its commands into it
+    assert fake.read_bytes() == b"" and not (tmp_path / "c").exists()
