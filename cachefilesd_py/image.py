@@ -6,17 +6,22 @@ import os
 
 from erofs.errors import ImageError
 from erofs.reader.blob import BlobMeta
-from erofs.reader.bootstrap import Bootstrap
+from erofs.reader.bootstrap import BlobInfo, Bootstrap
 
 from .backends import BlobBackend
 from .pipeline import BlobHandle
 
-__all__ = ["open_image", "blob_handles"]
+__all__ = ["open_image", "blob_handles", "blob_order"]
 
 
 def blob_handles(bootstrap: Bootstrap, backend: BlobBackend) -> list[BlobHandle]:
     """One handle per data blob of ``bootstrap``, in device-table order (the order of ``device=`` options and
     of the kernel's blob indexes); each blob's metadata is read and verified through ``backend``."""
+    return [BlobHandle(b.blob_id, BlobMeta.load(backend, b, bootstrap), backend) for b in blob_order(bootstrap)]
+
+
+def blob_order(bootstrap: Bootstrap) -> list[BlobInfo]:
+    """The data blobs of a Nydus bootstrap in device-table order (ImageError for a bootstrap that is not one)."""
     if not bootstrap.is_rafs:
         raise ImageError(f"{bootstrap.path}: not a Nydus RAFS v6 bootstrap (no blob table)")
     blobs = bootstrap.blobs
@@ -25,10 +30,8 @@ def blob_handles(bootstrap: Bootstrap, backend: BlobBackend) -> list[BlobHandle]
             raise ImageError(
                 f"{bootstrap.path}: device table has {len(bootstrap.devices)} slots, blob table {len(blobs)} blobs"
             )
-        order = [bootstrap.blob_by_id(d.tag) for d in bootstrap.devices]
-    else:
-        order = list(blobs)
-    return [BlobHandle(b.blob_id, BlobMeta.load(backend, b, bootstrap), backend) for b in order]
+        return [bootstrap.blob_by_id(d.tag) for d in bootstrap.devices]
+    return list(blobs)
 
 
 def open_image(bootstrap_path: str | os.PathLike[str], backend: BlobBackend) -> list[BlobHandle]:

@@ -345,8 +345,10 @@ def _check_image_and_backend(boot: Path, backend: str, config: dict[str, Any]) -
     from erofs.reader.bootstrap import Bootstrap
 
     from .fanotify_mount import backend_from_options
+    from .image import blob_order
 
-    Bootstrap(boot).close()
+    with Bootstrap(boot) as bs:
+        blob_order(bs)  # a Nydus bootstrap, blob and device tables agreeing
     try:
         backend_from_options(backend, config).close()
     except BackendError as e:  # making a backend does no I/O: its options are wrong

@@ -368,6 +368,18 @@ def test_mount_bad_backend_config(args: list[str], message: str, image: Path, mo
     assert not _mounted(mountpoint)
 
 
+@pytest.mark.parametrize("mode", ["auto", "full"])
+def test_mount_a_plain_erofs_image(mode: str, source: Path, mountpoint: Path, run_env: dict[str, str],
+                                   tmp_path: Path) -> None:  # fmt: skip
+    if shutil.which("mkfs.erofs") is None:
+        pytest.skip("no mkfs.erofs")
+    subprocess.run(["mkfs.erofs", str(tmp_path / "plain.img"), str(source)], check=True, capture_output=True)
+    r = run("mount", tmp_path / "plain.img", mountpoint, "--cache-dir", tmp_path / "c", "--blob-dir", tmp_path,
+            "--mode", mode, env=run_env)  # fmt: skip
+    one_line(r, 3, "not a Nydus RAFS v6 bootstrap")  # the same exit status, whichever process finds it
+    assert not _mounted(mountpoint)
+
+
 def test_mount_full_of_a_damaged_blob_is_one_line(image: Path, mountpoint: Path, run_env: dict[str, str],
                                                   tmp_path: Path) -> None:  # fmt: skip
     blob = blob_of(image)
