@@ -172,7 +172,12 @@ def convert(source: str, target: str, opts: ImageOptions, *, platform: str | Non
     want = platform or DEFAULT_PLATFORM
     parse_platform(want)
     if dst_kind == "oci":
-        read_target_index(parse_reference(target)[0])  # an unusable target fails now, not after the build
+        out_path, out_tag = parse_reference(target)
+        read_target_index(out_path)  # an unusable target fails now, not after the build
+        if src_kind == "oci":
+            src_path, src_tag = parse_reference(source)
+            if out_tag == src_tag and out_path.is_dir() and src_path.is_dir() and out_path.samefile(src_path):
+                raise UsageError(f"{target} is the source image: give the Nydus image another tag")
     with tempfile.TemporaryDirectory(prefix="nydus-erofs-convert-", dir=work_dir) as tmpdir:
         tmp = Path(tmpdir)
         if src_kind == "docker":

@@ -299,6 +299,14 @@ def test_convert_into_a_directory_that_is_not_a_layout(layout: str, source: Path
     one_line(run("convert", layout, f"oci:{tmp_path / 'file'}:n"), 2, "is not a directory")
 
 
+def test_convert_onto_its_own_source_tag(layout: str, tmp_path: Path) -> None:
+    before = listing(tmp_path / "L")
+    for target in (layout, f"oci:{tmp_path}/./L/:t"):
+        one_line(run("convert", layout, target), 2, "is the source image")  # the tag t would lose the source
+    assert listing(tmp_path / "L") == before
+    assert run("convert", layout, layout + "-nydus").returncode == 0
+
+
 def test_convert_out_of_space_leaves_no_half_layout(layout: str, small_fs: Path) -> None:
     r = run("convert", layout, f"oci:{small_fs / 'a' / 'T'}:n", "--compressor", "none")
     one_line(r, 1, "No space left on device")
