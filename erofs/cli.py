@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
 from importlib.metadata import entry_points
 
@@ -31,6 +32,9 @@ class _Group(click.Group):
 
     def main(self, *args, **kwargs):  # one-line usage errors too, not click's usage block
         _guard_std_fds()
+        for sig in (signal.SIGTERM, signal.SIGHUP):  # (a signal ignored by whoever started us stays ignored)
+            if signal.getsignal(sig) == signal.SIG_DFL:
+                signal.signal(sig, _terminate)
         try:
             return super().main(*args, standalone_mode=False, **kwargs)
         except click.exceptions.Exit as e:
@@ -45,11 +49,12 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except KeyboardInterrupt:  # one line, not click's blank line + "Aborted!"
+        except KeyboardInterrupt as e:  # one line, not click's blank line + "Aborted!"
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo("nydus-erofs: aborted", err=True)
-            sys.exit(130)
+            signum = e.signum if isinstance(e, _Terminated) else signal.SIGINT
+            click.echo(f"nydus-erofs: {'aborted' if signum == signal.SIGINT else 'terminated'}", err=True)
+            sys.exit(128 + signum)
         except EOFError as e:  # click would call it an abort (Ctrl-D at a prompt); here it is an error
             if ctx.obj and ctx.obj.get("debug"):
                 raise
@@ -66,6 +71,19 @@ class _Group(click.Group):
             where = f": {os.fsdecode(e.filename)}" if e.filename else ""
             click.echo(f"nydus-erofs: error: {e.strerror or e}{where}", err=True)
             sys.exit(1)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP as an exception: the cleanup of Ctrl-C (temporary files and new output removed),
+    where the default action would end the process on the spot and leave them."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated(signum)
 
 
 def _guard_std_fds() -> None:

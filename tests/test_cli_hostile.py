@@ -177,7 +177,9 @@ def test_a_source_file_shorter_than_its_size(tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
 
 
-def test_sigint_while_blocked_leaves_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sig", "said"), [(signal.SIGINT, "aborted"), (signal.SIGTERM, "terminated"),
+                                           (signal.SIGHUP, "terminated")], ids=["INT", "TERM", "HUP"])  # fmt: skip
+def test_a_signal_while_blocked_leaves_nothing(sig: int, said: str, tmp_path: Path) -> None:
     fifo = tmp_path / "layer.tar"
     os.mkfifo(fifo)  # the build makes OUT, then waits for a writer here
     out = tmp_path / "new" / "out"
@@ -187,12 +189,12 @@ def test_sigint_while_blocked_leaves_nothing(tmp_path: Path) -> None:
         while not out.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=TIMEOUT)
     finally:
         proc.kill()
         proc.wait()
-    assert (proc.returncode, err) == (130, "nydus-erofs: aborted\n")
+    assert (proc.returncode, err) == (128 + sig, f"nydus-erofs: {said}\n")  # SIGTERM used to leave OUT behind
     assert sorted(p.name for p in tmp_path.iterdir()) == ["layer.tar"]
 
 
