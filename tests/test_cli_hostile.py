@@ -255,6 +255,14 @@ def test_unpack_tar_mode_follows_the_umask(image: Path, tmp_path: Path) -> None:
         assert "./big" in t.getnames()
 
 
+@pytest.mark.parametrize("name", ["n" * 255, "é" * 125 + ".tar"], ids=["dir", "tar"])
+def test_unpack_to_a_long_name(name: str, image: Path, tmp_path: Path) -> None:
+    # the temporary name beside it was '.NAME.unpack-XXXXXXXX': too long for a name that itself is fine
+    r = run("unpack", image / "image.boot", "--blob-dir", image / "blobs", "-o", tmp_path / name)
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in tmp_path.iterdir() if p.name != "image"] == [name]
+
+
 @pytest.mark.parametrize("out", ["a/b/dir", "a/b/x.tar"])
 def test_a_failed_unpack_takes_back_the_parents_it_made(out: str, image: Path, tmp_path: Path) -> None:
     blob = blob_of(image)

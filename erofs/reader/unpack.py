@@ -44,7 +44,7 @@ def unpack_to_dir(reader: ImageReader, output: str | os.PathLike[str]) -> int:
         raise UsageError(f"{out}: output exists and is not an empty directory")
     made = make_dirs(out.parent)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.unpack-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name[:40]}.unpack-", dir=out.parent))
         try:
             n = _Unpacker(reader, tmp).run()
             os.rename(tmp, out)  # replaces an empty directory atomically
@@ -256,7 +256,7 @@ def unpack_to_tar(reader: ImageReader, output: str | os.PathLike[str]) -> int:
         raise UsageError(f"{out}: output exists and is not a regular file")  # a FIFO, a device, /dev/stdout...
     made = make_dirs(out.parent)
     try:
-        fd, tmpname = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        fd, tmpname = tempfile.mkstemp(prefix=f".{out.name[:40]}.", suffix=".tmp", dir=out.parent)
     except BaseException:
         remove_dirs(made)
         raise
