@@ -274,6 +274,9 @@ def mount_image(boot: str | os.PathLike[str], mountpoint: str | os.PathLike[str]
     if backend == "localfs":
         _check_cache_not_blobs(cache, config)
     _check_image_and_backend(boot_p, backend, config)
+    from .fanotify_mount import check_cache_path
+
+    check_cache_path(cache)  # cache file paths go into the mount options (any mode: say it here, exit 2)
     chosen = select_mode(mode, cache)
     rdir = run_dir()
     rdir.mkdir(parents=True, exist_ok=True)

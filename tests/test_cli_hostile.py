@@ -398,6 +398,14 @@ def test_mount_a_plain_erofs_image(mode: str, source: Path, mountpoint: Path, ru
     assert not _mounted(mountpoint)
 
 
+@pytest.mark.parametrize("mode", ["auto", "full"])
+def test_mount_cache_dir_with_a_comma(mode: str, image: Path, mountpoint: Path, run_env: dict[str, str],
+                                      tmp_path: Path) -> None:  # fmt: skip
+    r = run("mount", image / "image.boot", mountpoint, "--cache-dir", tmp_path / "a,b", "--mode", mode, env=run_env)
+    one_line(r, 2, "must not contain commas")  # the same exit status, whichever process finds it
+    assert not (tmp_path / "a,b").exists() and not _mounted(mountpoint)
+
+
 def test_mount_full_of_a_damaged_blob_is_one_line(image: Path, mountpoint: Path, run_env: dict[str, str],
                                                   tmp_path: Path) -> None:  # fmt: skip
     blob = blob_of(image)
