@@ -10,6 +10,7 @@ The listening socket is made by :func:`listen` (the supervisor keeps it across w
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import os
@@ -26,10 +27,14 @@ Route = Callable[[], Mapping[str, Any]]
 
 
 def listen(path: str | os.PathLike[str]) -> socket.socket:
-    """A listening AF_UNIX stream socket at ``path`` (a stale socket file there is replaced, nothing else)."""
+    """A listening AF_UNIX stream socket at ``path`` (a stale socket file there is replaced, nothing else: not
+    the socket of a daemon that still answers on it)."""
     p = os.fspath(path)
     try:
         if stat.S_ISSOCK(os.lstat(p).st_mode):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+                if probe.connect_ex(p) == 0:
+                    raise OSError(errno.EADDRINUSE, "in use by a running daemon", p)
             os.unlink(p)
     except FileNotFoundError:
         pass

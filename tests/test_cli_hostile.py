@@ -10,6 +10,7 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -445,3 +446,17 @@ def test_daemon_device_that_is_a_file_is_not_written(tmp_path: Path) -> None:
     r = run("--cache-dir", tmp_path / "c", "--images-dir", tmp_path, "--device", fake, prog=CACHEFILESD)
     one_line(r, 1, "not a character device", prog="cachefilesd-py")  # it used to write its commands into it
     assert fake.read_bytes() == b"" and not (tmp_path / "c").exists()
+
+
+def test_daemon_api_sock_of_a_running_daemon_is_left_alone(tmp_path: Path) -> None:
+    sock_path = tmp_path / "api.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
+        live.bind(str(sock_path))
+        live.listen(1)
+        ino = sock_path.stat().st_ino
+        # /dev/null stands in for /dev/cachefiles: the API socket is set up once the device is bound
+        r = subprocess.run([CACHEFILESD, "--cache-dir", str(tmp_path / "c"), "--images-dir", str(tmp_path),
+                            "--device", "/dev/null", "--api-sock", str(sock_path), "--no-supervisor"],
+                           capture_output=True, text=True, timeout=20)  # fmt: skip
+        one_line(r, 2, "in use by a running daemon", prog="cachefilesd-py")  # it unlinked it and took it over
+        assert sock_path.stat().st_ino == ino
