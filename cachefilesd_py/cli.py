@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -133,10 +134,15 @@ def _setup_logging(json_logs: bool, level: str) -> None:
 def _backend_options(args: argparse.Namespace) -> dict[str, Any] | None:
     """Options of the backend shared by every image, or None for per-image ``IMAGES/<fsid>/blobs``."""
     if args.backend == "localfs":
+        if args.blob_dir is not None and not args.blob_dir.is_dir():
+            raise _Usage(f"--blob-dir {args.blob_dir}: not a directory")
         return None if args.blob_dir is None else {"dir": args.blob_dir}
     if args.backend == "http":
         if not args.url:
             raise _Usage("--backend http needs --url")
+        url = urllib.parse.urlsplit(args.url)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise _Usage(f"--url {args.url!r}: expected http://HOST[:PORT][/PATH] or https://...")
         return {"url": args.url}
     if not args.host or not args.repo:
         raise _Usage("--backend registry needs --host and --repo")

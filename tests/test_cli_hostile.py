@@ -460,3 +460,21 @@ def test_daemon_api_sock_of_a_running_daemon_is_left_alone(tmp_path: Path) -> No
                            capture_output=True, text=True, timeout=20)  # fmt: skip
         one_line(r, 2, "in use by a running daemon", prog="cachefilesd-py")  # it unlinked it and took it over
         assert sock_path.stat().st_ino == ino
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--blob-dir", "FILE"], "--blob-dir FILE: not a directory"),
+        (["--blob-dir", "/nonexistent/blobs"], "not a directory"),
+        (["--backend", "http", "--url", "example.com/blobs"], "expected http://HOST"),
+        (["--backend", "http", "--url", "ftp://example.com"], "expected http://HOST"),
+    ],
+)  # fmt: skip
+def test_daemon_bad_backend_options_before_serving(args: list[str], message: str, tmp_path: Path) -> None:
+    # these were accepted: the daemon served (here on a /dev/null stand-in device), failing every read
+    (tmp_path / "FILE").write_text("x")
+    args = [str(tmp_path / "FILE") if a == "FILE" else a for a in args]
+    r = run("--cache-dir", tmp_path / "c", "--images-dir", tmp_path, "--device", "/dev/null", "--no-supervisor",
+            *args, prog=CACHEFILESD)  # fmt: skip
+    one_line(r, 2, message.replace("FILE", str(tmp_path / "FILE")), prog="cachefilesd-py")
