@@ -173,6 +173,19 @@ def is_mounted(mountpoint: str | os.PathLike[str], fstype: str | None = "erofs")
     return False
 
 
+def _top_mount(mountpoint: str | os.PathLike[str]) -> tuple[str, str] | None:
+    """(fstype, source) of what is mounted at ``mountpoint`` last (on top), or None."""
+    target = os.path.realpath(mountpoint)
+    top = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields, _, rest = line.partition(" - ")
+            fields_l, rest_l = fields.split(), rest.split()
+            if len(fields_l) >= 5 and len(rest_l) >= 2 and _unescape(fields_l[4]) == target:
+                top = (rest_l[0], _unescape(rest_l[1]))
+    return top
+
+
 def filesystem_name(path: str | os.PathLike[str]) -> str | None:
     """'tmpfs'/'ramfs' when ``path`` is on one of those, else None."""
     libc_statfs = getattr(_libc, "statfs", None)
@@ -462,7 +475,10 @@ def umount_image(mountpoint: str | os.PathLike[str], *, timeout: float = 30.0) -
     if rec is None:  # whatever is mounted there is someone else's: leave it alone
         why = " (an EROFS mount it has no record of: use umount(8))" if is_mounted(mp) else ""
         raise UsageError(f"{mp} is not mounted by nydus-erofs{why}")
-    mounted = is_mounted(mp, None)
+    top = _top_mount(mp)
+    if top is not None and top != ("erofs", rec.get("boot")):  # ours is gone (or under it): not ours to unmount
+        raise UsageError(f"{mp}: {top[0]} {top[1]} is mounted there, not the image nydus-erofs mounted: left alone")
+    mounted = top is not None
     if mounted:
         umount(mp)  # never lazily: EBUSY when files are open there, and the daemon serves on
     pid = rec.get("pid")

@@ -426,6 +426,25 @@ def test_umount_leaves_a_mount_that_is_not_ours(image: Path, mountpoint: Path, r
         assert _mounted(mountpoint) and (mountpoint / "d" / "f").read_bytes() == b"hello\n"
 
 
+def test_umount_leaves_what_was_mounted_over_a_stale_record(image: Path, mountpoint: Path, run_env: dict[str, str],
+                                                             tmp_path: Path) -> None:  # fmt: skip
+    if erofs_file_backed_mounts() is not None:
+        pytest.skip(str(erofs_file_backed_mounts()))
+    r = run("mount", image / "image.boot", mountpoint, "--cache-dir", tmp_path / "c", "--mode", "full", env=run_env)
+    assert r.returncode == 0, r.stderr
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.umount2(os.fsencode(mountpoint), 0) == 0  # umount(8): the record stays
+    assert libc.mount(b"tmpfs", os.fsencode(mountpoint), b"tmpfs", 0, b"size=64k") == 0  # someone else's
+    try:
+        (mountpoint / "precious").write_text("theirs")
+        one_line(run("umount", mountpoint, env=run_env), 2, "left alone")  # it unmounted the tmpfs, data and all
+        assert (mountpoint / "precious").read_text() == "theirs"
+    finally:
+        libc.umount2(os.fsencode(mountpoint), 0)
+    r = run("umount", mountpoint, env=run_env)  # the stale record goes
+    assert r.returncode == 0 and not any((tmp_path / "run").iterdir()), r.stderr
+
+
 # -- cachefilesd-py ----------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(os.path.exists("/dev/cachefiles"), reason="this host has /dev/cachefiles")
 def test_daemon_without_dev_cachefiles_makes_no_cache_dir(tmp_path: Path) -> None:
