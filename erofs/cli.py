@@ -42,6 +42,9 @@ class _Group(click.Group):
         except click.Abort:
             click.echo("nydus-erofs: aborted", err=True)
             sys.exit(130)
+        except click.exceptions.NoArgsIsHelpError as e:  # no command: the help, not an "error: Usage: ..." block
+            click.echo(e.format_message(), err=True)
+            sys.exit(e.exit_code)
         except click.ClickException as e:
             click.echo(f"nydus-erofs: error: {e.format_message()}", err=True)
             sys.exit(e.exit_code)

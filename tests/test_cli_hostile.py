@@ -102,6 +102,11 @@ def test_daemon_size_of_5000_digits(tmp_path: Path) -> None:
     assert "set_int_max_str_digits" not in r.stderr and len(r.stderr) < 200
 
 
+def test_no_command_shows_the_help_not_an_error() -> None:
+    r = run()
+    assert r.returncode == 2 and r.stderr.startswith("Usage: nydus-erofs ") and "error:" not in r.stderr, r.stderr
+
+
 # -- a FIFO where a bootstrap or blob is read --------------------------------------------------------------------------
 def test_a_fifo_where_a_file_is_read_does_not_hang(image: Path, source: Path, tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
