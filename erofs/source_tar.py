@@ -306,6 +306,8 @@ def detect(head: bytes, label: str) -> str:
 def open_source(source: str) -> BinaryIO:
     """The raw bytes of a tar SOURCE: a file path, or '-' for stdin."""
     if source == "-":
+        if sys.stdin.isatty():  # as gzip does: a layer is never typed in, the shell's pipe was forgotten
+            raise SourceError("SOURCE '-': stdin is a terminal, not a tar archive (pipe one in)")
         return sys.stdin.buffer
     try:
         return open(source, "rb")  # noqa: SIM115 - closed by the caller

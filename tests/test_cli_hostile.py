@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import pty
 import shutil
 import signal
 import socket
@@ -219,6 +220,16 @@ def test_stdout_closed(source: Path, tmp_path: Path) -> None:
 
 def test_stdin_closed(tmp_path: Path) -> None:
     one_line(_sh("<&-", "build", "-", "-o", tmp_path / "o"), 2, "<stdin>: empty file")
+    assert not (tmp_path / "o").exists()
+
+
+def test_stdin_a_terminal(tmp_path: Path) -> None:
+    main, tty = pty.openpty()  # `nydus-erofs build - -o OUT` typed without a pipe: it waited for a tar forever
+    try:
+        one_line(run("build", "-", "-o", tmp_path / "o", stdin=tty), 2, "stdin is a terminal")
+    finally:
+        os.close(main)
+        os.close(tty)
     assert not (tmp_path / "o").exists()
 
 
