@@ -339,9 +339,8 @@ def mount_image(boot: str | os.PathLike[str], mountpoint: str | os.PathLike[str]
     try:
         with os.fdopen(r, "rb") as rf:
             status = rf.read().decode(errors="replace").strip()
-    except BaseException:
-        proc.kill()
-        proc.wait()
+    except BaseException:  # Ctrl-C: stop the supervisor as umount would (it stops its worker and unmounts);
+        _stop_unready(proc, mp, log_path)  # a SIGKILL orphaned the worker: it mounted after "aborted"
         raise
     if status == "ok":
         data["pid"] = proc.pid
@@ -354,6 +353,21 @@ def mount_image(boot: str | os.PathLike[str], mountpoint: str | os.PathLike[str]
         log_path.unlink(missing_ok=True)  # the error is the one line reported
         raise MountError(errno.EIO, status[len("error ") :])
     raise MountError(errno.EIO, f"mount daemon exited with status {code} before mounting (log: {log_path})")
+
+
+def _stop_unready(proc: subprocess.Popen[bytes], mp: Path, log_path: Path) -> None:
+    """Stop a mount daemon that has not said it is ready; with nothing left mounted, its record and log go."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if not is_mounted(mp):
+        rec = read_record(mp)
+        if rec is not None:
+            _forget(mp, rec)
+        log_path.unlink(missing_ok=True)
 
 
 def _check_image_and_backend(boot: Path, backend: str, config: dict[str, Any]) -> None:
@@ -434,7 +448,20 @@ def process_start_time(pid: int) -> int | None:
 
 def _is_daemon(rec: dict[str, Any]) -> bool:
     pid = rec.get("pid")
-    return bool(pid) and process_start_time(pid) == rec.get("start_time") is not None
+    return bool(pid) and process_start_time(pid) == rec.get("start_time") is not None and _runs_a_daemon(pid)
+
+
+def _runs_a_daemon(pid: int) -> bool:
+    """Whether ``pid`` is a mount daemon (``-m cachefilesd_py.fanotify_mount`` or ``mount --foreground``), so
+    never init or a subreaper that a worker orphaned by its supervisor recorded as its parent."""
+    if pid <= 1 or pid == os.getpid():
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return b"cachefilesd_py.fanotify_mount" in argv or (b"mount" in argv and b"--foreground" in argv)
 
 
 def _kill(pid: int, sig: int) -> None:
@@ -456,7 +483,7 @@ def _forget(mp: Path, rec: dict[str, Any]) -> dict[str, Any]:
             pass
     rec = read_record(mp) or rec
     worker = rec.get("worker_pid")
-    if worker and process_start_time(worker) == rec.get("worker_start_time") is not None:
+    if worker and process_start_time(worker) == rec.get("worker_start_time") is not None and _runs_a_daemon(worker):
         # its supervisor is gone (killed): the worker stops once its mount is gone, or now
         _kill(worker, signal.SIGTERM)
         _wait_exit(worker, 30)

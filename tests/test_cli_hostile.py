@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.kernel import erofs_file_backed_mounts, mount_erofs
+from tests.test_fanotify_mount import _skip_reason
 from tests.test_hostile import _oci, member, tar_bytes
 
 BIN = Path(sys.executable).parent
@@ -459,6 +460,62 @@ def test_umount_leaves_what_was_mounted_over_a_stale_record(image: Path, mountpo
         libc.umount2(os.fsencode(mountpoint), 0)
     r = run("umount", mountpoint, env=run_env)  # the stale record goes
     assert r.returncode == 0 and not any((tmp_path / "run").iterdir()), r.stderr
+
+
+def test_umount_never_signals_init_or_a_stranger() -> None:
+    # a worker orphaned by its supervisor recorded its new parent, init, as the daemon: umount sent it SIGTERM,
+    # SIGUSR1 and SIGKILL, then waited for it to exit, for ever
+    from cachefilesd_py.kmount import _is_daemon, process_start_time
+
+    assert not _is_daemon({"pid": 1, "start_time": process_start_time(1)})
+    with subprocess.Popen(["sleep", "60"]) as stranger:
+        try:
+            assert not _is_daemon({"pid": stranger.pid, "start_time": process_start_time(stranger.pid)})
+        finally:
+            stranger.kill()
+
+
+def _pids_with(*words: str) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if d.name.isdigit() and all(w.encode() in argv for w in words):
+            out.append(int(d.name))
+    return out
+
+
+def test_mount_interrupted_before_ready_leaves_no_mount(image: Path, mountpoint: Path, run_env: dict[str, str],
+                                                        tmp_path: Path) -> None:  # fmt: skip
+    why = _skip_reason(tmp_path)
+    if why:
+        pytest.skip(why)
+    proc = subprocess.Popen([CLI, "mount", str(image / "image.boot"), str(mountpoint), "--cache-dir",
+                             str(tmp_path / "cache"), "--mode", "fanotify"], env=run_env, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    worker = None
+    try:
+        deadline = time.monotonic() + 30
+        while worker is None and time.monotonic() < deadline:
+            found = _pids_with("--group-fd", "--mountpoint", str(mountpoint))
+            worker = found[0] if found else None
+        assert worker is not None, "no worker started"
+        os.kill(worker, signal.SIGSTOP)  # held before it mounts; Ctrl-C now
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1)
+        os.kill(worker, signal.SIGCONT)
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if worker is not None and worker in _pids_with("--group-fd"):
+            os.kill(worker, signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+    assert (proc.returncode, err) == (130, "nydus-erofs: aborted\n")
+    time.sleep(1)  # an orphaned worker mounted the image after the CLI had said "aborted"
+    assert not _mounted(mountpoint) and not _pids_with("--mountpoint", str(mountpoint))
+    assert not any((tmp_path / "run").iterdir())
 
 
 # -- cachefilesd-py ----------------------------------------------------------------------------------------------------
