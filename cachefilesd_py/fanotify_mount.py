@@ -741,7 +741,7 @@ def _report(fd: int | None, message: str) -> None:
 def run_daemon(*, boot: Path, mountpoint: Path, cache_dir: Path, backend: BlobBackend, amplify: int,
                workers: int, readahead: int | None, record: Path, record_data: dict[str, Any],
                ready_fd: int | None, group_fd: int | None = None, inotify_fd: int | None = None,
-               restart: int = 0) -> int:  # fmt: skip
+               restart: int = 0, supervisor_pid: int | None = None) -> int:  # fmt: skip
     """Prepare, mark, mount, watch the mount (:class:`ImageWatch`), report readiness on ``ready_fd`` and serve
     until the image's filesystem is released.
 
@@ -751,7 +751,9 @@ def run_daemon(*, boot: Path, mountpoint: Path, cache_dir: Path, backend: BlobBa
     ``group_fd``, ``inotify_fd``: the fanotify group and the inotify instance, inherited from the
     :class:`Supervisor` (the record then names the supervisor as ``pid`` and this process as ``worker_pid``);
     ``restart`` > 0: the files are marked and the image mounted (perhaps detached) and watched already, by a
-    worker that died: serve them as they are.
+    worker that died: serve them as they are.  ``supervisor_pid``: the supervisor's pid, for the record (never
+    ``getppid()``: a worker whose supervisor died is re-parented, to init or a subreaper); a worker whose
+    supervisor is gone before the record is written fails its start.
 
     Every startup failure is reported as one line on ``ready_fd`` (and raised).  On exit the final stats go
     into the runtime record, for ``umount`` (unless the record is another daemon's by then).
@@ -792,7 +794,11 @@ def run_daemon(*, boot: Path, mountpoint: Path, cache_dir: Path, backend: BlobBa
         except PreContentUnsupportedError as e:
             raise UsageError(f"{e} (use --mode full)") from None
         me = os.getpid()
-        owner = me if group_fd is None else os.getppid()  # the supervisor: umount stops it
+        owner = me  # umount stops the process named here: the supervisor, if there is one
+        if group_fd is not None:
+            if supervisor_pid is None or os.getppid() != supervisor_pid:
+                raise UsageError(f"the supervisor (pid {supervisor_pid}) is gone")
+            owner = supervisor_pid
         data = dict(record_data, pid=owner, start_time=process_start_time(owner),
                     blobs=[cf.handle.blob_id for cf in files])  # fmt: skip
         if group_fd is not None:
@@ -969,7 +975,7 @@ class Supervisor:
         gfd, ifd = self.group.fileno(), self.inotify.fileno()
         r, w = os.pipe2(os.O_CLOEXEC)
         cmd = [*self.worker_cmd, "--group-fd", str(gfd), "--inotify-fd", str(ifd), "--restart", str(self.restarts),
-               "--ready-fd", str(w)]  # fmt: skip
+               "--supervisor-pid", str(os.getpid()), "--ready-fd", str(w)]  # fmt: skip
         self._started = time.monotonic()
         try:
             self.proc = proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=(gfd, ifd, w))
@@ -1197,6 +1203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--group-fd", type=int, default=None, help="Inherited fanotify group (a worker)")
     ap.add_argument("--inotify-fd", type=int, default=None, help="Inherited inotify instance (a worker)")
     ap.add_argument("--restart", type=int, default=0, help="Restart number of this worker (0: the first)")
+    ap.add_argument("--supervisor-pid", type=int, default=None, help="The supervisor's pid (a worker)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
                         stream=sys.stderr)  # fmt: skip
@@ -1220,7 +1227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             boot=args.boot, mountpoint=args.mountpoint, cache_dir=args.cache_dir, backend=backend,
             amplify=args.amplify, workers=args.workers, readahead=args.readahead, record=args.record,
             record_data=json.loads(args.record_data), ready_fd=args.ready_fd, group_fd=args.group_fd,
-            inotify_fd=args.inotify_fd, restart=args.restart,
+            inotify_fd=args.inotify_fd, restart=args.restart, supervisor_pid=args.supervisor_pid,
         )  # fmt: skip
     except (NydusErofsError, FscacheError, OSError, ValueError) as e:  # reported on --ready-fd already
         log.error("%s", e)

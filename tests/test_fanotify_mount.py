@@ -34,6 +34,7 @@ import pytest
 from cachefilesd_py.backends import make_backend
 from cachefilesd_py.fanotify_mount import TEST_BACKOFF_ENV, Supervisor, prepare_cache_files, probe_pre_content
 from cachefilesd_py.image import open_image
+from cachefilesd_py.inotify import Inotify
 from cachefilesd_py.kmount import (
     RUN_DIR_ENV,
     MountError,
@@ -49,6 +50,7 @@ from cachefilesd_py.pipeline import Pipeline
 from erofs.errors import DigestMismatchError
 from erofs.reader import Bootstrap, ImageReader, LocalBlobDir
 from fscache.errors import PreContentUnsupportedError, UnsupportedFilesystemError
+from fscache.fanotify import FanotifyGroup
 from tests.fstree import assert_same_tree
 from tests.kernel import erofs_file_backed_mounts
 from tests.kernel import umount as kernel_umount
@@ -215,6 +217,41 @@ def test_builder_images_read_identical(mounts: Mounts, image: Path, rootfs: Path
     stats = mounts.umount(mp)["stats"]
     assert stats["events"]["denied"] == 0 and stats["pipeline"]["digest_failures"] == 0
     assert stats["pipeline"]["chunks_written"] > 0
+
+
+def test_record_names_the_supervisor_and_a_worker_without_it_does_not_start(
+        mounts: Mounts, images: dict[str, Path], tmp_path: Path) -> None:  # fmt: skip
+    """``umount`` signals the recorded pid: it is the supervisor, passed to the worker explicitly (a worker whose
+    supervisor died is re-parented to init or a subreaper, so ``getppid()`` could name pid 1)."""
+    out = images["none"]
+    mp, rec = mounts.mount(out, "rec")
+    assert b"--supervise" in Path(f"/proc/{rec['pid']}/cmdline").read_bytes()
+    status = Path(f"/proc/{rec['worker_pid']}/status").read_text()
+    assert re.search(rf"^PPid:\s+{rec['pid']}$", status, re.M)
+    mounts.umount(mp)
+    # a worker told that another process is its supervisor: the start fails, nothing stays mounted
+    mp2 = tmp_path / "mnt-orphan"
+    mp2.mkdir()
+    group, inotify = FanotifyGroup(pre_content=True), Inotify()
+    try:
+        r, w = os.pipe()
+        proc = subprocess.run(
+            [sys.executable, "-m", "cachefilesd_py.fanotify_mount", "--boot", str(out / "image.boot"),
+             "--mountpoint", str(mp2), "--cache-dir", str(tmp_path / "cache-orphan"), "--backend", "localfs",
+             "--backend-config", json.dumps({"dir": str(out / "blobs")}), "--record", str(tmp_path / "rec.json"),
+             "--group-fd", str(group.fileno()), "--inotify-fd", str(inotify.fileno()),
+             "--supervisor-pid", "1", "--ready-fd", str(w)],
+            pass_fds=(group.fileno(), inotify.fileno(), w), capture_output=True, text=True, timeout=60,
+            env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])),
+        )  # fmt: skip
+        os.close(w)
+        with os.fdopen(r, "rb") as rf:
+            ready = rf.read().decode()
+    finally:
+        group.close()
+        inotify.close()
+    assert proc.returncode != 0 and ready.strip() == "error the supervisor (pid 1) is gone", (ready, proc.stderr)
+    assert not is_mounted(mp2, None) and not (tmp_path / "rec.json").exists()
 
 
 def test_multi_layer_image_reads_identical(mounts: Mounts, tmp_path: Path) -> None:
