@@ -3,7 +3,9 @@ injection), the retry policy and the factory."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import inspect
 import os
 import random
 import re
@@ -19,6 +21,7 @@ from cachefilesd_py.backends.auth import Credentials
 from cachefilesd_py.backends.http import HttpBackend
 from cachefilesd_py.backends.registry import RegistryBackend, RegistryOptions
 from cachefilesd_py.backends.retry import RetryPolicy, is_temp_failure, parse_retry_after
+from cachefilesd_py.backends.transport import TransportOptions
 from erofs.errors import BackendError
 from erofs.reader.source import LocalBlobDir
 from tests.registry import Front
@@ -174,6 +177,34 @@ def test_make_backend_registry_options_are_one_list(monkeypatch: pytest.MonkeyPa
         assert b.retry_policy.attempts == 1  # the rest went to the transport side
     finally:
         b.close()
+
+
+def test_make_backend_network_options_are_one_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The common network options make_backend documents are TransportOptions' fields (each reaching the
+    transport, given as values or as text) and HttpBackend's own keywords, with the defaults they have."""
+    doc = make_backend.__doc__ or ""
+    documented = dict(re.findall(r"``(\w+)(?:=([^`]*))?``", doc[doc.index("Common network options:") :]))
+    transport = {f.name: f.default for f in fields(TransportOptions)}
+    own = {k: p.default for k, p in inspect.signature(HttpBackend).parameters.items() if p.kind == p.KEYWORD_ONLY}
+    del own["headers"]  # an http option of its own, documented with ``url``
+    assert set(documented) == set(transport) | set(own) and not set(transport) & set(own)
+    for name, default in {**transport, **own}.items():
+        text = documented[name]  # ``name=default``: the default the code has
+        if text:
+            assert (int(text[:-4]) << 20 if text.endswith(" MiB") else ast.literal_eval(text)) == default, name
+    given = {"timeout": 2.5, "connect_timeout": 1.5, "pool_size": 3, "insecure": True, "ca_file": "/x/ca.pem"}
+    assert set(given) == set(transport) and all(given[k] != v for k, v in transport.items())  # not the defaults
+    monkeypatch.delenv("IMAGE_PULL_AUTH", raising=False)
+    for kind, base in [("http", {"url": "http://127.0.0.1:1/blobs"}),
+                       ("registry", {"host": "127.0.0.1:1", "repo": "a", "docker_config": False})]:  # fmt: skip
+        for options in (given, {k: str(v) for k, v in given.items()}):
+            b = make_backend(kind, **base, **options)
+            try:
+                assert isinstance(b, HttpBackend) and b.transport.options == TransportOptions(**given)
+            finally:
+                b.close()
+    with pytest.raises(BackendError, match=r"bad options: HttpBackend.__init__\(\) got an unexpected keyword .*'tls'"):
+        make_backend("http", url="http://127.0.0.1:1", tls=True)
 
 
 def test_make_backend_options_given_as_text_are_typed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

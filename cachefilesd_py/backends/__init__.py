@@ -44,10 +44,11 @@ def make_backend(kind: str, **options: Any) -> BlobBackend:
       ``auth`` (``user:pass`` or base64), ``username``/``password``, ``token``, ``docker_config`` (the fields of
       :class:`.registry.RegistryOptions`, which says what each means), and the common network options.
 
-    Common network options: ``timeout=30``, ``connect_timeout=5``, ``retry_limit=3`` (retries after the first
-    try), ``backoff=0.2``, ``max_backoff=10`` (seconds), ``max_discard=16 MiB`` (how far to skip into a body
-    when a server ignores Range), ``pool_size=8``, ``insecure`` (no TLS verification), ``ca_file``,
-    ``verify_digest=True`` (whole-blob reads must hash to the blob id), ``sleep`` (for tests).
+    Common network options: ``timeout=30``, ``connect_timeout=5``, ``pool_size=8``, ``insecure``, ``ca_file`` (the
+    fields of :class:`.transport.TransportOptions`, which says what each means); ``retry_limit=3`` (retries after
+    the first try), ``backoff=0.2``, ``max_backoff=10`` (seconds), ``max_discard=16 MiB`` (how far to skip into a
+    body when a server ignores Range), ``verify_digest=True`` (whole-blob reads must hash to the blob id),
+    ``sleep`` (for tests).
     """
     options = {k.replace("-", "_"): v for k, v in options.items()}
     try:
@@ -77,8 +78,10 @@ def _option_types(kind: str) -> dict[str, Any]:
     if kind == "localfs":
         return typing.get_type_hints(LocalBlobDir.__init__)
     from .http import HttpBackend
+    from .transport import TransportOptions
 
     hints = typing.get_type_hints(HttpBackend.__init__)
+    hints.update(typing.get_type_hints(TransportOptions))
     if kind == "registry":
         from .registry import RegistryOptions
 

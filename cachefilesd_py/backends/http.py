@@ -5,14 +5,25 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import fields
+from typing import Any
 
 from erofs.errors import BackendError
 from erofs.reader.source import BackendStats, check_blob_id
 
 from .retry import PermanentFailure, RetryPolicy, retry
-from .transport import Response, Transport, check_digest, parse_content_range, range_body, status_failure
+from .transport import (
+    Response,
+    Transport,
+    TransportOptions,
+    check_digest,
+    parse_content_range,
+    range_body,
+    status_failure,
+)
 
 MAX_DISCARD = 16 << 20
+_NETWORK = frozenset(f.name for f in fields(TransportOptions))
 
 
 class HttpBackend:
@@ -22,24 +33,21 @@ class HttpBackend:
     most ``max_discard`` bytes.  Connect errors, timeouts, truncated bodies, 408/429/502/503/504 are retried up to
     ``retry_limit`` times with exponential backoff (``backoff`` doubling, capped at ``max_backoff``), honouring
     ``Retry-After``.  A whole-blob read is checked against the blob id (sha256) unless ``verify_digest=False``.
+    ``network``: the fields of :class:`.transport.TransportOptions` (timeouts, pool, TLS).
     """
 
     def __init__(
         self,
         url: str,
         *,
-        timeout: float = 30.0,
-        connect_timeout: float = 5.0,
         retry_limit: int = 3,
         backoff: float = 0.2,
         max_backoff: float = 10.0,
         headers: Mapping[str, str] | None = None,
         max_discard: int = MAX_DISCARD,
-        pool_size: int = 8,
-        insecure: bool = False,
-        ca_file: str | None = None,
         verify_digest: bool = True,
         sleep: Callable[[float], None] | None = None,
+        **network: Any,
     ) -> None:
         self.url = url.rstrip("/")
         self.stats = BackendStats()
@@ -49,14 +57,10 @@ class HttpBackend:
         self.headers = dict(headers or {})
         self.max_discard = max_discard
         self.verify_digest = verify_digest
-        self.transport = Transport(
-            timeout=timeout,
-            connect_timeout=connect_timeout,
-            pool_size=pool_size,
-            insecure=insecure,
-            ca_file=ca_file,
-            stats=self.stats,
-        )
+        unknown = next((k for k in network if k not in _NETWORK), None)
+        if unknown is not None:  # as Python words it for a keyword missing from a signature
+            raise TypeError(f"HttpBackend.__init__() got an unexpected keyword argument {unknown!r}")
+        self.transport = Transport(TransportOptions(**network), stats=self.stats)
         self._sizes: dict[str, int] = {}
         self._lock = threading.Lock()
 

@@ -151,36 +151,45 @@ class Response:
             conn.close()
 
 
+@dataclass(frozen=True)
+class TransportOptions:
+    """How to connect: the one list of connection options, taken by :class:`Transport` and (as keywords) by
+    :class:`~.http.HttpBackend`, :class:`~.registry.RegistryBackend` and ``make_backend("http"/"registry", ...)``.
+
+    ``timeout``: seconds a connected socket waits for the server (each read or write); ``connect_timeout``: seconds
+    to wait for a connection; ``pool_size``: idle keep-alive connections kept per origin; ``insecure``: no TLS
+    certificate or host name verification; ``ca_file``: a PEM bundle of CAs to trust instead of the system's.
+    """
+
+    timeout: float = 30.0
+    connect_timeout: float = 5.0
+    pool_size: int = 8
+    insecure: bool = False
+    ca_file: str | None = None
+
+
 class Transport:
-    """Keep-alive connections per origin, at most ``pool_size`` idle ones each; safe across threads."""
+    """Keep-alive connections per origin, at most ``options.pool_size`` idle ones each; safe across threads."""
 
     def __init__(
         self,
+        options: TransportOptions | None = None,
         *,
-        timeout: float = 30.0,
-        connect_timeout: float = 5.0,
-        pool_size: int = 8,
-        insecure: bool = False,
-        ca_file: str | None = None,
         stats: BackendStats | None = None,
         user_agent: str = USER_AGENT,
     ) -> None:
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
-        self.pool_size = pool_size
+        self.options = options if options is not None else TransportOptions()
         self.stats = stats if stats is not None else BackendStats()
         self.user_agent = user_agent
         self._ssl: ssl.SSLContext | None = None
-        self._insecure = insecure
-        self._ca_file = ca_file
         self._idle: dict[Origin, list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
         self._closed = False
 
     def _context(self) -> ssl.SSLContext:
         if self._ssl is None:
-            ctx = ssl.create_default_context(cafile=self._ca_file)
-            if self._insecure:
+            ctx = ssl.create_default_context(cafile=self.options.ca_file)
+            if self.options.insecure:
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
             self._ssl = ctx
@@ -188,19 +197,18 @@ class Transport:
 
     def _connect(self, origin: Origin) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection
+        timeout = self.options.connect_timeout
         if origin.scheme == "https":
-            conn = http.client.HTTPSConnection(
-                origin.host, origin.port, timeout=self.connect_timeout, context=self._context()
-            )
+            conn = http.client.HTTPSConnection(origin.host, origin.port, timeout=timeout, context=self._context())
         else:
-            conn = http.client.HTTPConnection(origin.host, origin.port, timeout=self.connect_timeout)
+            conn = http.client.HTTPConnection(origin.host, origin.port, timeout=timeout)
         try:
             conn.connect()
         except BaseException:
             conn.close()
             raise
         if conn.sock is not None:
-            conn.sock.settimeout(self.timeout)
+            conn.sock.settimeout(self.options.timeout)
         return conn
 
     def _get(self, origin: Origin) -> tuple[http.client.HTTPConnection, bool]:
@@ -213,7 +221,7 @@ class Transport:
     def _put(self, origin: Origin, conn: http.client.HTTPConnection) -> None:
         with self._lock:
             idle = self._idle.setdefault(origin, [])
-            if not self._closed and len(idle) < self.pool_size:
+            if not self._closed and len(idle) < self.options.pool_size:
                 idle.append(conn)
                 return
         conn.close()
