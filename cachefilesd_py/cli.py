@@ -21,7 +21,6 @@ import os
 import signal
 import socket
 import sys
-import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from cachefilesd_py.notify import notify
-from erofs.errors import NydusErofsError
+from erofs.errors import BackendError, NydusErofsError
 from erofs.units import parse_size
 from fscache.cachefiles import DEVICE_PATH, CachefilesDevice
 from fscache.errors import FscacheError
@@ -140,9 +139,12 @@ def _backend_options(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.backend == "http":
         if not args.url:
             raise _Usage("--backend http needs --url")
-        url = urllib.parse.urlsplit(args.url)
-        if url.scheme not in ("http", "https") or not url.netloc:
-            raise _Usage(f"--url {args.url!r}: expected http://HOST[:PORT][/PATH] or https://...")
+        from cachefilesd_py.backends.http import check_url  # the backend's own check, before the device is bound
+
+        try:
+            check_url(args.url, "--url")
+        except BackendError as e:
+            raise _Usage(str(e)) from None
         return {"url": args.url}
     if not args.host or not args.repo:
         raise _Usage("--backend registry needs --host and --repo")

@@ -159,6 +159,15 @@ def test_make_backend_errors(tmp_path: Path) -> None:
         make_backend("registry", host="127.0.0.1:1", repo="../x", docker_config=False)
 
 
+@pytest.mark.parametrize("url", ["notaurl", "example.com/blobs", "ftp://example.com", "http:///blobs",
+                                 "http://:8080/blobs", "http://example.com:http/", "https://[::1/"])  # fmt: skip
+def test_http_url_is_checked_when_made(url: str) -> None:
+    # accepted, it failed only at the first read (a mount daemon serving nothing)
+    with pytest.raises(BackendError) as e:
+        make_backend("http", url=url)
+    assert _one_line(e.value) == f"url {url!r}: expected http://HOST[:PORT][/PATH] or https://..."
+
+
 def test_make_backend_registry_options_are_one_list(monkeypatch: pytest.MonkeyPatch) -> None:
     """The registry options make_backend documents are RegistryOptions' fields, and each one reaches the client."""
     doc = make_backend.__doc__ or ""

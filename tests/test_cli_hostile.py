@@ -389,6 +389,9 @@ def test_mount_a_damaged_bootstrap(image: Path, mountpoint: Path, run_env: dict[
         (["--backend", "http", "--backend-config", '{"url": 5}'], "option url: expected str, got 5"),
         (["--backend-config", '{"dir": null}'], "option dir"),
         (["--backend", "http"], "--backend http needs url="),
+        (["--backend", "http", "--backend-config", "url=notaurl"], "url 'notaurl': expected http://HOST"),
+        (["--backend", "http", "--backend-config", "url=ftp://example.com"], "expected http://HOST"),
+        (["--backend", "http", "--backend-config", "url=http:///blobs"], "url 'http:///blobs': expected"),
         (["--backend", "registry", "--backend-config", "host=r.example"], "needs repo="),
         (["--backend-config", "@/nonexistent/cfg"], "No such file or directory"),
         (["--backend-config", "@BAD"], "codec can't decode"),
@@ -561,6 +564,7 @@ def test_daemon_api_sock_of_a_running_daemon_is_left_alone(tmp_path: Path) -> No
         (["--blob-dir", "/nonexistent/blobs"], "not a directory"),
         (["--backend", "http", "--url", "example.com/blobs"], "expected http://HOST"),
         (["--backend", "http", "--url", "ftp://example.com"], "expected http://HOST"),
+        (["--backend", "http", "--url", "http://:8080/blobs"], "--url 'http://:8080/blobs': expected http://HOST"),
     ],
 )  # fmt: skip
 def test_daemon_bad_backend_options_before_serving(args: list[str], message: str, tmp_path: Path) -> None:

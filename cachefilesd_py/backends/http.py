@@ -17,6 +17,7 @@ from .transport import (
     Transport,
     TransportOptions,
     check_digest,
+    http_url_parts,
     parse_content_range,
     range_body,
     status_failure,
@@ -26,6 +27,14 @@ MAX_DISCARD = 16 << 20
 _NETWORK = frozenset(f.name for f in fields(TransportOptions))
 
 
+def check_url(url: str, name: str = "url") -> str:
+    """``url`` without trailing slashes, if it is an absolute http(s) URL with a host; else a one-line
+    BackendError naming it (``name``: the option it came from)."""
+    if http_url_parts(url) is None:
+        raise BackendError(f"{name} {url!r}: expected http://HOST[:PORT][/PATH] or https://...")
+    return url.rstrip("/")
+
+
 class HttpBackend:
     """Ranged GETs of ``<url>/<blob_id>``; size by HEAD (falling back to a one-byte ranged GET).
 
@@ -33,7 +42,8 @@ class HttpBackend:
     most ``max_discard`` bytes.  Connect errors, timeouts, truncated bodies, 408/429/502/503/504 are retried up to
     ``retry_limit`` times with exponential backoff (``backoff`` doubling, capped at ``max_backoff``), honouring
     ``Retry-After``.  A whole-blob read is checked against the blob id (sha256) unless ``verify_digest=False``.
-    ``network``: the fields of :class:`.transport.TransportOptions` (timeouts, pool, TLS).
+    ``network``: the fields of :class:`.transport.TransportOptions` (timeouts, pool, TLS).  A ``url`` that is not
+    an absolute http(s) URL with a host is a BackendError here, before any request.
     """
 
     def __init__(
@@ -49,7 +59,7 @@ class HttpBackend:
         sleep: Callable[[float], None] | None = None,
         **network: Any,
     ) -> None:
-        self.url = url.rstrip("/")
+        self.url = check_url(url)
         self.stats = BackendStats()
         self.retry_policy = RetryPolicy(attempts=retry_limit + 1, backoff=backoff, max_backoff=max_backoff)
         if sleep is not None:

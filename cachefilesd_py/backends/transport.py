@@ -11,7 +11,7 @@ import ssl
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from erofs.reader.source import BackendStats
 
@@ -31,10 +31,22 @@ class Origin:
     port: int
 
 
+def http_url_parts(url: str) -> SplitResult | None:
+    """``url`` split, if it is an absolute http(s) URL with a host (and a valid port if any); else None."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    return parts
+
+
 def split_url(url: str) -> tuple[Origin, str]:
     """(origin, request target) of an absolute http(s) URL."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    parts = http_url_parts(url)
+    if parts is None:
         raise PermanentFailure(f"unsupported URL {url!r}")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     target = parts.path or "/"
