@@ -31,8 +31,9 @@ mountpoint no longer leads to the image.
 
 - ``python -m cachefilesd_py.fanotify_mount --supervise``, the :class:`Supervisor`, creates the fanotify group
   and the inotify instance and holds them, and does nothing else (no image machinery imported).  It starts the
-  worker, relays its readiness line (``ok`` or a one-line error) to ``--ready-fd`` and waits for it.  While it
-  holds the group, the marks stay: a read of a hole with no worker running blocks until a worker answers it.
+  worker, relays its readiness line (``ok`` or ``error CODE MESSAGE``, see :func:`error_line`) to ``--ready-fd``
+  and waits for it.  While it holds the group, the marks stay: a read of a hole with no worker running blocks
+  until a worker answers it.
   When the worker dies (SIGKILL, a crash: anything but exit status 0) with the image not released, the kernel
   still holds the permission events the worker had read; it matches a response by the event fd *number* only
   (``process_access_response``: ENOENT when no pending event has it), so the supervisor answers every number
@@ -255,8 +256,11 @@ class CacheFile:
     def pwrite(self, offset: int, data: memoryview) -> None:
         """Write through the pre-mark fd (readahead, full mode: no events)."""
         done = 0
-        while done < data.nbytes:
-            done += os.pwrite(self.fd, data[done:], offset + done)
+        try:
+            while done < data.nbytes:
+                done += os.pwrite(self.fd, data[done:], offset + done)
+        except OSError as e:  # (ENOSPC...) the error names the file
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
         self.record(offset, data.nbytes)
 
     def event_writer(self, ev: PreAccessEvent) -> Callable[[int, memoryview], None]:
@@ -324,10 +328,15 @@ def prepare_cache_files(cache_dir: Path, handles: Sequence[BlobHandle], *, marke
                 if shared:
                     os.close(fd)
                     raise UsageError(f"cache file {path} is in use by another mount with another size ({st.st_size})")
-                if st.st_size:
-                    log.warning("cache file %s has size %d, expected %d: starting it afresh", path, st.st_size, size)
-                    os.ftruncate(fd, 0)
-                os.ftruncate(fd, size)
+                try:
+                    if st.st_size:
+                        log.warning("cache file %s has size %d, expected %d: starting it afresh", path, st.st_size,
+                                    size)  # fmt: skip
+                        os.ftruncate(fd, 0)
+                    os.ftruncate(fd, size)
+                except OSError as e:  # (EFBIG...) the error names the file
+                    os.close(fd)
+                    raise OSError(e.errno, e.strerror, str(path)) from None
             out.append(CacheFile(h, path, fd, size, reused, shared=shared, watched=marked))
     except BaseException:
         for cf in out:
@@ -716,12 +725,6 @@ def backend_from_options(kind: str, options: dict[str, Any]) -> BlobBackend:
     return make_backend(kind, **options)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
@@ -736,6 +739,32 @@ def _report(fd: int | None, message: str) -> None:
         os.write(fd, message.encode(errors="replace") + b"\n")
     finally:
         os.close(fd)
+
+
+MOUNT_FAILURE = 5  # kmount.MountError.exit_code (kmount is not imported by the supervisor)
+
+
+def error_line(e: BaseException, code: int | None = None) -> str:
+    """The readiness line of a startup failure: ``error CODE MESSAGE``.
+
+    CODE is the exit status ``nydus-erofs mount`` has for the same failure in full mode (the error's
+    ``exit_code``: 2 usage, 3 a damaged image, 4 a backend; 1 a plain OSError; 5 anything else, a failure of the
+    daemon's own), :func:`cachefilesd_py.kmount.daemon_error` raises it again from it.  MESSAGE is one line; an
+    OSError's names its file (``No space left on device: PATH``, not ``[Errno 28] ...``).
+    """
+    if code is None:
+        if isinstance(e, NydusErofsError):
+            code = e.exit_code
+        elif isinstance(e, OSError) and not isinstance(e, FscacheError):
+            code = 1
+        else:
+            code = MOUNT_FAILURE
+    if isinstance(e, OSError) and not isinstance(e, NydusErofsError | FscacheError) and e.strerror:
+        msg = e.strerror if e.filename is None else f"{e.strerror}: {os.fsdecode(e.filename)}"
+    else:
+        msg = str(e)
+    msg = (msg.splitlines() or [""])[0] or type(e).__name__
+    return f"error {code} {msg}"
 
 
 def run_daemon(*, boot: Path, mountpoint: Path, cache_dir: Path, backend: BlobBackend, amplify: int,
@@ -755,12 +784,12 @@ def run_daemon(*, boot: Path, mountpoint: Path, cache_dir: Path, backend: BlobBa
     ``getppid()``: a worker whose supervisor died is re-parented, to init or a subreaper); a worker whose
     supervisor is gone before the record is written fails its start.
 
-    Every startup failure is reported as one line on ``ready_fd`` (and raised).  On exit the final stats go
-    into the runtime record, for ``umount`` (unless the record is another daemon's by then).
+    Every startup failure is reported as one line on ``ready_fd`` (:func:`error_line`) and raised.  On exit the
+    final stats go into the runtime record, for ``umount`` (unless the record is another daemon's by then).
     """
     from . import pipeline as pipeline_mod
     from .image import open_image
-    from .kmount import mount_erofs_file_backed, process_start_time, set_mount_readahead
+    from .kmount import MountError, mount_erofs_file_backed, process_start_time, set_mount_readahead, write_record
 
     assert pipeline_mod.PAGE_SIZE == PAGE_SIZE
     files: list[CacheFile] = []
@@ -797,16 +826,15 @@ def run_daemon(*, boot: Path, mountpoint: Path, cache_dir: Path, backend: BlobBa
         owner = me  # umount stops the process named here: the supervisor, if there is one
         if group_fd is not None:
             if supervisor_pid is None or os.getppid() != supervisor_pid:
-                raise UsageError(f"the supervisor (pid {supervisor_pid}) is gone")
+                raise MountError(errno.ESRCH, f"the supervisor (pid {supervisor_pid}) is gone")  # a daemon failure
             owner = supervisor_pid
         data = dict(record_data, pid=owner, start_time=process_start_time(owner),
                     blobs=[cf.handle.blob_id for cf in files])  # fmt: skip
         if group_fd is not None:
             data.update(worker_pid=me, worker_start_time=process_start_time(me), restarts=restart)
-        _write_json(record, data)
+        write_record(record, data)
     except BaseException as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        _report(ready_fd, f"error {msg}")
+        _report(ready_fd, error_line(e))
         if watch is not None and not adopted:  # mounted by us: nobody has used it yet
             watch.unmount()  # (a supervisor serves what a detach leaves until it is released)
         if server is not None:
@@ -846,7 +874,7 @@ def run_daemon(*, boot: Path, mountpoint: Path, cache_dir: Path, backend: BlobBa
         who = "worker_pid" if group_fd is not None else "pid"
         try:
             if (_read_json(record) or {}).get(who) == me:  # not removed, nor a new mount's by now
-                _write_json(record, dict(data, stats=stats, stopped=True))
+                write_record(record, dict(data, stats=stats, stopped=True))
         except (OSError, ValueError) as e:
             log.error("cannot write final stats to %s: %s", record, e)
         log.info("stopped: %s", json.dumps(stats["pipeline"]))
@@ -1091,11 +1119,11 @@ class Supervisor:
             try:
                 self.group = FanotifyGroup(pre_content=True)
                 self.inotify = Inotify()
-            except PreContentUnsupportedError as e:
-                _report(ready_fd, f"error {e} (use --mode full)")
+            except PreContentUnsupportedError as e:  # as `--mode fanotify` says when it probes for them
+                _report(ready_fd, error_line(UsageError(f"{e} (use --mode full)")))
                 return 1
             except (NydusErofsError, FscacheError, OSError) as e:
-                _report(ready_fd, f"error {e}")
+                _report(ready_fd, error_line(e))
                 return 1
             line = self._spawn()
             if line:
@@ -1213,14 +1241,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             backoff = Supervisor.backoff_from_env()
         except UsageError as e:
-            _report(args.ready_fd, f"error {e}")
+            _report(args.ready_fd, error_line(e))
             return 1
         return Supervisor(worker, args.mountpoint, **backoff).run(args.ready_fd)
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)  # `kill -USR1`: thread stacks to the log
     try:
         backend = backend_from_options(args.backend, json.loads(args.backend_config))
-    except (NydusErofsError, ValueError) as e:
-        _report(args.ready_fd, f"error backend {args.backend}: {e}")
+    except (NydusErofsError, ValueError) as e:  # bad options: a usage error, as kmount says before starting us
+        _report(args.ready_fd, error_line(UsageError(f"backend {args.backend}: {e}")))
         return 1
     try:
         run_daemon(

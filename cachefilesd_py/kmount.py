@@ -26,6 +26,7 @@ mount(2) is called directly through ctypes: util-linux ``mount`` attaches a loop
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -40,7 +41,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from erofs.errors import BackendError, NydusErofsError, UsageError
+from erofs.errors import BackendError, ImageError, NydusErofsError, UsageError
 from fscache.errors import PreContentUnsupportedError, UnsupportedFilesystemError
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "select_mode",
     "umount",
     "umount_image",
+    "write_record",
 ]
 
 log = logging.getLogger(__name__)
@@ -217,10 +219,19 @@ def read_record(mountpoint: str | os.PathLike[str]) -> dict[str, Any] | None:
         raise MountError(errno.EIO, f"runtime record {record_path(mountpoint)}: {e}") from None
 
 
-def _write_record(path: Path, data: dict[str, Any]) -> None:
+def write_record(path: Path, data: dict[str, Any]) -> None:
+    """Write the record ``path`` whole or not at all: ``<path>.tmp`` renamed over it.  On a failure the temp file
+    is removed, and an OSError (ENOSPC...) names ``path``: a write error by itself says no file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, NydusErofsError):
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        raise
 
 
 # -- mode selection -----------------------------------------------------------------------------------------------
@@ -300,7 +311,7 @@ def mount_image(boot: str | os.PathLike[str], mountpoint: str | os.PathLike[str]
         _mount_full(boot_p, mp, cache, backend, config, amplify, workers)
         data["pid"] = None
         try:
-            _write_record(record, data)
+            write_record(record, data)
         except BaseException:  # a mount without its record could not be unmounted by us
             umount(mp)
             raise
@@ -351,8 +362,27 @@ def mount_image(boot: str | os.PathLike[str], mountpoint: str | os.PathLike[str]
     code = proc.wait()
     if status.startswith("error "):
         log_path.unlink(missing_ok=True)  # the error is the one line reported
-        raise MountError(errno.EIO, status[len("error ") :])
+        raise daemon_error(status)
     raise MountError(errno.EIO, f"mount daemon exited with status {code} before mounting (log: {log_path})")
+
+
+def daemon_error(status: str) -> NydusErofsError:
+    """The error a mount daemon reported on its ready pipe: ``error CODE MESSAGE``, CODE the exit status the same
+    failure has in full mode (see :func:`cachefilesd_py.fanotify_mount.error_line`), as that project error, so
+    ``nydus-erofs mount`` exits alike in both modes.  A line without a known CODE is a MountError."""
+    _, _, rest = status.partition(" ")
+    code, _, message = rest.partition(" ")
+    kind = _DAEMON_ERRORS.get(code) if message else None
+    if kind is None:
+        return MountError(errno.EIO, rest)
+    if kind is MountError:
+        return MountError(errno.EIO, message)
+    return kind(message)
+
+
+_DAEMON_ERRORS: dict[str, type[NydusErofsError]] = {
+    "1": NydusErofsError, "2": UsageError, "3": ImageError, "4": BackendError, "5": MountError,
+}  # fmt: skip
 
 
 def _stop_unready(proc: subprocess.Popen[bytes], mp: Path, log_path: Path) -> None:

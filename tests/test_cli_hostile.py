@@ -6,6 +6,7 @@ result (inputs included), never a hang — and what the user asked for is left a
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import os
 import pty
@@ -436,6 +437,59 @@ def test_mount_full_of_a_damaged_blob_is_one_line(image: Path, mountpoint: Path,
     r = run("mount", image / "image.boot", mountpoint, "--cache-dir", tmp_path / "c", "--mode", "full", env=run_env)
     one_line(r, 3, "does not match its digest")  # the pipeline's log line of the same failure came out too
     assert not _mounted(mountpoint)
+
+
+def _modes(tmp_path: Path) -> list[str]:
+    """full, and fanotify when this host has it: a failure must give the same exit status in both."""
+    return ["full"] if _skip_reason(tmp_path) else ["full", "fanotify"]
+
+
+def _fill(fs: Path) -> None:
+    """Write ``fs`` full (ENOSPC)."""
+    with open(fs / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+
+
+@pytest.mark.parametrize(("damage", "code", "message"), [("toc", 3, "ToC"), ("missing", 4, "not found in")])
+def test_mount_of_a_damaged_blob_exits_alike_in_every_mode(damage: str, code: int, message: str, image: Path,
+                                                           mountpoint: Path, run_env: dict[str, str],
+                                                           tmp_path: Path) -> None:  # fmt: skip
+    # fanotify mode said 5 (a mount failure) for whatever the daemon found: the worker's error line had no category
+    blob = blob_of(image)
+    if damage == "missing":
+        blob.unlink()
+    else:
+        data = bytearray(blob.read_bytes())
+        data[-100] ^= 0xFF  # in the ToC at the blob's end: its metadata cannot be read
+        blob.write_bytes(data)
+    for mode in _modes(tmp_path):
+        r = run("mount", image / "image.boot", mountpoint, "--cache-dir", tmp_path / f"c-{mode}", "--mode", mode,
+                env=run_env)  # fmt: skip
+        one_line(r, code, message)
+        assert blob.name in r.stderr and "[Errno" not in r.stderr, (mode, r.stderr)
+        assert not _mounted(mountpoint) and not _pids_with("--mountpoint", str(mountpoint))
+        assert not any((tmp_path / "run").iterdir()), mode
+
+
+def test_mount_with_a_full_run_dir(image: Path, mountpoint: Path, small_fs: Path, tmp_path: Path) -> None:
+    # the record's write failed with "[Errno 28] No space left on device" (exit 5 in fanotify mode), naming no file,
+    # and left RECORD.json.tmp in the run dir
+    rdir = small_fs / "run"
+    rdir.mkdir()
+    _fill(small_fs)
+    env = dict(os.environ, NYDUS_EROFS_RUN_DIR=str(rdir))
+    for mode in _modes(tmp_path):
+        r = run("mount", image / "image.boot", mountpoint, "--cache-dir", tmp_path / f"c-{mode}", "--mode", mode,
+                env=env)  # fmt: skip
+        one_line(r, 1, f"No space left on device: {rdir}/")
+        assert "[Errno" not in r.stderr, (mode, r.stderr)
+        assert list(rdir.iterdir()) == [], mode
+        assert not _mounted(mountpoint) and not _pids_with("--mountpoint", str(mountpoint))
 
 
 def test_umount_leaves_a_mount_that_is_not_ours(image: Path, mountpoint: Path, run_env: dict[str, str]) -> None:

@@ -32,12 +32,19 @@ from typing import Any
 import pytest
 
 from cachefilesd_py.backends import make_backend
-from cachefilesd_py.fanotify_mount import TEST_BACKOFF_ENV, Supervisor, prepare_cache_files, probe_pre_content
+from cachefilesd_py.fanotify_mount import (
+    TEST_BACKOFF_ENV,
+    Supervisor,
+    error_line,
+    prepare_cache_files,
+    probe_pre_content,
+)
 from cachefilesd_py.image import open_image
 from cachefilesd_py.inotify import Inotify
 from cachefilesd_py.kmount import (
     RUN_DIR_ENV,
     MountError,
+    daemon_error,
     is_mounted,
     mount_image,
     process_start_time,
@@ -47,7 +54,7 @@ from cachefilesd_py.kmount import (
     umount_image,
 )
 from cachefilesd_py.pipeline import Pipeline
-from erofs.errors import DigestMismatchError
+from erofs.errors import BackendError, DigestMismatchError, ImageError, NydusErofsError, UsageError
 from erofs.reader import Bootstrap, ImageReader, LocalBlobDir
 from fscache.errors import PreContentUnsupportedError, UnsupportedFilesystemError
 from fscache.fanotify import FanotifyGroup
@@ -250,7 +257,7 @@ def test_record_names_the_supervisor_and_a_worker_without_it_does_not_start(
     finally:
         group.close()
         inotify.close()
-    assert proc.returncode != 0 and ready.strip() == "error the supervisor (pid 1) is gone", (ready, proc.stderr)
+    assert proc.returncode != 0 and ready.strip() == "error 5 the supervisor (pid 1) is gone", (ready, proc.stderr)
     assert not is_mounted(mp2, None) and not (tmp_path / "rec.json").exists()
 
 
@@ -588,8 +595,33 @@ def test_cli_mount_umount_and_errors(fanotify_ok: None, images: dict[str, Path],
         finally:
             shutil.rmtree(cache, ignore_errors=True)
     proc = _cli("mount", boot, str(mp), "--cache-dir", str(tmp_path / "c2"), "--blob-dir", str(tmp_path), env=env)
-    assert proc.returncode != 0 and proc.stderr.count("\n") == 1 and "not found" in proc.stderr, proc.stderr
+    assert proc.returncode == 4 and proc.stderr.count("\n") == 1 and "not found" in proc.stderr, proc.stderr
     assert not is_mounted(mp, None)
+
+
+def test_daemon_errors_keep_their_exit_status_across_the_ready_pipe() -> None:
+    # every error line used to come back as a MountError (exit 5): a damaged blob gave 5 here and 3 in full mode
+    no_space = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/run/x/rec.json")
+    cases: list[tuple[BaseException, type[Exception], int, str]] = [
+        (ImageError("blob b: ToC: checksum mismatch"), ImageError, 3, "blob b: ToC: checksum mismatch"),
+        (DigestMismatchError("chunk 1 does not match"), ImageError, 3, "chunk 1 does not match"),
+        (BackendError("blob b: not found in /blobs"), BackendError, 4, "blob b: not found in /blobs"),
+        (UsageError("2 cache files\nsecond line"), UsageError, 2, "2 cache files"),
+        (MountError(errno.EINVAL, "mount a on b: Invalid argument"), MountError, 5, "mount a on b: Invalid argument"),
+        (no_space, NydusErofsError, 1, "No space left on device: /run/x/rec.json"),  # not "[Errno 28] ..."
+        (PreContentUnsupportedError(errno.EINVAL, "no pre-content events"), MountError, 5, "no pre-content events"),
+        (RuntimeError("a bug"), MountError, 5, "a bug"),
+        (KeyboardInterrupt(), MountError, 5, "KeyboardInterrupt"),
+    ]  # fmt: skip
+    for exc, kind, code, message in cases:
+        line = error_line(exc)
+        assert "\n" not in line, line
+        err = daemon_error(line)
+        assert (type(err), err.exit_code, str(err)) == (kind, code, message), (exc, line)
+    # a line without a known status (an older daemon's): a mount failure, the message whole
+    for line, message in (("error 7 days", "7 days"), ("error blob b: gone", "blob b: gone"), ("error 3", "3")):
+        err = daemon_error(line)
+        assert (type(err), str(err)) == (MountError, message), line
 
 
 # -- worker failover ----------------------------------------------------------------------------------------------
