@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -19,12 +20,13 @@ from erofs.bootstrap import ImageOptions, write_bootstrap
 from erofs.chunker import ChunkIndex, ChunkStore
 from erofs.errors import SourceError, UsageError
 from erofs.format import rafs_v6 as r
-from erofs.paths import make_dirs, remove_dirs
+from erofs.paths import make_dirs, remove_dirs, remove_stale_temps, temp_prefix
 from erofs.source_dir import read_directory
 from erofs.tree import Inode
 
 BOOTSTRAP_NAME = "image.boot"
 BLOBS_DIR = "blobs"
+BUILD_TEMP = ".nydus-erofs-build-"  # + owner + random: the temporary directory inside OUT
 
 
 @dataclass(slots=True)
@@ -95,7 +97,8 @@ def build_layers(readers: Sequence[LayerReader], output_dir: str | os.PathLike[s
     try:
         if not out.is_dir():
             raise UsageError(f"output {out} is not a directory")
-        tmp = Path(tempfile.mkdtemp(prefix=".nydus-erofs-build-", dir=out))
+        remove_stale_temps(out, re.escape(BUILD_TEMP))  # what a killed build left
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(BUILD_TEMP), dir=out))
     except BaseException:
         remove_dirs(made)
         raise

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -26,7 +27,7 @@ from typing import Any
 from erofs.bootstrap import ImageOptions
 from erofs.builder import BOOTSTRAP_NAME, BuildResult
 from erofs.errors import SourceError, UsageError
-from erofs.paths import make_dirs
+from erofs.paths import make_dirs, remove_stale_temps, temp_prefix
 from erofs.source_oci import DEFAULT_PLATFORM, MT_MANIFEST, REF_NAME, OciLayout, parse_platform, parse_reference
 from erofs.sources import build_image
 
@@ -38,6 +39,7 @@ ANN_NYDUS_BOOTSTRAP = "containerd.io/snapshot/nydus-bootstrap"
 ANN_NYDUS_FS_VERSION = "containerd.io/snapshot/nydus-fs-version"
 NYDUS_OS_FEATURE = "nydus.remoteimage.v1"
 BOOTSTRAP_MEMBER = "image/image.boot"
+CONVERT_TEMP = "nydus-erofs-convert-"  # + owner + random: the work directory in --work-dir
 
 
 @dataclass(slots=True)
@@ -178,7 +180,8 @@ def convert(source: str, target: str, opts: ImageOptions, *, platform: str | Non
             src_path, src_tag = parse_reference(source)
             if out_tag == src_tag and out_path.is_dir() and src_path.is_dir() and out_path.samefile(src_path):
                 raise UsageError(f"{target} is the source image: give the Nydus image another tag")
-    with tempfile.TemporaryDirectory(prefix="nydus-erofs-convert-", dir=work_dir) as tmpdir:
+    remove_stale_temps(work_dir or tempfile.gettempdir(), re.escape(CONVERT_TEMP))  # what a killed convert left
+    with tempfile.TemporaryDirectory(prefix=temp_prefix(CONVERT_TEMP), dir=work_dir) as tmpdir:
         tmp = Path(tmpdir)
         if src_kind == "docker":
             os_name, arch = want.split("/")[:2]

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from erofs.errors import ImageError, UsageError
-from erofs.paths import make_dirs, remove_dirs
+from erofs.paths import make_dirs, remove_dirs, remove_stale_temps, temp_prefix
 from erofs.reader.bootstrap import Dirent, Inode
 from erofs.reader.data import ImageReader
 
@@ -30,6 +30,13 @@ def _safe_name(name: bytes, where: str) -> bytes:
     if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
         raise ImageError(f"{where}: directory entry {name!r} is not a safe file name")
     return name
+
+
+def _temp_prefix(out: Path) -> str:
+    """The name of the temporary beside ``out`` (a directory, or a file ``*.tmp``), after removing those
+    that killed unpacks left there (to any output)."""
+    remove_stale_temps(out.parent, r"\..{1,40}\.unpack-")
+    return temp_prefix(f".{out.name[:40]}.unpack-")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -44,7 +51,7 @@ def unpack_to_dir(reader: ImageReader, output: str | os.PathLike[str]) -> int:
         raise UsageError(f"{out}: output exists and is not an empty directory")
     made = make_dirs(out.parent)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name[:40]}.unpack-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))
         try:
             n = _Unpacker(reader, tmp).run()
             os.rename(tmp, out)  # replaces an empty directory atomically
@@ -256,7 +263,7 @@ def unpack_to_tar(reader: ImageReader, output: str | os.PathLike[str]) -> int:
         raise UsageError(f"{out}: output exists and is not a regular file")  # a FIFO, a device, /dev/stdout...
     made = make_dirs(out.parent)
     try:
-        fd, tmpname = tempfile.mkstemp(prefix=f".{out.name[:40]}.", suffix=".tmp", dir=out.parent)
+        fd, tmpname = tempfile.mkstemp(prefix=_temp_prefix(out), suffix=".tmp", dir=out.parent)
     except BaseException:
         remove_dirs(made)
         raise
