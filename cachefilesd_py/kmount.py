@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from erofs.errors import BackendError, ImageError, NydusErofsError, UsageError
+from erofs.paths import process_start_time
 from fscache.errors import PreContentUnsupportedError, UnsupportedFilesystemError
 
 __all__ = [
@@ -460,20 +461,6 @@ def _wait_exit(pid: int, timeout: float | None) -> bool:
         except ChildProcessError:
             pass
     return done
-
-
-def process_start_time(pid: int) -> int | None:
-    """Start time of a live process (clock ticks since boot, /proc/PID/stat field 22): with the pid, its
-    identity.  None when there is no such process or it has exited (a zombie not yet reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(b")") + 2 :].split()
-    if fields[0] in (b"Z", b"X"):
-        return None
-    return int(fields[19])
 
 
 def _is_daemon(rec: dict[str, Any]) -> bool:
