@@ -5,11 +5,13 @@ result (inputs included), never a hang — and what the user asked for is left a
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
 import os
 import pty
+import re
 import shutil
 import signal
 import socket
@@ -18,7 +20,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -194,10 +196,8 @@ def test_a_signal_while_blocked_leaves_nothing(sig: int, said: str, tmp_path: Pa
     out = tmp_path / "new" / "out"
     proc = subprocess.Popen([CLI, "build", str(fifo), "-o", str(out)], stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while not out.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.2)
+        _until(lambda: _wchan(proc.pid) == "wait_for_partner", "the build never blocked opening the FIFO")
+        assert out.exists()
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=TIMEOUT)
     finally:
@@ -532,6 +532,37 @@ def test_umount_never_signals_init_or_a_stranger() -> None:
             stranger.kill()
 
 
+def _until(cond: Callable[[], object], why: str, timeout: float = 30.0) -> None:
+    """Poll ``cond`` until it holds (bounded)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, why
+        time.sleep(0.01)
+
+
+def _wchan(pid: int) -> str:
+    """Where a process sleeps in the kernel ('' if it is running or gone)."""
+    try:
+        return Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return ""
+
+
+def _signal_pending(pid: int, sig: int) -> bool:
+    """Whether ``sig`` is pending for the process (or it is gone: dead of it)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    if re.search(r"^State:\s+[ZX]", status, re.M):
+        return True
+    pending = 0
+    for line in status.splitlines():
+        if line.startswith(("SigPnd:", "ShdPnd:")):
+            pending |= int(line.split()[1], 16)
+    return bool(pending & (1 << (sig - 1)))
+
+
 def _pids_with(*words: str) -> list[int]:
     out = []
     for d in Path("/proc").iterdir():
@@ -561,8 +592,11 @@ def test_mount_interrupted_before_ready_leaves_no_mount(image: Path, mountpoint:
         assert worker is not None, "no worker started"
         os.kill(worker, signal.SIGSTOP)  # held before it mounts; Ctrl-C now
         proc.send_signal(signal.SIGINT)
-        time.sleep(1)
-        os.kill(worker, signal.SIGCONT)
+        # the CLI stops the supervisor, which passes the SIGTERM on to its worker (a stopped worker without a
+        # handler yet dies of it at once); then let the worker run on
+        _until(lambda: _signal_pending(worker, signal.SIGTERM), "the worker was never told to stop")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGCONT)
         _, err = proc.communicate(timeout=TIMEOUT)
     finally:
         if worker is not None and worker in _pids_with("--group-fd"):
@@ -570,8 +604,9 @@ def test_mount_interrupted_before_ready_leaves_no_mount(image: Path, mountpoint:
         proc.kill()
         proc.wait()
     assert (proc.returncode, err) == (130, "nydus-erofs: aborted\n")
-    time.sleep(1)  # an orphaned worker mounted the image after the CLI had said "aborted"
-    assert not _mounted(mountpoint) and not _pids_with("--mountpoint", str(mountpoint))
+    # an orphaned worker used to mount the image after the CLI had said "aborted": none may be left to do so
+    _until(lambda: not _pids_with("--mountpoint", str(mountpoint)), "a mount daemon outlived the aborted mount")
+    assert not _mounted(mountpoint)
     assert not any((tmp_path / "run").iterdir())
 
 
