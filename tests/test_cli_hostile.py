@@ -19,14 +19,14 @@ import stat
 import subprocess
 import sys
 import tarfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.kernel import erofs_file_backed_mounts, mount_erofs
+from tests.poll import wait_for
 from tests.test_fanotify_mount import _skip_reason
 from tests.test_hostile import _oci, member, tar_bytes
 
@@ -196,7 +196,7 @@ def test_a_signal_while_blocked_leaves_nothing(sig: int, said: str, tmp_path: Pa
     out = tmp_path / "new" / "out"
     proc = subprocess.Popen([CLI, "build", str(fifo), "-o", str(out)], stderr=subprocess.PIPE, text=True)
     try:
-        _until(lambda: _wchan(proc.pid) == "wait_for_partner", "the build never blocked opening the FIFO")
+        wait_for(lambda: _wchan(proc.pid) == "wait_for_partner", "the build never blocked opening the FIFO", 30)
         assert out.exists()
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=TIMEOUT)
@@ -532,14 +532,6 @@ def test_umount_never_signals_init_or_a_stranger() -> None:
             stranger.kill()
 
 
-def _until(cond: Callable[[], object], why: str, timeout: float = 30.0) -> None:
-    """Poll ``cond`` until it holds (bounded)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, why
-        time.sleep(0.01)
-
-
 def _wchan(pid: int) -> str:
     """Where a process sleeps in the kernel ('' if it is running or gone)."""
     try:
@@ -585,16 +577,12 @@ def test_mount_interrupted_before_ready_leaves_no_mount(image: Path, mountpoint:
                             text=True)  # fmt: skip
     worker = None
     try:
-        deadline = time.monotonic() + 30
-        while worker is None and time.monotonic() < deadline:
-            found = _pids_with("--group-fd", "--mountpoint", str(mountpoint))
-            worker = found[0] if found else None
-        assert worker is not None, "no worker started"
+        worker = wait_for(lambda: _pids_with("--group-fd", "--mountpoint", str(mountpoint)), "no worker started", 30)[0]
         os.kill(worker, signal.SIGSTOP)  # held before it mounts; Ctrl-C now
         proc.send_signal(signal.SIGINT)
         # the CLI stops the supervisor, which passes the SIGTERM on to its worker (a stopped worker without a
         # handler yet dies of it at once); then let the worker run on
-        _until(lambda: _signal_pending(worker, signal.SIGTERM), "the worker was never told to stop")
+        wait_for(lambda: _signal_pending(worker, signal.SIGTERM), "the worker was never told to stop", 30)
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker, signal.SIGCONT)
         _, err = proc.communicate(timeout=TIMEOUT)
@@ -605,7 +593,8 @@ def test_mount_interrupted_before_ready_leaves_no_mount(image: Path, mountpoint:
         proc.wait()
     assert (proc.returncode, err) == (130, "nydus-erofs: aborted\n")
     # an orphaned worker used to mount the image after the CLI had said "aborted": none may be left to do so
-    _until(lambda: not _pids_with("--mountpoint", str(mountpoint)), "a mount daemon outlived the aborted mount")
+    wait_for(lambda: not _pids_with("--mountpoint", str(mountpoint)), "a mount daemon outlived the aborted mount",
+             30)
     assert not _mounted(mountpoint)
     assert not any((tmp_path / "run").iterdir())
 

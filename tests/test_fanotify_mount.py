@@ -61,6 +61,7 @@ from fscache.fanotify import FanotifyGroup
 from tests.fstree import assert_same_tree
 from tests.kernel import erofs_file_backed_mounts
 from tests.kernel import umount as kernel_umount
+from tests.poll import wait_for
 from tests.rootfs import make_rootfs
 
 CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
@@ -1023,13 +1024,6 @@ def _read_all(fd: int) -> bytes:
     return bytes(out)
 
 
-def _wait_for(cond: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not cond():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
-
-
 def _serving(rec: dict[str, Any]) -> bool:
     return process_start_time(rec["pid"]) is not None and process_start_time(rec["worker_pid"]) is not None
 
@@ -1050,7 +1044,7 @@ def test_sigterm_with_a_file_open_serves_it_until_it_closes(mounts: Mounts, imag
     fd = os.open(mp / "odd", os.O_RDONLY)  # not read yet: its chunks are holes of the cache file
     try:
         os.kill(rec["pid"], signal.SIGTERM)
-        _wait_for(lambda: not is_mounted(mp, None), f"{mp} still in the mount table")
+        wait_for(lambda: not is_mounted(mp, None), f"{mp} still in the mount table", TIMEOUT)
         os.kill(rec["pid"], signal.SIGTERM)  # (systemd may send it again)
         assert _in_thread(lambda: _read_all(fd)) == (rootfs / "odd").read_bytes()
         assert _serving(rec)
@@ -1133,7 +1127,7 @@ def test_supervisor_giving_up_with_a_file_open_denies_its_reads_until_it_closes(
         for _ in range(2):
             current = _new_worker(mp, _kill_worker(current))
         _kill_worker(current)
-        _wait_for(lambda: not is_mounted(mp, None), "the supervisor did not give up")
+        wait_for(lambda: not is_mounted(mp, None), "the supervisor did not give up", TIMEOUT)
         for offset in (0, 0, 1 << 20):  # the kernel retries a failed read page by page: each one fails
             with pytest.raises(OSError) as info:
                 _in_thread(lambda o=offset: os.pread(fd, 256 << 10, o))

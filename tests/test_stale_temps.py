@@ -10,19 +10,17 @@ import re
 import subprocess
 import sys
 import tarfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
 from erofs.paths import remove_stale_temps, temp_prefix
 from tests import test_cli_hostile
+from tests.poll import wait_for
 from tests.test_cli_hostile import CLI, TIMEOUT, run
 from tests.test_hostile import _oci, member, tar_bytes
 
-T = TypeVar("T")
 source, image = test_cli_hostile.source, test_cli_hostile.image  # the fixtures: a small tree, an image of it
 BIG = 4 << 20  # the size of the file the blocked builds read from stdin
 
@@ -41,13 +39,9 @@ main(sys.argv[1:], prog_name="nydus-erofs")
 """
 
 
-def wait_for(cond: Callable[[], T | None], what: str) -> T:
+def _wait_for(cond: Callable[[], list[Path]], what: str) -> list[Path]:
     """Poll ``cond`` until it gives something (the process under test is running, we cannot be told)."""
-    deadline = time.monotonic() + TIMEOUT
-    while (got := cond()) is None or got == []:
-        assert time.monotonic() < deadline, f"no {what} after {TIMEOUT}s"
-        time.sleep(0.01)
-    return got
+    return wait_for(cond, f"no {what} after {TIMEOUT}s", TIMEOUT)
 
 
 @pytest.fixture
@@ -97,10 +91,10 @@ def test_a_killed_build_leaves_a_temp_the_next_build_removes_not_a_live_ones(
     data = os.urandom(BIG)
 
     live = _stdin_build(out, procs, b"")  # a build to OUT that waits for its tar
-    (live_tmp,) = wait_for(lambda: _build_temps(out), "temporary of the live build")
+    (live_tmp,) = _wait_for(lambda: _build_temps(out), "temporary of the live build")
 
     killed = _stdin_build(out, procs, data[: BIG // 2])  # surely running: half of the file is still to come
-    (blob,) = wait_for(lambda: list(out.glob(".nydus-erofs-build-*/blobs/.blob-0.tmp")), "blob being written")
+    (blob,) = _wait_for(lambda: list(out.glob(".nydus-erofs-build-*/blobs/.blob-0.tmp")), "blob being written")
     (stale,) = [p for p in _build_temps(out) if p != live_tmp]
     assert blob.is_relative_to(stale)
     killed.kill()
@@ -155,10 +149,10 @@ def test_a_killed_unpack_leaves_a_temp_the_next_unpack_removes_not_a_live_ones(
     d.mkdir()
     out = d / f"out{suffix}"
     live = _blocked_unpack(image, d / f"live{suffix}", procs)  # another unpack into the same directory, running
-    (live_tmp,) = wait_for(lambda: _unpack_temps(d), "temporary of the live unpack")
+    (live_tmp,) = _wait_for(lambda: _unpack_temps(d), "temporary of the live unpack")
 
     killed = _blocked_unpack(image, out, procs)
-    stale = wait_for(lambda: [p for p in _unpack_temps(d) if p != live_tmp], "temporary of the unpack")[0]
+    stale = _wait_for(lambda: [p for p in _unpack_temps(d) if p != live_tmp], "temporary of the unpack")[0]
     killed.kill()
     killed.wait()
     assert stale.exists() and not out.exists()
@@ -196,9 +190,9 @@ def test_a_killed_convert_leaves_a_work_dir_the_next_convert_removes_not_a_live_
         return p
 
     live = convert(f"oci:{tmp_path / 'T2'}:n")
-    (live_tmp,) = wait_for(lambda: list(work.iterdir()), "work directory of the live convert")
+    (live_tmp,) = _wait_for(lambda: list(work.iterdir()), "work directory of the live convert")
     killed = convert(f"oci:{tmp_path / 'T1'}:n")
-    stale = wait_for(lambda: [p for p in work.iterdir() if p != live_tmp], "work directory of the convert")[0]
+    stale = _wait_for(lambda: [p for p in work.iterdir() if p != live_tmp], "work directory of the convert")[0]
     killed.kill()
     killed.wait()
 
