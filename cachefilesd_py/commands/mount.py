@@ -13,8 +13,8 @@ from typing import Any
 
 import click
 
-from erofs.commands.build import parse_size as _size
 from erofs.errors import UsageError
+from erofs.units import parse_size as _size
 
 _REQUIRED = {"http": ("url",), "registry": ("host", "repo")}
 
