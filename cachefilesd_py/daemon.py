@@ -335,7 +335,7 @@ class Daemon:
         def present(d_off: int, d_size: int) -> bool:
             return d_off in obj.written
 
-        self.pipeline.fill(obj.blob.handle(), offset, length, write, present)
+        obj.blob.fill(self.pipeline, offset, length, write, present)
         return written
 
     # -- introspection (API) ------------------------------------------------------------------------------------

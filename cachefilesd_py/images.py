@@ -6,21 +6,26 @@ configured (``--blob-dir``, ``--backend http|registry``).  Bootstraps are opened
 reopened when the file changes); blob metadata (chunk-info table, digests) is fetched when a blob is first read,
 by :meth:`BlobEntry.handle`, never at OPEN time.
 
+Several images may list the same blob (a shared layer).  Each image's copy is its own :class:`BlobEntry`; a
+read tries the copy of the image the kernel opened the blob for first, then the other images' copies
+(:meth:`BlobEntry.fill`), so one damaged copy costs a retry, not an EIO for every image sharing the blob.
+
 Key parsing for the kernel's OPEN requests is here too: the volume key is ``erofs,<domain_id or fsid>``, the
 cookie key the fsid (bootstrap) or a device tag (a blob id).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from cachefilesd_py.backends import BlobBackend, make_backend
-from cachefilesd_py.pipeline import BlobHandle
+from cachefilesd_py.pipeline import BlobHandle, Pipeline, PresentFn, WriteFn
 from erofs.errors import ImageError, NydusErofsError
 from erofs.reader.blob import BlobMeta
 from erofs.reader.bootstrap import BlobInfo, Bootstrap
@@ -34,6 +39,8 @@ __all__ = [
     "check_name",
     "parse_volume_key",
 ]
+
+log = logging.getLogger(__name__)
 
 BOOTSTRAP_NAME = "image.boot"
 BLOBS_DIR = "blobs"
@@ -100,12 +107,13 @@ class Image:
 class BlobEntry:
     """A blob of some image; its metadata is fetched on first use (thread-safe, once; failures are retried)."""
 
-    def __init__(self, image: Image, info: BlobInfo) -> None:
+    def __init__(self, image: Image, info: BlobInfo, others: Callable[[BlobEntry], list[BlobEntry]] | None = None):
         self.blob_id = info.blob_id
         self.image = image
         self.info = info
         self.backend = image.backend
         self.size = image.blob_size(info.blob_id)
+        self._others = others
         self._handle: BlobHandle | None = None
         self._lock = threading.Lock()
 
@@ -123,6 +131,36 @@ class BlobEntry:
                 meta = BlobMeta.load(self.backend, self.info, self.image.bootstrap)
                 self._handle = BlobHandle(self.blob_id, meta, self.backend)
             return self._handle
+
+    def copies(self) -> Iterator[BlobEntry]:
+        """This copy, then (looked up only when asked for) the same blob in the other images' own backends."""
+        yield self
+        if self._others is not None:
+            yield from self._others(self)
+
+    def fill(self, pipeline: Pipeline, offset: int, length: int, write: WriteFn, present: PresentFn) -> int:
+        """:meth:`Pipeline.fill` from this copy; chunks it cannot deliver come from the other images' copies.
+
+        ``present`` must say which chunks ``write`` already received, so a retry on another copy fetches only
+        what is still missing.  Raises the first copy's error when no copy delivers the range.
+        """
+        written = 0
+        first: Exception | None = None
+        for copy in self.copies():
+            try:
+                written += pipeline.fill(copy.handle(), offset, length, write, present)
+            except (NydusErofsError, OSError) as e:
+                if first is None:
+                    first = e
+                log.warning("blob %s: the copy of image %s failed (%s); trying another", self.blob_id[:16],
+                            copy.image.fsid, e)  # fmt: skip
+                continue
+            if first is not None:
+                log.info("blob %s %d+%d: served from the copy of image %s", self.blob_id[:16], offset, length,
+                         copy.image.fsid)  # fmt: skip
+            return written
+        assert first is not None
+        raise first
 
     def __repr__(self) -> str:
         return f"<BlobEntry {self.blob_id[:12]} of {self.image.fsid}>"
@@ -147,7 +185,7 @@ class ImageStore:
         self._factory = backend_factory or (lambda d: make_backend("localfs", dir=d))
         self._images: dict[str, Image] = {}
         self._image_backends: dict[str, BlobBackend] = {}
-        self._blobs: dict[str, BlobEntry] = {}
+        self._blobs: dict[tuple[str, str], BlobEntry] = {}  # (fsid, blob id): each image's copy
         self._lock = threading.RLock()
 
     # -- images -------------------------------------------------------------------------------------------------
@@ -206,33 +244,51 @@ class ImageStore:
 
     # -- blobs --------------------------------------------------------------------------------------------------
     def blob(self, blob_id: str, prefer: Iterable[str] = ()) -> BlobEntry:
-        """The blob ``blob_id`` of some image, looking in the fsids of ``prefer`` first, then every image.
+        """The copy of ``blob_id`` in the first image of ``prefer`` that lists it, else in any image.
 
         Several images may list the same blob (layers shared across images, ``domain_id`` sharing): a blob id
-        names its content, so any of them serves it.
+        names its content, so any of them serves it; the others are its fallbacks (:meth:`BlobEntry.copies`).
         """
-        with self._lock:
-            entry = self._blobs.get(blob_id)
-            if entry is not None and self._images.get(entry.image.fsid) is entry.image:
-                return entry
-        seen: set[str] = set()
-        for fsid in [*prefer, *self.fsids()]:
-            if fsid in seen or not self.has_image(fsid):
-                continue
-            seen.add(fsid)
-            try:
-                img = self.image(fsid)
-            except (UnknownImageError, ImageError):
-                continue
-            info = img.blobs.get(blob_id)
-            if info is None:
-                continue
-            with self._lock:
-                entry = self._blobs.get(blob_id)
-                if entry is None or entry.image is not img:
-                    entry = self._blobs[blob_id] = BlobEntry(img, info)
+        for fsid in self._candidates(prefer):
+            entry = self._entry(fsid, blob_id)
+            if entry is not None:
                 return entry
         raise UnknownImageError(f"no image in {self.images_dir} has blob {blob_id}")
+
+    def _candidates(self, prefer: Iterable[str]) -> list[str]:
+        seen: dict[str, None] = {}
+        for fsid in [*prefer, *self.fsids()]:
+            if fsid not in seen and self.has_image(fsid):
+                seen[fsid] = None
+        return list(seen)
+
+    def _entry(self, fsid: str, blob_id: str) -> BlobEntry | None:
+        """Image ``fsid``'s copy of ``blob_id``, None when the image is missing, broken or does not list it."""
+        try:
+            img = self.image(fsid)
+        except (UnknownImageError, ImageError):
+            return None
+        info = img.blobs.get(blob_id)
+        if info is None:
+            return None
+        with self._lock:
+            entry = self._blobs.get((fsid, blob_id))
+            if entry is None or entry.image is not img:
+                entry = self._blobs[(fsid, blob_id)] = BlobEntry(img, info, self._other_copies)
+            return entry
+
+    def _other_copies(self, entry: BlobEntry) -> list[BlobEntry]:
+        """The same blob in the other images, each read through its own backend (none with a shared backend)."""
+        if self.shared_backend is not None:
+            return []
+        others = []
+        for fsid in self._candidates(()):
+            if fsid == entry.image.fsid:
+                continue
+            other = self._entry(fsid, entry.blob_id)
+            if other is not None and other.backend is not entry.backend:
+                others.append(other)
+        return others
 
     def backends(self) -> dict[str, BlobBackend]:
         """Every backend in use, by name ("shared" or the fsid)."""

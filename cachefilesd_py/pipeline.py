@@ -16,7 +16,9 @@ page-aligned in memory: a caller that writes with O_DIRECT copies it into an ali
 A chunk wanted by two concurrent fills is fetched once: the first claims it in an in-flight table of futures
 keyed by ``(blob_id, ci)``, the others wait for it.  When the owner's data is not yet in a waiter's
 destination (``present`` false, or no ``present`` given: e.g. two cache objects of the same blob), the waiter
-writes the owner's verified data itself, so every caller ends with its range filled.
+writes the owner's verified data itself, so every caller ends with its range filled.  When the owner's fetch
+failed and it read another copy of the blob (another backend: the same layer in another image), the waiter
+fetches from its own copy instead of taking the owner's error.
 """
 
 from __future__ import annotations
@@ -171,7 +173,8 @@ class Pipeline:
         self.stats = PipelineStats()
         tune_malloc()
         self._lock = threading.Lock()
-        self._inflight: dict[tuple[str, int], Future[memoryview | None]] = {}
+        # (blob id, chunk) → the future of its fetch and the backend (the copy of the blob) it is fetched from
+        self._inflight: dict[tuple[str, int], tuple[Future[memoryview | None], BlobBackend]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
 
@@ -242,15 +245,15 @@ class Pipeline:
 
         # claim the chunks nobody is fetching; wait for the others
         owned: list[int] = []
-        waits: list[tuple[int, Future[memoryview | None]]] = []
+        waits: list[tuple[int, Future[memoryview | None], BlobBackend]] = []
         with self._lock:
             for ci in (*wanted, *extra):
-                fut = self._inflight.get((bid, ci))
-                if fut is None:
-                    self._inflight[(bid, ci)] = Future()
+                claim = self._inflight.get((bid, ci))
+                if claim is None:
+                    self._inflight[(bid, ci)] = (Future(), blob.backend)
                     owned.append(ci)
                 elif wait:
-                    waits.append((ci, fut))
+                    waits.append((ci, *claim))
         if waits:
             self.stats.add(dedup_hits=len(waits))
 
@@ -262,16 +265,20 @@ class Pipeline:
             # never leave a claimed chunk unresolved, whatever happened
             with self._lock:
                 for ci in owned:
-                    fut = self._inflight.pop((bid, ci), None)
+                    claim = self._inflight.pop((bid, ci), None)
+                    fut = claim[0] if claim is not None else None
                     if fut is not None and not fut.done():
                         fut.set_exception(errors.get(ci) or RuntimeError(f"blob {bid}: chunk {ci} was not fetched"))
 
         refetch: list[int] = []
-        for ci, fut in waits:
+        for ci, fut, source in waits:
             try:
                 data = fut.result()
             except BaseException as e:  # noqa: BLE001 - the owner's failure is this chunk's failure
-                errors[ci] = e
+                if source is not blob.backend:  # unless the owner read another copy: ours may be sound
+                    refetch.append(ci)
+                else:
+                    errors[ci] = e
                 continue
             _, _, d_off, d_size = meta.chunk(ci)
             if present is not None and present(d_off, d_size):
@@ -306,9 +313,10 @@ class Pipeline:
 
     def _resolve(self, bid: str, ci: int, data: memoryview | None = None, error: BaseException | None = None) -> None:
         with self._lock:
-            fut = self._inflight.pop((bid, ci), None)
-        if fut is None:
+            claim = self._inflight.pop((bid, ci), None)
+        if claim is None:
             return
+        fut = claim[0]
         if error is not None:
             fut.set_exception(error)
         else:

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from cachefilesd_py.backends import make_backend
 from cachefilesd_py.images import ImageStore, UnknownImageError, check_name, parse_volume_key
-from erofs.errors import ImageError
+from cachefilesd_py.pipeline import Pipeline
+from erofs.errors import DigestMismatchError, ImageError
 
 CLI = str(Path(sys.executable).with_name("nydus-erofs"))
 
@@ -142,7 +145,6 @@ def test_a_broken_bootstrap_is_an_image_error(tmp_path: Path) -> None:
 
 def test_http_backend_serves_every_image(images: tuple[Path, dict, dict]) -> None:
     """``--backend http --url``: blobs fetched by ranged GETs, verified and decompressed by the pipeline."""
-    from cachefilesd_py.pipeline import Pipeline
     from tests.registry import Front
 
     imgs, out, files = images
@@ -160,3 +162,45 @@ def test_http_backend_serves_every_image(images: tuple[Path, dict, dict]) -> Non
         assert files["top.bin"] in data
         assert backend.stats.requests > 0 and backend.stats.errors == 0
         store.close()
+
+
+def _read_blob(entry_fill: Callable[..., int], size: int) -> bytes:
+    """The whole uncompressed layout of a blob, filled through ``BlobEntry.fill`` as the worker fills a cache file."""
+    data = bytearray(-(-size // 4096) * 4096)
+    written: set[int] = set()
+
+    def write(off: int, piece: memoryview) -> None:
+        data[off : off + piece.nbytes] = piece
+        written.add(off)
+
+    with Pipeline(amplify=0) as pipeline:
+        entry_fill(pipeline, 0, size, write, lambda d_off, _size: d_off in written)
+    return bytes(data)
+
+
+def test_a_damaged_copy_of_a_shared_blob_does_not_fail_the_other_images(
+    images: tuple[Path, dict, dict], tmp_path: Path
+) -> None:
+    """Two images list the same layer, each with its own copy; the copy of ``one`` is damaged."""
+    src, out, files = images
+    imgs = tmp_path / "images"
+    for fsid in ("one", "two"):
+        shutil.copytree(src / fsid, imgs / fsid)
+    base_id = out["one"]["blobs"][0]["id"]
+    damaged = imgs / "one" / "blobs" / base_id
+    raw = bytearray(damaged.read_bytes())
+    raw[100] ^= 0xFF  # inside the first chunk's data: its digest no longer matches
+    damaged.write_bytes(raw)
+
+    store = ImageStore(imgs)
+    first = store.blob(base_id, prefer=["one"])  # the kernel opened the blob for image one first
+    assert first.image.fsid == "one"
+    with Pipeline(amplify=0) as pipeline, pytest.raises(DigestMismatchError):
+        pipeline.fill(first.handle(), 0, first.size, lambda off, piece: None)  # that copy is damaged
+
+    entry = store.blob(base_id, prefer=["two"])  # image two's own copy, not the one bound first
+    assert entry.image.fsid == "two"
+    assert files["base.bin"] in _read_blob(entry.fill, entry.size)
+    # and image one is served too: what its copy cannot deliver comes from image two's copy
+    assert files["base.bin"] in _read_blob(first.fill, first.size)
+    store.close()
