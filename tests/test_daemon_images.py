@@ -10,12 +10,13 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from cachefilesd_py.backends import make_backend
+from cachefilesd_py.backends import BlobBackend, make_backend
 from cachefilesd_py.images import ImageStore, UnknownImageError, check_name, parse_volume_key
 from cachefilesd_py.pipeline import Pipeline
 from erofs.errors import DigestMismatchError, ImageError
@@ -164,6 +165,20 @@ def test_http_backend_serves_every_image(images: tuple[Path, dict, dict]) -> Non
         store.close()
 
 
+def _one_damaged(images: tuple[Path, dict, dict], tmp_path: Path) -> tuple[Path, str, dict[str, bytes]]:
+    """A copy of the store in which image one's copy of the shared base layer is damaged (its first chunk)."""
+    src, out, files = images
+    imgs = tmp_path / "images"
+    for fsid in ("one", "two"):
+        shutil.copytree(src / fsid, imgs / fsid)
+    base_id = out["one"]["blobs"][0]["id"]
+    damaged = imgs / "one" / "blobs" / base_id
+    raw = bytearray(damaged.read_bytes())
+    raw[100] ^= 0xFF  # inside the first chunk's data: its digest no longer matches
+    damaged.write_bytes(raw)
+    return imgs, base_id, files
+
+
 def _read_blob(entry_fill: Callable[..., int], size: int) -> bytes:
     """The whole uncompressed layout of a blob, filled through ``BlobEntry.fill`` as the worker fills a cache file."""
     data = bytearray(-(-size // 4096) * 4096)
@@ -182,15 +197,7 @@ def test_a_damaged_copy_of_a_shared_blob_does_not_fail_the_other_images(
     images: tuple[Path, dict, dict], tmp_path: Path
 ) -> None:
     """Two images list the same layer, each with its own copy; the copy of ``one`` is damaged."""
-    src, out, files = images
-    imgs = tmp_path / "images"
-    for fsid in ("one", "two"):
-        shutil.copytree(src / fsid, imgs / fsid)
-    base_id = out["one"]["blobs"][0]["id"]
-    damaged = imgs / "one" / "blobs" / base_id
-    raw = bytearray(damaged.read_bytes())
-    raw[100] ^= 0xFF  # inside the first chunk's data: its digest no longer matches
-    damaged.write_bytes(raw)
+    imgs, base_id, files = _one_damaged(images, tmp_path)
 
     store = ImageStore(imgs)
     first = store.blob(base_id, prefer=["one"])  # the kernel opened the blob for image one first
@@ -203,4 +210,59 @@ def test_a_damaged_copy_of_a_shared_blob_does_not_fail_the_other_images(
     assert files["base.bin"] in _read_blob(entry.fill, entry.size)
     # and image one is served too: what its copy cannot deliver comes from image two's copy
     assert files["base.bin"] in _read_blob(first.fill, first.size)
+    store.close()
+
+
+def _localfs(blob_dir: Path) -> BlobBackend:
+    return make_backend("localfs", dir=blob_dir)
+
+
+class _Held:
+    """A localfs backend whose chunk reads wait until the test lets them through (``held.set()``)."""
+
+    def __init__(self, blob_dir: Path) -> None:
+        self.inner = make_backend("localfs", dir=blob_dir)
+        self.stats = self.inner.stats
+        self.entered = threading.Event()
+        self.held = threading.Event()
+        self.armed = False
+
+    def read(self, blob_id: str, offset: int, length: int) -> bytes:
+        if self.armed:
+            self.entered.set()
+            assert self.held.wait(60), "the test never released the read"
+        return self.inner.read(blob_id, offset, length)
+
+    def size(self, blob_id: str) -> int:
+        return self.inner.size(blob_id)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_a_fetch_from_a_damaged_copy_does_not_fail_a_concurrent_read_of_a_sound_copy(
+    images: tuple[Path, dict, dict], tmp_path: Path
+) -> None:
+    """Image two's read waits for the chunks image one is already fetching; one's copy fails its digest."""
+    imgs, base_id, files = _one_damaged(images, tmp_path)
+    held = _Held(imgs / "one" / "blobs")
+    store = ImageStore(imgs, backend_factory=lambda d: held if d.parent.name == "one" else _localfs(d))
+    one, two = store.blob(base_id, prefer=["one"]), store.blob(base_id, prefer=["two"])
+    one_handle, two_handle = one.handle(), two.handle()  # metadata: before the gate closes
+    data = bytearray(-(-two.size // 4096) * 4096)
+
+    def write(off: int, piece: memoryview) -> None:
+        data[off : off + piece.nbytes] = piece
+
+    held.armed = True
+    with Pipeline(amplify=0, workers=2) as pipeline:
+        first = pipeline.submit(one_handle, 0, one.size, lambda off, piece: None)
+        assert held.entered.wait(60)  # one owns every chunk of the blob now
+        second = pipeline.submit(two_handle, 0, two.size, write)
+        assert pipeline.stats.wait_for(lambda s: s.dedup_hits > 0, 60)  # two waits for one's fetches
+        held.held.set()
+        with pytest.raises(DigestMismatchError):
+            first.result(60)
+        second.result(60)
+    assert files["base.bin"] in data
     store.close()
