@@ -1,5 +1,6 @@
 """Runs tests/vm inside the test VM (kernel-test/run-vm), so the one `pytest` command covers them.
 
+The guest's benchmark comparisons (the root conftest.py's ``comparison``) are relayed into this run's summary.
 The VM gets a network (run-vm --net) and, while it runs, the host serves an image's blob over HTTP and from a
 docker-registry (tests/vm_remote.py) for tests/vm/test_remote_backends.py."""
 
@@ -10,6 +11,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,7 +27,7 @@ from tests.vm_remote import serve_for_vm  # noqa: E402
 VM_SUITE_TIMEOUT_S = int(os.environ.get("NYDUS_EROFS_VM_SUITE_TIMEOUT", "1200"))
 
 
-def test_vm_suite_passes_in_the_vm(tmp_path: Path) -> None:
+def test_vm_suite_passes_in_the_vm(tmp_path: Path, comparison: Any) -> None:
     missing = run_vm.missing_prerequisites()
     if missing:
         if os.environ.get("CI"):
@@ -41,6 +43,7 @@ def test_vm_suite_passes_in_the_vm(tmp_path: Path) -> None:
         done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                               env={**os.environ, **served}, timeout=VM_SUITE_TIMEOUT_S + 120)
     report = f"$ {' '.join(cmd)}\n--- stdout ---\n{done.stdout}\n--- stderr ---\n{done.stderr}"
+    comparison.relay(done.stdout, prefix="VM: ")  # the guest's benchmark comparisons, in the host's summary
     assert done.returncode == 0, report
     summary = done.stdout.strip().splitlines()[-1]
     assert re.search(r"\d+ passed", summary), report
