@@ -1,6 +1,6 @@
 """Writing one Nydus data blob: chunks, then the blob metadata that lets a daemon find and verify them.
 
-Layout (``../shared/reference/nydus-rafs-v6.md`` §1.8; every tar header follows its payload)::
+Layout (``docs/format.md`` §9; every tar header follows its payload)::
 
     [chunks][hdr image.blob][chunk-info table][CCT header 4 KiB][hdr blob.meta]
     [chunk digests 32 B each][hdr blob.digest][ToC entries][hdr rafs.blob.toc]

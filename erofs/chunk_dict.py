@@ -1,7 +1,7 @@
 """A chunk dict: an existing image's chunks pre-seeded into dedup (``nydus-image create --chunk-dict``).
 
 Only what dedup needs is read from the dict's bootstrap (through :mod:`erofs.reader`): the blob table and
-the 80-byte chunk table (``../shared/reference/nydus-rafs-v6.md`` §1.6, §1.7).  The dict's blobs become
+the 80-byte chunk table (``docs/format.md`` §4, §9.5).  The dict's blobs become
 the first blob slots of the new image; those it ends up referencing are copied into its ``blobs/``.
 """
 

@@ -1,6 +1,6 @@
 """A small, independent decoder of Nydus RAFS v6 images, written straight from
-``shared/reference/nydus-rafs-v6.md`` §1 (and the EROFS inode/dirent layout of ``erofs-and-cachefiles.md``
-§3-5) with nothing but :mod:`struct`.
+the published RAFS v6 layout (``docs/format.md``: the Nydus tables and the EROFS inode/dirent layout)
+with nothing but :mod:`struct`.
 
 It deliberately shares no code with ``erofs.format`` / ``erofs.reader`` (or the builder), so tests that decode
 our builder's output with it check the bytes against the reference, not against the code that wrote them.

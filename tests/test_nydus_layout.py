@@ -1,5 +1,5 @@
 """The byte layout of RAFS v6 images, checked with the independent decoder (tests/nydus_decoder.py) against the
-reference (shared/reference/nydus-rafs-v6.md §1): first on what upstream nydus-image wrote, then on what our
+published layout (docs/format.md): first on what upstream nydus-image wrote, then on what our
 builder writes, so both are held to the same rules.
 """
 

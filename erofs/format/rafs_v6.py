@@ -2,7 +2,7 @@
 
 Layouts from upstream Nydus (``rafs/src/metadata/layout/v6.rs``, ``rafs/src/metadata/layout/v5.rs``,
 ``storage/src/meta/{mod,toc,chunk_info_v1}.rs``, ``storage/src/device.rs``), named as there.
-See ``../shared/reference/nydus-rafs-v6.md`` §1.
+See ``docs/format.md`` §3, §4 and §9.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Reading a Nydus data blob: its ToC, chunk-info table and digests (:class:`BlobMeta`), and its chunks
 (:func:`read_chunks`: one ranged read over adjacent chunks, then verify and decompress each).
 
-Layout (``storage/src/meta/``, reference §1.8), each tar header *after* its payload::
+Layout (``storage/src/meta/``, ``docs/format.md`` §9.1), each tar header *after* its payload::
 
     [chunks][hdr image.blob][chunk-info table][4K CCT header][hdr blob.meta]
     [digests 32B*N][hdr blob.digest][ToC 128B*k][hdr rafs.blob.toc]
