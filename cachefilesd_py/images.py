@@ -105,7 +105,10 @@ class Image:
 
 
 class BlobEntry:
-    """A blob of some image; its metadata is fetched on first use (thread-safe, once; failures are retried)."""
+    """One image's copy of a blob; its metadata is fetched on first use (thread-safe, once; failures are retried).
+
+    ``others(entry)``: the same blob in other images (the store's lookup), tried when this copy fails a read.
+    """
 
     def __init__(self, image: Image, info: BlobInfo, others: Callable[[BlobEntry], list[BlobEntry]] | None = None):
         self.blob_id = info.blob_id
