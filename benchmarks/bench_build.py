@@ -24,7 +24,7 @@ def _drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-@pytest.mark.skipif(shutil.which("mkfs.erofs") is None, reason="erofs-utils is not installed")
+@pytest.mark.tools("mkfs.erofs")
 def test_build_usr_share_vs_mkfs_erofs(benchmark, tmp_path: Path) -> None:
     mkfs_img = tmp_path / "mkfs.img"
     mkfs_blob = tmp_path / "mkfs.blob"

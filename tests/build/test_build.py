@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from erofs.format import erofs_fs as e
-from tests.fstree import assert_same_tree, image_devices, mount_erofs
-from tests.rootfs import T0, make_rootfs
+from tests.support.fstree import assert_same_tree, image_devices, mount_erofs
+from tests.support.rootfs import T0, make_rootfs
+
+pytestmark = pytest.mark.root  # the rootfs fixture makes devices and sets owners
 
 CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 def build(src: Path, out: Path, *args: str) -> dict:
@@ -35,6 +37,7 @@ def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_rootfs(tmp_path_factory.mktemp("src") / "rootfs")
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize(("chunk_size", "digester"), [("4KiB", "blake3"), ("1MiB", "sha256"), ("16MiB", "blake3")])
 def test_mounted_tree_equals_source(rootfs: Path, tmp_path: Path, chunk_size: str, digester: str) -> None:
     out = tmp_path / "out"
@@ -45,6 +48,7 @@ def test_mounted_tree_equals_source(rootfs: Path, tmp_path: Path, chunk_size: st
         assert_same_tree(rootfs, mnt)
 
 
+@pytest.mark.kernel
 def test_identical_chunks_are_stored_once(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -62,6 +66,7 @@ def test_identical_chunks_are_stored_once(tmp_path: Path) -> None:
         assert_same_tree(src, mnt)
 
 
+@pytest.mark.kernel
 def test_file_over_4gib_with_holes(tmp_path: Path) -> None:
     """A > 4 GiB sparse file: extended inode, holes stored as holes (nothing read or written for them)."""
     src = tmp_path / "src"
@@ -102,6 +107,7 @@ def test_blob_id_is_sha256_of_blob(rootfs: Path, tmp_path: Path) -> None:
         assert len(data) == b["compressed_size"]
 
 
+@pytest.mark.kernel
 def test_inode_formats_compact_where_nothing_is_lost(rootfs: Path, tmp_path: Path) -> None:
     """Entries at the common mtime are compact; big, high-uid and ns-mtime entries are extended."""
     out = tmp_path / "out"
@@ -121,6 +127,7 @@ def test_inode_formats_compact_where_nothing_is_lost(rootfs: Path, tmp_path: Pat
             assert version(name) == 1, name
 
 
+@pytest.mark.kernel
 def test_build_then_mount_a_real_tree(tmp_path: Path) -> None:
     """A big real tree of this machine (/usr/share: ~1 GB, ~66k entries) round-trips through the kernel."""
     src = Path("/usr/share")

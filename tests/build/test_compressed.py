@@ -22,13 +22,13 @@ import pytest
 from erofs.reader.blob import BlobMeta
 from erofs.reader.bootstrap import Bootstrap
 from erofs.reader.source import LocalBlobDir
-from tests.fstree import assert_same_tree, image_devices
-from tests.kernel import erofs_file_backed_mounts, mount_erofs
+from tests.support.fstree import assert_same_tree, image_devices
+from tests.support.kmount import mount_erofs
 
 CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 CHUNK = 64 << 10
 
-pytestmark = pytest.mark.skipif(erofs_file_backed_mounts() is not None, reason=str(erofs_file_backed_mounts()))
+pytestmark = pytest.mark.kernel
 
 
 def _tar(path: Path, entries: list[tuple[str, bytes | None, dict]]) -> Path:

@@ -7,7 +7,6 @@ import gzip
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -16,12 +15,10 @@ from pathlib import Path
 import pytest
 
 from cachefilesd_py.backends import make_backend
-from tests.fstree import assert_same_tree
-from tests.registry import registry_server_fixture  # noqa: F401 - the fixture
+from tests.support.fstree import assert_same_tree
 
 CLI = str(Path(sys.executable).with_name("nydus-erofs"))
-pytestmark = pytest.mark.skipif(shutil.which("umoci") is None or shutil.which("skopeo") is None,
-                                reason="needs umoci and skopeo (setup.sh installs them)")  # fmt: skip
+pytestmark = pytest.mark.tools("umoci", "skopeo")
 
 
 def run(*args: str | Path) -> str:
@@ -80,6 +77,9 @@ def test_convert_to_oci_layout(source: Path, tmp_path: Path) -> None:
     run("skopeo", "inspect", f"oci:{target}:v1-nydus")
 
 
+@pytest.mark.network
+@pytest.mark.tools("docker-registry")
+@pytest.mark.kernel("erofs", "fanotify")
 def test_convert_push_and_mount_lazily_from_the_registry(source: Path, tmp_path: Path,  # noqa: F811
                                                          registry_server) -> None:  # fmt: skip
     ref = f"docker://{registry_server.host}/app:v1-nydus"

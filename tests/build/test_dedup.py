@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.fstree import image_devices
-from tests.kernel import erofs_file_backed_mounts, mount_erofs
+from tests.support.fstree import image_devices
+from tests.support.kmount import mount_erofs
 
 CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 CHUNK = 64 << 10
 BIG = os.urandom(40 * CHUNK + 1000)  # 41 chunks
 OTHER = os.urandom(10 * CHUNK)
 
-needs_mount = pytest.mark.skipif(erofs_file_backed_mounts() is not None, reason=str(erofs_file_backed_mounts()))
+needs_mount = pytest.mark.kernel
 
 
 def layer(path: Path, files: dict[str, bytes]) -> Path:

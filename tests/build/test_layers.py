@@ -29,13 +29,13 @@ from erofs.errors import SourceError
 from erofs.overlay import merge_layers
 from erofs.source_tar import LINK_PLACEHOLDER_MODE, LayerTree
 from erofs.tree import Inode, walk
-from tests.fstree import assert_same_tree, image_devices, snapshot
-from tests.kernel import mount, mount_erofs, umount
+from tests.support.fstree import assert_same_tree, image_devices, snapshot
+from tests.support.kmount import mount, mount_erofs, umount
 
 CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 NS = 123_456_789
 
-needs_umoci = pytest.mark.skipif(shutil.which("umoci") is None or os.geteuid() != 0, reason="needs umoci and root")
+needs_umoci = pytest.mark.tools("umoci")
 
 
 def run(*args: str | Path, cwd: Path | None = None) -> str:
@@ -174,6 +174,7 @@ def _layer_blobs(layout: Path, tag: str) -> list[Path]:
 
 
 @needs_umoci
+@pytest.mark.kernel
 @pytest.mark.parametrize("tag", ["t1", "t2", "t3", "t4"])
 def test_flattened_image_equals_umoci_unpack(image: Path, tmp_path: Path, tag: str) -> None:
     ref = _unpacked(image, tag, tmp_path / "ref")
@@ -188,6 +189,7 @@ def test_flattened_image_equals_umoci_unpack(image: Path, tmp_path: Path, tag: s
 
 
 @needs_umoci
+@pytest.mark.kernel
 def test_layer_files_as_sources_equal_the_oci_source(image: Path, tmp_path: Path) -> None:
     """The layer blobs given as tar.gz SOURCEs (the last one from stdin) give the same bootstrap."""
     blobs = _layer_blobs(image, "t4")
@@ -205,6 +207,7 @@ def test_layer_files_as_sources_equal_the_oci_source(image: Path, tmp_path: Path
 
 
 @needs_umoci
+@pytest.mark.kernel
 def test_dedup_across_layers_in_umoci_image(image: Path, tmp_path: Path) -> None:
     """Layer 2 repeats the 3 MiB 'big' of layer 1 as 'big2': its blob holds no chunk of it."""
     info = build(f"oci:{image}:t2", "-o", tmp_path / "out", "--chunk-size", "1MiB")
@@ -224,6 +227,7 @@ def _ovl_view(snap: dict[bytes, tuple]) -> dict[bytes, tuple]:
 
 
 @needs_umoci
+@pytest.mark.kernel
 def test_overlayfs_spec_image_works_as_an_overlay_lower(image: Path, tmp_path: Path) -> None:
     """Layers 2-3 built alone with ``--whiteout-spec overlayfs`` are a diff: overlaid on umoci's t1 they
     give umoci's t3 (whiteouts as char 0:0, opaque dirs by trusted.overlay.opaque=y)."""
@@ -249,6 +253,7 @@ def test_overlayfs_spec_image_works_as_an_overlay_lower(image: Path, tmp_path: P
 
 
 @needs_umoci
+@pytest.mark.kernel
 def test_none_spec_keeps_whiteouts_as_files(image: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     build(f"oci:{image}:t2", "-o", out, "--whiteout-spec", "none")

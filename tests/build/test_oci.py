@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from tests.fstree import image_devices
-from tests.kernel import erofs_file_backed_mounts, mount_erofs
+from tests.support.fstree import image_devices
+from tests.support.kmount import mount_erofs
 
 CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 MT = "application/vnd.oci.image.layer.v1.tar"
@@ -80,7 +80,7 @@ def layout(tmp_path: Path) -> Layout:
     return lay
 
 
-@pytest.mark.skipif(erofs_file_backed_mounts() is not None, reason=str(erofs_file_backed_mounts()))
+@pytest.mark.kernel
 @pytest.mark.parametrize(("platform", "arch"), [(None, b"amd64\n"), ("linux/arm64", b"arm64 v8\n"),
                                                 ("linux/arm64/v8", b"arm64 v8\n")])  # fmt: skip
 def test_platform_selection(layout: Layout, tmp_path: Path, platform: str | None, arch: bytes) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -13,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.fstree import assert_same_tree, image_devices
-from tests.kernel import erofs_file_backed_mounts, mount_erofs
+from tests.support.fstree import assert_same_tree, image_devices
+from tests.support.kmount import mount_erofs
+from tests.support.paths import SHARED
 
 CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 ALL_ENTRY_TYPE = SHARED / "interop" / "nydus" / "all-entry-type.tar"
 
-pytestmark = pytest.mark.skipif(erofs_file_backed_mounts() is not None, reason=str(erofs_file_backed_mounts()))
+pytestmark = pytest.mark.kernel
 
 
 def build(*args: str | Path) -> dict:
@@ -79,11 +78,10 @@ FORMATS = {
 COMPRESS = {"tar": [], "gz": ["--gzip"], "zst": ["--zstd"]}
 
 
-@pytest.mark.parametrize(("fmt", "comp"), [("gnu", "gz"), ("pax-sparse-1.0", "zst"), ("pax-sparse-0.1", "tar"),
-                                           ("pax-sparse-0.0", "gz")])  # fmt: skip
+@pytest.mark.parametrize(("fmt", "comp"), [("gnu", "gz"),
+                                           pytest.param("pax-sparse-1.0", "zst", marks=pytest.mark.tools("zstd")),
+                                           ("pax-sparse-0.1", "tar"), ("pax-sparse-0.0", "gz")])  # fmt: skip
 def test_gnu_tar_archive_mounts_like_its_extraction(tree: Path, tmp_path: Path, fmt: str, comp: str) -> None:
-    if comp == "zst" and shutil.which("zstd") is None:
-        pytest.skip("no zstd")
     archive = tmp_path / f"layer.{comp}"  # the name says nothing: content decides
     gnutar("-c", "-f", archive, *FORMATS[fmt], *COMPRESS[comp], "--numeric-owner", "-C", tree, ".")
     ref = tmp_path / "ref"
@@ -104,10 +102,9 @@ def test_gnu_tar_archive_mounts_like_its_extraction(tree: Path, tmp_path: Path, 
         assert os.stat(mnt / "chr").st_rdev == os.makedev(4095, 1048575)
 
 
+@pytest.mark.upstream
 def test_all_entry_type_tar_from_upstream(tmp_path: Path) -> None:
     """Nydus's own fixture (hard link chains, symlink, nested dirs) builds and mounts as tar extracts it."""
-    if not ALL_ENTRY_TYPE.exists():
-        pytest.skip(f"{ALL_ENTRY_TYPE} not present")
     ref = tmp_path / "ref"
     ref.mkdir()
     gnutar("-x", "-f", ALL_ENTRY_TYPE, "--numeric-owner", "--same-permissions", "-C", ref)
@@ -135,7 +132,7 @@ def test_stdin_source_and_repeatable_output(tree: Path, tmp_path: Path) -> None:
     assert (tmp_path / "a" / "image.boot").read_bytes() == (tmp_path / "b" / "image.boot").read_bytes()
 
 
-@pytest.mark.skipif(shutil.which("bsdtar") is None, reason="no bsdtar")
+@pytest.mark.tools("bsdtar")
 def test_bsdtar_pax_archive_mounts_like_its_extraction(tree: Path, tmp_path: Path) -> None:
     """libarchive's writer: LIBARCHIVE.xattr.* (base64) next to SCHILY.xattr.*, its own sparse encoding."""
     archive = tmp_path / "layer"

@@ -6,7 +6,6 @@ result (inputs included), never a hang — and what the user asked for is left a
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import hashlib
 import os
@@ -25,10 +24,10 @@ from typing import Any
 
 import pytest
 
-from tests.kernel import erofs_file_backed_mounts, mount_erofs
-from tests.poll import wait_for
-from tests.test_fanotify_mount import _skip_reason
-from tests.test_hostile import _oci, member, tar_bytes
+from tests.build.test_hostile import _oci, member, tar_bytes
+from tests.support.kmount import MNT_DETACH, mount, mount_erofs, umount
+from tests.support.machine import missing_erofs, missing_fanotify
+from tests.support.poll import wait_for
 
 BIN = Path(sys.executable).parent
 CLI = str(BIN / "nydus-erofs")
@@ -60,25 +59,6 @@ def listing(root: Path) -> dict[str, str]:
             out[str(p)] = "-> " + os.readlink(p)
         else:
             out[str(p)] = stat.filemode(st.st_mode)[0]
-    return out
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    src = tmp_path_factory.mktemp("hostile-src") / "src"
-    (src / "d").mkdir(parents=True)
-    (src / "d" / "f").write_bytes(b"hello\n")
-    (src / "big").write_bytes(os.urandom(100_000))
-    (src / "link").symlink_to("d/f")
-    return src
-
-
-@pytest.fixture
-def image(source: Path, tmp_path: Path) -> Path:
-    """A fresh image of ``source`` (OUT with image.boot and blobs/), uncompressed, 4 KiB chunks."""
-    out = tmp_path / "image"
-    r = run("build", source, "-o", out, "--chunk-size", "4KiB")
-    assert r.returncode == 0, r.stderr
     return out
 
 
@@ -159,15 +139,14 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs: ENOSPC in the middle of writing."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mount(b"tmpfs", os.fsencode(mnt), b"tmpfs", 0, b"size=1M") != 0:
-        pytest.skip(f"cannot mount a tmpfs: {os.strerror(ctypes.get_errno())}")
+    mount("tmpfs", mnt, "tmpfs", 0, "size=1M")  # the test is marked ``root``
     try:
         yield mnt
     finally:
-        libc.umount2(os.fsencode(mnt), 2)
+        umount(mnt, MNT_DETACH)
 
 
+@pytest.mark.root
 def test_build_out_of_space_takes_back_the_parents_it_made(small_fs: Path) -> None:
     big = small_fs.parent / "bigsrc"
     big.mkdir()
@@ -336,6 +315,7 @@ def test_convert_onto_its_own_source_tag(layout: str, tmp_path: Path) -> None:
     assert run("convert", layout, layout + "-nydus").returncode == 0
 
 
+@pytest.mark.root
 def test_convert_out_of_space_leaves_no_half_layout(layout: str, small_fs: Path) -> None:
     r = run("convert", layout, f"oci:{small_fs / 'a' / 'T'}:n", "--compressor", "none")
     one_line(r, 1, "No space left on device")
@@ -364,7 +344,8 @@ def mountpoint(tmp_path: Path, run_env: dict[str, str]) -> Iterator[Path]:
         if _mounted(mp):  # a failing test must not leave its mount (and daemon) behind
             run("umount", mp, env=run_env)
         if _mounted(mp):
-            ctypes.CDLL(None, use_errno=True).umount2(os.fsencode(mp), 2)
+            with contextlib.suppress(OSError):
+                umount(mp, MNT_DETACH)
 
 
 def test_mount_with_the_blob_dir_as_cache_dir(image: Path, mountpoint: Path, run_env: dict[str, str]) -> None:
@@ -408,11 +389,10 @@ def test_mount_bad_backend_config(args: list[str], message: str, image: Path, mo
     assert not _mounted(mountpoint)
 
 
+@pytest.mark.tools("mkfs.erofs")
 @pytest.mark.parametrize("mode", ["auto", "full"])
 def test_mount_a_plain_erofs_image(mode: str, source: Path, mountpoint: Path, run_env: dict[str, str],
                                    tmp_path: Path) -> None:  # fmt: skip
-    if shutil.which("mkfs.erofs") is None:
-        pytest.skip("no mkfs.erofs")
     subprocess.run(["mkfs.erofs", str(tmp_path / "plain.img"), str(source)], check=True, capture_output=True)
     r = run("mount", tmp_path / "plain.img", mountpoint, "--cache-dir", tmp_path / "c", "--blob-dir", tmp_path,
             "--mode", mode, env=run_env)  # fmt: skip
@@ -441,7 +421,7 @@ def test_mount_full_of_a_damaged_blob_is_one_line(image: Path, mountpoint: Path,
 
 def _modes(tmp_path: Path) -> list[str]:
     """full, and fanotify when this host has it: a failure must give the same exit status in both."""
-    return ["full"] if _skip_reason(tmp_path) else ["full", "fanotify"]
+    return ["full"] if missing_erofs() or missing_fanotify() else ["full", "fanotify"]
 
 
 def _fill(fs: Path) -> None:
@@ -476,6 +456,7 @@ def test_mount_of_a_damaged_blob_exits_alike_in_every_mode(damage: str, code: in
         assert not any((tmp_path / "run").iterdir()), mode
 
 
+@pytest.mark.root
 def test_mount_with_a_full_run_dir(image: Path, mountpoint: Path, small_fs: Path, tmp_path: Path) -> None:
     # the record's write failed with "[Errno 28] No space left on device" (exit 5 in fanotify mode), naming no file,
     # and left RECORD.json.tmp in the run dir
@@ -492,29 +473,26 @@ def test_mount_with_a_full_run_dir(image: Path, mountpoint: Path, small_fs: Path
         assert not _mounted(mountpoint) and not _pids_with("--mountpoint", str(mountpoint))
 
 
+@pytest.mark.kernel
 def test_umount_leaves_a_mount_that_is_not_ours(image: Path, mountpoint: Path, run_env: dict[str, str]) -> None:
-    if erofs_file_backed_mounts() is not None:
-        pytest.skip(str(erofs_file_backed_mounts()))
     with mount_erofs(image / "image.boot", mountpoint, [blob_of(image)]):
         one_line(run("umount", mountpoint, env=run_env), 2, "not mounted by nydus-erofs")
         assert _mounted(mountpoint) and (mountpoint / "d" / "f").read_bytes() == b"hello\n"
 
 
+@pytest.mark.kernel
 def test_umount_leaves_what_was_mounted_over_a_stale_record(image: Path, mountpoint: Path, run_env: dict[str, str],
                                                              tmp_path: Path) -> None:  # fmt: skip
-    if erofs_file_backed_mounts() is not None:
-        pytest.skip(str(erofs_file_backed_mounts()))
     r = run("mount", image / "image.boot", mountpoint, "--cache-dir", tmp_path / "c", "--mode", "full", env=run_env)
     assert r.returncode == 0, r.stderr
-    libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.umount2(os.fsencode(mountpoint), 0) == 0  # umount(8): the record stays
-    assert libc.mount(b"tmpfs", os.fsencode(mountpoint), b"tmpfs", 0, b"size=64k") == 0  # someone else's
+    umount(mountpoint, detach_if_busy=False)  # umount(8): the record stays
+    mount("tmpfs", mountpoint, "tmpfs", 0, "size=64k")  # someone else's
     try:
         (mountpoint / "precious").write_text("theirs")
         one_line(run("umount", mountpoint, env=run_env), 2, "left alone")  # it unmounted the tmpfs, data and all
         assert (mountpoint / "precious").read_text() == "theirs"
     finally:
-        libc.umount2(os.fsencode(mountpoint), 0)
+        umount(mountpoint, detach_if_busy=False)
     r = run("umount", mountpoint, env=run_env)  # the stale record goes
     assert r.returncode == 0 and not any((tmp_path / "run").iterdir()), r.stderr
 
@@ -567,11 +545,9 @@ def _pids_with(*words: str) -> list[int]:
     return out
 
 
+@pytest.mark.kernel("erofs", "fanotify")
 def test_mount_interrupted_before_ready_leaves_no_mount(image: Path, mountpoint: Path, run_env: dict[str, str],
                                                         tmp_path: Path) -> None:  # fmt: skip
-    why = _skip_reason(tmp_path)
-    if why:
-        pytest.skip(why)
     proc = subprocess.Popen([CLI, "mount", str(image / "image.boot"), str(mountpoint), "--cache-dir",
                              str(tmp_path / "cache"), "--mode", "fanotify"], env=run_env, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip

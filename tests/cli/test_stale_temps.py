@@ -16,12 +16,10 @@ from pathlib import Path
 import pytest
 
 from erofs.paths import remove_stale_temps, temp_prefix
-from tests import test_cli_hostile
-from tests.poll import wait_for
-from tests.test_cli_hostile import CLI, TIMEOUT, run
-from tests.test_hostile import _oci, member, tar_bytes
+from tests.build.test_hostile import _oci, member, tar_bytes
+from tests.cli.test_cli_hostile import CLI, TIMEOUT, run
+from tests.support.poll import wait_for
 
-source, image = test_cli_hostile.source, test_cli_hostile.image  # the fixtures: a small tree, an image of it
 BIG = 4 << 20  # the size of the file the blocked builds read from stdin
 
 # `nydus-erofs` that stops before it writes the first entry of an unpack (its temporary made) until a line is read

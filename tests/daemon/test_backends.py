@@ -24,7 +24,7 @@ from cachefilesd_py.backends.retry import RetryPolicy, is_temp_failure, parse_re
 from cachefilesd_py.backends.transport import TransportOptions
 from erofs.errors import BackendError
 from erofs.reader.source import LocalBlobDir
-from tests.registry import Front
+from tests.support.registry import Front
 
 
 def _blob(directory: Path, size: int, seed: int = 0) -> tuple[str, bytes]:
@@ -294,6 +294,7 @@ def _http(front: Front, **options) -> HttpBackend:
     return make_backend("http", url=front.url, **options)  # type: ignore[return-value]
 
 
+@pytest.mark.network
 def test_http_ranges_exact(served) -> None:
     front, blob_id, data = served
     with _http(front) as b:
@@ -305,6 +306,7 @@ def test_http_ranges_exact(served) -> None:
         assert b.stats.snapshot() == {"requests": 1, "bytes": 8192, "errors": 0, "retries": 0}
 
 
+@pytest.mark.network
 def test_http_errors_are_one_line(served) -> None:
     front, blob_id, data = served
     with _http(front) as b:
@@ -319,6 +321,7 @@ def test_http_errors_are_one_line(served) -> None:
         assert b.stats.retries == 0
 
 
+@pytest.mark.network
 def test_http_server_ignoring_range(served) -> None:
     front, blob_id, data = served
     with _http(front, max_discard=600_000) as b:
@@ -330,6 +333,7 @@ def test_http_server_ignoring_range(served) -> None:
             b.read(blob_id, 700_000, 10)
 
 
+@pytest.mark.network
 @pytest.mark.parametrize("fault", ["drop", "truncate", "bad_range", "502", "503", "504", "429"])
 def test_http_temporary_faults_are_retried(served, fault: str) -> None:
     front, blob_id, data = served
@@ -340,6 +344,7 @@ def test_http_temporary_faults_are_retried(served, fault: str) -> None:
         assert not front.faults
 
 
+@pytest.mark.network
 def test_http_retry_exhaustion_and_terminal_status(served) -> None:
     front, blob_id, data = served
     sleeps = Sleeps()
@@ -356,6 +361,7 @@ def test_http_retry_exhaustion_and_terminal_status(served) -> None:
         assert b.stats.retries == 2  # 500 is terminal (distribution spec)
 
 
+@pytest.mark.network
 def test_http_retry_after_is_honoured(blob_dir: Path) -> None:
     blob_id, data = _blob(blob_dir, 10_000)
     sleeps = Sleeps()
@@ -365,6 +371,7 @@ def test_http_retry_after_is_honoured(blob_dir: Path) -> None:
         assert sleeps == [3.0, 3.0]
 
 
+@pytest.mark.network
 def test_http_timeout_is_retried(blob_dir: Path) -> None:
     blob_id, data = _blob(blob_dir, 10_000)
     with Front(directory=blob_dir, stall=5.0) as front, _http(front, timeout=0.5) as b:
@@ -373,6 +380,7 @@ def test_http_timeout_is_retried(blob_dir: Path) -> None:
         assert b.stats.retries >= 1  # a loaded machine may time out a healthy request too
 
 
+@pytest.mark.network
 def test_http_whole_blob_digest_checked(served) -> None:
     front, blob_id, data = served
     with _http(front, retry_limit=1) as b:
@@ -383,6 +391,7 @@ def test_http_whole_blob_digest_checked(served) -> None:
             b.read(blob_id, 0, len(data))
 
 
+@pytest.mark.network
 def test_http_concurrent_reads_share_the_pool(served) -> None:
     front, blob_id, data = served
     with _http(front, pool_size=4) as b:
@@ -393,8 +402,9 @@ def test_http_concurrent_reads_share_the_pool(served) -> None:
         assert b.stats.errors == 0 and b.stats.bytes == sum(n for _, n in ranges)
 
 
+@pytest.mark.network
 def test_http_connection_refused(blob_dir: Path) -> None:
-    from tests.registry import free_port
+    from tests.support.registry import free_port
 
     sleeps = Sleeps()
     with HttpBackend(f"http://127.0.0.1:{free_port()}", retry_limit=2, sleep=sleeps) as b:

@@ -24,16 +24,15 @@ from cachefilesd_py.backends.registry import (
     push_manifest,
 )
 from erofs.errors import BackendError
-from tests.registry import (
+from tests.support.registry import (
     TEST_PASSWORD,
     TEST_USER,
     Front,
     RegistryServer,
-    auth_registry_server_fixture,  # noqa: F401 - the fixture auth_registry_server
-    need_registry,
     push_test_blob,
-    registry_server_fixture,  # noqa: F401 - the fixture registry_server
 )
+
+pytestmark = [pytest.mark.network, pytest.mark.tools("docker-registry")]
 
 REPO = "test/blobs"
 SIZE = 3 << 20
@@ -158,7 +157,6 @@ def test_push_missing_file(registry_server: RegistryServer, tmp_path: Path) -> N
 
 
 def test_registry_process_is_gone_after_stop(tmp_path: Path) -> None:
-    need_registry()
     reg = RegistryServer(tmp_path).start()
     proc = reg.proc
     assert proc is not None and proc.poll() is None

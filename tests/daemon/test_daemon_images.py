@@ -140,10 +140,11 @@ def test_a_broken_bootstrap_is_an_image_error(tmp_path: Path) -> None:
         ImageStore(tmp_path).image("bad")
 
 
+@pytest.mark.network
 def test_http_backend_serves_every_image(images: tuple[Path, dict, dict]) -> None:
     """``--backend http --url``: blobs fetched by ranged GETs, verified and decompressed by the pipeline."""
     from cachefilesd_py.pipeline import Pipeline
-    from tests.registry import Front
+    from tests.support.registry import Front
 
     imgs, out, files = images
     with Front(directory=imgs / "two" / "blobs") as front:

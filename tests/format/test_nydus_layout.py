@@ -1,4 +1,4 @@
-"""The byte layout of RAFS v6 images, checked with the independent decoder (tests/nydus_decoder.py) against the
+"""The byte layout of RAFS v6 images, checked with the independent decoder (tests/support/nydus_decoder.py) against the
 reference (shared/reference/nydus-rafs-v6.md §1): first on what upstream nydus-image wrote, then on what our
 builder writes, so both are held to the same rules.
 """
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import nydus_decoder as nd
+from tests.support import nydus_decoder as nd
+from tests.support.paths import SHARED
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 NYDUS = SHARED / "interop" / "nydus"
 UPSTREAM_BOOT = NYDUS / "rafs-v6-2.2.boot"
 CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
@@ -136,7 +136,7 @@ def check_image_layout(boot_path: Path, blob_dir: Path, *, compressor: str, dige
 
 
 # ---- upstream ----------------------------------------------------------------------------------------------------
-@pytest.mark.skipif(not UPSTREAM_BOOT.exists(), reason=f"upstream fixtures not found at {NYDUS}")
+@pytest.mark.upstream
 def test_upstream_image_matches_the_reference():
     bt = check_image_layout(UPSTREAM_BOOT, NYDUS / "blobs", compressor="zstd", digester="blake3",
                             chunk_size=1 << 20, ours=False)  # fmt: skip
@@ -154,7 +154,7 @@ def test_upstream_image_matches_the_reference():
     assert names == sorted(names) and names[:2] == [b".", b".."]
 
 
-@pytest.mark.skipif(not NYDUS.exists(), reason="upstream fixtures missing")
+@pytest.mark.upstream
 def test_upstream_toc_tail_decodes():
     """The tail of another upstream blob: its ToC lists image.boot compressed with zstd."""
     tail = next(NYDUS.glob("toc-*")).read_bytes()

@@ -1,7 +1,7 @@
 """Runs tests/vm inside the test VM (kernel-test/run-vm), so the one `pytest` command covers them.
 
 The VM gets a network (run-vm --net) and, while it runs, the host serves an image's blob over HTTP and from a
-docker-registry (tests/vm_remote.py) for tests/vm/test_remote_backends.py."""
+docker-registry (tests/support/vm_remote.py) for tests/vm/test_remote_backends.py."""
 
 from __future__ import annotations
 
@@ -13,24 +13,21 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RUN_VM = REPO / "kernel-test" / "run-vm"
 sys.path.insert(0, str(REPO / "kernel-test"))
 
 import run_vm  # noqa: E402
 
-from tests.vm_remote import serve_for_vm  # noqa: E402
+from tests.support.vm_remote import serve_for_vm  # noqa: E402
 
 # Boot included. The whole folder shares one boot; under TCG, Python runs some 20 times slower than on the host.
 VM_SUITE_TIMEOUT_S = int(os.environ.get("NYDUS_EROFS_VM_SUITE_TIMEOUT", "1200"))
 
 
+@pytest.mark.vm
+@pytest.mark.network
 def test_vm_suite_passes_in_the_vm(tmp_path: Path) -> None:
-    missing = run_vm.missing_prerequisites()
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the VM suite, but: {missing}")
-        pytest.skip(f"cannot boot the test VM: {missing}")
     assert run_vm.hidden_in_guest(tmp_path.resolve()) is None, f"{tmp_path} is hidden in the guest"
     cmd = [str(RUN_VM), "--net", "--timeout", str(VM_SUITE_TIMEOUT_S), "--",
            sys.executable, "-m", "pytest", "tests/vm", "-q", "-rfEs", "--color=no", "--durations=5",

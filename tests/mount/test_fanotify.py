@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -14,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fscache.errors import CommandError, FscacheError, PreContentUnsupportedError, UnsupportedFilesystemError
+from fscache.errors import CommandError, FscacheError, UnsupportedFilesystemError
 from fscache.fanotify import (
     FAN_DENY,
     FAN_DENY_ERRNO,
@@ -26,22 +24,14 @@ from fscache.fanotify import (
     find_holes,
     parse_events,
 )
+from tests.support.kmount import MS_RDONLY, mount, umount
 
 TIMEOUT = 10.0
 
 
-def _group_or_skip() -> FanotifyGroup:
-    if os.geteuid() != 0:
-        pytest.skip("fanotify pre-content groups need root")
-    try:
-        return FanotifyGroup()
-    except PreContentUnsupportedError as e:
-        pytest.skip(str(e))
-
-
 @pytest.fixture
 def group() -> Iterator[FanotifyGroup]:
-    g = _group_or_skip()
+    g = FanotifyGroup()
     try:
         yield g
     finally:
@@ -52,13 +42,6 @@ def _sparse(path: Path, size: int) -> Path:
     with open(path, "wb") as f:
         f.truncate(size)
     return path
-
-
-def _mark_or_skip(group: FanotifyGroup, path: Path) -> None:
-    try:
-        group.mark(path)
-    except PreContentUnsupportedError as e:
-        pytest.skip(str(e))
 
 
 class Listener:
@@ -169,11 +152,12 @@ def _fill_from(source: bytes) -> Callable[[FanotifyGroup, PreAccessEvent], None]
     return handler
 
 
+@pytest.mark.kernel("fanotify")
 def test_fill_then_allow(group: FanotifyGroup, tmp_path: Path) -> None:
     size = 256 * 1024
     source = _pattern(size)
     path = _sparse(tmp_path / "blob", size)
-    _mark_or_skip(group, path)
+    group.mark(path)
     with Listener(group, _fill_from(source)) as lis:
         data = _in_thread(lambda: _pread(path, 1000, 70_000))()
     assert data == source[70_000:71_000]
@@ -184,9 +168,10 @@ def test_fill_then_allow(group: FanotifyGroup, tmp_path: Path) -> None:
     assert ev.offset <= 70_000 and ev.end >= 71_000
 
 
+@pytest.mark.kernel("fanotify")
 def test_deny_with_eio(group: FanotifyGroup, tmp_path: Path) -> None:
     path = _sparse(tmp_path / "blob", 64 * 1024)
-    _mark_or_skip(group, path)
+    group.mark(path)
     with Listener(group, lambda g, ev: g.deny(ev, errno.EIO)) as lis:
         result = _in_thread(lambda: _pread(path, 100, 0))
         with pytest.raises(OSError) as info:
@@ -195,15 +180,17 @@ def test_deny_with_eio(group: FanotifyGroup, tmp_path: Path) -> None:
     assert len(lis.events) == 1
 
 
+@pytest.mark.kernel("fanotify")
 def test_deny_with_refused_errno_falls_back_to_eperm(group: FanotifyGroup, tmp_path: Path) -> None:
     path = _sparse(tmp_path / "blob", 8192)
-    _mark_or_skip(group, path)
+    group.mark(path)
     with Listener(group, lambda g, ev: g.deny(ev, errno.ENOENT)):  # not an errno the kernel passes on
         result = _in_thread(lambda: _pread(path, 100, 0))
         with pytest.raises(PermissionError):
             result()
 
 
+@pytest.mark.kernel("fanotify")
 def test_mark_directory_is_refused(group: FanotifyGroup, tmp_path: Path) -> None:
     try:
         group.mark(tmp_path)
@@ -213,11 +200,12 @@ def test_mark_directory_is_refused(group: FanotifyGroup, tmp_path: Path) -> None
         group.unmark(tmp_path)
 
 
+@pytest.mark.kernel("fanotify")
 def test_unmarked_file_raises_no_event(group: FanotifyGroup, tmp_path: Path) -> None:
     marked = _sparse(tmp_path / "marked", 8192)
     other = tmp_path / "other"
     other.write_bytes(b"plain" * 100)
-    _mark_or_skip(group, marked)
+    group.mark(marked)
     assert _pread(other, 5, 0) == b"plain"
     assert not group.poll(0.1)
 
@@ -244,12 +232,13 @@ def test_find_holes(tmp_path: Path) -> None:
         os.close(fd)
 
 
+@pytest.mark.kernel("fanotify")
 def test_writes_via_event_fd_or_premark_fd_raise_no_event(group: FanotifyGroup, tmp_path: Path) -> None:
     size = 64 * 1024
     path = _sparse(tmp_path / "blob", size)
     early = os.open(path, os.O_RDWR)  # opened before the mark: not watched
     try:
-        _mark_or_skip(group, path)
+        group.mark(path)
         os.pwrite(early, b"early".ljust(4096, b"."), 0)
         assert not group.poll(0.1)
         with Listener(group, _fill_holes_from(b"\xab" * size)) as lis:
@@ -262,13 +251,14 @@ def test_writes_via_event_fd_or_premark_fd_raise_no_event(group: FanotifyGroup, 
         os.close(early)
 
 
+@pytest.mark.kernel("fanotify")
 def test_concurrent_events(group: FanotifyGroup, tmp_path: Path) -> None:
     """Hold every event until all readers are blocked, then answer them all."""
     readers = 6
     stride = 64 * 1024
     source = _pattern(readers * stride)
     path = _sparse(tmp_path / "blob", len(source))
-    _mark_or_skip(group, path)
+    group.mark(path)
     held: list[PreAccessEvent] = []
     all_pending = threading.Event()
 
@@ -289,6 +279,7 @@ def test_concurrent_events(group: FanotifyGroup, tmp_path: Path) -> None:
     assert len({e.offset for e in held}) == readers
 
 
+@pytest.mark.kernel("fanotify")
 def test_mark_on_tmpfs_is_refused(group: FanotifyGroup) -> None:
     shm = Path("/dev/shm")
     if not shm.is_dir() or subprocess.run(["stat", "-f", "-c", "%T", shm], capture_output=True, text=True
@@ -305,6 +296,7 @@ def test_mark_on_tmpfs_is_refused(group: FanotifyGroup) -> None:
         path.unlink()
 
 
+@pytest.mark.kernel("fanotify")
 def test_mark_missing_file(group: FanotifyGroup, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         group.mark(tmp_path / "nope")
@@ -312,27 +304,9 @@ def test_mark_missing_file(group: FanotifyGroup, tmp_path: Path) -> None:
 
 # --- real kernel: file-backed EROFS with a marked blob device -----------------------------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
-MS_RDONLY = 1
-
-
-def _mount(source: Path, target: Path, options: str) -> None:
-    if _libc.mount(os.fsencode(source), os.fsencode(target), b"erofs", MS_RDONLY, options.encode()) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount {source} on {target} ({options}): {os.strerror(err)}")
-
-
-def _umount(target: Path) -> None:
-    if _libc.umount2(os.fsencode(target), 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"umount {target}: {os.strerror(err)}")
-
-
 @pytest.fixture
 def erofs_blob_image(tmp_path: Path) -> tuple[Path, Path, Path]:
     """(source dir, image, blob): a chunked image whose data lives in a separate blob device."""
-    if shutil.which("mkfs.erofs") is None:
-        pytest.skip("mkfs.erofs not installed (apt-get install erofs-utils)")
     src = tmp_path / "src"
     src.mkdir()
     (src / "small.txt").write_bytes(b"hello, lazy world\n")
@@ -346,6 +320,8 @@ def erofs_blob_image(tmp_path: Path) -> tuple[Path, Path, Path]:
     return src, img, blob
 
 
+@pytest.mark.kernel("erofs", "fanotify")
+@pytest.mark.tools("mkfs.erofs")
 def test_file_backed_erofs_served_lazily(
     group: FanotifyGroup, tmp_path: Path, erofs_blob_image: tuple[Path, Path, Path],
     record_property: Callable[[str, object], None],
@@ -354,12 +330,12 @@ def test_file_backed_erofs_served_lazily(
     saved = blob.read_bytes()
     blob.unlink()
     _sparse(blob, len(saved))
-    _mark_or_skip(group, blob)
+    group.mark(blob)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     per_file: dict[str, list[tuple[int | None, int | None]]] = {}
     with Listener(group, _fill_from(saved)) as lis:
-        _mount(img, mnt, f"device={blob}")
+        mount(img, mnt, "erofs", MS_RDONLY, f"device={blob}")
         try:
             assert lis.events == [], "mount itself should not read the blob"
             for name in ("small.txt", "medium.bin", "large.bin"):
@@ -370,7 +346,7 @@ def test_file_backed_erofs_served_lazily(
                 # a second read is served from the page cache or the filled file: no new event
                 assert (mnt / name).read_bytes() == data
         finally:
-            _umount(mnt)
+            umount(mnt, detach_if_busy=False)
     for name, evs in per_file.items():
         record_property(f"events_{name}", evs)
         assert evs, f"reading {name} raised no event"
@@ -381,6 +357,8 @@ def test_file_backed_erofs_served_lazily(
     print("events per file:", {k: len(v) for k, v in per_file.items()}, "range sizes:", sizes)
 
 
+@pytest.mark.kernel("erofs", "fanotify")
+@pytest.mark.tools("mkfs.erofs")
 def test_file_backed_erofs_deny_gives_eio(
     group: FanotifyGroup, tmp_path: Path, erofs_blob_image: tuple[Path, Path, Path]
 ) -> None:
@@ -388,11 +366,11 @@ def test_file_backed_erofs_deny_gives_eio(
     size = blob.stat().st_size
     blob.unlink()
     _sparse(blob, size)
-    _mark_or_skip(group, blob)
+    group.mark(blob)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     with Listener(group, lambda g, ev: g.deny(ev, errno.EIO)) as lis:
-        _mount(img, mnt, f"device={blob}")
+        mount(img, mnt, "erofs", MS_RDONLY, f"device={blob}")
         try:
             result = _in_thread(lambda: (mnt / "medium.bin").read_bytes())
             with pytest.raises(OSError) as info:
@@ -400,4 +378,4 @@ def test_file_backed_erofs_deny_gives_eio(
             assert info.value.errno == errno.EIO
             assert lis.events
         finally:
-            _umount(mnt)
+            umount(mnt, detach_if_busy=False)

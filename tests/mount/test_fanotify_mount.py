@@ -37,7 +37,6 @@ from cachefilesd_py.fanotify_mount import (
     Supervisor,
     error_line,
     prepare_cache_files,
-    probe_pre_content,
 )
 from cachefilesd_py.image import open_image
 from cachefilesd_py.inotify import Inotify
@@ -56,18 +55,19 @@ from cachefilesd_py.kmount import (
 from cachefilesd_py.pipeline import Pipeline
 from erofs.errors import BackendError, DigestMismatchError, ImageError, NydusErofsError, UsageError
 from erofs.reader import Bootstrap, ImageReader, LocalBlobDir
-from fscache.errors import PreContentUnsupportedError, UnsupportedFilesystemError
+from fscache.errors import PreContentUnsupportedError
 from fscache.fanotify import FanotifyGroup
-from tests.fstree import assert_same_tree
-from tests.kernel import erofs_file_backed_mounts
-from tests.kernel import umount as kernel_umount
-from tests.poll import wait_for
-from tests.rootfs import make_rootfs
+from tests.support.fstree import assert_same_tree
+from tests.support.kmount import umount as kernel_umount
+from tests.support.paths import NYDUS as UPSTREAM
+from tests.support.poll import wait_for
+from tests.support.rootfs import make_rootfs
 
 CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
-UPSTREAM = Path(__file__).resolve().parents[2] / "shared" / "interop" / "nydus"
 UPSTREAM_FILES = {"lib.rs": 16931, "sync_io.rs": 13400}
 TIMEOUT = 60.0
+
+pytestmark = pytest.mark.kernel("erofs", "fanotify")
 
 
 def _wait_exit(pid: int, act: Callable[[], object], what: str) -> None:
@@ -80,26 +80,6 @@ def _wait_exit(pid: int, act: Callable[[], object], what: str) -> None:
         assert p.poll(TIMEOUT * 1000), what
     finally:
         os.close(pidfd)
-
-
-def _skip_reason(tmp: Path) -> str | None:
-    why = erofs_file_backed_mounts()
-    if why:
-        return why
-    try:
-        probe_pre_content(tmp)
-    except PreContentUnsupportedError as e:
-        return f"no fanotify pre-content events: {e}"
-    except UnsupportedFilesystemError as e:
-        return f"temp dir cannot carry pre-content marks: {e}"
-    return None
-
-
-@pytest.fixture(scope="module")
-def fanotify_ok(tmp_path_factory: pytest.TempPathFactory) -> None:
-    why = _skip_reason(tmp_path_factory.mktemp("probe"))
-    if why:
-        pytest.skip(why)
 
 
 def build(sources: list[Path], out: Path, compressor: str = "none", chunk_size: str = "1MiB") -> dict[str, Any]:
@@ -166,7 +146,7 @@ class Mounts:
 
 
 @pytest.fixture
-def mounts(fanotify_ok: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mounts]:
+def mounts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mounts]:
     monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path / "run"))
     m = Mounts(tmp_path)
     try:
@@ -250,7 +230,7 @@ def test_record_names_the_supervisor_and_a_worker_without_it_does_not_start(
              "--group-fd", str(group.fileno()), "--inotify-fd", str(inotify.fileno()),
              "--supervisor-pid", "1", "--ready-fd", str(w)],
             pass_fds=(group.fileno(), inotify.fileno(), w), capture_output=True, text=True, timeout=60,
-            env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])),
+            env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])),
         )  # fmt: skip
         os.close(w)
         with os.fdopen(r, "rb") as rf:
@@ -290,7 +270,7 @@ def test_multi_layer_image_reads_identical(mounts: Mounts, tmp_path: Path) -> No
     assert stats["events"]["denied"] == 0
 
 
-@pytest.mark.skipif(not (UPSTREAM / "rafs-v6-2.2.boot").is_file(), reason=f"no upstream fixtures in {UPSTREAM}")
+@pytest.mark.upstream
 def test_upstream_image_reads_back(mounts: Mounts, tmp_path: Path) -> None:
     mp, _ = mounts.mount(UPSTREAM, "upstream", boot=UPSTREAM / "rafs-v6-2.2.boot", blobs=UPSTREAM / "blobs")
     with Bootstrap(UPSTREAM / "rafs-v6-2.2.boot") as bs:
@@ -529,7 +509,7 @@ def test_sigterm_while_mounted_unmounts(mounts: Mounts, images: dict[str, Path])
     mounts.umount(mp)
 
 
-def test_cache_files_reused_or_started_afresh(fanotify_ok: None, images: dict[str, Path], tmp_path: Path) -> None:
+def test_cache_files_reused_or_started_afresh(images: dict[str, Path], tmp_path: Path) -> None:
     image = images["none"]
     backend = make_backend("localfs", dir=image / "blobs")
     try:
@@ -560,7 +540,7 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, timeout=TIMEOUT)
 
 
-def test_cli_mount_umount_and_errors(fanotify_ok: None, images: dict[str, Path], rootfs: Path, tmp_path: Path) -> None:
+def test_cli_mount_umount_and_errors(images: dict[str, Path], rootfs: Path, tmp_path: Path) -> None:
     image = images["zstd"]
     env = dict(os.environ, **{RUN_DIR_ENV: str(tmp_path / "run")})
     mp = tmp_path / "mnt"

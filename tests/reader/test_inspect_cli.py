@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.root  # the source tree holds device nodes
 
 CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 
@@ -89,7 +90,7 @@ def test_stat(image: Path):
     assert "target: a.txt" in human.stdout
 
 
-@pytest.mark.skipif(shutil.which("mkfs.erofs") is None, reason="mkfs.erofs not installed")
+@pytest.mark.tools("mkfs.erofs")
 def test_plain_erofs_image(tmp_path: Path):
     src = tmp_path / "src"
     src.mkdir()

@@ -17,9 +17,9 @@ from pathlib import Path
 import blake3
 import pytest
 
-from tests.kernel import erofs_file_backed_mounts, mount_erofs
+from tests.support.kmount import mount_erofs
+from tests.support.paths import SHARED
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 NYDUS = SHARED / "interop" / "nydus"
 BOOT = NYDUS / "rafs-v6-2.2.boot"
 BLOBS = NYDUS / "blobs"
@@ -27,7 +27,7 @@ BLOB_ID = "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
 FILES = {"lib.rs": 16931, "sync_io.rs": 13400}
 CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 
-pytestmark = pytest.mark.skipif(not BOOT.exists(), reason=f"upstream fixtures not found at {NYDUS}")
+pytestmark = pytest.mark.upstream
 
 
 def run(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
@@ -174,7 +174,7 @@ def test_truncated_toc_is_reported(tmp_path: Path):
     assert r.returncode == 3 and "ToC" in r.stdout
 
 
-@pytest.mark.skipif(erofs_file_backed_mounts() is not None, reason=str(erofs_file_backed_mounts()))
+@pytest.mark.kernel
 def test_kernel_mounts_upstream_bootstrap(tmp_path: Path):
     with mount_erofs(BOOT, tmp_path / "mnt") as mp:
         assert sorted(os.listdir(mp)) == sorted(FILES)

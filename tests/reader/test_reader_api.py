@@ -3,7 +3,6 @@ chunks, and fetch → verify → decompress them with one ranged read per run of
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +20,8 @@ from erofs.reader import (
     plan_reads,
     read_chunks,
 )
+from tests.support.paths import SHARED
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 NYDUS = SHARED / "interop" / "nydus"
 BOOT = NYDUS / "rafs-v6-2.2.boot"
 BLOB_ID = "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
@@ -44,7 +43,7 @@ class CountingSource:
         return self.inner.size(blob_id)
 
 
-@pytest.mark.skipif(not BOOT.exists(), reason="upstream fixtures missing")
+@pytest.mark.upstream
 def test_upstream_blob_through_the_daemon_api():
     src = CountingSource(NYDUS / "blobs")
     assert isinstance(src, BlobSource)
@@ -66,7 +65,7 @@ def test_upstream_blob_through_the_daemon_api():
         assert list(plan_reads(meta, [1, 0])) == [(4828, 2974, [1]), (0, 4828, [0])]  # descending: two reads
 
 
-@pytest.mark.skipif(not BOOT.exists(), reason="upstream fixtures missing")
+@pytest.mark.upstream
 def test_read_chunks_names_blob_and_chunk_on_damage(tmp_path: Path):
     d = tmp_path / "blobs"
     d.mkdir()
@@ -107,7 +106,7 @@ def test_not_an_image(tmp_path: Path):
     assert r.returncode == 3 and r.stderr.startswith("nydus-erofs: error:") and "Traceback" not in r.stderr
 
 
-@pytest.mark.skipif(shutil.which("mkfs.erofs") is None, reason="mkfs.erofs not installed")
+@pytest.mark.tools("mkfs.erofs")
 def test_superblock_checksum_matches_mkfs(tmp_path: Path):
     src = tmp_path / "src"
     src.mkdir()
@@ -121,7 +120,7 @@ def test_superblock_checksum_matches_mkfs(tmp_path: Path):
         assert bs.checksum_ok is True
 
 
-@pytest.mark.skipif(shutil.which("mkfs.erofs") is None, reason="mkfs.erofs not installed")
+@pytest.mark.tools("mkfs.erofs")
 def test_compressed_images_are_refused_clearly(tmp_path: Path):
     src = tmp_path / "src"
     src.mkdir()

@@ -15,7 +15,7 @@ import pytest
 
 from erofs.reader import Bootstrap, ImageReader, LocalBlobDir
 from erofs.reader.check import check_image
-from tests.kernel import erofs_file_backed_mounts, mount_erofs
+from tests.support.kmount import mount_erofs
 
 CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 SIZE = 270_000  # 5 chunks of 64 KiB; next_pow2 = 512 KiB
@@ -59,7 +59,7 @@ def test_reader_maps_big_chunk_to_real_chunks(big_chunk_image):
     assert report.ok, [str(p) for p in report.problems]
 
 
-@pytest.mark.skipif(erofs_file_backed_mounts() is not None, reason=str(erofs_file_backed_mounts()))
+@pytest.mark.kernel
 def test_kernel_agrees(big_chunk_image, tmp_path: Path):
     boot, blobs, data = big_chunk_image
     (blob,) = blobs.iterdir()

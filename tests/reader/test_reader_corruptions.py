@@ -17,14 +17,14 @@ import pytest
 
 from erofs.reader import Bootstrap, LocalBlobDir
 from erofs.reader.check import check_image
+from tests.support.paths import SHARED
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 NYDUS = SHARED / "interop" / "nydus"
 BOOT = NYDUS / "rafs-v6-2.2.boot"
 BLOB_ID = "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
 CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 
-pytestmark = pytest.mark.skipif(not BOOT.exists(), reason=f"upstream fixtures not found at {NYDUS}")
+pytestmark = pytest.mark.upstream
 
 
 def _patch(data: bytearray, off: int, fmt: str, value: int | bytes) -> None:
@@ -96,10 +96,9 @@ def test_superblock_field(tmp_path: Path, field: str, off: int, fmt: str, value:
     _one_matching(_problems(boot, blobs), needle)
 
 
+@pytest.mark.tools("mkfs.erofs")
 def test_superblock_checksum(tmp_path: Path):
     """mkfs.erofs sets SB_CHKSUM: any change to the first block after the superblock offset is caught."""
-    if shutil.which("mkfs.erofs") is None:
-        pytest.skip("mkfs.erofs not installed")
     src = tmp_path / "src"
     src.mkdir()
     (src / "a").write_bytes(b"hello")

@@ -27,13 +27,13 @@ from erofs.reader import Bootstrap, ImageReader
 from erofs.reader.blob import BlobMeta, read_chunks
 from erofs.reader.check import check_image
 from erofs.reader.unpack import unpack_to_dir, unpack_to_tar
+from tests.support.paths import SHARED
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 NYDUS = SHARED / "interop" / "nydus"
 BOOT = NYDUS / "rafs-v6-2.2.boot"
 BLOB_ID = "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
 MEM_LIMIT = 64 << 20  # peak Python allocation per example
-# FUZZ_EXAMPLES=5000 pytest tests/test_reader_fuzz.py: a long, randomized local run
+# FUZZ_EXAMPLES=5000 pytest tests/reader/test_reader_fuzz.py: a long, randomized local run
 _LONG = int(os.environ.get("FUZZ_EXAMPLES", "0"))
 FUZZ = settings(
     max_examples=_LONG or 150,
@@ -43,7 +43,7 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
-pytestmark = pytest.mark.skipif(not BOOT.exists(), reason=f"upstream fixtures not found at {NYDUS}")
+pytestmark = pytest.mark.upstream
 
 
 class MemBlobs:

@@ -1,4 +1,4 @@
-"""Test helpers: compare two trees the way a user sees them (mounting is in :mod:`tests.kernel`)."""
+"""Test helpers: compare two trees the way a user sees them (mounting is in :mod:`tests.support.kmount`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import stat
 from pathlib import Path
 
-from tests.kernel import mount_erofs
+from tests.support.kmount import mount_erofs
 
 __all__ = ["assert_same_snapshot", "assert_same_tree", "image_devices", "mount_erofs", "snapshot"]
 

@@ -1,4 +1,4 @@
-"""Mounting EROFS images with the running kernel, for tests.
+"""mount(2) and umount2(2) for the tests — the one copy (host and VM suites alike).
 
 mount(2) is called directly through ctypes: util-linux ``mount`` attaches a loop device, which breaks
 ``device=<regular file>`` of file-backed EROFS mounts (Linux ≥ 6.12).
@@ -23,17 +23,18 @@ _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 def mount(source: str | os.PathLike[str], target: str | os.PathLike[str], fstype: str = "erofs",
           flags: int = MS_RDONLY, data: str = "") -> None:  # fmt: skip
-    if _libc.mount(os.fsencode(source), os.fsencode(target), fstype.encode(), flags, data.encode()) != 0:
+    """mount(2); an OSError names the source, target, type and options."""
+    if _libc.mount(os.fsencode(source), os.fsencode(target), fstype.encode(), flags, data.encode() or None) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"mount {source} on {target} ({data or 'no options'}): {os.strerror(err)}")
+        raise OSError(err, f"mount -t {fstype} {source} {target} ({data or 'no options'}): {os.strerror(err)}")
 
 
-def umount(target: str | os.PathLike[str]) -> None:
-    """Unmount; a busy mount is detached lazily instead."""
-    if _libc.umount2(os.fsencode(target), 0) == 0:
+def umount(target: str | os.PathLike[str], flags: int = 0, detach_if_busy: bool = True) -> None:
+    """umount2(2); a busy mount is detached lazily instead, unless ``detach_if_busy`` is False."""
+    if _libc.umount2(os.fsencode(target), flags) == 0:
         return
     err = ctypes.get_errno()
-    if err == errno.EBUSY and _libc.umount2(os.fsencode(target), MNT_DETACH) == 0:
+    if err == errno.EBUSY and detach_if_busy and _libc.umount2(os.fsencode(target), flags | MNT_DETACH) == 0:
         return
     raise OSError(err, f"umount {target}: {os.strerror(err)}")
 
@@ -50,16 +51,3 @@ def mount_erofs(boot: str | os.PathLike[str], mountpoint: str | os.PathLike[str]
         yield mp
     finally:
         umount(mp)
-
-
-def erofs_file_backed_mounts() -> str | None:
-    """None if this kernel can mount a file-backed EROFS image, else why not (for pytest.skip)."""
-    if os.geteuid() != 0:
-        return "needs root"
-    try:
-        with open("/proc/filesystems") as f:
-            if not any(line.split()[-1:] == ["erofs"] for line in f):
-                return "the kernel has no EROFS"
-    except OSError:
-        return "no /proc/filesystems"
-    return None

@@ -2,9 +2,7 @@
 server in a thread that stands in front of it (or serves a directory) to demand Basic/Bearer auth, redirect,
 and inject faults (dropped connections, 503 + Retry-After, truncated or corrupted bodies, ignored Range).
 
-Reuse from other tests::
-
-    from tests.registry import RegistryServer, push_test_blob, registry_server_fixture  # the fixture: registry_server
+The fixtures ``registry_server`` and ``auth_registry_server`` are in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -24,12 +22,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
-
-import pytest
 
 REGISTRY_BIN = "docker-registry"
 #: htpasswd credentials known to the test registry (bcrypt cost 4, so checks are fast)
@@ -135,27 +130,6 @@ class RegistryServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def need_registry() -> None:
-    if registry_binary() is None:
-        pytest.skip("docker-registry is not installed (setup.sh installs it)")
-
-
-@pytest.fixture(scope="module", name="registry_server")
-def registry_server_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
-    """An anonymous registry for the test module."""
-    need_registry()
-    with RegistryServer(tmp_path_factory.mktemp("registry")) as reg:
-        yield reg
-
-
-@pytest.fixture(scope="module", name="auth_registry_server")
-def auth_registry_server_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
-    """A registry demanding htpasswd Basic auth (TEST_USER / TEST_PASSWORD)."""
-    need_registry()
-    with RegistryServer(tmp_path_factory.mktemp("registry-auth"), htpasswd=True) as reg:
-        yield reg
 
 
 def push_test_blob(registry: RegistryServer, repo: str, data: bytes, tmp: Path, **options: Any) -> str:

@@ -1,11 +1,12 @@
 """An image whose blob the test VM fetches over the network from servers on the host.
 
-The host side, :func:`serve_for_vm` (tests/test_vm_suite.py), builds an image with ``nydus-erofs build``, serves
-its blob from a plain HTTP server (:class:`tests.registry.Front`) and from a real docker-registry (pushed, Basic
-auth), both on the host's 127.0.0.1, and describes all that in a JSON file (:class:`Served`) whose path it puts
-in ``$NYDUS_EROFS_VM_REMOTE``.  The VM boots with ``run-vm --net``, where the host's 127.0.0.1 is ``$VM_HOST``;
-tests/vm/test_remote_backends.py reads the description with :func:`load`.  Everything the guest needs from the
-host (bootstrap, source tree, the source's snapshot) is under the host's temp dir, which the guest sees over 9p.
+The host side, :func:`serve_for_vm` (tests/kernel_test/test_vm_suite.py), builds an image with
+``nydus-erofs build``, serves its blob from a plain HTTP server (:class:`tests.support.registry.Front`) and from a
+real docker-registry (pushed, Basic auth), both on the host's 127.0.0.1, and describes all that in a JSON file
+(:class:`Served`) whose path it puts in ``$NYDUS_EROFS_VM_REMOTE``.  The VM boots with ``run-vm --net``, where the
+host's 127.0.0.1 is ``$VM_HOST``; tests/vm/test_remote_backends.py reads the description with :func:`load`.
+Everything the guest needs from the host (bootstrap, source tree, the source's snapshot) is under the host's temp
+dir, which the guest sees over 9p.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Served:
 
     image_dir: str  # image.boot (the blobs/ beside it are what the servers serve; the guest never reads them)
     source: str  # the tree the image was built from
-    snapshot: str  # pickled tests.fstree.snapshot(source), taken on the host
+    snapshot: str  # pickled tests.support.fstree.snapshot(source), taken on the host
     blob_id: str
     blob_size: int
     http_port: int | None = None  # GET http://HOST:PORT/<blob id>
@@ -59,8 +60,8 @@ def load() -> Served | None:
 
 
 def _source(root: Path) -> Path:
-    """tests/rootfs.py's tree (a small directory, for TCG) plus ``big``."""
-    from tests.rootfs import T0, make_rootfs
+    """tests/support/rootfs.py's tree (a small directory, for TCG) plus ``big``."""
+    from tests.support.rootfs import T0, make_rootfs
 
     make_rootfs(root, entries=150)
     body = os.urandom(MiB)
@@ -86,8 +87,8 @@ def serve_for_vm(tmp: Path) -> Iterator[dict[str, str]]:
     environment to give run-vm (``$NYDUS_EROFS_VM_REMOTE``); the servers stop on exit.  A registry that is not
     installed is recorded in ``missing`` (the guest test fails in CI, skips elsewhere)."""
     from cachefilesd_py.backends.registry import push_blob
-    from tests.fstree import snapshot
-    from tests.registry import TEST_PASSWORD, TEST_USER, Front, RegistryServer, registry_binary
+    from tests.support.fstree import snapshot
+    from tests.support.registry import TEST_PASSWORD, TEST_USER, Front, RegistryServer, registry_binary
 
     source = _source(tmp / "source")
     image = tmp / "image"
