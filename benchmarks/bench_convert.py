@@ -27,10 +27,7 @@ MIN_COMPRESSED = 200 << 20  # 200 MiB
 SOURCES = ["/usr/lib/x86_64-linux-gnu", "/usr/lib", "/usr/share", "/usr"]
 RATIO_GUESS = 2.4  # uncompressed / gzip -1 size of shared libraries
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("tar") is None or os.geteuid() != 0,
-    reason="needs tar and root (tar -x keeps owners only as root)",
-)
+pytestmark = [pytest.mark.tools("mkfs.erofs", "tar"), pytest.mark.root]  # tar -x keeps owners only as root
 
 
 def _files(budget: int) -> list[str]:

@@ -35,7 +35,6 @@ from typing import Any
 
 import pytest
 
-from cachefilesd_py.fanotify_mount import probe_pre_content
 from cachefilesd_py.kmount import (
     RUN_DIR_ENV,
     is_mounted,
@@ -45,12 +44,13 @@ from cachefilesd_py.kmount import (
     umount,
     umount_image,
 )
-from erofs.errors import NydusErofsError
 from fscache.fanotify import FanotifyGroup
 
 CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 SIZE = 256 << 20
 ROUNDS = 6
+
+pytestmark = [pytest.mark.root, pytest.mark.kernel("erofs", "fanotify")]  # root: drop_caches
 
 
 def _drop_caches() -> None:
@@ -74,13 +74,7 @@ def _read(path: Path) -> float:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (mount, drop_caches)")
     base = tmp_path_factory.mktemp("bench-fanotify")
-    try:
-        probe_pre_content(base)
-    except (NydusErofsError, OSError) as e:
-        pytest.skip(f"no fanotify pre-content events here: {e}")
     src = base / "src"
     src.mkdir()
     rnd = random.Random(1)

@@ -8,19 +8,14 @@ the page cache is dropped before the warm read.
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from fscache.cachefiles import DEVICE_PATH
 from tests.vm.test_daemon import DaemonProc, MiB, large_image, link_image, mounted, scratch, sha256_file
 
-pytestmark = pytest.mark.skipif(
-    "VM_SCRATCH" not in os.environ or not os.path.exists(DEVICE_PATH),
-    reason="needs the fscache test VM (VM_SCRATCH and /dev/cachefiles)",
-)
+pytestmark = [pytest.mark.kernel("cachefiles"), pytest.mark.benchmark]
 
 GROUP = "cachefilesd-py sequential read, 64 MiB"
 _times: dict[str, float] = {}

@@ -1,7 +1,7 @@
 """Tests in tests/vm run inside the test VM only (kernel-test/run-vm sets NYDUS_EROFS_IN_VM=1).
 
-On the host they are not collected (tests/conftest.py); tests/test_vm_suite.py boots the VM once and runs this
-folder there. In the guest:
+On the host they are not collected (tests/conftest.py); tests/kernel_test/test_vm_suite.py boots the VM once and
+runs this folder there. In the guest:
 - the root file system is the host's, read-only; write only under $VM_SCRATCH (ext4) — pytest's ``tmp_path``
   is there too, because run-vm points TMPDIR at $VM_SCRATCH/tmp;
 - you are root, with /dev/cachefiles (one opener at a time, system-wide), fanotify, EROFS (file-backed and

@@ -6,7 +6,6 @@ so the tests that need a fresh device come first and the rest share one bound se
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import platform
@@ -21,7 +20,6 @@ import pytest
 from fscache.cachefiles import (
     CACHEFILES_IOC_READ_COMPLETE,
     CACHEFILES_MSG_MAX_SIZE,
-    DEVICE_PATH,
     CachefilesDevice,
     CloseRequest,
     Message,
@@ -38,31 +36,15 @@ from fscache.errors import (
     UnsupportedFilesystemError,
 )
 from fscache.fanotify import FanotifyGroup
+from tests.support.kmount import MS_RDONLY, mount, umount
 
-pytestmark = pytest.mark.skipif(
-    "VM_SCRATCH" not in os.environ or not os.path.exists(DEVICE_PATH),
-    reason="needs the fscache test VM (VM_SCRATCH and /dev/cachefiles)",
-)
+pytestmark = pytest.mark.kernel("cachefiles")
 
 TIMEOUT = 30.0
-MS_RDONLY = 1
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _scratch() -> Path:
     return Path(os.environ["VM_SCRATCH"])
-
-
-def _mount(source: str, target: Path, options: str) -> None:
-    if _libc.mount(source.encode(), os.fsencode(target), b"erofs", MS_RDONLY, options.encode()) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount -o {options} {target}: {os.strerror(err)}")
-
-
-def _umount(target: Path) -> None:
-    if _libc.umount2(os.fsencode(target), 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"umount {target}: {os.strerror(err)}")
 
 
 def _mkfs(name: str, files: dict[str, bytes], blobdev: bool = False) -> tuple[Path, Path, Path | None]:
@@ -269,11 +251,11 @@ def test_mount_bootstrap_by_fsid(server: Server) -> None:
     src, img, _ = _mkfs("single", _files())
     server.sources["single"] = img
     mnt = _mnt("single")
-    _mount("none", mnt, "fsid=single")
+    mount("none", mnt, "erofs", MS_RDONLY, "fsid=single")
     try:
         _compare(src, mnt)
     finally:
-        _umount(mnt)
+        umount(mnt, detach_if_busy=False)
     (op,) = [o for o in server.opens() if o.cookie_key == "single"]
     assert op.volume_key == "erofs,single" and op.volume == "single" and op.flags == 0
     reads = [m for m in server.messages if isinstance(m, ReadRequest) and m.object_id == op.object_id]
@@ -288,11 +270,11 @@ def test_mount_with_blob_device(server: Server) -> None:
     server.sources["multi"] = img
     server.sources["multiblob"] = blob
     mnt = _mnt("multi")
-    _mount("none", mnt, "fsid=multi,device=multiblob")
+    mount("none", mnt, "erofs", MS_RDONLY, "fsid=multi,device=multiblob")
     try:
         _compare(src, mnt)
     finally:
-        _umount(mnt)
+        umount(mnt, detach_if_busy=False)
     keys = {o.cookie_key: o for o in server.opens() if o.volume == "multi"}
     assert set(keys) == {"multi", "multiblob"}
     ids = {o.object_id for o in keys.values()}
@@ -310,7 +292,7 @@ def test_copen_enoent_fails_the_mount(server: Server) -> None:
     ENOBUFS depending on how far the cookie lookup got (the -ENOENT itself is not passed on)."""
     mnt = _mnt("unknown")
     with pytest.raises(OSError) as info:
-        _mount("none", mnt, "fsid=unknown-image")
+        mount("none", mnt, "erofs", MS_RDONLY, "fsid=unknown-image")
     assert info.value.errno in (errno.EIO, errno.ENOBUFS, errno.ENOENT)
     print(f"copen -ENOENT: mount failed with {errno.errorcode[info.value.errno]}")
     assert any(o.cookie_key == "unknown-image" for o in server.opens())
@@ -323,14 +305,14 @@ def test_complete_without_data_gives_eio(server: Server) -> None:
     server.sources["emptyblob"] = blob
     server.no_data.add("emptyblob")
     mnt = _mnt("empty")
-    _mount("none", mnt, "fsid=empty,device=emptyblob")
+    mount("none", mnt, "erofs", MS_RDONLY, "fsid=empty,device=emptyblob")
     try:
         assert sorted(p.name for p in mnt.iterdir()) == sorted(_files())  # metadata is in the bootstrap
         with pytest.raises(OSError) as info:
             (mnt / "random.bin").read_bytes()
         assert info.value.errno == errno.EIO
     finally:
-        _umount(mnt)
+        umount(mnt, detach_if_busy=False)
 
 
 def test_write_range_rejects_unaligned_offset(server: Server) -> None:

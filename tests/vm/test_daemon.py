@@ -1,6 +1,6 @@
 """cachefilesd-py in the test VM: EROFS images mounted by fsid through the fscache on-demand daemon.
 
-Runs inside the VM only (tests/test_vm_suite.py runs tests/vm there).  Everything is written under
+Runs inside the VM only (tests/kernel_test/test_vm_suite.py runs tests/vm there).  Everything is written under
 ``$VM_SCRATCH/daemon``; images are built in the guest with ``nydus-erofs build``.  One daemon (with its
 supervisor) serves the module; the tests that need the device free come first, the worker-killing test last.
 """
@@ -29,20 +29,16 @@ import pytest
 
 from cachefilesd_py.api import get
 from erofs.reader import Bootstrap, ImageReader, LocalBlobDir
-from fscache.cachefiles import DEVICE_PATH
-from tests.fstree import assert_same_tree
-from tests.kernel import MS_RDONLY, mount, umount
-from tests.rootfs import make_rootfs
+from tests.support.fstree import assert_same_tree
+from tests.support.kmount import MS_RDONLY, mount, umount
+from tests.support.paths import NYDUS as UPSTREAM
+from tests.support.rootfs import make_rootfs
 
-pytestmark = pytest.mark.skipif(
-    "VM_SCRATCH" not in os.environ or not os.path.exists(DEVICE_PATH),
-    reason="needs the fscache test VM (VM_SCRATCH and /dev/cachefiles)",
-)
+pytestmark = pytest.mark.kernel("cachefiles")
 
 BIN = Path(sys.executable).parent
 NYDUS_EROFS = BIN / "nydus-erofs"
 CACHEFILESD = BIN / "cachefilesd-py"
-UPSTREAM = Path(__file__).resolve().parents[3] / "shared" / "interop" / "nydus"
 TIMEOUT = 120.0
 MiB = 1 << 20
 LARGE_MIB = 64  # the large image: one file of LARGE_MIB distinct 1 MiB chunks, stored uncompressed
@@ -197,7 +193,7 @@ COMPRESSORS = [("none", "1MiB"), ("lz4_block", "64KiB"), ("zstd", "4KiB")]
 
 
 def _rootfs(root: Path) -> Path:
-    """What a container root file system holds (tests/rootfs.py), with a directory small enough for TCG."""
+    """What a container root file system holds (tests/support/rootfs.py), with a directory small enough for TCG."""
     shutil.rmtree(root, ignore_errors=True)
     return make_rootfs(root, entries=150)
 

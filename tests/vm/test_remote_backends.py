@@ -1,8 +1,8 @@
 """cachefilesd-py's network backends behind the kernel's fscache path: blobs fetched from the host.
 
-tests/test_vm_suite.py builds an image on the host, serves its blob from a plain HTTP server and a real
+tests/kernel_test/test_vm_suite.py builds an image on the host, serves its blob from a plain HTTP server and a real
 docker-registry on the host's 127.0.0.1, and boots the VM with ``run-vm --net`` (the host is ``$VM_HOST`` here)
-and ``$NYDUS_EROFS_VM_REMOTE`` naming what it serves (tests/vm_remote.py).  Each test runs its own daemon
+and ``$NYDUS_EROFS_VM_REMOTE`` naming what it serves (tests/support/vm_remote.py).  Each test runs its own daemon
 (``--backend http`` / ``--backend registry``), mounts by fsid, reads part of a large file (only a small part
 of the blob crosses the network), then the whole tree, which must equal the source.  Without the host's servers
 these tests fail in CI and skip elsewhere.
@@ -16,15 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from fscache.cachefiles import DEVICE_PATH
-from tests.fstree import assert_same_snapshot, snapshot
+from tests.support.fstree import assert_same_snapshot, snapshot
+from tests.support.vm_remote import BIG_MIB, ENV, Served, load
 from tests.vm.test_daemon import DaemonProc, MiB, mounted, scratch
-from tests.vm_remote import BIG_MIB, ENV, Served, load
 
-pytestmark = pytest.mark.skipif(
-    "VM_SCRATCH" not in os.environ or not os.path.exists(DEVICE_PATH),
-    reason="needs the fscache test VM (VM_SCRATCH and /dev/cachefiles)",
-)
+pytestmark = [pytest.mark.kernel("cachefiles"), pytest.mark.network]
 
 PIECE_AT, PIECE_LEN = 10 * MiB + 12345, 100_000
 
@@ -39,7 +35,7 @@ def _unavailable(why: str) -> None:
 def served() -> Served:
     remote = load()
     if remote is None:
-        _unavailable(f"no servers on the host (${ENV} unset): run tests/test_vm_suite.py")
+        _unavailable(f"no servers on the host (${ENV} unset): run tests/kernel_test/test_vm_suite.py")
     if "VM_HOST" not in os.environ:
         _unavailable("the VM has no network: run-vm --net")
     assert remote is not None

@@ -8,32 +8,19 @@ import ctypes.util
 import errno
 import gzip
 import os
-import shutil
 import stat
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.support.kmount import MS_RDONLY, mount, umount
+
 libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-MS_RDONLY = 1
 
 
 def mounts() -> list[list[str]]:
     return [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
-
-
-def sys_mount(source: str, target: Path, fstype: str, flags: int = 0, data: str = "") -> None:
-    """mount(2) itself: util-linux's mount would put a regular file on a loop device first."""
-    if libc.mount(source.encode(), str(target).encode(), fstype.encode(), flags, data.encode() or None) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount -t {fstype} {source} {target}: {os.strerror(err)}")
-
-
-def sys_umount(target: Path) -> None:
-    if libc.umount2(str(target).encode(), 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"umount {target}: {os.strerror(err)}")
 
 
 def test_kernel_has_fscache_ondemand() -> None:
@@ -79,7 +66,7 @@ def test_cachefiles_bind_ondemand(tmp_path: Path) -> None:
         os.close(fd)
 
 
-@pytest.mark.skipif(shutil.which("mkfs.erofs") is None, reason="mkfs.erofs not installed (apt: erofs-utils)")
+@pytest.mark.tools("mkfs.erofs")
 def test_file_backed_erofs_mount(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     (tree / "sub").mkdir(parents=True)
@@ -89,14 +76,14 @@ def test_file_backed_erofs_mount(tmp_path: Path) -> None:
     subprocess.run(["mkfs.erofs", "--quiet", str(image), str(tree)], check=True)
     target = tmp_path / "mnt"
     target.mkdir()
-    sys_mount(str(image), target, "erofs", MS_RDONLY)
+    mount(image, target, "erofs", MS_RDONLY)
     try:
         (entry,) = [m for m in mounts() if m[1] == str(target)]
         assert entry[0] == str(image) and entry[2] == "erofs"  # the file itself, no loop device
         assert (target / "hello.txt").read_text() == "hello from erofs\n"
         assert (target / "sub" / "big.bin").read_bytes() == bytes(range(256)) * 100
     finally:
-        sys_umount(target)
+        umount(target, detach_if_busy=False)
 
 
 def test_fanotify_permission_events_available() -> None:

@@ -1,0 +1,32 @@
+"""Fixtures of the CLI tests: a small tree and a fresh image of it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CLI = str(Path(sys.executable).with_name("nydus-erofs"))
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    src = tmp_path_factory.mktemp("hostile-src") / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"hello\n")
+    (src / "big").write_bytes(os.urandom(100_000))
+    (src / "link").symlink_to("d/f")
+    return src
+
+
+@pytest.fixture
+def image(source: Path, tmp_path: Path) -> Path:
+    """A fresh image of ``source`` (OUT with image.boot and blobs/), uncompressed, 4 KiB chunks."""
+    out = tmp_path / "image"
+    r = subprocess.run([CLI, "build", str(source), "-o", str(out), "--chunk-size", "4KiB"], capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return out

@@ -1,0 +1,48 @@
+"""Runs tests/vm inside the test VM (kernel-test/run-vm), so the one `pytest` command covers them.
+
+The guest's benchmark comparisons (the root conftest.py's ``comparison``) are relayed into this run's summary.
+The VM gets a network (run-vm --net) and, while it runs, the host serves an image's blob over HTTP and from a
+docker-registry (tests/support/vm_remote.py) for tests/vm/test_remote_backends.py."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RUN_VM = REPO / "kernel-test" / "run-vm"
+sys.path.insert(0, str(REPO / "kernel-test"))
+
+import run_vm  # noqa: E402
+
+from tests.support.vm_remote import serve_for_vm  # noqa: E402
+
+# Boot included. The whole folder shares one boot; under TCG, Python runs some 20 times slower than on the host.
+VM_SUITE_TIMEOUT_S = int(os.environ.get("NYDUS_EROFS_VM_SUITE_TIMEOUT", "1200"))
+
+
+@pytest.mark.vm
+@pytest.mark.network
+def test_vm_suite_passes_in_the_vm(tmp_path: Path, comparison: Any) -> None:
+    assert run_vm.hidden_in_guest(tmp_path.resolve()) is None, f"{tmp_path} is hidden in the guest"
+    cmd = [str(RUN_VM), "--net", "--timeout", str(VM_SUITE_TIMEOUT_S), "--",
+           sys.executable, "-m", "pytest", "tests/vm", "-q", "-rfEs", "--color=no", "--durations=5",
+           # The root is read-only in the guest: no .pytest_cache. No VM test uses hypothesis, whose pytest
+           # plugin imports all of hypothesis at the session's end (tens of seconds under TCG).
+           "-p", "no:cacheprovider", "-p", "no:hypothesispytest"]
+    with serve_for_vm(tmp_path) as served:  # the servers stop when the VM is done
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                              env={**os.environ, **served}, timeout=VM_SUITE_TIMEOUT_S + 120)
+    report = f"$ {' '.join(cmd)}\n--- stdout ---\n{done.stdout}\n--- stderr ---\n{done.stderr}"
+    comparison.relay(done.stdout, prefix="VM: ")  # the guest's benchmark comparisons, in the host's summary
+    assert done.returncode == 0, report
+    summary = done.stdout.strip().splitlines()[-1]
+    assert re.search(r"\d+ passed", summary), report
+    if os.environ.get("CI"):
+        assert "skipped" not in summary, "VM tests must run in CI, not skip:\n" + report

@@ -1,0 +1,115 @@
+"""An image whose blob the test VM fetches over the network from servers on the host.
+
+The host side, :func:`serve_for_vm` (tests/kernel_test/test_vm_suite.py), builds an image with
+``nydus-erofs build``, serves its blob from a plain HTTP server (:class:`tests.support.registry.Front`) and from a
+real docker-registry (pushed, Basic auth), both on the host's 127.0.0.1, and describes all that in a JSON file
+(:class:`Served`) whose path it puts in ``$NYDUS_EROFS_VM_REMOTE``.  The VM boots with ``run-vm --net``, where the
+host's 127.0.0.1 is ``$VM_HOST``; tests/vm/test_remote_backends.py reads the description with :func:`load`.
+Everything the guest needs from the host (bootstrap, source tree, the source's snapshot) is under the host's temp
+dir, which the guest sees over 9p.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV = "NYDUS_EROFS_VM_REMOTE"
+REPO = "vm/remote"
+MiB = 1 << 20
+BIG_MIB = 16  # the file ``big``: BIG_MIB distinct 1 MiB chunks, so a partial read is a small part of the blob
+NYDUS_EROFS = Path(sys.executable).parent / "nydus-erofs"
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the host serves to the VM (host paths, visible in the guest over the 9p root; ports on the host's
+    127.0.0.1, which is ``$VM_HOST`` in the guest)."""
+
+    image_dir: str  # image.boot (the blobs/ beside it are what the servers serve; the guest never reads them)
+    source: str  # the tree the image was built from
+    snapshot: str  # pickled tests.support.fstree.snapshot(source), taken on the host
+    blob_id: str
+    blob_size: int
+    http_port: int | None = None  # GET http://HOST:PORT/<blob id>
+    registry_port: int | None = None  # docker-registry, /v2/REPO/blobs/sha256:<blob id>
+    registry_repo: str = REPO
+    registry_auth: str = ""  # user:pass
+    missing: dict[str, str] = field(default_factory=dict)  # backend -> why the host does not serve it
+
+    def expected_snapshot(self) -> dict[bytes, tuple]:
+        with open(self.snapshot, "rb") as f:
+            return pickle.load(f)  # written by serve_for_vm on the host, from our own snapshot()
+
+
+def load() -> Served | None:
+    """The description :func:`serve_for_vm` wrote, or None when ``$NYDUS_EROFS_VM_REMOTE`` is unset."""
+    path = os.environ.get(ENV)
+    if not path:
+        return None
+    return Served(**json.loads(Path(path).read_text()))
+
+
+def _source(root: Path) -> Path:
+    """tests/support/rootfs.py's tree (a small directory, for TCG) plus ``big``."""
+    from tests.support.rootfs import T0, make_rootfs
+
+    make_rootfs(root, entries=150)
+    body = os.urandom(MiB)
+    with open(root / "big", "wb") as f:
+        for i in range(BIG_MIB):  # every chunk differs: no dedup, the blob holds all of them
+            f.write(struct.pack("<Q", i) + body[8:])
+    os.utime(root, ns=(T0 * 10**9, T0 * 10**9))
+    return root
+
+
+def _build(source: Path, out: Path) -> dict[str, Any]:
+    cmd = [str(NYDUS_EROFS), "build", str(source), "--output-dir", str(out), "--json",
+           "--compressor", "zstd", "--chunk-size", "1MiB"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"nydus-erofs build failed: {done.stderr.strip()}")
+    return json.loads(done.stdout)
+
+
+@contextmanager
+def serve_for_vm(tmp: Path) -> Iterator[dict[str, str]]:
+    """Build the image under ``tmp``, serve its blob over HTTP and from a registry on 127.0.0.1, and yield the
+    environment to give run-vm (``$NYDUS_EROFS_VM_REMOTE``); the servers stop on exit.  A registry that is not
+    installed is recorded in ``missing`` (the guest test fails in CI, skips elsewhere)."""
+    from cachefilesd_py.backends.registry import push_blob
+    from tests.support.fstree import snapshot
+    from tests.support.registry import TEST_PASSWORD, TEST_USER, Front, RegistryServer, registry_binary
+
+    source = _source(tmp / "source")
+    image = tmp / "image"
+    out = _build(source, image)
+    (blob,) = out["blobs"]
+    blob_path = image / "blobs" / blob["id"]
+    snap = tmp / "snapshot.pickle"
+    snap.write_bytes(pickle.dumps(snapshot(source)))
+    served: dict[str, Any] = {"image_dir": str(image), "source": str(source), "snapshot": str(snap),
+                              "blob_id": blob["id"], "blob_size": blob_path.stat().st_size, "missing": {}}  # fmt: skip
+    with ExitStack() as stack:
+        front = stack.enter_context(Front(directory=image / "blobs"))
+        served["http_port"] = int(front.host.rsplit(":", 1)[1])
+        if registry_binary() is None:
+            served["missing"]["registry"] = "docker-registry is not installed (setup.sh installs it)"
+        else:
+            registry = stack.enter_context(RegistryServer(tmp / "registry", htpasswd=True))
+            auth = f"{TEST_USER}:{TEST_PASSWORD}"
+            digest = push_blob(registry.host, REPO, blob_path, plain_http=True, docker_config=False, auth=auth)
+            assert digest == f"sha256:{blob['id']}", digest
+            served.update(registry_port=registry.port, registry_auth=auth)
+        description = tmp / "served.json"
+        description.write_text(json.dumps(asdict(Served(**served))))
+        yield {ENV: str(description)}
