@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 #: external command → the Debian 12 package that installs it (``dpkg -S``), and who runs it
 COMMANDS = {
