@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from erofs.builder import build_directory, check_options
+from erofs.build.builder import build_directory, check_options
 
 SOURCE = Path("/usr/share")
 

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from erofs import codec
-from erofs.blob import BlobInfo, BlobWriter
-from erofs.tree import ChunkRef
+from erofs.build.blob import BlobInfo, BlobWriter
+from erofs.build.tree import ChunkRef
 
 ChunkIndex = dict[tuple[bytes, int], ChunkRef]
 

@@ -11,12 +11,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from erofs.blob import BlobInfo
-from erofs.bootstrap import ImageOptions
-from erofs.chunker import ChunkIndex
+from erofs.build.blob import BlobInfo
+from erofs.build.bootstrap import ImageOptions
+from erofs.build.chunker import ChunkIndex
 from erofs.errors import ImageError, SourceError
 from erofs.reader.bootstrap import Bootstrap
-from erofs.tree import ChunkRef
+from erofs.build.tree import ChunkRef
 
 BLOCK = 4096
 

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from erofs.bootstrap import ImageOptions
-from erofs.builder import BOOTSTRAP_NAME, BuildResult
+from erofs.build.bootstrap import ImageOptions
+from erofs.build.builder import BOOTSTRAP_NAME, BuildResult
 from erofs.errors import SourceError, UsageError
 from erofs.paths import make_dirs, remove_stale_temps, temp_prefix
-from erofs.source_oci import DEFAULT_PLATFORM, MT_MANIFEST, REF_NAME, OciLayout, parse_platform, parse_reference
-from erofs.sources import build_image
+from erofs.build.sources.oci import DEFAULT_PLATFORM, MT_MANIFEST, REF_NAME, OciLayout, parse_platform, parse_reference
+from erofs.build.builder import build_image
 
 MT_CONFIG = "application/vnd.oci.image.config.v1+json"
 MT_NYDUS_BLOB = "application/vnd.oci.image.layer.nydus.blob.v1"

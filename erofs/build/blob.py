@@ -21,7 +21,7 @@ from pathlib import Path
 
 from erofs import codec
 from erofs.format import rafs_v6 as r
-from erofs.tree import ChunkRef
+from erofs.build.tree import ChunkRef
 
 BLOCK = 4096
 _ZEROS = bytes(BLOCK)
