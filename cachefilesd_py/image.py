@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 
 from erofs.errors import ImageError
+from erofs.format.rafs_v6 import BlobInfo
 from erofs.reader.blob import BlobMeta
-from erofs.reader.bootstrap import BlobInfo, Bootstrap
+from erofs.reader.bootstrap import Bootstrap
 
 from .backends import BlobBackend
 from .pipeline import BlobHandle

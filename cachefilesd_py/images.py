@@ -22,8 +22,9 @@ from pathlib import Path
 from cachefilesd_py.backends import BlobBackend, make_backend
 from cachefilesd_py.pipeline import BlobHandle
 from erofs.errors import ImageError, NydusErofsError
+from erofs.format.rafs_v6 import BlobInfo
 from erofs.reader.blob import BlobMeta
-from erofs.reader.bootstrap import BlobInfo, Bootstrap
+from erofs.reader.bootstrap import Bootstrap
 
 __all__ = [
     "BOOTSTRAP_NAME",

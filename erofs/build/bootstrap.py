@@ -23,10 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from erofs.build import xattr
-from erofs.build.blob import BlobInfo
 from erofs.errors import SourceError
 from erofs.format import erofs_fs as e
 from erofs.format import rafs_v6 as r
+from erofs.format.rafs_v6 import BlobInfo
 from erofs.build.tree import ChunkRef, Node
 
 BLK = e.EROFS_BLKSIZ
@@ -316,7 +316,7 @@ def write_bootstrap(path: str | os.PathLike[str], root: Node, blobs: Sequence[Bl
         slot = e.erofs_deviceslot.pack(tag=b.blob_id.encode(), blocks=b.uncompressed_size // BLK)
         off = r.RAFSV6_DEVTABLE_OFFSET + i * e.EROFS_DEVT_SLOT_SIZE
         img[off : off + len(slot)] = slot
-        entry = b.blob_table_entry()
+        entry = b.pack()
         img[blob_table_off + i * r.RafsV6Blob.size : blob_table_off + (i + 1) * r.RafsV6Blob.size] = entry
     sb = e.erofs_super_block.pack(
         magic=e.EROFS_SUPER_MAGIC_V1,

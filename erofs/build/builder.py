@@ -18,7 +18,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from erofs.build.blob import BlobInfo
 from erofs.build.bootstrap import ImageOptions, write_bootstrap
 from erofs.build.chunk_dict import load_chunk_dict
 from erofs.build.chunker import ChunkIndex, ChunkStore
@@ -26,6 +25,7 @@ from erofs.build.overlay import merge_layers
 from erofs.build.sources.dir import DirLayer, read_directory
 from erofs.build.sources.layers import layers_of
 from erofs.build.tree import Node
+from erofs.format.rafs_v6 import BlobInfo
 from erofs.errors import SourceError, UsageError
 from erofs.format import rafs_v6 as r
 from erofs.paths import make_dirs, remove_dirs, remove_stale_temps, temp_prefix

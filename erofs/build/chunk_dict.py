@@ -11,9 +11,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from erofs.build.blob import BlobInfo
 from erofs.build.bootstrap import ImageOptions
 from erofs.build.chunker import ChunkIndex
+from erofs.format.rafs_v6 import BlobInfo
 from erofs.errors import ImageError, SourceError
 from erofs.reader.bootstrap import Bootstrap
 from erofs.build.tree import ChunkRef
@@ -47,7 +47,7 @@ def load_chunk_dict(bootstrap: str | os.PathLike[str], blob_dir: str | os.PathLi
             raise SourceError(f"{where}: chunk size {boot.chunk_size} differs from this build's {opts.chunk_size}")
         blobs: list[BlobInfo] = []
         files: dict[str, Path] = {}
-        for i, b in enumerate(boot.blobs):
+        for b in boot.blobs:
             if b.digester != opts.digester:
                 raise SourceError(f"{where}: blob {b.blob_id} uses digester {b.digester}, this build {opts.digester}")
             if b.compressor != opts.compressor:
@@ -64,14 +64,7 @@ def load_chunk_dict(bootstrap: str | os.PathLike[str], blob_dir: str | os.PathLi
             if size != b.compressed_size:
                 raise SourceError(f"{where}: blob file {blob_file} has {size} bytes, the dict says {b.compressed_size}")
             files[b.blob_id] = blob_file
-            blobs.append(BlobInfo(
-                blob_id=b.blob_id, blob_index=i, chunk_size=b.chunk_size, chunk_count=b.chunk_count,
-                compressor=b.compressor, digester=b.digester, features=b.features,
-                compressed_size=b.compressed_size, uncompressed_size=b.uncompressed_size,
-                ci_compressor=b.ci_compressor, ci_offset=b.ci_offset, ci_compressed_size=b.ci_compressed_size,
-                ci_uncompressed_size=b.ci_uncompressed_size, blob_toc_size=b.blob_toc_size,
-                blob_toc_digest=b.blob_toc_digest or bytes(32),
-            ))  # fmt: skip
+            blobs.append(b)
         known: ChunkIndex = {}
         for n, c in enumerate(boot.chunk_table):
             if c.blob_index >= len(blobs) or c.index >= blobs[c.blob_index].chunk_count:

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from erofs import codec
-from erofs.build.blob import BlobInfo, BlobWriter
+from erofs.build.blob import BlobWriter
+from erofs.format.rafs_v6 import BlobInfo
 from erofs.build.tree import ChunkRef
 
 ChunkIndex = dict[tuple[bytes, int], ChunkRef]

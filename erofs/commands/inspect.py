@@ -107,7 +107,7 @@ def image_info(bs: Bootstrap) -> dict[str, Any]:
         info["blobs"] = [
             {
                 "id": b.blob_id,
-                "index": b.index,
+                "index": b.blob_index,
                 "compressed_size": b.compressed_size,
                 "uncompressed_size": b.uncompressed_size,
                 "chunk_count": b.chunk_count,

@@ -19,13 +19,11 @@ import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-import lz4.block
-import zstandard
-
-from erofs.codec import chunk_digest, decompress_chunk
+from erofs.codec import chunk_digest, decompress
 from erofs.errors import BackendError, DigestMismatchError, ImageError
 from erofs.format import rafs_v6 as rv
-from erofs.reader.bootstrap import BlobInfo, Bootstrap, compressor_name
+from erofs.format.rafs_v6 import BlobInfo, compressor_name
+from erofs.reader.bootstrap import Bootstrap
 from erofs.reader.source import BlobSource
 
 MAX_CHUNK_SIZE = rv.RAFS_MAX_CHUNK_SIZE  # 16 MiB: no chunk, compressed or not, may claim more
@@ -36,11 +34,7 @@ _TAR = rv.TAR_BLOCK_SIZE
 _CI = struct.Struct("<QQ")
 _MASK_D_OFF = 0xFFF_FFFF_F000
 _MASK_C_OFF = 0xFF_FFFF_FFFF
-_TOC_FLAG_COMPRESSORS = {
-    rv.TOC_FLAG_COMPRESSION_NONE: "none",
-    rv.TOC_FLAG_COMPRESSION_ZSTD: "zstd",
-    rv.TOC_FLAG_COMPRESSION_LZ4_BLOCK: "lz4_block",
-}
+_TOC_FLAG_COMPRESSORS = {flag: name for name, flag in rv.TOC_FLAG_COMPRESSORS.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,22 +62,10 @@ def _tar_name_and_size(hdr: bytes | memoryview) -> tuple[bytes, int]:
 
 
 def _decompress(compressor: str, data: bytes | memoryview, size: int, what: str) -> bytes:
-    if compressor == "none":
-        if len(data) != size:
-            raise ImageError(f"{what}: stored size {len(data)} does not match its uncompressed size {size}")
-        return bytes(data)
     try:
-        if compressor == "zstd":
-            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
-        elif compressor == "lz4_block":
-            out = lz4.block.decompress(data, uncompressed_size=size)
-        else:
-            raise ImageError(f"{what}: unsupported compressor {compressor}")
-    except (zstandard.ZstdError, lz4.block.LZ4BlockError) as e:
-        raise ImageError(f"{what}: corrupt {compressor} data: {e}") from None
-    if len(out) != size:
-        raise ImageError(f"{what}: decompressed to {len(out)} bytes, expected {size}")
-    return out
+        return decompress(compressor, data, size)
+    except ImageError as e:
+        raise ImageError(f"{what}: {e}") from None
 
 
 class BlobMeta:
@@ -215,7 +197,7 @@ class BlobMeta:
             buf = bytearray(32 * n)
             have = 0
             for c in bootstrap.chunk_table:
-                if c.blob_index == blob.index and c.index < n:
+                if c.blob_index == blob.blob_index and c.index < n:
                     buf[32 * c.index : 32 * c.index + 32] = c.digest
                     have += 1
             digests = bytes(buf) if have else None
@@ -316,10 +298,8 @@ class BlobMeta:
         if len(raw) != c_size:
             raise ImageError(f"blob {self.blob_id}: chunk {ci}: got {len(raw)} stored bytes, expected {c_size}")
         if c_size != d_size:
-            try:
-                data: bytes | memoryview = decompress_chunk(self.compressor, raw, d_size)
-            except ImageError as e:
-                raise ImageError(f"blob {self.blob_id}: chunk {ci} (at {c_off}): {e}") from None
+            where = f"blob {self.blob_id}: chunk {ci} (at {c_off})"
+            data: bytes | memoryview = _decompress(self.compressor, raw, d_size, where)
         else:
             data = raw
         want = self.digest(ci)

@@ -13,7 +13,7 @@ import os
 import stat
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, NamedTuple
 
@@ -22,6 +22,7 @@ import crc32c
 from erofs.errors import ImageError, UsageError
 from erofs.format import erofs_fs as fs
 from erofs.format import rafs_v6 as rv
+from erofs.format.rafs_v6 import BlobInfo
 
 # ---------------------------------------------------------------------------------------------------------------
 # superblock checksum
@@ -50,19 +51,9 @@ def erofs_superblock_csum(block0: bytes | memoryview, blkszbits: int = fs.EROFS_
 # ---------------------------------------------------------------------------------------------------------------
 # value types
 
-COMPRESSOR_NAMES = {v: k for k, v in rv.COMPRESSORS.items()}
-DIGESTER_NAMES = {v: k for k, v in rv.DIGESTERS.items()}
 _LAYOUT_NAMES = {0: "flat_plain", 1: "compressed_full", 2: "flat_inline", 3: "compressed_compact", 4: "chunk_based"}
 _NULL = fs.EROFS_NULL_ADDR
 _MAX_DIR_DEPTH = 4096
-
-
-def compressor_name(algo: int) -> str:
-    return COMPRESSOR_NAMES.get(algo, f"unknown-{algo}")
-
-
-def digester_name(algo: int) -> str:
-    return DIGESTER_NAMES.get(algo, f"unknown-{algo}")
 
 
 def _cstr(raw: bytes) -> bytes:
@@ -82,34 +73,6 @@ class Device:
     def key(self) -> str:
         """Name to fetch this device by: its tag, or ``device<N>`` when the tag is empty (mkfs.erofs --blobdev)."""
         return self.tag or f"device{self.index + 1}"
-
-
-@dataclass(frozen=True, slots=True)
-class BlobInfo:
-    """One entry of the RAFS v6 blob table."""
-
-    index: int
-    blob_id: str
-    chunk_size: int
-    chunk_count: int
-    compressor: str
-    digester: str
-    features: int
-    compressed_size: int
-    uncompressed_size: int
-    blob_toc_size: int
-    ci_compressor: str
-    ci_offset: int
-    ci_compressed_size: int
-    ci_uncompressed_size: int
-    blob_toc_digest: bytes | None
-    blob_meta_digest: bytes | None
-    blob_meta_size: int
-    raw: Any = field(repr=False, compare=False)
-
-    @property
-    def has_toc(self) -> bool:
-        return bool(self.features & rv.BLOB_FEATURE_HAS_TOC)
 
 
 class ChunkInfo(NamedTuple):
@@ -355,33 +318,8 @@ class Bootstrap:
         if n > rv.RAFS_MAX_BLOBS:
             raise ImageError(f"blob table: {n} blobs, at most {rv.RAFS_MAX_BLOBS} are addressable")
         self._span(ext.s_blob_table_offset, ext.s_blob_table_size, "blob table")
-        out = []
-        for i in range(n):
-            b = rv.RafsV6Blob.unpack(self.data, ext.s_blob_table_offset + i * rv.RafsV6Blob.size)
-            blob_id = _cstr(b.blob_id).decode("ascii", "backslashreplace")
-            out.append(
-                BlobInfo(
-                    index=i,
-                    blob_id=blob_id,
-                    chunk_size=b.chunk_size,
-                    chunk_count=b.chunk_count,
-                    compressor=compressor_name(b.compression_algo),
-                    digester=digester_name(b.digest_algo),
-                    features=b.features,
-                    compressed_size=b.compressed_size,
-                    uncompressed_size=b.uncompressed_size,
-                    blob_toc_size=b.blob_toc_size,
-                    ci_compressor=compressor_name(b.ci_compressor),
-                    ci_offset=b.ci_offset,
-                    ci_compressed_size=b.ci_compressed_size,
-                    ci_uncompressed_size=b.ci_uncompressed_size,
-                    blob_toc_digest=b.blob_toc_digest if any(b.blob_toc_digest) else None,
-                    blob_meta_digest=b.blob_meta_digest if any(b.blob_meta_digest) else None,
-                    blob_meta_size=b.blob_meta_size,
-                    raw=b,
-                )
-            )
-        return out
+        base = ext.s_blob_table_offset
+        return [BlobInfo.unpack(self.data, base + i * rv.RafsV6Blob.size, i) for i in range(n)]
 
     # -- image-wide properties ----------------------------------------------------------------------------------
     @property
@@ -410,6 +348,12 @@ class Bootstrap:
             if self.flags & bit:
                 return name
         return self.blobs[0].digester if self.blobs else None
+
+    def blob_table_index(self, blob_index: int) -> int:
+        """The ``blob_index`` field the ``blob_index``-th blob-table entry records (it should be its position)."""
+        assert self.ext is not None
+        raw = rv.RafsV6Blob.unpack(self.data, self.ext.s_blob_table_offset + blob_index * rv.RafsV6Blob.size)
+        return raw.blob_index
 
     def blob_by_id(self, blob_id: str) -> BlobInfo:
         for b in self.blobs:
@@ -780,10 +724,10 @@ class Bootstrap:
         the blob's real chunks by uncompressed offset through the chunk table."""
         step = blob.chunk_size
         for f in range(0, length, step):
-            c = self._chunk_by_offset.get((blob.index, boff + f))
+            c = self._chunk_by_offset.get((blob.blob_index, boff + f))
             if c is None:
                 raise ImageError(
                     f"nid {ino.nid}: chunk {i}: no chunk of blob {blob.blob_id} starts at uncompressed offset "
                     f"{boff + f}"
                 )
-            yield FileChunk(foff + f, min(step, length - f), blob.index, c.index, boff + f)
+            yield FileChunk(foff + f, min(step, length - f), blob.blob_index, c.index, boff + f)

@@ -228,8 +228,9 @@ class _Checker:
                 )
         for blob in bs.blobs:
             bid = blob.blob_id
-            if blob.index != bs.blobs.index(blob) or blob.raw.blob_index != blob.index:
-                add(f"blob table entry {bs.blobs.index(blob)} says blob_index {blob.raw.blob_index}", blob=bid)
+            recorded = bs.blob_table_index(blob.blob_index)
+            if recorded != blob.blob_index:
+                add(f"blob table entry {blob.blob_index} says blob_index {recorded}", blob=bid)
             if not bid or any(ch not in "0123456789abcdef" for ch in bid) or len(bid) != 64:
                 add(f"blob id {bid!r} is not a sha256 hex digest", blob=bid)
             if not _pow2_in(blob.chunk_size, rv.RAFS_MIN_CHUNK_SIZE, rv.RAFS_MAX_CHUNK_SIZE):
@@ -398,7 +399,7 @@ class _Checker:
     def data(self) -> None:
         assert self.source is not None
         for blob in self.bs.blobs:
-            self.blob(blob.index)
+            self.blob(blob.blob_index)
         if self.plain_files:
             reader = ImageReader(self.bs, self.source)
             for path, ino in self.plain_files:
