@@ -170,7 +170,7 @@ def _serve(args: argparse.Namespace, device: CachefilesDevice, api_sock: socket.
     """The worker: image store, daemon and API, until SIGTERM."""
     from cachefilesd_py.api import ApiServer
     from cachefilesd_py.daemon import Daemon
-    from cachefilesd_py.images import ImageStore
+    from cachefilesd_py.image_store import ImageStore
 
     store = ImageStore(args.images_dir, _make_backend(args))
     daemon = Daemon(device, store, threads=args.threads, amplify=args.amplify)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from erofs.reader.backend import LocalBlobDir
 from erofs.reader.blob import BlobMeta
 from erofs.reader.bootstrap import Bootstrap
-from erofs.reader.source import LocalBlobDir
 from tests.fstree import assert_same_tree, image_devices
 from tests.kernel import erofs_file_backed_mounts, mount_erofs
 

@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 
 from cachefilesd_py.backends import make_backend
+from cachefilesd_py.blob_handles import open_image
 from cachefilesd_py.fanotify_mount import (
     TEST_BACKOFF_ENV,
     Supervisor,
@@ -39,7 +40,6 @@ from cachefilesd_py.fanotify_mount import (
     prepare_cache_files,
     probe_pre_content,
 )
-from cachefilesd_py.image import open_image
 from cachefilesd_py.inotify import Inotify
 from cachefilesd_py.kmount import (
     RUN_DIR_ENV,

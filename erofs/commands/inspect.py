@@ -13,7 +13,8 @@ import click
 from erofs.errors import UsageError
 from erofs.format import erofs_fs as fs
 from erofs.format import rafs_v6 as rv
-from erofs.reader.bootstrap import Bootstrap, Inode
+from erofs.reader.bootstrap import Bootstrap
+from erofs.reader.records import Inode
 
 _COMPAT = {
     fs.EROFS_FEATURE_COMPAT_SB_CHKSUM: "sb_csum",

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from erofs.errors import ImageError, UsageError
 from erofs.paths import make_dirs, remove_dirs, remove_stale_temps, temp_prefix
-from erofs.reader.bootstrap import Dirent, Inode
 from erofs.reader.data import ImageReader
+from erofs.reader.records import Dirent, Inode
 
 _ZEROS = bytes(1 << 20)
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cachefilesd_py.backends import BlobBackend, make_backend
+from cachefilesd_py.blob_handles import blob_handle
 from cachefilesd_py.pipeline import BlobHandle
 from erofs.errors import ImageError, NydusErofsError
 from erofs.format.rafs_v6 import BlobInfo
-from erofs.reader.blob import BlobMeta
 from erofs.reader.bootstrap import Bootstrap
 
 __all__ = [
@@ -121,8 +121,7 @@ class BlobEntry:
             return handle
         with self._lock:
             if self._handle is None:
-                meta = BlobMeta.load(self.backend, self.info, self.image.bootstrap)
-                self._handle = BlobHandle(self.blob_id, meta, self.backend)
+                self._handle = blob_handle(self.image.bootstrap, self.info, self.backend)
             return self._handle
 
     def __repr__(self) -> str:
