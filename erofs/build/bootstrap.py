@@ -264,7 +264,7 @@ def write_bootstrap(path: str | os.PathLike[str], root: Node, blobs: Sequence[Bl
         if rec.extended:
             raw = e.erofs_inode_extended.pack(
                 i_format=i_format, i_xattr_icount=rec.xattr_icount, i_mode=node.mode & 0xFFFF, i_size=node.size,
-                i_u=i_u, i_ino=rec.ino, i_uid=node.uid, i_gid=node.gid, i_mtime=node.mtime,
+                i_u=i_u, i_ino=rec.ino, i_uid=node.uid, i_gid=node.gid, i_mtime=e.erofs_time_encode(node.mtime),
                 i_mtime_nsec=node.mtime_nsec, i_nlink=rec.nlink,
             )  # fmt: skip
         else:
@@ -324,7 +324,7 @@ def write_bootstrap(path: str | os.PathLike[str], root: Node, blobs: Sequence[Bl
         blkszbits=e.EROFS_BLKSIZ_BITS,
         root_nid=root_nid,
         inos=len(recs),
-        build_time=build_time[0],
+        build_time=e.erofs_time_encode(build_time[0]),
         build_time_nsec=build_time[1],
         blocks=total // BLK,
         meta_blkaddr=meta_blkaddr,

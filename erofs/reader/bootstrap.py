@@ -128,6 +128,7 @@ class Bootstrap:
         if self.meta_base >= self.size:
             raise ImageError(f"superblock: meta_blkaddr {sb.meta_blkaddr} is past the end of the image")
         self.root_nid = sb.root_nid
+        self.build_time = fs.erofs_time_decode(sb.build_time)  # the time of every compact inode
         self.is_rafs = bool(sb.feature_compat & rv.EROFS_FEATURE_COMPAT_RAFS_V6)
         self.devices = self._read_devices()
         self.device_mask = 0
@@ -270,7 +271,7 @@ class Bootstrap:
             r = self._struct(fs.erofs_inode_extended, off, f"nid {nid}")
             ino = Inode(
                 nid, off, fmt, True, layout, r.i_mode, r.i_nlink, r.i_size, r.i_u,
-                r.i_uid, r.i_gid, r.i_mtime, r.i_mtime_nsec, r.i_xattr_icount,
+                r.i_uid, r.i_gid, fs.erofs_time_decode(r.i_mtime), r.i_mtime_nsec, r.i_xattr_icount,
             )  # fmt: skip
         else:
             if off // self.blksz != (off + 31) // self.blksz:
@@ -278,7 +279,7 @@ class Bootstrap:
             r = fs.erofs_inode_compact.unpack(self.data, off)
             ino = Inode(
                 nid, off, fmt, False, layout, r.i_mode, r.i_nlink, r.i_size, r.i_u,
-                r.i_uid, r.i_gid, self.sb.build_time, self.sb.build_time_nsec, r.i_xattr_icount,
+                r.i_uid, r.i_gid, self.build_time, self.sb.build_time_nsec, r.i_xattr_icount,
             )  # fmt: skip
         if file_type_of_mode(ino.mode) == fs.EROFS_FT_UNKNOWN:
             raise ImageError(f"nid {nid}: invalid file mode {ino.mode:#o}")
@@ -327,7 +328,10 @@ class Bootstrap:
             raise ImageError(f"nid {ino.nid}: symlink target length {ino.size} is invalid")
         if ino.layout == fs.EROFS_INODE_CHUNK_BASED:
             raise ImageError(f"nid {ino.nid}: symlink with chunk-based data")
-        return self._flat_data(ino)
+        target = self._flat_data(ino)
+        if b"\0" in target:  # no path holds one: the kernel would show a shortened target
+            raise ImageError(f"nid {ino.nid}: symlink target holds a NUL byte")
+        return target
 
     # -- directories --------------------------------------------------------------------------------------------
     def _dir_blocks(self, ino: Inode) -> Iterator[tuple[int, memoryview]]:

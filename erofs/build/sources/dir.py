@@ -21,9 +21,10 @@ def _xattrs(path: bytes) -> dict[bytes, bytes]:
             return {}
         raise
     out = {}
-    for name in names:
+    for text in names:
+        name = os.fsencode(text)  # xattr names are bytes, UTF-8 or not
         try:
-            out[name.encode()] = os.getxattr(path, name, follow_symlinks=False)
+            out[name] = os.getxattr(path, name, follow_symlinks=False)
         except OSError as e:
             if e.errno != errno.ENODATA:
                 raise

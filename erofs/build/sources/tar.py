@@ -28,15 +28,13 @@ from erofs.build.sources.stream import READ_SIZE, LayerStream, open_source
 from erofs.build.tree import LINK_PLACEHOLDER_MODE, ChunkRef, LayerTree, Node, is_placeholder
 from erofs.build.xattr import check_xattrs
 from erofs.errors import NydusErofsError, SourceError
-from erofs.format.erofs_fs import EROFS_NAME_LEN
+from erofs.format.erofs_fs import EROFS_NAME_LEN, TIME64_MAX, TIME64_MIN
 
 _HEADER_READ = 16 << 10  # tarfile's read-ahead: small, since member data bypasses it
 MAX_MAJOR = (1 << 12) - 1  # new_encode_dev: 12-bit major, 20-bit minor
 MAX_MINOR = (1 << 20) - 1
 _MAX_SYMLINK = 4095
 _MAX_SPARSE_CHUNKS = 1 << 22  # a sparse file's chunk indexes stay under 32 MiB of bootstrap
-_U64 = 1 << 64
-_S64_MIN = -(1 << 63)
 
 
 # ---- names, times, numbers ---------------------------------------------------------------------
@@ -84,10 +82,9 @@ def parse_pax_time(text: str, member: str) -> tuple[int, int]:
 
 
 def _check_time(sec: int, member: str) -> int:
-    if not _S64_MIN <= sec < _U64 // 2:
-        raise SourceError(f"member {member!r}: timestamp {sec} is out of range for EROFS (64-bit seconds)")
-    if sec < 0:
-        raise SourceError(f"member {member!r}: timestamp {sec} is before 1970, which EROFS does not store")
+    """``sec`` if EROFS can store it: any signed 64-bit time, before 1970 too (as mkfs.erofs does)."""
+    if not TIME64_MIN <= sec <= TIME64_MAX:
+        raise SourceError(f"member {member!r}: timestamp {sec} is out of range for EROFS (signed 64-bit seconds)")
     return sec
 
 
