@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
         except OSError as e:
             raise _Usage(f"--cache-dir {args.cache_dir}: cannot create it: {e.strerror}") from None
         device.bind(args.cache_dir, args.tag)
-        from cachefilesd_py import daemon, images  # noqa: F401 - loaded once here, not again in each new worker
+        from cachefilesd_py import daemon, image_store  # noqa: F401 - loaded once here, not again in each new worker
         from cachefilesd_py.api import listen
         from cachefilesd_py.supervisor import Supervisor
 

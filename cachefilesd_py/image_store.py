@@ -24,6 +24,7 @@ from cachefilesd_py.blob_handles import blob_handle
 from cachefilesd_py.pipeline import BlobHandle
 from erofs.errors import ImageError, NydusErofsError
 from erofs.format.rafs_v6 import BlobInfo
+from erofs.paths import BLOBS_DIR, BOOTSTRAP_NAME
 from erofs.reader.bootstrap import Bootstrap
 
 __all__ = [
@@ -36,8 +37,6 @@ __all__ = [
     "parse_volume_key",
 ]
 
-BOOTSTRAP_NAME = "image.boot"
-BLOBS_DIR = "blobs"
 _NAME = re.compile(r"[A-Za-z0-9._:+=@-]{1,255}")
 
 

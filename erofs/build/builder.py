@@ -28,10 +28,8 @@ from erofs.build.tree import Node
 from erofs.format.rafs_v6 import BlobInfo
 from erofs.errors import SourceError, UsageError
 from erofs.format import rafs_v6 as r
-from erofs.paths import make_dirs, remove_dirs, remove_stale_temps, temp_prefix
+from erofs.paths import BLOBS_DIR, BOOTSTRAP_NAME, make_dirs, remove_dirs, remove_stale_temps, temp_prefix
 
-BOOTSTRAP_NAME = "image.boot"
-BLOBS_DIR = "blobs"
 BUILD_TEMP = ".nydus-erofs-build-"  # + owner + random: the temporary directory inside OUT
 
 

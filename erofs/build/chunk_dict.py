@@ -14,6 +14,7 @@ from pathlib import Path
 from erofs.build.bootstrap import ImageOptions
 from erofs.build.chunker import ChunkIndex
 from erofs.format.rafs_v6 import BlobInfo
+from erofs.paths import BLOBS_DIR
 from erofs.errors import ImageError, SourceError
 from erofs.reader.bootstrap import Bootstrap
 from erofs.build.tree import ChunkRef
@@ -32,7 +33,7 @@ def load_chunk_dict(bootstrap: str | os.PathLike[str], blob_dir: str | os.PathLi
                     opts: ImageOptions) -> ChunkDict:  # fmt: skip
     """Read the dict image's blobs and chunks; SourceError if it cannot serve a build with ``opts``."""
     path = Path(bootstrap)
-    blobs_at = Path(blob_dir) if blob_dir is not None else path.parent / "blobs"
+    blobs_at = Path(blob_dir) if blob_dir is not None else path.parent / BLOBS_DIR
     where = f"chunk dict {path}"
     try:
         boot = Bootstrap(path)
