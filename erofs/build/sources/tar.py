@@ -1,4 +1,5 @@
-"""A tar layer (plain, gzip or zstd, told apart by content) read as a stream into a layer tree.
+"""A tar layer read as a stream into a layer tree (its bytes, plain, gzip or zstd, come through
+:mod:`erofs.build.sources.stream`).
 
 Nothing is extracted: each member's data flows from the archive straight into the layer's blob through
 the :class:`~erofs.build.chunker.ChunkStore`, and the tree is built by name only (no path is ever resolved on
