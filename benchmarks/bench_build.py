@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.mkfs_erofs import Mkfs
-from erofs.builder import build_directory, check_options
+from erofs.build.builder import build_directory, check_options
 
 SOURCE = Path(os.environ.get("NYDUS_EROFS_BENCH_SOURCE", "/usr/share"))
 

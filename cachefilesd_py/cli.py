@@ -170,7 +170,7 @@ def _serve(args: argparse.Namespace, device: CachefilesDevice, api_sock: socket.
     """The worker: image store, daemon and API, until SIGTERM."""
     from cachefilesd_py.api import ApiServer
     from cachefilesd_py.daemon import Daemon
-    from cachefilesd_py.images import ImageStore
+    from cachefilesd_py.image_store import ImageStore
 
     store = ImageStore(args.images_dir, _make_backend(args))
     daemon = Daemon(device, store, threads=args.threads, amplify=args.amplify)
@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
         except OSError as e:
             raise _Usage(f"--cache-dir {args.cache_dir}: cannot create it: {e.strerror}") from None
         device.bind(args.cache_dir, args.tag)
-        from cachefilesd_py import daemon, images  # noqa: F401 - loaded once here, not again in each new worker
+        from cachefilesd_py import daemon, image_store  # noqa: F401 - loaded once here, not again in each new worker
         from cachefilesd_py.api import listen
         from cachefilesd_py.supervisor import Supervisor
 

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from cachefilesd_py.images import BlobEntry, Image, ImageStore, UnknownImageError, check_name, parse_volume_key
+from cachefilesd_py.image_store import BlobEntry, Image, ImageStore, UnknownImageError, check_name, parse_volume_key
 from cachefilesd_py.pipeline import Pipeline
 from erofs.errors import NydusErofsError
 from fscache.cachefiles import (

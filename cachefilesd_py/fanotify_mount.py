@@ -788,7 +788,7 @@ def run_daemon(*, boot: Path, mountpoint: Path, cache_dir: Path, backend: BlobBa
     final stats go into the runtime record, for ``umount`` (unless the record is another daemon's by then).
     """
     from . import pipeline as pipeline_mod
-    from .image import open_image
+    from .blob_handles import open_image
     from .kmount import MountError, mount_erofs_file_backed, process_start_time, set_mount_readahead, write_record
 
     assert pipeline_mod.PAGE_SIZE == PAGE_SIZE

@@ -405,8 +405,8 @@ def _check_image_and_backend(boot: Path, backend: str, config: dict[str, Any]) -
     """A damaged bootstrap or bad backend options fail here, with their own error, not in the daemon."""
     from erofs.reader.bootstrap import Bootstrap
 
+    from .blob_handles import blob_order
     from .fanotify_mount import backend_from_options
-    from .image import blob_order
 
     with Bootstrap(boot) as bs:
         blob_order(bs)  # a Nydus bootstrap, blob and device tables agreeing
@@ -426,8 +426,8 @@ def _check_cache_not_blobs(cache: Path, config: dict[str, Any]) -> None:
 
 def _mount_full(boot: Path, mp: Path, cache: Path, backend: str, config: dict[str, Any], amplify: int,
                 workers: int) -> None:  # fmt: skip
+    from .blob_handles import open_image
     from .fanotify_mount import backend_from_options, fill_all, prepare_cache_files
-    from .image import open_image
     from .pipeline import Pipeline
 
     be = backend_from_options(backend, config)

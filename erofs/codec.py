@@ -1,4 +1,5 @@
-"""Chunk digests and chunk compression, as Nydus stores them (``utils/src/{compress,digest}.rs``).
+"""Chunk digests, compression and decompression by Nydus compressor, as Nydus stores them
+(``utils/src/{compress,digest}.rs``); the only module that calls the compression libraries for blobs.
 
 Digests are of the uncompressed chunk.  ``lz4_block`` is a raw LZ4 block (no size prefix, no frame),
 ``zstd`` one zstd frame; a chunk that does not shrink is stored raw.  All three C libraries release the GIL.
@@ -41,20 +42,26 @@ def compress_chunk(compressor: str, data: bytes | memoryview) -> bytes | memoryv
     return out if len(out) < len(data) else data
 
 
-def decompress_chunk(compressor: str, data: bytes | memoryview, d_size: int) -> bytes:
-    """Inverse of :func:`compress_chunk` for a chunk stored compressed (``c_size != d_size``).
+def decompress(compressor: str, data: bytes | memoryview, size: int) -> bytes:
+    """The ``size`` bytes stored as ``data`` with ``compressor`` (a Nydus compressor name; ``none``: stored as
+    they are).  The one decompression of chunks and blob metadata, for the reader and the daemon alike.
 
-    Raises :class:`ImageError` on corrupt input or a size mismatch; never returns more than ``d_size``.
+    Raises :class:`ImageError` on corrupt input, a size mismatch or a compressor this project cannot decode;
+    never returns more than ``size`` bytes.
     """
+    if compressor == "none":
+        if len(data) != size:
+            raise ImageError(f"stored size {len(data)} does not match its uncompressed size {size}")
+        return bytes(data)
     try:
         if compressor == "lz4_block":
-            out = lz4.block.decompress(data, uncompressed_size=d_size)
+            out = lz4.block.decompress(data, uncompressed_size=size)
         elif compressor == "zstd":
-            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=d_size)
+            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
         else:
-            raise ImageError(f"chunk is compressed but the blob's compressor is {compressor!r}")
+            raise ImageError(f"unsupported compressor {compressor}")
     except (lz4.block.LZ4BlockError, zstandard.ZstdError) as e:
-        raise ImageError(f"corrupt {compressor} chunk: {e}") from None
-    if len(out) != d_size:
-        raise ImageError(f"{compressor} chunk decompressed to {len(out)} bytes, expected {d_size}")
+        raise ImageError(f"corrupt {compressor} data: {e}") from None
+    if len(out) != size:
+        raise ImageError(f"{compressor} data decompressed to {len(out)} bytes, expected {size}")
     return out

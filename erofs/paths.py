@@ -14,6 +14,9 @@ import stat
 import sys
 from pathlib import Path
 
+# An image directory: what ``build`` writes into OUT, what the daemon serves from IMAGES/<fsid>.
+BOOTSTRAP_NAME = "image.boot"
+BLOBS_DIR = "blobs"  # blob files named by their id
 
 def make_dirs(path: str | os.PathLike[str]) -> list[Path]:
     """``mkdir -p path``; returns the directories it created, outermost first (empty if ``path`` exists)."""

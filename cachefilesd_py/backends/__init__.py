@@ -1,36 +1,21 @@
 """Blob backends: where the daemon fetches chunk ranges of data blobs from.
 
-Every backend has ``read(blob_id, offset, length) -> bytes`` (exactly ``length`` bytes, or
-:class:`~erofs.errors.BackendError` — a range reaching past the end of the blob is an error too),
-``size(blob_id) -> int``, ``close()`` and a :class:`BackendStats` ``stats``.  All are safe to call from many
-threads at once.  :func:`make_backend` builds one by kind: ``localfs``, ``http`` or ``registry``.
+Every backend implements :class:`~erofs.reader.backend.BlobBackend` (defined there, below both the reader and
+the daemon): ``read(blob_id, offset, length)``, ``size(blob_id)``, ``close()`` and ``stats``.
+:func:`make_backend` builds one by kind: ``localfs`` (:class:`~erofs.reader.backend.LocalBlobDir`), ``http``
+or ``registry``.
 """
 
 from __future__ import annotations
 
 import types
 import typing
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from erofs.errors import BackendError
-from erofs.reader.source import BackendStats, LocalBlobDir
+from erofs.reader.backend import BackendStats, BlobBackend, LocalBlobDir
 
 from .retry import RetryPolicy, is_temp_failure, retry
-
-
-@runtime_checkable
-class BlobBackend(Protocol):
-    """Ranged reads of blobs by id (the same protocol as :class:`erofs.reader.source.BlobSource`, plus
-    ``close`` and ``stats``)."""
-
-    stats: BackendStats
-
-    def read(self, blob_id: str, offset: int, length: int) -> bytes: ...
-
-    def size(self, blob_id: str) -> int: ...
-
-    def close(self) -> None: ...
-
 
 KINDS = ("localfs", "http", "registry")
 

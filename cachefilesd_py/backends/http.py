@@ -9,7 +9,7 @@ from dataclasses import fields
 from typing import Any
 
 from erofs.errors import BackendError
-from erofs.reader.source import BackendStats, check_blob_id
+from erofs.reader.backend import BackendStats, check_blob_id
 
 from .retry import PermanentFailure, RetryPolicy, retry
 from .transport import (

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import SplitResult, urlsplit
 
-from erofs.reader.source import BackendStats
+from erofs.reader.backend import BackendStats
 
 from .retry import RETRY_STATUSES, PermanentFailure, TempFailure, parse_retry_after
 

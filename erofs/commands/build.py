@@ -1,4 +1,4 @@
-"""``nydus-erofs build SOURCE... --output-dir OUT`` (sources: see :mod:`erofs.sources`)."""
+"""``nydus-erofs build SOURCE... --output-dir OUT`` (sources: see :mod:`erofs.build.sources.layers`)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import sys
 
 import click
 
-from erofs.builder import check_options
-from erofs.overlay import WHITEOUT_SPECS
-from erofs.sources import build_image
+from erofs.build.builder import build_image, check_options
+from erofs.build.overlay import WHITEOUT_SPECS
 from erofs.units import parse_size
 
 

@@ -11,7 +11,7 @@ from erofs.commands import blob_source_options
 from erofs.errors import ImageError
 from erofs.reader.bootstrap import Bootstrap
 from erofs.reader.check import check_image
-from erofs.reader.data import open_source
+from erofs.reader.data import open_backend
 
 
 @click.command()
@@ -23,21 +23,21 @@ def check(bootstrap: str, blob_dir: str | None, devices: tuple[str, ...], as_jso
 
     Exits 0 only when all is well; otherwise prints one line per problem (naming the file and chunk) and exits 3.
     """
-    source = None
+    backend = None
     total = 0
     if blob_dir is not None or devices:
         try:
             with Bootstrap(bootstrap, verify_checksum=False) as bs:
-                source = open_source(bs, blob_dir, devices)
+                backend = open_backend(bs, blob_dir, devices)
                 total = sum(b.compressed_size for b in bs.blobs)
         except ImageError:
-            source = None  # the report below says what is wrong with the bootstrap
+            backend = None  # the report below says what is wrong with the bootstrap
     progress = None
     bar = None
-    if source is not None and total and not as_json and sys.stderr.isatty():
+    if backend is not None and total and not as_json and sys.stderr.isatty():
         bar = click.progressbar(length=total, label="verifying chunks", file=sys.stderr)
         progress = bar.update
-    report = check_image(bootstrap, source, progress=progress)
+    report = check_image(bootstrap, backend, progress=progress)
     if bar is not None:
         bar.render_finish()
     if as_json:
@@ -48,7 +48,7 @@ def check(bootstrap: str, blob_dir: str | None, devices: tuple[str, ...], as_jso
         summary = f"{report.inodes} inodes ({report.files} files, {report.directories} directories)" + (
             f", {report.blobs_checked} blob(s), {report.chunks_verified} chunks verified "
             f"({report.bytes_verified} bytes)"
-            if source is not None
+            if backend is not None
             else ", blobs not checked (no --blob-dir)"
         )
         if report.ok:

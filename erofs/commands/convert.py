@@ -6,8 +6,8 @@ import json
 
 import click
 
-from erofs.builder import check_options
-from erofs.convert import convert as convert_image
+from erofs.build.builder import check_options
+from erofs.build.convert import convert as convert_image
 from erofs.units import parse_size
 
 

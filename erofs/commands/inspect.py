@@ -13,7 +13,8 @@ import click
 from erofs.errors import UsageError
 from erofs.format import erofs_fs as fs
 from erofs.format import rafs_v6 as rv
-from erofs.reader.bootstrap import Bootstrap, Inode
+from erofs.reader.bootstrap import Bootstrap
+from erofs.reader.records import Inode
 
 _COMPAT = {
     fs.EROFS_FEATURE_COMPAT_SB_CHKSUM: "sb_csum",
@@ -85,7 +86,7 @@ def image_info(bs: Bootstrap) -> dict[str, Any]:
             "blocks": sb.blocks,
             "meta_blkaddr": sb.meta_blkaddr,
             "xattr_blkaddr": sb.xattr_blkaddr,
-            "build_time": sb.build_time,
+            "build_time": bs.build_time,
             "uuid": sb.uuid.hex(),
             "volume_name": sb.volume_name.split(b"\0", 1)[0].decode("utf-8", "replace"),
             "extra_devices": sb.extra_devices,
@@ -107,7 +108,7 @@ def image_info(bs: Bootstrap) -> dict[str, Any]:
         info["blobs"] = [
             {
                 "id": b.blob_id,
-                "index": b.index,
+                "index": b.blob_index,
                 "compressed_size": b.compressed_size,
                 "uncompressed_size": b.uncompressed_size,
                 "chunk_count": b.chunk_count,
@@ -219,7 +220,10 @@ def entry_info(bs: Bootstrap, path: str, ino: Inode, *, chunks: bool = False) ->
 
 def _ls_line(bs: Bootstrap, name: str, ino: Inode) -> str:
     size = f"{ino.rdev[0]}, {ino.rdev[1]}" if ino.is_device else str(ino.size)
-    when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(ino.mtime))
+    try:
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(ino.mtime))
+    except (OverflowError, OSError, ValueError):  # beyond what the C library's calendar holds
+        when = f"@{ino.mtime}"
     line = f"{stat.filemode(ino.mode)} {ino.nlink:>3} {ino.uid:>5} {ino.gid:>5} {size:>10} {when} {name}"
     if ino.is_symlink:
         line += " -> " + os.fsdecode(bs.readlink(ino))

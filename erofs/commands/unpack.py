@@ -9,7 +9,7 @@ import click
 from erofs.commands import blob_source_options
 from erofs.errors import UsageError
 from erofs.reader.bootstrap import Bootstrap
-from erofs.reader.data import ImageReader, open_source
+from erofs.reader.data import ImageReader, open_backend
 from erofs.reader.unpack import unpack_to_dir, unpack_to_tar
 
 
@@ -35,7 +35,7 @@ def unpack(bootstrap: str, blob_dir: str | None, devices: tuple[str, ...], outpu
     """Extract an image with full metadata (run as root for owners and devices); chunk digests are verified."""
     _check_not_an_input(output, bootstrap, blob_dir, devices)
     with Bootstrap(bootstrap) as bs:
-        reader = ImageReader(bs, open_source(bs, blob_dir, devices))
+        reader = ImageReader(bs, open_backend(bs, blob_dir, devices))
         if fmt == "tar" or (fmt == "auto" and output.endswith(".tar")):
             n = unpack_to_tar(reader, output)
         else:

@@ -215,3 +215,21 @@ def erofs_new_encode_dev(major: int, minor: int) -> int:
 def erofs_new_decode_dev(rdev: int) -> tuple[int, int]:
     """``new_decode_dev``: (major, minor) of a stored rdev."""
     return (rdev & 0xFFF00) >> 8, (rdev & 0xFF) | ((rdev >> 12) & 0xFFF00)
+
+
+TIME64_MIN = -(1 << 63)
+TIME64_MAX = (1 << 63) - 1
+
+
+def erofs_time_encode(sec: int) -> int:
+    """A ``time64_t`` (signed seconds; before 1970 is negative) as the ``__le64`` of ``i_mtime`` and the
+    superblock's ``build_time`` hold it: two's complement, which the kernel reads back as ``time64_t``."""
+    if not TIME64_MIN <= sec <= TIME64_MAX:
+        raise OverflowError(f"{sec} seconds does not fit a signed 64-bit time")
+    return sec & ((1 << 64) - 1)
+
+
+def erofs_time_decode(raw: int) -> int:
+    """Inverse of :func:`erofs_time_encode`: the signed seconds of an on-disk ``__le64`` time."""
+    return raw - (1 << 64) if raw >= 1 << 63 else raw
+

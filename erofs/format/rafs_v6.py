@@ -7,6 +7,8 @@ See ``docs/format.md`` §3, §4 and §9.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from erofs.format.cstruct import parse
 
 # ---- bootstrap ---------------------------------------------------------------------------------
@@ -49,6 +51,18 @@ COMPRESSOR_SUPER_FLAGS = {
 DIGESTER_BLAKE3, DIGESTER_SHA256 = 0, 1
 DIGESTERS = {"blake3": DIGESTER_BLAKE3, "sha256": DIGESTER_SHA256}
 DIGESTER_SUPER_FLAGS = {"blake3": RAFS_SUPER_FLAG_HASH_BLAKE3, "sha256": RAFS_SUPER_FLAG_HASH_SHA256}
+COMPRESSOR_NAMES = {v: k for k, v in COMPRESSORS.items()}
+DIGESTER_NAMES = {v: k for k, v in DIGESTERS.items()}
+
+
+def compressor_name(algo: int) -> str:
+    """The name of a compressor id (``unknown-N`` for one this project does not know)."""
+    return COMPRESSOR_NAMES.get(algo, f"unknown-{algo}")
+
+
+def digester_name(algo: int) -> str:
+    return DIGESTER_NAMES.get(algo, f"unknown-{algo}")
+
 
 # BlobFeatures (storage/src/device.rs)
 BLOB_FEATURE_ALIGNED = 0x1
@@ -86,6 +100,11 @@ TOC_ENTRY_BLOB_TOC = b"rafs.blob.toc"
 TOC_FLAG_COMPRESSION_NONE = 0x1
 TOC_FLAG_COMPRESSION_ZSTD = 0x2
 TOC_FLAG_COMPRESSION_LZ4_BLOCK = 0x4
+TOC_FLAG_COMPRESSORS = {
+    "none": TOC_FLAG_COMPRESSION_NONE,
+    "zstd": TOC_FLAG_COMPRESSION_ZSTD,
+    "lz4_block": TOC_FLAG_COMPRESSION_LZ4_BLOCK,
+}
 
 _C = """
 struct RafsV6SuperBlockExt {
@@ -185,6 +204,86 @@ SIZES = {
     "BlobCompressionContextHeader": 4096,
     "TocEntry": 128,
 }
+
+
+def _cstr(raw: bytes) -> bytes:
+    return raw.split(b"\0", 1)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    """One entry of the bootstrap's blob table (a ``RafsV6Blob``), decoded: what the builder records of a
+    finished blob and what readers and the daemon know of it.  ``blob_index`` is the entry's position in the
+    table (how chunks and the kernel's devices address it); all-zero digests read as None."""
+
+    blob_index: int
+    blob_id: str
+    chunk_size: int
+    chunk_count: int
+    compressor: str
+    digester: str
+    features: int
+    compressed_size: int  # the whole blob file
+    uncompressed_size: int  # the 4 KiB aligned data layout
+    ci_compressor: str
+    ci_offset: int
+    ci_compressed_size: int
+    ci_uncompressed_size: int
+    blob_toc_size: int
+    blob_toc_digest: bytes | None = None
+    blob_meta_digest: bytes | None = None
+    blob_meta_size: int = 0
+
+    @property
+    def has_toc(self) -> bool:
+        return bool(self.features & BLOB_FEATURE_HAS_TOC)
+
+    def pack(self) -> bytes:
+        """The blob-table entry."""
+        return RafsV6Blob.pack(
+            blob_id=self.blob_id.encode(),
+            blob_index=self.blob_index,
+            chunk_size=self.chunk_size,
+            chunk_count=self.chunk_count,
+            compression_algo=COMPRESSORS[self.compressor],
+            digest_algo=DIGESTERS[self.digester],
+            features=self.features,
+            compressed_size=self.compressed_size,
+            uncompressed_size=self.uncompressed_size,
+            blob_toc_size=self.blob_toc_size,
+            ci_compressor=COMPRESSORS[self.ci_compressor],
+            ci_offset=self.ci_offset,
+            ci_compressed_size=self.ci_compressed_size,
+            ci_uncompressed_size=self.ci_uncompressed_size,
+            blob_toc_digest=self.blob_toc_digest or bytes(32),
+            blob_meta_digest=self.blob_meta_digest or bytes(32),
+            blob_meta_size=self.blob_meta_size,
+        )
+
+    @classmethod
+    def unpack(cls, buf: bytes | memoryview, offset: int, blob_index: int) -> BlobInfo:
+        """The entry at ``offset`` of ``buf``, the ``blob_index``-th of its table (its own blob_index field is
+        not trusted: :mod:`erofs.reader.check` compares it)."""
+        b = RafsV6Blob.unpack(buf, offset)
+        return cls(
+            blob_index=blob_index,
+            blob_id=_cstr(b.blob_id).decode("ascii", "backslashreplace"),
+            chunk_size=b.chunk_size,
+            chunk_count=b.chunk_count,
+            compressor=compressor_name(b.compression_algo),
+            digester=digester_name(b.digest_algo),
+            features=b.features,
+            compressed_size=b.compressed_size,
+            uncompressed_size=b.uncompressed_size,
+            blob_toc_size=b.blob_toc_size,
+            ci_compressor=compressor_name(b.ci_compressor),
+            ci_offset=b.ci_offset,
+            ci_compressed_size=b.ci_compressed_size,
+            ci_uncompressed_size=b.ci_uncompressed_size,
+            blob_toc_digest=b.blob_toc_digest if any(b.blob_toc_digest) else None,
+            blob_meta_digest=b.blob_meta_digest if any(b.blob_meta_digest) else None,
+            blob_meta_size=b.blob_meta_size,
+        )
 
 
 # ---- bit fields --------------------------------------------------------------------------------

@@ -1,42 +1,39 @@
-"""Reading Nydus RAFS v6 / EROFS images: bootstraps, blobs and file data.
+"""Reading Nydus RAFS v6 / EROFS images: bootstraps, blobs and file data, verified; checking and unpacking them.
+
+Everything read is untrusted: a malformed image is an :class:`~erofs.errors.ImageError`, never another
+exception.  Blobs are read through a :class:`BlobBackend` (the interface the daemon's backends implement too).
 
 Typical use::
 
     bs = Bootstrap("image.boot")
-    src = LocalBlobDir("blobs/")
-    reader = ImageReader(bs, src)
+    backend = LocalBlobDir("blobs/")
+    reader = ImageReader(bs, backend)
     for path, dirent, inode in bs.walk():
         ...
     data = reader.read_file(bs.lookup("/etc/os-release"))
 
-The daemon's path: ``meta = BlobMeta.load(src, bs.blobs[i], bs)``, then for a READ of ``[off, off+len)`` of
-that blob, ``cis = meta.chunks_for_range(off, len)`` and ``read_chunks(src, meta, cis)`` (one ranged read over
+The daemon's path: ``meta = BlobMeta.load(backend, bs.blobs[i], bs)``, then for a READ of ``[off, off+len)`` of
+that blob, ``cis = meta.chunks_for_range(off, len)`` and ``read_chunks(backend, meta, cis)`` (one ranged read over
 adjacent chunks; verified, decompressed); ``meta.chunk(ci)[2]`` is where each chunk goes (uncompressed offset).
 """
 
 from __future__ import annotations
 
+from erofs.format.rafs_v6 import BlobInfo
+from erofs.reader.backend import BackendStats, BlobBackend, BlobFiles, ChainBackend, LocalBlobDir
 from erofs.reader.blob import BlobMeta, TocEntry, plan_reads, read_chunks
-from erofs.reader.bootstrap import (
-    BlobInfo,
-    Bootstrap,
-    ChunkInfo,
-    Device,
-    Dirent,
-    FileChunk,
-    Inode,
-    erofs_superblock_csum,
-)
+from erofs.reader.bootstrap import Bootstrap
 from erofs.reader.data import ImageReader
-from erofs.reader.source import BlobFiles, BlobSource, ChainSource, LocalBlobDir
+from erofs.reader.records import ChunkInfo, Device, Dirent, FileChunk, Inode, erofs_superblock_csum
 
 __all__ = [
+    "BackendStats",
     "BlobFiles",
     "BlobInfo",
     "BlobMeta",
-    "BlobSource",
+    "BlobBackend",
     "Bootstrap",
-    "ChainSource",
+    "ChainBackend",
     "ChunkInfo",
     "Device",
     "Dirent",

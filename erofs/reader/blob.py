@@ -16,17 +16,15 @@ from __future__ import annotations
 import bisect
 import hashlib
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-import lz4.block
-import zstandard
-
-from erofs.codec import chunk_digest, decompress_chunk
+from erofs.codec import chunk_digest, decompress
 from erofs.errors import BackendError, DigestMismatchError, ImageError
 from erofs.format import rafs_v6 as rv
-from erofs.reader.bootstrap import BlobInfo, Bootstrap, compressor_name
-from erofs.reader.source import BlobSource
+from erofs.format.rafs_v6 import BlobInfo, compressor_name
+from erofs.reader.backend import BlobBackend
+from erofs.reader.bootstrap import Bootstrap
 
 MAX_CHUNK_SIZE = rv.RAFS_MAX_CHUNK_SIZE  # 16 MiB: no chunk, compressed or not, may claim more
 MAX_TOC_SIZE = 64 * 1024
@@ -36,11 +34,7 @@ _TAR = rv.TAR_BLOCK_SIZE
 _CI = struct.Struct("<QQ")
 _MASK_D_OFF = 0xFFF_FFFF_F000
 _MASK_C_OFF = 0xFF_FFFF_FFFF
-_TOC_FLAG_COMPRESSORS = {
-    rv.TOC_FLAG_COMPRESSION_NONE: "none",
-    rv.TOC_FLAG_COMPRESSION_ZSTD: "zstd",
-    rv.TOC_FLAG_COMPRESSION_LZ4_BLOCK: "lz4_block",
-}
+_TOC_FLAG_COMPRESSORS = {flag: name for name, flag in rv.TOC_FLAG_COMPRESSORS.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,26 +62,14 @@ def _tar_name_and_size(hdr: bytes | memoryview) -> tuple[bytes, int]:
 
 
 def _decompress(compressor: str, data: bytes | memoryview, size: int, what: str) -> bytes:
-    if compressor == "none":
-        if len(data) != size:
-            raise ImageError(f"{what}: stored size {len(data)} does not match its uncompressed size {size}")
-        return bytes(data)
     try:
-        if compressor == "zstd":
-            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
-        elif compressor == "lz4_block":
-            out = lz4.block.decompress(data, uncompressed_size=size)
-        else:
-            raise ImageError(f"{what}: unsupported compressor {compressor}")
-    except (zstandard.ZstdError, lz4.block.LZ4BlockError) as e:
-        raise ImageError(f"{what}: corrupt {compressor} data: {e}") from None
-    if len(out) != size:
-        raise ImageError(f"{what}: decompressed to {len(out)} bytes, expected {size}")
-    return out
+        return decompress(compressor, data, size)
+    except ImageError as e:
+        raise ImageError(f"{what}: {e}") from None
 
 
 class BlobMeta:
-    """A blob's chunk-info table, digests and ToC, read and verified through a :class:`BlobSource`.
+    """A blob's chunk-info table, digests and ToC, read and verified through a :class:`BlobBackend`.
 
     ``chunk(ci)`` → (c_off, c_size, d_off, d_size); ``digest(ci)``; ``chunks_for_range(off, len)`` maps an
     uncompressed range to chunk indexes; ``decode_chunk(ci, raw)`` decompresses and verifies one chunk.
@@ -124,7 +106,7 @@ class BlobMeta:
 
     # -- loading ------------------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, source: BlobSource, blob: BlobInfo, bootstrap: Bootstrap | None = None) -> BlobMeta:
+    def load(cls, backend: BlobBackend, blob: BlobInfo, bootstrap: Bootstrap | None = None) -> BlobMeta:
         """Read and verify the metadata of ``blob`` (a blob-table entry).
 
         The ToC (when the blob has one) is checked against ``blob_toc_digest`` and each section against its ToC
@@ -132,7 +114,7 @@ class BlobMeta:
         ``blob.digest`` section, else from ``bootstrap``'s chunk table.
         """
         bid = blob.blob_id
-        size = source.size(bid)
+        size = backend.size(bid)
         what = f"blob {bid}"
         n = blob.chunk_count
         if n > rv.RAFS_MAX_CHUNKS_PER_BLOB or n > size:
@@ -144,7 +126,7 @@ class BlobMeta:
         if blob.features & rv.BLOB_FEATURE_ENCRYPTED:
             raise ImageError(f"{what}: encrypted blobs are not supported")
 
-        toc = cls._read_toc(source, blob, size) if (blob.has_toc or blob.blob_toc_size) else None
+        toc = cls._read_toc(backend, blob, size) if (blob.has_toc or blob.blob_toc_size) else None
         toc_start = size if toc is None else size - _TAR - 128 * len(toc)
 
         def read_section(name: str, off: int, c_size: int, d_size: int) -> bytes:
@@ -152,7 +134,7 @@ class BlobMeta:
                 raise ImageError(f"{what}: {name} at {off}+{c_size} is outside the blob ({size} bytes)")
             if c_size > 16 * n + 4096 + 32 * n + 4096 or d_size > 16 * n + 4096 + 32 * n:
                 raise ImageError(f"{what}: {name} claims an implausible size ({c_size} -> {d_size})")
-            raw = source.read(bid, off, c_size)
+            raw = backend.read(bid, off, c_size)
             if len(raw) != c_size:
                 raise BackendError(f"{what}: short read of {name}")
             return raw
@@ -215,7 +197,7 @@ class BlobMeta:
             buf = bytearray(32 * n)
             have = 0
             for c in bootstrap.chunk_table:
-                if c.blob_index == blob.index and c.index < n:
+                if c.blob_index == blob.blob_index and c.index < n:
                     buf[32 * c.index : 32 * c.index + 32] = c.digest
                     have += 1
             digests = bytes(buf) if have else None
@@ -235,7 +217,7 @@ class BlobMeta:
         )
 
     @staticmethod
-    def _read_toc(source: BlobSource, blob: BlobInfo, size: int) -> dict[str, TocEntry]:
+    def _read_toc(backend: BlobBackend, blob: BlobInfo, size: int) -> dict[str, TocEntry]:
         what = f"blob {blob.blob_id}"
         if size < _TAR:
             raise ImageError(f"{what}: {size} bytes is too small to hold a ToC")
@@ -243,7 +225,7 @@ class BlobMeta:
         if blob.blob_toc_size and (blob.blob_toc_size > MAX_TOC_SIZE or (blob.blob_toc_size - _TAR) % 128):
             raise ImageError(f"{what}: blob_toc_size {blob.blob_toc_size} is invalid")
         want = min(want, size)
-        tail = source.read(blob.blob_id, size - want, want)
+        tail = backend.read(blob.blob_id, size - want, want)
         try:
             name, ent_len = _tar_name_and_size(tail[-_TAR:])
         except ImageError as e:
@@ -253,7 +235,7 @@ class BlobMeta:
         if ent_len % 128 or ent_len > MAX_TOC_SIZE or ent_len + _TAR > size:
             raise ImageError(f"{what}: ToC size {ent_len} is invalid")
         if ent_len + _TAR > len(tail):
-            tail = source.read(blob.blob_id, size - ent_len - _TAR, ent_len + _TAR)
+            tail = backend.read(blob.blob_id, size - ent_len - _TAR, ent_len + _TAR)
         toc_bytes = tail[len(tail) - ent_len - _TAR :]
         if blob.blob_toc_size and blob.blob_toc_size != len(toc_bytes):
             raise ImageError(f"{what}: ToC is {len(toc_bytes)} bytes, the blob table says {blob.blob_toc_size}")
@@ -316,10 +298,8 @@ class BlobMeta:
         if len(raw) != c_size:
             raise ImageError(f"blob {self.blob_id}: chunk {ci}: got {len(raw)} stored bytes, expected {c_size}")
         if c_size != d_size:
-            try:
-                data: bytes | memoryview = decompress_chunk(self.compressor, raw, d_size)
-            except ImageError as e:
-                raise ImageError(f"blob {self.blob_id}: chunk {ci} (at {c_off}): {e}") from None
+            where = f"blob {self.blob_id}: chunk {ci} (at {c_off})"
+            data: bytes | memoryview = _decompress(self.compressor, raw, d_size, where)
         else:
             data = raw
         want = self.digest(ci)
@@ -377,13 +357,13 @@ def plan_reads(
         yield start, end - start, group
 
 
-def read_chunks(source: BlobSource, meta: BlobMeta, ci_indexes: Sequence[int] | Iterable[int]) -> Iterator[memoryview]:
+def read_chunks(backend: BlobBackend, meta: BlobMeta, ci_indexes: Iterable[int]) -> Iterator[memoryview]:
     """Fetch → verify → decompress: the uncompressed bytes of each chunk in ``ci_indexes``, in that order.
 
     Adjacent chunks share one ranged read.  Raises DigestMismatchError naming the blob and chunk on damage.
     """
     for start, length, group in plan_reads(meta, ci_indexes):
-        buf = source.read(meta.blob_id, start, length)
+        buf = backend.read(meta.blob_id, start, length)
         if len(buf) != length:
             raise BackendError(f"blob {meta.blob_id}: short read at {start}: {len(buf)} of {length} bytes")
         view = memoryview(buf)

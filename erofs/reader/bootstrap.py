@@ -13,214 +13,31 @@ import os
 import stat
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, NamedTuple
-
-import crc32c
+from typing import Any
 
 from erofs.errors import ImageError, UsageError
 from erofs.format import erofs_fs as fs
 from erofs.format import rafs_v6 as rv
+from erofs.format.rafs_v6 import BlobInfo
+from erofs.reader.records import (
+    LAYOUT_NAMES,
+    ChunkInfo,
+    Device,
+    Dirent,
+    FileChunk,
+    Inode,
+    erofs_superblock_csum,
+    file_type_of_mode,
+)
 
-# ---------------------------------------------------------------------------------------------------------------
-# superblock checksum
-
-_SB_CSUM_OFF = fs.EROFS_SUPER_OFFSET + 4
-
-
-def erofs_superblock_csum(block0: bytes | memoryview, blkszbits: int = fs.EROFS_BLKSIZ_BITS) -> int:
-    """The kernel's ``erofs_superblock_csum_verify`` value for the first block of an image.
-
-    Raw crc32c (seed ~0, no final inversion) over ``[1024, 1024 + len)`` with the checksum field zeroed, where
-    ``len = blksz - 1024`` for blocks larger than 1 KiB (else ``blksz``).
-    """
-    blksz = 1 << blkszbits
-    length = blksz - fs.EROFS_SUPER_OFFSET if blksz > fs.EROFS_SUPER_OFFSET else blksz
-    end = fs.EROFS_SUPER_OFFSET + length
-    if len(block0) < end:
-        raise ImageError(f"superblock: image is {len(block0)} bytes, shorter than its first block ({end})")
-    view = memoryview(block0)
-    crc = crc32c.crc32c(view[fs.EROFS_SUPER_OFFSET : _SB_CSUM_OFF])
-    crc = crc32c.crc32c(b"\0\0\0\0", crc)
-    crc = crc32c.crc32c(view[_SB_CSUM_OFF + 4 : end], crc)
-    return crc ^ 0xFFFFFFFF
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# value types
-
-COMPRESSOR_NAMES = {v: k for k, v in rv.COMPRESSORS.items()}
-DIGESTER_NAMES = {v: k for k, v in rv.DIGESTERS.items()}
-_LAYOUT_NAMES = {0: "flat_plain", 1: "compressed_full", 2: "flat_inline", 3: "compressed_compact", 4: "chunk_based"}
 _NULL = fs.EROFS_NULL_ADDR
 _MAX_DIR_DEPTH = 4096
-
-
-def compressor_name(algo: int) -> str:
-    return COMPRESSOR_NAMES.get(algo, f"unknown-{algo}")
-
-
-def digester_name(algo: int) -> str:
-    return DIGESTER_NAMES.get(algo, f"unknown-{algo}")
 
 
 def _cstr(raw: bytes) -> bytes:
     return raw.split(b"\0", 1)[0]
 
-
-@dataclass(frozen=True, slots=True)
-class Device:
-    """One slot of the EROFS device table (device ``index + 1``)."""
-
-    index: int
-    tag: str
-    blocks: int
-    mapped_blkaddr: int
-
-    @property
-    def key(self) -> str:
-        """Name to fetch this device by: its tag, or ``device<N>`` when the tag is empty (mkfs.erofs --blobdev)."""
-        return self.tag or f"device{self.index + 1}"
-
-
-@dataclass(frozen=True, slots=True)
-class BlobInfo:
-    """One entry of the RAFS v6 blob table."""
-
-    index: int
-    blob_id: str
-    chunk_size: int
-    chunk_count: int
-    compressor: str
-    digester: str
-    features: int
-    compressed_size: int
-    uncompressed_size: int
-    blob_toc_size: int
-    ci_compressor: str
-    ci_offset: int
-    ci_compressed_size: int
-    ci_uncompressed_size: int
-    blob_toc_digest: bytes | None
-    blob_meta_digest: bytes | None
-    blob_meta_size: int
-    raw: Any = field(repr=False, compare=False)
-
-    @property
-    def has_toc(self) -> bool:
-        return bool(self.features & rv.BLOB_FEATURE_HAS_TOC)
-
-
-class ChunkInfo(NamedTuple):
-    """One 80-byte ``RafsV5ChunkInfo`` of the bootstrap chunk table."""
-
-    digest: bytes
-    blob_index: int
-    flags: int
-    compressed_size: int
-    uncompressed_size: int
-    compressed_offset: int
-    uncompressed_offset: int
-    file_offset: int
-    index: int
-    crc32: int
-
-
-class FileChunk(NamedTuple):
-    """A piece of a file's data.
-
-    ``blob_offset is None`` is a hole (reads as zeros).  ``blob_index == -1`` means the bootstrap itself
-    (``blob_offset`` is then a byte offset in the bootstrap); otherwise the RAFS blob index / EROFS device slot,
-    with ``blob_offset`` the uncompressed byte offset in it and ``ci_index`` the chunk's index in the blob's
-    chunk-info table (None for plain EROFS devices, which have no chunk table).
-    """
-
-    file_offset: int
-    length: int
-    blob_index: int
-    ci_index: int | None
-    blob_offset: int | None
-
-    @property
-    def is_hole(self) -> bool:
-        return self.blob_offset is None
-
-
-class Dirent(NamedTuple):
-    name: bytes
-    nid: int
-    file_type: int
-
-
-@dataclass(frozen=True, slots=True)
-class Inode:
-    nid: int
-    offset: int  # byte offset of the inode in the bootstrap
-    i_format: int
-    extended: bool
-    layout: int
-    mode: int
-    nlink: int
-    size: int
-    i_u: int
-    uid: int
-    gid: int
-    mtime: int
-    mtime_nsec: int
-    xattr_icount: int
-
-    @property
-    def isize(self) -> int:
-        return 64 if self.extended else 32
-
-    @property
-    def xattr_isize(self) -> int:
-        return fs.erofs_xattr_ibody_size(self.xattr_icount)
-
-    @property
-    def layout_name(self) -> str:
-        return _LAYOUT_NAMES.get(self.layout, f"layout-{self.layout}")
-
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
-
-    @property
-    def is_reg(self) -> bool:
-        return stat.S_ISREG(self.mode)
-
-    @property
-    def is_symlink(self) -> bool:
-        return stat.S_ISLNK(self.mode)
-
-    @property
-    def is_device(self) -> bool:
-        return stat.S_ISCHR(self.mode) or stat.S_ISBLK(self.mode)
-
-    @property
-    def rdev(self) -> tuple[int, int]:
-        """(major, minor) of a device inode."""
-        return fs.erofs_new_decode_dev(self.i_u) if self.is_device else (0, 0)
-
-    @property
-    def mtime_ns(self) -> int:
-        return self.mtime * 1_000_000_000 + self.mtime_nsec
-
-
-_FT_BY_MODE = {
-    stat.S_IFREG: fs.EROFS_FT_REG_FILE,
-    stat.S_IFDIR: fs.EROFS_FT_DIR,
-    stat.S_IFCHR: fs.EROFS_FT_CHRDEV,
-    stat.S_IFBLK: fs.EROFS_FT_BLKDEV,
-    stat.S_IFIFO: fs.EROFS_FT_FIFO,
-    stat.S_IFSOCK: fs.EROFS_FT_SOCK,
-    stat.S_IFLNK: fs.EROFS_FT_SYMLINK,
-}
-
-
-def file_type_of_mode(mode: int) -> int:
-    return _FT_BY_MODE.get(stat.S_IFMT(mode), fs.EROFS_FT_UNKNOWN)
 
 
 def _name_str(name: bytes) -> str:
@@ -311,6 +128,7 @@ class Bootstrap:
         if self.meta_base >= self.size:
             raise ImageError(f"superblock: meta_blkaddr {sb.meta_blkaddr} is past the end of the image")
         self.root_nid = sb.root_nid
+        self.build_time = fs.erofs_time_decode(sb.build_time)  # the time of every compact inode
         self.is_rafs = bool(sb.feature_compat & rv.EROFS_FEATURE_COMPAT_RAFS_V6)
         self.devices = self._read_devices()
         self.device_mask = 0
@@ -355,33 +173,8 @@ class Bootstrap:
         if n > rv.RAFS_MAX_BLOBS:
             raise ImageError(f"blob table: {n} blobs, at most {rv.RAFS_MAX_BLOBS} are addressable")
         self._span(ext.s_blob_table_offset, ext.s_blob_table_size, "blob table")
-        out = []
-        for i in range(n):
-            b = rv.RafsV6Blob.unpack(self.data, ext.s_blob_table_offset + i * rv.RafsV6Blob.size)
-            blob_id = _cstr(b.blob_id).decode("ascii", "backslashreplace")
-            out.append(
-                BlobInfo(
-                    index=i,
-                    blob_id=blob_id,
-                    chunk_size=b.chunk_size,
-                    chunk_count=b.chunk_count,
-                    compressor=compressor_name(b.compression_algo),
-                    digester=digester_name(b.digest_algo),
-                    features=b.features,
-                    compressed_size=b.compressed_size,
-                    uncompressed_size=b.uncompressed_size,
-                    blob_toc_size=b.blob_toc_size,
-                    ci_compressor=compressor_name(b.ci_compressor),
-                    ci_offset=b.ci_offset,
-                    ci_compressed_size=b.ci_compressed_size,
-                    ci_uncompressed_size=b.ci_uncompressed_size,
-                    blob_toc_digest=b.blob_toc_digest if any(b.blob_toc_digest) else None,
-                    blob_meta_digest=b.blob_meta_digest if any(b.blob_meta_digest) else None,
-                    blob_meta_size=b.blob_meta_size,
-                    raw=b,
-                )
-            )
-        return out
+        base = ext.s_blob_table_offset
+        return [BlobInfo.unpack(self.data, base + i * rv.RafsV6Blob.size, i) for i in range(n)]
 
     # -- image-wide properties ----------------------------------------------------------------------------------
     @property
@@ -410,6 +203,12 @@ class Bootstrap:
             if self.flags & bit:
                 return name
         return self.blobs[0].digester if self.blobs else None
+
+    def blob_table_index(self, blob_index: int) -> int:
+        """The ``blob_index`` field the ``blob_index``-th blob-table entry records (it should be its position)."""
+        assert self.ext is not None
+        raw = rv.RafsV6Blob.unpack(self.data, self.ext.s_blob_table_offset + blob_index * rv.RafsV6Blob.size)
+        return raw.blob_index
 
     def blob_by_id(self, blob_id: str) -> BlobInfo:
         for b in self.blobs:
@@ -465,14 +264,14 @@ class Bootstrap:
             raise ImageError(f"nid {nid}: unsupported i_format {fmt:#x}")
         layout = (fmt >> fs.EROFS_I_DATALAYOUT_BIT) & 7
         if layout in (fs.EROFS_INODE_COMPRESSED_FULL, fs.EROFS_INODE_COMPRESSED_COMPACT):
-            raise ImageError(f"nid {nid}: compressed data layout ({_LAYOUT_NAMES[layout]}) is not supported")
+            raise ImageError(f"nid {nid}: compressed data layout ({LAYOUT_NAMES[layout]}) is not supported")
         if layout > fs.EROFS_INODE_CHUNK_BASED:
             raise ImageError(f"nid {nid}: invalid data layout {layout}")
         if fmt & 1:
             r = self._struct(fs.erofs_inode_extended, off, f"nid {nid}")
             ino = Inode(
                 nid, off, fmt, True, layout, r.i_mode, r.i_nlink, r.i_size, r.i_u,
-                r.i_uid, r.i_gid, r.i_mtime, r.i_mtime_nsec, r.i_xattr_icount,
+                r.i_uid, r.i_gid, fs.erofs_time_decode(r.i_mtime), r.i_mtime_nsec, r.i_xattr_icount,
             )  # fmt: skip
         else:
             if off // self.blksz != (off + 31) // self.blksz:
@@ -480,7 +279,7 @@ class Bootstrap:
             r = fs.erofs_inode_compact.unpack(self.data, off)
             ino = Inode(
                 nid, off, fmt, False, layout, r.i_mode, r.i_nlink, r.i_size, r.i_u,
-                r.i_uid, r.i_gid, self.sb.build_time, self.sb.build_time_nsec, r.i_xattr_icount,
+                r.i_uid, r.i_gid, self.build_time, self.sb.build_time_nsec, r.i_xattr_icount,
             )  # fmt: skip
         if file_type_of_mode(ino.mode) == fs.EROFS_FT_UNKNOWN:
             raise ImageError(f"nid {nid}: invalid file mode {ino.mode:#o}")
@@ -529,7 +328,10 @@ class Bootstrap:
             raise ImageError(f"nid {ino.nid}: symlink target length {ino.size} is invalid")
         if ino.layout == fs.EROFS_INODE_CHUNK_BASED:
             raise ImageError(f"nid {ino.nid}: symlink with chunk-based data")
-        return self._flat_data(ino)
+        target = self._flat_data(ino)
+        if b"\0" in target:  # no path holds one: the kernel would show a shortened target
+            raise ImageError(f"nid {ino.nid}: symlink target holds a NUL byte")
+        return target
 
     # -- directories --------------------------------------------------------------------------------------------
     def _dir_blocks(self, ino: Inode) -> Iterator[tuple[int, memoryview]]:
@@ -780,10 +582,10 @@ class Bootstrap:
         the blob's real chunks by uncompressed offset through the chunk table."""
         step = blob.chunk_size
         for f in range(0, length, step):
-            c = self._chunk_by_offset.get((blob.index, boff + f))
+            c = self._chunk_by_offset.get((blob.blob_index, boff + f))
             if c is None:
                 raise ImageError(
                     f"nid {ino.nid}: chunk {i}: no chunk of blob {blob.blob_id} starts at uncompressed offset "
                     f"{boff + f}"
                 )
-            yield FileChunk(foff + f, min(step, length - f), blob.index, c.index, boff + f)
+            yield FileChunk(foff + f, min(step, length - f), blob.blob_index, c.index, boff + f)

@@ -18,10 +18,11 @@ from typing import Any
 from erofs.errors import BackendError, ImageError, NydusErofsError
 from erofs.format import erofs_fs as fs
 from erofs.format import rafs_v6 as rv
+from erofs.reader.backend import BlobBackend
 from erofs.reader.blob import BlobMeta, plan_reads
-from erofs.reader.bootstrap import Bootstrap, Inode, file_type_of_mode
+from erofs.reader.bootstrap import Bootstrap
 from erofs.reader.data import ImageReader
-from erofs.reader.source import BlobSource
+from erofs.reader.records import Inode, file_type_of_mode
 
 
 @dataclass
@@ -89,11 +90,11 @@ def _pow2_in(v: int, lo: int, hi: int) -> bool:
 
 def check_image(
     bootstrap: str | os.PathLike[str] | Bootstrap,
-    source: BlobSource | None = None,
+    backend: BlobBackend | None = None,
     *,
     progress: Callable[[int], None] | None = None,
 ) -> CheckReport:
-    """Validate ``bootstrap``; with ``source`` also read, verify and decompress every chunk of every blob.
+    """Validate ``bootstrap``; with ``backend`` also read, verify and decompress every chunk of every blob.
 
     ``progress`` (if given) is called with the number of compressed bytes read after each ranged read.
     """
@@ -108,7 +109,7 @@ def check_image(
             report.add(_msg(e))
             return report
     try:
-        _Checker(bs, source, report, progress).run()
+        _Checker(bs, backend, report, progress).run()
     finally:
         if not isinstance(bootstrap, Bootstrap):
             bs.close()
@@ -117,10 +118,10 @@ def check_image(
 
 class _Checker:
     def __init__(
-        self, bs: Bootstrap, source: BlobSource | None, report: CheckReport, progress: Callable[[int], None] | None
+        self, bs: Bootstrap, backend: BlobBackend | None, report: CheckReport, progress: Callable[[int], None] | None
     ) -> None:
         self.bs = bs
-        self.source = source
+        self.backend = backend
         self.r = report
         self.progress = progress
         # (blob_index, ci) -> (path, file_offset, blob_offset, length) of the first reference
@@ -137,7 +138,7 @@ class _Checker:
         if self.bs.is_rafs:
             self.rafs_tables()
         self.tree()
-        if self.source is not None:
+        if self.backend is not None:
             self.data()
 
     # -- superblock and tables --------------------------------------------------------------------------------
@@ -228,8 +229,9 @@ class _Checker:
                 )
         for blob in bs.blobs:
             bid = blob.blob_id
-            if blob.index != bs.blobs.index(blob) or blob.raw.blob_index != blob.index:
-                add(f"blob table entry {bs.blobs.index(blob)} says blob_index {blob.raw.blob_index}", blob=bid)
+            recorded = bs.blob_table_index(blob.blob_index)
+            if recorded != blob.blob_index:
+                add(f"blob table entry {blob.blob_index} says blob_index {recorded}", blob=bid)
             if not bid or any(ch not in "0123456789abcdef" for ch in bid) or len(bid) != 64:
                 add(f"blob id {bid!r} is not a sha256 hex digest", blob=bid)
             if not _pow2_in(blob.chunk_size, rv.RAFS_MIN_CHUNK_SIZE, rv.RAFS_MAX_CHUNK_SIZE):
@@ -396,11 +398,11 @@ class _Checker:
         return f"{path} @{foff}{more}"
 
     def data(self) -> None:
-        assert self.source is not None
+        assert self.backend is not None
         for blob in self.bs.blobs:
-            self.blob(blob.index)
+            self.blob(blob.blob_index)
         if self.plain_files:
-            reader = ImageReader(self.bs, self.source)
+            reader = ImageReader(self.bs, self.backend)
             for path, ino in self.plain_files:
                 try:
                     for _, data, n in reader.iter_file(ino):
@@ -409,12 +411,12 @@ class _Checker:
                     self.r.add(_msg(e), path)
 
     def blob(self, index: int) -> None:
-        bs, add, source = self.bs, self.r.add, self.source
-        assert source is not None
+        bs, add, backend = self.bs, self.r.add, self.backend
+        assert backend is not None
         blob = bs.blobs[index]
         bid = blob.blob_id
         try:
-            meta = BlobMeta.load(source, blob, bs)
+            meta = BlobMeta.load(backend, blob, bs)
         except (ImageError, BackendError) as e:
             paths = sorted({refs[0][0] for (b, _), refs in self.refs.items() if b == index})
             users = ""
@@ -473,7 +475,7 @@ class _Checker:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="check") as pool:
             pending: deque[Future[tuple[int, list[tuple[int, str | None, int]]]]] = deque()
             for start, length, group in plan_reads(meta, [ci for _, ci in order], CHECK_READ_SPAN):
-                pending.append(pool.submit(_verify_group, source, meta, start, length, group))
+                pending.append(pool.submit(_verify_group, backend, meta, start, length, group))
                 if len(pending) > 2 * workers:  # bounded read-ahead: at most ~3 x workers spans in memory
                     self._collect(index, pending.popleft().result())
             while pending:
@@ -497,12 +499,12 @@ CHECK_READ_SPAN = 4 << 20  # smaller spans than the daemon's, so the workers sha
 
 
 def _verify_group(
-    source: BlobSource, meta: BlobMeta, start: int, length: int, group: list[int]
+    backend: BlobBackend, meta: BlobMeta, start: int, length: int, group: list[int]
 ) -> tuple[int, list[tuple[int, str | None, int]]]:
     """Read one span and verify its chunks: (bytes read, [(ci, problem or None, uncompressed size)])."""
     bid = meta.blob_id
     try:
-        buf = memoryview(source.read(bid, start, length))
+        buf = memoryview(backend.read(bid, start, length))
     except BackendError as e:
         return 0, [(ci, _msg(e), 0) for ci in group]
     out: list[tuple[int, str | None, int]] = []

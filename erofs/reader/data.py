@@ -1,4 +1,4 @@
-"""File contents: :class:`ImageReader` joins a bootstrap's chunk mapping with blob sources.
+"""File contents: :class:`ImageReader` joins a bootstrap's chunk mapping with blob backends.
 
 Chunks of RAFS blobs are fetched in batches through :func:`~erofs.reader.blob.read_chunks` (verified and
 decompressed); chunks on plain EROFS devices and flat data in the bootstrap are read as they are.
@@ -10,26 +10,27 @@ import os
 from collections.abc import Iterator, Sequence
 
 from erofs.errors import BackendError, ImageError, UsageError
+from erofs.reader.backend import BlobBackend, BlobFiles, ChainBackend, LocalBlobDir
 from erofs.reader.blob import BlobMeta, read_chunks
-from erofs.reader.bootstrap import Bootstrap, FileChunk, Inode
-from erofs.reader.source import BlobFiles, BlobSource, ChainSource, LocalBlobDir
+from erofs.reader.bootstrap import Bootstrap
+from erofs.reader.records import FileChunk, Inode
 
 BATCH_BYTES = 8 << 20  # uncompressed bytes per read_chunks batch
 PLAIN_READ = 4 << 20  # bytes per read from a plain EROFS device
 
 
 class ImageReader:
-    """A bootstrap plus the source of its blobs.  ``source`` may be None for metadata-only use."""
+    """A bootstrap plus the backend of its blobs.  ``backend`` may be None for metadata-only use."""
 
-    def __init__(self, bootstrap: Bootstrap, source: BlobSource | None) -> None:
+    def __init__(self, bootstrap: Bootstrap, backend: BlobBackend | None) -> None:
         self.bootstrap = bootstrap
-        self.source = source
+        self.backend = backend
         self._metas: dict[int, BlobMeta] = {}
 
-    def _need_source(self) -> BlobSource:
-        if self.source is None:
+    def _need_backend(self) -> BlobBackend:
+        if self.backend is None:
             raise BackendError("file data lives in blobs, but no blob source was given (--blob-dir)")
-        return self.source
+        return self.backend
 
     def blob_meta(self, blob_index: int) -> BlobMeta:
         """The verified metadata of blob ``blob_index`` (loaded once)."""
@@ -38,7 +39,7 @@ class ImageReader:
             bs = self.bootstrap
             if not 0 <= blob_index < len(bs.blobs):
                 raise ImageError(f"blob index {blob_index} is not in the blob table")
-            meta = BlobMeta.load(self._need_source(), bs.blobs[blob_index], bs)
+            meta = BlobMeta.load(self._need_backend(), bs.blobs[blob_index], bs)
             self._metas[blob_index] = meta
         return meta
 
@@ -75,7 +76,7 @@ class ImageReader:
     def _rafs(self, ino: Inode, batch: list[FileChunk]) -> Iterator[tuple[int, memoryview | None, int]]:
         meta = self.blob_meta(batch[0].blob_index)
         cis = [c.ci_index for c in batch]
-        for c, data in zip(batch, read_chunks(self._need_source(), meta, cis), strict=True):  # type: ignore[arg-type]
+        for c, data in zip(batch, read_chunks(self._need_backend(), meta, cis), strict=True):  # type: ignore[arg-type]
             if len(data) < c.length:
                 raise ImageError(
                     f"nid {ino.nid}: chunk {c.ci_index} of blob {meta.blob_id} holds {len(data)} bytes, "
@@ -84,7 +85,7 @@ class ImageReader:
             yield c.file_offset, data[: c.length], c.length
 
     def _plain(self, c: FileChunk) -> Iterator[tuple[int, memoryview | None, int]]:
-        src = self._need_source()
+        src = self._need_backend()
         key = self.bootstrap.blob_key(c.blob_index)
         assert c.blob_offset is not None
         for off in range(0, c.length, PLAIN_READ):
@@ -103,20 +104,20 @@ class ImageReader:
         return bytes(out)
 
 
-def open_source(
+def open_backend(
     bootstrap: Bootstrap, blob_dir: str | os.PathLike[str] | None, device_files: Sequence[str | os.PathLike[str]] = ()
-) -> BlobSource | None:
-    """The blob source for the CLIs: ``--device`` files (in device-table order) and/or a ``--blob-dir``."""
-    sources: list[BlobSource] = []
+) -> BlobBackend | None:
+    """The blob backend for the CLIs: ``--device`` files (in device-table order) and/or a ``--blob-dir``."""
+    backends: list[BlobBackend] = []
     if device_files:
         keys = [bootstrap.blob_key(i) for i in range(len(bootstrap.blobs or bootstrap.devices))]
         if len(device_files) > len(keys):
             raise UsageError(f"{len(device_files)} --device files given, the image has {len(keys)} devices")
-        sources.append(BlobFiles(dict(zip(keys, device_files, strict=False))))
+        backends.append(BlobFiles(dict(zip(keys, device_files, strict=False))))
     if blob_dir is not None:
         if not os.path.isdir(blob_dir):
             raise UsageError(f"{blob_dir}: blob directory does not exist")
-        sources.append(LocalBlobDir(blob_dir))
-    if not sources:
+        backends.append(LocalBlobDir(blob_dir))
+    if not backends:
         return None
-    return sources[0] if len(sources) == 1 else ChainSource(*sources)
+    return backends[0] if len(backends) == 1 else ChainBackend(*backends)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from erofs.errors import ImageError, UsageError
 from erofs.paths import make_dirs, remove_dirs, remove_stale_temps, temp_prefix
-from erofs.reader.bootstrap import Dirent, Inode
 from erofs.reader.data import ImageReader
+from erofs.reader.records import Dirent, Inode
 
 _ZEROS = bytes(1 << 20)
 
@@ -191,12 +191,14 @@ class _Unpacker:
 
 
 _MAX_TIME_NS = (2**63 - 1) // 10**9 * 10**9  # what a 64-bit time_t takes
+_MIN_TIME_NS = -(2**63) * 10**9
 
 
 def _times(ino: Inode) -> tuple[int, int]:
-    """(atime, mtime) in ns; EROFS has one timestamp.  One the host cannot represent is an ImageError."""
+    """(atime, mtime) in ns; EROFS has one timestamp (before 1970 too).  One the host cannot represent is an
+    ImageError."""
     ns = ino.mtime_ns
-    if ino.mtime_nsec >= 10**9 or ns > _MAX_TIME_NS:
+    if ino.mtime_nsec >= 10**9 or not _MIN_TIME_NS <= ns <= _MAX_TIME_NS:
         raise ImageError(f"nid {ino.nid}: mtime {ino.mtime}.{ino.mtime_nsec:09d} is out of range")
     return ns, ns
 
@@ -255,6 +257,46 @@ class _FileStream(io.RawIOBase):
         return k
 
 
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+class _RawPaxInfo(tarfile.TarInfo):
+    """A tar member whose PAX record keywords may hold any bytes, as GNU tar writes ``SCHILY.xattr.<name>`` for
+    an xattr name that is not UTF-8 (tarfile encodes keywords strictly; a surrogate-escaped byte would fail).
+    Records whose keywords are UTF-8 are written by tarfile itself, unchanged."""
+
+    @classmethod
+    def _create_pax_generic_header(cls, pax_headers: dict[str, str], type: bytes, encoding: str) -> bytes:  # noqa: A002
+        try:
+            for keyword in pax_headers:
+                keyword.encode("utf-8")
+        except UnicodeEncodeError:
+            pass
+        else:
+            return super()._create_pax_generic_header(pax_headers, type, encoding)  # type: ignore[misc]
+        values = [v.encode("utf-8", "surrogateescape") for v in pax_headers.values()]
+        binary = any(not _is_utf8(v) for v in values)
+        records = b"21 hdrcharset=BINARY\n" if binary else b""  # values are raw bytes (POSIX hdrcharset)
+        for keyword, value in zip(pax_headers, values, strict=True):
+            body = b" " + keyword.encode("utf-8", "surrogateescape") + b"=" + value + b"\n"
+            n = len(body) + 1
+            while len(str(n)) + len(body) != n:  # the length counts its own digits
+                n = len(str(n)) + len(body)
+            records += str(n).encode() + body
+        info = {"name": "././@PaxHeader", "type": type, "size": len(records), "magic": tarfile.POSIX_MAGIC}
+        header = cls._create_header(info, tarfile.USTAR_FORMAT, "ascii", "replace")  # type: ignore[attr-defined]
+        return header + cls._create_payload(records)  # type: ignore[attr-defined]
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def unpack_to_tar(reader: ImageReader, output: str | os.PathLike[str]) -> int:
     """Write the image's tree as a PAX tar (xattrs as SCHILY.xattr.*, hard links, devices).  Returns the number
     of members.  The tar is written to a temporary file and renamed into place when complete."""
@@ -270,7 +312,9 @@ def unpack_to_tar(reader: ImageReader, output: str | os.PathLike[str]) -> int:
     bs = reader.bootstrap
     count = 0
     try:
-        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        with os.fdopen(fd, "wb") as f, tarfile.open(
+            fileobj=f, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape"
+        ) as tar:
             umask = os.umask(0)
             os.umask(umask)
             os.fchmod(f.fileno(), 0o666 & ~umask)  # as a shell redirection creates it, not mkstemp's 0600
@@ -280,43 +324,42 @@ def unpack_to_tar(reader: ImageReader, output: str | os.PathLike[str]) -> int:
                 if dirent is not None:
                     _safe_name(dirent.name, path)
                 name = "." if dirent is None else "./" + path.lstrip("/")
-                ti = tarfile.TarInfo(name)
-                ti.mode = stat.S_IMODE(ino.mode)
-                ti.uid, ti.gid = ino.uid, ino.gid
-                _times(ino)  # validated like a directory unpack
-                ti.mtime = ino.mtime
-                pax = {
-                    "SCHILY.xattr." + os.fsdecode(k): v.decode("utf-8", "surrogateescape") for k, v in bs.xattrs(ino)
-                }
-                if ino.mtime_nsec:
-                    pax["mtime"] = f"{ino.mtime}.{ino.mtime_nsec:09d}"  # exact, not a float
-                ti.pax_headers = pax
-                fileobj = None
-                if not ino.is_dir and ino.nid in links:
-                    ti.type = tarfile.LNKTYPE
-                    ti.linkname = links[ino.nid]
-                elif ino.is_dir:
-                    ti.type = tarfile.DIRTYPE
-                elif ino.is_reg:
-                    ti.type = tarfile.REGTYPE
-                    ti.size = ino.size
-                    fileobj = io.BufferedReader(_FileStream(reader.iter_file(ino)), 1 << 20)
-                    if ino.nlink > 1:
-                        links[ino.nid] = name
-                else:
-                    if ino.nlink > 1:
-                        links[ino.nid] = name
-                    if ino.is_symlink:
-                        ti.type = tarfile.SYMTYPE
-                        ti.linkname = os.fsdecode(bs.readlink(ino))
-                    elif ino.is_device:
-                        ti.type = tarfile.CHRTYPE if stat.S_ISCHR(ino.mode) else tarfile.BLKTYPE
-                        ti.devmajor, ti.devminor = ino.rdev
-                    elif stat.S_ISFIFO(ino.mode):
-                        ti.type = tarfile.FIFOTYPE
-                    else:
-                        continue  # sockets cannot be archived (tar has no type for them)
                 try:
+                    ti = _RawPaxInfo(name)
+                    ti.mode = stat.S_IMODE(ino.mode)
+                    ti.uid, ti.gid = ino.uid, ino.gid
+                    _times(ino)  # validated like a directory unpack
+                    ti.mtime = ino.mtime
+                    # xattr names and values are bytes: surrogate-escaped here, written back as the same bytes
+                    pax = {"SCHILY.xattr." + _text(k): _text(v) for k, v in bs.xattrs(ino)}
+                    if ino.mtime_nsec:
+                        pax["mtime"] = f"{ino.mtime}.{ino.mtime_nsec:09d}"  # exact, not a float
+                    ti.pax_headers = pax
+                    fileobj = None
+                    if not ino.is_dir and ino.nid in links:
+                        ti.type = tarfile.LNKTYPE
+                        ti.linkname = links[ino.nid]
+                    elif ino.is_dir:
+                        ti.type = tarfile.DIRTYPE
+                    elif ino.is_reg:
+                        ti.type = tarfile.REGTYPE
+                        ti.size = ino.size
+                        fileobj = io.BufferedReader(_FileStream(reader.iter_file(ino)), 1 << 20)
+                        if ino.nlink > 1:
+                            links[ino.nid] = name
+                    else:
+                        if ino.nlink > 1:
+                            links[ino.nid] = name
+                        if ino.is_symlink:
+                            ti.type = tarfile.SYMTYPE
+                            ti.linkname = os.fsdecode(bs.readlink(ino))
+                        elif ino.is_device:
+                            ti.type = tarfile.CHRTYPE if stat.S_ISCHR(ino.mode) else tarfile.BLKTYPE
+                            ti.devmajor, ti.devminor = ino.rdev
+                        elif stat.S_ISFIFO(ino.mode):
+                            ti.type = tarfile.FIFOTYPE
+                        else:
+                            continue  # sockets cannot be archived (tar has no type for them)
                     tar.addfile(ti, fileobj)
                 except ImageError as e:
                     raise type(e)(f"{path}: {e}") from None

@@ -169,3 +169,41 @@ def test_output_that_is_a_file_is_a_clear_error(rootfs: Path, tmp_path: Path) ->
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert out.read_bytes() == b"precious"
+
+
+def test_pre_1970_mtimes_of_a_directory_source(tmp_path: Path) -> None:
+    """Files and directories dated before 1970 keep their exact times (1901-12-13T20:45:52Z, -1.5 s...)."""
+    src = tmp_path / "src"
+    (src / "old-dir").mkdir(parents=True)
+    times = {"old-dir/int32-min": -(2**31) * 10**9, "old-dir/frac": -1_500_000_000, "old-dir/same": -(2**31) * 10**9,
+             "old-dir": -86400 * 10**9 + 1, ".": -(2**31) * 10**9}  # fmt: skip
+    for rel in times:
+        if rel not in ("old-dir", "."):
+            (src / rel).write_bytes(rel.encode())
+    for rel, ns in times.items():
+        os.utime(src / rel, ns=(ns, ns))
+    out = tmp_path / "out"
+    build(src, out)
+    fsck(out)
+    with mount_erofs(out / "image.boot", tmp_path / "mnt", image_devices(out)) as mnt:
+        assert {rel: os.stat(mnt / rel).st_mtime_ns for rel in times} == times
+        assert_same_tree(src, mnt)
+
+
+def test_non_utf8_xattr_names_are_stored(tmp_path: Path) -> None:
+    """An xattr name that is not UTF-8 (set by bytes) is stored as those bytes and reads back as them."""
+    src = tmp_path / "src"
+    (src / "dir").mkdir(parents=True)
+    (src / "file").write_bytes(b"data")
+    names = {b"user.caf\xe9": b"latin-1 name", b"user.\xff\xfe": b"\x00\xff binary", b"trusted.plain": b"x"}
+    for path in (src / "file", src / "dir"):
+        for name, value in names.items():
+            os.setxattr(path, name, value)
+    out = tmp_path / "out"
+    build(src, out)
+    fsck(out)
+    with mount_erofs(out / "image.boot", tmp_path / "mnt", image_devices(out)) as mnt:
+        for rel in ("file", "dir"):
+            got = {os.fsencode(n): os.getxattr(mnt / rel, os.fsencode(n)) for n in os.listxattr(mnt / rel)}
+            assert got == names, rel
+        assert_same_tree(src, mnt)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from erofs.reader.backend import LocalBlobDir
 from erofs.reader.blob import BlobMeta
 from erofs.reader.bootstrap import Bootstrap
-from erofs.reader.source import LocalBlobDir
 from tests.support.fstree import assert_same_tree, image_devices
 from tests.support.kmount import mount_erofs
 

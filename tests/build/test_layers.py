@@ -25,10 +25,9 @@ from pathlib import Path
 
 import pytest
 
+from erofs.build.overlay import merge_layers
+from erofs.build.tree import LINK_PLACEHOLDER_MODE, LayerTree, Node, walk
 from erofs.errors import SourceError
-from erofs.overlay import merge_layers
-from erofs.source_tar import LINK_PLACEHOLDER_MODE, LayerTree
-from erofs.tree import Inode, walk
 from tests.support.fstree import assert_same_tree, image_devices, snapshot
 from tests.support.kmount import mount, mount_erofs, umount
 
@@ -268,7 +267,7 @@ def test_none_spec_keeps_whiteouts_as_files(image: Path, tmp_path: Path) -> None
 
 def _layer(spec: dict[str, object]) -> LayerTree:
     """A layer tree from {path: 'file' | 'dir' | 'chr00' | bytes}; parents are implicit directories."""
-    tree = LayerTree(Inode.directory(0o755))
+    tree = LayerTree(Node.directory(0o755))
     tree.implicit.add(id(tree.root))
     for path, kind in spec.items():
         node = tree.root
@@ -276,20 +275,20 @@ def _layer(spec: dict[str, object]) -> LayerTree:
         for comp in parts[:-1]:
             assert node.children is not None
             if comp not in node.children:
-                node.children[comp] = Inode.directory(0o755)
+                node.children[comp] = Node.directory(0o755)
                 tree.implicit.add(id(node.children[comp]))
             node = node.children[comp]
         assert node.children is not None
         if kind == "dir":
-            node.children[parts[-1]] = Inode.directory(0o700, mtime=5)
+            node.children[parts[-1]] = Node.directory(0o700, mtime=5)
         elif kind == "chr00":
-            node.children[parts[-1]] = Inode(mode=stat.S_IFCHR | 0o600)
+            node.children[parts[-1]] = Node(mode=stat.S_IFCHR | 0o600)
         else:
-            node.children[parts[-1]] = Inode(mode=stat.S_IFREG | 0o644, mtime=len(str(kind)))
+            node.children[parts[-1]] = Node(mode=stat.S_IFREG | 0o644, mtime=len(str(kind)))
     return tree
 
 
-def _paths(root: Inode) -> dict[str, tuple[int, dict[bytes, bytes]]]:
+def _paths(root: Node) -> dict[str, tuple[int, dict[bytes, bytes]]]:
     return {p.decode(): (n.mode, n.xattrs) for p, n in walk(root) if p != b"/"}
 
 
@@ -316,7 +315,7 @@ def test_merge_none_spec_and_missing_lower_link() -> None:
     lower = _layer({"a/x": "f"})
     upper = _layer({"a/.wh.x": ""})
     assert set(_paths(merge_layers([lower, upper], "none"))) == {"/a", "/a/x", "/a/.wh.x"}
-    link = Inode(mode=LINK_PLACEHOLDER_MODE)
+    link = Node(mode=LINK_PLACEHOLDER_MODE)
     upper.links[id(link)] = ([b"nowhere"], "l")
     upper.link_sites[id(link)] = [(upper.root, b"l")]
     assert upper.root.children is not None

@@ -3,11 +3,13 @@ and compared entry by entry with GNU tar's own extraction of the same archive (i
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -152,3 +154,62 @@ def test_bsdtar_pax_archive_mounts_like_its_extraction(tree: Path, tmp_path: Pat
     with mount_erofs(out / "image.boot", tmp_path / "mnt", image_devices(out)) as mnt:
         assert_same_tree(ref, mnt)
         assert os.getxattr(mnt / "plain", "user.note") == b"value \xff binary"
+
+
+# name -> (tar member type, tar mtime (int), PAX mtime or None, what the kernel must show as st_mtime_ns)
+PRE_1970 = {
+    "d": (tarfile.DIRTYPE, -86400, None, -86400 * 10**9),
+    "d/int32-min": (tarfile.REGTYPE, -(2**31), None, -(2**31) * 10**9),  # 1901-12-13T20:45:52Z
+    "d/int32-min-too": (tarfile.REGTYPE, -(2**31), None, -(2**31) * 10**9),
+    "d/link": (tarfile.SYMTYPE, -(2**31), None, -(2**31) * 10**9),
+    "d/minus-one": (tarfile.REGTYPE, -1, None, -(10**9)),
+    "d/minus-1.5": (tarfile.REGTYPE, 0, "-1.5", -1_500_000_000),
+    "d/1600": (tarfile.REGTYPE, 0, "-11676096000.25", -11676096000 * 10**9 - 250_000_000),
+}
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT], ids=["pax", "gnu"])
+def test_pre_1970_mtimes_are_stored(tmp_path: Path, fmt: int) -> None:
+    """Members dated before 1970 build (as mkfs.erofs stores them), the kernel shows their exact times, and
+    check and unpack take them back.  GNU tar writes such times base-256 in the header, PAX in a record."""
+    archive = tmp_path / "old.tar"
+    with tarfile.open(archive, "w", format=fmt) as tf:
+        for name, (kind, mtime, pax, _) in PRE_1970.items():
+            if pax is not None and fmt != tarfile.PAX_FORMAT:
+                continue
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.mtime, ti.mode = kind, mtime, 0o755 if kind == tarfile.DIRTYPE else 0o644
+            if kind == tarfile.SYMTYPE:
+                ti.linkname = "int32-min"
+            if pax is not None:
+                ti.pax_headers = {"mtime": pax}
+            data = name.encode() if kind == tarfile.REGTYPE else b""
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    out = tmp_path / "out"
+    build(archive, "-o", out)
+    want = {n: ns for n, (_, _, pax, ns) in PRE_1970.items() if pax is None or fmt == tarfile.PAX_FORMAT}
+    with mount_erofs(out / "image.boot", tmp_path / "mnt", image_devices(out)) as mnt:
+        assert {n: os.lstat(mnt / n).st_mtime_ns for n in want} == want
+    proc = subprocess.run([*CLI, "check", str(out / "image.boot"), "--blob-dir", str(out / "blobs")],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = subprocess.run([*CLI, "unpack", str(out / "image.boot"), "--blob-dir", str(out / "blobs"), "-o",
+                           str(tmp_path / "unpacked")], capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    on_host = {n: ns for n, ns in want.items() if ns >= -(2**31) * 10**9}  # ext4 clamps times before 1901
+    assert {n: os.lstat(tmp_path / "unpacked" / n).st_mtime_ns for n in on_host} == on_host
+
+
+def test_unrepresentable_mtime_is_a_one_line_error(tmp_path: Path) -> None:
+    """Only a time beyond EROFS's signed 64-bit seconds is refused, in one line naming the member."""
+    archive = tmp_path / "ancient.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tf:
+        ti = tarfile.TarInfo("ancient")
+        ti.pax_headers = {"mtime": str(-(2**63) - 1)}
+        tf.addfile(ti)
+    proc = subprocess.run([*CLI, "build", str(archive), "-o", str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert "'ancient'" in proc.stderr and "out of range" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "out").exists()

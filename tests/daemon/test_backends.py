@@ -23,7 +23,7 @@ from cachefilesd_py.backends.registry import RegistryBackend, RegistryOptions
 from cachefilesd_py.backends.retry import RetryPolicy, is_temp_failure, parse_retry_after
 from cachefilesd_py.backends.transport import TransportOptions
 from erofs.errors import BackendError
-from erofs.reader.source import LocalBlobDir
+from erofs.reader.backend import LocalBlobDir
 from tests.support.registry import Front
 
 
@@ -74,10 +74,11 @@ def test_localfs_ranges_exact(blob_dir: Path) -> None:
         assert b.stats.snapshot() == {"requests": 1, "bytes": 4096, "errors": 0, "retries": 0}
 
 
-def test_localfs_is_a_reader_blob_source(blob_dir: Path) -> None:
-    source = pytest.importorskip("erofs.reader.source")
+def test_localfs_is_a_reader_blob_backend(blob_dir: Path) -> None:
+    reader_backend = pytest.importorskip("erofs.reader.backend")
+    assert reader_backend.BlobBackend is BlobBackend  # one interface for the reader and the daemon
     with LocalBlobDir(blob_dir, strict_ids=True) as b:
-        assert isinstance(b, source.BlobSource)
+        assert isinstance(b, reader_backend.BlobBackend)
 
 
 def test_localfs_past_end_and_missing(blob_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""cachefilesd_py.images: the image store (fsid → bootstrap, blob id → image and backend) and key parsing.
+"""cachefilesd_py.image_store: the image store (fsid → bootstrap, blob id → image and backend) and key parsing.
 
 Host-side: no kernel needed.  Images are built with ``nydus-erofs build``.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from cachefilesd_py.backends import BlobBackend, make_backend
-from cachefilesd_py.images import ImageStore, UnknownImageError, check_name, parse_volume_key
+from cachefilesd_py.image_store import ImageStore, UnknownImageError, check_name, parse_volume_key
 from cachefilesd_py.pipeline import Pipeline
 from erofs.errors import DigestMismatchError, ImageError
 

@@ -19,7 +19,7 @@ import pytest
 
 from cachefilesd_py.api import ApiServer, get, listen
 from cachefilesd_py.daemon import Daemon
-from cachefilesd_py.images import ImageStore
+from cachefilesd_py.image_store import ImageStore
 from cachefilesd_py.notify import notify
 from cachefilesd_py.supervisor import Supervisor
 from fscache.cachefiles import CloseRequest, Message, OpenRequest, ReadRequest

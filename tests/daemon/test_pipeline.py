@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from cachefilesd_py.backends import make_backend
-from cachefilesd_py.image import open_image
+from cachefilesd_py.blob_handles import open_image
 from cachefilesd_py.pipeline import PAGE_SIZE, BlobHandle, Pipeline
 from erofs.errors import BackendError, DigestMismatchError
+from erofs.reader.backend import LocalBlobDir
 from erofs.reader.bootstrap import Bootstrap
-from erofs.reader.source import LocalBlobDir
 
 CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 CHUNK = 64 * 1024

@@ -32,13 +32,13 @@ from typing import Any
 import pytest
 
 from cachefilesd_py.backends import make_backend
+from cachefilesd_py.blob_handles import open_image
 from cachefilesd_py.fanotify_mount import (
     TEST_BACKOFF_ENV,
     Supervisor,
     error_line,
     prepare_cache_files,
 )
-from cachefilesd_py.image import open_image
 from cachefilesd_py.inotify import Inotify
 from cachefilesd_py.kmount import (
     RUN_DIR_ENV,

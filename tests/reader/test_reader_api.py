@@ -11,8 +11,9 @@ import pytest
 
 from erofs.errors import BackendError, DigestMismatchError, ImageError
 from erofs.reader import (
+    BackendStats,
+    BlobBackend,
     BlobMeta,
-    BlobSource,
     Bootstrap,
     ImageReader,
     LocalBlobDir,
@@ -42,11 +43,18 @@ class CountingSource:
     def size(self, blob_id: str) -> int:
         return self.inner.size(blob_id)
 
+    @property
+    def stats(self) -> BackendStats:
+        return self.inner.stats
+
+    def close(self) -> None:
+        self.inner.close()
+
 
 @pytest.mark.upstream
 def test_upstream_blob_through_the_daemon_api():
     src = CountingSource(NYDUS / "blobs")
-    assert isinstance(src, BlobSource)
+    assert isinstance(src, BlobBackend)
     with Bootstrap(BOOT) as bs:
         (blob,) = bs.blobs
         assert (blob.blob_id, blob.chunk_count, blob.compressor, blob.digester) == (BLOB_ID, 2, "zstd", "blake3")

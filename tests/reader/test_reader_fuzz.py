@@ -47,7 +47,7 @@ pytestmark = pytest.mark.upstream
 
 
 class MemBlobs:
-    """A BlobSource over in-memory blobs (ranged reads past the end are BackendErrors, like a real backend)."""
+    """A blob backend over in-memory blobs (ranged reads past the end are BackendErrors, like a real backend)."""
 
     def __init__(self, blobs: dict[str, bytes]) -> None:
         self.blobs = blobs

@@ -255,6 +255,63 @@ def test_hostile_names_are_refused(tmp_path: Path, name: bytes):
     assert sorted(os.listdir(tmp_path)) == ["hostile.boot", "work"]
 
 
+def test_symlink_target_with_nul_is_refused(tmp_path: Path):
+    """A bootstrap whose symlink target holds a NUL byte is malformed: one line naming the entry, exit 3, and
+    no output (directory or tar) is left behind."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "s").symlink_to("before-MARK-after")
+    image = tmp_path / "image"
+    assert run("build", src, "--output-dir", image).returncode == 0
+    boot = image / "image.boot"
+    data = boot.read_bytes()
+    assert data.count(b"before-MARK-after") == 1
+    boot.write_bytes(data.replace(b"before-MARK-after", b"before\0MARK-after"))
+    work = tmp_path / "work"
+    work.mkdir()
+    for out in (work / "out", work / "out.tar"):
+        r = run("unpack", boot, "--blob-dir", image / "blobs", "--output", out)
+        assert r.returncode == 3, (r.stdout, r.stderr)
+        assert "/s" in r.stderr and "NUL" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "Traceback" not in r.stderr
+        assert os.listdir(work) == []
+
+
+def test_non_utf8_xattr_names_unpack_faithfully(tmp_path: Path):
+    """xattr names that are not UTF-8 come out as the same bytes: in a directory, and in a tar as
+    ``SCHILY.xattr.<raw name>`` records, which build back into the same image tree."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    names = {b"user.caf\xe9": b"v\xff", b"trusted.\xff": b"binary \x00 value", b"user.ok": b"plain"}
+    for name, value in names.items():
+        os.setxattr(src / "f", name, value)
+    image = tmp_path / "image"
+    r = run("build", src, "--output-dir", image)
+    assert r.returncode == 0, r.stderr
+
+    def xattrs(path: Path) -> dict[bytes, bytes]:
+        return {os.fsencode(n): os.getxattr(path, os.fsencode(n)) for n in os.listxattr(path)}
+
+    r = run("unpack", image / "image.boot", "--blob-dir", image / "blobs", "--output", tmp_path / "dir")
+    assert r.returncode == 0, r.stderr
+    assert xattrs(tmp_path / "dir" / "f") == names
+    tar_path = tmp_path / "x.tar"
+    r = run("unpack", image / "image.boot", "--blob-dir", image / "blobs", "--output", tar_path)
+    assert r.returncode == 0, r.stderr
+    assert b" SCHILY.xattr.user.caf\xe9=v\xff\n" in tar_path.read_bytes()
+    with tarfile.open(tar_path, encoding="utf-8", errors="surrogateescape") as tar:
+        pax = tar.getmember("./f").pax_headers
+    got = {os.fsencode(k[len("SCHILY.xattr.") :]): v.encode("utf-8", "surrogateescape")
+           for k, v in pax.items() if k.startswith("SCHILY.xattr.")}  # fmt: skip
+    assert got == names
+    again = tmp_path / "again"
+    assert run("build", tar_path, "--output-dir", again).returncode == 0
+    r = run("unpack", again / "image.boot", "--blob-dir", again / "blobs", "--output", tmp_path / "dir2")
+    assert r.returncode == 0, r.stderr
+    assert xattrs(tmp_path / "dir2" / "f") == names
+
+
 # ---- plain EROFS images (mkfs.erofs) ----------------------------------------------------------------------------
 @pytest.mark.tools("mkfs.erofs")
 @pytest.mark.parametrize("variant", ["flat", "chunked-device", "shared-xattrs"])

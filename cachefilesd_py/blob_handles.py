@@ -1,23 +1,31 @@
-"""An image's data blobs as :class:`~cachefilesd_py.pipeline.BlobHandle` objects, ready for the pipeline."""
+"""An image's data blobs as :class:`~cachefilesd_py.pipeline.BlobHandle` objects, ready for the pipeline: the
+blobs of one bootstrap in device-table order (a fanotify mount's ``device=`` files), or one blob of it (the
+fscache daemon's :mod:`~cachefilesd_py.image_store`, on first use)."""
 
 from __future__ import annotations
 
 import os
 
 from erofs.errors import ImageError
+from erofs.format.rafs_v6 import BlobInfo
 from erofs.reader.blob import BlobMeta
-from erofs.reader.bootstrap import BlobInfo, Bootstrap
+from erofs.reader.bootstrap import Bootstrap
 
 from .backends import BlobBackend
 from .pipeline import BlobHandle
 
-__all__ = ["open_image", "blob_handles", "blob_order"]
+__all__ = ["open_image", "blob_handle", "blob_handles", "blob_order"]
+
+
+def blob_handle(bootstrap: Bootstrap, blob: BlobInfo, backend: BlobBackend) -> BlobHandle:
+    """The handle of ``blob`` of ``bootstrap``, its metadata read and verified through ``backend``."""
+    return BlobHandle(blob.blob_id, BlobMeta.load(backend, blob, bootstrap), backend)
 
 
 def blob_handles(bootstrap: Bootstrap, backend: BlobBackend) -> list[BlobHandle]:
     """One handle per data blob of ``bootstrap``, in device-table order (the order of ``device=`` options and
     of the kernel's blob indexes); each blob's metadata is read and verified through ``backend``."""
-    return [BlobHandle(b.blob_id, BlobMeta.load(backend, b, bootstrap), backend) for b in blob_order(bootstrap)]
+    return [blob_handle(bootstrap, b, backend) for b in blob_order(bootstrap)]
 
 
 def blob_order(bootstrap: Bootstrap) -> list[BlobInfo]:

@@ -13,8 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from erofs import codec
-from erofs.blob import BlobInfo, BlobWriter
-from erofs.tree import ChunkRef
+from erofs.build.blob import BlobWriter
+from erofs.build.tree import ChunkRef
+from erofs.format.rafs_v6 import BlobInfo
 
 ChunkIndex = dict[tuple[bytes, int], ChunkRef]
 

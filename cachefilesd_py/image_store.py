@@ -25,10 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cachefilesd_py.backends import BlobBackend, make_backend
+from cachefilesd_py.blob_handles import blob_handle
 from cachefilesd_py.pipeline import BlobHandle, Pipeline, PresentFn, WriteFn
 from erofs.errors import ImageError, NydusErofsError
-from erofs.reader.blob import BlobMeta
-from erofs.reader.bootstrap import BlobInfo, Bootstrap
+from erofs.format.rafs_v6 import BlobInfo
+from erofs.paths import BLOBS_DIR, BOOTSTRAP_NAME
+from erofs.reader.bootstrap import Bootstrap
 
 __all__ = [
     "BOOTSTRAP_NAME",
@@ -42,8 +44,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BOOTSTRAP_NAME = "image.boot"
-BLOBS_DIR = "blobs"
 _NAME = re.compile(r"[A-Za-z0-9._:+=@-]{1,255}")
 
 
@@ -131,8 +131,7 @@ class BlobEntry:
             return handle
         with self._lock:
             if self._handle is None:
-                meta = BlobMeta.load(self.backend, self.info, self.image.bootstrap)
-                self._handle = BlobHandle(self.blob_id, meta, self.backend)
+                self._handle = blob_handle(self.image.bootstrap, self.info, self.backend)
             return self._handle
 
     def copies(self) -> Iterator[BlobEntry]:

@@ -7,10 +7,10 @@ import os
 import stat
 from collections.abc import Callable
 
-from erofs.chunker import ChunkStore
+from erofs.build.chunker import ChunkStore
+from erofs.build.tree import LayerTree, Node
+from erofs.build.xattr import check_xattrs
 from erofs.errors import SourceError
-from erofs.tree import Inode
-from erofs.xattr import check_xattrs
 
 
 def _xattrs(path: bytes) -> dict[bytes, bytes]:
@@ -21,9 +21,10 @@ def _xattrs(path: bytes) -> dict[bytes, bytes]:
             return {}
         raise
     out = {}
-    for name in names:
+    for text in names:
+        name = os.fsencode(text)  # xattr names are bytes, UTF-8 or not
         try:
-            out[name.encode()] = os.getxattr(path, name, follow_symlinks=False)
+            out[name] = os.getxattr(path, name, follow_symlinks=False)
         except OSError as e:
             if e.errno != errno.ENODATA:
                 raise
@@ -31,8 +32,8 @@ def _xattrs(path: bytes) -> dict[bytes, bytes]:
     return out
 
 
-def _inode(st: os.stat_result, path: bytes) -> Inode:
-    return Inode(
+def _inode(st: os.stat_result, path: bytes) -> Node:
+    return Node(
         mode=st.st_mode,
         uid=st.st_uid,
         gid=st.st_gid,
@@ -44,7 +45,7 @@ def _inode(st: os.stat_result, path: bytes) -> Inode:
 
 
 def read_directory(root: str | os.PathLike[str], store: ChunkStore,
-                   progress: Callable[[int], None] | None = None) -> Inode:  # fmt: skip
+                   progress: Callable[[int], None] | None = None) -> Node:  # fmt: skip
     """Walk ``root`` (not following symlinks), store file data through ``store``, return the tree."""
     top = os.fsencode(root)
     try:
@@ -55,7 +56,7 @@ def read_directory(root: str | os.PathLike[str], store: ChunkStore,
         raise SourceError(f"source {os.fsdecode(top)} is not a directory")
     tree = _inode(st, top)
     tree.children = {}
-    hardlinks: dict[tuple[int, int], Inode] = {}
+    hardlinks: dict[tuple[int, int], Node] = {}
     stack = [(top, tree)]
     while stack:
         path, node = stack.pop()
@@ -92,3 +93,15 @@ def read_directory(root: str | os.PathLike[str], store: ChunkStore,
                     if progress:
                         progress(st.st_size)
     return tree
+
+
+class DirLayer:
+    """A directory as a layer (no implicit directories, no unresolved links)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.result: LayerTree | None = None
+
+    def __call__(self, store: ChunkStore) -> Node:
+        self.result = LayerTree(read_directory(self.path, store))
+        return self.result.root

@@ -1,8 +1,10 @@
-"""Where blob bytes come from: a :class:`BlobSource` reads ranges of a blob named by its id.
+"""Where blob bytes come from: a :class:`BlobBackend` reads ranges of a blob named by its id.
 
-:class:`LocalBlobDir` reads blob files named by id from a directory (``nydus-image -D`` layout);
-:class:`BlobFiles` maps ids (or device keys of plain EROFS images) to explicit paths.  The daemon's HTTP and
-registry backends implement the same two-method protocol.
+The one blob-reading interface of the project: the reader (``check``, ``unpack``, ``inspect``) and the daemon
+(:mod:`cachefilesd_py.backends`: HTTP and registry backends) both read blobs through it.  Here are the local
+ones: :class:`LocalBlobDir` reads blob files named by id from a directory (``nydus-image -D`` layout, the
+daemon's ``localfs``); :class:`BlobFiles` maps ids (or device keys of plain EROFS images) to explicit paths;
+:class:`ChainBackend` tries several in turn.
 """
 
 from __future__ import annotations
@@ -63,12 +65,21 @@ class BackendStats:
 
 
 @runtime_checkable
-class BlobSource(Protocol):
-    """Ranged reads of blobs by id.  ``read`` returns exactly ``length`` bytes or raises BackendError."""
+class BlobBackend(Protocol):
+    """Ranged reads of blobs by id.
+
+    ``read`` returns exactly ``length`` bytes or raises :class:`~erofs.errors.BackendError` (a range reaching
+    past the end of the blob is an error too); ``size`` is the blob's size in bytes; ``stats`` counts what was
+    fetched; ``close`` releases what the backend holds.  Every backend is safe to call from many threads.
+    """
+
+    stats: BackendStats
 
     def read(self, blob_id: str, offset: int, length: int) -> bytes: ...
 
     def size(self, blob_id: str) -> int: ...
+
+    def close(self) -> None: ...
 
 
 class _Fd:
@@ -80,7 +91,7 @@ class _Fd:
         self.evicted = False
 
 
-class BlobFileSource:
+class BlobFileBackend:
     """Blobs as local files, read with ``os.pread`` through a bounded cache of open fds (least recently used
     closed first; an fd in use by a concurrent read is closed when that read ends).  Thread-safe.
     Subclasses say where a blob's file is (:meth:`_candidates`)."""
@@ -212,7 +223,7 @@ class BlobFileSource:
             pass
 
 
-class LocalBlobDir(BlobFileSource):
+class LocalBlobDir(BlobFileBackend):
     """Blob files named by their id in ``dir`` (then each of ``alt_dirs``): the ``nydus-image -D`` layout and
     the daemon's ``localfs`` backend.  With ``strict_ids`` an id must be a sha256 (64 lowercase hex digits);
     otherwise any plain file name is accepted.  Either way a path never leaves the directories."""
@@ -238,7 +249,7 @@ class LocalBlobDir(BlobFileSource):
         return f"LocalBlobDir({', '.join(repr(str(d)) for d in self.dirs)})"
 
 
-class BlobFiles(BlobFileSource):
+class BlobFiles(BlobFileBackend):
     """Explicit id → file mapping (e.g. the ``--device`` files of a plain EROFS image, by device key)."""
 
     def __init__(self, files: Mapping[str, str | os.PathLike[str]]) -> None:
@@ -252,30 +263,42 @@ class BlobFiles(BlobFileSource):
             raise BackendError(f"blob {blob_id}: no file given for it") from None
 
 
-class ChainSource:
-    """Try each source in turn (first that has the blob wins)."""
+class ChainBackend:
+    """Try each backend in turn (the first that has the blob serves it)."""
 
-    def __init__(self, *sources: BlobSource) -> None:
-        self.sources = sources
-        self._picked: dict[str, BlobSource] = {}
+    def __init__(self, *backends: BlobBackend) -> None:
+        self.backends = backends
+        self._picked: dict[str, BlobBackend] = {}
 
-    def _pick(self, blob_id: str) -> BlobSource:
+    def _pick(self, blob_id: str) -> BlobBackend:
         picked = self._picked.get(blob_id)
         if picked is not None:
             return picked
         last: BackendError | None = None
-        for s in self.sources:
+        for b in self.backends:
             try:
-                s.size(blob_id)
+                b.size(blob_id)
             except BackendError as e:
                 last = e
                 continue
-            self._picked[blob_id] = s
-            return s
-        raise last or BackendError(f"blob {blob_id}: no source")
+            self._picked[blob_id] = b
+            return b
+        raise last or BackendError(f"blob {blob_id}: no backend")
+
+    @property
+    def stats(self) -> BackendStats:
+        """The sum of the backends' counters."""
+        total = BackendStats()
+        for b in self.backends:
+            total.add(**b.stats.snapshot())
+        return total
 
     def read(self, blob_id: str, offset: int, length: int) -> bytes:
         return self._pick(blob_id).read(blob_id, offset, length)
 
     def size(self, blob_id: str) -> int:
         return self._pick(blob_id).size(blob_id)
+
+    def close(self) -> None:
+        for b in self.backends:
+            b.close()

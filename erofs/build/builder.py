@@ -1,5 +1,8 @@
 """``nydus-erofs build``: sources → one bootstrap + one blob per layer, written atomically into OUT.
 
+Several SOURCEs are layers, bottom to top (see :mod:`erofs.build.sources.layers`), flattened into one
+bootstrap with one blob per layer that has new data.
+
 Everything is built in a private temporary directory inside OUT and moved into place only when complete:
 a failed build leaves OUT as it was (and removes OUT if the build created it).
 """
@@ -15,17 +18,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from erofs.blob import BlobInfo
-from erofs.bootstrap import ImageOptions, write_bootstrap
-from erofs.chunker import ChunkIndex, ChunkStore
+from erofs.build.bootstrap import ImageOptions, write_bootstrap
+from erofs.build.chunk_dict import load_chunk_dict
+from erofs.build.chunker import ChunkIndex, ChunkStore
+from erofs.build.overlay import merge_layers
+from erofs.build.sources.dir import DirLayer, read_directory
+from erofs.build.sources.layers import layers_of
+from erofs.build.tree import Node
 from erofs.errors import SourceError, UsageError
 from erofs.format import rafs_v6 as r
-from erofs.paths import make_dirs, remove_dirs, remove_stale_temps, temp_prefix
-from erofs.source_dir import read_directory
-from erofs.tree import Inode
+from erofs.format.rafs_v6 import BlobInfo
+from erofs.paths import BLOBS_DIR, BOOTSTRAP_NAME, make_dirs, remove_dirs, remove_stale_temps, temp_prefix
 
-BOOTSTRAP_NAME = "image.boot"
-BLOBS_DIR = "blobs"
 BUILD_TEMP = ".nydus-erofs-build-"  # + owner + random: the temporary directory inside OUT
 
 
@@ -68,12 +72,12 @@ def check_options(chunk_size: int, compressor: str, digester: str) -> ImageOptio
 
 
 # A layer reader fills a tree from one source, storing data through the given store.
-LayerReader = Callable[[ChunkStore], Inode]
+LayerReader = Callable[[ChunkStore], Node]
 # Merging turns the layer trees (bottom to top) into the image tree.
-Merger = Callable[[list[Inode]], Inode]
+Merger = Callable[[list[Node]], Node]
 
 
-def _single(trees: list[Inode]) -> Inode:
+def _single(trees: list[Node]) -> Node:
     if len(trees) != 1:
         raise UsageError("several directory sources cannot be stacked: give tar layers or an OCI image")
     return trees[0]
@@ -106,7 +110,7 @@ def build_layers(readers: Sequence[LayerReader], output_dir: str | os.PathLike[s
         (tmp / BLOBS_DIR).mkdir()
         index: ChunkIndex = dict(known or {})
         blobs: list[BlobInfo] = list(extra_blobs)
-        trees: list[Inode] = []
+        trees: list[Node] = []
         layers: list[str | None] = []
         bytes_in = bytes_deduped = 0
         for reader in readers:
@@ -151,7 +155,7 @@ def build_layers(readers: Sequence[LayerReader], output_dir: str | os.PathLike[s
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _used_blobs(tree: Inode) -> set[int]:
+def _used_blobs(tree: Node) -> set[int]:
     used: set[int] = set()
     stack = [tree]
     seen: set[int] = set()
@@ -166,7 +170,7 @@ def _used_blobs(tree: Inode) -> set[int]:
     return used
 
 
-def _drop_unused(blobs: list[BlobInfo], tree: Inode, used: set[int]) -> tuple[list[BlobInfo], Inode]:
+def _drop_unused(blobs: list[BlobInfo], tree: Node, used: set[int]) -> tuple[list[BlobInfo], Node]:
     """Renumber blobs when some (a lower layer whose files were all deleted, an unused dict) are unreferenced."""
     keep = [b for b in blobs if b.blob_index in used]
     renumber = {b.blob_index: i for i, b in enumerate(keep)}
@@ -202,3 +206,28 @@ def build_directory(source: str | os.PathLike[str], output_dir: str | os.PathLik
                     opts: ImageOptions) -> BuildResult:  # fmt: skip
     """Build an image of one directory tree."""
     return build_layers([lambda store: read_directory(source, store)], output_dir, opts)
+
+
+def build_image(sources: Sequence[str], output_dir: str | os.PathLike[str], opts: ImageOptions, *,
+                whiteout_spec: str = "oci", platform: str | None = None, chunk_dict: str | None = None,
+                chunk_dict_blob_dir: str | None = None) -> BuildResult:  # fmt: skip
+    """Build one image from SOURCE layers into ``output_dir`` (atomically; see :func:`build_layers`)."""
+    if chunk_dict_blob_dir and not chunk_dict:
+        raise UsageError("--chunk-dict-blob-dir needs --chunk-dict")
+    layers = layers_of(sources, platform)
+    out = os.path.realpath(output_dir)
+    for layer in layers:
+        src = os.path.realpath(layer.path) if isinstance(layer, DirLayer) else None
+        if src is not None and (out == src or out.startswith(src.rstrip("/") + "/")):
+            raise UsageError(f"--output-dir {output_dir} is inside SOURCE {layer.path}: the image would hold itself")
+    cd = load_chunk_dict(chunk_dict, chunk_dict_blob_dir, opts) if chunk_dict else None
+
+    def merge(_trees: list[Node]) -> Node:
+        return merge_layers([layer.result for layer in layers if layer.result is not None], whiteout_spec)
+
+    readers: list[LayerReader] = list(layers)
+    return build_layers(
+        readers, output_dir, opts, merge=merge,
+        known=cd.known if cd else None, extra_blobs=cd.blobs if cd else (),
+        extra_blob_files=cd.blob_files if cd else None,
+    )  # fmt: skip

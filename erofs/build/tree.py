@@ -1,8 +1,8 @@
 """The in-memory image tree every source (directory, tar layer, OCI image) is read into.
 
-Data flows one way: a source fills a :class:`Inode` tree, storing file data into a blob as it goes (so a
+Data flows one way: a source fills a :class:`Node` tree, storing file data into a blob as it goes (so a
 regular file carries :class:`ChunkRef` s, never its bytes); the layout then places the tree and the writer
-emits the bootstrap.  Hard links are several directory entries holding the same :class:`Inode`.
+emits the bootstrap.  Hard links are several directory entries holding the same :class:`Node`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ class ChunkRef:
 
 
 @dataclass(slots=True, eq=False)
-class Inode:
-    """One file of the image.  ``children`` is set for directories only (name bytes → inode)."""
+class Node:
+    """One file of the image being built (an inode to be).  ``children`` is set for directories only
+    (name bytes → node)."""
 
     mode: int
     uid: int = 0
@@ -42,20 +43,40 @@ class Inode:
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     target: bytes | None = None  # symlink target
     chunks: list[ChunkRef | None] = field(default_factory=list)  # None = a hole (reads as zeros)
-    children: dict[bytes, Inode] | None = None
+    children: dict[bytes, Node] | None = None
 
     @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
 
     @classmethod
-    def directory(cls, mode: int = 0o755, **kw: object) -> Inode:
+    def directory(cls, mode: int = 0o755, **kw: object) -> Node:
         return cls(mode=stat.S_IFDIR | (mode & 0o7777), children={}, **kw)  # type: ignore[arg-type]
 
 
-def walk(root: Inode, prefix: bytes = b"") -> list[tuple[bytes, Inode]]:
+# The placeholder of a hard link to a lower layer's file: no file type (never reaches the bootstrap).
+LINK_PLACEHOLDER_MODE = 0
+
+
+def is_placeholder(node: Node) -> bool:
+    return node.mode == LINK_PLACEHOLDER_MODE
+
+
+@dataclass(slots=True)
+class LayerTree:
+    """One layer as read: its tree, the implicitly created directories, unresolved hard links."""
+
+    root: Node
+    implicit: set[int] = field(default_factory=set)  # id() of directories the layer never named
+    # id(placeholder) -> (target path components, member name); where each placeholder sits, for the merge
+    links: dict[int, tuple[list[bytes], str]] = field(default_factory=dict)
+    link_sites: dict[int, list[tuple[Node, bytes]]] = field(default_factory=dict)
+    keep: list[Node] = field(default_factory=list)  # keeps placeholders alive so their ids stay unique
+
+
+def walk(root: Node, prefix: bytes = b"") -> list[tuple[bytes, Node]]:
     """Every (path, inode) below ``root``, parents before children and siblings sorted; the root is ``b"/"``."""
-    out: list[tuple[bytes, Inode]] = [(prefix or b"/", root)]
+    out: list[tuple[bytes, Node]] = [(prefix or b"/", root)]
     stack = [(prefix, root)]
     while stack:
         base, node = stack.pop()

@@ -16,12 +16,12 @@ import hashlib
 import os
 import queue
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 from erofs import codec
+from erofs.build.tree import ChunkRef
 from erofs.format import rafs_v6 as r
-from erofs.tree import ChunkRef
+from erofs.format.rafs_v6 import BlobInfo
 
 BLOCK = 4096
 _ZEROS = bytes(BLOCK)
@@ -38,46 +38,6 @@ def tar_header(name: bytes, size: int) -> bytes:
     h[148:156] = b" " * 8
     h[148:156] = b"%06o\0 " % sum(h)
     return bytes(h)
-
-
-@dataclass(slots=True, frozen=True)
-class BlobInfo:
-    """What the bootstrap's blob table and device table record of a finished blob."""
-
-    blob_id: str
-    blob_index: int
-    chunk_size: int
-    chunk_count: int
-    compressor: str
-    digester: str
-    features: int
-    compressed_size: int  # the whole blob file
-    uncompressed_size: int  # the 4 KiB aligned data layout
-    ci_compressor: str
-    ci_offset: int
-    ci_compressed_size: int
-    ci_uncompressed_size: int
-    blob_toc_size: int
-    blob_toc_digest: bytes
-
-    def blob_table_entry(self) -> bytes:
-        return r.RafsV6Blob.pack(
-            blob_id=self.blob_id.encode(),
-            blob_index=self.blob_index,
-            chunk_size=self.chunk_size,
-            chunk_count=self.chunk_count,
-            compression_algo=r.COMPRESSORS[self.compressor],
-            digest_algo=r.DIGESTERS[self.digester],
-            features=self.features,
-            compressed_size=self.compressed_size,
-            uncompressed_size=self.uncompressed_size,
-            blob_toc_size=self.blob_toc_size,
-            ci_compressor=r.COMPRESSORS[self.ci_compressor],
-            ci_offset=self.ci_offset,
-            ci_compressed_size=self.ci_compressed_size,
-            ci_uncompressed_size=self.ci_uncompressed_size,
-            blob_toc_digest=self.blob_toc_digest,
-        )
 
 
 class _Sink:
@@ -272,13 +232,8 @@ class BlobWriter:
     def _toc_entry(
         name: bytes, digest: bytes, offset: int, c_size: int, d_size: int | None = None, compressor: str = "none"
     ) -> bytes:
-        flags = {
-            "none": r.TOC_FLAG_COMPRESSION_NONE,
-            "zstd": r.TOC_FLAG_COMPRESSION_ZSTD,
-            "lz4_block": r.TOC_FLAG_COMPRESSION_LZ4_BLOCK,
-        }[compressor]
         return r.TocEntry.pack(
-            flags=flags,
+            flags=r.TOC_FLAG_COMPRESSORS[compressor],
             name=name,
             uncompressed_digest=digest,
             compressed_offset=offset,

@@ -25,9 +25,8 @@ from __future__ import annotations
 import stat
 from collections.abc import Sequence
 
+from erofs.build.tree import LayerTree, Node, is_placeholder
 from erofs.errors import SourceError, UsageError
-from erofs.source_tar import LayerTree, is_placeholder
-from erofs.tree import Inode
 
 WHITEOUT_SPECS = ("oci", "overlayfs", "none")
 WH_PREFIX = b".wh."
@@ -36,17 +35,17 @@ OVL_OPAQUE = b"trusted.overlay.opaque"
 OVL_ORIGIN = b"trusted.overlay.origin"
 
 
-def _is_ovl_whiteout(node: Inode) -> bool:
+def _is_ovl_whiteout(node: Node) -> bool:
     return stat.S_ISCHR(node.mode) and node.rdev == 0
 
 
-def _copy_meta(dst: Inode, src: Inode) -> None:
+def _copy_meta(dst: Node, src: Node) -> None:
     dst.mode, dst.uid, dst.gid = src.mode, src.uid, src.gid
     dst.mtime, dst.mtime_nsec, dst.xattrs = src.mtime, src.mtime_nsec, dict(src.xattrs)
 
 
-def _lookup(root: Inode, parts: list[bytes]) -> Inode | None:
-    node: Inode | None = root
+def _lookup(root: Node, parts: list[bytes]) -> Node | None:
+    node: Node | None = root
     for comp in parts:
         if node is None or node.children is None:
             return None
@@ -54,7 +53,7 @@ def _lookup(root: Inode, parts: list[bytes]) -> Inode | None:
     return node
 
 
-def _resolve_links(merged: Inode, layer: LayerTree) -> None:
+def _resolve_links(merged: Node, layer: LayerTree) -> None:
     """Point each placeholder hard link of ``layer`` at the lower layers' file it names."""
     for key, (target_parts, member) in layer.links.items():
         target = _lookup(merged, target_parts)
@@ -69,21 +68,21 @@ def _resolve_links(merged: Inode, layer: LayerTree) -> None:
                     parent.children[name] = target
 
 
-def merge_layers(layers: Sequence[LayerTree], spec: str = "oci") -> Inode:
+def merge_layers(layers: Sequence[LayerTree], spec: str = "oci") -> Node:
     """The flattened tree of ``layers`` (bottom first) under whiteout ``spec``."""
     if spec not in WHITEOUT_SPECS:
         raise UsageError(f"unknown whiteout spec {spec!r} ({', '.join(WHITEOUT_SPECS)})")
-    merged = Inode.directory(0o755)
+    merged = Node.directory(0o755)
     for layer in layers:
         _resolve_links(merged, layer)
         _apply(merged, layer, spec)
     return merged
 
 
-def _apply(merged: Inode, layer: LayerTree, spec: str) -> None:
+def _apply(merged: Node, layer: LayerTree, spec: str) -> None:
     if id(layer.root) not in layer.implicit:
         _copy_meta(merged, layer.root)
-    stack: list[tuple[Inode, Inode]] = [(merged, layer.root)]
+    stack: list[tuple[Node, Node]] = [(merged, layer.root)]
     while stack:
         base, upper = stack.pop()
         assert base.children is not None and upper.children is not None
@@ -102,7 +101,7 @@ def _apply(merged: Inode, layer: LayerTree, spec: str) -> None:
                     hidden = name[len(WH_PREFIX) :]
                     base.children.pop(hidden, None)
                     if spec == "overlayfs" and hidden not in entries:
-                        wh = Inode(mode=stat.S_IFCHR | (node.mode & 0o7777), uid=node.uid, gid=node.gid,
+                        wh = Node(mode=stat.S_IFCHR | (node.mode & 0o7777), uid=node.uid, gid=node.gid,
                                    mtime=node.mtime, mtime_nsec=node.mtime_nsec)  # fmt: skip
                         base.children[hidden] = wh
                         whiteouts = True
@@ -120,7 +119,7 @@ def _apply(merged: Inode, layer: LayerTree, spec: str) -> None:
             old = base.children.get(name)
             if old is None or old.children is None:
                 over_whiteout = spec == "overlayfs" and old is not None and _is_ovl_whiteout(old)
-                old = Inode.directory(0o755)
+                old = Node.directory(0o755)
                 if over_whiteout:  # still hide what lies below the image, as overlayfs does on a copy-up
                     old.xattrs[OVL_OPAQUE] = b"y"
                 base.children[name] = old

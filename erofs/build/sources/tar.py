@@ -1,318 +1,42 @@
-"""A tar layer (plain, gzip or zstd, told apart by content) read as a stream into a layer tree.
+"""A tar layer read as a stream into a layer tree (its bytes, plain, gzip or zstd, come through
+:mod:`erofs.build.sources.stream`).
 
 Nothing is extracted: each member's data flows from the archive straight into the layer's blob through
-the :class:`~erofs.chunker.ChunkStore`, and the tree is built by name only (no path is ever resolved on
+the :class:`~erofs.build.chunker.ChunkStore`, and the tree is built by name only (no path is ever resolved on
 disk, so no symlink is followed).  Names are normalised (``./``, leading ``/``, repeated slashes); a
 ``..`` that would leave the root is an error.  Missing parent directories are created implicitly
 (0755, root-owned, mtime 0) and marked so the merge keeps a lower layer's metadata for them.
 
 Whiteouts (``.wh.NAME``, ``.wh..wh..opq``) stay in the layer tree as the ordinary entries they are in the
-archive; :mod:`erofs.overlay` interprets them.  A hard link to a member that is not in this layer (tar
+archive; :mod:`erofs.build.overlay` interprets them.  A hard link to a member that is not in this layer (tar
 requires the target to precede the link) becomes a placeholder resolved against the lower layers by the
 merge.
-
-Decompression runs in a reader thread (zlib and zstd release the GIL), overlapping hashing and writing.
 """
 
 from __future__ import annotations
 
 import base64
-import io
 import os
-import queue
 import stat
 import sys
 import tarfile
-import threading
 import urllib.parse
-import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
-import zstandard
+from erofs.build.sources.stream import READ_SIZE, LayerStream, open_source
 
-try:  # ISA-L inflates gzip about twice as fast as zlib; optional (pip install isal)
-    from isal import isal_zlib as _gzip_zlib
-
-    _GZIP_ERRORS: tuple[type[Exception], ...] = (zlib.error, _gzip_zlib.error)
-except ImportError:  # pragma: no cover - depends on the environment
-    _gzip_zlib = zlib  # type: ignore[assignment]
-    _GZIP_ERRORS = (zlib.error,)
-
-from erofs.chunker import ChunkStore
+from erofs.build.chunker import ChunkStore
+from erofs.build.tree import LINK_PLACEHOLDER_MODE, ChunkRef, LayerTree, Node, is_placeholder
+from erofs.build.xattr import check_xattrs
 from erofs.errors import NydusErofsError, SourceError
-from erofs.format.erofs_fs import EROFS_NAME_LEN, EROFS_SUPER_MAGIC_V1, EROFS_SUPER_OFFSET
-from erofs.tree import ChunkRef, Inode
-from erofs.xattr import check_xattrs
+from erofs.format.erofs_fs import EROFS_NAME_LEN, TIME64_MAX, TIME64_MIN
 
-_GZIP_MAGIC = b"\x1f\x8b"
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-_EROFS_MAGIC = EROFS_SUPER_MAGIC_V1.to_bytes(4, "little")
-_HEAD_SIZE = EROFS_SUPER_OFFSET + 4  # enough to tell an EROFS image from a tar
-_OTHER_MAGIC = {
-    b"BZh": "bzip2",
-    b"\xfd7zXZ\x00": "xz",
-    b"\x5d\x00\x00": "lzma",
-    b"\x04\x22\x4d\x18": "lz4 frame",
-    b"PK\x03\x04": "zip",
-}
-_READ_SIZE = 1 << 20
-_QUEUE_DEPTH = 8
 _HEADER_READ = 16 << 10  # tarfile's read-ahead: small, since member data bypasses it
-_ZSTD_FEED = 4 << 10  # zstd input per call: its output is not bounded per call, but 4 KiB of input
-# expand to at most ~128 MiB (one 128 KiB RLE block per 4 input bytes), which bounds memory
-# The placeholder of a hard link to a lower layer's file: no file type (never reaches the bootstrap).
-LINK_PLACEHOLDER_MODE = 0
 MAX_MAJOR = (1 << 12) - 1  # new_encode_dev: 12-bit major, 20-bit minor
 MAX_MINOR = (1 << 20) - 1
 _MAX_SYMLINK = 4095
 _MAX_SPARSE_CHUNKS = 1 << 22  # a sparse file's chunk indexes stay under 32 MiB of bootstrap
-_U64 = 1 << 64
-_S64_MIN = -(1 << 63)
-
-
-@dataclass(slots=True)
-class LayerTree:
-    """One layer as read: its tree, the implicitly created directories, unresolved hard links."""
-
-    root: Inode
-    implicit: set[int] = field(default_factory=set)  # id() of directories the archive never named
-    # id(placeholder) -> (target path components, member name); where each placeholder sits, for the merge
-    links: dict[int, tuple[list[bytes], str]] = field(default_factory=dict)
-    link_sites: dict[int, list[tuple[Inode, bytes]]] = field(default_factory=dict)
-    keep: list[Inode] = field(default_factory=list)  # keeps placeholders alive so their ids stay unique
-
-
-def is_placeholder(node: Inode) -> bool:
-    return node.mode == LINK_PLACEHOLDER_MODE
-
-
-# ---- byte streams ------------------------------------------------------------------------------
-
-
-class _Decoder:
-    """Incremental decompression of one format; ``feed`` returns output, ``finish`` checks the end."""
-
-    def __init__(self, kind: str, label: str) -> None:
-        self.kind = kind
-        self.label = label
-        self._z: Any = None
-        self._zs: zstandard.ZstdDecompressionObj | None = None
-        self._done = False  # the last member/frame ended exactly here
-        self._dctx = zstandard.ZstdDecompressor()
-        self._new()
-
-    def _new(self) -> None:
-        if self.kind == "gzip":
-            self._z = _gzip_zlib.decompressobj(wbits=31)
-        elif self.kind == "zstd":
-            self._zs = self._dctx.decompressobj()
-        self._done = False
-
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        """Decoded output of ``data`` in pieces of at most ~1 MiB (gzip) so a bomb cannot exhaust memory."""
-        while data:
-            if self._done:
-                if not data.strip(b"\0"):
-                    return  # zero padding after the last member/frame, as gzip and zstd tolerate
-                if not data.startswith(_GZIP_MAGIC if self.kind == "gzip" else _ZSTD_MAGIC[:1]):
-                    raise SourceError(f"{self.label}: trailing garbage after the {self.kind} stream")
-                self._new()
-            try:
-                if self._z is not None:
-                    z = self._z
-                    out = z.decompress(data, _READ_SIZE)
-                    while True:
-                        if out:
-                            yield out
-                        if not z.unconsumed_tail or z.eof:
-                            break
-                        out = z.decompress(z.unconsumed_tail, _READ_SIZE)
-                    if z.eof:
-                        data = z.unused_data
-                        self._done = True
-                    else:
-                        data = b""
-                else:
-                    zs = self._zs
-                    assert zs is not None
-                    rest = memoryview(data)
-                    data = b""
-                    while rest:
-                        piece, rest = rest[:_ZSTD_FEED], rest[_ZSTD_FEED:]
-                        out = zs.decompress(piece)
-                        if out:
-                            yield out
-                        if zs.eof:
-                            data = zs.unused_data + bytes(rest)
-                            self._done = True
-                            break
-            except _GZIP_ERRORS as e:
-                raise SourceError(f"{self.label}: corrupt gzip data ({e})") from None
-            except zstandard.ZstdError as e:
-                raise SourceError(f"{self.label}: corrupt zstd data ({e})") from None
-
-    def finish(self) -> None:
-        if not self._done:
-            raise SourceError(f"{self.label}: truncated {self.kind} stream (ends before its end marker)")
-
-
-class LayerStream(io.RawIOBase):
-    """The uncompressed bytes of a layer file (or stdin), decoded by a reader thread.
-
-    ``raw`` is read to its end; ``on_raw`` sees every raw byte (for digest checks).  Errors of the reader
-    thread surface in :meth:`readinto`.
-    """
-
-    def __init__(self, raw: BinaryIO, label: str, on_raw: Callable[[bytes], None] | None = None,
-                 threaded: bool = True) -> None:  # fmt: skip
-        super().__init__()
-        self.label = label
-        self._raw = raw
-        self._on_raw = on_raw
-        head = b""
-        while len(head) < _HEAD_SIZE:  # a pipe may deliver less than asked
-            more = self._read_raw(_HEAD_SIZE - len(head))
-            if not more:
-                break
-            head += more
-        self.kind = detect(head, label)
-        self._decoder = _Decoder(self.kind, label) if self.kind != "tar" else None
-        self._pending: list[bytes] = [head]
-        self._buf = memoryview(b"")
-        self._eof = False
-        self._stop = False
-        self._q: queue.Queue[bytes | BaseException | None] | None = None
-        self._thread: threading.Thread | None = None
-        if threaded:
-            self._q = queue.Queue(_QUEUE_DEPTH)
-            self._thread = threading.Thread(target=self._produce, name=f"decode {label}", daemon=True)
-            self._thread.start()
-
-    def _read_raw(self, n: int) -> bytes:
-        try:
-            data = self._raw.read(n)
-        except OSError as e:
-            raise SourceError(f"{self.label}: read error: {e.strerror or e}") from None
-        if data and self._on_raw is not None:
-            self._on_raw(data)
-        return data
-
-    def _blocks(self) -> Iterator[bytes]:
-        """Decoded output, block by block, until the raw stream is exhausted."""
-        while True:
-            raw = self._pending.pop() if self._pending else self._read_raw(_READ_SIZE)
-            if not raw:
-                if self._decoder is not None:
-                    self._decoder.finish()
-                return
-            if self._decoder is None:
-                yield raw
-            else:
-                yield from self._decoder.feed(raw)
-
-    def _produce(self) -> None:
-        assert self._q is not None
-        try:
-            for block in self._blocks():
-                self._q.put(block)
-                if self._stop:
-                    break
-            self._q.put(None)
-        except BaseException as e:  # handed to the consumer
-            self._q.put(e)
-
-    def _next_block(self) -> bytes | None:
-        if self._q is None:
-            if not hasattr(self, "_gen"):
-                self._gen = self._blocks()
-            return next(self._gen, None)
-        item = self._q.get()
-        if isinstance(item, BaseException):
-            self._eof = True
-            raise item
-        return item
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        while not self._buf:
-            if self._eof:
-                return 0
-            block = self._next_block()
-            if block is None:
-                self._eof = True
-                return 0
-            self._buf = memoryview(block)
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
-
-    def read(self, size: int = -1) -> bytes:
-        if size is None or size < 0:
-            return self.readall()
-        if not self._buf and not self._eof:
-            block = self._next_block()
-            if block is None:
-                self._eof = True
-            else:
-                self._buf = memoryview(block)
-        if len(self._buf) and size >= len(self._buf):
-            out = bytes(self._buf)
-            self._buf = memoryview(b"")
-            return out
-        out = bytes(self._buf[:size])
-        self._buf = self._buf[size:]
-        return out
-
-    def drain(self) -> None:
-        """Read (and check) everything left, e.g. padding after the tar's end marker."""
-        while self.read(_READ_SIZE):
-            pass
-
-    def close(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            assert self._q is not None
-            self._stop = True
-            while True:  # unblock the producer; it stops after its current block
-                item = self._q.get()
-                if item is None or isinstance(item, BaseException):
-                    break
-            self._thread.join()
-        super().close()
-
-
-def detect(head: bytes, label: str) -> str:
-    """'gzip', 'zstd' or 'tar' from the first bytes; SourceError for anything else recognisable."""
-    if head.startswith(_GZIP_MAGIC):
-        return "gzip"
-    if head.startswith(_ZSTD_MAGIC):
-        return "zstd"
-    for magic, name in _OTHER_MAGIC.items():
-        if head.startswith(magic):
-            raise SourceError(f"{label}: {name} archives are not supported (tar, tar.gz or tar.zst)")
-    if head[EROFS_SUPER_OFFSET : EROFS_SUPER_OFFSET + 4] == _EROFS_MAGIC:  # its zero first KiB reads as an empty tar
-        raise SourceError(f"{label}: an EROFS image (a bootstrap), not a tar archive")
-    if not head:
-        raise SourceError(f"{label}: empty file, not a tar archive")
-    if len(head) < 512:
-        raise SourceError(f"{label}: not a tar archive (only {len(head)} bytes)")
-    return "tar"
-
-
-def open_source(source: str) -> BinaryIO:
-    """The raw bytes of a tar SOURCE: a file path, or '-' for stdin."""
-    if source == "-":
-        if sys.stdin.isatty():  # as gzip does: a layer is never typed in, the shell's pipe was forgotten
-            raise SourceError("SOURCE '-': stdin is a terminal, not a tar archive (pipe one in)")
-        return sys.stdin.buffer
-    try:
-        return open(source, "rb")  # noqa: SIM115 - closed by the caller
-    except OSError as e:
-        raise SourceError(f"cannot read {source}: {e.strerror}") from None
 
 
 # ---- names, times, numbers ---------------------------------------------------------------------
@@ -360,10 +84,9 @@ def parse_pax_time(text: str, member: str) -> tuple[int, int]:
 
 
 def _check_time(sec: int, member: str) -> int:
-    if not _S64_MIN <= sec < _U64 // 2:
-        raise SourceError(f"member {member!r}: timestamp {sec} is out of range for EROFS (64-bit seconds)")
-    if sec < 0:
-        raise SourceError(f"member {member!r}: timestamp {sec} is before 1970, which EROFS does not store")
+    """``sec`` if EROFS can store it: any signed 64-bit time, before 1970 too (as mkfs.erofs does)."""
+    if not TIME64_MIN <= sec <= TIME64_MAX:
+        raise SourceError(f"member {member!r}: timestamp {sec} is out of range for EROFS (signed 64-bit seconds)")
     return sec
 
 
@@ -395,32 +118,32 @@ class TarLayerReader:
         self.stream = stream
         self.store = store
         self.label = label
-        self.tree = LayerTree(Inode.directory(0o755))
+        self.tree = LayerTree(Node.directory(0o755))
         self.tree.implicit.add(id(self.tree.root))
 
     # -- tree placement
-    def _parent(self, parts: list[bytes]) -> Inode:
+    def _parent(self, parts: list[bytes]) -> Node:
         node = self.tree.root
         for comp in parts[:-1]:
             assert node.children is not None
             child = node.children.get(comp)
             if child is None or child.children is None:
                 # absent, or a non-directory (a symlink, a file) in the way: the path wins by name
-                child = Inode.directory(0o755)
+                child = Node.directory(0o755)
                 self.tree.implicit.add(id(child))
                 node.children[comp] = child
             node = child
         return node
 
-    def _lookup(self, parts: list[bytes]) -> Inode | None:
-        node: Inode | None = self.tree.root
+    def _lookup(self, parts: list[bytes]) -> Node | None:
+        node: Node | None = self.tree.root
         for comp in parts:
             if node is None or node.children is None:
                 return None
             node = node.children.get(comp)
         return node
 
-    def _place(self, parts: list[bytes], node: Inode) -> None:
+    def _place(self, parts: list[bytes], node: Node) -> None:
         if not parts:  # the root itself ('./')
             root = self.tree.root
             if node.children is None:
@@ -441,12 +164,12 @@ class TarLayerReader:
             self.tree.link_sites.setdefault(id(node), []).append((parent, name))
 
     @staticmethod
-    def _set_meta(dst: Inode, src: Inode) -> None:
+    def _set_meta(dst: Node, src: Node) -> None:
         dst.mode, dst.uid, dst.gid = src.mode, src.uid, src.gid
         dst.mtime, dst.mtime_nsec, dst.xattrs = src.mtime, src.mtime_nsec, src.xattrs
 
     # -- members
-    def _inode(self, info: tarfile.TarInfo, fmt: int) -> Inode:
+    def _inode(self, info: tarfile.TarInfo, fmt: int) -> Node:
         name = info.name
         raw_mtime = info.pax_headers.get("mtime")
         if raw_mtime is not None:
@@ -456,7 +179,7 @@ class TarLayerReader:
         sec = _check_time(sec, name)
         if not 0 <= info.uid < 1 << 32 or not 0 <= info.gid < 1 << 32:
             raise SourceError(f"member {name!r}: uid/gid {info.uid}/{info.gid} out of range (32 bits)")
-        return Inode(mode=fmt | (info.mode & 0o7777), uid=info.uid, gid=info.gid, mtime=sec, mtime_nsec=nsec,
+        return Node(mode=fmt | (info.mode & 0o7777), uid=info.uid, gid=info.gid, mtime=sec, mtime_nsec=nsec,
                      xattrs=_xattrs(info))  # fmt: skip
 
     def _readinto(self, view: memoryview) -> int:
@@ -573,7 +296,7 @@ class TarLayerReader:
         if target is not None and target.children is not None:
             raise SourceError(f"member {name!r}: hard link to a directory ({info.linkname!r})")
         if target is None:  # not (yet) in this layer: a lower layer's file, resolved by the merge
-            target = Inode(mode=LINK_PLACEHOLDER_MODE)
+            target = Node(mode=LINK_PLACEHOLDER_MODE)
             self.tree.links[id(target)] = (target_parts, name)
             self.tree.keep.append(target)
         self._place(parts, target)
@@ -607,7 +330,7 @@ class TarLayerReader:
         while True:
             pos = tf.fileobj.tell()
             while pos < tf.offset:  # skip the rest of the member and its padding
-                got = len(tf.fileobj.read(min(_READ_SIZE, tf.offset - pos)))
+                got = len(tf.fileobj.read(min(READ_SIZE, tf.offset - pos)))
                 if not got:
                     if pos >= data_end:
                         return  # only padding and the end marker are missing (umoci insert writes such)
@@ -641,7 +364,7 @@ def read_tar(stream: LayerStream, store: ChunkStore, label: str) -> LayerTree:
 
 
 class TarLayer:
-    """A layer reader for :func:`erofs.builder.build_layers`: opens its source, reads it, keeps the tree.
+    """A layer reader for :func:`erofs.build.builder.build_layers`: opens its source, reads it, keeps the tree.
 
     ``verify`` (optional) is called with every raw byte and then ``None`` at the end, and raises
     :class:`SourceError` on a mismatch (an OCI layer's digest).
@@ -656,7 +379,7 @@ class TarLayer:
         self._verify = verify
         self.result: LayerTree | None = None
 
-    def __call__(self, store: ChunkStore) -> Inode:
+    def __call__(self, store: ChunkStore) -> Node:
         raw = self._opener()
         stream: LayerStream | None = None
         try:

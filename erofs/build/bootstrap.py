@@ -22,12 +22,12 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from erofs import xattr
-from erofs.blob import BlobInfo
+from erofs.build import xattr
+from erofs.build.tree import ChunkRef, Node
 from erofs.errors import SourceError
 from erofs.format import erofs_fs as e
 from erofs.format import rafs_v6 as r
-from erofs.tree import ChunkRef, Inode
+from erofs.format.rafs_v6 import BlobInfo
 
 BLK = e.EROFS_BLKSIZ
 _FT = {
@@ -56,14 +56,14 @@ class ImageOptions:
 class _Rec:
     """Placement of one inode: where its record goes, what follows the inode, where its data blocks are."""
 
-    inode: Inode
+    inode: Node
     ino: int
     nlink: int = 0
     extended: bool = False
     xattr_body: bytes = b""
     xattr_icount: int = 0
     data: bytes = b""  # directory or symlink bytes (nids patched in for directories later)
-    dir_blocks: list[list[tuple[bytes, Inode]]] = field(default_factory=list)
+    dir_blocks: list[list[tuple[bytes, Node]]] = field(default_factory=list)
     layout: int = e.EROFS_INODE_FLAT_PLAIN
     tail: bytes = b""
     offset: int = 0  # of the inode record in the bootstrap
@@ -79,9 +79,9 @@ class _Rec:
         return self.head_size + len(self.tail)
 
 
-def _dir_blocks(entries: list[tuple[bytes, Inode]]) -> tuple[list[list[tuple[bytes, Inode]]], int]:
+def _dir_blocks(entries: list[tuple[bytes, Node]]) -> tuple[list[list[tuple[bytes, Node]]], int]:
     """Pack sorted entries greedily into blocks; returns the blocks and the directory's i_size."""
-    blocks: list[list[tuple[bytes, Inode]]] = [[]]
+    blocks: list[list[tuple[bytes, Node]]] = [[]]
     used = 0
     for name, node in entries:
         need = e.erofs_dirent.size + len(name)
@@ -93,7 +93,7 @@ def _dir_blocks(entries: list[tuple[bytes, Inode]]) -> tuple[list[list[tuple[byt
     return blocks, (len(blocks) - 1) * BLK + used
 
 
-def _dir_bytes(blocks: list[list[tuple[bytes, Inode]]], nid_of: dict[int, int]) -> bytes:
+def _dir_bytes(blocks: list[list[tuple[bytes, Node]]], nid_of: dict[int, int]) -> bytes:
     out = bytearray()
     for i, block in enumerate(blocks):
         start = len(out)
@@ -109,11 +109,11 @@ def _dir_bytes(blocks: list[list[tuple[bytes, Inode]]], nid_of: dict[int, int]) 
     return bytes(out)
 
 
-def _ordered(root: Inode) -> tuple[list[Inode], dict[int, list[tuple[bytes, Inode]]], Counter[int]]:
+def _ordered(root: Node) -> tuple[list[Node], dict[int, list[tuple[bytes, Node]]], Counter[int]]:
     """Unique inodes breadth first (root first), each directory's sorted entries, dirent counts per inode."""
-    order: list[Inode] = [root]
+    order: list[Node] = [root]
     seen = {id(root)}
-    entries: dict[int, list[tuple[bytes, Inode]]] = {}
+    entries: dict[int, list[tuple[bytes, Node]]] = {}
     links: Counter[int] = Counter()
     parent = {id(root): root}
     i = 0
@@ -142,13 +142,13 @@ def _ordered(root: Inode) -> tuple[list[Inode], dict[int, list[tuple[bytes, Inod
     return order, entries, links
 
 
-def _build_time(order: Sequence[Inode]) -> tuple[int, int]:
+def _build_time(order: Sequence[Node]) -> tuple[int, int]:
     counts = Counter((n.mtime, n.mtime_nsec) for n in order)
     best = max(counts.values())
     return min(k for k, v in counts.items() if v == best)
 
 
-def _needs_extended(n: Inode, nlink: int, build_time: tuple[int, int]) -> bool:
+def _needs_extended(n: Node, nlink: int, build_time: tuple[int, int]) -> bool:
     return (
         n.size > 0xFFFFFFFF
         or n.uid > 0xFFFF
@@ -158,7 +158,7 @@ def _needs_extended(n: Inode, nlink: int, build_time: tuple[int, int]) -> bool:
     )
 
 
-def write_bootstrap(path: str | os.PathLike[str], root: Inode, blobs: Sequence[BlobInfo], opts: ImageOptions) -> int:
+def write_bootstrap(path: str | os.PathLike[str], root: Node, blobs: Sequence[BlobInfo], opts: ImageOptions) -> int:
     """Lay out ``root`` and write the bootstrap to ``path``.  Returns the number of inodes."""
     if len(blobs) > r.RAFS_MAX_BLOBS:
         raise SourceError(f"an image holds at most {r.RAFS_MAX_BLOBS} blobs, this one needs {len(blobs)}")
@@ -264,7 +264,7 @@ def write_bootstrap(path: str | os.PathLike[str], root: Inode, blobs: Sequence[B
         if rec.extended:
             raw = e.erofs_inode_extended.pack(
                 i_format=i_format, i_xattr_icount=rec.xattr_icount, i_mode=node.mode & 0xFFFF, i_size=node.size,
-                i_u=i_u, i_ino=rec.ino, i_uid=node.uid, i_gid=node.gid, i_mtime=node.mtime,
+                i_u=i_u, i_ino=rec.ino, i_uid=node.uid, i_gid=node.gid, i_mtime=e.erofs_time_encode(node.mtime),
                 i_mtime_nsec=node.mtime_nsec, i_nlink=rec.nlink,
             )  # fmt: skip
         else:
@@ -316,7 +316,7 @@ def write_bootstrap(path: str | os.PathLike[str], root: Inode, blobs: Sequence[B
         slot = e.erofs_deviceslot.pack(tag=b.blob_id.encode(), blocks=b.uncompressed_size // BLK)
         off = r.RAFSV6_DEVTABLE_OFFSET + i * e.EROFS_DEVT_SLOT_SIZE
         img[off : off + len(slot)] = slot
-        entry = b.blob_table_entry()
+        entry = b.pack()
         img[blob_table_off + i * r.RafsV6Blob.size : blob_table_off + (i + 1) * r.RafsV6Blob.size] = entry
     sb = e.erofs_super_block.pack(
         magic=e.EROFS_SUPER_MAGIC_V1,
@@ -324,7 +324,7 @@ def write_bootstrap(path: str | os.PathLike[str], root: Inode, blobs: Sequence[B
         blkszbits=e.EROFS_BLKSIZ_BITS,
         root_nid=root_nid,
         inos=len(recs),
-        build_time=build_time[0],
+        build_time=e.erofs_time_encode(build_time[0]),
         build_time_nsec=build_time[1],
         blocks=total // BLK,
         meta_blkaddr=meta_blkaddr,

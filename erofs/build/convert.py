@@ -24,12 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from erofs.bootstrap import ImageOptions
-from erofs.builder import BOOTSTRAP_NAME, BuildResult
+from erofs.build.bootstrap import ImageOptions
+from erofs.build.builder import BuildResult, build_image
+from erofs.build.sources.oci import DEFAULT_PLATFORM, MT_MANIFEST, REF_NAME, OciLayout, parse_platform, parse_reference
 from erofs.errors import SourceError, UsageError
-from erofs.paths import make_dirs, remove_stale_temps, temp_prefix
-from erofs.source_oci import DEFAULT_PLATFORM, MT_MANIFEST, REF_NAME, OciLayout, parse_platform, parse_reference
-from erofs.sources import build_image
+from erofs.paths import BLOBS_DIR, BOOTSTRAP_NAME, make_dirs, remove_stale_temps, temp_prefix
 
 MT_CONFIG = "application/vnd.oci.image.config.v1+json"
 MT_NYDUS_BLOB = "application/vnd.oci.image.layer.nydus.blob.v1"
@@ -210,7 +209,7 @@ def convert(source: str, target: str, opts: ImageOptions, *, platform: str | Non
             layers = []
             diff_ids = []
             for b in result.blobs:
-                layers.append(writer.add_file(tmp / "image" / "blobs" / b.blob_id, b.blob_id, MT_NYDUS_BLOB,
+                layers.append(writer.add_file(tmp / "image" / BLOBS_DIR / b.blob_id, b.blob_id, MT_NYDUS_BLOB,
                                               annotations={ANN_NYDUS_BLOB: "true"}))  # fmt: skip
                 diff_ids.append(f"sha256:{b.blob_id}")
             boot_gz, boot_diff_id = _bootstrap_layer(tmp / "image" / BOOTSTRAP_NAME)

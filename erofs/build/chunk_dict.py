@@ -11,12 +11,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from erofs.blob import BlobInfo
-from erofs.bootstrap import ImageOptions
-from erofs.chunker import ChunkIndex
+from erofs.build.bootstrap import ImageOptions
+from erofs.build.chunker import ChunkIndex
+from erofs.build.tree import ChunkRef
 from erofs.errors import ImageError, SourceError
+from erofs.format.rafs_v6 import BlobInfo
+from erofs.paths import BLOBS_DIR
 from erofs.reader.bootstrap import Bootstrap
-from erofs.tree import ChunkRef
 
 BLOCK = 4096
 
@@ -32,7 +33,7 @@ def load_chunk_dict(bootstrap: str | os.PathLike[str], blob_dir: str | os.PathLi
                     opts: ImageOptions) -> ChunkDict:  # fmt: skip
     """Read the dict image's blobs and chunks; SourceError if it cannot serve a build with ``opts``."""
     path = Path(bootstrap)
-    blobs_at = Path(blob_dir) if blob_dir is not None else path.parent / "blobs"
+    blobs_at = Path(blob_dir) if blob_dir is not None else path.parent / BLOBS_DIR
     where = f"chunk dict {path}"
     try:
         boot = Bootstrap(path)
@@ -47,7 +48,7 @@ def load_chunk_dict(bootstrap: str | os.PathLike[str], blob_dir: str | os.PathLi
             raise SourceError(f"{where}: chunk size {boot.chunk_size} differs from this build's {opts.chunk_size}")
         blobs: list[BlobInfo] = []
         files: dict[str, Path] = {}
-        for i, b in enumerate(boot.blobs):
+        for b in boot.blobs:
             if b.digester != opts.digester:
                 raise SourceError(f"{where}: blob {b.blob_id} uses digester {b.digester}, this build {opts.digester}")
             if b.compressor != opts.compressor:
@@ -64,14 +65,7 @@ def load_chunk_dict(bootstrap: str | os.PathLike[str], blob_dir: str | os.PathLi
             if size != b.compressed_size:
                 raise SourceError(f"{where}: blob file {blob_file} has {size} bytes, the dict says {b.compressed_size}")
             files[b.blob_id] = blob_file
-            blobs.append(BlobInfo(
-                blob_id=b.blob_id, blob_index=i, chunk_size=b.chunk_size, chunk_count=b.chunk_count,
-                compressor=b.compressor, digester=b.digester, features=b.features,
-                compressed_size=b.compressed_size, uncompressed_size=b.uncompressed_size,
-                ci_compressor=b.ci_compressor, ci_offset=b.ci_offset, ci_compressed_size=b.ci_compressed_size,
-                ci_uncompressed_size=b.ci_uncompressed_size, blob_toc_size=b.blob_toc_size,
-                blob_toc_digest=b.blob_toc_digest or bytes(32),
-            ))  # fmt: skip
+            blobs.append(b)
         known: ChunkIndex = {}
         for n, c in enumerate(boot.chunk_table):
             if c.blob_index >= len(blobs) or c.index >= blobs[c.blob_index].chunk_count:
