@@ -522,12 +522,13 @@ def test_umount_leaves_what_was_mounted_over_a_stale_record(image: Path, mountpo
 def test_umount_never_signals_init_or_a_stranger() -> None:
     # a worker orphaned by its supervisor recorded its new parent, init, as the daemon: umount sent it SIGTERM,
     # SIGUSR1 and SIGKILL, then waited for it to exit, for ever
-    from cachefilesd_py.kmount import _is_daemon, process_start_time
+    from cachefilesd_py.mount.service import is_daemon
+    from erofs.paths import process_start_time
 
-    assert not _is_daemon({"pid": 1, "start_time": process_start_time(1)})
+    assert not is_daemon({"pid": 1, "start_time": process_start_time(1)})
     with subprocess.Popen(["sleep", "60"]) as stranger:
         try:
-            assert not _is_daemon({"pid": stranger.pid, "start_time": process_start_time(stranger.pid)})
+            assert not is_daemon({"pid": stranger.pid, "start_time": process_start_time(stranger.pid)})
         finally:
             stranger.kill()
 
