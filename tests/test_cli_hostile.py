@@ -376,6 +376,16 @@ def test_mount_with_the_blob_dir_as_cache_dir(image: Path, mountpoint: Path, run
     assert listing(image) == before
 
 
+def test_mount_mode_fscache_is_not_a_choice(image: Path, mountpoint: Path, run_env: dict[str, str],
+                                            tmp_path: Path) -> None:  # fmt: skip
+    # it was offered, then always refused: the fscache path is cachefilesd-py with `mount -o fsid=`
+    r = run("mount", image / "image.boot", mountpoint, "--cache-dir", tmp_path / "c", "--mode", "fscache",
+            env=run_env)  # fmt: skip
+    assert r.returncode == 2 and "Invalid value for '--mode'" in r.stderr, r.stderr
+    assert "fscache" not in run("mount", "--help").stdout
+    assert not _mounted(mountpoint) and not (tmp_path / "c").exists()
+
+
 def test_mount_a_damaged_bootstrap(image: Path, mountpoint: Path, run_env: dict[str, str], tmp_path: Path) -> None:
     boot = tmp_path / "trunc.boot"
     boot.write_bytes((image / "image.boot").read_bytes()[:2000])

@@ -770,6 +770,62 @@ class GatedBlobServer:
         self.server.server_close()
 
 
+def _seen_by_nobody(paths: list[str]) -> bytes:
+    """What user 65534 can read of ``paths`` (a file it may not read reads as nothing)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to nobody, read what it can
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            out = b""
+            for p in paths:
+                try:
+                    out += Path(p).read_bytes()
+                except OSError:
+                    pass
+            os.write(w, out)
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        seen = f.read()
+    os.waitpid(pid, 0)
+    return seen
+
+
+def test_backend_secrets_are_not_on_the_daemon_command_lines(mounts: Mounts, images: dict[str, Path], rootfs: Path,
+                                                             tmp_path: Path) -> None:  # fmt: skip
+    """Any user reads /proc/PID/cmdline: the backend options (a token here) reach the supervisor and its worker
+    some other way, and the record and the log do not hold them either."""
+    server = GatedBlobServer(images["none"] / "blobs")
+    secret = "SECRET-b64f9e2c"
+    config = json.dumps({"url": server.url, "headers": {"Authorization": f"Bearer {secret}"}})
+    mp = tmp_path / "mnt-secret"
+    mp.mkdir()
+    try:
+        proc = subprocess.run(
+            [*CLI, "mount", str(images["none"] / "image.boot"), str(mp), "--cache-dir", str(tmp_path / "cache-secret"),
+             "--backend", "http", "--backend-config", config, "--mode", "fanotify", "--json"],
+            capture_output=True, text=True, timeout=TIMEOUT,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        mounts.active.append(mp)
+        rec = json.loads(proc.stdout)
+        assert secret not in proc.stdout
+        procs = [rec["pid"], rec["worker_pid"]]
+        seen = _seen_by_nobody([f"/proc/{pid}/{name}" for pid in procs for name in ("cmdline", "environ")])
+        assert b"cachefilesd_py.mount" in seen  # the cmdlines were read
+        assert secret.encode() not in seen
+        assert secret not in record_path(mp).read_text() and secret not in Path(rec["log"]).read_text()
+        _in_thread(lambda: assert_same_tree(rootfs, mp))  # served through the http backend
+        mounts.umount(mp)
+    finally:
+        server.close()
+
+
 def test_worker_killed_holding_an_event_reader_gets_eio(mounts: Mounts, big_image: tuple[Path, Path],
                                                         tmp_path: Path) -> None:  # fmt: skip
     """The worker dies in the middle of a fill (its backend request stalled): the supervisor denies the event
