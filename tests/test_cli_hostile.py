@@ -482,7 +482,7 @@ def test_mount_of_a_damaged_blob_exits_alike_in_every_mode(damage: str, code: in
                 env=run_env)  # fmt: skip
         one_line(r, code, message)
         assert blob.name in r.stderr and "[Errno" not in r.stderr, (mode, r.stderr)
-        assert not _mounted(mountpoint) and not _pids_with("--mountpoint", str(mountpoint))
+        assert not _mounted(mountpoint) and not _mount_daemons(run_env)
         assert not any((tmp_path / "run").iterdir()), mode
 
 
@@ -499,7 +499,7 @@ def test_mount_with_a_full_run_dir(image: Path, mountpoint: Path, small_fs: Path
         one_line(r, 1, f"No space left on device: {rdir}/")
         assert "[Errno" not in r.stderr, (mode, r.stderr)
         assert list(rdir.iterdir()) == [], mode
-        assert not _mounted(mountpoint) and not _pids_with("--mountpoint", str(mountpoint))
+        assert not _mounted(mountpoint) and not _mount_daemons(env)
 
 
 def test_umount_leaves_a_mount_that_is_not_ours(image: Path, mountpoint: Path, run_env: dict[str, str]) -> None:
@@ -566,16 +566,23 @@ def _signal_pending(pid: int, sig: int) -> bool:
     return bool(pending & (1 << (sig - 1)))
 
 
-def _pids_with(*words: str) -> list[int]:
+def _mount_daemons(env: dict[str, str], module: str = "cachefilesd_py.mount.") -> list[int]:
+    """The mount daemons (supervisors and workers, or those whose module is ``module``) started with ``env``'s run
+    dir (their mountpoint is not on their command line: that says only fds)."""
+    run_dir = f"NYDUS_EROFS_RUN_DIR={env['NYDUS_EROFS_RUN_DIR']}".encode()
     out = []
     for d in Path("/proc").iterdir():
         try:
             argv = (d / "cmdline").read_bytes().split(b"\0")
+            environ = (d / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if d.name.isdigit() and all(w.encode() in argv for w in words):
+        if d.name.isdigit() and any(a.startswith(module.encode()) for a in argv) and run_dir in environ:
             out.append(int(d.name))
     return out
+
+
+WORKER = "cachefilesd_py.mount.worker"
 
 
 def test_mount_interrupted_before_ready_leaves_no_mount(image: Path, mountpoint: Path, run_env: dict[str, str],
@@ -588,7 +595,7 @@ def test_mount_interrupted_before_ready_leaves_no_mount(image: Path, mountpoint:
                             text=True)  # fmt: skip
     worker = None
     try:
-        worker = wait_for(lambda: _pids_with("--group-fd", "--mountpoint", str(mountpoint)), "no worker started", 30)[0]
+        worker = wait_for(lambda: _mount_daemons(run_env, WORKER), "no worker started", 30)[0]
         os.kill(worker, signal.SIGSTOP)  # held before it mounts; Ctrl-C now
         proc.send_signal(signal.SIGINT)
         # the CLI stops the supervisor, which passes the SIGTERM on to its worker (a stopped worker without a
@@ -598,14 +605,13 @@ def test_mount_interrupted_before_ready_leaves_no_mount(image: Path, mountpoint:
             os.kill(worker, signal.SIGCONT)
         _, err = proc.communicate(timeout=TIMEOUT)
     finally:
-        if worker is not None and worker in _pids_with("--group-fd"):
+        if worker is not None and worker in _mount_daemons(run_env, WORKER):
             os.kill(worker, signal.SIGCONT)
         proc.kill()
         proc.wait()
     assert (proc.returncode, err) == (130, "nydus-erofs: aborted\n")
     # an orphaned worker used to mount the image after the CLI had said "aborted": none may be left to do so
-    wait_for(lambda: not _pids_with("--mountpoint", str(mountpoint)), "a mount daemon outlived the aborted mount",
-             30)
+    wait_for(lambda: not _mount_daemons(run_env), "a mount daemon outlived the aborted mount", 30)
     assert not _mounted(mountpoint)
     assert not any((tmp_path / "run").iterdir())
 
