@@ -222,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
         from cachefilesd_py import daemon, images  # noqa: F401 - loaded once here, not again in each new worker
         from cachefilesd_py.api import listen
         from cachefilesd_py.daemon import CachefilesSupervisor
+        from cachefilesd_py.supervisor import RestartPolicy
 
         backend = _make_backend(args)  # bad backend options (auth, URL) fail here, before serving
         if backend is not None:
@@ -236,7 +237,9 @@ def run(args: argparse.Namespace) -> int:
             return _serve(args, device, api_sock, 0, None, ready=True)
         sup_pid = os.getpid()
         sup = CachefilesSupervisor(
-            device, lambda restarts: _serve(args, device, api_sock, restarts, sup_pid, ready=False)
+            device,
+            lambda restarts: _serve(args, device, api_sock, restarts, sup_pid, ready=False),
+            policy=RestartPolicy.from_env(),
         )
         return sup.run()
     finally:

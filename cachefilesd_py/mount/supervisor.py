@@ -6,8 +6,7 @@ missing.  So a small process, :class:`FanotifySupervisor`, creates the group and
 with the workers: the first worker adds the :class:`~.watch.ImageWatch`), holds them, and does nothing else (no
 image machinery imported).  It starts the worker (:mod:`.worker`), relays its readiness line to its own ready
 pipe and waits for it.  While it holds the group, the marks stay: a read of a hole with no worker running blocks
-until a worker answers it.  It restarts a worker that dies with the core's policy (:mod:`cachefilesd_py.supervisor`:
-0.1 s doubling to 5 s, giving up on the 11th death in a row).
+until a worker answers it.  It restarts a worker that dies with the policy of :mod:`cachefilesd_py.supervisor`.
 
 When the worker dies (SIGKILL, a crash: anything but exit status 0) with the image not released, the kernel
 still holds the permission events the worker had read; it matches a response by the event fd *number* only
