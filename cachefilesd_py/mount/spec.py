@@ -29,7 +29,7 @@ class MountSpec:
 
     - ``mode``: one of :data:`MODES` (``auto``: fanotify when the kernel has pre-content events, else full);
     - ``backend``, ``backend_config``: where blobs come from (:func:`cachefilesd_py.backends.make_backend`'s
-      kind and options; never shown in ``repr``: it may hold credentials);
+      kind and options, ``--blob-dir`` being localfs's ``dir``; never shown in ``repr``: it may hold credentials);
     - ``amplify``: least bytes one fetch brings in; ``readahead``: bytes filled ahead of a sequential reader
       (0: off, None: 8 x amplify); ``workers``: fill threads; ``log_level``: the daemon's.
     """
