@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from cachefilesd_py.backends import KINDS
 from erofs.errors import UsageError
 from erofs.units import parse_size as _size
 
@@ -49,7 +50,7 @@ def _backend_config(text: str | None) -> dict[str, Any]:
 @click.argument("boot", type=click.Path(dir_okay=False))
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("--blob-dir", type=click.Path(file_okay=False), help="Blobs as files named by id (localfs backend).")
-@click.option("--backend", type=click.Choice(["localfs", "http", "registry"]), default=None,
+@click.option("--backend", type=click.Choice(KINDS), default=None,
               help="Where blobs come from [localfs with --blob-dir].")  # fmt: skip
 @click.option("--backend-config", default=None, help="Backend options: JSON object, @FILE, or key=value,...")
 @click.option("--mode", type=click.Choice(["auto", "fscache", "fanotify", "full"]), default="auto",
