@@ -357,3 +357,15 @@ def test_mount_with_wrong_credentials_fails_in_one_line(s3: S3Server, image: tup
     env = {k: v for k, v in cli_env.items() if not k.startswith("AWS_ACCESS") and not k.startswith("AWS_SECRET")}
     r = _mount(s3, out / "image.boot", mp, tmp_path, env)
     assert r.returncode == 2 and "no credentials" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_cachefilesd_py_takes_the_s3_backend(tmp_path: Path) -> None:
+    """``cachefilesd-py --backend s3 --backend-config ...``: a missing bucket is a usage error before the device is
+    opened."""
+    exe = str(Path(sys.executable).with_name("cachefilesd-py"))
+    base = [exe, "--cache-dir", str(tmp_path / "c"), "--images-dir", str(tmp_path), "--no-supervisor"]
+    for config in ([], ["--backend-config", "prefix=x/,region=r"]):
+        r = subprocess.run([*base, "--backend", "s3", *config, "--device", "/nonexistent"], capture_output=True,
+                           text=True, timeout=30)  # fmt: skip
+        assert r.returncode == 2, r.stderr
+        assert r.stderr == "cachefilesd-py: error: --backend s3 needs --backend-config bucket=...\n"
