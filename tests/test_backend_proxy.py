@@ -25,6 +25,7 @@ from cachefilesd_py.backends import make_backend
 from cachefilesd_py.backends.proxy import ProxyRoute
 from cachefilesd_py.backends.registry import push_blob
 from erofs.errors import BackendError
+from erofs.reader.backend import LATENCY_BUCKETS_MS, BackendStats
 from tests.kernel import erofs_file_backed_mounts
 from tests.poll import wait_for
 from tests.registry import (
@@ -267,3 +268,27 @@ def test_mount_reads_right_across_a_proxy_crash(registry_server: RegistryServer,
             subprocess.run([CLI, "umount", str(mp)], capture_output=True, env=env, timeout=60)
             if os.path.ismount(mp):
                 subprocess.run(["umount", "-l", str(mp)], check=False)
+
+
+def test_backend_stats_latency_histogram_and_combined(tmp_path: Path) -> None:
+    """Every backend's stats: counters, then latency as count/sum/max and a cumulative histogram; several
+    backends' together sum, except the largest max."""
+    a, b = BackendStats(), BackendStats()
+    a.add(requests=2, bytes=100)
+    a.observe(0.0005)
+    a.observe(0.05)
+    b.add(requests=1, retries=1, fallbacks=1)
+    b.observe(3.0)
+    snap = BackendStats.combined([a, b]).snapshot()
+    assert snap["requests"] == 3 and snap["bytes"] == 100 and snap["retries"] == 1 and snap["fallbacks"] == 1
+    assert snap["latency_count"] == 3 and snap["latency_max_ms"] == 3000 and snap["latency_sum_ms"] == 3050.5
+    assert [snap[k] for k in ("latency_le_1ms", "latency_le_10ms", "latency_le_100ms", "latency_le_1s",
+                              "latency_le_10s")] == [1, 1, 2, 2, 3]  # fmt: skip
+    assert len(LATENCY_BUCKETS_MS) == 5
+    a.reset()
+    assert set(a.snapshot().values()) == {0}
+    blob = tmp_path / ("0" * 64)
+    blob.write_bytes(b"x" * 100)
+    with make_backend("localfs", dir=tmp_path) as local:
+        assert local.read("0" * 64, 10, 5) == b"xxxxx"
+        assert local.stats.snapshot().items() >= {"requests": 1, "bytes": 5, "latency_count": 1}.items()
