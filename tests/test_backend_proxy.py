@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ import pytest
 from cachefilesd_py.backends import make_backend
 from cachefilesd_py.backends.proxy import ProxyRoute
 from cachefilesd_py.backends.registry import push_blob
+from cachefilesd_py.blobserver import BlobServer
 from erofs.errors import BackendError
 from erofs.reader.backend import LATENCY_BUCKETS_MS, BackendStats
 from tests.kernel import erofs_file_backed_mounts
@@ -132,6 +134,43 @@ def test_through_the_proxy_around_it_and_back(registry_server: RegistryServer, b
         wait_for(lambda: b.read(blob_id, 7, 7) == data[7:14] and _blob_gets(tinyproxy, blob_id) > seen,
                  "the proxy was not used again after it came back", 30)  # fmt: skip
         assert b.stats.errors == 0
+
+
+def test_https_origin_through_a_connect_tunnel(tinyproxy: Tinyproxy, tmp_path: Path) -> None:
+    """An https origin (``nydus-erofs serve``'s server with a self-signed certificate) is reached through the proxy
+    with CONNECT; the certificate is still the origin's, checked against ``ca_file``."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)  # fmt: skip
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    data = random.Random(6).randbytes(300_000)
+    blob_id = hashlib.sha256(data).hexdigest()
+    (blobs / blob_id).write_bytes(data)
+    server = BlobServer(blobs, ("127.0.0.1", 0))
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        url = f"https://127.0.0.1:{server.server_address[1]}"
+        with make_backend("http", url=url, ca_file=str(cert), proxy=tinyproxy.url) as b:
+            assert b.read(blob_id, 1000, 2000) == data[1000:3000]
+            assert b.read(blob_id, 0, len(data)) == data
+            assert b.stats.proxied == 2 and b.stats.fallbacks == 0
+        assert f"CONNECT 127.0.0.1:{server.server_address[1]}" in tinyproxy.requests()
+        with make_backend("http", url=url, proxy=tinyproxy.url, retry_limit=0) as b:  # not the system's CAs
+            with pytest.raises(BackendError, match="CERTIFICATE_VERIFY_FAILED"):
+                b.read(blob_id, 0, 10)
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
 
 
 def test_a_hung_proxy_is_left_after_proxy_timeout(registry_server: RegistryServer, blob: tuple[str, bytes]) -> None:

@@ -295,8 +295,8 @@ class Transport:
             hop = Hop(origin, self._proxy_origin, tunnel)
             try:
                 resp = self._send(hop, method, target if tunnel else url, hdrs, body, url)
-            except Exception as e:
-                if not is_temp_failure(e):
+            except Exception as e:  # the proxy's trouble (a CONNECT refused too), or what the origin would give
+                if not (is_temp_failure(e) or isinstance(e, OSError | http.client.HTTPException)):
                     raise
                 proxy.failed(describe(e))
                 if not proxy.fallback:
