@@ -351,6 +351,7 @@ def test_mount_with_wrong_credentials_fails_in_one_line(s3: S3Server, image: tup
     r = _mount(s3, out / "image.boot", mp, tmp_path, env)
     assert r.returncode != 0 and not os.path.ismount(mp)
     lines = r.stderr.strip().splitlines()
+    print(f"exit {r.returncode}: {r.stderr}")
     assert len(lines) == 1 and lines[0].startswith("nydus-erofs: error:"), r.stderr
     assert f"s3 bucket {BUCKET} key {PREFIX}" in lines[0] and "HTTP 403" in lines[0], lines[0]
     # no credentials at all: a usage error before any daemon starts
