@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from cachefilesd_py.backends import KINDS
 from cachefilesd_py.mount.service import mount_image, umount_image
 from cachefilesd_py.mount.spec import MODES, MountSpec
 from erofs.errors import UsageError
@@ -55,7 +56,7 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
 @click.argument("boot", type=click.Path(dir_okay=False))
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("--blob-dir", type=click.Path(file_okay=False), help="Blobs as files named by id (localfs backend).")
-@click.option("--backend", type=click.Choice(["localfs", "http", "registry"]), default=None,
+@click.option("--backend", type=click.Choice(KINDS), default=None,
               help="Where blobs come from [localfs with --blob-dir].")  # fmt: skip
 @click.option("--backend-config", default=None, help="Backend options: JSON object, @FILE, or key=value,...")
 @click.option("--mode", type=click.Choice(MODES), default="auto", show_default=True,
