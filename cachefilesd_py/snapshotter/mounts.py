@@ -65,8 +65,8 @@ class LazyMounts:
     """The EROFS mounts of bootstrap snapshots (through :func:`~cachefilesd_py.mount.service.mount_image`: its
     daemon runs in a session of its own, so it outlives a killed snapshotter and running containers keep reading)."""
 
-    def __init__(self, layout: Layout, mode: str) -> None:
-        self.layout, self.mode = layout, mode
+    def __init__(self, layout: Layout, mode: str, *, amplify: int = 1 << 20, readahead: int | None = 0) -> None:
+        self.layout, self.mode, self.amplify, self.readahead = layout, mode, amplify, readahead
         self._lock = threading.Lock()
 
     def is_mounted(self, snap: Snapshot) -> bool:
@@ -84,7 +84,8 @@ class LazyMounts:
             cache.mkdir(parents=True, exist_ok=True)
             backend = BackendSpec.load(self.layout.dir(snap))
             spec = MountSpec(boot=str(self.layout.boot(snap)), mountpoint=str(mnt), cache_dir=str(cache),
-                             mode=self.mode, backend=backend.kind, backend_config=backend.config)  # fmt: skip
+                             mode=self.mode, backend=backend.kind, backend_config=backend.config,
+                             amplify=self.amplify, readahead=self.readahead)  # fmt: skip
             rec = mount_image(spec)
             log.info("mounted %s (%s mode) on %s", snap.name, rec.get("mode"), mnt)
             return mnt

@@ -11,7 +11,7 @@ from pathlib import Path
 BUSYBOX = "/bin/busybox"
 APPLETS = ("sh", "cat", "ls", "echo", "stat", "find", "sha256sum", "rm", "mkdir", "head", "wc", "sleep", "sync",
            "true", "tail", "dd", "mv", "cp", "test", "[")  # fmt: skip
-BIG_SIZE = 48 << 20
+BIG_SIZE = 96 << 20
 
 
 def run(*args: str | Path) -> str:

@@ -1,0 +1,180 @@
+"""``nydus-erofs snapshotter`` and ``nydus-erofs pull`` with Debian's containerd, runc and ctr: a busybox image
+(umoci) pushed to docker-registry on 127.0.0.1 as OCI and, converted by ``nydus-erofs convert``, as Nydus."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.busybox_image import busybox_layout, push_layout, run
+from tests.support.containerd import CLI, SNAPSHOTTER, Containerd, mounts_under
+from tests.support.registry import RegistryServer
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.kernel("erofs", "fanotify"),
+    pytest.mark.network,
+    pytest.mark.tools("containerd", "runc", "ctr", "umoci", "skopeo", "docker-registry"),
+]
+
+# what the container lists: path, type and mode (hex), owner, size (not of directories: each file system has its
+# own), and the sha256 of regular files
+LISTING = ("find /bin /etc /data -xdev | sort | while read -r f; do "
+           "if [ -d \"$f\" ]; then stat -c '%n %f %u:%g' \"$f\"; else stat -c '%n %f %u:%g %s' \"$f\"; fi; "
+           "[ -f \"$f\" ] && [ ! -L \"$f\" ] && sha256sum \"$f\" | cut -d' ' -f1; done")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def images(registry_server: RegistryServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    tmp = tmp_path_factory.mktemp("images")
+    layout = busybox_layout(tmp)
+    oci = push_layout(layout, "v1", registry_server.host, "test/busybox")
+    run(CLI, "convert", f"oci:{layout}:v1", f"oci:{tmp / 'nydus'}:v1")
+    nydus = push_layout(tmp / "nydus", "v1", registry_server.host, "test/busybox-nydus")
+    rootfs = tmp / "unpacked"
+    run("umoci", "unpack", "--image", f"{layout}:v1", rootfs)
+    blobs = [p for p in (tmp / "nydus" / "blobs" / "sha256").iterdir()]
+    blob_bytes = sum(p.stat().st_size for p in blobs if p.stat().st_size > 1 << 20)  # the data blob(s)
+    return {"oci": oci, "nydus": nydus, "rootfs": rootfs / "rootfs", "blob_bytes": blob_bytes}
+
+
+@pytest.fixture(scope="module")
+def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
+    with Containerd(tmp_path_factory.mktemp("containerd"), "--plain-http") as cd:
+        yield cd
+    assert not mounts_under(cd.tmp), "mounts left behind"
+
+
+def nydus_pull(cd: Containerd, ref: str) -> str:
+    proc = subprocess.run([CLI, "pull", "--plain-http", "--address", str(cd.sock), ref], capture_output=True,
+                          text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def ctr_run(cd: Containerd, ref: str, cid: str, script: str, *options: str) -> str:
+    proc = cd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, *options, ref, cid, "/bin/sh", "-c", script)
+    return proc.stdout
+
+
+def remove_image(cd: Containerd, ref: str) -> None:
+    cd.ctr("images", "rm", "--sync", ref)
+
+
+def snapshots(cd: Containerd) -> list[str]:
+    return cd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls").stdout.splitlines()[1:]
+
+
+def erofs_mounts(cd: Containerd) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [ln for ln in f if " - erofs " in ln and str(cd.snapshotter.root) in ln]
+
+
+def cache_bytes(cd: Containerd) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(cd.snapshotter.root / "cache"):
+        total += sum(os.lstat(os.path.join(dirpath, f)).st_blocks * 512 for f in files)
+    return total
+
+
+def expected_listing(rootfs: Path) -> str:
+    """What LISTING prints for the source root file system, computed here."""
+    proc = subprocess.run(["chroot", str(rootfs), "/bin/sh", "-c", LISTING], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_oci_image_runs_through_the_snapshotter(containerd: Containerd, images: dict) -> None:
+    ref = images["oci"]
+    containerd.ctr("images", "pull", "--plain-http", "--snapshotter", SNAPSHOTTER, ref)
+    try:
+        assert ctr_run(containerd, ref, "oci-1", "cat /etc/hello.txt") == "hello from the image\n"
+        assert ctr_run(containerd, ref, "oci-2", LISTING) == expected_listing(images["rootfs"])
+    finally:
+        remove_image(containerd, ref)
+    assert snapshots(containerd) == []
+
+
+def test_nydus_pull_then_run_fetches_little(containerd: Containerd, images: dict) -> None:
+    ref = images["nydus"]
+    out = nydus_pull(containerd, ref)
+    assert "none downloaded" in out
+    assert cache_bytes(containerd) == 0  # nothing of the blobs fetched by the pull
+    try:
+        assert ctr_run(containerd, ref, "nydus-1", "cat /etc/hello.txt; head -c 5 /data/log") == \
+            "hello from the image\nline "  # fmt: skip
+        fetched = cache_bytes(containerd)
+        assert 0 < fetched < images["blob_bytes"] * 0.05, (fetched, images["blob_bytes"])
+    finally:
+        remove_image(containerd, ref)
+    assert snapshots(containerd) == []
+    assert not erofs_mounts(containerd)
+
+
+def test_nydus_container_sees_the_source_files(containerd: Containerd, images: dict) -> None:
+    ref = images["nydus"]
+    nydus_pull(containerd, ref)
+    try:
+        assert ctr_run(containerd, ref, "nydus-list", LISTING) == expected_listing(images["rootfs"])
+    finally:
+        remove_image(containerd, ref)
+
+
+def test_nydus_container_writes_are_its_own(containerd: Containerd, images: dict) -> None:
+    ref = images["nydus"]
+    nydus_pull(containerd, ref)
+    try:
+        containerd.ctr("run", "-d", "--snapshotter", SNAPSHOTTER, ref, "writer", "/bin/sleep", "1000")
+        script = ("echo new > /etc/new.txt && rm /etc/hello.txt && echo 'line 2' >> /data/log && "
+                  "echo tail >> /data/big && cat /etc/new.txt /data/log && tail -c 5 /data/big && "
+                  "[ ! -e /etc/hello.txt ] && echo gone")  # fmt: skip
+        out = containerd.ctr("tasks", "exec", "--exec-id", "w1", "writer", "/bin/sh", "-c", script).stdout
+        assert out == "new\nline 1\nline 2\ntail\ngone\n"
+        # a second container, while the first runs: the same image mount under it, none of the first's changes
+        script = "cat /etc/hello.txt /data/log; [ ! -e /etc/new.txt ] && echo no-new; stat -c %s /data/big"
+        assert ctr_run(containerd, ref, "reader", script) == "hello from the image\nline 1\nno-new\n100663296\n"
+        assert len(erofs_mounts(containerd)) == 1
+    finally:
+        containerd.ctr("tasks", "kill", "-s", "KILL", "writer", check=False)
+        containerd.ctr("tasks", "delete", "-f", "writer", check=False)
+        containerd.ctr("containers", "delete", "writer", check=False)
+        remove_image(containerd, ref)
+    assert not erofs_mounts(containerd)
+
+
+def test_plain_ctr_pull_of_a_nydus_image_runs(containerd: Containerd, images: dict) -> None:
+    ref = images["nydus"]
+    containerd.ctr("images", "pull", "--plain-http", "--snapshotter", SNAPSHOTTER, ref)
+    try:
+        assert ctr_run(containerd, ref, "plain-nydus", "cat /etc/hello.txt") == "hello from the image\n"
+    finally:
+        remove_image(containerd, ref)
+    assert snapshots(containerd) == []
+    assert not erofs_mounts(containerd)
+
+
+def test_snapshotter_killed_and_restarted(containerd: Containerd, images: dict) -> None:
+    ref = images["nydus"]
+    nydus_pull(containerd, ref)
+    try:
+        containerd.ctr("run", "-d", "--snapshotter", SNAPSHOTTER, ref, "long", "/bin/sleep", "1000")
+        containerd.snapshotter.kill()
+        # the running container reads what nobody read before: the mount's daemon outlived the snapshotter
+        out = containerd.ctr("tasks", "exec", "--exec-id", "r1", "long", "/bin/sh", "-c",
+                             "dd if=/data/big bs=1M skip=90 count=1 2>/dev/null | wc -c").stdout  # fmt: skip
+        assert out.strip() == "1048576"
+        containerd.snapshotter.start()
+        assert ctr_run(containerd, ref, "after-restart", "cat /etc/hello.txt") == "hello from the image\n"
+        assert len(erofs_mounts(containerd)) == 1
+    finally:
+        containerd.ctr("tasks", "kill", "-s", "KILL", "long", check=False)
+        containerd.ctr("tasks", "delete", "-f", "long", check=False)
+        containerd.ctr("containers", "delete", "long", check=False)
+        remove_image(containerd, ref)
+    assert snapshots(containerd) == []
+    assert not erofs_mounts(containerd)
+    assert not mounts_under(containerd.snapshotter.root)
