@@ -19,7 +19,7 @@ pytestmark = [
     pytest.mark.root,
     pytest.mark.kernel("erofs", "fanotify"),
     pytest.mark.network,
-    pytest.mark.tools("containerd", "runc", "ctr", "umoci", "skopeo", "docker-registry"),
+    pytest.mark.tools("containerd", "runc", "ctr", "umoci", "skopeo", "docker-registry", "busybox"),
 ]
 
 # what the container lists: path, type and mode (hex), owner, size (not of directories: each file system has its
