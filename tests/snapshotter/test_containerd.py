@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -178,3 +179,100 @@ def test_snapshotter_killed_and_restarted(containerd: Containerd, images: dict) 
     assert snapshots(containerd) == []
     assert not erofs_mounts(containerd)
     assert not mounts_under(containerd.snapshotter.root)
+
+
+def top_snapshot(cd: Containerd) -> str:
+    """The committed snapshot no other one has as parent: the image's chain ID."""
+    rows = [line.split() for line in snapshots(cd)]
+    parents = {r[1] for r in rows if len(r) == 3}
+    tops = [r[0] for r in rows if r[-1] == "Committed" and r[0] not in parents]
+    assert len(tops) == 1, rows
+    return tops[0]
+
+
+def mount_json(cd: Containerd, mounts_json: str, target: Path) -> None:
+    (m,) = json.loads(mounts_json)
+    target.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", m["Type"], m["Source"], str(target), "-o", ",".join(m["Options"])], check=True)
+
+
+def test_commit_on_a_nydus_base_and_view_it(containerd: Containerd, images: dict, tmp_path: Path) -> None:
+    """An image built on a Nydus base: an active snapshot over the lazy mount, changed, committed, then seen
+    through a view (read-only, both layers)."""
+    ref = images["nydus"]
+    nydus_pull(containerd, ref)
+    mnt = tmp_path / "mnt"
+    sn = ("snapshots", "--snapshotter", SNAPSHOTTER)
+    try:
+        base = top_snapshot(containerd)
+        mount_json(containerd, containerd.ctr(*sn, "prepare", "--mounts", "work-1", base).stdout, mnt)
+        try:
+            (mnt / "etc" / "added").write_text("added on top\n")
+            (mnt / "etc" / "hello.txt").unlink()
+            with open(mnt / "data" / "log", "a") as f:
+                f.write("line 2\n")
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+        containerd.ctr(*sn, "commit", "layer-2", "work-1")
+        info = json.loads(containerd.ctr(*sn, "info", "layer-2").stdout)
+        assert (info["Kind"], info["Parent"]) == ("Committed", base)
+        mount_json(containerd, containerd.ctr(*sn, "view", "--mounts", "view-2", "layer-2").stdout, mnt)
+        try:
+            assert (mnt / "etc" / "added").read_text() == "added on top\n"
+            assert not (mnt / "etc" / "hello.txt").exists()
+            assert (mnt / "data" / "log").read_text() == "line 1\nline 2\n"
+            assert (mnt / "data" / "big").stat().st_size == 96 << 20
+            with pytest.raises(OSError):
+                (mnt / "etc" / "new").write_text("read-only")
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+    finally:
+        for key in ("view-2", "layer-2", "work-1"):
+            containerd.ctr(*sn, "rm", key, check=False)
+        remove_image(containerd, ref)
+    assert snapshots(containerd) == []
+    assert not erofs_mounts(containerd)
+
+
+def test_restarted_snapshotter_mounts_the_image_again(containerd: Containerd, images: dict) -> None:
+    """The image's mount went while the snapshotter was down (here: unmounted by hand): the snapshotter mounts it
+    again when it starts, for the container snapshots on it."""
+    ref = images["nydus"]
+    nydus_pull(containerd, ref)
+    sn = ("snapshots", "--snapshotter", SNAPSHOTTER)
+    try:
+        containerd.ctr(*sn, "prepare", "ctr-snap", top_snapshot(containerd))
+        (mount,) = erofs_mounts(containerd)
+        mountpoint = mount.split()[4]
+        containerd.snapshotter.kill()
+        run(CLI, "umount", mountpoint)
+        assert not erofs_mounts(containerd)
+        containerd.snapshotter.start()
+        assert [m.split()[4] for m in erofs_mounts(containerd)] == [mountpoint]
+        assert (Path(mountpoint) / "etc" / "hello.txt").read_text() == "hello from the image\n"
+        wait_reconnected(containerd)
+    finally:
+        containerd.ctr(*sn, "rm", "ctr-snap", check=False)
+        remove_image(containerd, ref)
+    assert not erofs_mounts(containerd)
+
+
+def test_nydus_erofs_pull_of_an_oci_image_pulls_it(containerd: Containerd, images: dict) -> None:
+    ref = images["oci"]
+    assert "not a Nydus image" in nydus_pull(containerd, ref)
+    try:
+        assert ctr_run(containerd, ref, "oci-pulled", "cat /etc/hello.txt") == "hello from the image\n"
+    finally:
+        remove_image(containerd, ref)
+
+
+def test_pull_errors_are_one_line(containerd: Containerd, images: dict, tmp_path: Path) -> None:
+    cases = [
+        ([images["nydus"], "--address", str(tmp_path / "nothing.sock")], "cannot reach containerd"),
+        ([images["nydus"].replace("busybox-nydus", "missing"), "--address", str(containerd.sock)], "404"),
+    ]
+    for args, message in cases:
+        proc = subprocess.run([CLI, "pull", "--plain-http", *args], capture_output=True, text=True)
+        assert proc.returncode != 0
+        assert proc.stderr.startswith("nydus-erofs: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+        assert message in proc.stderr
