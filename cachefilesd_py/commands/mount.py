@@ -14,38 +14,13 @@ from typing import Any
 import click
 
 from cachefilesd_py.backends import KINDS
+from cachefilesd_py.backends.config import parse_backend_config
 from cachefilesd_py.mount.service import mount_image, umount_image
 from cachefilesd_py.mount.spec import MODES, MountSpec
 from erofs.errors import UsageError
 from erofs.units import parse_size
 
 _REQUIRED = {"http": ("url",), "registry": ("host", "repo")}
-
-
-def _backend_config(text: str | None) -> dict[str, Any]:
-    """A JSON object, ``@FILE`` holding one, or ``key=value,key=value``."""
-    if not text:
-        return {}
-    if text.startswith("@"):
-        try:
-            text = Path(text[1:]).read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"--backend-config {text}: {getattr(e, 'strerror', None) or e}") from None
-    if text.lstrip().startswith("{"):
-        try:
-            value = json.loads(text)
-        except ValueError as e:
-            raise UsageError(f"--backend-config: not valid JSON: {e}") from None
-        if not isinstance(value, dict):
-            raise UsageError("--backend-config: expected a JSON object")
-        return value
-    out: dict[str, Any] = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--backend-config: {item!r} is not key=value")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
@@ -73,7 +48,7 @@ def mount(blob_dir: str | None, backend: str | None, backend_config: str | None,
           **spec_options: Any) -> None:  # fmt: skip
     """Mount the Nydus image BOOT (its bootstrap) on MOUNTPOINT, fetching blob data lazily."""
     boot = spec_options["boot"]
-    config = _backend_config(backend_config)
+    config = parse_backend_config(backend_config)
     kind = backend or "localfs"
     if blob_dir is not None:
         if kind != "localfs":
