@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from ..mount.spec import MODES
@@ -79,6 +80,9 @@ class Snapshotter:
         self.lazy = LazyMounts(self.layout, mode, amplify=amplify, readahead=readahead)
         self.plain_http = plain_http
         self.containerd_root = containerd_root
+        # held while a snapshot's row and directory are created, and by cleanup: it never sees a directory whose
+        # row it read too early to know
+        self._create_lock = threading.Lock()
 
     def close(self) -> None:
         self.store.close()
@@ -105,11 +109,16 @@ class Snapshotter:
                 self._commit_remote(key, parent, labels, target, NYDUS_BLOB)
             if labels.get(LABEL_IMAGE_REF) and labels.get(LABEL_LAYER_DIGEST):
                 self._commit_remote(key, parent, labels, target, NYDUS_BOOTSTRAP)
-        snap = self.store.create(key, parent, kind, labels)
+        with self._create_lock:
+            snap = self.store.create(key, parent, kind, labels)
+            try:
+                self.layout.fs(snap).mkdir(parents=True)
+                if kind == ACTIVE:
+                    self.layout.work(snap).mkdir()
+            except BaseException:
+                self._drop(snap)
+                raise
         try:
-            self.layout.fs(snap).mkdir(parents=True)
-            if kind == ACTIVE:
-                self.layout.work(snap).mkdir()
             return mounts_for(self.layout, self.lazy, snap, self.store.chain(snap))
         except BaseException:
             self._drop(snap)
@@ -117,10 +126,15 @@ class Snapshotter:
 
     def _commit_remote(self, key: str, parent: str, labels: dict[str, str], target: str, role: str) -> None:
         """Create ``key`` as a Nydus layer, commit it as ``target``, and say ALREADY_EXISTS (containerd skips it)."""
-        snap = self.store.create(key, parent, ACTIVE, labels, nydus=role)
-        d = self.layout.dir(snap)
+        with self._create_lock:
+            snap = self.store.create(key, parent, ACTIVE, labels, nydus=role)
+            d = self.layout.dir(snap)
+            try:
+                d.mkdir(parents=True)
+            except BaseException:
+                self._drop(snap)
+                raise
         try:
-            d.mkdir(parents=True)
             size = 0
             if role == NYDUS_BOOTSTRAP:
                 backend = BackendSpec.registry(labels[LABEL_IMAGE_REF], self.plain_http)
@@ -211,10 +225,11 @@ class Snapshotter:
 
     def cleanup(self) -> None:
         """Remove the files of snapshots the metadata no longer has (left by a crash between the two)."""
-        ids = {str(s.id) for s in self.store.all()}
-        for base in (self.layout.root / "snapshots", self.layout.cache_dir):
-            if not base.is_dir():
-                continue
-            for d in base.iterdir():
-                if d.name not in ids and not (d / "mnt").is_mount():
-                    shutil.rmtree(d, ignore_errors=True)
+        with self._create_lock:
+            ids = {str(s.id) for s in self.store.all()}
+            for base in (self.layout.root / "snapshots", self.layout.cache_dir):
+                if not base.is_dir():
+                    continue
+                for d in base.iterdir():
+                    if d.name not in ids and not (d / "mnt").is_mount():
+                        shutil.rmtree(d, ignore_errors=True)
