@@ -5,7 +5,8 @@ A layer Prepare carrying the target label (:data:`~.nydus.LABEL_TARGET`, the lay
 
 - a data-blob layer is committed at once, empty, under the target's name;
 - the bootstrap layer, when the labels say where the image lives, has its bootstrap fetched (small) and is
-  committed the same way; its image is mounted when a container first needs it;
+  committed the same way; its image is mounted then (no data is read), and stays mounted, for every container
+  of the image, until the snapshot is removed (the image's removal);
 
 and both answer ``ALREADY_EXISTS``: containerd then finds the committed target (List) and skips the layer.  A
 bootstrap layer without the image's location (a plain ``ctr image pull``) is unpacked by containerd's differ like
@@ -88,14 +89,19 @@ class Snapshotter:
         self.store.close()
 
     def reattach(self) -> None:
-        """After a restart: mount again the images that containers use and whose mounts are gone (mounts whose
-        daemons survived are left as they are)."""
+        """After a restart: mount again the images whose mounts are gone (mounts whose daemons survived are left as
+        they are, running containers reading on)."""
         for snap in self.store.all():
-            if snap.nydus == NYDUS_BOOTSTRAP and self.store.children(snap.name):
-                try:
-                    self.lazy.ensure(snap)
-                except Exception as e:  # one image that cannot be mounted does not stop the others
-                    log.error("cannot mount %s again: %s", snap.name, e)
+            if snap.nydus == NYDUS_BOOTSTRAP and snap.kind == COMMITTED:
+                self._mount_early(snap)
+
+    def _mount_early(self, snap: Snapshot) -> None:
+        """Mount ``snap``'s image now, so that starting a container does not wait for it; a failure is only
+        logged (the container's Prepare tries again, and fails with the reason)."""
+        try:
+            self.lazy.ensure(snap)
+        except Exception as e:
+            log.error("cannot mount %s: %s", snap.name, e)
 
     # -- create ---------------------------------------------------------------------------------------------------
     def prepare(self, key: str, parent: str, labels: dict[str, str], kind: int = ACTIVE) -> list[MountEntry]:
@@ -141,11 +147,13 @@ class Snapshotter:
                 fetch_bootstrap(backend, labels[LABEL_LAYER_DIGEST], self.layout.boot(snap))
                 backend.save(d)
                 size = self.layout.boot(snap).stat().st_size
-            self.store.commit(key, target, {}, size, 1)
+            committed = self.store.commit(key, target, {}, size, 1)
         except BaseException:
             self._drop(snap)
             raise
         log.info("%s layer %s committed without downloading it", role, target)
+        if role == NYDUS_BOOTSTRAP:
+            self._mount_early(committed)
         raise SnapshotError("ALREADY_EXISTS", f"target snapshot {target!r} already exists")
 
     def view(self, key: str, parent: str, labels: dict[str, str]) -> list[MountEntry]:
@@ -166,7 +174,10 @@ class Snapshotter:
             backend.save(self.layout.dir(snap))
             nydus = NYDUS_BOOTSTRAP
         size, inodes = disk_usage(fs)
-        return self.store.commit(key, name, labels, size, inodes, nydus)
+        committed = self.store.commit(key, name, labels, size, inodes, nydus)
+        if nydus == NYDUS_BOOTSTRAP:
+            self._mount_early(committed)
+        return committed
 
     # -- read -----------------------------------------------------------------------------------------------------
     def mounts(self, key: str) -> list[MountEntry]:
@@ -206,16 +217,9 @@ class Snapshotter:
         snap = self.store.need(key)
         if self.store.children(key):
             raise SnapshotError("FAILED_PRECONDITION", f"snapshot {key!r} has children")
-        chain = self.store.chain(snap)
-        if snap.nydus == NYDUS_BOOTSTRAP:
+        if snap.nydus == NYDUS_BOOTSTRAP:  # the image's mount lives as long as its bootstrap snapshot
             self.lazy.release(snap)
         self._drop(snap)
-        # the image's mount goes with the last snapshot on it (it comes back when a container needs it)
-        if chain and chain[0].nydus == NYDUS_BOOTSTRAP and not self.store.children(chain[0].name):
-            try:
-                self.lazy.release(chain[0])
-            except Exception as e:
-                log.warning("cannot unmount %s yet: %s", chain[0].name, e)
 
     def _drop(self, snap: Snapshot) -> None:
         if self.store.get(snap.name) is not None:
