@@ -38,7 +38,8 @@ def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
 def snapshotter(address: str, root: str, mode: str, cache_dir: str | None, plain_http: bool, containerd_root: str,
                 amplify: int, readahead: int, log_level: str) -> None:  # fmt: skip
     """Serve containerd's snapshotter API: Nydus images run before they are downloaded, other images as overlayfs."""
-    logging.basicConfig(level=log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=log_level, stream=sys.stderr, force=True,  # a daemon: its log goes to stderr
+                        format="nydus-erofs snapshotter: %(levelname)s: %(name)s: %(message)s")  # fmt: skip
     sn = Snapshotter(Path(root), cache_dir=Path(cache_dir) if cache_dir else None, mode=mode, plain_http=plain_http,
                      containerd_root=Path(containerd_root), amplify=amplify, readahead=readahead)  # fmt: skip
     sn.reattach()

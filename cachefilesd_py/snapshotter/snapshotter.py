@@ -15,11 +15,14 @@ any layer; its Commit takes the unpacked bootstrap and reads the blobs from cont
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
 import threading
 from pathlib import Path
+
+from erofs.errors import UsageError
 
 from ..mount.spec import MODES
 from .mounts import Layout, LazyMounts, MountEntry, mounts_for
@@ -75,6 +78,14 @@ class Snapshotter:
         if mode not in MODES:
             raise SnapshotError("INVALID_ARGUMENT", f"unknown mode {mode!r}")
         root.mkdir(parents=True, exist_ok=True)
+        if any(c in str(root.resolve()) for c in ",:"):  # the paths go into overlayfs' mount options
+            raise UsageError(f"--root {root}: a path with ',' or ':' cannot be in overlayfs mount options")
+        self._lock_fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise UsageError(f"another snapshotter is using {root}") from None
         (root / "snapshots").mkdir(exist_ok=True)
         self.layout = Layout(root.resolve(), (cache_dir or root / "cache").resolve())
         self.store = Store(root / "metadata.db")
@@ -87,6 +98,7 @@ class Snapshotter:
 
     def close(self) -> None:
         self.store.close()
+        os.close(self._lock_fd)
 
     def reattach(self) -> None:
         """After a restart: mount again the images whose mounts are gone (mounts whose daemons survived are left as
@@ -105,6 +117,7 @@ class Snapshotter:
 
     # -- create ---------------------------------------------------------------------------------------------------
     def prepare(self, key: str, parent: str, labels: dict[str, str], kind: int = ACTIVE) -> list[MountEntry]:
+        log.debug("%s %r parent %r labels %s", "prepare" if kind == ACTIVE else "view", key, parent, labels)
         target = labels.get(LABEL_TARGET, "")
         role = layer_role(labels)
         if target and role and kind == ACTIVE:

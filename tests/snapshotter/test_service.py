@@ -3,6 +3,7 @@ containerd): ordinary layers behave as containerd's overlayfs snapshotter, metad
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from google.protobuf import field_mask_pb2
 
 from cachefilesd_py.snapshotter.proto import snapshots_pb2 as pb
 from cachefilesd_py.snapshotter.proto import snapshots_pb2_grpc as pb_grpc
-from tests.support.containerd import SnapshotterProcess
+from tests.support.containerd import CLI, SnapshotterProcess
 
 
 @pytest.fixture
@@ -95,3 +96,10 @@ def test_nydus_blob_layer_is_committed_without_download(service: tuple[Snapshott
     req = pb.PrepareSnapshotRequest(key="other/2/extract-y sha256:aa", labels=labels)
     assert code(sn.Prepare, req) == grpc.StatusCode.ALREADY_EXISTS
     assert [i.name for r in sn.List(pb.ListSnapshotsRequest()) for i in r.info] == ["sha256:aa"]
+
+
+def test_one_snapshotter_per_root(service: tuple[SnapshotterProcess, pb_grpc.SnapshotsStub], tmp_path: Path) -> None:
+    proc, _ = service
+    second = subprocess.run([CLI, "snapshotter", "--address", str(tmp_path / "other.sock"), "--root", str(proc.root)],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert (second.returncode, second.stderr) == (2, f"nydus-erofs: error: another snapshotter is using {proc.root}\n")
