@@ -10,10 +10,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from tests.support.busybox_image import busybox_layout, push_layout, run
 from tests.support.containerd import CLI, SNAPSHOTTER, Containerd, mounts_under
+from tests.support.cri import cri_pb2, cri_pb2_grpc
 from tests.support.registry import RegistryServer
 
 pytestmark = [
@@ -276,3 +278,20 @@ def test_pull_errors_are_one_line(containerd: Containerd, images: dict, tmp_path
         assert proc.returncode != 0
         assert proc.stderr.startswith("nydus-erofs: error: ") and proc.stderr.count("\n") == 1, proc.stderr
         assert message in proc.stderr
+
+
+def test_kubelet_pull_through_cri_is_lazy(registry_server: RegistryServer, images: dict, tmp_path: Path) -> None:
+    """kubelet's pull (CRI PullImage, what kubelet calls) of the Nydus image with the snapshotter configured as
+    the README says: no blob downloaded, and the image runs."""
+    ref = images["nydus"]
+    with Containerd(tmp_path / "cri", "--plain-http", cri_registry=registry_server.host) as cd:
+        with grpc.insecure_channel(f"unix:{cd.sock}") as ch:
+            cri_pb2_grpc.ImageServiceStub(ch).PullImage(cri_pb2.PullImageRequest(image=cri_pb2.ImageSpec(image=ref)))
+        rows = cd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls", namespace="k8s.io").stdout.splitlines()[1:]
+        assert len(rows) == 2 and all(r.split()[-1] == "Committed" for r in rows)
+        assert cache_bytes(cd) == 0
+        out = cd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, ref, "cri-1", "/bin/cat", "/etc/hello.txt",
+                     namespace="k8s.io").stdout  # fmt: skip
+        assert out == "hello from the image\n"
+        assert 0 < cache_bytes(cd) < images["blob_bytes"] * 0.05
+    assert not mounts_under(tmp_path / "cri")

@@ -17,11 +17,29 @@ SNAPSHOTTER = "nydus-erofs"
 NAMESPACE = "default"
 
 
-def _config(tmp: Path, snapshotter_sock: Path) -> str:
+def _cri(registry: str | None) -> str:
+    """The CRI plugin (kubelet's API) pulling into the snapshotter with layer labels, ``registry`` over HTTP;
+    without ``registry``, no CRI plugin."""
+    if registry is None:
+        return 'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+    return f"""
+[plugins."io.containerd.grpc.v1.cri"]
+  disable_cgroup = true
+  disable_apparmor = true
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "{SNAPSHOTTER}"
+    disable_snapshot_annotations = false
+  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{registry}"]
+    endpoint = ["http://{registry}"]
+"""
+
+
+def _config(tmp: Path, snapshotter_sock: Path, cri_registry: str | None) -> str:
     return f"""version = 2
 root = "{tmp / 'root'}"
 state = "{tmp / 'state'}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+{_cri(cri_registry)}
 
 [grpc]
   address = "{tmp / 'containerd.sock'}"
@@ -72,9 +90,10 @@ class SnapshotterProcess:
 
 
 class Containerd:
-    """containerd (and the snapshotter it proxies to) under ``tmp``."""
+    """containerd (and the snapshotter it proxies to) under ``tmp``; with ``cri_registry`` (``host:port``), its CRI
+    plugin too, pulling from that registry over HTTP."""
 
-    def __init__(self, tmp: Path, *snapshotter_options: str) -> None:
+    def __init__(self, tmp: Path, *snapshotter_options: str, cri_registry: str | None = None) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         self.tmp = tmp
         self.sock = tmp / "containerd.sock"
@@ -82,7 +101,7 @@ class Containerd:
         self.snapshotter = SnapshotterProcess(tmp / "snapshotter.sock", tmp / "snapshots", tmp / "snapshotter.log",
                                               "--containerd-root", str(self.root), *snapshotter_options)  # fmt: skip
         self.config = tmp / "config.toml"
-        self.config.write_text(_config(tmp, self.snapshotter.sock))
+        self.config.write_text(_config(tmp, self.snapshotter.sock, cri_registry))
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Containerd:
@@ -104,8 +123,9 @@ class Containerd:
     def log_tail(self) -> str:
         return (self.tmp / "containerd.log").read_text(errors="replace")[-3000:]
 
-    def ctr(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(["ctr", "--address", str(self.sock), "--namespace", NAMESPACE, *args],
+    def ctr(self, *args: str, check: bool = True, timeout: float = 120,
+            namespace: str = NAMESPACE) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        proc = subprocess.run(["ctr", "--address", str(self.sock), "--namespace", namespace, *args],
                               capture_output=True, text=True, timeout=timeout)  # fmt: skip
         if check and proc.returncode != 0:
             raise AssertionError(f"ctr {' '.join(args)}: exit {proc.returncode}: {proc.stderr}")
@@ -127,13 +147,14 @@ class Containerd:
     def _remove_all(self) -> None:
         """Containers, then images, then a synchronous garbage collection: the snapshotter removes (and unmounts)
         every snapshot."""
-        for cid in self.ctr("containers", "ls", "-q", check=False).stdout.split():
-            self.ctr("tasks", "kill", "-s", "KILL", cid, check=False)
-            self.ctr("tasks", "delete", "-f", cid, check=False)
-            self.ctr("containers", "delete", cid, check=False)
-        images = self.ctr("images", "ls", "-q", check=False).stdout.split()
-        if images:
-            self.ctr("images", "rm", "--sync", *images, check=False)
+        for ns in self.ctr("namespaces", "ls", "-q", check=False).stdout.split():
+            for cid in self.ctr("containers", "ls", "-q", check=False, namespace=ns).stdout.split():
+                self.ctr("tasks", "kill", "-s", "KILL", cid, check=False, namespace=ns)
+                self.ctr("tasks", "delete", "-f", cid, check=False, namespace=ns)
+                self.ctr("containers", "delete", cid, check=False, namespace=ns)
+            images = self.ctr("images", "ls", "-q", check=False, namespace=ns).stdout.split()
+            if images:
+                self.ctr("images", "rm", "--sync", *images, check=False, namespace=ns)
 
 
 def mounts_under(path: Path) -> list[str]:
