@@ -131,6 +131,8 @@ def test_nydus_pull_then_run_fetches_little(containerd: Containerd, images: dict
 def test_nydus_container_sees_the_source_files(containerd: Containerd, images: dict) -> None:
     ref = images["nydus"]
     nydus_pull(containerd, ref)
+    nydus_pull(containerd, ref)  # again: nothing changes
+    assert len(snapshots(containerd)) == 2
     try:
         assert ctr_run(containerd, ref, "nydus-list", LISTING) == expected_listing(images["rootfs"])
     finally:
