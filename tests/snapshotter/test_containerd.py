@@ -297,3 +297,17 @@ def test_kubelet_pull_through_cri_is_lazy(registry_server: RegistryServer, image
         assert out == "hello from the image\n"
         assert 0 < cache_bytes(cd) < images["blob_bytes"] * 0.05
     assert not mounts_under(tmp_path / "cri")
+
+
+def test_full_mode_fetches_the_image_at_pull(images: dict, tmp_path: Path) -> None:
+    """``--mode full`` (for kernels without fanotify pre-content events): the image is fetched whole when pulled,
+    and runs the same."""
+    ref = images["nydus"]
+    with Containerd(tmp_path / "full", "--plain-http", "--mode", "full") as cd:
+        nydus_pull(cd, ref)
+        assert cache_bytes(cd) >= 96 << 20  # all of it, uncompressed
+        assert ctr_run(cd, ref, "full-1", "cat /etc/hello.txt") == "hello from the image\n"
+        remove_image(cd, ref)
+        assert not erofs_mounts(cd) and snapshots(cd) == []
+        assert cache_bytes(cd) == 0
+    assert not mounts_under(tmp_path / "full")
