@@ -16,6 +16,7 @@ An image that is not Nydus is pulled by ``ctr image pull`` (containerd downloads
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -203,6 +204,47 @@ def _rpc_error(e: grpc.RpcError, what: str) -> PullError:
     return PullError(f"{what}: {e.details() or e.code().name}")  # type: ignore[attr-defined]
 
 
+@dataclass(frozen=True)
+class _Image:
+    """What the registry has for a reference: the document it names (``top``: an index or the manifest), the
+    manifest for the platform, its parsed layers, and the config (None when the image is not Nydus)."""
+
+    top: bytes
+    top_type: str
+    manifest: bytes
+    manifest_type: str
+    layers: list[dict[str, Any]]
+    config_digest: str = ""
+    config: bytes = b""
+
+
+def _fetch(reg: _Registry, ref: str, tag: str, want: tuple[str, str, str]) -> _Image:
+    accept = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
+    top, top_type = reg.get(f"manifests/{tag}", accept, f"manifest {ref}")
+    if tag.startswith("sha256:"):
+        _verified(top, tag, f"manifest {ref}")
+    top_json = _json(top, f"manifest {ref}")
+    top_type = top_json.get("mediaType") or top_type
+    manifest, manifest_type = top, top_type
+    if top_type in INDEXES:
+        entry = _choose(top_json, want, ref)
+        manifest, _ = reg.get(f"manifests/{entry['digest']}", accept, f"manifest {entry['digest']}")
+        manifest = _verified(manifest, entry["digest"], f"manifest {entry['digest']}")
+        manifest_type = entry.get("mediaType") or OCI_MANIFEST
+    m = _json(manifest, "manifest")
+    layers = m.get("layers")
+    config_digest = (m.get("config") or {}).get("digest")
+    if not isinstance(layers, list) or not all(isinstance(x, dict) and "digest" in x for x in layers) or \
+            not isinstance(config_digest, str):  # fmt: skip
+        raise BackendError(f"manifest {ref}: not an image manifest (no config or layers)")
+    image = _Image(top, top_type, manifest, manifest_type, layers)
+    if not any((lay.get("annotations") or {}).get(LABEL_NYDUS_BOOTSTRAP) == "true" for lay in layers):
+        return image
+    config, _ = reg.get(f"blobs/{config_digest}", "*/*", f"config {config_digest}")
+    return dataclasses.replace(image, config_digest=config_digest,
+                               config=_verified(config, config_digest, f"config {config_digest}"))  # fmt: skip
+
+
 def pull(ref: str, address: str, *, snapshotter: str = "nydus-erofs", namespace: str = "default",
          plain_http: bool = False, platform: str | None = None) -> PullResult:  # fmt: skip
     """Pull ``ref`` into the containerd at ``address`` (see the module docstring)."""
@@ -213,30 +255,15 @@ def pull(ref: str, address: str, *, snapshotter: str = "nydus-erofs", namespace:
     name = f"docker.io/{repo}{sep}{tag}" if host == DOCKER_HUB else image_ref  # containerd's name for it
     reg = _Registry(host, repo, plain_http)
     try:
-        accept = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
-        top, top_type = reg.get(f"manifests/{tag}", accept, f"manifest {ref}")
-        top_json = _json(top, f"manifest {ref}")
-        top_type = top_json.get("mediaType") or top_type
-        manifest, manifest_type = top, top_type
-        if top_type in INDEXES:
-            entry = _choose(top_json, want, ref)
-            manifest, _ = reg.get(f"manifests/{entry['digest']}", accept, f"manifest {entry['digest']}")
-            manifest = _verified(manifest, entry["digest"], f"manifest {entry['digest']}")
-            manifest_type = entry.get("mediaType") or OCI_MANIFEST
-        m = _json(manifest, "manifest")
-        layers = m.get("layers") or []
-        if not any((lay.get("annotations") or {}).get(LABEL_NYDUS_BOOTSTRAP) == "true" for lay in layers):
-            return _plain_pull(name, address, snapshotter, namespace, plain_http, platform)
-        config_digest = m["config"]["digest"]
-        config, _ = reg.get(f"blobs/{config_digest}", "*/*", f"config {config_digest}")
-        config = _verified(config, config_digest, f"config {config_digest}")
+        image = _fetch(reg, ref, tag, want)
     finally:
         reg.close()
-    diff_ids = (_json(config, "config").get("rootfs") or {}).get("diff_ids") or []
-    if len(diff_ids) != len(layers):
-        raise PullError(f"{ref}: the config has {len(diff_ids)} diff_ids for {len(layers)} layers")
+    if not image.config:
+        return _plain_pull(name, address, snapshotter, namespace, plain_http, platform)
+    diff_ids = (_json(image.config, "config").get("rootfs") or {}).get("diff_ids") or []
+    if len(diff_ids) != len(image.layers):
+        raise PullError(f"{ref}: the config has {len(diff_ids)} diff_ids for {len(image.layers)} layers")
     chains = chain_ids(diff_ids)
-    manifest_digest = _digest(manifest)
     cd = _Containerd(address, namespace)
     try:
         expire = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
@@ -244,21 +271,7 @@ def pull(ref: str, address: str, *, snapshotter: str = "nydus-erofs", namespace:
                                                           labels={LEASE_EXPIRE: expire}), metadata=cd.md)  # fmt: skip
         cd.lease = lease.lease.id
         try:
-            cd.write(config, config_digest, {GC_SNAPSHOT + snapshotter: chains[-1]})
-            refs = {GC_CONTENT + "config": config_digest}
-            refs.update({f"{GC_CONTENT}l.{i}": lay["digest"] for i, lay in enumerate(layers)})
-            cd.write(manifest, manifest_digest, refs)
-            target = types_pb2.Descriptor(media_type=manifest_type, digest=manifest_digest, size=len(manifest))
-            if top is not manifest:
-                cd.write(top, _digest(top), {f"{GC_CONTENT}m.0": manifest_digest})
-                target = types_pb2.Descriptor(media_type=top_type, digest=_digest(top), size=len(top))
-            for i, lay in enumerate(layers):
-                annotations = lay.get("annotations") or {}
-                labels = {k: v for k, v in annotations.items() if k.startswith(SNAPSHOT_LABEL_PREFIX)}
-                labels.update({LABEL_TARGET: chains[i], LABEL_IMAGE_REF: image_ref, LABEL_LAYER_DIGEST: lay["digest"],
-                               LABEL_MANIFEST_DIGEST: manifest_digest})  # fmt: skip
-                _prepare_layer(cd, snapshotter, chains[i], chains[i - 1] if i else "", labels)
-            _put_image(cd, name, target)
+            _store(cd, image, image_ref, name, snapshotter, chains)
         finally:
             cd.lease, lease_id = "", cd.lease
             cd.leases.Delete(leases_pb2.DeleteRequest(id=lease_id), metadata=cd.md)
@@ -266,7 +279,28 @@ def pull(ref: str, address: str, *, snapshotter: str = "nydus-erofs", namespace:
         raise _rpc_error(e, f"pull {ref}") from None
     finally:
         cd.close()
-    return PullResult(name, True, manifest_digest, chains[-1], len(layers))
+    return PullResult(name, True, _digest(image.manifest), chains[-1], len(image.layers))
+
+
+def _store(cd: _Containerd, image: _Image, image_ref: str, name: str, snapshotter: str, chains: list[str]) -> None:
+    """Content (config, manifest, index), then the layer snapshots, then the image: each refers to the next by a
+    GC label, and the lease keeps them all until the image does."""
+    manifest_digest = _digest(image.manifest)
+    cd.write(image.config, image.config_digest, {GC_SNAPSHOT + snapshotter: chains[-1]})
+    refs = {GC_CONTENT + "config": image.config_digest}
+    refs.update({f"{GC_CONTENT}l.{i}": lay["digest"] for i, lay in enumerate(image.layers)})
+    cd.write(image.manifest, manifest_digest, refs)
+    target = types_pb2.Descriptor(media_type=image.manifest_type, digest=manifest_digest, size=len(image.manifest))
+    if image.top is not image.manifest:
+        cd.write(image.top, _digest(image.top), {f"{GC_CONTENT}m.0": manifest_digest})
+        target = types_pb2.Descriptor(media_type=image.top_type, digest=_digest(image.top), size=len(image.top))
+    for i, lay in enumerate(image.layers):
+        annotations = lay.get("annotations") or {}
+        labels = {k: v for k, v in annotations.items() if k.startswith(SNAPSHOT_LABEL_PREFIX)}
+        labels.update({LABEL_TARGET: chains[i], LABEL_IMAGE_REF: image_ref, LABEL_LAYER_DIGEST: lay["digest"],
+                       LABEL_MANIFEST_DIGEST: manifest_digest})  # fmt: skip
+        _prepare_layer(cd, snapshotter, chains[i], chains[i - 1] if i else "", labels)
+    _put_image(cd, name, target)
 
 
 def _choose(index: dict[str, Any], want: tuple[str, str, str], ref: str) -> dict[str, Any]:
