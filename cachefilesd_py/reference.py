@@ -47,11 +47,14 @@ from erofs.paths import BOOTSTRAP_NAME
 from erofs.reader.bootstrap import Bootstrap
 
 __all__ = [
+    "BOOTSTRAPS_DIR",
     "MAX_BOOTSTRAP",
     "ImageReference",
     "NydusImage",
     "NydusManifest",
     "RemoteImage",
+    "cached_nydus_image",
+    "is_image_reference",
     "parse_image_reference",
     "resolve_nydus_image",
 ]
@@ -331,6 +334,19 @@ class RemoteImage:
             raise ImageError(f"bootstrap layer of {boot['size']} bytes: over the limit of {MAX_BOOTSTRAP}")
         return NydusManifest(digest, manifest, boot, tuple(blobs))
 
+    def image(self, bootstrap: Path) -> NydusImage:
+        """The :class:`NydusImage` of this image with its bootstrap at ``bootstrap``."""
+        resolved = self.resolve()
+        return NydusImage(
+            reference=str(self.ref),
+            bootstrap=bootstrap,
+            backend="registry",
+            backend_config=dict(self.backend_config),
+            manifest_digest=resolved.digest,
+            bootstrap_layer_digest=str(resolved.bootstrap_layer["digest"]),
+            blob_ids=list(resolved.blob_ids),
+        )
+
     # -- bootstrap ----------------------------------------------------------------------------------------------
     def fetch_bootstrap(self, dest: str | os.PathLike[str]) -> Path:
         """Fetch the bootstrap layer (digest verified), extract its ``image/image.boot`` to ``dest`` (atomically:
@@ -427,14 +443,26 @@ def resolve_nydus_image(ref: str, dest_dir: str | os.PathLike[str], *, platform:
     at ``dest_dir/image.boot``; returns what to mount it with (:class:`NydusImage`).  Options as for
     :class:`RemoteImage`."""
     with RemoteImage(ref, platform=platform, plain_http=plain_http, insecure=insecure, auth_file=auth_file) as img:
+        return img.image(img.fetch_bootstrap(Path(dest_dir) / BOOTSTRAP_NAME))
+
+
+BOOTSTRAPS_DIR = "bootstraps"  # CACHE/bootstraps/<manifest digest hex>/image.boot: images by reference
+
+
+def is_image_reference(text: str) -> bool:
+    """Whether a mount source is an image reference (``docker://...``) rather than a bootstrap file."""
+    return text.startswith("docker://")
+
+
+def cached_nydus_image(ref: str, cache_dir: str | os.PathLike[str], *, platform: str | None = None,
+                       plain_http: bool = False, insecure: bool = False,
+                       auth_file: str | os.PathLike[str] | None = None) -> NydusImage:  # fmt: skip
+    """:func:`resolve_nydus_image` into ``cache_dir/bootstraps/<manifest digest hex>/image.boot`` (two images
+    never share a bootstrap file); the manifest is always resolved, the bootstrap fetched only when that file
+    is not there yet (it is only ever put there whole and checked)."""
+    with RemoteImage(ref, platform=platform, plain_http=plain_http, insecure=insecure, auth_file=auth_file) as img:
         resolved = img.resolve()
-        boot = img.fetch_bootstrap(Path(dest_dir) / BOOTSTRAP_NAME)
-        return NydusImage(
-            reference=str(img.ref),
-            bootstrap=boot,
-            backend="registry",
-            backend_config=dict(img.backend_config),
-            manifest_digest=resolved.digest,
-            bootstrap_layer_digest=str(resolved.bootstrap_layer["digest"]),
-            blob_ids=list(resolved.blob_ids),
-        )
+        boot = Path(cache_dir) / BOOTSTRAPS_DIR / resolved.digest.removeprefix("sha256:") / BOOTSTRAP_NAME
+        if not boot.is_file():
+            img.fetch_bootstrap(boot)
+        return img.image(boot)

@@ -15,6 +15,7 @@ import click
 
 from cachefilesd_py.mount.service import mount_image, umount_image
 from cachefilesd_py.mount.spec import MODES, MountSpec
+from cachefilesd_py.reference import cached_nydus_image, is_image_reference
 from erofs.errors import UsageError
 from erofs.units import parse_size
 
@@ -67,13 +68,24 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
               help="Bytes filled ahead of a sequential reader (0: off) [8 x amplify].")  # fmt: skip
 @click.option("--workers", default=4, show_default=True, type=click.IntRange(1, 256), help="Fill threads.")
 @click.option("--foreground", is_flag=True, help="Serve from this process until umount (fanotify mode).")
+@click.option("--platform", default=None, help="docker://: os/arch[/variant] to pick from an index [the host's].")
+@click.option("--plain-http", is_flag=True, help="docker://: talk to the registry over HTTP, without TLS.")
 @click.option("--json", "as_json", is_flag=True, help="Print the mount record as JSON.")
 def mount(blob_dir: str | None, backend: str | None, backend_config: str | None, foreground: bool, as_json: bool,
-          **spec_options: Any) -> None:  # fmt: skip
-    """Mount the Nydus image BOOT (its bootstrap) on MOUNTPOINT, fetching blob data lazily."""
-    boot = spec_options["boot"]
+          platform: str | None, plain_http: bool, **spec_options: Any) -> None:  # fmt: skip
+    """Mount the Nydus image BOOT (its bootstrap, or docker://HOST[:PORT]/REPO[:TAG|@sha256:HEX]) on MOUNTPOINT,
+    fetching blob data lazily."""
+    boot = source = spec_options["boot"]
     config = _backend_config(backend_config)
     kind = backend or "localfs"
+    if is_image_reference(boot):  # its bootstrap into the cache dir; blobs from the same repository
+        if blob_dir is not None or backend not in (None, "registry"):
+            raise UsageError(f"{boot}: an image reference is served from its registry (no --blob-dir or --backend)")
+        image = cached_nydus_image(boot, spec_options["cache_dir"], platform=platform, plain_http=plain_http)
+        spec_options["boot"] = boot = str(image.bootstrap)
+        kind, config = image.backend, {**image.backend_config, **config}  # --backend-config: network options
+    elif platform is not None or plain_http:
+        raise UsageError("--platform and --plain-http go with a docker:// image reference")
     if blob_dir is not None:
         if kind != "localfs":
             raise UsageError("--blob-dir goes with the localfs backend")
@@ -95,7 +107,8 @@ def mount(blob_dir: str | None, backend: str | None, backend_config: str | None,
         click.echo(json.dumps(rec, indent=2, sort_keys=True))
     elif not foreground:
         who = f"daemon pid {rec['pid']}" if rec.get("pid") else "no daemon"
-        click.echo(f"mounted {rec['boot']} on {rec['mountpoint']} ({rec['mode']} mode, {who})")
+        what = source if is_image_reference(source) else rec["boot"]
+        click.echo(f"mounted {what} on {rec['mountpoint']} ({rec['mode']} mode, {who})")
 
 
 @click.command()
