@@ -125,7 +125,7 @@ def test_not_nydus_and_missing_tags_are_one_line_errors(source: tuple[Path, Path
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     cases = [
-        (f"docker://{host}/plain:v1", 2, f"docker://{host}/plain:v1: not a Nydus image (an OCI image with 2 gzip layers)"),
+        (f"docker://{host}/plain:v1", 2, f"{host}/plain:v1: not a Nydus image (an OCI image with 2 gzip layers)"),
         (f"docker://{host}/plain:v2", 4, f"docker://{host}/plain:v2: no such image (the registry has no manifest v2)"),
         (f"docker://{host}/Bad:v1", 2, "expected docker://HOST[:PORT]/REPO[:TAG|@sha256:HEX]"),
     ]  # fmt: skip
