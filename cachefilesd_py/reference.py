@@ -49,6 +49,7 @@ from erofs.reader.bootstrap import Bootstrap
 __all__ = [
     "BOOTSTRAPS_DIR",
     "MAX_BOOTSTRAP",
+    "ImageNotFoundError",
     "ImageReference",
     "NydusImage",
     "NydusManifest",
@@ -70,6 +71,10 @@ _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _REPO = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 _HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:]+\])(?::\d{1,5})?")
+
+
+class ImageNotFoundError(BackendError):
+    """The registry has no such image (no manifest by that tag or digest, or no such repository)."""
 
 
 @dataclass(frozen=True)
@@ -273,7 +278,7 @@ class RemoteImage:
         try:
             yield
         except ManifestNotFoundError:
-            raise BackendError(
+            raise ImageNotFoundError(
                 f"{self.ref}: no such image (the registry has no manifest {self.ref.reference})"
             ) from None
         except NydusErofsError as e:

@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from cachefilesd_py.bindings import parse_backend_option
 from cachefilesd_py.mount.service import mount_image, umount_image
 from cachefilesd_py.mount.spec import MODES, MountSpec
 from cachefilesd_py.reference import cached_nydus_image, is_image_reference
@@ -20,32 +21,6 @@ from erofs.errors import UsageError
 from erofs.units import parse_size
 
 _REQUIRED = {"http": ("url",), "registry": ("host", "repo")}
-
-
-def _backend_config(text: str | None) -> dict[str, Any]:
-    """A JSON object, ``@FILE`` holding one, or ``key=value,key=value``."""
-    if not text:
-        return {}
-    if text.startswith("@"):
-        try:
-            text = Path(text[1:]).read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"--backend-config {text}: {getattr(e, 'strerror', None) or e}") from None
-    if text.lstrip().startswith("{"):
-        try:
-            value = json.loads(text)
-        except ValueError as e:
-            raise UsageError(f"--backend-config: not valid JSON: {e}") from None
-        if not isinstance(value, dict):
-            raise UsageError("--backend-config: expected a JSON object")
-        return value
-    out: dict[str, Any] = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--backend-config: {item!r} is not key=value")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
@@ -76,10 +51,12 @@ def mount(blob_dir: str | None, backend: str | None, backend_config: str | None,
     """Mount the Nydus image BOOT (its bootstrap, or docker://HOST[:PORT]/REPO[:TAG|@sha256:HEX]) on MOUNTPOINT,
     fetching blob data lazily."""
     boot = source = spec_options["boot"]
-    config = _backend_config(backend_config)
-    kind = backend or "localfs"
+    given_kind, config = parse_backend_option(backend_config)
+    if given_kind is not None and backend is not None and given_kind != backend:
+        raise UsageError(f"--backend {backend} but --backend-config says type {given_kind}")
+    kind = backend or given_kind or "localfs"
     if is_image_reference(boot):  # its bootstrap into the cache dir; blobs from the same repository
-        if blob_dir is not None or backend not in (None, "registry"):
+        if blob_dir is not None or kind not in ("localfs", "registry") or backend == "localfs":
             raise UsageError(f"{boot}: an image reference is served from its registry (no --blob-dir or --backend)")
         image = cached_nydus_image(boot, spec_options["cache_dir"], platform=platform, plain_http=plain_http)
         spec_options["boot"] = boot = str(image.bootstrap)
