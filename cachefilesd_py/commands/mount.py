@@ -1,5 +1,7 @@
 """``nydus-erofs mount BOOT MOUNTPOINT`` and ``nydus-erofs umount MOUNTPOINT`` (:mod:`cachefilesd_py.mount`).
 
+``--mode fscache`` binds the image in a running cachefilesd-py (:mod:`cachefilesd_py.fscache_mount`).
+
 Exit codes: 0 ok; 2 bad options or environment (unsupported cache dir, mode not available); 3 image error;
 4 backend error; 5 mount/umount or daemon failure.
 """
@@ -14,6 +16,8 @@ from typing import Any
 import click
 
 from cachefilesd_py.bindings import parse_backend_option
+from cachefilesd_py.fscache_mount import DEFAULT_DAEMON_SOCK, mount_fscache
+from cachefilesd_py.fscache_mount import MODE as FSCACHE_MODE
 from cachefilesd_py.mount.service import mount_image, umount_image
 from cachefilesd_py.mount.spec import MODES, MountSpec
 from cachefilesd_py.reference import cached_nydus_image, is_image_reference
@@ -33,11 +37,16 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
 @click.option("--blob-dir", type=click.Path(file_okay=False), help="Blobs as files named by id (localfs backend).")
 @click.option("--backend", type=click.Choice(["localfs", "http", "registry"]), default=None,
               help="Where blobs come from [localfs with --blob-dir].")  # fmt: skip
-@click.option("--backend-config", default=None, help="Backend options: JSON object, @FILE, or key=value,...")
-@click.option("--mode", type=click.Choice(MODES), default="auto", show_default=True,
-              help="fanotify: lazy (Linux >= 6.14); full: fetch all, then mount.")  # fmt: skip
-@click.option("--cache-dir", required=True, type=click.Path(file_okay=False),
-              help="Blob cache files go here (ext4, xfs or btrfs for fanotify mode).")  # fmt: skip
+@click.option("--backend-config", default=None, help='Backend options: {"type": KIND, "config": {...}}, the '
+              "options alone (JSON), @FILE, or key=value,...")  # fmt: skip
+@click.option("--mode", type=click.Choice([*MODES, FSCACHE_MODE]), default="auto", show_default=True,
+              help="fanotify: lazy (Linux >= 6.14); full: fetch all, then mount; fscache: bound in cachefilesd-py "
+              "through its API, mounted by fsid.")  # fmt: skip
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="Blob cache files go here (ext4, xfs or btrfs for fanotify mode); none in fscache mode.")
+@click.option("--daemon-sock", default=DEFAULT_DAEMON_SOCK, show_default=True, type=click.Path(dir_okay=False),
+              help="fscache mode: cachefilesd-py's API socket.")  # fmt: skip
+@click.option("--domain-id", default=None, help="fscache mode: mount with this domain_id (blobs shared across images).")
 @click.option("--amplify", default="1MiB", show_default=True, callback=_size, help="Least bytes one fetch brings in.")
 @click.option("--readahead", default=None, callback=_size,
               help="Bytes filled ahead of a sequential reader (0: off) [8 x amplify].")  # fmt: skip
@@ -47,7 +56,8 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
 @click.option("--plain-http", is_flag=True, help="docker://: talk to the registry over HTTP, without TLS.")
 @click.option("--json", "as_json", is_flag=True, help="Print the mount record as JSON.")
 def mount(blob_dir: str | None, backend: str | None, backend_config: str | None, foreground: bool, as_json: bool,
-          platform: str | None, plain_http: bool, **spec_options: Any) -> None:  # fmt: skip
+          platform: str | None, plain_http: bool, daemon_sock: str, domain_id: str | None,
+          **spec_options: Any) -> None:  # fmt: skip
     """Mount the Nydus image BOOT (its bootstrap, or docker://HOST[:PORT]/REPO[:TAG|@sha256:HEX]) on MOUNTPOINT,
     fetching blob data lazily."""
     boot = source = spec_options["boot"]
@@ -55,6 +65,14 @@ def mount(blob_dir: str | None, backend: str | None, backend_config: str | None,
     if given_kind is not None and backend is not None and given_kind != backend:
         raise UsageError(f"--backend {backend} but --backend-config says type {given_kind}")
     kind = backend or given_kind or "localfs"
+    if spec_options["mode"] == FSCACHE_MODE:
+        _mount_fscache(boot, spec_options, blob_dir, backend or given_kind, config, platform, plain_http, daemon_sock,
+                       domain_id, as_json)  # fmt: skip
+        return
+    if domain_id is not None:
+        raise UsageError("--domain-id goes with --mode fscache")
+    if spec_options["cache_dir"] is None:
+        raise UsageError("--cache-dir is required (except in fscache mode)")
     if is_image_reference(boot):  # its bootstrap into the cache dir; blobs from the same repository
         if blob_dir is not None or kind not in ("localfs", "registry") or backend == "localfs":
             raise UsageError(f"{boot}: an image reference is served from its registry (no --blob-dir or --backend)")
@@ -86,6 +104,29 @@ def mount(blob_dir: str | None, backend: str | None, backend_config: str | None,
         who = f"daemon pid {rec['pid']}" if rec.get("pid") else "no daemon"
         what = source if is_image_reference(source) else rec["boot"]
         click.echo(f"mounted {what} on {rec['mountpoint']} ({rec['mode']} mode, {who})")
+
+
+def _mount_fscache(boot: str, spec_options: dict[str, Any], blob_dir: str | None, kind: str | None,
+                   config: dict[str, Any], platform: str | None, plain_http: bool, daemon_sock: str,
+                   domain_id: str | None, as_json: bool) -> None:  # fmt: skip
+    """``--mode fscache``: bind in cachefilesd-py, mount by fsid (no daemon of ours)."""
+    if spec_options["cache_dir"] is not None:
+        raise UsageError("--cache-dir is cachefilesd-py's in fscache mode (its --cache-dir)")
+    if blob_dir is not None:
+        kind, config = "localfs", {**config, "dir": str(Path(blob_dir).resolve())}
+    if not is_image_reference(boot):
+        if platform is not None or plain_http:
+            raise UsageError("--platform and --plain-http go with a docker:// image reference")
+        if kind is None and (Path(boot).resolve().parent / "blobs").is_dir():
+            kind, config = "localfs", {"dir": str(Path(boot).resolve().parent / "blobs")}
+    elif kind not in (None, "registry"):
+        raise UsageError(f"{boot}: an image reference is served from its registry (no --blob-dir or --backend)")
+    rec = mount_fscache(boot, spec_options["mountpoint"], daemon_sock=daemon_sock, backend=kind, backend_config=config,
+                        platform=platform, plain_http=plain_http, domain_id=domain_id)  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(rec, indent=2, sort_keys=True))
+    else:
+        click.echo(f"mounted {boot} on {rec['mountpoint']} (fscache mode, fsid {rec['fsid']}, cachefilesd-py)")
 
 
 @click.command()
