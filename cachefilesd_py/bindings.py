@@ -227,7 +227,7 @@ def stage(req: BindRequest, images_dir: Path, *, default_backend: bool) -> Path:
             opts = dict(backend.config) if backend else {}
             image = resolve_nydus_image(req.reference, work, platform=req.platform,
                                         plain_http=bool(opts.get("plain_http")), insecure=bool(opts.get("insecure")),
-                                        auth_file=opts.get("docker_config") or None)  # fmt: skip
+                                        auth_file=opts.get("docker_config") or None, options=opts)  # fmt: skip
             backend = BackendSpec("registry", {**opts, **image.backend_config})
             manifest_digest = image.manifest_digest
         else:

@@ -42,7 +42,7 @@ def _bind_body(source: str, backend: str | None, config: dict[str, Any], platfor
     if is_image_reference(source):
         opts = {**config, **({"plain_http": True} if plain_http else {})}
         with RemoteImage(source, platform=platform, plain_http=plain_http, insecure=bool(opts.get("insecure")),
-                         auth_file=opts.get("docker_config") or None) as img:  # fmt: skip
+                         auth_file=opts.get("docker_config") or None, options=opts) as img:  # fmt: skip
             digest = img.resolve().digest
             pinned = f"docker://{img.ref.host}/{img.ref.repo}@{digest}"
         body: dict[str, Any] = {"reference": pinned}

@@ -241,11 +241,14 @@ class RemoteImage:
 
     ``platform``: ``os/arch[/variant]`` picked from an index (default: this machine's); ``plain_http``: http
     instead of https; ``insecure``: no TLS verification; ``auth_file``: a docker config to take credentials from
-    (default ``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``, with its credential helpers).
+    (default ``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``, with its credential helpers);
+    ``options``: more registry backend options for these requests (``auth``, ``timeout``...), which are not
+    copied into :attr:`backend_config`.
     """
 
     def __init__(self, ref: str | ImageReference, *, platform: str | None = None, plain_http: bool = False,
-                 insecure: bool = False, auth_file: str | os.PathLike[str] | None = None) -> None:  # fmt: skip
+                 insecure: bool = False, auth_file: str | os.PathLike[str] | None = None,
+                 options: Mapping[str, Any] | None = None) -> None:  # fmt: skip
         self.ref = ref if isinstance(ref, ImageReference) else parse_image_reference(ref)
         try:
             self.platform = parse_platform(platform or DEFAULT_PLATFORM)
@@ -260,7 +263,8 @@ class RemoteImage:
             self.backend_config["docker_config"] = os.path.abspath(auth_file)
         with self._errors():
             # digests are checked here, as a whole (an ImageError), not per read by the backend
-            self._backend = RegistryBackend(**self.backend_config, verify_digest=False)
+            extra = {k: v for k, v in (options or {}).items() if k not in ("host", "repo", "verify_digest")}
+            self._backend = RegistryBackend(**{**extra, **self.backend_config}, verify_digest=False)
         self._resolved: NydusManifest | None = None
 
     def close(self) -> None:
@@ -443,11 +447,13 @@ def _check_blob_table(boot: Path, blob_ids: tuple[str, ...]) -> None:
 
 def resolve_nydus_image(ref: str, dest_dir: str | os.PathLike[str], *, platform: str | None = None,
                         plain_http: bool = False, insecure: bool = False,
-                        auth_file: str | os.PathLike[str] | None = None) -> NydusImage:  # fmt: skip
+                        auth_file: str | os.PathLike[str] | None = None,
+                        options: Mapping[str, Any] | None = None) -> NydusImage:  # fmt: skip
     """Resolve the Nydus image ``ref`` (``docker://HOST[:PORT]/REPO[:TAG|@sha256:HEX]``) and put its bootstrap
     at ``dest_dir/image.boot``; returns what to mount it with (:class:`NydusImage`).  Options as for
     :class:`RemoteImage`."""
-    with RemoteImage(ref, platform=platform, plain_http=plain_http, insecure=insecure, auth_file=auth_file) as img:
+    with RemoteImage(ref, platform=platform, plain_http=plain_http, insecure=insecure, auth_file=auth_file,
+                     options=options) as img:  # fmt: skip
         return img.image(img.fetch_bootstrap(Path(dest_dir) / BOOTSTRAP_NAME))
 
 

@@ -160,6 +160,9 @@ def test_basic_auth_from_the_docker_config(pushed: str, layout: Path, tmp_path: 
     with pytest.raises(BackendError, match="needs credentials"):
         resolve_nydus_image(f"docker://{host}/app:v1", tmp_path / "a", plain_http=True,
                             auth_file=tmp_path / "none.json")  # fmt: skip
+    img = resolve_nydus_image(f"docker://{host}/app:v1", tmp_path / "o", plain_http=True,
+                              auth_file=tmp_path / "none.json", options={"auth": creds})  # fmt: skip
+    assert "auth" not in img.backend_config  # used for the manifest and bootstrap, never handed on
     config = tmp_path / "docker" / "config.json"
     config.parent.mkdir()
     config.write_text(json.dumps({"auths": {host: {"auth": base64.b64encode(creds.encode()).decode()}}}))
