@@ -5,11 +5,14 @@
     cachefilesd-py --cache-dir DIR --images-dir IMAGES
                    [--backend localfs [--blob-dir BLOBS] | --backend http --url U
                     | --backend registry --host H --repo R [--plain-http] [--auth user:pass]
-                    | --backend s3 --backend-config bucket=B,...] [--backend-config KEY=VALUE,...]
-                   [--threads N] [--amplify 1MiB] [--api-sock PATH] [--no-supervisor] [--json-logs]
+                    | --backend s3 --backend-config bucket=B,...]
+                   [--backend-config JSON|@FILE|KEY=VALUE,...] [--threads N] [--amplify 1MiB] [--api-sock PATH]
+                   [--no-supervisor] [--json-logs]
 
 While it runs, ``mount -t erofs none -o fsid=NAME /mnt`` mounts ``IMAGES/NAME/image.boot`` (blobs from
-``IMAGES/NAME/blobs/`` unless a backend for all images is given).  Errors are one line
+``IMAGES/NAME/blobs/`` unless a backend for all images is given).  With ``--api-sock``, images are also bound
+and unbound at run time, each with its own backend: ``PUT``/``DELETE /api/v1/images/{fsid}``
+(:mod:`cachefilesd_py.bindings`).  Errors are one line
 (``cachefilesd-py: error: ...``), exit status 1 (2 for usage errors); ``--debug`` shows tracebacks.
 """
 
@@ -22,7 +25,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -30,13 +33,14 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from cachefilesd_py.notify import notify
-from erofs.errors import BackendError, NydusErofsError
+from erofs.errors import BackendError, NydusErofsError, UsageError
 from erofs.units import parse_size
 from fscache.cachefiles import DEVICE_PATH, CachefilesDevice
 from fscache.errors import FscacheError
 
 if TYPE_CHECKING:
     from cachefilesd_py.backends import BlobBackend
+    from cachefilesd_py.daemon import Daemon
 
 # The daemon, pipeline, reader and backends are imported once the device is bound: startup errors come fast.
 
@@ -78,8 +82,9 @@ _PATH = click.Path(path_type=Path)
 @click.option("--repo", help="registry: repository (namespace/name).")
 @click.option("--plain-http", is_flag=True, help="registry: http instead of https.")
 @click.option("--auth", help="registry: user:pass (or its base64).")
-@click.option("--backend-config", help="Backend options: JSON object, @FILE, or key=value,... (s3: bucket=B,...; "
-              "any network backend: proxy=http://HOST:PORT,...); the flags above win.")  # fmt: skip
+@click.option("--backend-config", help='Backend options: {"type": KIND, "config": {...}}, the options alone '
+              "(JSON), @FILE, or key=value,... (s3: bucket=B,...; any network backend: proxy=http://HOST:PORT,...); "
+              "the flags above win.")  # fmt: skip
 @click.option("--threads", type=click.IntRange(max=1024), default=4, show_default=True, help="READ worker threads.")
 @click.option("--amplify", type=_Size(), default="1MiB", show_default=True,
               help="Merge reads of adjacent chunks up to this many bytes.")  # fmt: skip
@@ -134,24 +139,23 @@ def _setup_logging(json_logs: bool, level: str) -> None:
 
 
 def _backend_options(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Options of the backend shared by every image, or None for per-image ``IMAGES/<fsid>/blobs``: the
-    ``--backend-config`` ones, overridden by the flags given."""
-    from cachefilesd_py.backends.config import parse_backend_config
+    """Options of the backend shared by every image, or None for per-image ``IMAGES/<fsid>/blobs``; sets
+    ``args.backend`` from a ``--backend-config`` that names its type."""
+    from cachefilesd_py.backends.config import parse_backend_option  # (with the backends: see the note above)
 
     try:
-        config = parse_backend_config(args.backend_config)
-    except NydusErofsError as e:
+        kind, extra = parse_backend_option(args.backend_config)
+    except UsageError as e:
         raise _Usage(str(e)) from None
+    if kind is not None:
+        args.backend = kind
     if args.backend == "localfs":
         if args.blob_dir is not None and not args.blob_dir.is_dir():
             raise _Usage(f"--blob-dir {args.blob_dir}: not a directory")
-        if args.blob_dir is not None:
-            return {**config, "dir": args.blob_dir}
-        if config and "dir" not in config:
-            raise _Usage("--backend localfs: --backend-config needs dir=... (or give --blob-dir)")
-        return config or None
+        opts: dict[str, Any] = {**extra, **({} if args.blob_dir is None else {"dir": args.blob_dir})}
+        return opts or None
     if args.backend == "http":
-        url = args.url or config.get("url")
+        url = args.url or extra.get("url")
         if not url:
             raise _Usage("--backend http needs --url")
         from cachefilesd_py.backends.http import check_url  # the backend's own check, before the device is bound
@@ -160,12 +164,12 @@ def _backend_options(args: argparse.Namespace) -> dict[str, Any] | None:
             check_url(url, "--url")
         except BackendError as e:
             raise _Usage(str(e)) from None
-        return {**config, "url": url}
+        return {**extra, "url": url}
     if args.backend == "s3":
-        if not config.get("bucket"):
+        if not extra.get("bucket"):
             raise _Usage("--backend s3 needs --backend-config bucket=...")
-        return config
-    opts: dict[str, Any] = {**config}
+        return extra
+    opts = {**extra}
     for key in ("host", "repo", "auth"):
         if getattr(args, key):
             opts[key] = getattr(args, key)
@@ -204,8 +208,9 @@ def _serve(args: argparse.Namespace, device: CachefilesDevice, api_sock: socket.
         "/api/v1/daemon": info,
         "/api/v1/metrics/backend": daemon.backend_metrics,
         "/api/v1/metrics/blobcache": daemon.blobcache_metrics,
+        "/api/v1/images": daemon.images,
     }
-    api = ApiServer(api_sock, routes).start() if api_sock is not None else None
+    api = ApiServer(api_sock, routes, image_routes(daemon)).start() if api_sock is not None else None
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         daemon.stop()
@@ -222,6 +227,57 @@ def _serve(args: argparse.Namespace, device: CachefilesDevice, api_sock: socket.
         store.close()
     log.info("stopped")
     return 0
+
+
+def image_routes(daemon: Daemon) -> dict[tuple[str, str], Any]:
+    """``PUT``/``DELETE``/``GET /api/v1/images/{fsid}``: bind, unbind, describe; errors as HTTP statuses."""
+    from cachefilesd_py.api import ApiError
+    from cachefilesd_py.bindings import parse_bind_request
+    from cachefilesd_py.daemon import ImageInUseError
+    from cachefilesd_py.image_store import UnknownImageError, check_name
+    from cachefilesd_py.reference import ImageNotFoundError
+    from erofs.errors import ImageError
+
+    def answer(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        try:
+            return fn()
+        except ImageInUseError as e:
+            raise ApiError(409, "Conflict", str(e)) from None
+        except (UnknownImageError, ImageNotFoundError) as e:
+            raise ApiError(404, "NotFound", str(e)) from None
+        except UsageError as e:
+            raise ApiError(400, "BadRequest", str(e)) from None
+        except ImageError as e:
+            raise ApiError(422, "BadImage", str(e)) from None
+        except (BackendError, OSError) as e:
+            raise ApiError(502, "BackendError", str(e)) from None
+
+    def valid(fsid: str) -> str:
+        try:
+            if fsid.startswith("."):
+                raise UnknownImageError(f"fsid {fsid!r} is not a valid image name")
+            return check_name(fsid)
+        except UnknownImageError as e:
+            raise ApiError(400, "BadRequest", str(e)) from None
+
+    def put(fsid: str, body: bytes | None) -> dict[str, Any]:
+        req = parse_bind_request(valid(fsid), body or b"")
+        return answer(lambda: daemon.bind(req))
+
+    def bad_body(fsid: str, body: bytes | None) -> dict[str, Any]:
+        try:
+            return put(fsid, body)
+        except UsageError as e:
+            raise ApiError(400, "BadRequest", str(e)) from None
+
+    def delete(fsid: str, body: bytes | None) -> dict[str, Any]:
+        return answer(lambda: daemon.unbind(valid(fsid)))
+
+    def describe(fsid: str, body: bytes | None) -> dict[str, Any]:
+        return answer(lambda: {"fsid": valid(fsid), **daemon.describe(fsid)})
+
+    prefix = "/api/v1/images/"
+    return {("PUT", prefix): bad_body, ("DELETE", prefix): delete, ("GET", prefix): describe}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,6 +11,10 @@ One thread reads messages (:meth:`Daemon.run`) and never waits on a fetch:
   without writing — the reader gets EIO — and is logged in one line; the daemon keeps serving.
 - CLOSE: the object's anonymous fd is closed once no READ is using it.
 
+Images are bound and unbound at run time by :meth:`Daemon.bind` / :meth:`Daemon.unbind` (the API's ``PUT`` and
+``DELETE /api/v1/images/{fsid}``): an image the kernel has objects of is not replaced or unbound (an unbind
+waits a little for the CLOSEs an umount sends); unbinding drops everything the daemon holds of it.
+
 The kernel interface is :mod:`fscache.cachefiles`; this module only decides what goes where.
 :class:`CachefilesSupervisor` holds the device and restarts a worker that dies (failover).
 """
@@ -18,21 +22,26 @@ The kernel interface is :mod:`fscache.cachefiles`; this module only decides what
 from __future__ import annotations
 
 import errno
+import filecmp
 import logging
 import os
 import re
 import select
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
+from cachefilesd_py.bindings import BINDING_NAME, BindRequest, stage
 from cachefilesd_py.image_store import BlobEntry, Image, ImageStore, UnknownImageError, check_name, parse_volume_key
 from cachefilesd_py.notify import notify
 from cachefilesd_py.pipeline import Pipeline
 from cachefilesd_py.supervisor import RestartPolicy, Supervisor, WorkerProcess, describe
 from erofs.errors import NydusErofsError
+from erofs.paths import BOOTSTRAP_NAME
 from erofs.reader.backend import BackendStats
 from fscache.cachefiles import (
     CachefilesDevice,
@@ -45,11 +54,16 @@ from fscache.cachefiles import (
 )
 from fscache.errors import FscacheError
 
-__all__ = ["CachefilesSupervisor", "Daemon"]
+__all__ = ["CachefilesSupervisor", "Daemon", "ImageInUseError"]
 
 log = logging.getLogger("cachefilesd_py")
 
 _BLOB_ID = re.compile(r"[0-9a-f]{64}")
+UNBIND_WAIT = 10.0  # seconds an unbind waits for the CLOSEs of a just-unmounted image
+
+
+class ImageInUseError(NydusErofsError):
+    """The kernel has objects of the image open (it is mounted): it cannot be replaced or unbound now."""
 
 
 class _Object:
@@ -160,6 +174,9 @@ class Daemon:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._closed = threading.Condition(self._lock)  # notified when objects go (CLOSE)
+        self._binding = threading.Lock()  # one bind or unbind at a time
+        self.unbind_wait = UNBIND_WAIT
 
     # -- loop ---------------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -275,6 +292,8 @@ class Daemon:
         with self._lock:
             obj = self._objects.pop(msg.object_id, None)
         if obj is not None:
+            with self._lock:
+                self._closed.notify_all()
             obj.close()
             self.counters.add(closes=1)
             log.debug("CLOSE object %d (%s)", msg.object_id, obj.what)
@@ -342,6 +361,73 @@ class Daemon:
         obj.blob.fill(self.pipeline, offset, length, write, present)
         return written
 
+    # -- bind / unbind (API) -------------------------------------------------------------------------------------
+    def _users(self, fsid: str) -> int:
+        """How many open objects belong to image ``fsid`` (its bootstrap, or its copies of blobs); under _lock."""
+        return sum(1 for o in self._objects.values() if _image_of(o) == fsid)
+
+    def _wait_unused(self, fsid: str, timeout: float) -> None:
+        with self._lock:
+            if not self._closed.wait_for(lambda: self._users(fsid) == 0, timeout):
+                n = self._users(fsid)
+                raise ImageInUseError(f"image {fsid} is in use ({n} open cache object{'s' if n > 1 else ''}): "
+                                      "umount it first")  # fmt: skip
+            for fsids in self._volumes.values():
+                if fsid in fsids:
+                    fsids.remove(fsid)
+
+    def bind(self, req: BindRequest) -> dict[str, Any]:
+        """Bind ``req.fsid`` to the image ``req`` names (fetched and checked first); the same image bound again is
+        a no-op, another one replaces it unless it is in use (:class:`ImageInUseError`)."""
+        fsid = check_name(req.fsid)
+        if fsid.startswith("."):
+            raise UnknownImageError(f"fsid {fsid!r} is not a valid image name")
+        staged = stage(req, self.store.images_dir, default_backend=self.store.shared_backend is not None)
+        try:
+            with self._binding:
+                current = self.store.images_dir / fsid
+                if _same_image(current, staged):
+                    return {"fsid": fsid, "changed": False, **self.describe(fsid)}
+                if self.store.has_image(fsid):
+                    self._wait_unused(fsid, 0)
+                self.store.install(fsid, staged)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        log.info("bound image %s (%s)", fsid, req.reference or req.bootstrap)
+        return {"fsid": fsid, "changed": True, **self.describe(fsid)}
+
+    def unbind(self, fsid: str) -> dict[str, Any]:
+        """Unbind ``fsid`` once the kernel has closed its objects (waiting up to :attr:`unbind_wait` seconds)."""
+        check_name(fsid)
+        if fsid.startswith(".") or not os.path.lexists(self.store.images_dir / fsid):
+            raise UnknownImageError(f"no image {fsid!r}")
+        with self._binding:
+            self._wait_unused(fsid, self.unbind_wait)
+            self.store.remove(fsid)
+        log.info("unbound image %s", fsid)
+        return {"fsid": fsid, "unbound": True}
+
+    def describe(self, fsid: str) -> dict[str, Any]:
+        """How ``fsid`` is bound, its blobs and bootstrap size; UnknownImageError when there is no such image."""
+        binding = self.store.binding(fsid)
+        image = self.store.image(fsid)
+        return {**(binding.public() if binding else {"backend": None}), "blobs": sorted(image.blobs),
+                "size": image.size}  # fmt: skip
+
+    def images(self) -> dict[str, Any]:
+        """Every image the store serves, with how it was bound."""
+        out = []
+        for fsid in self.store.fsids():
+            try:
+                binding = self.store.binding(fsid)
+            except NydusErofsError as e:
+                out.append({"fsid": fsid, "error": str(e)})
+                continue
+            with self._lock:
+                users = self._users(fsid)
+            out.append({"fsid": fsid, **(binding.public() if binding else {"backend": None}), "open_objects": users})
+        return {"images": out}
+
     # -- introspection (API) ------------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         with self._lock:
@@ -377,6 +463,22 @@ class Daemon:
 
     def blobcache_metrics(self) -> dict[str, Any]:
         return {**self.counters.snapshot(), "pipeline": self.pipeline.stats.snapshot()}
+
+
+def _image_of(obj: _Object) -> str:
+    """The fsid of the image an object belongs to (its bootstrap, or the image whose copy of a blob it reads)."""
+    if obj.image is not None:
+        return obj.image.fsid
+    assert obj.blob is not None
+    return obj.blob.image.fsid
+
+
+def _same_image(current: Path, staged: Path) -> bool:
+    """Whether image directory ``current`` holds the very bootstrap and binding that ``staged`` does."""
+    try:
+        return all(filecmp.cmp(current / name, staged / name, shallow=False) for name in (BOOTSTRAP_NAME, BINDING_NAME))
+    except OSError:
+        return False
 
 
 class CachefilesSupervisor(Supervisor):

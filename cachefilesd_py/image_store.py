@@ -1,10 +1,13 @@
 """The image store: which bootstrap and which blobs serve an fsid.
 
 Layout: ``IMAGES/<fsid>/image.boot`` is the bootstrap served for ``mount -t erofs none -o fsid=<fsid>``; its
-blobs come from ``IMAGES/<fsid>/blobs/<blob_id>`` (a localfs backend per image) unless one shared backend is
-configured (``--blob-dir``, ``--backend http|registry``).  Bootstraps are opened when first asked for (and
-reopened when the file changes); blob metadata (chunk-info table, digests) is fetched when a blob is first read,
-by :meth:`BlobEntry.handle`, never at OPEN time.
+blobs come from the backend its ``IMAGES/<fsid>/binding.json`` names (an image bound through the API,
+:mod:`cachefilesd_py.bindings`), else from the one shared backend if configured (``--blob-dir``, ``--backend
+http|registry``), else from ``IMAGES/<fsid>/blobs/<blob_id>`` (a localfs backend per image).
+:meth:`ImageStore.install` and :meth:`ImageStore.remove` bind and unbind, renaming whole image directories.
+
+Bootstraps are opened when first asked for (and reopened when the file changes); blob metadata (chunk-info
+table, digests) is fetched when a blob is first read, by :meth:`BlobEntry.handle`, never at OPEN time.
 
 Several images may list the same blob (a shared layer).  Each image's copy is its own :class:`BlobEntry`; a
 read tries the copy of the image the kernel opened the blob for first, then the other images' copies
@@ -19,12 +22,15 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from cachefilesd_py.backends import BlobBackend, make_backend
+from cachefilesd_py.bindings import STAGING_DIR, Binding, read_binding
 from cachefilesd_py.blob_handles import blob_handle
 from cachefilesd_py.pipeline import BlobHandle, Pipeline, PresentFn, WriteFn
 from erofs.errors import ImageError, NydusErofsError
@@ -209,12 +215,65 @@ class ImageStore:
         return [n for n in names if self.has_image(n)]
 
     def _backend_for(self, fsid: str) -> BlobBackend:
-        if self.shared_backend is not None:
-            return self.shared_backend
         backend = self._image_backends.get(fsid)
-        if backend is None:
-            backend = self._image_backends[fsid] = self._factory(self.images_dir / fsid / BLOBS_DIR)
+        if backend is not None:
+            return backend
+        binding = read_binding(self.images_dir / fsid)
+        if binding is not None and binding.backend is not None:
+            backend = make_backend(binding.backend.type, **binding.backend.config)
+        elif self.shared_backend is not None:
+            return self.shared_backend
+        else:
+            backend = self._factory(self.images_dir / fsid / BLOBS_DIR)
+        self._image_backends[fsid] = backend
         return backend
+
+    def binding(self, fsid: str) -> Binding | None:
+        """How ``fsid`` was bound through the API (None: put there by hand)."""
+        return read_binding(self.images_dir / check_name(fsid))
+
+    def install(self, fsid: str, staged: Path) -> bool:
+        """Make the image directory ``staged`` (from :func:`cachefilesd_py.bindings.stage`, on the same
+        filesystem) the image ``fsid``, replacing any there (True then); the store forgets what it had loaded."""
+        dest = self.images_dir / check_name(fsid)
+        with self._lock:
+            old = self._retire(dest)
+            os.rename(staged, dest)
+            self.forget(fsid)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return old is not None
+
+    def remove(self, fsid: str) -> bool:
+        """Unbind ``fsid``: its directory goes, the store forgets it (bootstrap mapping, blob entries, backend).
+        False when there was no such image."""
+        with self._lock:
+            old = self._retire(self.images_dir / check_name(fsid))
+            self.forget(fsid)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return old is not None
+
+    def _retire(self, path: Path) -> Path | None:
+        """Move an image directory out of the way (into the staging area), or None when there is none."""
+        if not os.path.lexists(path):
+            return None
+        staging = self.images_dir / STAGING_DIR
+        staging.mkdir(mode=0o700, exist_ok=True)
+        gone = Path(tempfile.mkdtemp(prefix=f"gone-{path.name}-", dir=staging))
+        os.rename(path, gone / "image")
+        return gone
+
+    def forget(self, fsid: str) -> None:
+        """Drop what is loaded of ``fsid`` (its bootstrap mapping, blob entries and own backend)."""
+        with self._lock:
+            img = self._images.pop(fsid, None)
+            self._blobs = {k: v for k, v in self._blobs.items() if k[0] != fsid}
+            backend = self._image_backends.pop(fsid, None)
+        if img is not None:
+            img.close()
+        if backend is not None:
+            backend.close()
 
     def image(self, fsid: str) -> Image:
         """The image served for ``fsid``; UnknownImageError when there is none, ImageError when it is broken."""
@@ -280,9 +339,7 @@ class ImageStore:
             return entry
 
     def _other_copies(self, entry: BlobEntry) -> list[BlobEntry]:
-        """The same blob in the other images, each read through its own backend (none with a shared backend)."""
-        if self.shared_backend is not None:
-            return []
+        """The same blob in the other images that have backends of their own."""
         others = []
         for fsid in self._candidates(()):
             if fsid == entry.image.fsid:
@@ -295,9 +352,8 @@ class ImageStore:
     def backends(self) -> dict[str, BlobBackend]:
         """Every backend in use, by name ("shared" or the fsid)."""
         with self._lock:
-            if self.shared_backend is not None:
-                return {"shared": self.shared_backend}
-            return dict(self._image_backends)
+            shared = {"shared": self.shared_backend} if self.shared_backend is not None else {}
+            return {**shared, **self._image_backends}
 
     def close(self) -> None:
         with self._lock:

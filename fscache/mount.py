@@ -25,6 +25,7 @@ __all__ = [
     "is_mounted",
     "mount_bdi_name",
     "mount_erofs_file_backed",
+    "mount_erofs_fscache",
     "mountinfo",
     "set_mount_readahead",
     "top_mount",
@@ -69,6 +70,24 @@ def mount_erofs_file_backed(boot: str | os.PathLike[str], mountpoint: str | os.P
         elif err == errno.ENODEV:
             hint = " (the kernel has no EROFS)"
         raise MountError(err, f"mount {src} on {dst}: {os.strerror(err)}{hint}")
+
+
+def mount_erofs_fscache(fsid: str, mountpoint: str | os.PathLike[str], domain_id: str | None = None) -> None:
+    """mount(2) ``-t erofs none -o fsid=FSID[,domain_id=DOMAIN]`` read-only: the image a cachefiles on-demand
+    daemon serves under that fsid."""
+    for name, value in (("fsid", fsid), ("domain_id", domain_id)):
+        if value is not None and (not value or any(c in value for c in ",= \n")):
+            raise UsageError(f"{name} {value!r} cannot be a mount option value")
+    opts = f"fsid={fsid}" + (f",domain_id={domain_id}" if domain_id else "")
+    dst = os.path.realpath(mountpoint)
+    if _libc.mount(b"none", os.fsencode(dst), b"erofs", MS_RDONLY, opts.encode()) != 0:
+        err = ctypes.get_errno()
+        hint = ""
+        if err == errno.EINVAL:
+            hint = " (a kernel without EROFS over fscache: CONFIG_EROFS_FS_ONDEMAND)"
+        elif err == errno.ENOENT:
+            hint = " (the daemon does not serve that fsid)"
+        raise MountError(err, f"mount -o {opts} on {dst}: {os.strerror(err)}{hint}")
 
 
 def umount(mountpoint: str | os.PathLike[str], *, lazy: bool = False) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -20,7 +20,12 @@ from .transport import Response, Transport, status_failure
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 MAX_REDIRECTS = 5
+MAX_MANIFEST = 4 << 20  # bytes: manifests and indexes are small JSON documents
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+class ManifestNotFoundError(BackendError):
+    """The registry has no manifest by that tag or digest (HTTP 404)."""
 
 
 @dataclass(frozen=True)
@@ -189,6 +194,25 @@ class RegistryBackend(HttpBackend):
                 self._redirects[blob_id] = url
         return resp
 
+    def manifest(self, reference: str, accept: Sequence[str], limit: int = MAX_MANIFEST) -> tuple[bytes, str]:
+        """``GET manifests/<reference>`` (a tag or ``sha256:<hex>``) asking for the media types ``accept``:
+        (the body, exactly as served, at most ``limit`` bytes; its ``Content-Type``).  Retried like blob reads;
+        a 404 is a BackendError saying the manifest is unknown."""
+        url = self.client.url(f"manifests/{reference}")
+
+        def get() -> tuple[bytes, str]:
+            resp = self.client.request("GET", url, {"Accept": ", ".join(accept)})
+            if resp.status == 404:
+                resp.text()
+                where = f"{self.client.host}/{self.client.repo}"
+                raise ManifestNotFoundError(f"{where}: no manifest {reference} (HTTP 404)")
+            if resp.status != 200:
+                raise status_failure(resp, f"for {url}")
+            content_type = (resp.header("Content-Type") or "").split(";")[0].strip()
+            return resp.read_upto(limit), content_type
+
+        return _push_retry(self.retry_policy, f"registry {self.client.host}", get)
+
 
 def _push_retry(policy: RetryPolicy, what: str, fn: Callable[[], str]) -> str:
     attempt = 0
@@ -308,4 +332,12 @@ def image_manifest(
     }
 
 
-__all__ = ["RegistryBackend", "RegistryClient", "RegistryOptions", "image_manifest", "push_blob", "push_manifest"]
+__all__ = [
+    "ManifestNotFoundError",
+    "RegistryBackend",
+    "RegistryClient",
+    "RegistryOptions",
+    "image_manifest",
+    "push_blob",
+    "push_manifest",
+]

@@ -129,6 +129,26 @@ class Response:
         self.close()
         self._transport._body_failed(self._hop, why)
 
+    def read_upto(self, limit: int) -> bytes:
+        """The whole body, which must be at most ``limit`` bytes (PermanentFailure if longer); then release."""
+        length = self.content_length
+        if length is not None and length > limit:
+            self.close()
+            raise PermanentFailure(f"response body of {length} bytes is over the limit of {limit}")
+        if length is not None:
+            data = self.read_exact(length)
+        else:
+            try:
+                data = self._resp.read(limit + 1)
+            except BaseException:
+                self.close()
+                raise
+            if len(data) > limit:
+                self.close()
+                raise PermanentFailure(f"response body is over the limit of {limit} bytes")
+        self.release()
+        return data
+
     def discard(self, n: int) -> int:
         """Read and drop ``n`` body bytes, returns how many (fewer only at end of body)."""
         left = n

@@ -1,6 +1,7 @@
 """``nydus-erofs mount`` / ``umount`` as library calls: choose the mode, start or stop the daemon.
 
-Modes (:func:`select_mode`; the fscache path is the cachefilesd-py daemon with ``mount -o fsid=``, not this):
+Modes (:func:`select_mode`; ``--mode fscache`` binds the image in cachefilesd-py and mounts ``-o fsid=``:
+:mod:`cachefilesd_py.fscache_mount`, whose mounts :func:`umount_image` also unmounts and unbinds):
 
 - ``fanotify``: lazy; a daemon (:mod:`.supervisor` and its :mod:`.worker`) marks sparse blob cache files,
   mounts the bootstrap file-backed with ``device=<cache files>`` and fills what readers touch (Linux >= 6.14).
@@ -37,6 +38,8 @@ from fscache.mount import MountError, filesystem_name, is_mounted, mount_erofs_f
 
 from ..backends import make_backend
 from ..blob_handles import blob_order, open_image
+from ..fscache_mount import MODE as FSCACHE_MODE
+from ..fscache_mount import unbind
 from ..pipeline import Pipeline
 from .cachefile import check_cache_path, fill_all, prepare_cache_files, probe_pre_content
 from .ready import OK, daemon_error, read_line
@@ -308,5 +311,6 @@ def umount_image(mountpoint: str | os.PathLike[str], *, timeout: float = 30.0) -
             _kill(pid, signal.SIGKILL)
             _wait_exit(pid, None)
             raise MountError(errno.ETIMEDOUT, f"daemon {pid} did not stop within {timeout:g}s: killed")
-    return _forget(mp, rec)
+    rec = _forget(mp, rec)
+    return unbind(rec) if rec.get("mode") == FSCACHE_MODE else rec  # the image bound in cachefilesd-py
 

@@ -44,10 +44,13 @@ class Served:
     registry_port: int | None = None  # docker-registry, /v2/REPO/blobs/sha256:<blob id>
     registry_repo: str = REPO
     registry_auth: str = ""  # user:pass
+    # Nydus images converted into the registry (one repository each), for tests/vm/test_bind_api.py:
+    # name -> {"repo": …, "tag": …, "snapshot": the pickled snapshot of its source tree}
+    nydus_images: dict[str, dict[str, str]] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)  # backend -> why the host does not serve it
 
-    def expected_snapshot(self) -> dict[bytes, tuple]:
-        with open(self.snapshot, "rb") as f:
+    def expected_snapshot(self, path: str | None = None) -> dict[bytes, tuple]:
+        with open(path or self.snapshot, "rb") as f:
             return pickle.load(f)  # written by serve_for_vm on the host, from our own snapshot()
 
 
@@ -81,6 +84,35 @@ def _build(source: Path, out: Path) -> dict[str, Any]:
     return json.loads(done.stdout)
 
 
+NYDUS_REPOS = {"a": "vm/nydus-a", "b": "vm/nydus-b"}
+
+
+def _convert_nydus_images(tmp: Path, registry: str, auth: str, served: dict[str, Any]) -> None:
+    """Two images made by umoci, ``nydus-erofs convert``-ed into two repositories of the registry (with its
+    credentials from a docker config that skopeo reads); or why not, in ``missing["nydus"]``."""
+    import base64
+    import shutil
+
+    from tests.support.fstree import snapshot
+    from tests.support.remote_image import convert_to, make_source_layout, unpack_layout
+
+    if shutil.which("umoci") is None or shutil.which("skopeo") is None:
+        served["missing"]["nydus"] = "umoci and skopeo make the Nydus images (setup.sh installs them)"
+        return
+    config = tmp / "docker-config.json"
+    config.write_text(json.dumps({"auths": {registry: {"auth": base64.b64encode(auth.encode()).decode()}}}))
+    env = {**os.environ, "REGISTRY_AUTH_FILE": str(config)}
+    for name, repo in NYDUS_REPOS.items():
+        work = tmp / f"nydus-{name}"
+        work.mkdir()
+        layout = make_source_layout(work, seed=ord(name))
+        expected = unpack_layout(layout, work / "expected")
+        snap = work / "snapshot.pickle"
+        snap.write_bytes(pickle.dumps(snapshot(expected)))
+        convert_to(layout, f"docker://{registry}/{repo}:v1", env=env)
+        served["nydus_images"][name] = {"repo": repo, "tag": "v1", "snapshot": str(snap)}
+
+
 @contextmanager
 def serve_for_vm(tmp: Path) -> Iterator[dict[str, str]]:
     """Build the image under ``tmp``, serve its blob over HTTP and from a registry on 127.0.0.1, and yield the
@@ -98,7 +130,8 @@ def serve_for_vm(tmp: Path) -> Iterator[dict[str, str]]:
     snap = tmp / "snapshot.pickle"
     snap.write_bytes(pickle.dumps(snapshot(source)))
     served: dict[str, Any] = {"image_dir": str(image), "source": str(source), "snapshot": str(snap),
-                              "blob_id": blob["id"], "blob_size": blob_path.stat().st_size, "missing": {}}  # fmt: skip
+                              "blob_id": blob["id"], "blob_size": blob_path.stat().st_size, "missing": {},
+                              "nydus_images": {}}  # fmt: skip
     with ExitStack() as stack:
         front = stack.enter_context(Front(directory=image / "blobs"))
         served["http_port"] = int(front.host.rsplit(":", 1)[1])
@@ -110,6 +143,7 @@ def serve_for_vm(tmp: Path) -> Iterator[dict[str, str]]:
             digest = push_blob(registry.host, REPO, blob_path, plain_http=True, docker_config=False, auth=auth)
             assert digest == f"sha256:{blob['id']}", digest
             served.update(registry_port=registry.port, registry_auth=auth)
+            _convert_nydus_images(tmp, registry.host, auth, served)
         description = tmp / "served.json"
         description.write_text(json.dumps(asdict(Served(**served))))
         yield {ENV: str(description)}
