@@ -29,6 +29,7 @@ from erofs.errors import SourceError, UsageError
 from erofs.format import rafs_v6 as r
 from erofs.format.rafs_v6 import BlobInfo
 from erofs.paths import BLOBS_DIR, BOOTSTRAP_NAME, make_dirs, remove_dirs, remove_stale_temps, temp_prefix
+from erofs.progress import ProgressCallback
 
 BUILD_TEMP = ".nydus-erofs-build-"  # + owner + random: the temporary directory inside OUT
 
@@ -86,12 +87,13 @@ def _single(trees: list[Node]) -> Node:
 def build_layers(readers: Sequence[LayerReader], output_dir: str | os.PathLike[str], opts: ImageOptions,
                  merge: Merger = _single, known: ChunkIndex | None = None,
                  extra_blobs: Sequence[BlobInfo] = (),
-                 extra_blob_files: Mapping[str, Path] | None = None) -> BuildResult:  # fmt: skip
+                 extra_blob_files: Mapping[str, Path] | None = None,
+                 progress: ProgressCallback | None = None) -> BuildResult:  # fmt: skip
     """Build an image from layer readers into ``output_dir`` atomically.
 
     ``known`` pre-seeds dedup (a chunk dict's chunks, referring to ``extra_blobs``, which become the first
     blob slots of the image).  ``extra_blob_files`` (blob id -> file) are copied into OUT/blobs when the
-    image references them, so OUT is self-contained.
+    image references them, so OUT is self-contained.  ``progress`` is called with the bytes of file data read.
     """
     out = Path(output_dir)
     try:
@@ -114,7 +116,8 @@ def build_layers(readers: Sequence[LayerReader], output_dir: str | os.PathLike[s
         layers: list[str | None] = []
         bytes_in = bytes_deduped = 0
         for reader in readers:
-            store = ChunkStore(tmp / BLOBS_DIR, len(blobs), opts.chunk_size, opts.compressor, opts.digester, index)
+            store = ChunkStore(tmp / BLOBS_DIR, len(blobs), opts.chunk_size, opts.compressor, opts.digester, index,
+                               progress)  # fmt: skip
             try:
                 trees.append(reader(store))
                 info = store.finish()
@@ -210,7 +213,8 @@ def build_directory(source: str | os.PathLike[str], output_dir: str | os.PathLik
 
 def build_image(sources: Sequence[str], output_dir: str | os.PathLike[str], opts: ImageOptions, *,
                 whiteout_spec: str = "oci", platform: str | None = None, chunk_dict: str | None = None,
-                chunk_dict_blob_dir: str | None = None) -> BuildResult:  # fmt: skip
+                chunk_dict_blob_dir: str | None = None,
+                progress: ProgressCallback | None = None) -> BuildResult:  # fmt: skip
     """Build one image from SOURCE layers into ``output_dir`` (atomically; see :func:`build_layers`)."""
     if chunk_dict_blob_dir and not chunk_dict:
         raise UsageError("--chunk-dict-blob-dir needs --chunk-dict")
@@ -229,5 +233,5 @@ def build_image(sources: Sequence[str], output_dir: str | os.PathLike[str], opts
     return build_layers(
         readers, output_dir, opts, merge=merge,
         known=cd.known if cd else None, extra_blobs=cd.blobs if cd else (),
-        extra_blob_files=cd.blob_files if cd else None,
+        extra_blob_files=cd.blob_files if cd else None, progress=progress,
     )  # fmt: skip

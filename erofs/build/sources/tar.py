@@ -24,9 +24,8 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-from erofs.build.sources.stream import READ_SIZE, LayerStream, open_source
-
 from erofs.build.chunker import ChunkStore
+from erofs.build.sources.stream import READ_SIZE, LayerStream, open_source
 from erofs.build.tree import LINK_PLACEHOLDER_MODE, ChunkRef, LayerTree, Node, is_placeholder
 from erofs.build.xattr import check_xattrs
 from erofs.errors import NydusErofsError, SourceError
