@@ -4,7 +4,8 @@ Several SOURCEs are layers, bottom to top (see :mod:`erofs.build.sources.layers`
 bootstrap with one blob per layer that has new data.
 
 Everything is built in a private temporary directory inside OUT and moved into place only when complete:
-a failed build leaves OUT as it was (and removes OUT if the build created it).
+a failed build leaves OUT as it was (and removes OUT if the build created it); a build into an OUT that holds
+an image replaces it, removing the old blobs the new bootstrap does not use.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from erofs.paths import BLOBS_DIR, BOOTSTRAP_NAME, make_dirs, remove_dirs, remov
 from erofs.progress import ProgressCallback
 
 BUILD_TEMP = ".nydus-erofs-build-"  # + owner + random: the temporary directory inside OUT
+_BLOB_ID = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(slots=True)
@@ -147,6 +149,7 @@ def build_layers(readers: Sequence[LayerReader], output_dir: str | os.PathLike[s
             if src.exists():
                 os.replace(src, out / BLOBS_DIR / b.blob_id)
         os.replace(tmp / BOOTSTRAP_NAME, out / BOOTSTRAP_NAME)
+        _remove_stale_blobs(out / BLOBS_DIR, {b.blob_id for b in blobs})
         _fsync_dir(out / BLOBS_DIR)
         _fsync_dir(out)
         return BuildResult(out / BOOTSTRAP_NAME, blobs, inodes, opts, bytes_in, bytes_deduped, layers)
@@ -156,6 +159,14 @@ def build_layers(readers: Sequence[LayerReader], output_dir: str | os.PathLike[s
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale_blobs(blobs_dir: Path, keep: set[str]) -> None:
+    """A rebuild replaces the image in OUT: the blobs of the previous one that the new bootstrap does not use go
+    (only files named like a blob id; anything else in OUT/blobs is left alone)."""
+    for entry in os.scandir(blobs_dir):
+        if _BLOB_ID.fullmatch(entry.name) and entry.name not in keep and entry.is_file(follow_symlinks=False):
+            os.unlink(entry.path)
 
 
 def _used_blobs(tree: Node) -> set[int]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
 
 from erofs.build.builder import build_image, check_options
 from erofs.build.overlay import WHITEOUT_SPECS
+from erofs.build.sources.oci import looks_like_layout
 from erofs.commands import SIZE
 from erofs.progress import progress
 from erofs.units import count
@@ -36,6 +38,10 @@ def build(sources: tuple[str, ...], output_dir: str, chunk_size: int, compressor
           as_json: bool) -> None:  # fmt: skip
     """Build a Nydus RAFS v6 image (OUT/image.boot + OUT/blobs/<id>) from SOURCE layers, bottom to top."""
     opts = check_options(chunk_size, compressor, digester)
+    for src in sources:
+        if not src.startswith("oci:") and os.path.isdir(src) and looks_like_layout(src):
+            click.echo(f"nydus-erofs: warning: {src} is an OCI image layout, built here as plain files: "
+                       f"for the image it holds, give oci:{src}[:TAG]", err=True)  # fmt: skip
     with progress(f"building {output_dir}", quiet=as_json) as bar:
         result = build_image(sources, output_dir, opts, whiteout_spec=whiteout_spec, platform=platform,
                              chunk_dict=chunk_dict, chunk_dict_blob_dir=chunk_dict_blob_dir, progress=bar)  # fmt: skip

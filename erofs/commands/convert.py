@@ -22,11 +22,14 @@ from erofs.units import count
 @click.option("--digester", type=click.Choice(["blake3", "sha256"]), default="blake3", show_default=True)
 @click.option("--platform", default=None, help="os/arch[/variant] to convert [the host's].")
 @click.option("--chunk-dict", type=click.Path(dir_okay=False), help="Dedup against this image bootstrap.")
+@click.option("--chunk-dict-blob-dir", type=click.Path(file_okay=False),
+              help="Blob directory of --chunk-dict [default: its directory's blobs/].")  # fmt: skip
 @click.option("--plain-http", is_flag=True, help="Talk to docker:// registries over HTTP, without TLS.")
 @click.option("--work-dir", type=click.Path(file_okay=False), help="Where temporary files go [system temp].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def convert(source: str, target: str, chunk_size: int, compressor: str, digester: str, platform: str | None,
-            chunk_dict: str | None, plain_http: bool, work_dir: str | None, as_json: bool) -> None:  # fmt: skip
+            chunk_dict: str | None, chunk_dict_blob_dir: str | None, plain_http: bool, work_dir: str | None,
+            as_json: bool) -> None:  # fmt: skip
     """Convert SOURCE (oci:PATH[:TAG] | docker://REGISTRY/REPO[:TAG]) into a Nydus image at TARGET (same forms).
 
     The Nydus image has one layer per data blob and a last layer holding image/image.boot, as nydusify writes.
@@ -34,7 +37,8 @@ def convert(source: str, target: str, chunk_size: int, compressor: str, digester
     opts = check_options(chunk_size, compressor, digester)
     with progress(f"converting {source}", quiet=as_json) as bar:
         result = convert_image(source, target, opts, platform=platform, chunk_dict=chunk_dict,
-                               plain_http=plain_http, work_dir=work_dir, progress=bar)  # fmt: skip
+                               chunk_dict_blob_dir=chunk_dict_blob_dir, plain_http=plain_http, work_dir=work_dir,
+                               progress=bar)  # fmt: skip
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
