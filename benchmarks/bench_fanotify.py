@@ -35,16 +35,11 @@ from typing import Any
 
 import pytest
 
-from cachefilesd_py.kmount import (
-    RUN_DIR_ENV,
-    is_mounted,
-    mount_erofs_file_backed,
-    mount_image,
-    set_mount_readahead,
-    umount,
-    umount_image,
-)
+from cachefilesd_py.mount.record import RUN_DIR_ENV
+from cachefilesd_py.mount.service import mount_image, umount_image
+from cachefilesd_py.mount.spec import MountSpec
 from fscache.fanotify import FanotifyGroup
+from fscache.mount import is_mounted, mount_erofs_file_backed, set_mount_readahead, umount
 
 CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 SIZE = 256 << 20
@@ -178,8 +173,8 @@ class LazyMount:
         self.teardown()
         if not self.keep_cache:
             shutil.rmtree(self.cache, ignore_errors=True)
-        mount_image(self.out / "image.boot", self.mnt, cache_dir=self.cache, mode="fanotify",
-                    backend_config={"dir": str(self.out / "blobs")})  # fmt: skip
+        mount_image(MountSpec(str(self.out / "image.boot"), str(self.mnt), str(self.cache), mode="fanotify",
+                              backend_config={"dir": str(self.out / "blobs")}))  # fmt: skip
         _drop_caches()
 
     def teardown(self) -> None:

@@ -221,7 +221,8 @@ def run(args: argparse.Namespace) -> int:
         device.bind(args.cache_dir, args.tag)
         from cachefilesd_py import daemon, image_store  # noqa: F401 - loaded once here, not again in each new worker
         from cachefilesd_py.api import listen
-        from cachefilesd_py.supervisor import Supervisor
+        from cachefilesd_py.daemon import CachefilesSupervisor
+        from cachefilesd_py.supervisor import RestartPolicy
 
         backend = _make_backend(args)  # bad backend options (auth, URL) fail here, before serving
         if backend is not None:
@@ -235,7 +236,11 @@ def run(args: argparse.Namespace) -> int:
         if args.no_supervisor:
             return _serve(args, device, api_sock, 0, None, ready=True)
         sup_pid = os.getpid()
-        sup = Supervisor(device, lambda restarts: _serve(args, device, api_sock, restarts, sup_pid, ready=False))
+        sup = CachefilesSupervisor(
+            device,
+            lambda restarts: _serve(args, device, api_sock, restarts, sup_pid, ready=False),
+            policy=RestartPolicy.from_env(),
+        )
         return sup.run()
     finally:
         if api_sock is not None:

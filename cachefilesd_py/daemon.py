@@ -12,6 +12,7 @@ One thread reads messages (:meth:`Daemon.run`) and never waits on a fetch:
 - CLOSE: the object's anonymous fd is closed once no READ is using it.
 
 The kernel interface is :mod:`fscache.cachefiles`; this module only decides what goes where.
+:class:`CachefilesSupervisor` holds the device and restarts a worker that dies (failover).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from cachefilesd_py.image_store import BlobEntry, Image, ImageStore, UnknownImageError, check_name, parse_volume_key
+from cachefilesd_py.notify import notify
 from cachefilesd_py.pipeline import Pipeline
+from cachefilesd_py.supervisor import RestartPolicy, Supervisor, WorkerProcess, describe
 from erofs.errors import NydusErofsError
 from fscache.cachefiles import (
     CachefilesDevice,
@@ -41,7 +44,7 @@ from fscache.cachefiles import (
 )
 from fscache.errors import FscacheError
 
-__all__ = ["Daemon"]
+__all__ = ["CachefilesSupervisor", "Daemon"]
 
 log = logging.getLogger("cachefilesd_py")
 
@@ -375,3 +378,58 @@ class Daemon:
 
     def blobcache_metrics(self) -> dict[str, Any]:
         return {**self.counters.snapshot(), "pipeline": self.pipeline.stats.snapshot()}
+
+
+class CachefilesSupervisor(Supervisor):
+    """Holds ``/dev/cachefiles`` and runs ``worker(restarts)`` (the daemon) in a forked child, which inherits the
+    device fd (the same open file); restarts it when it dies (the policy of :mod:`cachefilesd_py.supervisor`).
+
+    When a worker dies, the kernel closes its anonymous fds (the objects become CLOSED) but the device stays
+    bound, because the supervisor still holds it; the supervisor writes ``restore`` — requests the dead worker had
+    read become NEW again — and starts a new worker, which re-OPENs the objects as READs arrive.  Mounts stay up
+    and readers, even those in the middle of a read, get their data.  SIGTERM or SIGINT: the worker is stopped
+    (SIGTERM, then waited for) and :meth:`run` returns 0; the device is its owner's to close.
+    """
+
+    stopped_between_workers = 0  # a stop is how the service ends
+
+    def __init__(self, device: CachefilesDevice, worker: Callable[[int], int], *,
+                 policy: RestartPolicy | None = None) -> None:  # fmt: skip
+        super().__init__(policy)
+        self.device = device
+        self.worker = worker
+
+    def start_worker(self) -> WorkerProcess:
+        restarts = self.restarts
+        proc = self.fork(lambda: self.worker(restarts))
+        log.info("worker %d started%s", proc.pid, f" (restart {restarts})" if restarts else "")
+        return proc
+
+    def on_exit(self, pid: int, code: int) -> int | None:
+        if self.stopping:
+            log.info("worker %d stopped", pid)
+            return 0
+        return None
+
+    def on_death(self, pid: int, code: int) -> bool:
+        log.error("worker %d died (%s): restoring the cache and starting a new one", pid, describe(code))
+        try:
+            self.device.restore()
+        except FscacheError as e:
+            log.error("restore failed: %s", e)
+            return False
+        return True
+
+    def restarted(self) -> None:
+        notify(f"STATUS=serving (worker restarted {self.restarts} times)")
+
+    def run(self) -> int:
+        """Supervise until SIGTERM/SIGINT (exit status 0) or until the worker keeps dying (1)."""
+        with self.handling_signals():
+            try:
+                self.spawn()
+                notify("READY=1", f"MAINPID={os.getpid()}", "STATUS=serving")
+                return self.supervise()
+            finally:
+                self.stop_worker()  # a stop raced with a restart, or an error: never leave the worker
+                notify("STOPPING=1")

@@ -1,4 +1,5 @@
-"""The one kernel file descriptor a session object owns (``/dev/cachefiles``, a fanotify group)."""
+"""The one kernel file descriptor a session object owns (``/dev/cachefiles``, a fanotify group, inotify), and
+the draining of a wakeup pipe."""
 
 from __future__ import annotations
 
@@ -34,3 +35,12 @@ class FdOwner:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def drain(fd: int) -> None:
+    """Read a non-blocking pipe empty (a wakeup or stop pipe)."""
+    try:
+        while os.read(fd, 256):
+            pass
+    except BlockingIOError:
+        pass

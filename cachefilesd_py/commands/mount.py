@@ -1,4 +1,4 @@
-"""``nydus-erofs mount BOOT MOUNTPOINT`` and ``nydus-erofs umount MOUNTPOINT`` (see :mod:`cachefilesd_py.kmount`).
+"""``nydus-erofs mount BOOT MOUNTPOINT`` and ``nydus-erofs umount MOUNTPOINT`` (:mod:`cachefilesd_py.mount`).
 
 Exit codes: 0 ok; 2 bad options or environment (unsupported cache dir, mode not available); 3 image error;
 4 backend error; 5 mount/umount or daemon failure.
@@ -13,8 +13,10 @@ from typing import Any
 
 import click
 
+from cachefilesd_py.mount.service import mount_image, umount_image
+from cachefilesd_py.mount.spec import MODES, MountSpec
 from erofs.errors import UsageError
-from erofs.units import parse_size as _size
+from erofs.units import parse_size
 
 _REQUIRED = {"http": ("url",), "registry": ("host", "repo")}
 
@@ -45,6 +47,10 @@ def _backend_config(text: str | None) -> dict[str, Any]:
     return out
 
 
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    return None if value is None else parse_size(value)
+
+
 @click.command()
 @click.argument("boot", type=click.Path(dir_okay=False))
 @click.argument("mountpoint", type=click.Path(file_okay=False))
@@ -52,21 +58,20 @@ def _backend_config(text: str | None) -> dict[str, Any]:
 @click.option("--backend", type=click.Choice(["localfs", "http", "registry"]), default=None,
               help="Where blobs come from [localfs with --blob-dir].")  # fmt: skip
 @click.option("--backend-config", default=None, help="Backend options: JSON object, @FILE, or key=value,...")
-@click.option("--mode", type=click.Choice(["auto", "fscache", "fanotify", "full"]), default="auto",
-              show_default=True, help="fanotify: lazy (Linux >= 6.14); full: fetch all, then mount.")  # fmt: skip
+@click.option("--mode", type=click.Choice(MODES), default="auto", show_default=True,
+              help="fanotify: lazy (Linux >= 6.14); full: fetch all, then mount.")  # fmt: skip
 @click.option("--cache-dir", required=True, type=click.Path(file_okay=False),
               help="Blob cache files go here (ext4, xfs or btrfs for fanotify mode).")  # fmt: skip
-@click.option("--amplify", default="1MiB", show_default=True, help="Least bytes one fetch brings in.")
-@click.option("--readahead", default=None, help="Bytes filled ahead of a sequential reader (0: off) [8 x amplify].")
+@click.option("--amplify", default="1MiB", show_default=True, callback=_size, help="Least bytes one fetch brings in.")
+@click.option("--readahead", default=None, callback=_size,
+              help="Bytes filled ahead of a sequential reader (0: off) [8 x amplify].")  # fmt: skip
 @click.option("--workers", default=4, show_default=True, type=click.IntRange(1, 256), help="Fill threads.")
 @click.option("--foreground", is_flag=True, help="Serve from this process until umount (fanotify mode).")
 @click.option("--json", "as_json", is_flag=True, help="Print the mount record as JSON.")
-def mount(boot: str, mountpoint: str, blob_dir: str | None, backend: str | None, backend_config: str | None,
-          mode: str, cache_dir: str, amplify: str, readahead: str | None, workers: int, foreground: bool,
-          as_json: bool) -> None:  # fmt: skip
+def mount(blob_dir: str | None, backend: str | None, backend_config: str | None, foreground: bool, as_json: bool,
+          **spec_options: Any) -> None:  # fmt: skip
     """Mount the Nydus image BOOT (its bootstrap) on MOUNTPOINT, fetching blob data lazily."""
-    from cachefilesd_py.kmount import mount_image
-
+    boot = spec_options["boot"]
     config = _backend_config(backend_config)
     kind = backend or "localfs"
     if blob_dir is not None:
@@ -84,9 +89,8 @@ def mount(boot: str, mountpoint: str, blob_dir: str | None, backend: str | None,
     if foreground:  # a daemon in this process: its log goes to stderr
         logging.basicConfig(level=logging.INFO, format="nydus-erofs[%(process)d]: %(levelname)s: %(message)s",
                             force=True)  # fmt: skip
-    rec = mount_image(boot, mountpoint, cache_dir=cache_dir, backend=kind, backend_config=config, mode=mode,
-                      amplify=_size(amplify), readahead=None if readahead is None else _size(readahead),
-                      workers=workers, foreground=foreground)  # fmt: skip
+    # every other option is a MountSpec field of the same name
+    rec = mount_image(MountSpec(backend=kind, backend_config=config, **spec_options), foreground=foreground)
     if as_json:
         click.echo(json.dumps(rec, indent=2, sort_keys=True))
     elif not foreground:
@@ -99,8 +103,6 @@ def mount(boot: str, mountpoint: str, blob_dir: str | None, backend: str | None,
 @click.option("--json", "as_json", is_flag=True, help="Print the daemon's final stats as JSON.")
 def umount(mountpoint: str, as_json: bool) -> None:
     """Unmount MOUNTPOINT and stop its daemon."""
-    from cachefilesd_py.kmount import umount_image
-
     rec = umount_image(mountpoint)
     if as_json:
         click.echo(json.dumps(rec, indent=2, sort_keys=True))

@@ -357,6 +357,16 @@ def test_mount_with_the_blob_dir_as_cache_dir(image: Path, mountpoint: Path, run
     assert listing(image) == before
 
 
+def test_mount_mode_fscache_is_not_a_choice(image: Path, mountpoint: Path, run_env: dict[str, str],
+                                            tmp_path: Path) -> None:  # fmt: skip
+    # it was offered, then always refused: the fscache path is cachefilesd-py with `mount -o fsid=`
+    r = run("mount", image / "image.boot", mountpoint, "--cache-dir", tmp_path / "c", "--mode", "fscache",
+            env=run_env)  # fmt: skip
+    assert r.returncode == 2 and "Invalid value for '--mode'" in r.stderr, r.stderr
+    assert "fscache" not in run("mount", "--help").stdout
+    assert not _mounted(mountpoint) and not (tmp_path / "c").exists()
+
+
 def test_mount_a_damaged_bootstrap(image: Path, mountpoint: Path, run_env: dict[str, str], tmp_path: Path) -> None:
     boot = tmp_path / "trunc.boot"
     boot.write_bytes((image / "image.boot").read_bytes()[:2000])
@@ -452,7 +462,7 @@ def test_mount_of_a_damaged_blob_exits_alike_in_every_mode(damage: str, code: in
                 env=run_env)  # fmt: skip
         one_line(r, code, message)
         assert blob.name in r.stderr and "[Errno" not in r.stderr, (mode, r.stderr)
-        assert not _mounted(mountpoint) and not _pids_with("--mountpoint", str(mountpoint))
+        assert not _mounted(mountpoint) and not _mount_daemons(run_env)
         assert not any((tmp_path / "run").iterdir()), mode
 
 
@@ -470,7 +480,7 @@ def test_mount_with_a_full_run_dir(image: Path, mountpoint: Path, small_fs: Path
         one_line(r, 1, f"No space left on device: {rdir}/")
         assert "[Errno" not in r.stderr, (mode, r.stderr)
         assert list(rdir.iterdir()) == [], mode
-        assert not _mounted(mountpoint) and not _pids_with("--mountpoint", str(mountpoint))
+        assert not _mounted(mountpoint) and not _mount_daemons(env)
 
 
 @pytest.mark.kernel
@@ -500,12 +510,13 @@ def test_umount_leaves_what_was_mounted_over_a_stale_record(image: Path, mountpo
 def test_umount_never_signals_init_or_a_stranger() -> None:
     # a worker orphaned by its supervisor recorded its new parent, init, as the daemon: umount sent it SIGTERM,
     # SIGUSR1 and SIGKILL, then waited for it to exit, for ever
-    from cachefilesd_py.kmount import _is_daemon, process_start_time
+    from cachefilesd_py.mount.service import is_daemon
+    from erofs.paths import process_start_time
 
-    assert not _is_daemon({"pid": 1, "start_time": process_start_time(1)})
+    assert not is_daemon({"pid": 1, "start_time": process_start_time(1)})
     with subprocess.Popen(["sleep", "60"]) as stranger:
         try:
-            assert not _is_daemon({"pid": stranger.pid, "start_time": process_start_time(stranger.pid)})
+            assert not is_daemon({"pid": stranger.pid, "start_time": process_start_time(stranger.pid)})
         finally:
             stranger.kill()
 
@@ -533,16 +544,23 @@ def _signal_pending(pid: int, sig: int) -> bool:
     return bool(pending & (1 << (sig - 1)))
 
 
-def _pids_with(*words: str) -> list[int]:
+def _mount_daemons(env: dict[str, str], module: str = "cachefilesd_py.mount.") -> list[int]:
+    """The mount daemons (supervisors and workers, or those whose module is ``module``) started with ``env``'s run
+    dir (their mountpoint is not on their command line: that says only fds)."""
+    run_dir = f"NYDUS_EROFS_RUN_DIR={env['NYDUS_EROFS_RUN_DIR']}".encode()
     out = []
     for d in Path("/proc").iterdir():
         try:
             argv = (d / "cmdline").read_bytes().split(b"\0")
+            environ = (d / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if d.name.isdigit() and all(w.encode() in argv for w in words):
+        if d.name.isdigit() and any(a.startswith(module.encode()) for a in argv) and run_dir in environ:
             out.append(int(d.name))
     return out
+
+
+WORKER = "cachefilesd_py.mount.worker"
 
 
 @pytest.mark.kernel("erofs", "fanotify")
@@ -553,7 +571,7 @@ def test_mount_interrupted_before_ready_leaves_no_mount(image: Path, mountpoint:
                             text=True)  # fmt: skip
     worker = None
     try:
-        worker = wait_for(lambda: _pids_with("--group-fd", "--mountpoint", str(mountpoint)), "no worker started", 30)[0]
+        worker = wait_for(lambda: _mount_daemons(run_env, WORKER), "no worker started", 30)[0]
         os.kill(worker, signal.SIGSTOP)  # held before it mounts; Ctrl-C now
         proc.send_signal(signal.SIGINT)
         # the CLI stops the supervisor, which passes the SIGTERM on to its worker (a stopped worker without a
@@ -563,14 +581,13 @@ def test_mount_interrupted_before_ready_leaves_no_mount(image: Path, mountpoint:
             os.kill(worker, signal.SIGCONT)
         _, err = proc.communicate(timeout=TIMEOUT)
     finally:
-        if worker is not None and worker in _pids_with("--group-fd"):
+        if worker is not None and worker in _mount_daemons(run_env, WORKER):
             os.kill(worker, signal.SIGCONT)
         proc.kill()
         proc.wait()
     assert (proc.returncode, err) == (130, "nydus-erofs: aborted\n")
     # an orphaned worker used to mount the image after the CLI had said "aborted": none may be left to do so
-    wait_for(lambda: not _pids_with("--mountpoint", str(mountpoint)), "a mount daemon outlived the aborted mount",
-             30)
+    wait_for(lambda: not _mount_daemons(run_env), "a mount daemon outlived the aborted mount", 30)
     assert not _mounted(mountpoint)
     assert not any((tmp_path / "run").iterdir())
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from cachefilesd_py.api import ApiServer, get, listen
-from cachefilesd_py.daemon import Daemon
+from cachefilesd_py.daemon import CachefilesSupervisor, Daemon
 from cachefilesd_py.image_store import ImageStore
 from cachefilesd_py.notify import notify
-from cachefilesd_py.supervisor import Supervisor
+from cachefilesd_py.supervisor import RestartPolicy
 from fscache.cachefiles import CloseRequest, Message, OpenRequest, ReadRequest
 
 NYDUS_EROFS = str(Path(sys.executable).with_name("nydus-erofs"))
@@ -200,22 +200,23 @@ def test_supervisor_restores_and_restarts_a_dead_worker() -> None:
         signal.pause()  # until the supervisor's SIGTERM
         return 0
 
-    sup = Supervisor(dev, worker)  # type: ignore[arg-type]
+    sup = CachefilesSupervisor(dev, worker)  # type: ignore[arg-type]
     try:
         assert sup.run() == 0
     finally:
         dev.close()
-    assert dev.restores == 1 and sup.restarts == 1 and sup.pid is None
+    assert dev.restores == 1 and sup.restarts == 1 and sup.proc is None
 
 
 def test_supervisor_gives_up_on_a_worker_that_keeps_dying() -> None:
     dev = FakeDevice()
-    sup = Supervisor(dev, lambda restarts: 3, max_restarts=2, window=3600)  # type: ignore[arg-type]
+    policy = RestartPolicy(delay=0.01, max_restarts=2)
+    sup = CachefilesSupervisor(dev, lambda restarts: 3, policy=policy)  # type: ignore[arg-type]
     try:
         assert sup.run() == 1
     finally:
         dev.close()
-    assert dev.restores == 2
+    assert dev.restores == 3 and sup.restarts == 2  # restored after every death; gave up on the third
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -33,30 +33,20 @@ import pytest
 
 from cachefilesd_py.backends import make_backend
 from cachefilesd_py.blob_handles import open_image
-from cachefilesd_py.fanotify_mount import (
-    TEST_BACKOFF_ENV,
-    Supervisor,
-    error_line,
-    prepare_cache_files,
-)
-from cachefilesd_py.inotify import Inotify
-from cachefilesd_py.kmount import (
-    RUN_DIR_ENV,
-    MountError,
-    daemon_error,
-    is_mounted,
-    mount_image,
-    process_start_time,
-    read_record,
-    record_path,
-    umount,
-    umount_image,
-)
+from cachefilesd_py.mount.cachefile import prepare_cache_files
+from cachefilesd_py.mount.ready import daemon_error, error_line
+from cachefilesd_py.mount.record import RUN_DIR_ENV, read_record, record_path
+from cachefilesd_py.mount.service import mount_image, umount_image
+from cachefilesd_py.mount.spec import MountSpec, spec_fd
 from cachefilesd_py.pipeline import Pipeline
+from cachefilesd_py.supervisor import TEST_BACKOFF_ENV, RestartPolicy
 from erofs.errors import BackendError, DigestMismatchError, ImageError, NydusErofsError, UsageError
+from erofs.paths import process_start_time
 from erofs.reader import Bootstrap, ImageReader, LocalBlobDir
 from fscache.errors import PreContentUnsupportedError
 from fscache.fanotify import FanotifyGroup
+from fscache.inotify import Inotify
+from fscache.mount import MountError, is_mounted, umount
 from tests.support.fstree import assert_same_tree
 from tests.support.kmount import umount as kernel_umount
 from tests.support.paths import NYDUS as UPSTREAM
@@ -108,8 +98,8 @@ class Mounts:
               **kw: Any) -> tuple[Path, dict[str, Any]]:  # fmt: skip
         mp = self.tmp / f"mnt-{name}"
         mp.mkdir(exist_ok=True)
-        rec = mount_image(boot or out / "image.boot", mp, cache_dir=cache or self.tmp / f"cache-{name}",
-                          backend_config={"dir": str(blobs or out / "blobs")}, mode=mode, **kw)  # fmt: skip
+        rec = mount_image(MountSpec(str(boot or out / "image.boot"), str(mp), str(cache or self.tmp / f"cache-{name}"),
+                                    backend_config={"dir": str(blobs or out / "blobs")}, mode=mode, **kw))  # fmt: skip
         self.active.append(mp)
         assert is_mounted(mp)
         return mp, rec
@@ -213,7 +203,7 @@ def test_record_names_the_supervisor_and_a_worker_without_it_does_not_start(
     supervisor died is re-parented to init or a subreaper, so ``getppid()`` could name pid 1)."""
     out = images["none"]
     mp, rec = mounts.mount(out, "rec")
-    assert b"--supervise" in Path(f"/proc/{rec['pid']}/cmdline").read_bytes()
+    assert b"cachefilesd_py.mount.supervisor" in Path(f"/proc/{rec['pid']}/cmdline").read_bytes()
     status = Path(f"/proc/{rec['worker_pid']}/status").read_text()
     assert re.search(rf"^PPid:\s+{rec['pid']}$", status, re.M)
     mounts.umount(mp)
@@ -223,23 +213,25 @@ def test_record_names_the_supervisor_and_a_worker_without_it_does_not_start(
     group, inotify = FanotifyGroup(pre_content=True), Inotify()
     try:
         r, w = os.pipe()
+        spec = MountSpec(str(out / "image.boot"), str(mp2), str(tmp_path / "cache-orphan"), mode="fanotify",
+                         backend_config={"dir": str(out / "blobs")})  # fmt: skip
+        sfd = spec_fd(spec)
         proc = subprocess.run(
-            [sys.executable, "-m", "cachefilesd_py.fanotify_mount", "--boot", str(out / "image.boot"),
-             "--mountpoint", str(mp2), "--cache-dir", str(tmp_path / "cache-orphan"), "--backend", "localfs",
-             "--backend-config", json.dumps({"dir": str(out / "blobs")}), "--record", str(tmp_path / "rec.json"),
+            [sys.executable, "-m", "cachefilesd_py.mount.worker", "--spec-fd", str(sfd),
              "--group-fd", str(group.fileno()), "--inotify-fd", str(inotify.fileno()),
              "--supervisor-pid", "1", "--ready-fd", str(w)],
-            pass_fds=(group.fileno(), inotify.fileno(), w), capture_output=True, text=True, timeout=60,
+            pass_fds=(group.fileno(), inotify.fileno(), w, sfd), capture_output=True, text=True, timeout=60,
             env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])),
         )  # fmt: skip
         os.close(w)
+        os.close(sfd)
         with os.fdopen(r, "rb") as rf:
             ready = rf.read().decode()
     finally:
         group.close()
         inotify.close()
     assert proc.returncode != 0 and ready.strip() == "error 5 the supervisor (pid 1) is gone", (ready, proc.stderr)
-    assert not is_mounted(mp2, None) and not (tmp_path / "rec.json").exists()
+    assert not is_mounted(mp2, None) and not record_path(mp2).exists()
 
 
 def test_multi_layer_image_reads_identical(mounts: Mounts, tmp_path: Path) -> None:
@@ -759,6 +751,62 @@ class GatedBlobServer:
         self.server.server_close()
 
 
+def _seen_by_nobody(paths: list[str]) -> bytes:
+    """What user 65534 can read of ``paths`` (a file it may not read reads as nothing)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to nobody, read what it can
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            out = b""
+            for p in paths:
+                try:
+                    out += Path(p).read_bytes()
+                except OSError:
+                    pass
+            os.write(w, out)
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        seen = f.read()
+    os.waitpid(pid, 0)
+    return seen
+
+
+def test_backend_secrets_are_not_on_the_daemon_command_lines(mounts: Mounts, images: dict[str, Path], rootfs: Path,
+                                                             tmp_path: Path) -> None:  # fmt: skip
+    """Any user reads /proc/PID/cmdline: the backend options (a token here) reach the supervisor and its worker
+    some other way, and the record and the log do not hold them either."""
+    server = GatedBlobServer(images["none"] / "blobs")
+    secret = "SECRET-b64f9e2c"
+    config = json.dumps({"url": server.url, "headers": {"Authorization": f"Bearer {secret}"}})
+    mp = tmp_path / "mnt-secret"
+    mp.mkdir()
+    try:
+        proc = subprocess.run(
+            [*CLI, "mount", str(images["none"] / "image.boot"), str(mp), "--cache-dir", str(tmp_path / "cache-secret"),
+             "--backend", "http", "--backend-config", config, "--mode", "fanotify", "--json"],
+            capture_output=True, text=True, timeout=TIMEOUT,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        mounts.active.append(mp)
+        rec = json.loads(proc.stdout)
+        assert secret not in proc.stdout
+        procs = [rec["pid"], rec["worker_pid"]]
+        seen = _seen_by_nobody([f"/proc/{pid}/{name}" for pid in procs for name in ("cmdline", "environ")])
+        assert b"cachefilesd_py" in seen  # the cmdlines were read
+        assert secret.encode() not in seen
+        assert secret not in record_path(mp).read_text() and secret not in Path(rec["log"]).read_text()
+        _in_thread(lambda: assert_same_tree(rootfs, mp))  # served through the http backend
+        mounts.umount(mp)
+    finally:
+        server.close()
+
+
 def test_worker_killed_holding_an_event_reader_gets_eio(mounts: Mounts, big_image: tuple[Path, Path],
                                                         tmp_path: Path) -> None:  # fmt: skip
     """The worker dies in the middle of a fill (its backend request stalled): the supervisor denies the event
@@ -768,8 +816,8 @@ def test_worker_killed_holding_an_event_reader_gets_eio(mounts: Mounts, big_imag
     try:
         mp = tmp_path / "mnt-gated"
         mp.mkdir()
-        rec = mount_image(out / "image.boot", mp, cache_dir=tmp_path / "cache-gated", backend="http",
-                          backend_config={"url": server.url, "retry_limit": 0}, mode="fanotify")  # fmt: skip
+        rec = mount_image(MountSpec(str(out / "image.boot"), str(mp), str(tmp_path / "cache-gated"), backend="http",
+                                    backend_config={"url": server.url, "retry_limit": 0}, mode="fanotify"))  # fmt: skip
         mounts.active.append(mp)
         name = "data/part-05.bin"
         server.armed.set()
@@ -884,14 +932,14 @@ def _children(pid: int) -> str:
 
 
 def test_restart_backoff_doubles_to_its_cap_gives_up_and_resets() -> None:
-    sup = Supervisor([], Path("/nonexistent"), delay=0.1, max_delay=1.0, max_restarts=6, stable=60.0)
+    sup = RestartPolicy(delay=0.1, max_delay=1.0, max_restarts=6, stable=60.0)
     waits = [sup.next_delay(0.5) for _ in range(7)]
     assert waits == [pytest.approx(w) for w in (0.1, 0.2, 0.4, 0.8, 1.0, 1.0)] + [None]
     # a worker that lived `stable` seconds ends the row: its death is the first of a new one
-    sup = Supervisor([], Path("/nonexistent"), delay=0.1, max_delay=1.0, max_restarts=6, stable=60.0)
+    sup = RestartPolicy(delay=0.1, max_delay=1.0, max_restarts=6, stable=60.0)
     assert [sup.next_delay(lived) for lived in (0.5, 0.5, 0.5, 60.0, 0.5)] == pytest.approx([0.1, 0.2, 0.4, 0.1, 0.2])
     # the defaults: 0.1 s doubling to 5 s, giving up on the 11th death in a row, about half a minute of waits
-    sup = Supervisor([], Path("/nonexistent"))
+    sup = RestartPolicy()
     waits = [sup.next_delay(1.0) for _ in range(11)]
     assert waits[:7] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0]) and waits[-1] is None
     assert 25 < sum(w for w in waits if w is not None) < 30

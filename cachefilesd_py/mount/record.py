@@ -1,0 +1,67 @@
+"""The runtime record of a mount: which daemon serves it, and its final stats once it stopped.
+
+One JSON file per mountpoint in the run dir (``$NYDUS_EROFS_RUN_DIR`` or ``/run/nydus-erofs/mounts``), named
+``<sha256 of the mountpoint>.json``, with the daemon's log beside it (``.log``).  Its fields: ``mountpoint``,
+``boot``, ``cache_dir``, ``mode``, ``backend`` (the kind); for a daemon ``pid`` and ``start_time`` (the process
+``umount`` stops: the supervisor), ``blobs``, and with a supervisor ``worker_pid``, ``worker_start_time``,
+``restarts``; ``stats`` and ``stopped`` once the daemon stopped.  The backend's options are never written here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from erofs.errors import NydusErofsError
+from fscache.mount import MountError
+
+from .spec import MountSpec
+
+__all__ = ["RUN_DIR_ENV", "initial_record", "read_record", "record_path", "run_dir", "write_record"]
+
+RUN_DIR_ENV = "NYDUS_EROFS_RUN_DIR"
+DEFAULT_RUN_DIR = "/run/nydus-erofs/mounts"
+
+
+def run_dir() -> Path:
+    return Path(os.environ.get(RUN_DIR_ENV) or DEFAULT_RUN_DIR)
+
+
+def record_path(mountpoint: str | os.PathLike[str]) -> Path:
+    key = hashlib.sha256(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:32]
+    return run_dir() / f"{key}.json"
+
+
+def initial_record(spec: MountSpec) -> dict[str, Any]:
+    """The record's fields that say what is mounted (``spec`` resolved, its mode chosen)."""
+    return {"mountpoint": spec.mountpoint, "boot": spec.boot, "cache_dir": spec.cache_dir, "mode": spec.mode,
+            "backend": spec.backend}  # fmt: skip
+
+
+def read_record(mountpoint: str | os.PathLike[str]) -> dict[str, Any] | None:
+    try:
+        return json.loads(record_path(mountpoint).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise MountError(errno.EIO, f"runtime record {record_path(mountpoint)}: {e}") from None
+
+
+def write_record(path: Path, data: dict[str, Any]) -> None:
+    """Write the record ``path`` whole or not at all: ``<path>.tmp`` renamed over it.  On a failure the temp file
+    is removed, and an OSError (ENOSPC...) names ``path``: a write error by itself says no file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, NydusErofsError):
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        raise

@@ -1,0 +1,312 @@
+"""``nydus-erofs mount`` / ``umount`` as library calls: choose the mode, start or stop the daemon.
+
+Modes (:func:`select_mode`; the fscache path is the cachefilesd-py daemon with ``mount -o fsid=``, not this):
+
+- ``fanotify``: lazy; a daemon (:mod:`.supervisor` and its :mod:`.worker`) marks sparse blob cache files,
+  mounts the bootstrap file-backed with ``device=<cache files>`` and fills what readers touch (Linux >= 6.14).
+- ``full``: every blob is fetched (verified) into its cache file first, then the image is mounted; no daemon.
+- ``auto``: fanotify when the kernel has pre-content events, else full.
+
+:func:`mount_image` starts the supervisor with the :class:`~.spec.MountSpec` in an inherited memfd and waits for
+its readiness line (:mod:`.ready`); the runtime record (:mod:`.record`) names the supervisor (``pid``) and the
+worker (``worker_pid``).  :func:`umount_image` unmounts, stops the supervisor, which stops its worker (SIGTERM,
+then waits for it through a pidfd) and returns the worker's final stats.  It never detaches: a mount with files
+open there is an error (EBUSY) and stays served.  A mount detached by other means (``umount -l``) lives on while
+files are open on it, and its daemon serves them until they close: :func:`umount_image` then waits for it, and
+when it does not exit in time says so, without killing it (the holes of those files would read as zeros).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from erofs.errors import BackendError, UsageError
+from erofs.paths import process_start_time
+from erofs.reader.bootstrap import Bootstrap
+from fscache.errors import PreContentUnsupportedError, UnsupportedFilesystemError
+from fscache.mount import MountError, filesystem_name, is_mounted, mount_erofs_file_backed, top_mount, umount
+
+from ..backends import make_backend
+from ..blob_handles import blob_order, open_image
+from ..pipeline import Pipeline
+from .cachefile import check_cache_path, fill_all, prepare_cache_files, probe_pre_content
+from .ready import OK, daemon_error, read_line
+from .record import initial_record, read_record, record_path, run_dir, write_record
+from .spec import MODES, MountSpec, spec_fd
+from .worker import run_daemon
+
+__all__ = ["mount_image", "select_mode", "umount_image"]
+
+log = logging.getLogger(__name__)
+
+SUPERVISOR_MODULE = "cachefilesd_py.mount.supervisor"
+_DAEMON_MODULES = (SUPERVISOR_MODULE.encode(), b"cachefilesd_py.mount.worker")
+
+
+# -- mode selection -----------------------------------------------------------------------------------------------
+def check_cache_dir(cache_dir: Path, mode: str) -> None:
+    fs = filesystem_name(cache_dir)
+    if fs is not None and mode == "fanotify":
+        raise UsageError(
+            f"cache dir {cache_dir} is on {fs}, which has no fanotify pre-content events: "
+            "use a directory on ext4, xfs or btrfs (or --mode full)"
+        )
+
+
+def select_mode(mode: str, cache_dir: Path) -> str:
+    """The mode to use for ``mode`` (``auto`` resolved), or UsageError saying why it cannot be had."""
+    if mode not in MODES:
+        raise UsageError(f"unknown mode {mode!r} (expected one of: {', '.join(MODES)})")
+    if mode == "full":
+        return mode
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    check_cache_dir(cache_dir, "fanotify")
+    try:
+        probe_pre_content(cache_dir)
+    except UnsupportedFilesystemError as e:
+        raise UsageError(f"cache dir {cache_dir}: {e}") from None
+    except PreContentUnsupportedError as e:
+        if mode == "fanotify":
+            raise UsageError(f"--mode fanotify: {e} (use --mode full)") from None
+        log.info("no fanotify pre-content events (%s): mounting in full mode", e)
+        return "full"
+    return "fanotify"
+
+
+# -- mount --------------------------------------------------------------------------------------------------------
+def mount_image(spec: MountSpec, *, foreground: bool = False) -> dict[str, Any]:
+    """Mount ``spec``; returns the runtime record (``mode``, ``pid`` of the daemon, ...).
+
+    In the foreground (fanotify mode) the daemon runs in this process and this call returns after umount.
+    """
+    given = spec
+    spec = spec.resolved()
+    boot_p, mp, cache = Path(spec.boot), Path(spec.mountpoint), Path(spec.cache_dir)
+    if not boot_p.is_file():
+        raise UsageError(f"bootstrap {given.boot} is not a file")
+    if not mp.is_dir():
+        raise UsageError(f"mountpoint {given.mountpoint} is not a directory")
+    if is_mounted(mp, None) or read_record(mp) is not None:
+        rec = read_record(mp)
+        if rec is not None and not is_mounted(mp, None):
+            _forget(mp, rec)  # stale record of a mount gone by other means
+        else:
+            raise UsageError(f"{mp} is already a mountpoint (nydus-erofs umount {mp} first)")
+    if spec.backend == "localfs":
+        _check_cache_not_blobs(cache, spec.backend_config)
+    _check_image_and_backend(spec)
+    check_cache_path(cache)  # cache file paths go into the mount options (any mode: say it here, exit 2)
+    spec = dataclasses.replace(spec, mode=select_mode(spec.mode, cache))
+    run_dir().mkdir(parents=True, exist_ok=True)
+    record = record_path(mp)
+    data = initial_record(spec)
+    if spec.mode == "full":
+        _mount_full(spec)
+        data["pid"] = None
+        try:
+            write_record(record, data)
+        except BaseException:  # a mount without its record could not be unmounted by us
+            umount(mp)
+            raise
+        return data
+    if foreground:
+        run_daemon(spec, ready_fd=None)
+        return data
+    return _start_daemon(spec, data)
+
+
+def _start_daemon(spec: MountSpec, data: dict[str, Any]) -> dict[str, Any]:
+    """Start the supervisor (the spec in an inherited memfd, never on its command line) and wait until it says
+    the worker serves."""
+    mp = Path(spec.mountpoint)
+    r, w = os.pipe2(os.O_CLOEXEC)
+    log_path = record_path(mp).with_suffix(".log")
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    try:
+        sfd = spec_fd(spec)
+        try:
+            cmd = [sys.executable, "-m", SUPERVISOR_MODULE, "--spec-fd", str(sfd), "--ready-fd", str(w)]
+            with open(log_path, "ab") as logf:
+                proc = subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf, pass_fds=(w, sfd),
+                    start_new_session=True, cwd="/", env=env,
+                )  # fmt: skip
+        finally:
+            os.close(sfd)
+    finally:
+        os.close(w)
+    try:
+        status = read_line(r)
+    except BaseException:  # Ctrl-C: stop the supervisor as umount would (it stops its worker and unmounts);
+        _stop_unready(proc, mp, log_path)  # a SIGKILL orphaned the worker: it mounted after "aborted"
+        raise
+    if status == OK:
+        data["pid"] = proc.pid
+        data["log"] = str(log_path)
+        written = read_record(mp) or {}
+        data["worker_pid"] = written.get("worker_pid")
+        return data
+    code = proc.wait()
+    if status.startswith("error "):
+        log_path.unlink(missing_ok=True)  # the error is the one line reported
+        raise daemon_error(status)
+    raise MountError(errno.EIO, f"mount daemon exited with status {code} before mounting (log: {log_path})")
+
+
+def _stop_unready(proc: subprocess.Popen[bytes], mp: Path, log_path: Path) -> None:
+    """Stop a mount daemon that has not said it is ready; with nothing left mounted, its record and log go."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if not is_mounted(mp):
+        rec = read_record(mp)
+        if rec is not None:
+            _forget(mp, rec)
+        log_path.unlink(missing_ok=True)
+
+
+def _check_image_and_backend(spec: MountSpec) -> None:
+    """A damaged bootstrap or bad backend options fail here, with their own error, not in the daemon."""
+    with Bootstrap(spec.boot) as bs:
+        blob_order(bs)  # a Nydus bootstrap, blob and device tables agreeing
+    try:
+        make_backend(spec.backend, **spec.backend_config).close()
+    except BackendError as e:  # making a backend does no I/O: its options are wrong
+        raise UsageError(f"--backend-config: {e}") from None
+
+
+def _check_cache_not_blobs(cache: Path, config: dict[str, Any]) -> None:
+    """The cache files (CACHE/<blob id>, sparse, resized) must never be the localfs blob files themselves."""
+    dirs = [config.get("dir"), config.get("blob_dir"), *(config.get("alt_dirs") or ())]
+    for d in dirs:
+        if isinstance(d, str | os.PathLike) and cache.is_dir() and os.path.isdir(d) and os.path.samefile(cache, d):
+            raise UsageError(f"--cache-dir {cache} is the blob directory: its cache files would overwrite the blobs")
+
+
+def _mount_full(spec: MountSpec) -> None:
+    be = make_backend(spec.backend, **spec.backend_config)
+    files = []
+    try:
+        with Pipeline(amplify=max(spec.amplify, 1 << 20), workers=spec.workers) as pipeline:
+            files = prepare_cache_files(Path(spec.cache_dir), open_image(spec.boot, be))
+            fill_all(files, pipeline)
+        mount_erofs_file_backed(spec.boot, spec.mountpoint, [cf.path for cf in files])
+    finally:
+        for cf in files:
+            cf.close()
+        be.close()
+
+
+# -- umount -------------------------------------------------------------------------------------------------------
+def _wait_exit(pid: int, timeout: float | None) -> bool:
+    """Wait for process ``pid`` to exit (a pidfd, no polling); reap it if it is our child."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        p = select.poll()
+        p.register(pidfd, select.POLLIN)
+        done = bool(p.poll(None if timeout is None else int(timeout * 1000)))
+    finally:
+        os.close(pidfd)
+    if done:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+    return done
+
+
+def is_daemon(rec: dict[str, Any]) -> bool:
+    """Whether the record's ``pid`` is still the mount daemon that wrote it."""
+    pid = rec.get("pid")
+    return bool(pid) and process_start_time(pid) == rec.get("start_time") is not None and _runs_a_daemon(pid)
+
+
+def _runs_a_daemon(pid: int) -> bool:
+    """Whether ``pid`` is a mount daemon (the supervisor or worker module, or ``mount --foreground``), so never
+    init or a subreaper that a worker orphaned by its supervisor recorded as its parent."""
+    if pid <= 1 or pid == os.getpid():
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return any(m in argv for m in _DAEMON_MODULES) or (b"mount" in argv and b"--foreground" in argv)
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:  # exited meanwhile
+        pass
+
+
+def _forget(mp: Path, rec: dict[str, Any]) -> dict[str, Any]:
+    pid = rec.get("pid")
+    if pid and is_daemon(rec):
+        _kill(pid, signal.SIGTERM)
+        _wait_exit(pid, 30)
+    elif pid:
+        try:  # our child that exited by itself: reap it
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+    rec = read_record(mp) or rec
+    worker = rec.get("worker_pid")
+    if worker and process_start_time(worker) == rec.get("worker_start_time") is not None and _runs_a_daemon(worker):
+        # its supervisor is gone (killed): the worker stops once its mount is gone, or now
+        _kill(worker, signal.SIGTERM)
+        _wait_exit(worker, 30)
+    for p in (record_path(mp), record_path(mp).with_suffix(".log")):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+    return rec
+
+
+def umount_image(mountpoint: str | os.PathLike[str], *, timeout: float = 30.0) -> dict[str, Any]:
+    """Unmount, stop the mount's daemon and wait for it; returns the record with the daemon's final ``stats``."""
+    mp = Path(mountpoint).resolve()
+    rec = read_record(mp)
+    if rec is None:  # whatever is mounted there is someone else's: leave it alone
+        why = " (an EROFS mount it has no record of: use umount(8))" if is_mounted(mp) else ""
+        raise UsageError(f"{mp} is not mounted by nydus-erofs{why}")
+    top = top_mount(mp)
+    if top is not None and (top.fstype, top.source) != ("erofs", rec.get("boot")):  # ours is gone (or under it)
+        raise UsageError(f"{mp}: {top.fstype} {top.source} is mounted there, not the image nydus-erofs mounted: "
+                         "left alone")  # fmt: skip
+    mounted = top is not None
+    if mounted:
+        umount(mp)  # never lazily: EBUSY when files are open there, and the daemon serves on
+    pid = rec.get("pid")
+    if pid and is_daemon(rec):  # (it also stops by itself once the image is released)
+        _kill(pid, signal.SIGTERM)
+        if not _wait_exit(pid, timeout):
+            if not mounted:  # detached by other means and still in use: it serves those files until they close
+                raise MountError(errno.EBUSY, f"{mp} was detached but files are still open on it: daemon {pid} "
+                                 "serves them until they close, then exits")  # fmt: skip
+            _kill(pid, signal.SIGUSR1)  # the daemon dumps its threads' stacks into its log
+            _wait_exit(pid, 1.0)
+            _kill(pid, signal.SIGKILL)
+            _wait_exit(pid, None)
+            raise MountError(errno.ETIMEDOUT, f"daemon {pid} did not stop within {timeout:g}s: killed")
+    return _forget(mp, rec)
+

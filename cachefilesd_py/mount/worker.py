@@ -1,0 +1,212 @@
+"""The mount daemon's worker: the process that serves a fanotify mount (``python -m cachefilesd_py.mount.worker``).
+
+It loads the image, prepares the cache files and marks them (on the group inherited from the supervisor),
+mounts the bootstrap file-backed with ``device=<cache files>``, adds the :class:`~.watch.ImageWatch`, writes the
+runtime record (``pid``: the supervisor, ``worker_pid``: itself), reports ``ok`` (or a one-line error) on the
+ready pipe and serves until the image is released; then it exits with status 0 after writing its final stats
+into the record (unless the record is not its own any more).  A plain umount thus ends it at once, a
+``umount -l`` when the last file open there closes.
+
+SIGTERM/SIGINT: it unmounts if the mountpoint still shows the image: plainly when nothing is open there (the
+release follows at once), else detached, logging one line (``stopping: MP is detached, serving it until its N
+open files close``) and serving on until the release; a second signal changes nothing.  A restarted worker
+(``--restart N``) finds the files marked and the image mounted (perhaps detached) and watched: it only reopens the
+cache files (those fds, opened after the marks, are watched by the group: it writes through a dup of an event fd
+instead, opened by the kernel without notification).  ``kill -USR1`` dumps its threads' stacks into the log.
+
+Its arguments are file descriptors only: the :class:`~.spec.MountSpec` comes as JSON in ``--spec-fd`` (it may
+carry credentials: never on a command line).  ``nydus-erofs mount --foreground`` runs :func:`run_daemon` in the
+calling process, with no supervisor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import faulthandler
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from erofs.errors import BackendError, NydusErofsError, UsageError
+from erofs.paths import process_start_time
+from fscache.errors import FscacheError, PreContentUnsupportedError, UnsupportedFilesystemError
+from fscache.fanotify import FanotifyGroup
+from fscache.inotify import Inotify
+from fscache.mount import MountError, mount_erofs_file_backed, set_mount_readahead
+
+from ..backends import BlobBackend, make_backend
+from ..blob_handles import open_image
+from ..pipeline import Pipeline
+from .cachefile import CacheFile, prepare_cache_files
+from .ready import OK, error_line, report
+from .record import initial_record, record_path, write_record
+from .server import FanotifyServer
+from .spec import MountSpec, read_spec_fd
+from .watch import ImageWatch
+
+__all__ = ["main", "run_daemon"]
+
+log = logging.getLogger(__name__)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = None, inotify_fd: int | None = None,
+               restart: int = 0, supervisor_pid: int | None = None) -> int:  # fmt: skip
+    """Prepare, mark, mount, watch the mount (:class:`ImageWatch`), report readiness on ``ready_fd`` and serve
+    until the image's filesystem is released; ``spec`` is resolved, its mode fanotify.
+
+    SIGTERM/SIGINT unmount: plainly if nothing is open there (the filesystem is released at once), else the
+    mount is detached and served until its last open file closes; a second signal changes nothing.
+
+    ``group_fd``, ``inotify_fd``: the fanotify group and the inotify instance, inherited from the supervisor
+    (the record then names the supervisor as ``pid`` and this process as ``worker_pid``);
+    ``restart`` > 0: the files are marked and the image mounted (perhaps detached) and watched already, by a
+    worker that died: serve them as they are.  ``supervisor_pid``: the supervisor's pid, for the record (never
+    ``getppid()``: a worker whose supervisor died is re-parented, to init or a subreaper); a worker whose
+    supervisor is gone before the record is written fails its start.
+
+    Every startup failure is reported as one line on ``ready_fd`` (:func:`error_line`) and raised.  On exit the
+    final stats go into the runtime record, for ``umount`` (unless the record is another daemon's by then).
+    """
+    boot, mountpoint, cache_dir = Path(spec.boot), Path(spec.mountpoint), Path(spec.cache_dir)
+    amplify, workers = spec.amplify, spec.workers
+    record = record_path(mountpoint)
+    files: list[CacheFile] = []
+    server: FanotifyServer | None = None
+    watch: ImageWatch | None = None
+    backend: BlobBackend | None = None
+    group = None if group_fd is None else FanotifyGroup.from_fd(group_fd)
+    inotify = None if inotify_fd is None else Inotify.from_fd(inotify_fd)
+    adopted = restart > 0
+    pipeline = Pipeline(amplify=amplify, workers=workers)
+    try:
+        try:
+            try:
+                backend = make_backend(spec.backend, **spec.backend_config)
+            except BackendError as e:  # bad options: a usage error, as `nydus-erofs mount` says before starting us
+                raise UsageError(f"backend {spec.backend}: {e}") from None
+            if inotify is None:
+                inotify = Inotify()
+            if adopted:
+                watch = ImageWatch.inherited(inotify, mountpoint)
+                if watch is None:
+                    raise UsageError(f"{mountpoint} was unmounted and released")
+            handles = open_image(boot, backend)
+            if not handles:
+                raise UsageError(f"{boot}: the image has no data blobs: mount it directly")
+            files = prepare_cache_files(cache_dir, handles, marked=adopted)
+            server = FanotifyServer(files, pipeline, workers=workers, readahead=spec.readahead, group=group,
+                                    adopted=adopted)  # fmt: skip
+            if not adopted:
+                mount_erofs_file_backed(boot, mountpoint, [cf.path for cf in files])
+                watch = ImageWatch.add(inotify, mountpoint)
+                # events as big as a fetch: one round trip per amplification window rather than per 128 KiB
+                set_mount_readahead(mountpoint, min(max(amplify >> 10, 128), 1024))
+        except UnsupportedFilesystemError as e:
+            raise UsageError(f"cache dir {cache_dir}: {e}") from None
+        except PreContentUnsupportedError as e:
+            raise UsageError(f"{e} (use --mode full)") from None
+        me = os.getpid()
+        owner = me  # umount stops the process named here: the supervisor, if there is one
+        if group_fd is not None:
+            if supervisor_pid is None or os.getppid() != supervisor_pid:
+                raise MountError(errno.ESRCH, f"the supervisor (pid {supervisor_pid}) is gone")  # a daemon failure
+            owner = supervisor_pid
+        data = dict(initial_record(spec), pid=owner, start_time=process_start_time(owner),
+                    blobs=[cf.handle.blob_id for cf in files])  # fmt: skip
+        if group_fd is not None:
+            data.update(worker_pid=me, worker_start_time=process_start_time(me), restarts=restart)
+        write_record(record, data)
+    except BaseException as e:
+        report(ready_fd, error_line(e))
+        if watch is not None and not adopted:  # mounted by us: nobody has used it yet
+            watch.unmount()  # (a supervisor serves what a detach leaves until it is released)
+        if server is not None:
+            server.close(deny_queued=not adopted)  # a restarted worker leaves the queue to the next one
+        elif group is not None:
+            group.close()
+        for cf in files:
+            cf.close()
+        pipeline.close()
+        if inotify is not None:
+            inotify.close()
+        if backend is not None:
+            backend.close()
+        raise
+    assert watch is not None and inotify is not None and server is not None
+
+    def on_signal(signum: int, frame: object) -> None:
+        server.stop()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    report(ready_fd, OK)
+    log.info("serving %s on %s (%d blobs)", boot, mountpoint, len(files))
+    try:
+        while not server.serve(watch):  # a stop signal: unmount; if files are open there, serve until they close
+            watch.unmount()
+            if not watch.released():
+                watch.log_linger("stopping", "serving it")
+    finally:
+        # a failure: a supervisor starts the next worker on the mount as it is; alone, unmount (detached if busy)
+        if group_fd is None and not watch.released():
+            watch.unmount()
+        stats = server.stats()
+        server.close()
+        pipeline.close()
+        for cf in files:
+            cf.close()
+        if backend is not None:
+            backend.close()
+        inotify.close()
+        who = "worker_pid" if group_fd is not None else "pid"
+        try:
+            if (_read_json(record) or {}).get(who) == me:  # not removed, nor a new mount's by now
+                write_record(record, dict(data, stats=stats, stopped=True))
+        except (OSError, ValueError) as e:
+            log.error("cannot write final stats to %s: %s", record, e)
+        log.info("stopped: %s", json.dumps(stats["pipeline"]))
+        for s, h in old.items():  # only now: a late SIGTERM must not cut the final record short
+            signal.signal(s, h)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cachefilesd_py.mount.worker", description=__doc__.splitlines()[0])
+    ap.add_argument("--spec-fd", type=int, required=True, help="Inherited fd holding the mount spec (JSON)")
+    ap.add_argument("--ready-fd", type=int, default=None)
+    ap.add_argument("--group-fd", type=int, default=None, help="Inherited fanotify group")
+    ap.add_argument("--inotify-fd", type=int, default=None, help="Inherited inotify instance")
+    ap.add_argument("--restart", type=int, default=0, help="Restart number of this worker (0: the first)")
+    ap.add_argument("--supervisor-pid", type=int, default=None, help="The supervisor's pid")
+    args = ap.parse_args(argv)
+    try:
+        spec = read_spec_fd(args.spec_fd)
+    except (NydusErofsError, OSError) as e:
+        report(args.ready_fd, error_line(e))
+        return 1
+    logging.basicConfig(level=spec.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        stream=sys.stderr)  # fmt: skip
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)  # `kill -USR1`: thread stacks to the log
+    try:
+        run_daemon(spec, ready_fd=args.ready_fd, group_fd=args.group_fd, inotify_fd=args.inotify_fd,
+                   restart=args.restart, supervisor_pid=args.supervisor_pid)  # fmt: skip
+    except (NydusErofsError, FscacheError, OSError, ValueError) as e:  # reported on --ready-fd already
+        log.error("%s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
