@@ -5,6 +5,7 @@ a terminal, never with ``--json``, redrawn at most ten times a second and erased
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +31,10 @@ class Progress:
         self._start = time.monotonic()
         self._last = self._start
         self._width = 0  # of the line drawn last (0: nothing on screen)
+        try:
+            self._columns = os.get_terminal_size(stream.fileno()).columns or 80
+        except (OSError, ValueError):
+            self._columns = 80
 
     def __call__(self, n: int) -> None:
         self.done += n
@@ -42,7 +47,7 @@ class Progress:
         return format_size(n) if self.unit == "bytes" else str(n)
 
     def _line(self, now: float) -> str:
-        text = f"{self.label}: "
+        text = ""
         if self.total:
             percent = min(100, self.done * 100 // self.total)
             text += f"{percent:3d}% {self._amount(self.done)} of {self._amount(self.total)}"
@@ -52,7 +57,9 @@ class Progress:
             text += f" {self.unit}"
         elif now > self._start:
             text += f", {format_size(int(self.done / (now - self._start)))}/s"
-        return text
+        room = self._columns - 1 - len(text) - 2  # one line of the terminal: a longer one would wrap
+        label = self.label if len(self.label) <= room else "..." + self.label[len(self.label) - room + 3 :]
+        return f"{label}: {text}"
 
     def _draw(self, line: str) -> None:
         self._stream.write("\r" + line.ljust(self._width))

@@ -42,7 +42,7 @@ def build(sources: tuple[str, ...], output_dir: str, chunk_size: int, compressor
         if not src.startswith("oci:") and os.path.isdir(src) and looks_like_layout(src):
             click.echo(f"nydus-erofs: warning: {src} is an OCI image layout, built here as plain files: "
                        f"for the image it holds, give oci:{src}[:TAG]", err=True)  # fmt: skip
-    with progress(f"building {output_dir}", quiet=as_json) as bar:
+    with progress("building", quiet=as_json) as bar:
         result = build_image(sources, output_dir, opts, whiteout_spec=whiteout_spec, platform=platform,
                              chunk_dict=chunk_dict, chunk_dict_blob_dir=chunk_dict_blob_dir, progress=bar)  # fmt: skip
     if as_json:

@@ -35,7 +35,7 @@ def convert(source: str, target: str, chunk_size: int, compressor: str, digester
     The Nydus image has one layer per data blob and a last layer holding image/image.boot, as nydusify writes.
     """
     opts = check_options(chunk_size, compressor, digester)
-    with progress(f"converting {source}", quiet=as_json) as bar:
+    with progress("converting", quiet=as_json) as bar:
         result = convert_image(source, target, opts, platform=platform, chunk_dict=chunk_dict,
                                chunk_dict_blob_dir=chunk_dict_blob_dir, plain_http=plain_http, work_dir=work_dir,
                                progress=bar)  # fmt: skip

@@ -48,7 +48,7 @@ def unpack(bootstrap: str, blob_dir: str | None, devices: tuple[str, ...], outpu
         if backend is None and (bs.blobs or bs.devices):
             raise UsageError(f"{bootstrap}: the file data is in blobs: give --blob-dir DIR (no {BLOBS_DIR}/ beside it)")
         reader = ImageReader(bs, backend)
-        with progress(f"unpacking {output}", bs.sb.inos or None, unit="entries") as bar:
+        with progress("unpacking", bs.sb.inos or None, unit="entries") as bar:
             if fmt == "tar" or (fmt == "auto" and output.endswith(".tar")):
                 n = unpack_to_tar(reader, output, bar)
             else:
