@@ -6,7 +6,7 @@ import errno
 import os
 import re
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 # A redrawn progress line: a carriage return, then "LABEL: ..." (plain newlines arrive as "\r\n" from a terminal).
@@ -23,12 +23,13 @@ class TerminalRun:
         return PROGRESS_LINE.findall(self.terminal)
 
 
-def run_in_terminal(args: Sequence[str | os.PathLike[str]], timeout: float = 60) -> TerminalRun:
+def run_in_terminal(args: Sequence[str | os.PathLike[str]], timeout: float = 60,
+                    env: Mapping[str, str] | None = None) -> TerminalRun:  # fmt: skip
     """Run ``args`` with stderr on a pty (stdout a pipe, stdin /dev/null) and collect what the pty shows."""
     master, slave = os.openpty()
     try:
         proc = subprocess.Popen([os.fspath(a) for a in args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=slave)  # fmt: skip
+                                stderr=slave, env=env)  # fmt: skip
     finally:
         os.close(slave)
     seen = bytearray()
