@@ -63,12 +63,10 @@ _DAEMON_ERRORS: dict[str, type[NydusErofsError]] = {
 }  # fmt: skip
 
 
-def daemon_error(line: str, log: os.PathLike[str] | str | None = None) -> NydusErofsError:
+def daemon_error(line: str) -> NydusErofsError:
     """The project error of the readiness line ``error CODE MESSAGE`` (see :func:`error_line`).  A line without a
-    known CODE is a MountError.  ``log``: the daemon's log, named at the end of the message."""
+    known CODE is a MountError."""
     _, _, rest = line.partition(" ")
-    if log is not None:
-        rest += f" (log: {os.fspath(log)})"
     code, _, message = rest.partition(" ")
     kind = _DAEMON_ERRORS.get(code) if message else None
     if kind is None:

@@ -164,7 +164,8 @@ def _start_daemon(spec: MountSpec, data: dict[str, Any]) -> dict[str, Any]:
         return data
     code = proc.wait()
     if status.startswith("error "):
-        raise daemon_error(status, log_file)
+        log_file.unlink(missing_ok=True)  # the error is the one line reported (the log holds only that line)
+        raise daemon_error(status)
     raise MountError(errno.EIO, f"mount daemon exited with status {code} before mounting (log: {log_file})")
 
 
