@@ -29,7 +29,7 @@ class Progress:
         self.done = 0
         self._stream = stream
         self._start = time.monotonic()
-        self._last = self._start
+        self._last = self._start - REDRAW_INTERVAL  # the first increment draws at once
         self._width = 0  # of the line drawn last (0: nothing on screen)
         try:
             self._columns = os.get_terminal_size(stream.fileno()).columns or 80
