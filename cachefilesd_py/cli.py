@@ -4,7 +4,8 @@
 
     cachefilesd-py --cache-dir DIR --images-dir IMAGES
                    [--backend localfs [--blob-dir BLOBS] | --backend http --url U
-                    | --backend registry --host H --repo R [--plain-http] [--auth user:pass]]
+                    | --backend registry --host H --repo R [--plain-http] [--auth user:pass]
+                    | --backend s3 --backend-config bucket=B,...] [--backend-config KEY=VALUE,...]
                    [--threads N] [--amplify 1MiB] [--api-sock PATH] [--no-supervisor] [--json-logs]
 
 While it runs, ``mount -t erofs none -o fsid=NAME /mnt`` mounts ``IMAGES/NAME/image.boot`` (blobs from
@@ -43,7 +44,7 @@ __all__ = ["main"]
 
 PROG = "cachefilesd-py"
 log = logging.getLogger("cachefilesd_py")
-BACKENDS = ("localfs", "http", "registry")  # cachefilesd_py.backends.KINDS
+BACKENDS = ("localfs", "http", "registry", "s3")  # cachefilesd_py.backends.KINDS
 
 
 class _Size(click.ParamType):
@@ -77,6 +78,8 @@ _PATH = click.Path(path_type=Path)
 @click.option("--repo", help="registry: repository (namespace/name).")
 @click.option("--plain-http", is_flag=True, help="registry: http instead of https.")
 @click.option("--auth", help="registry: user:pass (or its base64).")
+@click.option("--backend-config", help="Backend options: JSON object, @FILE, or key=value,... (s3: bucket=B,...; "
+              "any network backend: proxy=http://HOST:PORT,...); the flags above win.")  # fmt: skip
 @click.option("--threads", type=click.IntRange(max=1024), default=4, show_default=True, help="READ worker threads.")
 @click.option("--amplify", type=_Size(), default="1MiB", show_default=True,
               help="Merge reads of adjacent chunks up to this many bytes.")  # fmt: skip
@@ -131,26 +134,45 @@ def _setup_logging(json_logs: bool, level: str) -> None:
 
 
 def _backend_options(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Options of the backend shared by every image, or None for per-image ``IMAGES/<fsid>/blobs``."""
+    """Options of the backend shared by every image, or None for per-image ``IMAGES/<fsid>/blobs``: the
+    ``--backend-config`` ones, overridden by the flags given."""
+    from cachefilesd_py.backends.config import parse_backend_config
+
+    try:
+        config = parse_backend_config(args.backend_config)
+    except NydusErofsError as e:
+        raise _Usage(str(e)) from None
     if args.backend == "localfs":
         if args.blob_dir is not None and not args.blob_dir.is_dir():
             raise _Usage(f"--blob-dir {args.blob_dir}: not a directory")
-        return None if args.blob_dir is None else {"dir": args.blob_dir}
+        if args.blob_dir is not None:
+            return {**config, "dir": args.blob_dir}
+        if config and "dir" not in config:
+            raise _Usage("--backend localfs: --backend-config needs dir=... (or give --blob-dir)")
+        return config or None
     if args.backend == "http":
-        if not args.url:
+        url = args.url or config.get("url")
+        if not url:
             raise _Usage("--backend http needs --url")
         from cachefilesd_py.backends.http import check_url  # the backend's own check, before the device is bound
 
         try:
-            check_url(args.url, "--url")
+            check_url(url, "--url")
         except BackendError as e:
             raise _Usage(str(e)) from None
-        return {"url": args.url}
-    if not args.host or not args.repo:
+        return {**config, "url": url}
+    if args.backend == "s3":
+        if not config.get("bucket"):
+            raise _Usage("--backend s3 needs --backend-config bucket=...")
+        return config
+    opts: dict[str, Any] = {**config}
+    for key in ("host", "repo", "auth"):
+        if getattr(args, key):
+            opts[key] = getattr(args, key)
+    if args.plain_http:
+        opts["plain_http"] = True
+    if not opts.get("host") or not opts.get("repo"):
         raise _Usage("--backend registry needs --host and --repo")
-    opts: dict[str, Any] = {"host": args.host, "repo": args.repo, "plain_http": args.plain_http}
-    if args.auth:
-        opts["auth"] = args.auth
     return opts
 
 

@@ -33,6 +33,7 @@ from cachefilesd_py.notify import notify
 from cachefilesd_py.pipeline import Pipeline
 from cachefilesd_py.supervisor import RestartPolicy, Supervisor, WorkerProcess, describe
 from erofs.errors import NydusErofsError
+from erofs.reader.backend import BackendStats
 from fscache.cachefiles import (
     CachefilesDevice,
     CloseRequest,
@@ -369,12 +370,10 @@ class Daemon:
         }
 
     def backend_metrics(self) -> dict[str, Any]:
-        per = {name: b.stats.snapshot() for name, b in self.store.backends().items()}
-        total: dict[str, int] = {}
-        for snap in per.values():
-            for k, v in snap.items():
-                total[k] = total.get(k, 0) + v
-        return {**{"requests": 0, "bytes": 0, "errors": 0, "retries": 0}, **total, "backends": per}
+        backends = self.store.backends()
+        per = {name: b.stats.snapshot() for name, b in backends.items()}
+        total = BackendStats.combined(b.stats for b in backends.values()).snapshot()
+        return {**total, "backends": per}
 
     def blobcache_metrics(self) -> dict[str, Any]:
         return {**self.counters.snapshot(), "pipeline": self.pipeline.stats.snapshot()}

@@ -2,8 +2,8 @@
 
 Every backend implements :class:`~erofs.reader.backend.BlobBackend` (defined there, below both the reader and
 the daemon): ``read(blob_id, offset, length)``, ``size(blob_id)``, ``close()`` and ``stats``.
-:func:`make_backend` builds one by kind: ``localfs`` (:class:`~erofs.reader.backend.LocalBlobDir`), ``http``
-or ``registry``.
+:func:`make_backend` builds one by kind: ``localfs`` (:class:`~erofs.reader.backend.LocalBlobDir`), ``http``,
+``registry`` or ``s3``; the network ones can go through an HTTP proxy first (:mod:`.proxy`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from erofs.reader.backend import BackendStats, BlobBackend, LocalBlobDir
 
 from .retry import RetryPolicy, is_temp_failure, retry
 
-KINDS = ("localfs", "http", "registry")
+KINDS = ("localfs", "http", "registry", "s3")
 
 
 def make_backend(kind: str, **options: Any) -> BlobBackend:
@@ -28,9 +28,14 @@ def make_backend(kind: str, **options: Any) -> BlobBackend:
     - ``registry``: ``host`` (``name[:port]`` or a URL), ``repo``, ``scheme="https"``, ``plain_http``,
       ``auth`` (``user:pass`` or base64), ``username``/``password``, ``token``, ``docker_config`` (the fields of
       :class:`.registry.RegistryOptions`, which says what each means), and the common network options.
+    - ``s3``: ``bucket``, ``prefix``, ``region``, ``endpoint``, ``addressing_style`` (path, virtual, auto),
+      ``profile``, ``access_key_id``/``secret_access_key``/``session_token``, ``anonymous`` (the fields of
+      :class:`.s3.S3Options`, which says what each means; needs botocore), and the common network options.
 
-    Common network options: ``timeout=30``, ``connect_timeout=5``, ``pool_size=8``, ``insecure``, ``ca_file`` (the
-    fields of :class:`.transport.TransportOptions`, which says what each means); ``retry_limit=3`` (retries after
+    Common network options: ``timeout=30``, ``connect_timeout=5``, ``pool_size=8``, ``insecure``, ``ca_file``,
+    ``proxy`` (``http://HOST:PORT``), ``proxy_fallback=True``, ``proxy_timeout=5``, ``proxy_check_interval=5`` (the
+    fields of :class:`.transport.TransportOptions`, which says what each means; :mod:`.proxy` how the proxy and
+    its fallback work); ``retry_limit=3`` (retries after
     the first try), ``backoff=0.2``, ``max_backoff=10`` (seconds), ``max_discard=16 MiB`` (how far to skip into a
     body when a server ignores Range), ``verify_digest=True`` (whole-blob reads must hash to the blob id),
     ``sleep`` (for tests).
@@ -50,6 +55,10 @@ def make_backend(kind: str, **options: Any) -> BlobBackend:
             from .registry import RegistryBackend
 
             return RegistryBackend(**options)
+        if kind == "s3":
+            from .s3 import S3Backend
+
+            return S3Backend(**options)
     except TypeError as e:
         raise BackendError(f"backend {kind}: bad options: {e}") from None
     raise BackendError(f"unknown backend kind {kind!r} (expected one of: {', '.join(KINDS)})")
@@ -71,6 +80,10 @@ def _option_types(kind: str) -> dict[str, Any]:
         from .registry import RegistryOptions
 
         hints.update(typing.get_type_hints(RegistryOptions))
+    if kind == "s3":
+        from .s3 import S3Options
+
+        hints.update(typing.get_type_hints(S3Options))
     return hints
 
 

@@ -81,6 +81,10 @@ class HttpBackend:
         """Hook for subclasses (auth, redirects): a response for the blob's URL."""
         return self.transport.request(method, f"{self.url}/{blob_id}", {**self.headers, **headers})
 
+    def _failure(self, resp: Response) -> Exception:
+        """Hook for subclasses (their error bodies): the exception for an unexpected status."""
+        return status_failure(resp, f"for {resp.url}")
+
     def _known_size(self, blob_id: str) -> int | None:
         with self._lock:
             return self._sizes.get(blob_id)
@@ -106,7 +110,8 @@ class HttpBackend:
             raise
         if length == 0:
             return b""
-        return self._read(blob_id, offset, length)
+        with self.stats.timed():
+            return self._read(blob_id, offset, length)
 
     @retry
     def _read(self, blob_id: str, offset: int, length: int) -> bytes:
@@ -119,7 +124,7 @@ class HttpBackend:
             size = f" (size {total})" if total is not None else ""
             raise PermanentFailure(f"range {offset}+{length} is past the end of the blob{size}")
         if resp.status not in (200, 206):
-            raise status_failure(resp, f"for {resp.url}")
+            raise self._failure(resp)
         data, total = range_body(resp, offset, length, stats=self.stats, max_discard=self.max_discard)
         self._learn_size(blob_id, total)
         if self.verify_digest and offset == 0 and total == length:
@@ -136,7 +141,8 @@ class HttpBackend:
         known = self._known_size(blob_id)
         if known is not None:
             return known
-        size = self._size(blob_id)
+        with self.stats.timed():
+            size = self._size(blob_id)
         self._learn_size(blob_id, size)
         return size
 
@@ -148,7 +154,7 @@ class HttpBackend:
             resp.release()
             return n
         if resp.status not in (200, 405, 501):
-            raise status_failure(resp, f"for {resp.url}")
+            raise self._failure(resp)
         resp.release()
         # HEAD not supported or without a length: ask for the first byte and read the total from Content-Range
         resp = self._request(blob_id, "GET", {"Range": "bytes=0-0"})
@@ -165,7 +171,7 @@ class HttpBackend:
             resp.close()
             return 0
         elif resp.status != 200:
-            raise status_failure(resp, f"for {resp.url}")
+            raise self._failure(resp)
         resp.close()
         raise PermanentFailure(f"server at {resp.url} tells no size")
 

@@ -1,5 +1,6 @@
-"""HTTP(S) plumbing shared by the http and registry backends: a thread-safe keep-alive connection pool
-over :mod:`http.client`, and the checks that turn a ranged response into exactly the bytes asked for."""
+"""HTTP(S) plumbing shared by the http, registry and s3 backends: a thread-safe keep-alive connection pool
+over :mod:`http.client` (optionally through a forward proxy, :mod:`.proxy`), and the checks that turn a ranged
+response into exactly the bytes asked for."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from urllib.parse import SplitResult, urlsplit
 
 from erofs.reader.backend import BackendStats
 
-from .retry import RETRY_STATUSES, PermanentFailure, TempFailure, parse_retry_after
+from .proxy import PROXY_FAILURE_STATUSES, ProxyRoute
+from .retry import RETRY_STATUSES, PermanentFailure, TempFailure, describe, is_temp_failure, parse_retry_after
 
 USER_AGENT = "nydus-erofs-cachefilesd-py"
 _PIECE = 1 << 20  # read/discard granularity
@@ -29,6 +31,16 @@ class Origin:
     scheme: str
     host: str
     port: int
+
+
+@dataclass(frozen=True)
+class Hop:
+    """Where a pooled connection goes: straight to ``origin``, or to the proxy ``via`` (``tunnel``: through a
+    CONNECT tunnel to ``origin``, for https; else requests in absolute form, any http origin)."""
+
+    origin: Origin
+    via: Origin | None = None
+    tunnel: bool = False
 
 
 def http_url_parts(url: str) -> SplitResult | None:
@@ -61,13 +73,13 @@ class Response:
     def __init__(
         self,
         transport: Transport,
-        origin: Origin,
+        hop: Hop,
         conn: http.client.HTTPConnection,
         resp: http.client.HTTPResponse,
         url: str,
     ) -> None:
         self._transport = transport
-        self._origin = origin
+        self._hop = hop
         self._conn: http.client.HTTPConnection | None = conn
         self._resp = resp
         self.url = url
@@ -104,22 +116,31 @@ class Response:
                 got += k
         except http.client.IncompleteRead:
             pass
-        except BaseException:
-            self.close()
+        except BaseException as e:
+            self._broken(describe(e))
             raise
         if got < n:
-            self.close()
+            self._broken("body cut short")
             raise TempFailure(f"body truncated: got {got} of {n} bytes")
         return bytes(buf)
+
+    def _broken(self, why: str) -> None:
+        """The body failed: drop the connection, and tell the transport (a proxy's failure makes it fall back)."""
+        self.close()
+        self._transport._body_failed(self._hop, why)
 
     def discard(self, n: int) -> int:
         """Read and drop ``n`` body bytes, returns how many (fewer only at end of body)."""
         left = n
-        while left:
-            piece = self._resp.read(min(left, _PIECE))
-            if not piece:
-                break
-            left -= len(piece)
+        try:
+            while left:
+                piece = self._resp.read(min(left, _PIECE))
+                if not piece:
+                    break
+                left -= len(piece)
+        except BaseException as e:
+            self._broken(describe(e))
+            raise
         return n - left
 
     def text(self, limit: int = 4096) -> str:
@@ -142,7 +163,7 @@ class Response:
         if conn is None:
             return
         if self._resp.isclosed() and not self._resp.will_close:
-            self._transport._put(self._origin, conn)
+            self._transport._put(self._hop, conn)
         elif not self._resp.isclosed() and self._resp.length is not None and self._resp.length <= _DRAIN_LIMIT:
             try:
                 self._resp.read()
@@ -152,7 +173,7 @@ class Response:
             if self._resp.will_close:
                 conn.close()
             else:
-                self._transport._put(self._origin, conn)
+                self._transport._put(self._hop, conn)
         else:
             conn.close()
 
@@ -171,6 +192,8 @@ class TransportOptions:
     ``timeout``: seconds a connected socket waits for the server (each read or write); ``connect_timeout``: seconds
     to wait for a connection; ``pool_size``: idle keep-alive connections kept per origin; ``insecure``: no TLS
     certificate or host name verification; ``ca_file``: a PEM bundle of CAs to trust instead of the system's.
+    ``proxy``, ``proxy_fallback``, ``proxy_timeout``, ``proxy_check_interval``: an HTTP forward proxy tried first,
+    and when to go around it (:mod:`.proxy` says how).
     """
 
     timeout: float = 30.0
@@ -178,6 +201,10 @@ class TransportOptions:
     pool_size: int = 8
     insecure: bool = False
     ca_file: str | None = None
+    proxy: str | None = None
+    proxy_fallback: bool = True
+    proxy_timeout: float = 5.0
+    proxy_check_interval: float = 5.0
 
 
 class Transport:
@@ -194,7 +221,14 @@ class Transport:
         self.stats = stats if stats is not None else BackendStats()
         self.user_agent = user_agent
         self._ssl: ssl.SSLContext | None = None
-        self._idle: dict[Origin, list[http.client.HTTPConnection]] = {}
+        self._idle: dict[Hop, list[http.client.HTTPConnection]] = {}
+        self.proxy: ProxyRoute | None = None
+        self._proxy_origin: Origin | None = None
+        opts = self.options
+        if opts.proxy:
+            self.proxy = ProxyRoute(opts.proxy, fallback=opts.proxy_fallback, timeout=opts.proxy_timeout,
+                                    check_interval=opts.proxy_check_interval)  # fmt: skip
+            self._proxy_origin = split_url(self.proxy.url)[0]
         self._lock = threading.Lock()
         self._closed = False
 
@@ -207,32 +241,38 @@ class Transport:
             self._ssl = ctx
         return self._ssl
 
-    def _connect(self, origin: Origin) -> http.client.HTTPConnection:
+    def _connect(self, hop: Hop) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection
+        origin, target = hop.origin, hop.via or hop.origin
         timeout = self.options.connect_timeout
-        if origin.scheme == "https":
-            conn = http.client.HTTPSConnection(origin.host, origin.port, timeout=timeout, context=self._context())
+        if hop.via is not None:
+            assert self.proxy is not None
+            timeout = self.proxy.timeout
+        if origin.scheme == "https" and (hop.via is None or hop.tunnel):
+            conn = http.client.HTTPSConnection(target.host, target.port, timeout=timeout, context=self._context())
+            if hop.tunnel:
+                conn.set_tunnel(origin.host, origin.port)
         else:
-            conn = http.client.HTTPConnection(origin.host, origin.port, timeout=timeout)
+            conn = http.client.HTTPConnection(target.host, target.port, timeout=timeout)
         try:
             conn.connect()
         except BaseException:
             conn.close()
             raise
         if conn.sock is not None:
-            conn.sock.settimeout(self.options.timeout)
+            conn.sock.settimeout(timeout if hop.via is not None else self.options.timeout)
         return conn
 
-    def _get(self, origin: Origin) -> tuple[http.client.HTTPConnection, bool]:
+    def _get(self, hop: Hop) -> tuple[http.client.HTTPConnection, bool]:
         with self._lock:
-            idle = self._idle.get(origin)
+            idle = self._idle.get(hop)
             if idle:
                 return idle.pop(), True
-        return self._connect(origin), False
+        return self._connect(hop), False
 
-    def _put(self, origin: Origin, conn: http.client.HTTPConnection) -> None:
+    def _put(self, hop: Hop, conn: http.client.HTTPConnection) -> None:
         with self._lock:
-            idle = self._idle.setdefault(origin, [])
+            idle = self._idle.setdefault(hop, [])
             if not self._closed and len(idle) < self.options.pool_size:
                 idle.append(conn)
                 return
@@ -243,13 +283,40 @@ class Transport:
     ) -> Response:
         """Send one request and return its response (headers read, body pending).
 
-        A pooled connection the server closed meanwhile is replaced transparently, once."""
+        A pooled connection the server closed meanwhile is replaced transparently, once.  With a proxy, the
+        request goes through it first, and to the origin when the proxy fails (:mod:`.proxy`)."""
         origin, target = split_url(url)
         hdrs = {"User-Agent": self.user_agent, **(headers or {})}
         if body is not None:
             hdrs.setdefault("Content-Length", str(len(body)))
+        proxy = self.proxy
+        if proxy is not None and proxy.usable():
+            tunnel = origin.scheme == "https"
+            hop = Hop(origin, self._proxy_origin, tunnel)
+            try:
+                resp = self._send(hop, method, target if tunnel else url, hdrs, body, url)
+            except Exception as e:  # the proxy's trouble (a CONNECT refused too), or what the origin would give
+                if not (is_temp_failure(e) or isinstance(e, OSError | http.client.HTTPException)):
+                    raise
+                proxy.failed(describe(e))
+                if not proxy.fallback:
+                    raise
+            else:
+                self.stats.add(proxied=1)
+                if resp.status not in PROXY_FAILURE_STATUSES:
+                    proxy.succeeded()
+                    return resp
+                proxy.failed(f"HTTP {resp.status} {resp.reason}")
+                if not proxy.fallback:
+                    return resp
+                resp.text()
+            self.stats.add(fallbacks=1)
+        return self._send(Hop(origin), method, target, hdrs, body, url)
+
+    def _send(self, hop: Hop, method: str, target: str, hdrs: Mapping[str, str], body: bytes | None,
+              url: str) -> Response:  # fmt: skip
         while True:
-            conn, reused = self._get(origin)
+            conn, reused = self._get(hop)
             self.stats.add(requests=1)
             try:
                 conn.request(method, target, body=body, headers=hdrs)
@@ -262,7 +329,12 @@ class Transport:
             except BaseException:
                 conn.close()
                 raise
-            return Response(self, origin, conn, resp, url)
+            return Response(self, hop, conn, resp, url)
+
+    def _body_failed(self, hop: Hop, why: str) -> None:
+        """A response body through ``hop`` broke off: if that was through the proxy, it failed."""
+        if hop.via is not None and self.proxy is not None:
+            self.proxy.failed(why)
 
     def close(self) -> None:
         with self._lock:

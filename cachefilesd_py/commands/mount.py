@@ -17,6 +17,8 @@ from typing import Any
 
 import click
 
+from cachefilesd_py.backends import KINDS
+from cachefilesd_py.backends.config import parse_backend_config
 from cachefilesd_py.mount.service import list_mounts, mount_image, umount_image
 from cachefilesd_py.mount.spec import MODES, MountSpec
 from erofs.commands import SIZE
@@ -28,37 +30,11 @@ from erofs.reader.bootstrap import Bootstrap
 _REQUIRED = {"http": ("url",), "registry": ("host", "repo")}
 
 
-def _backend_config(text: str | None) -> dict[str, Any]:
-    """A JSON object, ``@FILE`` holding one, or ``key=value,key=value``."""
-    if not text:
-        return {}
-    if text.startswith("@"):
-        try:
-            text = Path(text[1:]).read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"--backend-config {text}: {getattr(e, 'strerror', None) or e}") from None
-    if text.lstrip().startswith("{"):
-        try:
-            value = json.loads(text)
-        except ValueError as e:
-            raise UsageError(f"--backend-config: not valid JSON: {e}") from None
-        if not isinstance(value, dict):
-            raise UsageError("--backend-config: expected a JSON object")
-        return value
-    out: dict[str, Any] = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--backend-config: {item!r} is not key=value")
-        out[key.strip()] = value.strip()
-    return out
-
-
 @click.command()
 @click.argument("boot", type=click.Path(dir_okay=False))
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("--blob-dir", type=click.Path(file_okay=False), help="Blobs as files named by id (localfs backend).")
-@click.option("--backend", type=click.Choice(["localfs", "http", "registry"]), default=None,
+@click.option("--backend", type=click.Choice(KINDS), default=None,
               help="Where blobs come from [localfs with --blob-dir].")  # fmt: skip
 @click.option("--backend-config", default=None, help="Backend options: JSON object, @FILE, or key=value,...")
 @click.option("--mode", type=click.Choice(MODES), default="auto", show_default=True,
@@ -77,7 +53,7 @@ def mount(blob_dir: str | None, backend: str | None, backend_config: str | None,
     boot = spec_options["boot"]
     if not os.path.exists(boot):
         raise UsageError(f"bootstrap {boot} does not exist")
-    config = _backend_config(backend_config)
+    config = parse_backend_config(backend_config)
     kind = backend or "localfs"
     if blob_dir is not None:
         if kind != "localfs":

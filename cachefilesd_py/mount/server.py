@@ -24,11 +24,11 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from erofs.reader.backend import BackendStats, BlobBackend
 from fscache.errors import FscacheError
 from fscache.fanotify import FAN_NOFD, FAN_PRE_ACCESS, FanotifyGroup, PreAccessEvent
 from fscache.fd import drain
 
-from ..backends import BlobBackend
 from ..pipeline import Pipeline
 from .cachefile import CacheFile
 from .watch import ImageWatch
@@ -122,10 +122,7 @@ class FanotifyServer:
         with self._lock:
             counters = dict(self.counters)
         backends: dict[int, BlobBackend] = {id(cf.handle.backend): cf.handle.backend for cf in self.files}
-        backend = {"requests": 0, "bytes": 0, "errors": 0, "retries": 0}
-        for b in backends.values():
-            for k, v in b.stats.snapshot().items():
-                backend[k] = backend.get(k, 0) + v
+        backend = BackendStats.combined(b.stats for b in backends.values()).snapshot()
         return {
             "events": counters,
             "pipeline": self.pipeline.stats.snapshot(),

@@ -13,8 +13,10 @@ import os
 import re
 import stat
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Protocol, Self, runtime_checkable
@@ -32,36 +34,100 @@ def check_blob_id(blob_id: str) -> str:
     return blob_id
 
 
+#: Upper bounds (milliseconds) of the latency histogram buckets of :class:`BackendStats` (cumulative, as in
+#: Prometheus: ``latency_le_10ms`` counts the operations that took at most 10 ms).
+LATENCY_BUCKETS_MS = (1, 10, 100, 1000, 10000)
+
+
+def _bucket_name(ms: int) -> str:
+    return f"latency_le_{ms}ms" if ms < 1000 else f"latency_le_{ms // 1000}s"
+
+
 @dataclass
 class BackendStats:
     """Thread-safe counters.
 
     ``requests``: requests sent (HTTP requests, or ``pread`` calls for localfs), auth included;
     ``bytes``: blob bytes received from the backend (bytes skipped over when a server ignores Range count
-    too); ``errors``: failed ``read``/``size`` calls; ``retries``: extra attempts after a temporary failure.
+    too); ``errors``: failed ``read``/``size`` calls; ``retries``: extra attempts after a temporary failure;
+    ``proxied``: requests sent through an HTTP proxy (the ``proxy`` network option); ``fallbacks``: proxy
+    failures after which the request went to the origin instead.
+
+    Latency, of each ``read``/``size`` call as its caller sees it (retries included): ``latency_count``,
+    ``latency_sum_ms``, ``latency_max_ms`` and a cumulative histogram, ``latency_le_1ms`` ... ``latency_le_10s``
+    (:data:`LATENCY_BUCKETS_MS`; the rest took longer).  :meth:`snapshot` gives all of them as one flat dict;
+    :meth:`combined` sums several backends' (and takes the largest ``latency_max_ms``).
     """
 
     requests: int = 0
     bytes: int = 0
     errors: int = 0
     retries: int = 0
+    proxied: int = 0
+    fallbacks: int = 0
+    latency_count: int = 0
+    latency_sum_ms: float = 0.0
+    latency_max_ms: float = 0.0
+    _buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS_MS), repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def add(self, *, requests: int = 0, bytes: int = 0, errors: int = 0, retries: int = 0) -> None:
+    def add(self, **counts: int) -> None:
+        """Add to counters by name (``requests=1, bytes=n``...)."""
         with self._lock:
-            self.requests += requests
-            self.bytes += bytes
-            self.errors += errors
-            self.retries += retries
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
 
-    def snapshot(self) -> dict[str, int]:
-        """The counters as a plain dict (consistent at one instant)."""
+    def observe(self, seconds: float) -> None:
+        """One operation that took ``seconds``."""
+        ms = seconds * 1000.0
         with self._lock:
-            return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+            self.latency_count += 1
+            self.latency_sum_ms += ms
+            self.latency_max_ms = max(self.latency_max_ms, ms)
+            for i, bound in enumerate(LATENCY_BUCKETS_MS):
+                if ms <= bound:
+                    self._buckets[i] += 1
+
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        """Observe how long the ``with`` body takes (whether it returns or raises)."""
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.observe(time.monotonic() - start)
+
+    def snapshot(self) -> dict[str, int | float]:
+        """Every counter as one flat dict (consistent at one instant)."""
+        with self._lock:
+            out: dict[str, int | float] = {
+                f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")
+            }
+            out.update(zip(map(_bucket_name, LATENCY_BUCKETS_MS), self._buckets, strict=True))
+        out["latency_sum_ms"] = round(out["latency_sum_ms"], 3)
+        out["latency_max_ms"] = round(out["latency_max_ms"], 3)
+        return out
 
     def reset(self) -> None:
         with self._lock:
-            self.requests = self.bytes = self.errors = self.retries = 0
+            for f in fields(self):
+                if not f.name.startswith("_"):
+                    setattr(self, f.name, type(getattr(self, f.name))())
+            self._buckets = [0] * len(LATENCY_BUCKETS_MS)
+
+    @classmethod
+    def combined(cls, stats: Iterable[BackendStats]) -> BackendStats:
+        """The counters of several backends together: sums, and the largest ``latency_max_ms``."""
+        total = cls()
+        for s in stats:
+            with s._lock:
+                for f in fields(s):
+                    if f.name.startswith("_"):
+                        continue
+                    mine, theirs = getattr(total, f.name), getattr(s, f.name)
+                    setattr(total, f.name, max(mine, theirs) if f.name == "latency_max_ms" else mine + theirs)
+                total._buckets = [a + b for a, b in zip(total._buckets, s._buckets, strict=True)]
+        return total
 
 
 @runtime_checkable
@@ -169,6 +235,10 @@ class BlobFileBackend:
             raise BackendError(f"blob {blob_id}: invalid range {offset}+{length}")
         if length == 0:
             return b""
+        with self.stats.timed():
+            return self._pread(blob_id, offset, length)
+
+    def _pread(self, blob_id: str, offset: int, length: int) -> bytes:
         entry = self._acquire_counted(blob_id)
         try:
             parts: list[bytes] = []
@@ -193,11 +263,12 @@ class BlobFileBackend:
             self._release(entry)
 
     def size(self, blob_id: str) -> int:
-        entry = self._acquire_counted(blob_id)
-        try:
-            return os.fstat(entry.fd).st_size
-        finally:
-            self._release(entry)
+        with self.stats.timed():
+            entry = self._acquire_counted(blob_id)
+            try:
+                return os.fstat(entry.fd).st_size
+            finally:
+                self._release(entry)
 
     def close(self) -> None:
         with self._lock:
@@ -287,11 +358,8 @@ class ChainBackend:
 
     @property
     def stats(self) -> BackendStats:
-        """The sum of the backends' counters."""
-        total = BackendStats()
-        for b in self.backends:
-            total.add(**b.stats.snapshot())
-        return total
+        """The backends' counters together."""
+        return BackendStats.combined(b.stats for b in self.backends)
 
     def read(self, blob_id: str, offset: int, length: int) -> bytes:
         return self._pick(blob_id).read(blob_id, offset, length)

@@ -45,6 +45,11 @@ COMMANDS = {
     "runc": "runc",
     "tinyproxy": "tinyproxy",
     "debootstrap": "debootstrap",
+    "curl": "curl",  # tests/daemon/test_serve.py
+    "openssl": "openssl",  # tests/daemon/test_backend_proxy.py: a test CA
+    "setpriv": "util-linux",  # reads as another user in the mount tests
+    "losetup": "util-linux",
+    "ctr": "containerd",
 }
 
 
