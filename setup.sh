@@ -22,6 +22,8 @@ PACKAGES=(
     autoconf automake libtool pkg-config uuid-dev liblz4-dev libzstd-dev zlib1g-dev liblzma-dev
     # the next features: containerd snapshotter (containerd, runc), proxy tests (tinyproxy), root file systems
     containerd runc tinyproxy debootstrap
+    # the snapshotter tests' busybox image (a static busybox, no image needed)
+    busybox-static
     # HTTP clients and a test CA (curl, openssl), setpriv/losetup (util-linux)
     curl openssl util-linux
 )

@@ -50,6 +50,7 @@ COMMANDS = {
     "setpriv": "util-linux",  # reads as another user in the mount tests
     "losetup": "util-linux",
     "ctr": "containerd",
+    "busybox": "busybox-static",  # tests/snapshotter: the busybox image's /bin/busybox
 }
 
 

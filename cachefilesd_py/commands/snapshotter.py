@@ -1,0 +1,56 @@
+"""``nydus-erofs snapshotter``: serve containerd's snapshots API on a Unix socket (:mod:`cachefilesd_py.snapshotter`).
+
+containerd loads it with ``[proxy_plugins.nydus-erofs] type = "snapshot" address = "<SOCK>"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from cachefilesd_py.mount.spec import MODES
+from cachefilesd_py.notify import notify
+from cachefilesd_py.snapshotter.service import serve
+from cachefilesd_py.snapshotter.snapshotter import Snapshotter
+from erofs.units import parse_size
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    return parse_size(value)
+
+
+@click.command()
+@click.option("--address", required=True, type=click.Path(dir_okay=False), help="Unix socket to serve on.")
+@click.option("--root", required=True, type=click.Path(file_okay=False), help="Snapshots and their metadata.")
+@click.option("--mode", type=click.Choice(MODES), default="auto", show_default=True,
+              help="Nydus images: fanotify (lazy, Linux >= 6.14) or full (fetch all, then mount).")  # fmt: skip
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Blob cache files [ROOT/cache].")
+@click.option("--plain-http", is_flag=True, help="Reach registries over HTTP, without TLS.")
+@click.option("--containerd-root", default="/var/lib/containerd", show_default=True,
+              type=click.Path(file_okay=False), help="containerd root (plain pulls: its content store).")  # fmt: skip
+@click.option("--amplify", default="1MiB", show_default=True, callback=_size, help="Least bytes one fetch brings in.")
+@click.option("--readahead", default="0", show_default=True, callback=_size,
+              help="Bytes filled ahead of a sequential reader (0: off).")  # fmt: skip
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO")
+def snapshotter(address: str, root: str, mode: str, cache_dir: str | None, plain_http: bool, containerd_root: str,
+                amplify: int, readahead: int, log_level: str) -> None:  # fmt: skip
+    """Serve containerd's snapshotter API: Nydus images run before they are downloaded, other images as overlayfs."""
+    logging.basicConfig(level=log_level, stream=sys.stderr, force=True,  # a daemon: its log goes to stderr
+                        format="nydus-erofs snapshotter: %(levelname)s: %(name)s: %(message)s")  # fmt: skip
+    sn = Snapshotter(Path(root), cache_dir=Path(cache_dir) if cache_dir else None, mode=mode, plain_http=plain_http,
+                     containerd_root=Path(containerd_root), amplify=amplify, readahead=readahead)  # fmt: skip
+    sn.reattach()
+    server = serve(sn, Path(address))
+    notify("READY=1", f"STATUS=serving on {address}")
+    click.echo(f"serving on {address}")
+    try:
+        server.wait_for_termination()
+    except KeyboardInterrupt:  # SIGTERM/SIGINT: stop taking calls, finish those under way
+        notify("STOPPING=1")
+        server.stop(10).wait()
+        raise
+    finally:
+        sn.close()

@@ -1,0 +1,174 @@
+"""Test helpers: Debian's containerd with a private root, state, socket and config, with ``nydus-erofs snapshotter``
+as its proxy snapshotter, and ``ctr`` pointed at it.  Both processes are stopped (and reaped) on exit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+
+CLI = str(Path(sys.executable).with_name("nydus-erofs"))
+SNAPSHOTTER = "nydus-erofs"
+NAMESPACE = "default"
+
+
+def _cri(registry: str | None) -> str:
+    """The CRI plugin (kubelet's API) pulling into the snapshotter with layer labels, ``registry`` over HTTP;
+    without ``registry``, no CRI plugin."""
+    if registry is None:
+        return 'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+    return f"""
+[plugins."io.containerd.grpc.v1.cri"]
+  disable_cgroup = true
+  disable_apparmor = true
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "{SNAPSHOTTER}"
+    disable_snapshot_annotations = false
+  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{registry}"]
+    endpoint = ["http://{registry}"]
+"""
+
+
+def _config(tmp: Path, snapshotter_sock: Path, cri_registry: str | None) -> str:
+    return f"""version = 2
+root = "{tmp / 'root'}"
+state = "{tmp / 'state'}"
+{_cri(cri_registry)}
+
+[grpc]
+  address = "{tmp / 'containerd.sock'}"
+
+[ttrpc]
+  address = "{tmp / 'containerd.sock.ttrpc'}"
+
+[proxy_plugins.{SNAPSHOTTER}]
+  type = "snapshot"
+  address = "{snapshotter_sock}"
+"""
+
+
+class SnapshotterProcess:
+    """``nydus-erofs snapshotter`` on ``sock`` with root ``root``; :meth:`start` returns once it serves."""
+
+    def __init__(self, sock: Path, root: Path, log: Path, *options: str) -> None:
+        self.sock, self.root, self.log, self.options = sock, root, log, options
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen([CLI, "snapshotter", "--address", str(self.sock), "--root", str(self.root),
+                                          *self.options], stdout=subprocess.PIPE, stderr=log, text=True)  # fmt: skip
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # its "serving on" line: the socket is there
+        if not line.startswith("serving on"):
+            self.proc.wait()
+            raise RuntimeError(f"snapshotter did not start: {self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+class Containerd:
+    """containerd (and the snapshotter it proxies to) under ``tmp``; with ``cri_registry`` (``host:port``), its CRI
+    plugin too, pulling from that registry over HTTP."""
+
+    def __init__(self, tmp: Path, *snapshotter_options: str, cri_registry: str | None = None) -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.tmp = tmp
+        self.sock = tmp / "containerd.sock"
+        self.root = tmp / "root"
+        self.snapshotter = SnapshotterProcess(tmp / "snapshotter.sock", tmp / "snapshots", tmp / "snapshotter.log",
+                                              "--containerd-root", str(self.root), *snapshotter_options)  # fmt: skip
+        self.config = tmp / "config.toml"
+        self.config.write_text(_config(tmp, self.snapshotter.sock, cri_registry))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Containerd:
+        self.snapshotter.start()
+        try:
+            with open(self.tmp / "containerd.log", "ab") as log:
+                self.proc = subprocess.Popen(["containerd", "--config", str(self.config)], stdout=log, stderr=log,
+                                             start_new_session=True)  # fmt: skip
+            with grpc.insecure_channel(f"unix:{self.sock}") as ch:
+                try:
+                    grpc.channel_ready_future(ch).result(timeout=60)
+                except grpc.FutureTimeoutError:
+                    raise RuntimeError(f"containerd did not start: {self.log_tail()}") from None
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def log_tail(self) -> str:
+        return (self.tmp / "containerd.log").read_text(errors="replace")[-3000:]
+
+    def ctr(self, *args: str, check: bool = True, timeout: float = 120,
+            namespace: str = NAMESPACE) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        proc = subprocess.run(["ctr", "--address", str(self.sock), "--namespace", namespace, *args],
+                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        if check and proc.returncode != 0:
+            raise AssertionError(f"ctr {' '.join(args)}: exit {proc.returncode}: {proc.stderr}")
+        return proc
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        if self.proc is not None:
+            self._remove_all()
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+        self.snapshotter.stop()
+        _umount_under(self.tmp)
+
+    def _remove_all(self) -> None:
+        """Containers, then images, then a synchronous garbage collection: the snapshotter removes (and unmounts)
+        every snapshot."""
+        for ns in self.ctr("namespaces", "ls", "-q", check=False).stdout.split():
+            for cid in self.ctr("containers", "ls", "-q", check=False, namespace=ns).stdout.split():
+                self.ctr("tasks", "kill", "-s", "KILL", cid, check=False, namespace=ns)
+                self.ctr("tasks", "delete", "-f", cid, check=False, namespace=ns)
+                self.ctr("containers", "delete", cid, check=False, namespace=ns)
+            images = self.ctr("images", "ls", "-q", check=False, namespace=ns).stdout.split()
+            if images:
+                self.ctr("images", "rm", "--sync", *images, check=False, namespace=ns)
+
+
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or under ``path`` (from /proc/self/mountinfo)."""
+    prefix = os.path.realpath(path)
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4].replace("\\040", " ")
+            if mp == prefix or mp.startswith(prefix + "/"):
+                out.append(mp)
+    return out
+
+
+def _umount_under(path: Path) -> None:
+    for mp in sorted(mounts_under(path), key=len, reverse=True):  # leftovers of a failed test: deepest first
+        subprocess.run(["umount", "-l", mp], check=False)
