@@ -43,6 +43,12 @@ SKIPPED = {
     r"proxy=http://127\.0\.0\.1:65001": "needs a P2P proxy (dfdaemon): tests/daemon/test_backend_proxy.py",
     r"^nydus-erofs serve ": "serves until stopped: tests/daemon/test_serve.py runs it with curl and a mount",
     r"http://127\.0\.0\.1:8000/|host=127\.0\.0\.1:8000": "reads from `nydus-erofs serve` above (skipped)",
+    # Run containers: the host's containerd, its config and systemd; tests/snapshotter/test_containerd.py runs the
+    # same steps against a containerd of its own (private root, the snapshotter as its proxy plugin)
+    r"^nydus-erofs snapshotter ": "starts the snapshotter for the host's containerd: tests/snapshotter",
+    r"^systemctl restart containerd": "restarts the host's containerd: tests/snapshotter starts a private one",
+    r"registry\.example\.com": "an example registry and the host's containerd: tests/snapshotter/test_containerd.py",
+    r"^#": "a comment (the containerd config it shows is systemd/containerd-nydus-erofs.toml)",
 }
 
 
