@@ -35,7 +35,8 @@ def amd64_layout(tmp_path: Path) -> Path:
     [(["build", "SRC", "-o", "OUT", "--chunk-size", "1q"], "--chunk-size"),
      (["convert", "oci:L:v1", "oci:T:v1", "--chunk-size", "1q"], "--chunk-size"),
      (["mount", "BOOT", "MNT", "--cache-dir", "C", "--amplify", "1q"], "--amplify"),
-     (["mount", "BOOT", "MNT", "--cache-dir", "C", "--readahead", "1q"], "--readahead")],
+     (["mount", "BOOT", "MNT", "--cache-dir", "C", "--readahead", "1q"], "--readahead"),
+     (["snapshotter", "--address", "MNT/sock", "--root", "C", "--amplify", "1q"], "--amplify")],
 )  # fmt: skip
 def test_a_bad_size_names_its_option(args: list[str], option: str, image: Path, source: Path, tmp_path: Path) -> None:
     subst = {"SRC": str(source), "OUT": str(tmp_path / "out"), "BOOT": str(image / "image.boot"),
