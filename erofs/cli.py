@@ -1,6 +1,7 @@
 """``nydus-erofs``: the command group.  Each subcommand lives in its own module and is registered as an
 entry point in the ``nydus_erofs.commands`` group (pyproject.toml), so packages above ``erofs`` (the daemon's
-``mount``) add commands without ``erofs`` importing them.
+``mount``) add commands without ``erofs`` importing them.  Only the invoked command's module is imported, so a
+command starts without paying for the others' imports.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import logging
 import os
 import signal
 import sys
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 
 import click
 
@@ -18,17 +19,39 @@ from erofs.errors import NydusErofsError
 
 
 class _Group(click.Group):
+    """Commands are loaded on first use: ``nydus-erofs build`` imports the build command's module only (the
+    group's ``--help`` lists, and so loads, all of them)."""
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        for ep in sorted(entry_points(group="nydus_erofs.commands"), key=lambda e: e.name):
-            module_name = ep.value.split(":")[0]
-            try:
-                importlib.import_module(module_name)
-            except ModuleNotFoundError as e:  # declared ahead of its module
-                if e.name and module_name.startswith(e.name):
-                    continue
-                raise
-            self.add_command(ep.load(), ep.name)
+        self._entry_points: dict[str, EntryPoint] | None = None
+
+    def _declared(self) -> dict[str, EntryPoint]:
+        if self._entry_points is None:
+            self._entry_points = {ep.name: ep for ep in entry_points(group="nydus_erofs.commands")}
+        return self._entry_points
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(name for name in self._declared() if self.get_command(ctx, name) is not None)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        cmd = self.commands.get(cmd_name)
+        if cmd is not None:
+            return cmd
+        ep = self._declared().get(cmd_name)
+        if ep is None:
+            return None
+        module_name = ep.value.split(":")[0]
+        try:
+            importlib.import_module(module_name)
+        except ModuleNotFoundError as e:  # declared ahead of its module
+            if e.name and module_name.startswith(e.name):
+                return None
+            raise
+        cmd = ep.load()
+        cmd.params.append(_DEBUG_AFTER)  # `nydus-erofs build --debug ...` as well as `nydus-erofs --debug build`
+        self.add_command(cmd, cmd_name)
+        return cmd
 
     def main(self, *args, **kwargs):  # one-line usage errors too, not click's usage block
         _guard_std_fds()
@@ -106,14 +129,29 @@ def _guard_std_fds() -> None:
             setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115 - lives as long as the process
 
 
+def _set_debug(ctx: click.Context, _param: click.Parameter | None = None, value: bool = True) -> None:
+    """``--debug``: tracebacks instead of one-line errors, and the libraries' debug log on stderr."""
+    if not value:
+        return
+    root = ctx.find_root()
+    if root.obj is None:
+        root.obj = {}
+    root.obj["debug"] = True
+    logging.basicConfig(level=logging.DEBUG, format="nydus-erofs: %(levelname)s: %(name)s: %(message)s", force=True)
+
+
+_DEBUG_AFTER = click.Option(["--debug"], is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+                            help="Show tracebacks instead of one-line errors.")  # fmt: skip
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="nydus-erofs")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
     """Build, inspect and serve Nydus RAFS v6 (EROFS) container images."""
-    ctx.obj = {"debug": debug}
+    ctx.obj = {"debug": False}
+    # what the libraries log about a failure comes out once, as the error line (not via logging.lastResort)
+    logging.getLogger().addHandler(logging.NullHandler())
     if debug:
-        logging.basicConfig(level=logging.DEBUG, format="nydus-erofs: %(levelname)s: %(name)s: %(message)s")
-    else:  # what the libraries log about a failure comes out once, as the error line (not via logging.lastResort)
-        logging.getLogger().addHandler(logging.NullHandler())
+        _set_debug(ctx)

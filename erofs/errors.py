@@ -24,6 +24,12 @@ class ImageError(NydusErofsError, ValueError):
     exit_code = 3
 
 
+class UnsupportedImageError(ImageError):
+    """A well-formed image of a kind this project does not read (compressed EROFS): unusable input, not damage."""
+
+    exit_code = 2
+
+
 class DigestMismatchError(ImageError):
     """A chunk's data does not match its recorded digest."""
 

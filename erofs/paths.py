@@ -18,6 +18,13 @@ from pathlib import Path
 BOOTSTRAP_NAME = "image.boot"
 BLOBS_DIR = "blobs"  # blob files named by their id
 
+
+def blobs_beside(bootstrap: str | os.PathLike[str]) -> Path | None:
+    """The ``blobs/`` directory beside a bootstrap (an image directory as ``build`` writes it), if there is one:
+    where ``check``, ``unpack`` and ``mount`` read blobs when no other blob source is given."""
+    found = Path(bootstrap).resolve().parent / BLOBS_DIR
+    return found if found.is_dir() else None
+
 def make_dirs(path: str | os.PathLike[str]) -> list[Path]:
     """``mkdir -p path``; returns the directories it created, outermost first (empty if ``path`` exists)."""
     missing: list[Path] = []

@@ -46,7 +46,7 @@ def is_temp_failure(exc: BaseException) -> bool:
         return True
     if isinstance(exc, PermanentFailure | BackendError):
         return False
-    if isinstance(exc, ssl.SSLCertVerificationError):
+    if isinstance(exc, ssl.SSLCertVerificationError) or _plain_http_answer(exc):
         return False
     return isinstance(
         exc,
@@ -64,10 +64,18 @@ def is_temp_failure(exc: BaseException) -> bool:
     ) or (isinstance(exc, OSError) and exc.errno in _NET_ERRNOS)
 
 
+def _plain_http_answer(exc: BaseException) -> bool:
+    """The TLS handshake got an HTTP answer: the server speaks plain HTTP (a local registry, most often)."""
+    return isinstance(exc, ssl.SSLError) and exc.reason == "WRONG_VERSION_NUMBER"
+
+
 def describe(exc: BaseException) -> str:
     """A short one-line cause for an exception."""
     if isinstance(exc, TempFailure | PermanentFailure | BackendError):
         return str(exc)
+    if _plain_http_answer(exc):
+        return ("the server speaks plain HTTP, not HTTPS: add plain_http=true to --backend-config "
+                "(or give an http:// URL)")  # fmt: skip
     if isinstance(exc, http.client.IncompleteRead):
         return f"body truncated: got {len(exc.partial)} bytes, {exc.expected} more expected"
     if isinstance(exc, TimeoutError | socket.timeout):

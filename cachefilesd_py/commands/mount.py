@@ -1,4 +1,5 @@
-"""``nydus-erofs mount BOOT MOUNTPOINT`` and ``nydus-erofs umount MOUNTPOINT`` (:mod:`cachefilesd_py.mount`).
+"""``nydus-erofs mount BOOT MOUNTPOINT``, ``nydus-erofs umount MOUNTPOINT`` and ``nydus-erofs mounts``
+(:mod:`cachefilesd_py.mount`).
 
 ``--mode fscache`` binds the image in a running cachefilesd-py (:mod:`cachefilesd_py.fscache_mount`).
 
@@ -10,6 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +23,16 @@ from cachefilesd_py.backends import KINDS
 from cachefilesd_py.backends.config import parse_backend_option
 from cachefilesd_py.fscache_mount import DEFAULT_DAEMON_SOCK, mount_fscache
 from cachefilesd_py.fscache_mount import MODE as FSCACHE_MODE
-from cachefilesd_py.mount.service import mount_image, umount_image
+from cachefilesd_py.mount.service import list_mounts, mount_image, umount_image
 from cachefilesd_py.mount.spec import MODES, MountSpec
 from cachefilesd_py.reference import cached_nydus_image, is_image_reference
-from erofs.errors import UsageError
-from erofs.units import parse_size
+from erofs.commands import SIZE
+from erofs.errors import ImageError, UsageError
+from erofs.paths import BLOBS_DIR, blobs_beside
+from erofs.progress import progress
+from erofs.reader.bootstrap import Bootstrap
 
 _REQUIRED = {"http": ("url",), "registry": ("host", "repo")}
-
-
-def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    return None if value is None else parse_size(value)
-
 
 @click.command()
 @click.argument("boot", type=click.Path(dir_okay=False))
@@ -48,8 +50,8 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
 @click.option("--daemon-sock", default=DEFAULT_DAEMON_SOCK, show_default=True, type=click.Path(dir_okay=False),
               help="fscache mode: cachefilesd-py's API socket.")  # fmt: skip
 @click.option("--domain-id", default=None, help="fscache mode: mount with this domain_id (blobs shared across images).")
-@click.option("--amplify", default="1MiB", show_default=True, callback=_size, help="Least bytes one fetch brings in.")
-@click.option("--readahead", default=None, callback=_size,
+@click.option("--amplify", type=SIZE, default="1MiB", show_default=True, help="Least bytes one fetch brings in.")
+@click.option("--readahead", type=SIZE, default=None,
               help="Bytes filled ahead of a sequential reader (0: off) [8 x amplify].")  # fmt: skip
 @click.option("--workers", default=4, show_default=True, type=click.IntRange(1, 256), help="Fill threads.")
 @click.option("--foreground", is_flag=True, help="Serve from this process until umount (fanotify mode).")
@@ -62,6 +64,8 @@ def mount(blob_dir: str | None, backend: str | None, backend_config: str | None,
     """Mount the Nydus image BOOT (its bootstrap, or docker://HOST[:PORT]/REPO[:TAG|@sha256:HEX]) on MOUNTPOINT,
     fetching blob data lazily."""
     boot = source = spec_options["boot"]
+    if not is_image_reference(boot) and not os.path.exists(boot):
+        raise UsageError(f"bootstrap {boot} does not exist")
     given_kind, config = parse_backend_option(backend_config)
     if given_kind is not None and backend is not None and given_kind != backend:
         raise UsageError(f"--backend {backend} but --backend-config says type {given_kind}")
@@ -87,9 +91,10 @@ def mount(blob_dir: str | None, backend: str | None, backend_config: str | None,
             raise UsageError("--blob-dir goes with the localfs backend")
         config["dir"] = str(Path(blob_dir).resolve())
     elif kind == "localfs" and "dir" not in config and "blob_dir" not in config:
-        default = Path(boot).resolve().parent / "blobs"
-        if not default.is_dir():
-            raise UsageError("no blobs: give --blob-dir DIR or --backend with --backend-config")
+        default = blobs_beside(boot)
+        if default is None:
+            raise UsageError(f"no blobs: no {BLOBS_DIR}/ beside {boot}: give --blob-dir DIR, or --backend with "
+                             "--backend-config")  # fmt: skip
         config["dir"] = str(default)
     for key in _REQUIRED.get(kind, ()):
         if key not in config:
@@ -98,13 +103,19 @@ def mount(blob_dir: str | None, backend: str | None, backend_config: str | None,
         logging.basicConfig(level=logging.INFO, format="nydus-erofs[%(process)d]: %(levelname)s: %(message)s",
                             force=True)  # fmt: skip
     # every other option is a MountSpec field of the same name
-    rec = mount_image(MountSpec(backend=kind, backend_config=config, **spec_options), foreground=foreground)
+    spec = MountSpec(backend=kind, backend_config=config, **spec_options)
+    with progress("fetching", _data_size(boot), quiet=as_json or foreground) as bar:  # drawn in full mode only
+        rec = mount_image(spec, foreground=foreground, progress=bar)
+    stopped_by = rec.pop("stopped_by", 0)
     if as_json:
         click.echo(json.dumps(rec, indent=2, sort_keys=True))
     elif not foreground:
-        who = f"daemon pid {rec['pid']}" if rec.get("pid") else "no daemon"
+        who = f"daemon pid {rec['pid']}, log {rec['log']}" if rec.get("pid") else "no daemon"
         what = source if is_image_reference(source) else rec["boot"]
         click.echo(f"mounted {what} on {rec['mountpoint']} ({rec['mode']} mode, {who})")
+    if stopped_by:  # --foreground stopped by Ctrl-C or SIGTERM, not by an umount: exit as if killed by it
+        click.echo(f"nydus-erofs: {'aborted' if stopped_by == signal.SIGINT else 'terminated'}", err=True)
+        sys.exit(128 + stopped_by)
 
 
 def _mount_fscache(boot: str, spec_options: dict[str, Any], blob_dir: str | None, kind: str | None,
@@ -118,8 +129,9 @@ def _mount_fscache(boot: str, spec_options: dict[str, Any], blob_dir: str | None
     if not is_image_reference(boot):
         if platform is not None or plain_http:
             raise UsageError("--platform and --plain-http go with a docker:// image reference")
-        if kind is None and (Path(boot).resolve().parent / "blobs").is_dir():
-            kind, config = "localfs", {"dir": str(Path(boot).resolve().parent / "blobs")}
+        beside = blobs_beside(boot)
+        if kind is None and beside is not None:
+            kind, config = "localfs", {"dir": str(beside)}
     elif kind not in (None, "registry"):
         raise UsageError(f"{boot}: an image reference is served from its registry (no --blob-dir or --backend)")
     rec = mount_fscache(boot, spec_options["mountpoint"], daemon_sock=daemon_sock, backend=kind, backend_config=config,
@@ -130,6 +142,16 @@ def _mount_fscache(boot: str, spec_options: dict[str, Any], blob_dir: str | None
         click.echo(f"mounted {boot} on {rec['mountpoint']} (fscache mode, fsid {rec['fsid']}, cachefilesd-py)")
 
 
+def _data_size(boot: str) -> int | None:
+    """The bytes a full-mode mount fetches: its blobs' uncompressed sizes (None for a damaged bootstrap: mounting
+    says what is wrong with it)."""
+    try:
+        with Bootstrap(boot) as bs:
+            return sum(b.uncompressed_size for b in bs.blobs) or None
+    except (ImageError, OSError):
+        return None
+
+
 @click.command()
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the daemon's final stats as JSON.")
@@ -138,3 +160,23 @@ def umount(mountpoint: str, as_json: bool) -> None:
     rec = umount_image(mountpoint)
     if as_json:
         click.echo(json.dumps(rec, indent=2, sort_keys=True))
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+def mounts(as_json: bool) -> None:
+    """List the images nydus-erofs mounted: mountpoint, mode, state, daemon pid, image, cache dir and log.
+
+    A read that fails with EIO on a lazy mount says why in the mount's log.
+    """
+    found = list_mounts()
+    if as_json:
+        click.echo(json.dumps(found, indent=2, sort_keys=True))
+        return
+    if not found:
+        click.echo("no nydus-erofs mounts", err=True)
+        return
+    for m in found:
+        click.echo(f"{m['mountpoint']}: {m['mode']} mode, {m['state']}, "
+                   f"{'daemon pid ' + str(m['pid']) if m['pid'] else 'no daemon'}")  # fmt: skip
+        click.echo(f"  image {m['boot']}  cache {m['cache_dir']}  log {m['log'] or '-'}")

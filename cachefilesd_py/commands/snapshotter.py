@@ -15,11 +15,7 @@ from cachefilesd_py.mount.spec import MODES
 from cachefilesd_py.notify import notify
 from cachefilesd_py.snapshotter.service import serve
 from cachefilesd_py.snapshotter.snapshotter import Snapshotter
-from erofs.units import parse_size
-
-
-def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
-    return parse_size(value)
+from erofs.commands import SIZE
 
 
 @click.command()
@@ -31,8 +27,8 @@ def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
 @click.option("--plain-http", is_flag=True, help="Reach registries over HTTP, without TLS.")
 @click.option("--containerd-root", default="/var/lib/containerd", show_default=True,
               type=click.Path(file_okay=False), help="containerd root (plain pulls: its content store).")  # fmt: skip
-@click.option("--amplify", default="1MiB", show_default=True, callback=_size, help="Least bytes one fetch brings in.")
-@click.option("--readahead", default="0", show_default=True, callback=_size,
+@click.option("--amplify", type=SIZE, default="1MiB", show_default=True, help="Least bytes one fetch brings in.")
+@click.option("--readahead", type=SIZE, default="0", show_default=True,
               help="Bytes filled ahead of a sequential reader (0: off).")  # fmt: skip
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO")
 def snapshotter(address: str, root: str, mode: str, cache_dir: str | None, plain_http: bool, containerd_root: str,

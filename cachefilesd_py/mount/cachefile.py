@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from erofs.errors import UsageError
+from erofs.progress import ProgressCallback
 from fscache.fanotify import FanotifyGroup, PreAccessEvent
 
 from ..pipeline import PAGE_SIZE, BlobHandle, Pipeline
@@ -261,21 +262,26 @@ def probe_pre_content(cache_dir: Path) -> None:
         probe.unlink()
 
 
-def fill_all(files: Sequence[CacheFile], pipeline: Pipeline) -> int:
+def fill_all(files: Sequence[CacheFile], pipeline: Pipeline, progress: ProgressCallback | None = None) -> int:
     """Fetch everything missing into the cache files (verified), writing through their fds, on the
-    pipeline's workers; then fsync.  Returns the bytes written; raises the first failure."""
+    pipeline's workers; then fsync.  Returns the bytes written; raises the first failure.  ``progress`` is told
+    the length of each range as it is filled or found present: the files' sizes add up to the total."""
     step = max(pipeline.amplify, 8 << 20)
-    futures = [
-        pipeline.submit(cf.handle, off, min(step, cf.size - off), cf.pwrite, cf.present)
-        for cf in files
-        for off in range(0, cf.size, step)
-        if not cf.present(off, min(step, cf.size - off))
-    ]
+    futures = []
+    for cf in files:
+        for off in range(0, cf.size, step):
+            length = min(step, cf.size - off)
+            if not cf.present(off, length):
+                futures.append((pipeline.submit(cf.handle, off, length, cf.pwrite, cf.present), length))
+            elif progress is not None:
+                progress(length)
     total = 0
     first: BaseException | None = None
-    for fut in futures:
+    for fut, length in futures:
         try:
             total += fut.result()
+            if progress is not None:
+                progress(length)
         except Exception as e:  # noqa: BLE001 - wait for the others, then raise the first
             first = first or e
     if first is not None:

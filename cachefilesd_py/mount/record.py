@@ -22,7 +22,8 @@ from fscache.mount import MountError
 
 from .spec import MountSpec
 
-__all__ = ["RUN_DIR_ENV", "initial_record", "read_record", "record_path", "run_dir", "write_record"]
+__all__ = ["RUN_DIR_ENV", "all_records", "initial_record", "log_path", "read_record", "record_path", "run_dir",
+           "write_record"]
 
 RUN_DIR_ENV = "NYDUS_EROFS_RUN_DIR"
 DEFAULT_RUN_DIR = "/run/nydus-erofs/mounts"
@@ -35,6 +36,29 @@ def run_dir() -> Path:
 def record_path(mountpoint: str | os.PathLike[str]) -> Path:
     key = hashlib.sha256(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:32]
     return run_dir() / f"{key}.json"
+
+
+def log_path(mountpoint: str | os.PathLike[str]) -> Path:
+    """Where the daemon of the mount at ``mountpoint`` logs (what it could not serve, and why)."""
+    return record_path(mountpoint).with_suffix(".log")
+
+
+def all_records() -> list[dict[str, Any]]:
+    """Every runtime record in the run dir, by mountpoint (a record being written or removed meanwhile is left
+    out)."""
+    out = []
+    try:
+        paths = sorted(run_dir().glob("*.json"))
+    except OSError:
+        return []
+    for path in paths:
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("mountpoint"), str):
+            out.append(rec)
+    return sorted(out, key=lambda r: r["mountpoint"])
 
 
 def initial_record(spec: MountSpec) -> dict[str, Any]:

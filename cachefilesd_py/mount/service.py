@@ -32,6 +32,7 @@ from typing import Any
 
 from erofs.errors import BackendError, UsageError
 from erofs.paths import process_start_time
+from erofs.progress import ProgressCallback
 from erofs.reader.bootstrap import Bootstrap
 from fscache.errors import PreContentUnsupportedError, UnsupportedFilesystemError
 from fscache.mount import MountError, filesystem_name, is_mounted, mount_erofs_file_backed, top_mount, umount
@@ -43,11 +44,11 @@ from ..fscache_mount import unbind
 from ..pipeline import Pipeline
 from .cachefile import check_cache_path, fill_all, prepare_cache_files, probe_pre_content
 from .ready import OK, daemon_error, read_line
-from .record import initial_record, read_record, record_path, run_dir, write_record
+from .record import all_records, initial_record, log_path, read_record, record_path, run_dir, write_record
 from .spec import MODES, MountSpec, spec_fd
 from .worker import run_daemon
 
-__all__ = ["mount_image", "select_mode", "umount_image"]
+__all__ = ["list_mounts", "mount_image", "select_mode", "umount_image"]
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,13 @@ def select_mode(mode: str, cache_dir: Path) -> str:
 
 
 # -- mount --------------------------------------------------------------------------------------------------------
-def mount_image(spec: MountSpec, *, foreground: bool = False) -> dict[str, Any]:
-    """Mount ``spec``; returns the runtime record (``mode``, ``pid`` of the daemon, ...).
+def mount_image(spec: MountSpec, *, foreground: bool = False,
+                progress: ProgressCallback | None = None) -> dict[str, Any]:  # fmt: skip
+    """Mount ``spec``; returns the runtime record (``mode``, ``pid`` of the daemon, ``log``: the daemon's log).
 
-    In the foreground (fanotify mode) the daemon runs in this process and this call returns after umount.
+    In the foreground (fanotify mode) the daemon runs in this process and this call returns after umount, or
+    after a SIGINT/SIGTERM, which the record's ``stopped_by`` then names.  In full mode ``progress`` is told the
+    bytes of each range fetched or found in the cache (the blobs' uncompressed sizes add up to the total).
     """
     given = spec
     spec = spec.resolved()
@@ -113,7 +117,7 @@ def mount_image(spec: MountSpec, *, foreground: bool = False) -> dict[str, Any]:
     record = record_path(mp)
     data = initial_record(spec)
     if spec.mode == "full":
-        _mount_full(spec)
+        _mount_full(spec, progress)
         data["pid"] = None
         try:
             write_record(record, data)
@@ -122,7 +126,8 @@ def mount_image(spec: MountSpec, *, foreground: bool = False) -> dict[str, Any]:
             raise
         return data
     if foreground:
-        run_daemon(spec, ready_fd=None)
+        data["log"] = None  # it logs to stderr
+        data["stopped_by"] = run_daemon(spec, ready_fd=None)
         return data
     return _start_daemon(spec, data)
 
@@ -132,7 +137,7 @@ def _start_daemon(spec: MountSpec, data: dict[str, Any]) -> dict[str, Any]:
     the worker serves."""
     mp = Path(spec.mountpoint)
     r, w = os.pipe2(os.O_CLOEXEC)
-    log_path = record_path(mp).with_suffix(".log")
+    log_file = log_path(mp)
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -140,7 +145,7 @@ def _start_daemon(spec: MountSpec, data: dict[str, Any]) -> dict[str, Any]:
         sfd = spec_fd(spec)
         try:
             cmd = [sys.executable, "-m", SUPERVISOR_MODULE, "--spec-fd", str(sfd), "--ready-fd", str(w)]
-            with open(log_path, "ab") as logf:
+            with open(log_file, "ab") as logf:
                 proc = subprocess.Popen(
                     cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf, pass_fds=(w, sfd),
                     start_new_session=True, cwd="/", env=env,
@@ -152,22 +157,22 @@ def _start_daemon(spec: MountSpec, data: dict[str, Any]) -> dict[str, Any]:
     try:
         status = read_line(r)
     except BaseException:  # Ctrl-C: stop the supervisor as umount would (it stops its worker and unmounts);
-        _stop_unready(proc, mp, log_path)  # a SIGKILL orphaned the worker: it mounted after "aborted"
+        _stop_unready(proc, mp, log_file)  # a SIGKILL orphaned the worker: it mounted after "aborted"
         raise
     if status == OK:
         data["pid"] = proc.pid
-        data["log"] = str(log_path)
+        data["log"] = str(log_file)
         written = read_record(mp) or {}
         data["worker_pid"] = written.get("worker_pid")
         return data
     code = proc.wait()
     if status.startswith("error "):
-        log_path.unlink(missing_ok=True)  # the error is the one line reported
+        log_file.unlink(missing_ok=True)  # the error is the one line reported (the log holds only that line)
         raise daemon_error(status)
-    raise MountError(errno.EIO, f"mount daemon exited with status {code} before mounting (log: {log_path})")
+    raise MountError(errno.EIO, f"mount daemon exited with status {code} before mounting (log: {log_file})")
 
 
-def _stop_unready(proc: subprocess.Popen[bytes], mp: Path, log_path: Path) -> None:
+def _stop_unready(proc: subprocess.Popen[bytes], mp: Path, log_file: Path) -> None:
     """Stop a mount daemon that has not said it is ready; with nothing left mounted, its record and log go."""
     proc.terminate()
     try:
@@ -179,7 +184,7 @@ def _stop_unready(proc: subprocess.Popen[bytes], mp: Path, log_path: Path) -> No
         rec = read_record(mp)
         if rec is not None:
             _forget(mp, rec)
-        log_path.unlink(missing_ok=True)
+        log_file.unlink(missing_ok=True)
 
 
 def _check_image_and_backend(spec: MountSpec) -> None:
@@ -200,18 +205,41 @@ def _check_cache_not_blobs(cache: Path, config: dict[str, Any]) -> None:
             raise UsageError(f"--cache-dir {cache} is the blob directory: its cache files would overwrite the blobs")
 
 
-def _mount_full(spec: MountSpec) -> None:
+def _mount_full(spec: MountSpec, progress: ProgressCallback | None) -> None:
     be = make_backend(spec.backend, **spec.backend_config)
     files = []
     try:
         with Pipeline(amplify=max(spec.amplify, 1 << 20), workers=spec.workers) as pipeline:
             files = prepare_cache_files(Path(spec.cache_dir), open_image(spec.boot, be))
-            fill_all(files, pipeline)
+            fill_all(files, pipeline, progress)
         mount_erofs_file_backed(spec.boot, spec.mountpoint, [cf.path for cf in files])
     finally:
         for cf in files:
             cf.close()
         be.close()
+
+
+# -- list ------------------------------------------------------------------------------------------------------
+def list_mounts() -> list[dict[str, Any]]:
+    """The mounts nydus-erofs made, from their runtime records: ``mountpoint``, ``mode``, ``boot``, ``cache_dir``,
+    ``backend``, ``pid``, ``log`` and ``state``: ``serving`` (a daemon serves it), ``mounted`` (full mode, nothing
+    to serve), ``daemon gone`` (mounted, but no daemon: reads of data not yet cached fail), ``stopped`` (the
+    daemon stopped: detached by other means, or being unmounted) or ``not mounted`` (a stale record)."""
+    out = []
+    for rec in all_records():
+        mp = rec["mountpoint"]
+        mounted = is_mounted(mp)
+        if rec.get("pid") and is_daemon(rec):
+            state = "serving" if mounted or not rec.get("stopped") else "stopped"
+        elif mounted:
+            state = "mounted" if rec.get("mode") == "full" else "daemon gone"
+        else:
+            state = "stopped" if rec.get("stopped") else "not mounted"
+        lp = log_path(mp)
+        out.append({"mountpoint": mp, "mode": rec.get("mode"), "boot": rec.get("boot"),
+                    "cache_dir": rec.get("cache_dir"), "backend": rec.get("backend"), "pid": rec.get("pid"),
+                    "state": state, "log": str(lp) if lp.exists() else None})  # fmt: skip
+    return out
 
 
 # -- umount -------------------------------------------------------------------------------------------------------
@@ -277,7 +305,7 @@ def _forget(mp: Path, rec: dict[str, Any]) -> dict[str, Any]:
         # its supervisor is gone (killed): the worker stops once its mount is gone, or now
         _kill(worker, signal.SIGTERM)
         _wait_exit(worker, 30)
-    for p in (record_path(mp), record_path(mp).with_suffix(".log")):
+    for p in (record_path(mp), log_path(mp)):
         try:
             p.unlink()
         except FileNotFoundError:
@@ -305,12 +333,14 @@ def umount_image(mountpoint: str | os.PathLike[str], *, timeout: float = 30.0) -
         if not _wait_exit(pid, timeout):
             if not mounted:  # detached by other means and still in use: it serves those files until they close
                 raise MountError(errno.EBUSY, f"{mp} was detached but files are still open on it: daemon {pid} "
-                                 "serves them until they close, then exits")  # fmt: skip
+                                 "serves them until they close, then exits "
+                                 f"(log: {log_path(mp)})")  # fmt: skip
             _kill(pid, signal.SIGUSR1)  # the daemon dumps its threads' stacks into its log
             _wait_exit(pid, 1.0)
             _kill(pid, signal.SIGKILL)
             _wait_exit(pid, None)
-            raise MountError(errno.ETIMEDOUT, f"daemon {pid} did not stop within {timeout:g}s: killed")
+            raise MountError(errno.ETIMEDOUT, f"daemon {pid} did not stop within {timeout:g}s: killed "
+                             f"(log: {log_path(mp)})")  # fmt: skip
     rec = _forget(mp, rec)
     return unbind(rec) if rec.get("mode") == FSCACHE_MODE else rec  # the image bound in cachefilesd-py
 

@@ -79,6 +79,7 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
 
     Every startup failure is reported as one line on ``ready_fd`` (:func:`error_line`) and raised.  On exit the
     final stats go into the runtime record, for ``umount`` (unless the record is another daemon's by then).
+    Returns the signal that stopped it, or 0 when the image was released by an umount.
     """
     boot, mountpoint, cache_dir = Path(spec.boot), Path(spec.mountpoint), Path(spec.cache_dir)
     amplify, workers = spec.amplify, spec.workers
@@ -147,7 +148,10 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
         raise
     assert watch is not None and inotify is not None and server is not None
 
+    stopped_by: list[int] = []
+
     def on_signal(signum: int, frame: object) -> None:
+        stopped_by.append(signum)
         server.stop()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -179,7 +183,7 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
         log.info("stopped: %s", json.dumps(stats["pipeline"]))
         for s, h in old.items():  # only now: a late SIGTERM must not cut the final record short
             signal.signal(s, h)
-    return 0
+    return stopped_by[0] if stopped_by else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

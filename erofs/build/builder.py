@@ -4,7 +4,8 @@ Several SOURCEs are layers, bottom to top (see :mod:`erofs.build.sources.layers`
 bootstrap with one blob per layer that has new data.
 
 Everything is built in a private temporary directory inside OUT and moved into place only when complete:
-a failed build leaves OUT as it was (and removes OUT if the build created it).
+a failed build leaves OUT as it was (and removes OUT if the build created it); a build into an OUT that holds
+an image replaces it, removing the old blobs the new bootstrap does not use.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from erofs.errors import SourceError, UsageError
 from erofs.format import rafs_v6 as r
 from erofs.format.rafs_v6 import BlobInfo
 from erofs.paths import BLOBS_DIR, BOOTSTRAP_NAME, make_dirs, remove_dirs, remove_stale_temps, temp_prefix
+from erofs.progress import ProgressCallback
 
 BUILD_TEMP = ".nydus-erofs-build-"  # + owner + random: the temporary directory inside OUT
+_BLOB_ID = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(slots=True)
@@ -86,12 +89,13 @@ def _single(trees: list[Node]) -> Node:
 def build_layers(readers: Sequence[LayerReader], output_dir: str | os.PathLike[str], opts: ImageOptions,
                  merge: Merger = _single, known: ChunkIndex | None = None,
                  extra_blobs: Sequence[BlobInfo] = (),
-                 extra_blob_files: Mapping[str, Path] | None = None) -> BuildResult:  # fmt: skip
+                 extra_blob_files: Mapping[str, Path] | None = None,
+                 progress: ProgressCallback | None = None) -> BuildResult:  # fmt: skip
     """Build an image from layer readers into ``output_dir`` atomically.
 
     ``known`` pre-seeds dedup (a chunk dict's chunks, referring to ``extra_blobs``, which become the first
     blob slots of the image).  ``extra_blob_files`` (blob id -> file) are copied into OUT/blobs when the
-    image references them, so OUT is self-contained.
+    image references them, so OUT is self-contained.  ``progress`` is called with the bytes of file data read.
     """
     out = Path(output_dir)
     try:
@@ -114,7 +118,8 @@ def build_layers(readers: Sequence[LayerReader], output_dir: str | os.PathLike[s
         layers: list[str | None] = []
         bytes_in = bytes_deduped = 0
         for reader in readers:
-            store = ChunkStore(tmp / BLOBS_DIR, len(blobs), opts.chunk_size, opts.compressor, opts.digester, index)
+            store = ChunkStore(tmp / BLOBS_DIR, len(blobs), opts.chunk_size, opts.compressor, opts.digester, index,
+                               progress)  # fmt: skip
             try:
                 trees.append(reader(store))
                 info = store.finish()
@@ -144,6 +149,7 @@ def build_layers(readers: Sequence[LayerReader], output_dir: str | os.PathLike[s
             if src.exists():
                 os.replace(src, out / BLOBS_DIR / b.blob_id)
         os.replace(tmp / BOOTSTRAP_NAME, out / BOOTSTRAP_NAME)
+        _remove_stale_blobs(out / BLOBS_DIR, {b.blob_id for b in blobs})
         _fsync_dir(out / BLOBS_DIR)
         _fsync_dir(out)
         return BuildResult(out / BOOTSTRAP_NAME, blobs, inodes, opts, bytes_in, bytes_deduped, layers)
@@ -153,6 +159,14 @@ def build_layers(readers: Sequence[LayerReader], output_dir: str | os.PathLike[s
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale_blobs(blobs_dir: Path, keep: set[str]) -> None:
+    """A rebuild replaces the image in OUT: the blobs of the previous one that the new bootstrap does not use go
+    (only files named like a blob id; anything else in OUT/blobs is left alone)."""
+    for entry in os.scandir(blobs_dir):
+        if _BLOB_ID.fullmatch(entry.name) and entry.name not in keep and entry.is_file(follow_symlinks=False):
+            os.unlink(entry.path)
 
 
 def _used_blobs(tree: Node) -> set[int]:
@@ -210,7 +224,8 @@ def build_directory(source: str | os.PathLike[str], output_dir: str | os.PathLik
 
 def build_image(sources: Sequence[str], output_dir: str | os.PathLike[str], opts: ImageOptions, *,
                 whiteout_spec: str = "oci", platform: str | None = None, chunk_dict: str | None = None,
-                chunk_dict_blob_dir: str | None = None) -> BuildResult:  # fmt: skip
+                chunk_dict_blob_dir: str | None = None,
+                progress: ProgressCallback | None = None) -> BuildResult:  # fmt: skip
     """Build one image from SOURCE layers into ``output_dir`` (atomically; see :func:`build_layers`)."""
     if chunk_dict_blob_dir and not chunk_dict:
         raise UsageError("--chunk-dict-blob-dir needs --chunk-dict")
@@ -229,5 +244,5 @@ def build_image(sources: Sequence[str], output_dir: str | os.PathLike[str], opts
     return build_layers(
         readers, output_dir, opts, merge=merge,
         known=cd.known if cd else None, extra_blobs=cd.blobs if cd else (),
-        extra_blob_files=cd.blob_files if cd else None,
+        extra_blob_files=cd.blob_files if cd else None, progress=progress,
     )  # fmt: skip

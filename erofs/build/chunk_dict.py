@@ -52,8 +52,9 @@ def load_chunk_dict(bootstrap: str | os.PathLike[str], blob_dir: str | os.PathLi
             if b.digester != opts.digester:
                 raise SourceError(f"{where}: blob {b.blob_id} uses digester {b.digester}, this build {opts.digester}")
             if b.compressor != opts.compressor:
-                raise SourceError(
-                    f"{where}: blob {b.blob_id[:12]} is compressed with {b.compressor}: use --compressor {b.compressor}"
+                raise SourceError(  # its blobs are used as they are, and an image has one compressor (RAFS flags)
+                    f"{where}: blob {b.blob_id[:12]} is compressed with {b.compressor}, this build with "
+                    f"{opts.compressor}: give --compressor {b.compressor}"
                 )
             if len(b.blob_id) != 64 or not all(c in "0123456789abcdef" for c in b.blob_id):
                 raise SourceError(f"{where}: blob id {b.blob_id!r} is not a sha256 digest")

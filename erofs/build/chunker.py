@@ -16,13 +16,16 @@ from erofs import codec
 from erofs.build.blob import BlobWriter
 from erofs.build.tree import ChunkRef
 from erofs.format.rafs_v6 import BlobInfo
+from erofs.progress import ProgressCallback
 
 ChunkIndex = dict[tuple[bytes, int], ChunkRef]
 
 
 class ChunkStore:
     def __init__(self, blobs_dir: Path, blob_index: int, chunk_size: int, compressor: str, digester: str,
-                 known: ChunkIndex | None = None) -> None:  # fmt: skip
+                 known: ChunkIndex | None = None,
+                 progress: ProgressCallback | None = None) -> None:  # fmt: skip
+        self.progress = progress  # called with the bytes of each chunk taken in (stored or deduplicated)
         self.blobs_dir = blobs_dir
         self.blob_index = blob_index
         self.chunk_size = chunk_size
@@ -38,6 +41,8 @@ class ChunkStore:
         digest = codec.chunk_digest(self.digester, data)
         key = (digest, len(data))
         self.bytes_in += len(data)
+        if self.progress is not None:
+            self.progress(len(data))
         ref = self.known.get(key)
         if ref is not None:
             self.bytes_deduped += len(data)

@@ -26,15 +26,24 @@ from typing import Any
 
 from erofs.build.bootstrap import ImageOptions
 from erofs.build.builder import BuildResult, build_image
-from erofs.build.sources.oci import DEFAULT_PLATFORM, MT_MANIFEST, REF_NAME, OciLayout, parse_platform, parse_reference
+from erofs.build.sources.oci import (
+    ANN_NYDUS_BOOTSTRAP,
+    DEFAULT_PLATFORM,
+    MT_MANIFEST,
+    MT_NYDUS_BLOB,
+    REF_NAME,
+    OciLayout,
+    is_nydus_manifest,
+    parse_platform,
+    parse_reference,
+)
 from erofs.errors import SourceError, UsageError
 from erofs.paths import BLOBS_DIR, BOOTSTRAP_NAME, make_dirs, remove_stale_temps, temp_prefix
+from erofs.progress import ProgressCallback
 
 MT_CONFIG = "application/vnd.oci.image.config.v1+json"
-MT_NYDUS_BLOB = "application/vnd.oci.image.layer.nydus.blob.v1"
 MT_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 ANN_NYDUS_BLOB = "containerd.io/snapshot/nydus-blob"
-ANN_NYDUS_BOOTSTRAP = "containerd.io/snapshot/nydus-bootstrap"
 ANN_NYDUS_FS_VERSION = "containerd.io/snapshot/nydus-fs-version"
 NYDUS_OS_FEATURE = "nydus.remoteimage.v1"
 BOOTSTRAP_MEMBER = "image/image.boot"
@@ -53,13 +62,28 @@ class ConvertResult:
                 "image": self.build.to_json()}  # fmt: skip
 
 
-def _skopeo(*args: str) -> None:
+_SKOPEO_FATAL = re.compile(r'level=fatal msg="((?:[^"\\]|\\.)*)"')  # logrus: time=... level=fatal msg="..."
+
+
+def _skopeo(what: str, *args: str) -> None:
+    """Run skopeo; a failure is one line of ours: ``WHAT: skopeo's reason`` (not its log line)."""
     if shutil.which("skopeo") is None:
         raise UsageError("docker:// references need skopeo (apt-get install skopeo)")
     proc = subprocess.run(["skopeo", *args], capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-        raise SourceError(f"skopeo {args[0]}: {lines[-1] if lines else 'failed'}")
+        reason = skopeo_reason(lines[-1]) if lines else f"skopeo exited with status {proc.returncode}"
+        if "server gave HTTP response to HTTPS client" in reason:
+            reason += " (the registry speaks plain HTTP: add --plain-http)"
+        raise SourceError(f"{what}: {reason}")
+
+
+def skopeo_reason(line: str) -> str:
+    """The message of skopeo's ``level=fatal msg="..."`` log line (unquoted), or the line as it is."""
+    m = _SKOPEO_FATAL.search(line)
+    if m is None:
+        return line.strip()
+    return re.sub(r"\\(.)", r"\1", m.group(1))
 
 
 def _split(ref: str) -> tuple[str, str]:
@@ -165,8 +189,8 @@ def read_target_index(path: Path) -> dict[str, Any]:
 
 
 def convert(source: str, target: str, opts: ImageOptions, *, platform: str | None = None,
-            chunk_dict: str | None = None, plain_http: bool = False,
-            work_dir: str | None = None) -> ConvertResult:  # fmt: skip
+            chunk_dict: str | None = None, chunk_dict_blob_dir: str | None = None, plain_http: bool = False,
+            work_dir: str | None = None, progress: ProgressCallback | None = None) -> ConvertResult:  # fmt: skip
     """Convert the OCI image ``source`` into a Nydus image at ``target`` (``oci:`` or ``docker://``)."""
     src_kind, src_rest = _split(source)
     dst_kind, dst_rest = _split(target)
@@ -185,7 +209,7 @@ def convert(source: str, target: str, opts: ImageOptions, *, platform: str | Non
         if src_kind == "docker":
             os_name, arch = want.split("/")[:2]
             src_ref = f"oci:{tmp / 'src'}:src"
-            _skopeo("copy", "--quiet", *_tls(plain_http, "src"), f"--override-os={os_name}",
+            _skopeo(f"cannot pull {source}", "copy", "--quiet", *_tls(plain_http, "src"), f"--override-os={os_name}",
                     f"--override-arch={arch}", f"docker:{src_rest}", src_ref)  # fmt: skip
         else:
             src_ref = source
@@ -193,10 +217,14 @@ def convert(source: str, target: str, opts: ImageOptions, *, platform: str | Non
         if not layout_path.is_dir():
             raise SourceError(f"{layout_path}: no such OCI image layout directory")
         layout = OciLayout(layout_path)
-        src_manifest = layout.manifest(tag, want)
+        src_manifest = layout.manifest(tag, platform)
+        if is_nydus_manifest(src_manifest):
+            raise SourceError(f"{source} is already a Nydus image: nothing to convert (mount its bootstrap, or "
+                              "convert the OCI image it was made from)")  # fmt: skip
         config = layout._blob_json(src_manifest["config"])
         sources = [src_ref]
-        result = build_image(sources, tmp / "image", opts, platform=want, chunk_dict=chunk_dict)
+        result = build_image(sources, tmp / "image", opts, platform=platform, chunk_dict=chunk_dict,
+                             chunk_dict_blob_dir=chunk_dict_blob_dir, progress=progress)  # fmt: skip
 
         made: list[Path] = []
         if dst_kind == "oci":
@@ -226,7 +254,8 @@ def convert(source: str, target: str, opts: ImageOptions, *, platform: str | Non
                                          **({"variant": variant[0]} if variant else {})}  # fmt: skip
             writer.tag(manifest_desc, out_tag)
             if dst_kind == "docker":
-                _skopeo("copy", "--quiet", *_tls(plain_http, "dest"), f"oci:{out_path}:{out_tag}", f"docker:{dst_rest}")
+                _skopeo(f"cannot push {target}", "copy", "--quiet", *_tls(plain_http, "dest"),
+                        f"oci:{out_path}:{out_tag}", f"docker:{dst_rest}")  # fmt: skip
             return ConvertResult(target, manifest_desc["digest"], manifest, result)
         except BaseException:
             if made:  # a layout this conversion created: gone again, not left half-written

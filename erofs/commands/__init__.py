@@ -7,7 +7,24 @@ from typing import TypeVar
 
 import click
 
+from erofs.units import parse_size
+
 F = TypeVar("F", bound=Callable[..., object])
+
+
+class Size(click.ParamType):
+    """A size option ('1MiB', '512k', '0x100000'): bytes, or a one-line error naming the option."""
+
+    name = "size"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        option = param.opts[0] if param is not None and param.opts else None
+        return parse_size(str(value), option)
+
+
+SIZE = Size()
 
 
 def blob_source_options(fn: F) -> F:

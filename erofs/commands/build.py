@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
 
 from erofs.build.builder import build_image, check_options
 from erofs.build.overlay import WHITEOUT_SPECS
-from erofs.units import parse_size
+from erofs.build.sources.oci import looks_like_layout
+from erofs.commands import SIZE
+from erofs.progress import progress
+from erofs.units import count
 
 
 @click.command()
@@ -17,7 +21,8 @@ from erofs.units import parse_size
 @click.option(
     "--output-dir", "-o", required=True, type=click.Path(file_okay=False), help="Where image.boot and blobs/ go."
 )
-@click.option("--chunk-size", default="1MiB", show_default=True, help="Chunk size, a power of two from 4KiB to 16MiB.")
+@click.option("--chunk-size", type=SIZE, default="1MiB", show_default=True,
+              help="Chunk size, a power of two from 4KiB to 16MiB.")  # fmt: skip
 @click.option("--compressor", type=click.Choice(["none", "lz4_block", "zstd"]), default="none", show_default=True)
 @click.option("--digester", type=click.Choice(["blake3", "sha256"]), default="blake3", show_default=True)
 @click.option("--whiteout-spec", type=click.Choice(WHITEOUT_SPECS), default="oci", show_default=True,
@@ -28,17 +33,22 @@ from erofs.units import parse_size
               help="Blob directory of --chunk-dict [default: its directory's blobs/].")  # fmt: skip
 @click.option("--platform", default=None, help="os/arch[/variant] of a multi-platform OCI image [the host's].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def build(sources: tuple[str, ...], output_dir: str, chunk_size: str, compressor: str, digester: str,
+def build(sources: tuple[str, ...], output_dir: str, chunk_size: int, compressor: str, digester: str,
           whiteout_spec: str, chunk_dict: str | None, chunk_dict_blob_dir: str | None, platform: str | None,
           as_json: bool) -> None:  # fmt: skip
     """Build a Nydus RAFS v6 image (OUT/image.boot + OUT/blobs/<id>) from SOURCE layers, bottom to top."""
-    opts = check_options(parse_size(chunk_size), compressor, digester)
-    result = build_image(sources, output_dir, opts, whiteout_spec=whiteout_spec, platform=platform,
-                         chunk_dict=chunk_dict, chunk_dict_blob_dir=chunk_dict_blob_dir)  # fmt: skip
+    opts = check_options(chunk_size, compressor, digester)
+    for src in sources:
+        if not src.startswith("oci:") and os.path.isdir(src) and looks_like_layout(src):
+            click.echo(f"nydus-erofs: warning: {src} is an OCI image layout, built here as plain files: "
+                       f"for the image it holds, give oci:{src}[:TAG]", err=True)  # fmt: skip
+    with progress("building", quiet=as_json) as bar:
+        result = build_image(sources, output_dir, opts, whiteout_spec=whiteout_spec, platform=platform,
+                             chunk_dict=chunk_dict, chunk_dict_blob_dir=chunk_dict_blob_dir, progress=bar)  # fmt: skip
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
-        click.echo(f"{result.bootstrap}: {result.inodes} inodes, {len(result.blobs)} blob(s)")
+        click.echo(f"{result.bootstrap}: {count(result.inodes, 'inode')}, {count(len(result.blobs), 'blob')}")
         for b in result.blobs:
-            click.echo(f"  blobs/{b.blob_id}  {b.chunk_count} chunks, {b.compressed_size} bytes")
+            click.echo(f"  blobs/{b.blob_id}  {count(b.chunk_count, 'chunk')}, {count(b.compressed_size, 'byte')}")
     sys.stdout.flush()

@@ -15,6 +15,7 @@ from erofs.format import erofs_fs as fs
 from erofs.format import rafs_v6 as rv
 from erofs.reader.bootstrap import Bootstrap
 from erofs.reader.records import Inode
+from erofs.units import count
 
 _COMPAT = {
     fs.EROFS_FEATURE_COMPAT_SB_CHKSUM: "sb_csum",
@@ -297,12 +298,13 @@ def inspect(bootstrap: str, as_json: bool, ls_path: str | None, stat_path: str |
             click.echo(f"rafs flags: {' '.join(info['rafs']['flag_names'])}")
             click.echo(f"chunk size {info['chunk_size']}, compressor {info['compressor']}, digester {info['digester']}")
         click.echo(
-            f"inodes: {info['inodes']} ({info['files']} files, {info['directories']} directories, "
-            f"{info['symlinks']} symlinks, {info['others']} others), {info['file_bytes']} bytes of file data"
+            f"inodes: {info['inodes']} ({count(info['files'], 'file')}, "
+            f"{count(info['directories'], 'directory', 'directories')}, {count(info['symlinks'], 'symlink')}, "
+            f"{count(info['others'], 'other')}), {count(info['file_bytes'], 'byte')} of file data"
         )
         ch = info["chunks"]
         click.echo(
-            f"chunks: {ch['referenced']} referenced, {ch['unique']} unique, {ch['holes']} holes, "
+            f"chunks: {ch['referenced']} referenced, {ch['unique']} unique, {count(ch['holes'], 'hole')}, "
             f"dedup ratio {ch['dedup_ratio']}, compression ratio {ch['compression_ratio']}"
         )
         click.echo(f"blobs: {len(info['blobs'])}")
@@ -311,7 +313,8 @@ def inspect(bootstrap: str, as_json: bool, ls_path: str | None, stat_path: str |
                 click.echo(f"  {b['index']}: {b['id']}  {b['uncompressed_size']} bytes (device)")
                 continue
             click.echo(
-                f"  {b['index']}: {b['id']}  {b['chunk_count']} chunks, {b['compressed_size']} bytes compressed, "
+                f"  {b['index']}: {b['id']}  {count(b['chunk_count'], 'chunk')}, "
+                f"{count(b['compressed_size'], 'byte')} compressed, "
                 f"{b['uncompressed_size']} uncompressed, {b['compressor']}/{b['digester']}, "
                 f"chunk size {b['chunk_size']}"
             )

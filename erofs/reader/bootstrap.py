@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from functools import cached_property
 from typing import Any
 
-from erofs.errors import ImageError, UsageError
+from erofs.errors import ImageError, UnsupportedImageError, UsageError
 from erofs.format import erofs_fs as fs
 from erofs.format import rafs_v6 as rv
 from erofs.format.rafs_v6 import BlobInfo
@@ -124,6 +124,8 @@ class Bootstrap:
         unknown = sb.feature_incompat & ~fs.EROFS_ALL_FEATURE_INCOMPAT_6_12
         if unknown:
             raise ImageError(f"superblock: unsupported feature_incompat bits {unknown:#x}")
+        if sb.feature_incompat & (fs.EROFS_FEATURE_INCOMPAT_ZERO_PADDING | fs.EROFS_FEATURE_INCOMPAT_COMPR_CFGS):
+            raise UnsupportedImageError(f"{self.path}: not a Nydus image: compressed EROFS is not supported")
         self.meta_base = sb.meta_blkaddr * self.blksz
         if self.meta_base >= self.size:
             raise ImageError(f"superblock: meta_blkaddr {sb.meta_blkaddr} is past the end of the image")

@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from erofs.errors import BackendError, ImageError, NydusErofsError
+from erofs.errors import BackendError, ImageError, NydusErofsError, UnsupportedImageError
 from erofs.format import erofs_fs as fs
 from erofs.format import rafs_v6 as rv
 from erofs.reader.backend import BlobBackend
@@ -105,6 +105,8 @@ def check_image(
     else:
         try:
             bs = Bootstrap(bootstrap, verify_checksum=False)
+        except UnsupportedImageError:
+            raise  # not damage: nothing to check
         except ImageError as e:
             report.add(_msg(e))
             return report

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from erofs.errors import ImageError, UsageError
 from erofs.paths import make_dirs, remove_dirs, remove_stale_temps, temp_prefix
+from erofs.progress import ProgressCallback
 from erofs.reader.data import ImageReader
 from erofs.reader.records import Dirent, Inode
 
@@ -43,9 +44,9 @@ def _temp_prefix(out: Path) -> str:
 # to a directory
 
 
-def unpack_to_dir(reader: ImageReader, output: str | os.PathLike[str]) -> int:
+def unpack_to_dir(reader: ImageReader, output: str | os.PathLike[str], progress: ProgressCallback | None = None) -> int:
     """Write the image's tree to ``output`` (must not exist, or be an empty directory).  Returns the number of
-    inodes written.  On failure nothing is left at ``output``."""
+    inodes written (``progress`` is called with 1 for each).  On failure nothing is left at ``output``."""
     out = Path(output)
     if os.path.lexists(out) and (out.is_symlink() or not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out}: output exists and is not an empty directory")
@@ -53,7 +54,7 @@ def unpack_to_dir(reader: ImageReader, output: str | os.PathLike[str]) -> int:
     try:
         tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))
         try:
-            n = _Unpacker(reader, tmp).run()
+            n = _Unpacker(reader, tmp, progress).run()
             os.rename(tmp, out)  # replaces an empty directory atomically
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -65,8 +66,9 @@ def unpack_to_dir(reader: ImageReader, output: str | os.PathLike[str]) -> int:
 
 
 class _Unpacker:
-    def __init__(self, reader: ImageReader, root: Path) -> None:
+    def __init__(self, reader: ImageReader, root: Path, progress: ProgressCallback | None) -> None:
         self.reader = reader
+        self.progress = progress
         self.bs = reader.bootstrap
         self.root = root
         self.links: dict[int, bytes] = {}  # nid -> relative path of the first link (non-directories)
@@ -95,6 +97,8 @@ class _Unpacker:
                 except ImageError as e:
                     raise ImageError(f"{path}: {e}") from None
                 count += 1
+                if self.progress is not None:
+                    self.progress(1)
                 if ino.is_dir:
                     if ino.nid in seen:
                         raise ImageError(f"{path}: directory nid {ino.nid} is reachable twice (a cycle?)")
@@ -297,9 +301,10 @@ def _is_utf8(raw: bytes) -> bool:
     return True
 
 
-def unpack_to_tar(reader: ImageReader, output: str | os.PathLike[str]) -> int:
+def unpack_to_tar(reader: ImageReader, output: str | os.PathLike[str], progress: ProgressCallback | None = None) -> int:
     """Write the image's tree as a PAX tar (xattrs as SCHILY.xattr.*, hard links, devices).  Returns the number
-    of members.  The tar is written to a temporary file and renamed into place when complete."""
+    of members (``progress`` is called with 1 for each).  The tar is written to a temporary file and renamed into
+    place when complete."""
     out = Path(output)
     if os.path.lexists(out) and not stat.S_ISREG(os.lstat(out).st_mode):
         raise UsageError(f"{out}: output exists and is not a regular file")  # a FIFO, a device, /dev/stdout...
@@ -364,6 +369,8 @@ def unpack_to_tar(reader: ImageReader, output: str | os.PathLike[str]) -> int:
                 except ImageError as e:
                     raise type(e)(f"{path}: {e}") from None
                 count += 1
+                if progress is not None:
+                    progress(1)
         os.rename(tmpname, out)
     except BaseException:
         try:

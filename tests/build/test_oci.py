@@ -4,12 +4,9 @@ types (tar, tar+gzip, tar+zstd), and the digest check while streaming."""
 from __future__ import annotations
 
 import gzip
-import hashlib
-import io
 import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -17,46 +14,10 @@ import zstandard
 
 from tests.support.fstree import image_devices
 from tests.support.kmount import mount_erofs
+from tests.support.oci import MT_LAYER as MT
+from tests.support.oci import Layout, tar_layer
 
 CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
-MT = "application/vnd.oci.image.layer.v1.tar"
-
-
-def _tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data in files.items():
-            ti = tarfile.TarInfo(name)
-            ti.size, ti.mtime = len(data), 1_700_000_000
-            tf.addfile(ti, io.BytesIO(data))
-    return buf.getvalue()
-
-
-class Layout:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        (root / "blobs" / "sha256").mkdir(parents=True)
-        (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-        self.index: list[dict] = []
-
-    def blob(self, data: bytes, media: str, **extra: object) -> dict:
-        d = hashlib.sha256(data).hexdigest()
-        (self.root / "blobs" / "sha256" / d).write_bytes(data)
-        return {"mediaType": media, "digest": f"sha256:{d}", "size": len(data), **extra}
-
-    def manifest(self, layers: list[tuple[bytes, str]], **extra: object) -> dict:
-        body = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": self.blob(b"{}", "application/vnd.oci.image.config.v1+json"),
-                "layers": [self.blob(data, media) for data, media in layers]}  # fmt: skip
-        return self.blob(json.dumps(body).encode(), body["mediaType"], **extra)
-
-    def image_index(self, manifests: list[dict], **extra: object) -> dict:
-        body = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests}
-        return self.blob(json.dumps(body).encode(), body["mediaType"], **extra)
-
-    def tag(self, desc: dict, name: str) -> None:
-        self.index.append({**desc, "annotations": {"org.opencontainers.image.ref.name": name}})
-        (self.root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": self.index}))
 
 
 def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -68,11 +29,11 @@ def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
 @pytest.fixture()
 def layout(tmp_path: Path) -> Layout:
     lay = Layout(tmp_path / "L")
-    base = _tar({"etc/os": b"base\n", "bin/sh": b"#!shell\n"})
-    amd = lay.manifest([(gzip.compress(base), MT + "+gzip"), (_tar({"arch": b"amd64\n"}), MT)],
+    base = tar_layer({"etc/os": b"base\n", "bin/sh": b"#!shell\n"})
+    amd = lay.manifest([(gzip.compress(base), MT + "+gzip"), (tar_layer({"arch": b"amd64\n"}), MT)],
                        platform={"os": "linux", "architecture": "amd64"})  # fmt: skip
     arm = lay.manifest([(zstandard.ZstdCompressor().compress(base), MT + "+zstd"),
-                        (zstandard.ZstdCompressor().compress(_tar({"arch": b"arm64 v8\n"})), MT + "+zstd")],
+                        (zstandard.ZstdCompressor().compress(tar_layer({"arch": b"arm64 v8\n"})), MT + "+zstd")],
                        platform={"os": "linux", "architecture": "arm64", "variant": "v8"})  # fmt: skip
     inner = lay.image_index([amd, arm])
     lay.tag(lay.image_index([inner]), "multi")  # an index nested in an index

@@ -93,10 +93,19 @@ def test_check_verifies_both_chunks():
     assert human.returncode == 0 and human.stdout.startswith("OK:")
 
 
-def test_check_without_blobs_is_structural_only():
-    r = run("check", BOOT)
+def test_check_finds_the_blobs_beside_the_bootstrap():
+    r = run("check", BOOT, "--json")  # the fixture directory has blobs/ beside the bootstrap
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout)["chunks_verified"] == 2
+
+
+def test_check_without_blobs_is_structural_only(tmp_path: Path):
+    boot = tmp_path / "image.boot"
+    shutil.copyfile(BOOT, boot)
+    r = run("check", boot)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "blobs not checked" in r.stdout
+    assert "warning: blobs not checked (metadata only): give --blob-dir DIR" in r.stderr
 
 
 def test_unpack_to_directory(tmp_path: Path):

@@ -36,6 +36,9 @@ LAYER_MEDIA_TYPES = {
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
 }
 REF_NAME = "org.opencontainers.image.ref.name"
+# a Nydus image (nydusify's layout, erofs.build.convert writes it): blob layers, then a bootstrap layer
+MT_NYDUS_BLOB = "application/vnd.oci.image.layer.nydus.blob.v1"
+ANN_NYDUS_BOOTSTRAP = "containerd.io/snapshot/nydus-bootstrap"
 _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm/v7",
          "armv6l": "arm/v6", "i686": "386", "i386": "386", "ppc64le": "ppc64le", "s390x": "s390x",
          "riscv64": "riscv64"}  # fmt: skip
@@ -54,6 +57,21 @@ def parse_reference(text: str) -> tuple[Path, str | None]:
     if sep and path and tag and "/" not in tag:
         return Path(path), tag
     return Path(rest), None
+
+
+def looks_like_layout(path: str | os.PathLike[str]) -> bool:
+    """Whether a directory is an OCI image layout (``oci-layout`` and ``index.json``): given as a plain
+    directory SOURCE, it would be built as files, not as the image it holds."""
+    return os.path.isfile(os.path.join(path, "oci-layout")) and os.path.isfile(os.path.join(path, "index.json"))
+
+
+def is_nydus_manifest(manifest: dict[str, Any]) -> bool:
+    """Whether an image manifest is a Nydus image's (Nydus blob layers or a bootstrap layer)."""
+    for desc in manifest.get("layers") or []:
+        if isinstance(desc, dict) and (desc.get("mediaType") == MT_NYDUS_BLOB
+                                       or ANN_NYDUS_BOOTSTRAP in (desc.get("annotations") or {})):  # fmt: skip
+            return True
+    return False
 
 
 def parse_platform(text: str) -> tuple[str, str, str | None]:
@@ -105,7 +123,9 @@ class OciLayout:
         except (ValueError, UnicodeError) as e:
             raise SourceError(f"{self.path}: blob {desc.get('digest')} is not valid JSON ({e})") from None
 
-    def manifest(self, tag: str | None, platform: str) -> dict[str, Any]:
+    def manifest(self, tag: str | None, platform: str | None) -> dict[str, Any]:
+        """The image manifest of ``tag``: from an image index, the one for ``platform`` (None: the host's); a
+        single-platform image must be for ``platform`` when one is given (its config says which it is)."""
         index = self._json(self.path / "index.json", "index.json")
         manifests = index.get("manifests") if isinstance(index, dict) else None
         if not isinstance(manifests, list) or not manifests:
@@ -122,12 +142,29 @@ class OciLayout:
             raise SourceError(f"{self.path}: the layout holds {len(manifests)} images: name one with oci:PATH:TAG")
         return self._resolve(desc, platform, 0)
 
-    def _resolve(self, desc: dict[str, Any], platform: str, depth: int) -> dict[str, Any]:
+    def _resolve(self, desc: dict[str, Any], platform: str | None, depth: int) -> dict[str, Any]:
         choices: list[str] = []
-        found = self._find(desc, parse_platform(platform), depth, choices)
+        want = parse_platform(platform or DEFAULT_PLATFORM)
+        found = self._find(desc, want, depth, choices)
         if found is None:
-            raise SourceError(f"{self.path}: no manifest for platform {platform} (has: {', '.join(choices) or 'none'})")
+            raise SourceError(f"{self.path}: no manifest for platform {platform or DEFAULT_PLATFORM} "
+                              f"(has: {', '.join(choices) or 'none'})")  # fmt: skip
+        if platform is not None and not choices:  # one manifest, no index: its config names the platform
+            have = self._platform_of(found, desc)
+            if have is not None and not _matches(have, want):
+                raise SourceError(f"{self.path}: no manifest for platform {platform} (has: {_platform_text(have)})")
         return found
+
+    def _platform_of(self, manifest: dict[str, Any], desc: dict[str, Any]) -> tuple[str, str, str | None] | None:
+        """(os, architecture, variant) of a single-platform image: its descriptor's platform, else its config's."""
+        p = desc.get("platform")
+        if not isinstance(p, dict):
+            config = manifest.get("config")
+            p = self._blob_json(config) if isinstance(config, dict) else None
+        if not isinstance(p, dict) or not isinstance(p.get("os"), str) or not isinstance(p.get("architecture"), str):
+            return None
+        variant = p.get("variant")
+        return p["os"], p["architecture"], variant if isinstance(variant, str) else None
 
     def _find(self, desc: dict[str, Any], want: tuple[str, str, str | None], depth: int,
               choices: list[str]) -> dict[str, Any] | None:  # fmt: skip
@@ -151,7 +188,7 @@ class OciLayout:
                     continue
                 variant = p.get("variant")
                 choices.append(f"{p.get('os')}/{p.get('architecture')}" + (f"/{variant}" if variant else ""))
-                if (p.get("os"), p.get("architecture")) == want[:2] and want[2] in (None, variant):
+                if _matches((p.get("os"), p.get("architecture"), variant), want):
                     return self._find(d, want, depth + 1, choices)
             return None
         if media in (MT_MANIFEST, MT_DOCKER_MANIFEST) or (media is None and "layers" in doc):
@@ -160,8 +197,11 @@ class OciLayout:
             return doc
         raise SourceError(f"{self.path}: unsupported manifest media type {media!r}")
 
-    def layers(self, tag: str | None, platform: str) -> list[TarLayer]:
+    def layers(self, tag: str | None, platform: str | None) -> list[TarLayer]:
         manifest = self.manifest(tag, platform)
+        if is_nydus_manifest(manifest):
+            raise SourceError(f"{self.path}: already a Nydus image (its layers are Nydus blobs and a bootstrap): "
+                              "mount its bootstrap instead")  # fmt: skip
         out = []
         for i, desc in enumerate(manifest["layers"]):
             if not isinstance(desc, dict):
@@ -175,6 +215,14 @@ class OciLayout:
             label = f"{self.path} layer {i} (sha256:{hexd[:12]})"
             out.append(TarLayer(str(path), label=label, opener=_opener(path, desc.get("digest")), verify=verify))
         return out
+
+
+def _matches(have: tuple[object, object, object], want: tuple[str, str, str | None]) -> bool:
+    return (have[0], have[1]) == want[:2] and want[2] in (None, have[2])
+
+
+def _platform_text(p: tuple[str, str, str | None]) -> str:
+    return "/".join(x for x in p if x)
 
 
 def _opener(path: Path, digest: object) -> Callable[[], Any]:
@@ -211,4 +259,4 @@ def oci_layers(reference: str, want: str | None = None) -> list[TarLayer]:
     path, tag = parse_reference(reference)
     if not path.is_dir():
         raise SourceError(f"{path}: no such OCI image layout directory")
-    return OciLayout(path).layers(tag, want or DEFAULT_PLATFORM)
+    return OciLayout(path).layers(tag, want)
