@@ -234,6 +234,14 @@ class FanotifyServer:
                 return
             cf.marked = False
             self.counters["complete_unmarked"] += 1
+        try:  # durable and recorded before the kernel reads it directly
+            cf.flush()
+        except OSError as e:  # the chunks that failed are holes again: keep the mark
+            log.error("blob %s: %s", cf.handle.blob_id, e)
+            with self._lock:
+                cf.marked = True
+                self.counters["complete_unmarked"] -= 1
+            return
         try:
             self.group.unmark(cf.path, FAN_PRE_ACCESS)
             log.info("blob %s: cache file complete, unmarked", cf.handle.blob_id)
