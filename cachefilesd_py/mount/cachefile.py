@@ -74,13 +74,18 @@ class CacheFile:
         _, _, d_off, d_size = self.handle.meta.chunk(ci)
         return d_off // PAGE_SIZE, min(-(-(d_off + d_size) // PAGE_SIZE), -(-self.size // PAGE_SIZE))
 
-    def _scan(self) -> bytearray:
-        npages = -(-self.size // PAGE_SIZE)
-        pages = bytearray(b"\x01") * npages  # no chunk there: nothing to fetch
-        have = bytearray(npages)  # pages holding data (a recorded chunk must not have been punched out since)
+    def _data_pages(self) -> bytearray:
+        """1 for each page holding data (not a hole), from the file's extents."""
+        have = bytearray(-(-self.size // PAGE_SIZE))
         for off, length in self.data_extents():
             a, b = off // PAGE_SIZE, -(-(off + length) // PAGE_SIZE)
             have[a:b] = b"\x01" * (b - a)
+        return have
+
+    def _scan(self) -> bytearray:
+        npages = -(-self.size // PAGE_SIZE)
+        pages = bytearray(b"\x01") * npages  # no chunk there: nothing to fetch
+        have = self._data_pages()  # a recorded chunk must not have been punched out since
         meta = self.handle.meta
         recorded = [ci for ci in range(meta.chunk_count) if self.chunks.has(ci)]
         for ci in range(meta.chunk_count):
@@ -96,6 +101,19 @@ class CacheFile:
             elif a < b:
                 pages[a:b] = b"\x01" * (b - a)
         return pages
+
+    def revalidate(self) -> int:
+        """The file changed under us (root punched a hole, truncated it): forget every present chunk whose pages
+        are holes now; returns how many.  (Bytes written over a chunk are not detected: see the README.)"""
+        have = self._data_pages()
+        lost = 0
+        for ci in range(self.handle.meta.chunk_count):
+            a, b = self._chunk_pages(ci)
+            if a < b and self.pages.find(0, a, b) < 0 and have.find(0, a, b) >= 0:
+                self.pages[a:b] = bytes(b - a)
+                self.chunks.unmark(ci)
+                lost += 1
+        return lost
 
     def data_extents(self) -> list[tuple[int, int]]:
         """``(offset, length)`` of the file's data (non-hole) extents."""

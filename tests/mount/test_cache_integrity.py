@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 
 from cachefilesd_py.mount.record import RUN_DIR_ENV
-from tests.mount.test_fanotify_mount import Mounts, _in_thread, build
+from fscache.fd import punch_hole
+from tests.mount.test_fanotify_mount import TIMEOUT, Mounts, _in_thread, build
+from tests.support.poll import wait_for
 
 pytestmark = pytest.mark.kernel("erofs", "fanotify")
 
@@ -174,3 +176,28 @@ def test_enospc_in_the_cache_never_leaves_zeros_that_count_as_data(small_ext4: P
     for name, data in files.items():
         assert _in_thread(lambda n=name: (mp / n).read_bytes()) == data, name
     mounts.umount(mp)
+
+
+# -- a complete cache file changed under the mount ----------------------------------------------------------------
+@pytest.mark.root
+def test_a_hole_punched_in_a_complete_cache_file_is_fetched_again(mounts: Mounts, tmp_path: Path) -> None:
+    files = _tree(tmp_path / "src", 3, {"f.bin": 3 << 20})
+    out = tmp_path / "out"
+    build([tmp_path / "src"], out, "none", "64KiB")
+    cache = tmp_path / "cache"
+    mp, rec = mounts.mount(out, "punch", cache=cache)
+    log = Path(rec["log"])
+    assert _in_thread(lambda: (mp / "f.bin").read_bytes()) == files["f.bin"]
+    wait_for(lambda: "cache file complete, unmarked" in log.read_text(), "the cache file is complete", TIMEOUT)
+    (cache_file,) = (p for p in cache.iterdir() if not p.name.endswith(".map"))
+    fd = os.open(cache_file, os.O_RDWR)
+    try:  # root, on the node, under the mount: half a chunk in the middle of the file
+        punch_hole(fd, (1 << 20) + (16 << 10), 32 << 10)
+    finally:
+        os.close(fd)
+    wait_for(lambda: "changed under the mount: 1 chunks gone" in log.read_text(), "the daemon noticed", TIMEOUT)
+    with open(mp / "f.bin", "rb") as f:  # the mount's own page cache of it goes: the next read reaches the cache
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    assert _in_thread(lambda: (mp / "f.bin").read_bytes()) == files["f.bin"], "zeros where the hole is"
+    stats = mounts.umount(mp)["stats"]
+    assert stats["events"]["changed_under_us"] >= 1 and stats["events"]["filled"] >= 1
