@@ -65,6 +65,8 @@ class CacheFile:
     watched: bool = False
     lock_fd: int = -1  # the fd holding the flock, once `fd` is a dup of an event fd
     pages: bytearray = field(default_factory=bytearray, repr=False)
+    _flusher: threading.Thread | None = field(default=None, repr=False)
+    _flush_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         if not self.pages:
@@ -166,8 +168,17 @@ class CacheFile:
             return
         a, b = offset // PAGE_SIZE, -(-(offset + length) // PAGE_SIZE)
         self.pages[a:b] = b"\x01" * (b - a)
-        if self.chunks.mark(ci, length):
+        if self.chunks.mark(ci, length):  # a flush is due: in the background, the fills go on meanwhile
+            with self._flush_lock:
+                if self._flusher is None or not self._flusher.is_alive():
+                    self._flusher = threading.Thread(target=self._background_flush, name="chunk-map", daemon=True)
+                    self._flusher.start()
+
+    def _background_flush(self) -> None:
+        try:
             self.flush()
+        except OSError as e:  # those chunks are holes again and not present: fetched again when read
+            log.error("%s", e)
 
     def flush(self) -> None:
         """Make the chunks written so far durable and record them (:meth:`ChunkMap.flush`); a chunk that could
@@ -240,6 +251,10 @@ class CacheFile:
 
     def close(self) -> None:
         """Flush the chunk map (a failure is logged: those chunks are fetched again next time) and close."""
+        with self._flush_lock:
+            flusher = self._flusher
+        if flusher is not None:
+            flusher.join()
         if self.fd >= 0 and not self.watched:
             try:
                 self.flush()

@@ -26,9 +26,10 @@ not exactly this (another key, another count, damage) is started afresh, and its
 
 Persistence (:meth:`ChunkMap.flush`): a chunk is marked in memory as soon as its verified bytes are written (the
 mount may read it at once: the bytes are in the page cache); its byte goes to the map file only after an
-``fdatasync`` of the cache file, batched every :data:`FLUSH_BYTES` of written chunks, when the file is complete
-and on close.  A chunk marked in memory but not yet flushed when the daemon dies counts as absent at the next
-start (it is fetched again).  A failed ``fdatasync`` un-marks every chunk written since the last flush.
+``fdatasync`` of the cache file, batched every :data:`FLUSH_BYTES` of written chunks (on a thread of its own:
+the fills go on meanwhile), when the file is complete and on close.  A chunk marked in memory but not yet
+flushed when the daemon dies counts as absent at the next start (it is fetched again).  A failed ``fdatasync``
+un-marks every chunk written since the last flush.
 """
 
 from __future__ import annotations
