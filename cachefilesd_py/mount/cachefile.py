@@ -24,8 +24,9 @@ from erofs.errors import UsageError
 from fscache.fanotify import FanotifyGroup, PreAccessEvent
 from fscache.fd import punch_hole
 
+from ..blob_handles import chunk_table_key
 from ..pipeline import PAGE_SIZE, BlobHandle, Pipeline
-from .chunkmap import KEY_HEX, ChunkMap, chunk_table_key, map_path
+from .chunkmap import KEY_HEX, ChunkMap, map_path
 
 __all__ = ["CacheFile", "cache_file_path", "check_cache_path", "fill_all", "prepare_cache_files", "probe_pre_content"]
 

@@ -5,11 +5,11 @@ they were verified against the chunk's digest, written, made durable (``fdatasyn
 recorded here.  Neither a file's size nor its data extents say anything: a failed write (ENOSPC) leaves
 allocated zero blocks behind, and another image may name the same blob id with other content.
 
-The **key** (:func:`chunk_table_key`) is a sha256 over what the bootstrap and the blob's verified metadata say the
-uncompressed layout is: the digester and, per chunk, ``(d_off, d_size, digest)``.  Cache files are named
-``<blob_id>.<key[:32 hex]>``: two images that disagree about any chunk of a blob (an image naming another's blob
-id with its own content) never share a cache file; images that agree share it, and whatever either verified
-holds for both.
+The **key** (:func:`~cachefilesd_py.blob_handles.chunk_table_key`) is a sha256 over what the bootstrap and the
+blob's verified metadata say the uncompressed layout is: the digester and, per chunk, ``(d_off, d_size,
+digest)``.  Cache files are named ``<blob_id>.<key[:32 hex]>``: two images that disagree about any chunk of a
+blob (an image naming another's blob id with its own content) never share a cache file; images that agree share
+it, and whatever either verified holds for both.
 
 The **map file** (:class:`ChunkMap`), beside its cache file::
 
@@ -34,16 +34,13 @@ un-marks every chunk written since the last flush.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import struct
 import threading
 from pathlib import Path
 
-from erofs.reader.blob import BlobMeta
-
-__all__ = ["FLUSH_BYTES", "KEY_HEX", "ChunkMap", "chunk_table_key", "map_path"]
+__all__ = ["FLUSH_BYTES", "KEY_HEX", "ChunkMap", "map_path"]
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +50,7 @@ _HEADER = struct.Struct("<8sII32s16x")
 HEADER_SIZE = _HEADER.size  # 64
 KEY_HEX = 32  # hex digits of the key in a cache file's name (128 bits)
 FLUSH_BYTES = 64 << 20  # written chunk bytes between two fdatasync + map updates
-_ENTRY = struct.Struct("<QII")
 _ONE = bytes([0] + [1] * 255)  # translate table: any non-zero byte is a recorded chunk
-
-
-def chunk_table_key(meta: BlobMeta) -> bytes:
-    """sha256 of the blob's uncompressed layout as the image describes it: the digester, then per chunk (in
-    chunk-index order) ``d_off``, ``d_size`` and its digest (32 zero bytes for a chunk without one)."""
-    h = hashlib.sha256(b"nydus-erofs chunk table v1\0" + meta.digester.encode() + b"\0")
-    for ci in range(meta.chunk_count):
-        _, _, d_off, d_size = meta.chunk(ci)
-        h.update(_ENTRY.pack(d_off, d_size, 0))
-        h.update(meta.digest(ci) or bytes(32))
-    return h.digest()
 
 
 def map_path(cache_path: Path) -> Path:
