@@ -264,9 +264,10 @@ class FanotifyServer:
             except (FscacheError, OSError) as e:
                 log.error("blob %s: cannot mark the changed cache file again: %s", cf.handle.blob_id, e)
             lost = cf.revalidate()
-            self._count("changed_under_us")
-            log.warning("blob %s: cache file changed under the mount: %d chunks gone, fetching them again",
-                        cf.handle.blob_id, lost)  # fmt: skip
+            if lost:  # (none: another mount of the cache file wrote verified bytes into it)
+                self._count("changed_under_us")
+                log.warning("blob %s: cache file changed under the mount: %d chunks gone, fetching them again",
+                            cf.handle.blob_id, lost)  # fmt: skip
             self._unmark_if_complete(cf)
 
     def _unmark_if_complete(self, cf: CacheFile) -> None:
