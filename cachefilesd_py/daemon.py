@@ -5,7 +5,9 @@ One thread reads messages (:meth:`Daemon.run`) and never waits on a fetch:
 - OPEN, volume ``erofs,<domain_id|fsid>``: a cookie naming an image of the store is its bootstrap (copen size =
   the file's size; its READs are served from the local file); any other cookie is a blob id, looked up in the
   images opened in that volume first, then in every image (copen size = the blob's uncompressed size).
-  Unknown fsid or blob: ``copen -ENOENT``.
+  Unknown fsid or blob: ``copen -ENOENT``.  Images of one ``domain_id`` share the kernel's cache object of a
+  blob (its key is the blob id alone): a bootstrap listing a blob that is open in its domain as another image
+  describes it otherwise (other digests: ``blob_description_key``) is refused (``copen -EIO``, its mount fails).
 - READ: handed to the pool; a worker fills the range through the pipeline (chunks mapped, fetched once,
   verified, decompressed, written page-aligned into the cache file) and completes it.  A failure completes
   without writing — the reader gets EIO — and is logged in one line; the daemon keeps serving.
@@ -36,11 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from cachefilesd_py.bindings import BINDING_NAME, BindRequest, stage
+from cachefilesd_py.blob_handles import blob_description_key
 from cachefilesd_py.image_store import BlobEntry, Image, ImageStore, UnknownImageError, check_name, parse_volume_key
 from cachefilesd_py.notify import notify
 from cachefilesd_py.pipeline import Pipeline
 from cachefilesd_py.supervisor import RestartPolicy, Supervisor, WorkerProcess, describe
-from erofs.errors import NydusErofsError
+from erofs.errors import ImageError, NydusErofsError
 from erofs.paths import BOOTSTRAP_NAME
 from erofs.reader.backend import BackendStats
 from fscache.cachefiles import (
@@ -233,6 +236,7 @@ class Daemon:
         key = msg.cookie_key
         if self.store.has_image(key):
             image = self.store.image(key)
+            self._check_domain(volume, image)
             with self._lock:
                 fsids = self._volumes.setdefault(volume, [])
                 if key not in fsids:
@@ -244,6 +248,18 @@ class Daemon:
             prefer = [*self._volumes.get(volume, ()), volume]
         blob = self.store.blob(key, prefer=prefer)
         return volume, None, blob, blob.size
+
+    def _check_domain(self, volume: str, image: Image) -> None:
+        """ImageError when a blob ``image`` lists is open in ``volume`` (a shared domain) for another image that
+        describes it otherwise: the kernel would serve this image the other one's bytes from the shared object."""
+        with self._lock:
+            entries = {id(o.blob): o.blob for o in self._objects.values()
+                       if o.volume == volume and o.blob is not None and o.blob.image is not image}  # fmt: skip
+        for entry in entries.values():
+            info = image.blobs.get(entry.blob_id)
+            if info is not None and blob_description_key(image.bootstrap, info) != entry.description:
+                raise ImageError(f"image {image.fsid}: blob {entry.blob_id} is open in domain {volume} for "
+                                 f"image {entry.image.fsid}, which describes other content under that id: not shared")
 
     def _open(self, msg: OpenRequest) -> None:
         try:

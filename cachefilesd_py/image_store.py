@@ -10,8 +10,9 @@ Bootstraps are opened when first asked for (and reopened when the file changes);
 table, digests) is fetched when a blob is first read, by :meth:`BlobEntry.handle`, never at OPEN time.
 
 Several images may list the same blob (a shared layer).  Each image's copy is its own :class:`BlobEntry`; a
-read tries the copy of the image the kernel opened the blob for first, then the other images' copies
-(:meth:`BlobEntry.fill`), so one damaged copy costs a retry, not an EIO for every image sharing the blob.
+read tries the copy of the image the kernel opened the blob for first, then the other images' copies that
+describe the blob alike (:meth:`BlobEntry.fill`; a blob id is only a name: an image may name another's blob id
+with other content and digests), so one damaged copy costs a retry, not an EIO for every image sharing the blob.
 
 Key parsing for the kernel's OPEN requests is here too: the volume key is ``erofs,<domain_id or fsid>``, the
 cookie key the fsid (bootstrap) or a device tag (a blob id).
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from cachefilesd_py.backends import BlobBackend, make_backend
 from cachefilesd_py.bindings import STAGING_DIR, Binding, read_binding
-from cachefilesd_py.blob_handles import blob_handle
+from cachefilesd_py.blob_handles import blob_description_key, blob_handle
 from cachefilesd_py.pipeline import BlobHandle, Pipeline, PresentFn, WriteFn
 from erofs.errors import ImageError, NydusErofsError
 from erofs.format.rafs_v6 import BlobInfo
@@ -124,6 +125,7 @@ class BlobEntry:
         self.size = image.blob_size(info.blob_id)
         self._others = others
         self._handle: BlobHandle | None = None
+        self._description: bytes | None = None
         self._lock = threading.Lock()
 
     @property
@@ -140,11 +142,25 @@ class BlobEntry:
                 self._handle = blob_handle(self.image.bootstrap, self.info, self.backend)
             return self._handle
 
+    @property
+    def description(self) -> bytes:
+        """What the image's bootstrap says about the blob's content (:func:`blob_description_key`)."""
+        if self._description is None:
+            self._description = blob_description_key(self.image.bootstrap, self.info)
+        return self._description
+
     def copies(self) -> Iterator[BlobEntry]:
-        """This copy, then (looked up only when asked for) the same blob in the other images' own backends."""
+        """This copy, then (looked up only when asked for) the same blob in the other images' own backends, those
+        whose bootstraps describe it alike (the same digests): another image's content under this blob id is
+        never written where this image reads."""
         yield self
         if self._others is not None:
-            yield from self._others(self)
+            for other in self._others(self):
+                if other.description == self.description:
+                    yield other
+                else:
+                    log.warning("blob %s: image %s describes it otherwise than image %s: not a copy of it",
+                                self.blob_id[:16], other.image.fsid, self.image.fsid)  # fmt: skip
 
     def fill(self, pipeline: Pipeline, offset: int, length: int, write: WriteFn, present: PresentFn) -> int:
         """:meth:`Pipeline.fill` from this copy; chunks it cannot deliver come from the other images' copies.

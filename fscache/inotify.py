@@ -1,4 +1,5 @@
-"""inotify(7) through ctypes, just enough to learn when a mounted filesystem is torn down.
+"""inotify(7) through ctypes, just enough to learn when a mounted filesystem is torn down (and when a file
+changes: ``IN_MODIFY``).
 
 A watch on a filesystem's root directory gets ``IN_UNMOUNT`` then ``IN_IGNORED`` when its superblock is
 shut down (``generic_shutdown_super``): at once for a plain umount, and for a lazily detached mount
@@ -20,8 +21,9 @@ from dataclasses import dataclass
 from erofs.errors import NydusErofsError
 from fscache.fd import FdOwner
 
-__all__ = ["IN_IGNORED", "IN_Q_OVERFLOW", "IN_UNMOUNT", "Inotify", "InotifyError", "InotifyEvent", "Watch"]
+__all__ = ["IN_IGNORED", "IN_MODIFY", "IN_Q_OVERFLOW", "IN_UNMOUNT", "Inotify", "InotifyError", "InotifyEvent", "Watch"]
 
+IN_MODIFY = 0x00000002
 IN_UNMOUNT = 0x00002000
 IN_Q_OVERFLOW = 0x00004000
 IN_IGNORED = 0x00008000

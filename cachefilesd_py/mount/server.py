@@ -10,7 +10,9 @@ so every read of the mount reaches the server as an event with a byte range:
   failure denies it with EIO: the reader sees EIO for that file, the daemon logs one line and keeps serving;
 - a reader whose events follow each other (sequential) gets the next ``readahead`` bytes filled in the
   background (through the fd opened before the mark, which raises no event); a random reader gets none;
-- a cache file with nothing left to fetch is unmarked (or not marked at all): its reads raise no event.
+- a cache file with nothing left to fetch is unmarked (or not marked at all): its reads raise no event.  It is
+  watched instead (inotify ``IN_MODIFY``): when it changes under the mount (root punching a hole, truncating it)
+  it is marked again and the chunks whose pages are holes now are fetched again on their next read.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from erofs.reader.backend import BackendStats, BlobBackend
 from fscache.errors import FscacheError
 from fscache.fanotify import FAN_NOFD, FAN_PRE_ACCESS, FanotifyGroup, PreAccessEvent
 from fscache.fd import drain
+from fscache.inotify import IN_MODIFY, Inotify, InotifyError
 
 from ..pipeline import Pipeline
 from .cachefile import CacheFile
@@ -62,12 +65,15 @@ class FanotifyServer:
         self._lock = threading.Lock()
         self._closing = False
         self.counters = {"events": 0, "allowed_present": 0, "filled": 0, "denied": 0, "readahead": 0,
-                         "complete_unmarked": 0}  # fmt: skip
+                         "complete_unmarked": 0, "changed_under_us": 0}  # fmt: skip
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._changes = Inotify()  # IN_MODIFY of the complete (unmarked) cache files
+        self._complete: dict[int, CacheFile] = {}  # their watch descriptors
         self.group = FanotifyGroup(pre_content=True) if group is None else group
         try:
             for cf in self.files:
                 if cf.complete():  # a full cache file needs no events: reads go at the kernel's own speed
+                    self._watch_changes(cf)
                     cf.marked = False
                     self.counters["complete_unmarked"] += 1
                     if adopted:
@@ -111,6 +117,7 @@ class FanotifyServer:
             except (FscacheError, OSError) as e:
                 log.error("draining events: %s", e)
         self.group.close()
+        self._changes.close()
         for fd in (self._stop_r, self._stop_w):
             try:
                 os.close(fd)
@@ -143,6 +150,7 @@ class FanotifyServer:
         poller = select.poll()
         poller.register(self.group.fileno(), select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
+        poller.register(self._changes.fileno(), select.POLLIN)
         if watch is not None:
             poller.register(watch.fileno(), select.POLLIN)
             if watch.released():  # (its events may have been read by a process sharing the watch)
@@ -160,6 +168,8 @@ class FanotifyServer:
             if watch is not None and any(fd == wfd for fd, _ in ready) and watch.released():
                 log.info("%s released", watch.mountpoint)
                 return True
+            if any(fd == self._changes.fileno() for fd, _ in ready):
+                self._changed()
             for ev in self.group.read_events():
                 if ev.fd == FAN_NOFD or ev.fd < 0:  # queue overflow: nothing to answer
                     continue
@@ -222,6 +232,41 @@ class FanotifyServer:
         self._count("filled")
         self._unmark_if_complete(cf)
 
+    def _watch_changes(self, cf: CacheFile) -> None:
+        """Watch a cache file about to be unmarked for changes made under the mount (before the unmark: none is
+        missed)."""
+        try:
+            wd = self._changes.add_watch(cf.path, IN_MODIFY)
+        except InotifyError as e:
+            log.warning("blob %s: cannot watch the complete cache file: %s", cf.handle.blob_id, e)
+            return
+        with self._lock:
+            self._complete[wd] = cf
+
+    def _changed(self) -> None:
+        """Complete cache files changed: mark them again, forget the chunks punched out (event thread)."""
+        changed: dict[int, CacheFile] = {}
+        for ev in self._changes.read_events():
+            cf = self._complete.get(ev.wd)
+            if cf is not None and ev.mask & IN_MODIFY:
+                changed[id(cf)] = cf
+        for cf in changed.values():
+            with self._lock:
+                if cf.marked:  # being filled (our own readahead writes raise IN_MODIFY too)
+                    continue
+                cf.marked = True
+                self.counters["complete_unmarked"] -= 1
+            try:  # first: from now on its reads are events again, answered once the map below is right
+                self.group.mark(cf.path, FAN_PRE_ACCESS)
+            except (FscacheError, OSError) as e:
+                log.error("blob %s: cannot mark the changed cache file again: %s", cf.handle.blob_id, e)
+            lost = cf.revalidate()
+            if lost:  # (none: another mount of the cache file wrote verified bytes into it)
+                self._count("changed_under_us")
+                log.warning("blob %s: cache file changed under the mount: %d chunks gone, fetching them again",
+                            cf.handle.blob_id, lost)  # fmt: skip
+            self._unmark_if_complete(cf)
+
     def _unmark_if_complete(self, cf: CacheFile) -> None:
         """Once a cache file has no hole left, drop its mark: later reads raise no event at all."""
         if not cf.marked or not cf.complete():
@@ -231,6 +276,15 @@ class FanotifyServer:
                 return
             cf.marked = False
             self.counters["complete_unmarked"] += 1
+        self._watch_changes(cf)
+        try:  # durable and recorded before the kernel reads it directly
+            cf.flush()
+        except OSError as e:  # the chunks that failed are holes again: keep the mark
+            log.error("blob %s: %s", cf.handle.blob_id, e)
+            with self._lock:
+                cf.marked = True
+                self.counters["complete_unmarked"] -= 1
+            return
         try:
             self.group.unmark(cf.path, FAN_PRE_ACCESS)
             log.info("blob %s: cache file complete, unmarked", cf.handle.blob_id)

@@ -2,12 +2,15 @@
 
 The rules are the kernel's (``fs/erofs``: superblock, inode formats, sorted dirents, nid bounds, inline
 tails) and upstream Nydus's (``RafsV6SuperBlockExt::validate``, blob table, device table vs blob table,
-chunk indexes inside their blob, chunk table vs chunk-info table).  :func:`check_image` never raises for a
-damaged image: it returns a :class:`CheckReport` whose problems each name the path (and chunk) they concern.
+chunk indexes inside their blob, chunk table vs chunk-info table); given the blobs, each blob's sha256 against
+its id (a blob id is the digest of the blob's bytes: a blob named by another's id is not that blob).
+:func:`check_image` never raises for a damaged image: it returns a :class:`CheckReport` whose problems each name
+the path (and chunk) they concern.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import deque
 from collections.abc import Callable
@@ -475,6 +478,7 @@ class _Checker:
         order.sort()
         workers = min(4, os.cpu_count() or 1)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="check") as pool:
+            whole = pool.submit(_blob_sha256, backend, bid, meta.size)  # beside the chunks, on one worker
             pending: deque[Future[tuple[int, list[tuple[int, str | None, int]]]]] = deque()
             for start, length, group in plan_reads(meta, [ci for _, ci in order], CHECK_READ_SPAN):
                 pending.append(pool.submit(_verify_group, backend, meta, start, length, group))
@@ -482,6 +486,13 @@ class _Checker:
                     self._collect(index, pending.popleft().result())
             while pending:
                 self._collect(index, pending.popleft().result())
+            try:
+                digest = whole.result()
+            except BackendError as e:
+                add(_msg(e), blob=bid)
+            else:
+                if digest != bid:
+                    add(f"the blob's sha256 is {digest}, not its id: not this blob", blob=bid)
 
     def _collect(self, index: int, result: tuple[int, list[tuple[int, str | None, int]]]) -> None:
         read, chunks = result
@@ -498,6 +509,19 @@ class _Checker:
 
 
 CHECK_READ_SPAN = 4 << 20  # smaller spans than the daemon's, so the workers share a blob evenly
+
+
+def _blob_sha256(backend: BlobBackend, blob_id: str, size: int) -> str:
+    """sha256 (hex) of the whole blob, read in CHECK_READ_SPAN pieces: a blob's id is the digest of its bytes."""
+    h = hashlib.sha256()
+    pos = 0
+    while pos < size:
+        piece = backend.read(blob_id, pos, min(CHECK_READ_SPAN, size - pos))
+        if not piece:
+            raise BackendError(f"blob {blob_id}: short read at {pos} of {size} bytes")
+        h.update(piece)
+        pos += len(piece)
+    return h.hexdigest()
 
 
 def _verify_group(

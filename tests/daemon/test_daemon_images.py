@@ -215,6 +215,31 @@ def test_a_damaged_copy_of_a_shared_blob_does_not_fail_the_other_images(
     store.close()
 
 
+def test_an_image_naming_a_blob_id_with_other_content_is_not_a_copy_of_it(
+    images: tuple[Path, dict, dict], tmp_path: Path
+) -> None:
+    """An impostor image names the base layer's blob id, with content (and digests) of its own; image one's copy
+    of the base is damaged: its reads fail (EIO), they are never served the impostor's verified bytes."""
+    imgs, base_id, files = _one_damaged(images, tmp_path)
+    src = tmp_path / "impostor-src"
+    src.mkdir()
+    (src / "base.bin").write_bytes(os.urandom(300_000))
+    own = build(tmp_path / "impostor-built", src)["blobs"][0]["id"]
+    imp = imgs / "impostor"
+    (imp / "blobs").mkdir(parents=True)
+    boot = (tmp_path / "impostor-built" / "image.boot").read_bytes()
+    (imp / "image.boot").write_bytes(boot.replace(own.encode(), base_id.encode()))
+    shutil.copyfile(tmp_path / "impostor-built" / "blobs" / own, imp / "blobs" / base_id)
+    shutil.rmtree(imgs / "two")  # the only sound copy left is the impostor's
+
+    store = ImageStore(imgs)
+    assert store.blob(base_id, prefer=["impostor"]).image.fsid == "impostor"
+    first = store.blob(base_id, prefer=["one"])
+    with pytest.raises(DigestMismatchError):
+        _read_blob(first.fill, first.size)
+    store.close()
+
+
 def _localfs(blob_dir: Path) -> BlobBackend:
     return make_backend("localfs", dir=blob_dir)
 

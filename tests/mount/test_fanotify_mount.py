@@ -33,7 +33,7 @@ import pytest
 
 from cachefilesd_py.backends import make_backend
 from cachefilesd_py.blob_handles import open_image
-from cachefilesd_py.mount.cachefile import prepare_cache_files
+from cachefilesd_py.mount.cachefile import cache_file_path, prepare_cache_files
 from cachefilesd_py.mount.ready import daemon_error, error_line
 from cachefilesd_py.mount.record import RUN_DIR_ENV, read_record, record_path
 from cachefilesd_py.mount.service import mount_image, umount_image
@@ -508,7 +508,7 @@ def test_cache_files_reused_or_started_afresh(images: dict[str, Path], tmp_path:
         handles = open_image(image / "image.boot", backend)
         cache = tmp_path / "cache"
         cache.mkdir()
-        stale = cache / handles[0].blob_id
+        stale = cache_file_path(cache, handles[0])
         stale.write_bytes(b"junk" * 1000)  # wrong size: emptied, then sized
         (cf,) = prepare_cache_files(cache, handles)
         try:
@@ -519,7 +519,7 @@ def test_cache_files_reused_or_started_afresh(images: dict[str, Path], tmp_path:
                 p.fill(handles[0], chunk[2], 1, cf.pwrite, cf.present)
         finally:
             cf.close()
-        (again,) = prepare_cache_files(cache, handles)  # right size: reused, what is there is present
+        (again,) = prepare_cache_files(cache, handles)  # right size: reused, what the chunk map records is present
         try:
             assert again.reused and again.present(chunk[2], chunk[3]) and again.data_extents()
         finally:

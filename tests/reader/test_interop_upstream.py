@@ -82,15 +82,21 @@ def test_inspect_ls_and_stat():
     assert missing.returncode != 0 and "/nope" in missing.stderr and "Traceback" not in missing.stderr
 
 
-def test_check_verifies_both_chunks():
+# the upstream test texture's blob file is named by an id that is not its sha256 (ids of real blobs are: the
+# OCI layer digest): `check` verifies both chunks and says that, once
+BLOB_SHA256 = "4b16fb83ae9f62d8263323b8569535e66ebf21171cf98fd94db9db27b59755ac"
+ID_PROBLEM = f"blob {BLOB_ID}: the blob's sha256 is {BLOB_SHA256}, not its id"
+
+
+def test_check_verifies_both_chunks_and_the_blob_id():
     r = run("check", BOOT, "--blob-dir", BLOBS, "--json")
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.returncode == 3, r.stdout + r.stderr
     report = json.loads(r.stdout)
-    assert report["ok"] and report["problems"] == []
+    assert [(p["blob"], p["chunk"]) for p in report["problems"]] == [(BLOB_ID, None)]
     assert report["chunks_verified"] == 2 and report["bytes_verified"] == 16931 + 13400
 
     human = run("check", BOOT, "--blob-dir", BLOBS)
-    assert human.returncode == 0 and human.stdout.startswith("OK:")
+    assert human.returncode == 3 and human.stdout.startswith(ID_PROBLEM) and len(human.stdout.splitlines()) == 1
 
 
 def test_check_finds_the_blobs_beside_the_bootstrap():
@@ -142,13 +148,14 @@ def test_unpack_to_tar(tmp_path: Path):
 def test_damaged_blob_fails_check_naming_file_and_chunk(damaged_blobs: Path):
     r = run("check", BOOT, "--blob-dir", damaged_blobs)
     assert r.returncode == 3
-    (line,) = r.stdout.splitlines()
+    line, id_line = r.stdout.splitlines()
     assert "/lib.rs" in line and f"chunk 0 of blob {BLOB_ID}" in line
+    assert id_line.startswith(f"blob {BLOB_ID}: the blob's sha256 is ")
     assert "sync_io.rs" not in r.stdout  # the other chunk still verifies
 
     j = json.loads(run("check", BOOT, "--blob-dir", damaged_blobs, "--json").stdout)
     assert not j["ok"] and j["chunks_verified"] == 1
-    assert [(p["chunk"], p["blob"]) for p in j["problems"]] == [(0, BLOB_ID)]
+    assert [(p["chunk"], p["blob"]) for p in j["problems"]] == [(0, BLOB_ID), (None, BLOB_ID)]
 
 
 def test_damaged_blob_fails_unpack_and_leaves_nothing(damaged_blobs: Path, tmp_path: Path):

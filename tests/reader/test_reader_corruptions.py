@@ -63,8 +63,10 @@ def _damage_boot(boot: Path, fn: Callable[[bytearray, dict[str, int]], None]) ->
 
 
 def _problems(boot: Path, blobs: Path | None) -> list[str]:
+    """The problems ``check`` finds, but the one every copy of the upstream texture has: its blob file is named
+    by an id that is not its sha256 (tests/reader/test_interop_upstream.py checks that one)."""
     report = check_image(boot, LocalBlobDir(blobs) if blobs else None)
-    return [str(p) for p in report.problems]
+    return [str(p) for p in report.problems if not (p.blob == BLOB_ID and p.message.startswith("the blob's sha256"))]
 
 
 def _one_matching(problems: list[str], *needles: str) -> str:

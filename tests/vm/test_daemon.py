@@ -346,6 +346,27 @@ def test_domain_sharing_opens_a_shared_blob_once(daemon: DaemonProc, builds: Bui
         assert {"dom-a", "dom-b", img_a["layers"][1], img_b["layers"][1]} <= set(keys)
 
 
+def test_an_impostor_of_a_shared_blob_id_is_refused_in_the_domain(daemon: DaemonProc, builds: Builds) -> None:
+    """An impostor names dom-a's shared layer blob id, with content and digests of its own: in dom-a's domain it
+    would be served from the shared cache object (or fill it for dom-a): its mount is refused."""
+    shared_id = builds.result("dom-a")["layers"][0]
+    src = _tree(scratch() / "sources" / "impostor", {"shared.bin": os.urandom(1_500_000)})
+    built = scratch() / "impostor-built"
+    own = build(built, src, compressor="lz4_block")["layers"][0]
+    imp = daemon.images / "dom-imp"
+    shutil.rmtree(imp, ignore_errors=True)
+    (imp / "blobs").mkdir(parents=True)
+    (imp / "image.boot").write_bytes((built / "image.boot").read_bytes().replace(own.encode(), shared_id.encode()))
+    shutil.copyfile(built / "blobs" / own, imp / "blobs" / shared_id)
+    want = (builds.data["shared"] / "shared.bin").read_bytes()
+    with mounted("dom-a", "domain_id=dom") as ma:
+        assert (ma / "shared.bin").read_bytes() == want
+        with pytest.raises(OSError), mounted("dom-imp", "domain_id=dom"):
+            pass
+        assert (ma / "shared.bin").read_bytes() == want
+    assert "describes other content under that id" in daemon.log_text()
+
+
 def test_upstream_image_mounted_by_fsid_reads_back(daemon: DaemonProc) -> None:
     boot = UPSTREAM / "rafs-v6-2.2.boot"
     if not boot.exists():
