@@ -16,6 +16,8 @@ PACKAGES=(
     tar gzip zstd xz-utils libarchive-tools
     # the VM guest's network (ip), the virtualenv
     iproute2 python3-venv ca-certificates
+    # setpriv (tests run image binaries as user nobody), mount/umount
+    util-linux
     # building the test kernel (kernel-test/build-kernel: make, gcc, bc, bison, flex, cpio)
     build-essential bc bison flex cpio libelf-dev libssl-dev
     # building erofs-utils 1.9.3 for the benchmarks (../shared/anchors/build-erofs-utils)

@@ -66,6 +66,10 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
 @click.option("--readahead", default=None, callback=_size,
               help="Bytes filled ahead of a sequential reader (0: off) [8 x amplify].")  # fmt: skip
 @click.option("--workers", default=4, show_default=True, type=click.IntRange(1, 256), help="Fill threads.")
+@click.option("--fill-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds a read may wait for its data (fetch and verify, retries included); then EIO.")  # fmt: skip
+@click.option("--allow-suid", is_flag=True, help="Honour setuid/setgid bits of the image (default: nosuid).")
+@click.option("--allow-dev", is_flag=True, help="Allow opening the image's device nodes (default: nodev).")
 @click.option("--foreground", is_flag=True, help="Serve from this process until umount (fanotify mode).")
 @click.option("--json", "as_json", is_flag=True, help="Print the mount record as JSON.")
 def mount(blob_dir: str | None, backend: str | None, backend_config: str | None, foreground: bool, as_json: bool,

@@ -204,7 +204,8 @@ def _mount_full(spec: MountSpec) -> None:
         with Pipeline(amplify=max(spec.amplify, 1 << 20), workers=spec.workers) as pipeline:
             files = prepare_cache_files(Path(spec.cache_dir), open_image(spec.boot, be))
             fill_all(files, pipeline)
-        mount_erofs_file_backed(spec.boot, spec.mountpoint, [cf.path for cf in files])
+        mount_erofs_file_backed(spec.boot, spec.mountpoint, [cf.path for cf in files], allow_suid=spec.allow_suid,
+                                allow_dev=spec.allow_dev)  # fmt: skip
     finally:
         for cf in files:
             cf.close()

@@ -110,7 +110,8 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
             server = FanotifyServer(files, pipeline, workers=workers, readahead=spec.readahead, group=group,
                                     adopted=adopted)  # fmt: skip
             if not adopted:
-                mount_erofs_file_backed(boot, mountpoint, [cf.path for cf in files])
+                mount_erofs_file_backed(boot, mountpoint, [cf.path for cf in files], allow_suid=spec.allow_suid,
+                                        allow_dev=spec.allow_dev)  # fmt: skip
                 watch = ImageWatch.add(inotify, mountpoint)
                 # events as big as a fetch: one round trip per amplification window rather than per 128 KiB
                 set_mount_readahead(mountpoint, min(max(amplify >> 10, 128), 1024))

@@ -45,6 +45,7 @@ COMMANDS = {
     "runc": "runc",
     "tinyproxy": "tinyproxy",
     "debootstrap": "debootstrap",
+    "setpriv": "util-linux",  # tests/mount/test_hardening.py: an image's setuid binary run by nobody
 }
 
 
