@@ -1,5 +1,10 @@
 """HTTP(S) plumbing shared by the http and registry backends: a thread-safe keep-alive connection pool
-over :mod:`http.client`, and the checks that turn a ranged response into exactly the bytes asked for."""
+over :mod:`http.client`, and the checks that turn a ranged response into exactly the bytes asked for.
+
+Every socket wait (connect, send, each receive of a body) is cut to the time left before the caller's
+:func:`~.retry.deadline`, and a body is read one receive at a time, checking the deadline between receives: a
+server trickling bytes cannot stretch a request past it (the status line and headers are bounded per receive).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from urllib.parse import SplitResult, urlsplit
 
 from erofs.reader.backend import BackendStats
 
-from .retry import RETRY_STATUSES, PermanentFailure, TempFailure, parse_retry_after
+from .retry import RETRY_STATUSES, PermanentFailure, TempFailure, parse_retry_after, time_left
 
 USER_AGENT = "nydus-erofs-cachefilesd-py"
 _PIECE = 1 << 20  # read/discard granularity
@@ -91,6 +96,12 @@ class Response:
             raise TempFailure(f"bad Content-Length {value!r}")
         return n
 
+    def _bound(self) -> None:
+        """Cut the socket's wait to the time left before the deadline (DeadlineExceeded once it passed)."""
+        conn = self._conn
+        if conn is not None and conn.sock is not None:
+            conn.sock.settimeout(time_left(self._transport.options.timeout))
+
     def read_exact(self, n: int) -> bytes:
         """Exactly ``n`` body bytes; a body ending early is a temporary failure (truncated transfer)."""
         buf = bytearray(n)
@@ -98,9 +109,12 @@ class Response:
         got = 0
         try:
             while got < n:
-                k = self._resp.readinto(view[got:])
-                if not k:
+                self._bound()  # one receive at a time: each waits at most the time left
+                piece = self._resp.read1(min(n - got, _PIECE))
+                if not piece:
                     break
+                k = len(piece)
+                view[got : got + k] = piece
                 got += k
         except http.client.IncompleteRead:
             pass
@@ -116,7 +130,8 @@ class Response:
         """Read and drop ``n`` body bytes, returns how many (fewer only at end of body)."""
         left = n
         while left:
-            piece = self._resp.read(min(left, _PIECE))
+            self._bound()
+            piece = self._resp.read1(min(left, _PIECE))
             if not piece:
                 break
             left -= len(piece)
@@ -168,8 +183,9 @@ class TransportOptions:
     """How to connect: the one list of connection options, taken by :class:`Transport` and (as keywords) by
     :class:`~.http.HttpBackend`, :class:`~.registry.RegistryBackend` and ``make_backend("http"/"registry", ...)``.
 
-    ``timeout``: seconds a connected socket waits for the server (each read or write); ``connect_timeout``: seconds
-    to wait for a connection; ``pool_size``: idle keep-alive connections kept per origin; ``insecure``: no TLS
+    ``timeout``: seconds a connected socket waits for the server (each read or write; the whole request is bounded
+    by the caller's :func:`~.retry.deadline`: a fill's, ``fill_timeout``); ``connect_timeout``: seconds to wait
+    for a connection; ``pool_size``: idle keep-alive connections kept per origin; ``insecure``: no TLS
     certificate or host name verification; ``ca_file``: a PEM bundle of CAs to trust instead of the system's.
     """
 
@@ -209,7 +225,7 @@ class Transport:
 
     def _connect(self, origin: Origin) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection
-        timeout = self.options.connect_timeout
+        timeout = time_left(self.options.connect_timeout)
         if origin.scheme == "https":
             conn = http.client.HTTPSConnection(origin.host, origin.port, timeout=timeout, context=self._context())
         else:
@@ -219,8 +235,6 @@ class Transport:
         except BaseException:
             conn.close()
             raise
-        if conn.sock is not None:
-            conn.sock.settimeout(self.options.timeout)
         return conn
 
     def _get(self, origin: Origin) -> tuple[http.client.HTTPConnection, bool]:
@@ -252,6 +266,8 @@ class Transport:
             conn, reused = self._get(origin)
             self.stats.add(requests=1)
             try:
+                if conn.sock is not None:
+                    conn.sock.settimeout(time_left(self.options.timeout))
                 conn.request(method, target, body=body, headers=hdrs)
                 resp = conn.getresponse()
             except _STALE:

@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from cachefilesd_py.logfilter import daemon_logging
 from cachefilesd_py.mount.service import mount_image, umount_image
 from cachefilesd_py.mount.spec import MODES, MountSpec
 from erofs.errors import UsageError
@@ -91,8 +92,7 @@ def mount(blob_dir: str | None, backend: str | None, backend_config: str | None,
         if key not in config:
             raise UsageError(f"--backend {kind} needs {key}=... in --backend-config")
     if foreground:  # a daemon in this process: its log goes to stderr
-        logging.basicConfig(level=logging.INFO, format="nydus-erofs[%(process)d]: %(levelname)s: %(message)s",
-                            force=True)  # fmt: skip
+        daemon_logging(logging.INFO, "nydus-erofs[%(process)d]: %(levelname)s: %(message)s")
     # every other option is a MountSpec field of the same name
     rec = mount_image(MountSpec(backend=kind, backend_config=config, **spec_options), foreground=foreground)
     if as_json:

@@ -18,6 +18,8 @@ from typing import Any, Self
 
 from erofs.errors import UsageError
 
+from ..pipeline import FILL_TIMEOUT
+
 __all__ = ["MODES", "MountSpec", "read_spec_fd", "spec_fd"]
 
 MODES = ("auto", "fanotify", "full")
@@ -48,7 +50,7 @@ class MountSpec:
     readahead: int | None = None
     workers: int = 4
     log_level: str = "INFO"
-    fill_timeout: float = 30.0
+    fill_timeout: float = FILL_TIMEOUT
     allow_suid: bool = False
     allow_dev: bool = False
 

@@ -42,6 +42,7 @@ from fscache.mount import MountError, mount_erofs_file_backed, set_mount_readahe
 
 from ..backends import BlobBackend, make_backend
 from ..blob_handles import open_image
+from ..logfilter import daemon_logging
 from ..pipeline import Pipeline
 from .cachefile import CacheFile, prepare_cache_files
 from .ready import OK, error_line, report
@@ -90,7 +91,7 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
     group = None if group_fd is None else FanotifyGroup.from_fd(group_fd)
     inotify = None if inotify_fd is None else Inotify.from_fd(inotify_fd)
     adopted = restart > 0
-    pipeline = Pipeline(amplify=amplify, workers=workers)
+    pipeline = Pipeline(amplify=amplify, workers=workers, fill_timeout=spec.fill_timeout)
     try:
         try:
             try:
@@ -197,8 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (NydusErofsError, OSError) as e:
         report(args.ready_fd, error_line(e))
         return 1
-    logging.basicConfig(level=spec.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-                        stream=sys.stderr)  # fmt: skip
+    daemon_logging(spec.log_level, "%(asctime)s %(name)s %(levelname)s: %(message)s")
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)  # `kill -USR1`: thread stacks to the log
     try:
         run_daemon(spec, ready_fd=args.ready_fd, group_fd=args.group_fd, inotify_fd=args.inotify_fd,

@@ -7,23 +7,30 @@ Each test drives ``nydus-erofs mount``/``umount`` (the CLI a user runs) against 
 from __future__ import annotations
 
 import errno
+import http.server
 import io
 import json
 import os
+import random
 import shutil
 import stat
 import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from cachefilesd_py.backends import make_backend
+from cachefilesd_py.blob_handles import open_image
 from cachefilesd_py.mount.record import RUN_DIR_ENV
 from erofs.paths import process_start_time
+from erofs.reader import Bootstrap
 from fscache.mount import is_mounted
 from tests.support.kmount import umount as kernel_umount
 
@@ -169,3 +176,162 @@ def test_image_of_127_blobs_mounts_and_reads_back(cli: Cli, many_layers: Path, t
             assert (mp / f"f{i:03d}").read_bytes() == f"layer {i}\n".encode() * (i + 1)
     finally:
         cli.umount(mp)
+
+
+# -- finding 5: a deadline per fill, umount stops everything ------------------------------------------------------
+class TrickleServer:
+    """The blobs of a directory over HTTP on 127.0.0.1 (``url``): at full speed, or, once ``slow`` is set, the
+    headers at once and the body one byte a second."""
+
+    def __init__(self, blobs: Path) -> None:
+        self.slow = threading.Event()
+        self.closing = threading.Event()
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _blob(self) -> bytes | None:
+                path = blobs / self.path.strip("/").rsplit("/", 1)[-1]
+                return path.read_bytes() if path.is_file() else None
+
+            def do_HEAD(self) -> None:
+                data = self._blob()
+                self.send_response(200 if data is not None else 404)
+                self.send_header("Content-Length", str(len(data or b"")))
+                self.end_headers()
+
+            def do_GET(self) -> None:
+                data = self._blob()
+                if data is None:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                first, _, last = self.headers["Range"].removeprefix("bytes=").partition("-")
+                start, end = int(first), min(int(last), len(data) - 1)
+                body = data[start : end + 1]
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if not owner.slow.is_set():
+                    self.wfile.write(body)
+                    return
+                for i in range(len(body)):  # one byte a second, until the client gives up
+                    self.wfile.write(body[i : i + 1])
+                    self.wfile.flush()
+                    if owner.closing.wait(1.0):
+                        return
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.closing.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _timed(fn: Callable[[], Any], limit: float) -> tuple[Any, float]:
+    """``fn()`` in a thread: (its result or the exception it raised, seconds taken); fails past ``limit``."""
+    box: dict[str, Any] = {}
+    t0 = time.monotonic()
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001
+            box["value"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(limit)
+    assert not t.is_alive(), f"still blocked after {limit:g}s"
+    return box["value"], time.monotonic() - t0
+
+
+def test_a_trickling_backend_costs_a_read_its_deadline_and_umount_leaves_nothing(cli: Cli, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    data = random.Random(7).randbytes(300_000)
+    (src / "file.bin").write_bytes(data)
+    out = tmp_path / "out"
+    build([src], out, "--chunk-size", "64KiB")
+    server = TrickleServer(out / "blobs")
+    cache, mp, deadline = tmp_path / "cache", tmp_path / "mnt", 3.0
+    try:
+        rec = cli.mount(out / "image.boot", mp, cache, "--mode", "fanotify", "--backend", "http",
+                        "--backend-config", f"url={server.url}", "--fill-timeout", str(deadline))  # fmt: skip
+        server.slow.set()
+        got, took = _timed(lambda: (mp / "file.bin").read_bytes(), 60)
+        assert isinstance(got, OSError) and got.errno == errno.EIO, got
+        assert took < deadline + 5, f"EIO after {took:.1f}s"
+        _, took = _timed(lambda: cli.umount(mp), 60)
+        assert took < deadline + 10
+        for pid in (rec["pid"], rec["worker_pid"]):
+            assert process_start_time(pid) is None, f"daemon {pid} still running"
+    finally:
+        server.close()
+    # the same cache dir, a good backend: every read is served
+    cli.mount(out / "image.boot", mp, cache, "--mode", "fanotify", "--blob-dir", str(out / "blobs"))
+    got, _ = _timed(lambda: (mp / "file.bin").read_bytes(), 60)
+    assert got == data
+    cli.umount(mp)
+
+
+# -- finding 9: failure caching, log rate limit -------------------------------------------------------------------
+def test_rereading_a_corrupt_page_neither_refetches_nor_grows_the_log(cli: Cli, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    data = random.Random(9).randbytes(3 << 20)
+    (src / "victim.bin").write_bytes(data)
+    out = tmp_path / "out"
+    build([src], out)
+    blobs = tmp_path / "damaged"
+    shutil.copytree(out / "blobs", blobs)
+    backend = make_backend("localfs", dir=blobs)
+    try:
+        (handle,) = open_image(out / "image.boot", backend)
+    finally:
+        backend.close()
+    with Bootstrap(out / "image.boot") as bs:
+        chunks = [fc for fc in bs.file_chunks(bs.lookup("/victim.bin")) if fc.ci_index is not None]
+    c_off, c_size, _, _ = handle.meta.chunk(chunks[1].ci_index)
+    raw = bytearray((blobs / handle.blob_id).read_bytes())
+    raw[c_off + c_size // 2] ^= 0xFF
+    (blobs / handle.blob_id).write_bytes(raw)
+
+    mp = tmp_path / "mnt"
+    rec = cli.mount(out / "image.boot", mp, tmp_path / "cache", "--mode", "fanotify", "--blob-dir", str(blobs),
+                    "--readahead", "0")  # fmt: skip
+    log = Path(rec["log"])
+    fd = os.open(mp / "victim.bin", os.O_RDONLY)
+    try:
+        size0 = log.stat().st_size
+
+        def reread() -> int:
+            failures = 0
+            for _ in range(200):
+                try:
+                    os.pread(fd, 4096, chunks[1].file_offset)
+                except OSError as e:
+                    assert e.errno == errno.EIO
+                    failures += 1
+            return failures
+
+        failures, _ = _timed(reread, 60)
+        assert failures == 200
+        grown = log.stat().st_size - size0
+    finally:
+        os.close(fd)
+    stats = cli.umount(mp)["stats"]
+    assert stats["pipeline"]["digest_failures"] <= 2, stats["pipeline"]
+    assert stats["pipeline"]["failures_cached"] >= 190, stats["pipeline"]
+    assert grown < 4096, f"the log grew by {grown} bytes"
