@@ -6,6 +6,7 @@ Each test drives ``nydus-erofs mount``/``umount`` (the CLI a user runs) against 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import http.server
 import io
@@ -29,6 +30,7 @@ import pytest
 from cachefilesd_py.backends import make_backend
 from cachefilesd_py.blob_handles import open_image
 from cachefilesd_py.mount.record import RUN_DIR_ENV
+from erofs.format.rafs_v6 import BLOB_FEATURE_HAS_TOC, BlobInfo, RafsV6Blob
 from erofs.paths import process_start_time
 from erofs.reader import Bootstrap
 from fscache.mount import is_mounted
@@ -335,3 +337,60 @@ def test_rereading_a_corrupt_page_neither_refetches_nor_grows_the_log(cli: Cli, 
     assert stats["pipeline"]["digest_failures"] <= 2, stats["pipeline"]
     assert stats["pipeline"]["failures_cached"] >= 190, stats["pipeline"]
     assert grown < 4096, f"the log grew by {grown} bytes"
+
+
+# -- finding 3: a blob without a ToC digest is cross-checked against the bootstrap --------------------------------
+def _without_toc(boot: Path) -> None:
+    """Make the bootstrap's (only) blob look like one from before upstream 2.2: no ToC, no ToC digest."""
+    with Bootstrap(boot) as bs:
+        off = bs.ext.s_blob_table_offset
+    raw = bytearray(boot.read_bytes())
+    blob = BlobInfo.unpack(raw, off, 0)
+    blob = dataclasses.replace(blob, features=blob.features & ~BLOB_FEATURE_HAS_TOC, blob_toc_size=0,
+                               blob_toc_digest=None)  # fmt: skip
+    raw[off : off + RafsV6Blob.size] = blob.pack()
+    boot.write_bytes(raw)
+
+
+def test_swapped_chunk_info_of_a_toc_less_blob_is_never_served(cli: Cli, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    rnd = random.Random(3)
+    data = b"".join(bytes([65 + i]) * 1000 + rnd.randbytes((64 << 10) - 1000) for i in range(4))  # 4 whole chunks
+    (src / "file.bin").write_bytes(data)
+    out = tmp_path / "out"
+    build([src], out, "--chunk-size", "64KiB")
+    boot = out / "image.boot"
+    _without_toc(boot)
+    assert cli.run("check", str(boot), "--blob-dir", str(out / "blobs")).returncode == 0  # a sound ToC-less image
+
+    # a hostile blob source swaps the uncompressed offsets of the file's first two chunk-info entries: each
+    # chunk still matches its digest, at the other's place
+    with Bootstrap(boot) as bs:
+        (blob,) = bs.blobs
+        a, b = (fc.ci_index for fc in bs.file_chunks(bs.lookup("/file.bin"))[:2])
+    assert blob.ci_compressor == "none"
+    path = out / "blobs" / blob.blob_id
+    raw = bytearray(path.read_bytes())
+    ea, eb = blob.ci_offset + 16 * a, blob.ci_offset + 16 * b
+    raw[ea : ea + 8], raw[eb : eb + 8] = raw[eb : eb + 8], raw[ea : ea + 8]
+    path.write_bytes(raw)
+    assert cli.run("check", str(boot), "--blob-dir", str(out / "blobs")).returncode == 3
+
+    for mode in ("fanotify", "full"):
+        mp = tmp_path / f"mnt-{mode}"
+        mp.mkdir()
+        proc = cli.run("mount", str(boot), str(mp), "--cache-dir", str(tmp_path / f"cache-{mode}"), "--mode", mode,
+                       "--blob-dir", str(out / "blobs"))  # fmt: skip
+        if proc.returncode == 0:  # then the swapped chunks must read as EIO, never as each other
+            cli.mounted.append(mp)
+            try:
+                got: Any = (mp / "file.bin").read_bytes()
+            except OSError as e:
+                got = e
+            cli.umount(mp)
+            assert isinstance(got, OSError) and got.errno == errno.EIO, (mode, "swapped chunks served")
+        else:
+            assert proc.returncode == 3 and proc.stderr.count("\n") == 1, (mode, proc.stderr)
+            assert "chunk-info" in proc.stderr and blob.blob_id in proc.stderr, proc.stderr
+            assert not is_mounted(mp, None)
