@@ -103,6 +103,7 @@ def mount_image(spec: MountSpec, *, foreground: bool = False) -> dict[str, Any]:
     if is_mounted(mp, None) or read_record(mp) is not None:
         rec = read_record(mp)
         if rec is not None and not is_mounted(mp, None):
+            _check_orphan(mp, rec)
             _forget(mp, rec)  # stale record of a mount gone by other means
         else:
             raise UsageError(f"{mp} is already a mountpoint (nydus-erofs umount {mp} first)")
@@ -274,20 +275,12 @@ def _live_worker(rec: dict[str, Any]) -> int | None:
     return None
 
 
-def _stop(pid: int, timeout: float) -> None:
-    """SIGTERM, then SIGKILL if ``pid`` has not exited within ``timeout`` seconds."""
-    _kill(pid, signal.SIGTERM)
-    if not _wait_exit(pid, timeout):
-        log.warning("daemon %d did not stop within %gs: killed", pid, timeout)
-        _kill(pid, signal.SIGKILL)
-        _wait_exit(pid, None)
-
-
-def _forget(mp: Path, rec: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+def _forget(mp: Path, rec: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
     """Stop what is left of the mount's daemons (its image is unmounted) and remove its record and log."""
     pid = rec.get("pid")
     if pid and is_daemon(rec):
-        _stop(pid, timeout)
+        _kill(pid, signal.SIGTERM)
+        _wait_exit(pid, timeout)
     elif pid:
         try:  # our child that exited by itself: reap it
             os.waitpid(pid, os.WNOHANG)
@@ -296,7 +289,12 @@ def _forget(mp: Path, rec: dict[str, Any], timeout: float = 5.0) -> dict[str, An
     rec = read_record(mp) or rec
     worker = _live_worker(rec)
     if worker is not None:  # its supervisor is gone: the worker stops once its mount is gone, or now
-        _stop(worker, timeout)
+        if rec.get("released"):  # it serves nobody: never wait for its fills
+            _kill(worker, signal.SIGKILL)
+            _wait_exit(worker, None)
+        else:
+            _kill(worker, signal.SIGTERM)
+            _wait_exit(worker, timeout)
     for p in (record_path(mp), record_path(mp).with_suffix(".log")):
         try:
             p.unlink()
@@ -340,9 +338,12 @@ def umount_image(mountpoint: str | os.PathLike[str], *, timeout: float = 30.0) -
 
 
 def reap_stale(cache: Path) -> None:
-    """Stop the daemons left by earlier mounts of ``cache``: their image is not in the mount table any more and
-    their supervisor is gone (its worker would hold its marks on the cache files and answer no event).  A
-    supervisor still running serves a detached mount's open files: it is left alone."""
+    """Deal with the workers left by earlier mounts of ``cache`` whose supervisor is gone and whose image is not in
+    the mount table: such a worker keeps its marks on the cache files, and a worker stuck on its fills would
+    answer no event of ours (every read of the new mount would wait for it).  One whose image is released
+    (its record says so) serves nobody: it is killed.  One whose image is not released (a detached mount with
+    open files, or a fill the kernel still waits for) is refused with an error naming it, never waited for:
+    killing it would let the kernel read its holes as zeros."""
     try:
         records = sorted(run_dir().glob("*.json"))
     except OSError:
@@ -357,7 +358,17 @@ def reap_stale(cache: Path) -> None:
         mp = Path(rec.get("mountpoint") or "/nonexistent")
         if is_mounted(mp, None) or is_daemon(rec) or _live_worker(rec) is None:
             continue
-        log.warning("%s: a worker of an earlier mount of %s (pid %s) outlived its supervisor: stopping it",
-                    cache, mp, rec.get("worker_pid"))  # fmt: skip
-        _forget(mp, rec, timeout=1.0)
+        _check_orphan(mp, rec)
+        log.warning("%s: worker %s of an earlier mount of %s outlived its supervisor and its image: killed",
+                    cache, rec.get("worker_pid"), mp)  # fmt: skip
+        _forget(mp, rec)
 
+
+def _check_orphan(mp: Path, rec: dict[str, Any]) -> None:
+    """UsageError if the record's worker runs on without its supervisor and its image is not released."""
+    worker = _live_worker(rec)
+    if worker is None or is_daemon(rec) or (read_record(mp) or rec).get("released"):
+        return
+    raise UsageError(f"worker {worker} of an earlier mount of {mp} on cache dir {rec.get('cache_dir')} outlived its "
+                     "supervisor and still waits on its image (a detached mount with open files, or a stuck fill): "
+                     f"its marks hold the cache files; kill {worker}, or use another --cache-dir")  # fmt: skip

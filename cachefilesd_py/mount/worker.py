@@ -5,7 +5,9 @@ mounts the bootstrap file-backed with ``device=<cache files>``, adds the :class:
 runtime record (``pid``: the supervisor, ``worker_pid``: itself), reports ``ok`` (or a one-line error) on the
 ready pipe and serves until the image is released; then it exits with status 0 after writing its final stats
 into the record (unless the record is not its own any more).  A plain umount thus ends it at once, a
-``umount -l`` when the last file open there closes.
+``umount -l`` when the last file open there closes.  Once the image is released, before it waits for its fills to
+end, it marks the record ``released``: a worker of a released image serves nobody, and a later mount of its
+cache dir that finds it still running (its supervisor gone) may kill it.
 
 SIGTERM/SIGINT: it unmounts if the mountpoint still shows the image: plainly when nothing is open there (the
 release follows at once), else detached, logging one line (``stopping: MP is detached, serving it until its N
@@ -61,6 +63,15 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return None
+
+
+def _mark_record(record: Path, who: str, me: int, data: dict[str, Any]) -> None:
+    """Write ``data`` as the record, if it is still ours (not removed, nor a new mount's by now)."""
+    try:
+        if (_read_json(record) or {}).get(who) == me:
+            write_record(record, data)
+    except (OSError, ValueError) as e:
+        log.error("cannot write %s: %s", record, e)
 
 
 def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = None, inotify_fd: int | None = None,
@@ -165,6 +176,9 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
         if group_fd is None and not watch.released():
             watch.unmount()
         stats = server.stats()
+        who = "worker_pid" if group_fd is not None else "pid"
+        if watch.released():  # nothing reads through the marks: a `mount` finding us stuck below may kill us
+            _mark_record(record, who, me, dict(data, released=True))
         server.close()
         pipeline.close()
         for cf in files:
@@ -172,12 +186,7 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
         if backend is not None:
             backend.close()
         inotify.close()
-        who = "worker_pid" if group_fd is not None else "pid"
-        try:
-            if (_read_json(record) or {}).get(who) == me:  # not removed, nor a new mount's by now
-                write_record(record, dict(data, stats=stats, stopped=True))
-        except (OSError, ValueError) as e:
-            log.error("cannot write final stats to %s: %s", record, e)
+        _mark_record(record, who, me, dict(data, stats=stats, stopped=True))
         log.info("stopped: %s", json.dumps(stats["pipeline"]))
         for s, h in old.items():  # only now: a late SIGTERM must not cut the final record short
             signal.signal(s, h)

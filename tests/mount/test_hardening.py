@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from erofs.paths import process_start_time
 from erofs.reader import Bootstrap
 from fscache.mount import is_mounted
 from tests.support.kmount import umount as kernel_umount
+from tests.support.poll import wait_for
 
 CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 TIMEOUT = 120.0
@@ -188,6 +190,7 @@ class TrickleServer:
     def __init__(self, blobs: Path) -> None:
         self.slow = threading.Event()
         self.closing = threading.Event()
+        self.trickling = 0
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -223,17 +226,25 @@ class TrickleServer:
                 if not owner.slow.is_set():
                     self.wfile.write(body)
                     return
-                for i in range(len(body)):  # one byte a second, until the client gives up
-                    self.wfile.write(body[i : i + 1])
-                    self.wfile.flush()
-                    if owner.closing.wait(1.0):
-                        return
+                owner.trickling += 1
+                try:
+                    for i in range(len(body)):  # one byte a second, until the client gives up
+                        self.wfile.write(body[i : i + 1])
+                        self.wfile.flush()
+                        if owner.closing.wait(1.0):
+                            return
+                finally:
+                    owner.trickling -= 1
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def requests_in_flight(self) -> int:
+        """Bodies being trickled now."""
+        return self.trickling
 
     def close(self) -> None:
         self.closing.set()
@@ -286,6 +297,54 @@ def test_a_trickling_backend_costs_a_read_its_deadline_and_umount_leaves_nothing
     got, _ = _timed(lambda: (mp / "file.bin").read_bytes(), 60)
     assert got == data
     cli.umount(mp)
+
+
+def test_a_worker_left_stuck_by_a_dead_supervisor_is_never_waited_on(cli: Cli, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    data = random.Random(8).randbytes(300_000)
+    (src / "file.bin").write_bytes(data)
+    out = tmp_path / "out"
+    build([src], out, "--chunk-size", "64KiB")
+    server = TrickleServer(out / "blobs")
+    cache, mp, mp2 = tmp_path / "cache", tmp_path / "mnt", tmp_path / "mnt2"
+    mp2.mkdir()
+    worker = None
+    try:  # a worker stuck on a fill (a deadline of 10 minutes) whose supervisor was killed
+        rec = cli.mount(out / "image.boot", mp, cache, "--mode", "fanotify", "--backend", "http",
+                        "--backend-config", f"url={server.url}", "--fill-timeout", "600")  # fmt: skip
+        worker = rec["worker_pid"]
+        server.slow.set()
+        reader = subprocess.Popen(["cat", str(mp / "file.bin")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(server.requests_in_flight, "the read reached the server", 30)
+        os.kill(rec["pid"], signal.SIGKILL)
+        reader.kill()
+        reader.wait(30)
+        kernel_umount(mp, detach_if_busy=False)
+        cli.mounted.remove(mp)
+
+        # the next mount of the cache dir neither waits for that worker nor shares the cache files with it: once the
+        # worker has marked its image released it is killed; before, the mount is refused with an error naming it
+        args = ("mount", str(out / "image.boot"), str(mp2), "--cache-dir", str(cache), "--blob-dir", str(out / "blobs"))
+        proc, took = _timed(lambda: cli.run(*args), 60)
+        assert took < 20, took
+        if proc.returncode:
+            assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+            assert f"worker {worker} " in proc.stderr and "outlived its supervisor" in proc.stderr, proc.stderr
+            assert not is_mounted(mp2, None)
+            os.kill(worker, signal.SIGKILL)  # as the error says
+            wait_for(lambda: process_start_time(worker) is None, "the worker is gone", 30)
+            proc = cli.run(*args)
+        assert proc.returncode == 0, proc.stderr
+        cli.mounted.append(mp2)
+        assert process_start_time(worker) is None, "the stuck worker still runs"
+        got, _ = _timed(lambda: (mp2 / "file.bin").read_bytes(), 60)
+        assert got == data
+        cli.umount(mp2)
+    finally:
+        server.close()
+        if worker is not None and process_start_time(worker) is not None:
+            os.kill(worker, signal.SIGKILL)
 
 
 # -- finding 9: failure caching, log rate limit -------------------------------------------------------------------
