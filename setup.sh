@@ -16,6 +16,8 @@ PACKAGES=(
     tar gzip zstd xz-utils libarchive-tools
     # the VM guest's network (ip), the virtualenv
     iproute2 python3-venv ca-certificates
+    # setpriv (tests run image binaries as user nobody), mount/umount
+    util-linux
     # building the test kernel (kernel-test/build-kernel: make, gcc, bc, bison, flex, cpio)
     build-essential bc bison flex cpio libelf-dev libssl-dev
     # building erofs-utils 1.9.3 for the benchmarks (../shared/anchors/build-erofs-utils)
@@ -24,8 +26,8 @@ PACKAGES=(
     containerd runc tinyproxy debootstrap
     # the snapshotter tests' busybox image (a static busybox, no image needed)
     busybox-static
-    # HTTP clients and a test CA (curl, openssl), setpriv/losetup (util-linux)
-    curl openssl util-linux
+    # HTTP clients and a test CA (curl, openssl)
+    curl openssl
 )
 missing=()
 for p in "${PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -15,7 +15,7 @@ import struct
 
 from erofs.errors import ImageError
 from erofs.format.rafs_v6 import BlobInfo
-from erofs.reader.blob import BlobMeta
+from erofs.reader.blob import BlobMeta, check_chunk_table
 from erofs.reader.bootstrap import Bootstrap
 
 from .backends import BlobBackend
@@ -27,8 +27,13 @@ _ENTRY = struct.Struct("<QQQQQ")
 
 
 def blob_handle(bootstrap: Bootstrap, blob: BlobInfo, backend: BlobBackend) -> BlobHandle:
-    """The handle of ``blob`` of ``bootstrap``, its metadata read and verified through ``backend``."""
-    return BlobHandle(blob.blob_id, BlobMeta.load(backend, blob, bootstrap), backend)
+    """The handle of ``blob`` of ``bootstrap``, its metadata read and verified through ``backend``: a blob whose
+    chunk-info table no digest in the bootstrap covers (no ToC digest) must agree with the bootstrap's chunk
+    table (:func:`~erofs.reader.blob.check_chunk_table`), else ImageError."""
+    meta = BlobMeta.load(backend, blob, bootstrap)
+    if blob.blob_toc_digest is None:
+        check_chunk_table(meta, bootstrap, blob.blob_index)
+    return BlobHandle(blob.blob_id, meta, backend)
 
 
 def blob_handles(bootstrap: Bootstrap, backend: BlobBackend) -> list[BlobHandle]:

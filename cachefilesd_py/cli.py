@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from cachefilesd_py.logfilter import RepeatFilter
 from cachefilesd_py.notify import notify
 from erofs.errors import BackendError, NydusErofsError, UsageError
 from erofs.units import parse_size
@@ -133,6 +134,7 @@ def _setup_logging(json_logs: bool, level: str) -> None:
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter(f"{PROG}[%(process)d]: %(levelname)s: %(message)s"))
+    handler.addFilter(RepeatFilter())  # identical lines counted, not repeated
     log.handlers[:] = [handler]
     log.setLevel(level.upper())
     log.propagate = False

@@ -19,6 +19,15 @@ destination (``present`` false, or no ``present`` given: e.g. two cache objects 
 writes the owner's verified data itself, so every caller ends with its range filled.  When the owner's fetch
 failed and it read another copy of the blob (another backend: the same layer in another image), the waiter
 fetches from its own copy instead of taking the owner's error.
+
+Each fill has a deadline (``fill_timeout``, :func:`~cachefilesd_py.backends.retry.deadline`): backend requests,
+their retries and waits for another fill's chunk end by then, and the fill fails (the reader gets EIO) instead
+of hanging on a server that trickles bytes.
+
+Failures are remembered (failure caching): a chunk that failed its digest (or could not be decoded) fails at once,
+without a fetch, for :data:`BAD_CHUNK_TTL` seconds; one whose fetch failed (a backend error, a deadline) for
+:data:`FAILED_FETCH_TTL`.  A reader re-reading a corrupt page then costs no refetch, and the line logged for it is
+counted by the daemon's log filter (:mod:`cachefilesd_py.logfilter`) rather than repeated.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
@@ -34,12 +44,16 @@ from erofs.errors import BackendError, DigestMismatchError, ImageError, NydusEro
 from erofs.reader.blob import BlobMeta, plan_reads
 
 from .backends import BlobBackend
+from .backends.retry import PermanentFailure, deadline, time_left
 
 __all__ = ["PAGE_SIZE", "BlobHandle", "Pipeline", "PipelineStats", "WriteFn", "PresentFn", "tune_malloc"]
 
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 4096
+FILL_TIMEOUT = 30.0  # seconds one fill may take, by default
+BAD_CHUNK_TTL = 20.0  # seconds a chunk that failed its digest (or decoding) fails without a refetch
+FAILED_FETCH_TTL = 3.0  # seconds a chunk whose fetch failed fails without a refetch
 WriteFn = Callable[[int, memoryview], object]
 PresentFn = Callable[[int, int], bool]
 
@@ -78,7 +92,8 @@ class PipelineStats:
     ``write`` (padded); ``chunks_present``: chunks skipped because ``present`` said so; ``chunks_amplified``:
     chunks added beyond the requested range; ``dedup_hits``: chunks another fill was already fetching;
     ``digest_failures``, ``fetch_failures`` (backend errors, per chunk), ``decode_failures`` (other image
-    errors, per chunk), ``write_failures``.
+    errors, per chunk), ``write_failures``; ``failures_cached``: chunks failed at once, a recent failure
+    remembered (no fetch); ``timeouts``: chunks of another fill not waited for past the deadline.
     """
 
     fills: int = 0
@@ -94,6 +109,8 @@ class PipelineStats:
     fetch_failures: int = 0
     decode_failures: int = 0
     write_failures: int = 0
+    failures_cached: int = 0
+    timeouts: int = 0
     _cond: threading.Condition = field(default_factory=threading.Condition, repr=False, compare=False)
 
     def add(self, **counts: int) -> None:
@@ -161,20 +178,24 @@ class Pipeline:
     ``amplify``: bytes of uncompressed data one fill brings in at least (whole chunks following the requested
     range, never beyond ``amplify`` in total; the requested range itself is always fetched whole).
     ``workers``: threads of :meth:`submit`, for front ends whose event loop must never wait on a fetch.
+    ``fill_timeout``: seconds one :meth:`fill` may take (None: no deadline).
     """
 
-    def __init__(self, *, amplify: int = 1 << 20, workers: int = 4) -> None:
+    def __init__(self, *, amplify: int = 1 << 20, workers: int = 4, fill_timeout: float | None = FILL_TIMEOUT) -> None:
         if amplify < 0:
             raise ValueError(f"amplify must be >= 0, got {amplify}")
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.amplify = amplify
         self.workers = workers
+        self.fill_timeout = fill_timeout
         self.stats = PipelineStats()
         tune_malloc()
         self._lock = threading.Lock()
         # (blob id, chunk) → the future of its fetch and the backend (the copy of the blob) it is fetched from
         self._inflight: dict[tuple[str, int], tuple[Future[memoryview | None], BlobBackend]] = {}
+        # (blob id, chunk) → (until when, the failure, the backend it came from): failure caching
+        self._failed: dict[tuple[str, int], tuple[float, BaseException, BlobBackend]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
 
@@ -234,6 +255,11 @@ class Pipeline:
         if self._closed:
             raise RuntimeError("pipeline is closed")
         self.stats.add(fills=1)
+        with deadline(self.fill_timeout):
+            return self._fill(blob, offset, length, write, present, wait)
+
+    def _fill(self, blob: BlobHandle, offset: int, length: int, write: WriteFn, present: PresentFn | None,
+              wait: bool) -> int:  # fmt: skip
         wanted, extra = self.chunks_to_fill(blob, offset, length)
         if not wanted:
             return 0
@@ -243,11 +269,20 @@ class Pipeline:
         meta = blob.meta
         bid = blob.blob_id
 
-        # claim the chunks nobody is fetching; wait for the others
+        # claim the chunks nobody is fetching; wait for the others; fail at once those that failed lately
         owned: list[int] = []
         waits: list[tuple[int, Future[memoryview | None], BlobBackend]] = []
+        errors: dict[int, BaseException] = {}
+        now = time.monotonic()
         with self._lock:
             for ci in (*wanted, *extra):
+                failed = self._failed.get((bid, ci))
+                if failed is not None:
+                    if failed[0] > now and failed[2] is blob.backend:
+                        errors[ci] = failed[1]
+                        continue
+                    if failed[0] <= now:
+                        del self._failed[(bid, ci)]
                 claim = self._inflight.get((bid, ci))
                 if claim is None:
                     self._inflight[(bid, ci)] = (Future(), blob.backend)
@@ -256,8 +291,8 @@ class Pipeline:
                     waits.append((ci, *claim))
         if waits:
             self.stats.add(dedup_hits=len(waits))
-
-        errors: dict[int, BaseException] = {}
+        if errors:
+            self.stats.add(failures_cached=len(errors))
         written = 0
         try:
             written += self._fetch_owned(blob, owned, write, present, errors)
@@ -273,7 +308,19 @@ class Pipeline:
         refetch: list[int] = []
         for ci, fut, source in waits:
             try:
-                data = fut.result()
+                left = time_left()
+            except PermanentFailure:  # the deadline has passed: take the result only if it is there
+                left = 0
+            try:
+                data = fut.result(timeout=left)
+            except TimeoutError as e:
+                if fut.done():  # the owner's own failure
+                    errors[ci] = e
+                    continue
+                self.stats.add(timeouts=1)
+                errors[ci] = BackendError(f"blob {bid}: chunk {ci} not filled within the {self.fill_timeout:g}s "
+                                          "deadline")  # fmt: skip
+                continue
             except BaseException as e:  # noqa: BLE001 - the owner's failure is this chunk's failure
                 if source is not blob.backend:  # unless the owner read another copy: ours may be sound
                     refetch.append(ci)
@@ -330,6 +377,9 @@ class Pipeline:
         def fail(ci: int, e: BaseException, counter: str) -> None:
             errors[ci] = e
             self.stats.add(**{counter: 1})
+            ttl = FAILED_FETCH_TTL if counter == "fetch_failures" else BAD_CHUNK_TTL
+            with self._lock:
+                self._failed[(bid, ci)] = (time.monotonic() + ttl, e, blob.backend)
             if resolve:
                 self._resolve(bid, ci, error=e)
 

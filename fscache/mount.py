@@ -1,7 +1,13 @@
-"""mount(2), umount2(2), the mount table (``/proc/self/mountinfo``) and a mount's readahead window.
+"""mount(2), the new mount API, umount2(2), the mount table (``/proc/self/mountinfo``) and a mount's readahead.
 
-mount(2) is called directly through ctypes: util-linux ``mount`` attaches a loop device, which breaks
-``device=<regular file>`` of file-backed EROFS mounts.
+The syscalls are called directly through ctypes: util-linux ``mount`` attaches a loop device, which breaks
+``device=<regular file>`` of file-backed EROFS mounts.  An EROFS image is mounted with the new mount API
+(fsopen/fsconfig/fsmount/move_mount, Linux >= 5.2), one ``fsconfig`` per ``device`` path: mount(2) passes its
+options in one page, so a ``device=`` list longer than 4095 bytes (about 44 blobs in a cache dir of typical
+length) would be cut by the kernel ("Unknown parameter").  Without the new API a list that long is a clear error.
+
+Every image mount is ``nosuid,nodev`` unless the caller lifts it (``allow_suid``, ``allow_dev``): an image is
+data from elsewhere, and its setuid-root binaries or device nodes must not grant anything on this host.
 """
 
 from __future__ import annotations
@@ -19,11 +25,15 @@ from pathlib import Path
 from erofs.errors import NydusErofsError, UsageError
 
 __all__ = [
+    "MS_NODEV",
+    "MS_NOSUID",
+    "MS_RDONLY",
     "MountError",
     "MountInfo",
     "filesystem_name",
     "is_mounted",
     "mount_bdi_name",
+    "mount",
     "mount_erofs_file_backed",
     "mount_erofs_fscache",
     "mountinfo",
@@ -35,13 +45,25 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
 MNT_DETACH = 2
+OPTIONS_MAX = 4095  # mount(2) copies one page of options, NUL included
+
+# the new mount API (the same numbers on every architecture)
+SYS_MOVE_MOUNT, SYS_FSOPEN, SYS_FSCONFIG, SYS_FSMOUNT = 429, 430, 431, 432
+FSOPEN_CLOEXEC = 1
+FSCONFIG_SET_FLAG, FSCONFIG_SET_STRING, FSCONFIG_CMD_CREATE = 0, 1, 6
+FSMOUNT_CLOEXEC = 1
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 1, 2, 4
+MOVE_MOUNT_F_EMPTY_PATH = 4
 FS_IOC_GETFSSYSFSPATH = 0x80811501  # _IOR(0x15, 1, struct fs_sysfs_path { __u8 len; __u8 name[128]; })
 _TMPFS_MAGIC = {0x01021994: "tmpfs", 0x858458F6: "ramfs"}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.syscall.restype = ctypes.c_long
 
 
 class MountError(NydusErofsError, OSError):
@@ -53,23 +75,102 @@ class MountError(NydusErofsError, OSError):
         return self.strerror or super().__str__()
 
 
+def mount(source: str | os.PathLike[str] | None, target: str | os.PathLike[str], fstype: str | None,
+          flags: int = 0, data: str | None = None) -> None:  # fmt: skip
+    """mount(2) as it is; a MountError names the source, target, type and options."""
+    opts = data.encode() if data else None
+    if opts is not None and len(opts) > OPTIONS_MAX:
+        raise MountError(errno.E2BIG, f"mount {source} on {target}: options are {len(opts)} bytes, more than "
+                         f"mount(2) takes ({OPTIONS_MAX})")  # fmt: skip
+    src = None if source is None else os.fsencode(source)
+    if _libc.mount(src, os.fsencode(target), None if fstype is None else fstype.encode(), flags, opts) != 0:
+        err = ctypes.get_errno()
+        raise MountError(err, f"mount -t {fstype} {source} {target} ({data or 'no options'}): {os.strerror(err)}")
+
+
+def _sys(number: int, *args: object) -> int:
+    """A raw syscall; OSError on failure."""
+    ret = _libc.syscall(ctypes.c_long(number), *args)
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ret
+
+
+def _fs_log(fs_fd: int) -> str:
+    """The kernel's messages queued on an fs context (``e Unknown parameter ...``), joined; '' if none."""
+    lines = []
+    while True:
+        try:
+            msg = os.read(fs_fd, 1024)
+        except OSError:
+            break
+        if not msg:
+            break
+        lines.append(msg.decode(errors="replace").strip())
+    return "; ".join(lines)
+
+
+def _mount_new_api(fstype: str, source: str, target: str, strings: Sequence[tuple[str, str]], attrs: int) -> None:
+    """fsopen(fstype), one fsconfig(SET_STRING) per ``(key, value)``, ``source``, create, fsmount with ``attrs``,
+    move_mount onto ``target``.  OSError (errno ENOSYS: no new mount API) with the kernel's message."""
+    fs_fd = _sys(SYS_FSOPEN, fstype.encode(), ctypes.c_uint(FSOPEN_CLOEXEC))
+    try:
+        try:
+            for key, value in (*strings, ("source", source)):
+                _sys(SYS_FSCONFIG, ctypes.c_int(fs_fd), ctypes.c_uint(FSCONFIG_SET_STRING), key.encode(),
+                     os.fsencode(value), ctypes.c_int(0))  # fmt: skip
+            _sys(SYS_FSCONFIG, ctypes.c_int(fs_fd), ctypes.c_uint(FSCONFIG_SET_FLAG), b"ro", None, ctypes.c_int(0))
+            _sys(SYS_FSCONFIG, ctypes.c_int(fs_fd), ctypes.c_uint(FSCONFIG_CMD_CREATE), None, None, ctypes.c_int(0))
+            mnt_fd = _sys(SYS_FSMOUNT, ctypes.c_int(fs_fd), ctypes.c_uint(FSMOUNT_CLOEXEC), ctypes.c_uint(attrs))
+        except OSError as e:
+            why = _fs_log(fs_fd)
+            raise OSError(e.errno, f"{e.strerror}{f' ({why})' if why else ''}") from None
+        try:
+            _sys(SYS_MOVE_MOUNT, ctypes.c_int(mnt_fd), b"", ctypes.c_int(-100), os.fsencode(target),
+                 ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))  # fmt: skip
+        finally:
+            os.close(mnt_fd)
+    finally:
+        os.close(fs_fd)
+
+
 def mount_erofs_file_backed(boot: str | os.PathLike[str], mountpoint: str | os.PathLike[str],
-                            devices: Sequence[str | os.PathLike[str]]) -> None:  # fmt: skip
-    """mount(2) the bootstrap file read-only as EROFS with ``device=`` files, in device-table order."""
+                            devices: Sequence[str | os.PathLike[str]], *, allow_suid: bool = False,
+                            allow_dev: bool = False) -> None:  # fmt: skip
+    """Mount the bootstrap file read-only as EROFS with ``device=`` files, in device-table order; ``nosuid`` and
+    ``nodev`` unless ``allow_suid`` / ``allow_dev``.  Any number of devices (the new mount API; mount(2)'s
+    one-page option list when the kernel lacks it, then a list too long for it is a clear error)."""
     paths = [os.path.realpath(d) for d in devices]
     for p in paths:
         if "," in p:
             raise UsageError(f"device path {p!r} contains a comma, which mount options cannot carry")
-    opts = ",".join(f"device={p}" for p in paths)
     src, dst = os.path.realpath(boot), os.path.realpath(mountpoint)
-    if _libc.mount(os.fsencode(src), os.fsencode(dst), b"erofs", MS_RDONLY, opts.encode()) != 0:
+    attrs = MOUNT_ATTR_RDONLY | (0 if allow_suid else MOUNT_ATTR_NOSUID) | (0 if allow_dev else MOUNT_ATTR_NODEV)
+    try:
+        _mount_new_api("erofs", src, dst, [("device", p) for p in paths], attrs)
+        return
+    except OSError as e:
+        if e.errno != errno.ENOSYS:
+            raise _mount_error(e.errno or errno.EIO, src, dst, e.strerror) from None
+    opts = ",".join(f"device={p}" for p in paths)
+    if len(opts.encode()) > OPTIONS_MAX:
+        raise MountError(errno.E2BIG, f"mount {src} on {dst}: {len(paths)} device= paths make {len(opts.encode())} "
+                         f"bytes of options, more than mount(2) takes ({OPTIONS_MAX}), and the kernel has no new "
+                         "mount API (fsopen): use a shorter --cache-dir")  # fmt: skip
+    flags = MS_RDONLY | (0 if allow_suid else MS_NOSUID) | (0 if allow_dev else MS_NODEV)
+    if _libc.mount(os.fsencode(src), os.fsencode(dst), b"erofs", flags, opts.encode()) != 0:
         err = ctypes.get_errno()
-        hint = ""
-        if err == errno.EINVAL:
-            hint = " (not an EROFS image, or a kernel without file-backed EROFS mounts: Linux >= 6.12)"
-        elif err == errno.ENODEV:
-            hint = " (the kernel has no EROFS)"
-        raise MountError(err, f"mount {src} on {dst}: {os.strerror(err)}{hint}")
+        raise _mount_error(err, src, dst, os.strerror(err))
+
+
+def _mount_error(err: int, src: str, dst: str, what: str | None) -> MountError:
+    hint = ""
+    if err == errno.EINVAL and "(" not in (what or ""):
+        hint = " (not an EROFS image, or a kernel without file-backed EROFS mounts: Linux >= 6.12)"
+    elif err == errno.ENODEV:
+        hint = " (the kernel has no EROFS)"
+    return MountError(err, f"mount {src} on {dst}: {what or os.strerror(err)}{hint}")
 
 
 def mount_erofs_fscache(fsid: str, mountpoint: str | os.PathLike[str], domain_id: str | None = None) -> None:

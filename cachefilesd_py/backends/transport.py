@@ -1,6 +1,11 @@
 """HTTP(S) plumbing shared by the http, registry and s3 backends: a thread-safe keep-alive connection pool
 over :mod:`http.client` (optionally through a forward proxy, :mod:`.proxy`), and the checks that turn a ranged
-response into exactly the bytes asked for."""
+response into exactly the bytes asked for.
+
+Every socket wait (connect, send, each receive of a body) is cut to the time left before the caller's
+:func:`~.retry.deadline`, and a body is read one receive at a time, checking the deadline between receives: a
+server trickling bytes cannot stretch a request past it (the status line and headers are bounded per receive).
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,15 @@ from urllib.parse import SplitResult, urlsplit
 from erofs.reader.backend import BackendStats
 
 from .proxy import PROXY_FAILURE_STATUSES, ProxyRoute
-from .retry import RETRY_STATUSES, PermanentFailure, TempFailure, describe, is_temp_failure, parse_retry_after
+from .retry import (
+    RETRY_STATUSES,
+    PermanentFailure,
+    TempFailure,
+    describe,
+    is_temp_failure,
+    parse_retry_after,
+    time_left,
+)
 
 USER_AGENT = "nydus-erofs-cachefilesd-py"
 _PIECE = 1 << 20  # read/discard granularity
@@ -103,6 +116,12 @@ class Response:
             raise TempFailure(f"bad Content-Length {value!r}")
         return n
 
+    def _bound(self) -> None:
+        """Cut the socket's wait to the time left before the deadline (DeadlineExceeded once it passed)."""
+        conn = self._conn
+        if conn is not None and conn.sock is not None:
+            conn.sock.settimeout(time_left(self._transport._socket_timeout(self._hop)))
+
     def read_exact(self, n: int) -> bytes:
         """Exactly ``n`` body bytes; a body ending early is a temporary failure (truncated transfer)."""
         buf = bytearray(n)
@@ -110,9 +129,12 @@ class Response:
         got = 0
         try:
             while got < n:
-                k = self._resp.readinto(view[got:])
-                if not k:
+                self._bound()  # one receive at a time: each waits at most the time left
+                piece = self._resp.read1(min(n - got, _PIECE))
+                if not piece:
                     break
+                k = len(piece)
+                view[got : got + k] = piece
                 got += k
         except http.client.IncompleteRead:
             pass
@@ -154,7 +176,8 @@ class Response:
         left = n
         try:
             while left:
-                piece = self._resp.read(min(left, _PIECE))
+                self._bound()
+                piece = self._resp.read1(min(left, _PIECE))
                 if not piece:
                     break
                 left -= len(piece)
@@ -209,8 +232,9 @@ class TransportOptions:
     """How to connect: the one list of connection options, taken by :class:`Transport` and (as keywords) by
     :class:`~.http.HttpBackend`, :class:`~.registry.RegistryBackend` and ``make_backend("http"/"registry", ...)``.
 
-    ``timeout``: seconds a connected socket waits for the server (each read or write); ``connect_timeout``: seconds
-    to wait for a connection; ``pool_size``: idle keep-alive connections kept per origin; ``insecure``: no TLS
+    ``timeout``: seconds a connected socket waits for the server (each read or write; the whole request is bounded
+    by the caller's :func:`~.retry.deadline`: a fill's, ``fill_timeout``); ``connect_timeout``: seconds to wait
+    for a connection; ``pool_size``: idle keep-alive connections kept per origin; ``insecure``: no TLS
     certificate or host name verification; ``ca_file``: a PEM bundle of CAs to trust instead of the system's.
     ``proxy``, ``proxy_fallback``, ``proxy_timeout``, ``proxy_check_interval``: an HTTP forward proxy tried first,
     and when to go around it (:mod:`.proxy` says how).
@@ -264,10 +288,7 @@ class Transport:
     def _connect(self, hop: Hop) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection
         origin, target = hop.origin, hop.via or hop.origin
-        timeout = self.options.connect_timeout
-        if hop.via is not None:
-            assert self.proxy is not None
-            timeout = self.proxy.timeout
+        timeout = time_left(self.options.connect_timeout if hop.via is None else self._socket_timeout(hop))
         if origin.scheme == "https" and (hop.via is None or hop.tunnel):
             conn = http.client.HTTPSConnection(target.host, target.port, timeout=timeout, context=self._context())
             if hop.tunnel:
@@ -279,9 +300,14 @@ class Transport:
         except BaseException:
             conn.close()
             raise
-        if conn.sock is not None:
-            conn.sock.settimeout(timeout if hop.via is not None else self.options.timeout)
         return conn
+
+    def _socket_timeout(self, hop: Hop) -> float:
+        """How long a socket of ``hop`` waits for the server: a proxy's stall limit, else ``timeout``."""
+        if hop.via is not None:
+            assert self.proxy is not None
+            return self.proxy.timeout
+        return self.options.timeout
 
     def _get(self, hop: Hop) -> tuple[http.client.HTTPConnection, bool]:
         with self._lock:
@@ -339,6 +365,8 @@ class Transport:
             conn, reused = self._get(hop)
             self.stats.add(requests=1)
             try:
+                if conn.sock is not None:
+                    conn.sock.settimeout(time_left(self._socket_timeout(hop)))
                 conn.request(method, target, body=body, headers=hdrs)
                 resp = conn.getresponse()
             except _STALE:

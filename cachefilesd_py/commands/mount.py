@@ -23,6 +23,7 @@ from cachefilesd_py.backends import KINDS
 from cachefilesd_py.backends.config import parse_backend_option
 from cachefilesd_py.fscache_mount import DEFAULT_DAEMON_SOCK, mount_fscache
 from cachefilesd_py.fscache_mount import MODE as FSCACHE_MODE
+from cachefilesd_py.logfilter import daemon_logging
 from cachefilesd_py.mount.service import list_mounts, mount_image, umount_image
 from cachefilesd_py.mount.spec import MODES, MountSpec
 from cachefilesd_py.reference import cached_nydus_image, is_image_reference
@@ -54,6 +55,10 @@ _REQUIRED = {"http": ("url",), "registry": ("host", "repo")}
 @click.option("--readahead", type=SIZE, default=None,
               help="Bytes filled ahead of a sequential reader (0: off) [8 x amplify].")  # fmt: skip
 @click.option("--workers", default=4, show_default=True, type=click.IntRange(1, 256), help="Fill threads.")
+@click.option("--fill-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds a read may wait for its data (fetch and verify, retries included); then EIO.")  # fmt: skip
+@click.option("--allow-suid", is_flag=True, help="Honour setuid/setgid bits of the image (default: nosuid).")
+@click.option("--allow-dev", is_flag=True, help="Allow opening the image's device nodes (default: nodev).")
 @click.option("--foreground", is_flag=True, help="Serve from this process until umount (fanotify mode).")
 @click.option("--platform", default=None, help="docker://: os/arch[/variant] to pick from an index [the host's].")
 @click.option("--plain-http", is_flag=True, help="docker://: talk to the registry over HTTP, without TLS.")
@@ -100,8 +105,7 @@ def mount(blob_dir: str | None, backend: str | None, backend_config: str | None,
         if key not in config:
             raise UsageError(f"--backend {kind} needs {key}=... in --backend-config")
     if foreground:  # a daemon in this process: its log goes to stderr
-        logging.basicConfig(level=logging.INFO, format="nydus-erofs[%(process)d]: %(levelname)s: %(message)s",
-                            force=True)  # fmt: skip
+        daemon_logging(logging.INFO, "nydus-erofs[%(process)d]: %(levelname)s: %(message)s")
     # every other option is a MountSpec field of the same name
     spec = MountSpec(backend=kind, backend_config=config, **spec_options)
     with progress("fetching", _data_size(boot), quiet=as_json or foreground) as bar:  # drawn in full mode only

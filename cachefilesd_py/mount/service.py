@@ -10,17 +10,22 @@ Modes (:func:`select_mode`; ``--mode fscache`` binds the image in cachefilesd-py
 
 :func:`mount_image` starts the supervisor with the :class:`~.spec.MountSpec` in an inherited memfd and waits for
 its readiness line (:mod:`.ready`); the runtime record (:mod:`.record`) names the supervisor (``pid``) and the
-worker (``worker_pid``).  :func:`umount_image` unmounts, stops the supervisor, which stops its worker (SIGTERM,
-then waits for it through a pidfd) and returns the worker's final stats.  It never detaches: a mount with files
-open there is an error (EBUSY) and stays served.  A mount detached by other means (``umount -l``) lives on while
-files are open on it, and its daemon serves them until they close: :func:`umount_image` then waits for it, and
-when it does not exit in time says so, without killing it (the holes of those files would read as zeros).
+worker (``worker_pid``). :func:`umount_image` unmounts, stops the supervisor, which stops its worker (SIGTERM, then
+waits for it through a pidfd) and returns the worker's final stats; a daemon that does not stop in time is killed,
+worker and supervisor both (a worker left behind would keep its marks on the cache files, and every later read of
+them would wait for it). A mount finds the daemons of earlier mounts of its cache dir whose image is gone from the
+mount table and whose supervisor died (a worker orphaned by a ``kill -9``): it kills them rather than share cache
+files with a process that answers no event (:func:`reap_stale`). It never detaches: a mount with files open there
+is an error (EBUSY) and stays served. A mount detached by other means (``umount -l``) lives on while files are open
+on it, and its daemon serves them until they close: :func:`umount_image` then waits for it, and when it does not
+exit in time says so, without killing it (the holes of those files would read as zeros).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import logging
 import os
 import select
@@ -105,11 +110,13 @@ def mount_image(spec: MountSpec, *, foreground: bool = False,
     if is_mounted(mp, None) or read_record(mp) is not None:
         rec = read_record(mp)
         if rec is not None and not is_mounted(mp, None):
+            _check_orphan(mp, rec)
             _forget(mp, rec)  # stale record of a mount gone by other means
         else:
             raise UsageError(f"{mp} is already a mountpoint (nydus-erofs umount {mp} first)")
     if spec.backend == "localfs":
         _check_cache_not_blobs(cache, spec.backend_config)
+    reap_stale(cache)
     _check_image_and_backend(spec)
     check_cache_path(cache)  # cache file paths go into the mount options (any mode: say it here, exit 2)
     spec = dataclasses.replace(spec, mode=select_mode(spec.mode, cache))
@@ -209,10 +216,12 @@ def _mount_full(spec: MountSpec, progress: ProgressCallback | None) -> None:
     be = make_backend(spec.backend, **spec.backend_config)
     files = []
     try:
-        with Pipeline(amplify=max(spec.amplify, 1 << 20), workers=spec.workers) as pipeline:
+        with Pipeline(amplify=max(spec.amplify, 1 << 20), workers=spec.workers,
+                      fill_timeout=spec.fill_timeout) as pipeline:  # fmt: skip
             files = prepare_cache_files(Path(spec.cache_dir), open_image(spec.boot, be))
             fill_all(files, pipeline, progress)
-        mount_erofs_file_backed(spec.boot, spec.mountpoint, [cf.path for cf in files])
+        mount_erofs_file_backed(spec.boot, spec.mountpoint, [cf.path for cf in files], allow_suid=spec.allow_suid,
+                                allow_dev=spec.allow_dev)  # fmt: skip
     finally:
         for cf in files:
             cf.close()
@@ -289,22 +298,34 @@ def _kill(pid: int, sig: int) -> None:
         pass
 
 
-def _forget(mp: Path, rec: dict[str, Any]) -> dict[str, Any]:
+def _live_worker(rec: dict[str, Any]) -> int | None:
+    """The record's worker, if it still runs."""
+    worker = rec.get("worker_pid")
+    if worker and process_start_time(worker) == rec.get("worker_start_time") is not None and _runs_a_daemon(worker):
+        return int(worker)
+    return None
+
+
+def _forget(mp: Path, rec: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    """Stop what is left of the mount's daemons (its image is unmounted) and remove its record and log."""
     pid = rec.get("pid")
     if pid and is_daemon(rec):
         _kill(pid, signal.SIGTERM)
-        _wait_exit(pid, 30)
+        _wait_exit(pid, timeout)
     elif pid:
         try:  # our child that exited by itself: reap it
             os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             pass
     rec = read_record(mp) or rec
-    worker = rec.get("worker_pid")
-    if worker and process_start_time(worker) == rec.get("worker_start_time") is not None and _runs_a_daemon(worker):
-        # its supervisor is gone (killed): the worker stops once its mount is gone, or now
-        _kill(worker, signal.SIGTERM)
-        _wait_exit(worker, 30)
+    worker = _live_worker(rec)
+    if worker is not None:  # its supervisor is gone: the worker stops once its mount is gone, or now
+        if rec.get("released"):  # it serves nobody: never wait for its fills
+            _kill(worker, signal.SIGKILL)
+            _wait_exit(worker, None)
+        else:
+            _kill(worker, signal.SIGTERM)
+            _wait_exit(worker, timeout)
     for p in (record_path(mp), log_path(mp)):
         try:
             p.unlink()
@@ -337,10 +358,51 @@ def umount_image(mountpoint: str | os.PathLike[str], *, timeout: float = 30.0) -
                                  f"(log: {log_path(mp)})")  # fmt: skip
             _kill(pid, signal.SIGUSR1)  # the daemon dumps its threads' stacks into its log
             _wait_exit(pid, 1.0)
+            worker = _live_worker(read_record(mp) or rec)
+            if worker is not None:  # first: its supervisor denies what it held, sees the release and exits
+                _kill(worker, signal.SIGKILL)
+                _wait_exit(worker, None)
             _kill(pid, signal.SIGKILL)
             _wait_exit(pid, None)
+            _forget(mp, rec)
             raise MountError(errno.ETIMEDOUT, f"daemon {pid} did not stop within {timeout:g}s: killed "
                              f"(log: {log_path(mp)})")  # fmt: skip
     rec = _forget(mp, rec)
     return unbind(rec) if rec.get("mode") == FSCACHE_MODE else rec  # the image bound in cachefilesd-py
 
+
+def reap_stale(cache: Path) -> None:
+    """Deal with the workers left by earlier mounts of ``cache`` whose supervisor is gone and whose image is not in
+    the mount table: such a worker keeps its marks on the cache files, and a worker stuck on its fills would
+    answer no event of ours (every read of the new mount would wait for it).  One whose image is released
+    (its record says so) serves nobody: it is killed.  One whose image is not released (a detached mount with
+    open files, or a fill the kernel still waits for) is refused with an error naming it, never waited for:
+    killing it would let the kernel read its holes as zeros."""
+    try:
+        records = sorted(run_dir().glob("*.json"))
+    except OSError:
+        return
+    for path in records:
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(rec, dict) or rec.get("cache_dir") != os.fspath(cache) or rec.get("stopped"):
+            continue
+        mp = Path(rec.get("mountpoint") or "/nonexistent")
+        if is_mounted(mp, None) or is_daemon(rec) or _live_worker(rec) is None:
+            continue
+        _check_orphan(mp, rec)
+        log.warning("%s: worker %s of an earlier mount of %s outlived its supervisor and its image: killed",
+                    cache, rec.get("worker_pid"), mp)  # fmt: skip
+        _forget(mp, rec)
+
+
+def _check_orphan(mp: Path, rec: dict[str, Any]) -> None:
+    """UsageError if the record's worker runs on without its supervisor and its image is not released."""
+    worker = _live_worker(rec)
+    if worker is None or is_daemon(rec) or (read_record(mp) or rec).get("released"):
+        return
+    raise UsageError(f"worker {worker} of an earlier mount of {mp} on cache dir {rec.get('cache_dir')} outlived its "
+                     "supervisor and still waits on its image (a detached mount with open files, or a stuck fill): "
+                     f"its marks hold the cache files; kill {worker}, or use another --cache-dir")  # fmt: skip

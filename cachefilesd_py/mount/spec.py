@@ -18,6 +18,8 @@ from typing import Any, Self
 
 from erofs.errors import UsageError
 
+from ..pipeline import FILL_TIMEOUT
+
 __all__ = ["MODES", "MountSpec", "read_spec_fd", "spec_fd"]
 
 MODES = ("auto", "fanotify", "full")
@@ -31,7 +33,11 @@ class MountSpec:
     - ``backend``, ``backend_config``: where blobs come from (:func:`cachefilesd_py.backends.make_backend`'s
       kind and options, ``--blob-dir`` being localfs's ``dir``; never shown in ``repr``: it may hold credentials);
     - ``amplify``: least bytes one fetch brings in; ``readahead``: bytes filled ahead of a sequential reader
-      (0: off, None: 8 x amplify); ``workers``: fill threads; ``log_level``: the daemon's.
+      (0: off, None: 8 x amplify); ``workers``: fill threads; ``log_level``: the daemon's;
+    - ``fill_timeout``: seconds one fill (fetch, verify, write of what a read wants) may take, retries included;
+      past it the read gets EIO and the fetch is abandoned;
+    - ``allow_suid``, ``allow_dev``: mount without ``nosuid`` / ``nodev`` (by default an image's setuid bits and
+      device nodes mean nothing on this host).
     """
 
     boot: str
@@ -44,6 +50,9 @@ class MountSpec:
     readahead: int | None = None
     workers: int = 4
     log_level: str = "INFO"
+    fill_timeout: float = FILL_TIMEOUT
+    allow_suid: bool = False
+    allow_dev: bool = False
 
     def resolved(self) -> Self:
         """The spec with absolute, symlink-free paths (what the daemon, run from ``/``, is given)."""

@@ -52,6 +52,7 @@ from fscache.fanotify import FAN_DENY, FAN_DENY_ERRNO, FanotifyGroup, PreAccessE
 from fscache.fd import drain
 from fscache.inotify import Inotify
 
+from ..logfilter import daemon_logging
 from ..supervisor import RestartPolicy, Supervisor, WorkerProcess, describe
 from .ready import OK, error_line, read_line, report
 from .spec import MountSpec, read_spec_fd, spec_fd
@@ -286,8 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (NydusErofsError, OSError) as e:
         report(args.ready_fd, error_line(e))
         return 1
-    logging.basicConfig(level=spec.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-                        stream=sys.stderr)  # fmt: skip
+    daemon_logging(spec.log_level, "%(asctime)s %(name)s %(levelname)s: %(message)s")
     return FanotifySupervisor(spec, policy).run(args.ready_fd)
 
 

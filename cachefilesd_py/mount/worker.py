@@ -5,7 +5,9 @@ mounts the bootstrap file-backed with ``device=<cache files>``, adds the :class:
 runtime record (``pid``: the supervisor, ``worker_pid``: itself), reports ``ok`` (or a one-line error) on the
 ready pipe and serves until the image is released; then it exits with status 0 after writing its final stats
 into the record (unless the record is not its own any more).  A plain umount thus ends it at once, a
-``umount -l`` when the last file open there closes.
+``umount -l`` when the last file open there closes.  Once the image is released, before it waits for its fills to
+end, it marks the record ``released``: a worker of a released image serves nobody, and a later mount of its
+cache dir that finds it still running (its supervisor gone) may kill it.
 
 SIGTERM/SIGINT: it unmounts if the mountpoint still shows the image: plainly when nothing is open there (the
 release follows at once), else detached, logging one line (``stopping: MP is detached, serving it until its N
@@ -42,6 +44,7 @@ from fscache.mount import MountError, mount_erofs_file_backed, set_mount_readahe
 
 from ..backends import BlobBackend, make_backend
 from ..blob_handles import open_image
+from ..logfilter import daemon_logging
 from ..pipeline import Pipeline
 from .cachefile import CacheFile, prepare_cache_files
 from .ready import OK, error_line, report
@@ -60,6 +63,15 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return None
+
+
+def _mark_record(record: Path, who: str, me: int, data: dict[str, Any]) -> None:
+    """Write ``data`` as the record, if it is still ours (not removed, nor a new mount's by now)."""
+    try:
+        if (_read_json(record) or {}).get(who) == me:
+            write_record(record, data)
+    except (OSError, ValueError) as e:
+        log.error("cannot write %s: %s", record, e)
 
 
 def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = None, inotify_fd: int | None = None,
@@ -91,7 +103,7 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
     group = None if group_fd is None else FanotifyGroup.from_fd(group_fd)
     inotify = None if inotify_fd is None else Inotify.from_fd(inotify_fd)
     adopted = restart > 0
-    pipeline = Pipeline(amplify=amplify, workers=workers)
+    pipeline = Pipeline(amplify=amplify, workers=workers, fill_timeout=spec.fill_timeout)
     try:
         try:
             try:
@@ -111,7 +123,8 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
             server = FanotifyServer(files, pipeline, workers=workers, readahead=spec.readahead, group=group,
                                     adopted=adopted)  # fmt: skip
             if not adopted:
-                mount_erofs_file_backed(boot, mountpoint, [cf.path for cf in files])
+                mount_erofs_file_backed(boot, mountpoint, [cf.path for cf in files], allow_suid=spec.allow_suid,
+                                        allow_dev=spec.allow_dev)  # fmt: skip
                 watch = ImageWatch.add(inotify, mountpoint)
                 # events as big as a fetch: one round trip per amplification window rather than per 128 KiB
                 set_mount_readahead(mountpoint, min(max(amplify >> 10, 128), 1024))
@@ -167,6 +180,9 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
         if group_fd is None and not watch.released():
             watch.unmount()
         stats = server.stats()
+        who = "worker_pid" if group_fd is not None else "pid"
+        if watch.released():  # nothing reads through the marks: a `mount` finding us stuck below may kill us
+            _mark_record(record, who, me, dict(data, released=True))
         server.close()
         pipeline.close()
         for cf in files:
@@ -174,12 +190,7 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
         if backend is not None:
             backend.close()
         inotify.close()
-        who = "worker_pid" if group_fd is not None else "pid"
-        try:
-            if (_read_json(record) or {}).get(who) == me:  # not removed, nor a new mount's by now
-                write_record(record, dict(data, stats=stats, stopped=True))
-        except (OSError, ValueError) as e:
-            log.error("cannot write final stats to %s: %s", record, e)
+        _mark_record(record, who, me, dict(data, stats=stats, stopped=True))
         log.info("stopped: %s", json.dumps(stats["pipeline"]))
         for s, h in old.items():  # only now: a late SIGTERM must not cut the final record short
             signal.signal(s, h)
@@ -200,8 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (NydusErofsError, OSError) as e:
         report(args.ready_fd, error_line(e))
         return 1
-    logging.basicConfig(level=spec.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-                        stream=sys.stderr)  # fmt: skip
+    daemon_logging(spec.log_level, "%(asctime)s %(name)s %(levelname)s: %(message)s")
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)  # `kill -USR1`: thread stacks to the log
     try:
         run_daemon(spec, ready_fd=args.ready_fd, group_fd=args.group_fd, inotify_fd=args.inotify_fd,

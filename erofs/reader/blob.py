@@ -336,6 +336,32 @@ class BlobMeta:
         return f"<BlobMeta {self.blob_id[:12]} {self.chunk_count} chunks {self.compressor}/{self.digester}>"
 
 
+def chunk_table_mismatches(meta: BlobMeta, bootstrap: Bootstrap, blob_index: int) -> Iterator[tuple[int, str]]:
+    """(chunk index, what differs) for each entry of ``bootstrap``'s chunk table for blob ``blob_index`` that the
+    blob's own chunk-info table (offsets, sizes) or digest table contradicts.  Entries for chunks the blob does
+    not have are left to the caller."""
+    for c in bootstrap.chunk_table:
+        if c.blob_index != blob_index or c.index >= meta.chunk_count:
+            continue
+        ours = (c.compressed_offset, c.compressed_size, c.uncompressed_offset, c.uncompressed_size)
+        if ours != meta.chunk(c.index):
+            yield c.index, "bootstrap chunk table entry does not match the blob's chunk-info table"
+        d = meta.digest(c.index)
+        if d is not None and d != c.digest:
+            yield c.index, "bootstrap chunk digest does not match the blob's digest table"
+
+
+def check_chunk_table(meta: BlobMeta, bootstrap: Bootstrap, blob_index: int) -> None:
+    """ImageError unless the blob's chunk-info table agrees with ``bootstrap``'s chunk table entry by entry.
+
+    Needed before serving a blob whose chunk-info table no digest in the bootstrap covers (no ``blob_toc_digest``:
+    images from before upstream 2.2): each chunk is verified against its own digest, so a blob source that
+    swapped two chunk-info entries would otherwise have the swapped, individually valid chunks served at each
+    other's offsets."""
+    for ci, what in chunk_table_mismatches(meta, bootstrap, blob_index):
+        raise ImageError(f"blob {meta.blob_id}: chunk {ci}: {what}")
+
+
 def plan_reads(
     meta: BlobMeta, ci_indexes: Iterable[int], max_span: int = MAX_READ_SPAN
 ) -> Iterator[tuple[int, int, list[int]]]:

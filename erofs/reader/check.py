@@ -22,7 +22,7 @@ from erofs.errors import BackendError, ImageError, NydusErofsError, UnsupportedI
 from erofs.format import erofs_fs as fs
 from erofs.format import rafs_v6 as rv
 from erofs.reader.backend import BlobBackend
-from erofs.reader.blob import BlobMeta, plan_reads
+from erofs.reader.blob import BlobMeta, chunk_table_mismatches, plan_reads
 from erofs.reader.bootstrap import Bootstrap
 from erofs.reader.data import ImageReader
 from erofs.reader.records import Inode, file_type_of_mode
@@ -433,30 +433,8 @@ class _Checker:
         if blob.compressed_size and meta.size < blob.compressed_size:
             add(f"blob file is {meta.size} bytes, the blob table says {blob.compressed_size}", blob=bid)
         # chunk table and file chunk indexes against the blob's own chunk-info table
-        for c in self.table:
-            if c.blob_index != index or c.index >= meta.chunk_count:
-                continue
-            c_off, c_size, d_off, d_size = meta.chunk(c.index)
-            if (c.compressed_offset, c.compressed_size, c.uncompressed_offset, c.uncompressed_size) != (
-                c_off,
-                c_size,
-                d_off,
-                d_size,
-            ):
-                add(
-                    "bootstrap chunk table entry does not match the blob's chunk-info table",
-                    self._who(index, c.index),
-                    bid,
-                    c.index,
-                )
-            d = meta.digest(c.index)
-            if d is not None and d != c.digest:
-                add(
-                    "bootstrap chunk digest does not match the blob's digest table",
-                    self._who(index, c.index),
-                    bid,
-                    c.index,
-                )
+        for ci, what in chunk_table_mismatches(meta, bs, index) if self.table else ():
+            add(what, self._who(index, ci), bid, ci)
         for (b, ci), refs in self.refs.items():
             if b != index or ci >= meta.chunk_count:
                 continue

@@ -47,7 +47,7 @@ COMMANDS = {
     "debootstrap": "debootstrap",
     "curl": "curl",  # tests/daemon/test_serve.py
     "openssl": "openssl",  # tests/daemon/test_backend_proxy.py: a test CA
-    "setpriv": "util-linux",  # reads as another user in the mount tests
+    "setpriv": "util-linux",  # tests/mount/test_hardening.py: an image's setuid binary run by nobody
     "losetup": "util-linux",
     "ctr": "containerd",
     "busybox": "busybox-static",  # tests/snapshotter: the busybox image's /bin/busybox

@@ -1,42 +1,35 @@
-"""mount(2) and umount2(2) for the tests — the one copy (host and VM suites alike).
-
-mount(2) is called directly through ctypes: util-linux ``mount`` attaches a loop device, which breaks
-``device=<regular file>`` of file-backed EROFS mounts (Linux ≥ 6.12).
-"""
+"""mount(2) and umount2(2) for the tests — a thin wrapper of the project's own (:mod:`fscache.mount`), used by the
+host and VM suites alike."""
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-MS_RDONLY = 1
-MNT_DETACH = 2
+from fscache.mount import MNT_DETACH, MS_RDONLY, MountError, mount_erofs_file_backed
+from fscache.mount import mount as _mount
+from fscache.mount import umount as _umount
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+__all__ = ["MNT_DETACH", "MS_RDONLY", "mount", "mount_erofs", "umount"]
 
 
 def mount(source: str | os.PathLike[str], target: str | os.PathLike[str], fstype: str = "erofs",
           flags: int = MS_RDONLY, data: str = "") -> None:  # fmt: skip
     """mount(2); an OSError names the source, target, type and options."""
-    if _libc.mount(os.fsencode(source), os.fsencode(target), fstype.encode(), flags, data.encode() or None) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount -t {fstype} {source} {target} ({data or 'no options'}): {os.strerror(err)}")
+    _mount(source, target, fstype, flags, data or None)
 
 
 def umount(target: str | os.PathLike[str], flags: int = 0, detach_if_busy: bool = True) -> None:
     """umount2(2); a busy mount is detached lazily instead, unless ``detach_if_busy`` is False."""
-    if _libc.umount2(os.fsencode(target), flags) == 0:
-        return
-    err = ctypes.get_errno()
-    if err == errno.EBUSY and detach_if_busy and _libc.umount2(os.fsencode(target), flags | MNT_DETACH) == 0:
-        return
-    raise OSError(err, f"umount {target}: {os.strerror(err)}")
+    try:
+        _umount(target, lazy=bool(flags & MNT_DETACH))
+    except MountError as e:
+        if e.errno != errno.EBUSY or not detach_if_busy:
+            raise
+        _umount(target, lazy=True)
 
 
 @contextmanager
@@ -45,8 +38,7 @@ def mount_erofs(boot: str | os.PathLike[str], mountpoint: str | os.PathLike[str]
     """Mount a bootstrap file-backed and read-only, with blob files as ``device=`` (in device-table order)."""
     mp = Path(mountpoint)
     mp.mkdir(parents=True, exist_ok=True)
-    opts = ",".join(f"device={Path(d).resolve()}" for d in devices)
-    mount(Path(boot).resolve(), mp, "erofs", MS_RDONLY, opts)
+    mount_erofs_file_backed(boot, mp, devices)
     try:
         yield mp
     finally:
