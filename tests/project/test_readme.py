@@ -39,7 +39,8 @@ SKIPPED = {
     r"^python3 -m venv": "a fresh virtualenv downloads the dependencies from the package index",
     r"^cachefilesd-py ": "needs /dev/cachefiles (cachefiles on-demand): tests/vm runs the daemon in the test VM",
     r"^mount -t erofs none -o fsid=": "needs /dev/cachefiles and cachefilesd-py: tests/vm/test_cachefiles.py",
-XX
+    r"^S=/run/cachefilesd-py/|--unix-socket \$S|^umount /mnt/app":
+        "cachefilesd-py's bind API: tests/vm/test_bind_api.py",
     r"--mode fscache": "needs /dev/cachefiles and cachefilesd-py: tests/vm/test_bind_api.py",
     r"--backend s3\b": "needs an S3 store holding the blobs: tests/daemon/test_backend_s3.py (moto's server)",
     r"proxy=http://127\.0\.0\.1:65001": "needs a P2P proxy (dfdaemon): tests/daemon/test_backend_proxy.py",
