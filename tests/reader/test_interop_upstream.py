@@ -101,8 +101,9 @@ def test_check_verifies_both_chunks_and_the_blob_id():
 
 def test_check_finds_the_blobs_beside_the_bootstrap():
     r = run("check", BOOT, "--json")  # the fixture directory has blobs/ beside the bootstrap
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert json.loads(r.stdout)["chunks_verified"] == 2
+    assert r.returncode == 3, r.stdout + r.stderr  # the texture blob's id problem (above), nothing else
+    report = json.loads(r.stdout)
+    assert report["chunks_verified"] == 2 and [(p["blob"], p["chunk"]) for p in report["problems"]] == [(BLOB_ID, None)]
 
 
 def test_check_without_blobs_is_structural_only(tmp_path: Path):
