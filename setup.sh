@@ -24,6 +24,8 @@ PACKAGES=(
     containerd runc tinyproxy debootstrap
     # HTTP clients and a test CA (curl, openssl), setpriv/losetup (util-linux)
     curl openssl util-linux
+    # the initramfs of Debian's stock kernel in the VM (kernel-test/debkernel.py): a static busybox
+    busybox-static
 )
 missing=()
 for p in "${PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
