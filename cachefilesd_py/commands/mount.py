@@ -42,6 +42,9 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
 @click.option("--readahead", default=None, callback=_size,
               help="Bytes filled ahead of a sequential reader (0: off) [8 x amplify].")  # fmt: skip
 @click.option("--workers", default=4, show_default=True, type=click.IntRange(1, 256), help="Fill threads.")
+@click.option("--file-backed/--no-file-backed", default=None,
+              help="Mount the local files file-backed (Linux >= 6.12) or over loop devices [file-backed where the "
+                   "kernel has it].")  # fmt: skip
 @click.option("--foreground", is_flag=True, help="Serve from this process until umount (fanotify mode).")
 @click.option("--json", "as_json", is_flag=True, help="Print the mount record as JSON.")
 def mount(blob_dir: str | None, backend: str | None, backend_config: str | None, foreground: bool, as_json: bool,

@@ -33,12 +33,13 @@ from erofs.errors import BackendError, UsageError
 from erofs.paths import process_start_time
 from erofs.reader.bootstrap import Bootstrap
 from fscache.errors import PreContentUnsupportedError, UnsupportedFilesystemError
-from fscache.mount import MountError, filesystem_name, is_mounted, mount_erofs_file_backed, top_mount, umount
+from fscache.mount import MountError, filesystem_name, is_mounted, top_mount, umount
 
 from ..backends import make_backend
 from ..blob_handles import blob_order, open_image
 from ..pipeline import Pipeline
 from .cachefile import check_cache_path, fill_all, prepare_cache_files, probe_pre_content
+from .localmount import mount_files
 from .ready import OK, daemon_error, read_line
 from .record import initial_record, read_record, record_path, run_dir, write_record
 from .spec import MODES, MountSpec, spec_fd
@@ -110,7 +111,7 @@ def mount_image(spec: MountSpec, *, foreground: bool = False) -> dict[str, Any]:
     record = record_path(mp)
     data = initial_record(spec)
     if spec.mode == "full":
-        _mount_full(spec)
+        data["source"] = _mount_full(spec)
         data["pid"] = None
         try:
             write_record(record, data)
@@ -197,14 +198,14 @@ def _check_cache_not_blobs(cache: Path, config: dict[str, Any]) -> None:
             raise UsageError(f"--cache-dir {cache} is the blob directory: its cache files would overwrite the blobs")
 
 
-def _mount_full(spec: MountSpec) -> None:
+def _mount_full(spec: MountSpec) -> str:
     be = make_backend(spec.backend, **spec.backend_config)
     files = []
     try:
         with Pipeline(amplify=max(spec.amplify, 1 << 20), workers=spec.workers) as pipeline:
             files = prepare_cache_files(Path(spec.cache_dir), open_image(spec.boot, be))
             fill_all(files, pipeline)
-        mount_erofs_file_backed(spec.boot, spec.mountpoint, [cf.path for cf in files])
+        return mount_files(spec.boot, spec.mountpoint, [str(cf.path) for cf in files], file_backed=spec.file_backed)
     finally:
         for cf in files:
             cf.close()
@@ -290,7 +291,8 @@ def umount_image(mountpoint: str | os.PathLike[str], *, timeout: float = 30.0) -
         why = " (an EROFS mount it has no record of: use umount(8))" if is_mounted(mp) else ""
         raise UsageError(f"{mp} is not mounted by nydus-erofs{why}")
     top = top_mount(mp)
-    if top is not None and (top.fstype, top.source) != ("erofs", rec.get("boot")):  # ours is gone (or under it)
+    source = rec.get("source") or rec.get("boot")  # a loop device when mounted over loop devices
+    if top is not None and (top.fstype, top.source) != ("erofs", source):  # ours is gone (or under it)
         raise UsageError(f"{mp}: {top.fstype} {top.source} is mounted there, not the image nydus-erofs mounted: "
                          "left alone")  # fmt: skip
     mounted = top is not None

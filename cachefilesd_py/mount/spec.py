@@ -31,7 +31,9 @@ class MountSpec:
     - ``backend``, ``backend_config``: where blobs come from (:func:`cachefilesd_py.backends.make_backend`'s
       kind and options, ``--blob-dir`` being localfs's ``dir``; never shown in ``repr``: it may hold credentials);
     - ``amplify``: least bytes one fetch brings in; ``readahead``: bytes filled ahead of a sequential reader
-      (0: off, None: 8 x amplify); ``workers``: fill threads; ``log_level``: the daemon's.
+      (0: off, None: 8 x amplify); ``workers``: fill threads; ``log_level``: the daemon's;
+    - ``file_backed``: mount the local files file-backed (True), over loop devices (False), or file-backed where
+      the kernel has it, else loop devices (None; :mod:`.localmount`).
     """
 
     boot: str
@@ -44,6 +46,7 @@ class MountSpec:
     readahead: int | None = None
     workers: int = 4
     log_level: str = "INFO"
+    file_backed: bool | None = None
 
     def resolved(self) -> Self:
         """The spec with absolute, symlink-free paths (what the daemon, run from ``/``, is given)."""
