@@ -35,7 +35,8 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
               help="Where blobs come from [localfs with --blob-dir].")  # fmt: skip
 @click.option("--backend-config", default=None, help="Backend options: JSON object, @FILE, or key=value,...")
 @click.option("--mode", type=click.Choice(MODES), default="auto", show_default=True,
-              help="fanotify: lazy (Linux >= 6.14); full: fetch all, then mount.")  # fmt: skip
+              help="fanotify: lazy (Linux >= 6.14); nbd: lazy over NBD devices; full: fetch all, then mount "
+                   "[auto: fanotify, else nbd, else full].")  # fmt: skip
 @click.option("--cache-dir", required=True, type=click.Path(file_okay=False),
               help="Blob cache files go here (ext4, xfs or btrfs for fanotify mode).")  # fmt: skip
 @click.option("--amplify", default="1MiB", show_default=True, callback=_size, help="Least bytes one fetch brings in.")

@@ -22,7 +22,7 @@ from fscache.errors import KernelInterfaceError
 from fscache.loop import LoopDevice, attach
 from fscache.mount import MountError, mount_erofs_file_backed
 
-__all__ = ["FORCE_LOOP_ENV", "mount_files", "use_file_backed"]
+__all__ = ["FORCE_LOOP_ENV", "mount_files", "mount_over_block_devices", "use_file_backed"]
 
 log = logging.getLogger(__name__)
 
@@ -52,22 +52,34 @@ def mount_files(boot: str, mountpoint: str, devices: Sequence[str], *, file_back
                 raise
             _file_backed_works[:] = [False]
             log.info("the kernel has no file-backed EROFS mounts: mounting over loop devices")
-    return _mount_loop(boot, mountpoint, devices)
+    return _mount_loop(boot, mountpoint, devices, devices)
 
 
-def _mount_loop(boot: str, mountpoint: str, devices: Sequence[str]) -> str:
+def mount_over_block_devices(boot: str, mountpoint: str, devices: Sequence[str]) -> str:
+    """Mount ``boot`` (a file: bound to a loop device) with the block devices ``devices`` (``/dev/nbdN``: a
+    file-backed mount takes regular files only); returns the loop device."""
+    return _mount_loop(boot, mountpoint, devices, [])
+
+
+def _mount_loop(boot: str, mountpoint: str, devices: Sequence[str], files: Sequence[str]) -> str:
+    """Mount with ``boot`` and those of ``devices`` that are in ``files`` bound to loop devices."""
     loops: list[LoopDevice] = []
     try:
+        sources: list[str] = []
         for path in (boot, *devices):
-            try:
-                loops.append(attach(path))
-            except KernelInterfaceError as e:
-                raise MountError(e.errno or errno.EIO, f"mount {boot} on {mountpoint}: {e}") from None
-        mount_erofs_file_backed(loops[0].path, mountpoint, [lo.path for lo in loops[1:]])
+            if path is boot or path in files:
+                try:
+                    loops.append(attach(path))
+                except KernelInterfaceError as e:
+                    raise MountError(e.errno or errno.EIO, f"mount {boot} on {mountpoint}: {e}") from None
+                sources.append(loops[-1].path)
+            else:
+                sources.append(path)
+        mount_erofs_file_backed(sources[0], mountpoint, sources[1:])
     except BaseException:
         for lo in loops:
             lo.detach()
         raise
     for lo in loops:  # the mount holds them now; autoclear unbinds each when the mount goes
         lo.close()
-    return loops[0].path
+    return sources[0]

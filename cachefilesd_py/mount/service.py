@@ -5,7 +5,9 @@ Modes (:func:`select_mode`; the fscache path is the cachefilesd-py daemon with `
 - ``fanotify``: lazy; a daemon (:mod:`.supervisor` and its :mod:`.worker`) marks sparse blob cache files,
   mounts the bootstrap file-backed with ``device=<cache files>`` and fills what readers touch (Linux >= 6.14).
 - ``full``: every blob is fetched (verified) into its cache file first, then the image is mounted; no daemon.
-- ``auto``: fanotify when the kernel has pre-content events, else full.
+- ``nbd``: lazy; a daemon (:mod:`.nbddaemon`, one process) serves each blob as an NBD device and mounts the
+  bootstrap (over a loop device) with ``device=/dev/nbdN``, for kernels with NBD but no pre-content events.
+- ``auto``: fanotify when the kernel has pre-content events, else nbd when it has NBD, else full.
 
 :func:`mount_image` starts the supervisor with the :class:`~.spec.MountSpec` in an inherited memfd and waits for
 its readiness line (:mod:`.ready`); the runtime record (:mod:`.record`) names the supervisor (``pid``) and the
@@ -34,12 +36,14 @@ from erofs.paths import process_start_time
 from erofs.reader.bootstrap import Bootstrap
 from fscache.errors import PreContentUnsupportedError, UnsupportedFilesystemError
 from fscache.mount import MountError, filesystem_name, is_mounted, top_mount, umount
+from fscache.nbd import why_no_nbd
 
 from ..backends import make_backend
 from ..blob_handles import blob_order, open_image
 from ..pipeline import Pipeline
 from .cachefile import check_cache_path, fill_all, prepare_cache_files, probe_pre_content
 from .localmount import mount_files
+from .nbddaemon import run_nbd_daemon
 from .ready import OK, daemon_error, read_line
 from .record import initial_record, read_record, record_path, run_dir, write_record
 from .spec import MODES, MountSpec, spec_fd
@@ -50,7 +54,8 @@ __all__ = ["mount_image", "select_mode", "umount_image"]
 log = logging.getLogger(__name__)
 
 SUPERVISOR_MODULE = "cachefilesd_py.mount.supervisor"
-_DAEMON_MODULES = (SUPERVISOR_MODULE.encode(), b"cachefilesd_py.mount.worker")
+NBD_MODULE = "cachefilesd_py.mount.nbddaemon"
+_DAEMON_MODULES = (SUPERVISOR_MODULE.encode(), b"cachefilesd_py.mount.worker", NBD_MODULE.encode())
 
 
 # -- mode selection -----------------------------------------------------------------------------------------------
@@ -69,6 +74,10 @@ def select_mode(mode: str, cache_dir: Path) -> str:
         raise UsageError(f"unknown mode {mode!r} (expected one of: {', '.join(MODES)})")
     if mode == "full":
         return mode
+    if mode == "nbd":
+        if why := why_no_nbd():
+            raise UsageError(f"--mode nbd: {why} (use --mode full)")
+        return mode
     cache_dir.mkdir(parents=True, exist_ok=True)
     check_cache_dir(cache_dir, "fanotify")
     try:
@@ -78,6 +87,9 @@ def select_mode(mode: str, cache_dir: Path) -> str:
     except PreContentUnsupportedError as e:
         if mode == "fanotify":
             raise UsageError(f"--mode fanotify: {e} (use --mode full)") from None
+        if why_no_nbd() is None:
+            log.info("no fanotify pre-content events (%s): mounting in nbd mode", e)
+            return "nbd"
         log.info("no fanotify pre-content events (%s): mounting in full mode", e)
         return "full"
     return "fanotify"
@@ -120,12 +132,12 @@ def mount_image(spec: MountSpec, *, foreground: bool = False) -> dict[str, Any]:
             raise
         return data
     if foreground:
-        run_daemon(spec, ready_fd=None)
+        (run_nbd_daemon if spec.mode == "nbd" else run_daemon)(spec, ready_fd=None)
         return data
-    return _start_daemon(spec, data)
+    return _start_daemon(spec, data, NBD_MODULE if spec.mode == "nbd" else SUPERVISOR_MODULE)
 
 
-def _start_daemon(spec: MountSpec, data: dict[str, Any]) -> dict[str, Any]:
+def _start_daemon(spec: MountSpec, data: dict[str, Any], module: str = SUPERVISOR_MODULE) -> dict[str, Any]:
     """Start the supervisor (the spec in an inherited memfd, never on its command line) and wait until it says
     the worker serves."""
     mp = Path(spec.mountpoint)
@@ -137,7 +149,7 @@ def _start_daemon(spec: MountSpec, data: dict[str, Any]) -> dict[str, Any]:
     try:
         sfd = spec_fd(spec)
         try:
-            cmd = [sys.executable, "-m", SUPERVISOR_MODULE, "--spec-fd", str(sfd), "--ready-fd", str(w)]
+            cmd = [sys.executable, "-m", module, "--spec-fd", str(sfd), "--ready-fd", str(w)]
             with open(log_path, "ab") as logf:
                 proc = subprocess.Popen(
                     cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf, pass_fds=(w, sfd),

@@ -20,14 +20,15 @@ from erofs.errors import UsageError
 
 __all__ = ["MODES", "MountSpec", "read_spec_fd", "spec_fd"]
 
-MODES = ("auto", "fanotify", "full")
+MODES = ("auto", "fanotify", "full", "nbd")
 
 
 @dataclass(frozen=True)
 class MountSpec:
     """A mount of a Nydus image: ``boot`` (its bootstrap) on ``mountpoint``, blob cache files in ``cache_dir``.
 
-    - ``mode``: one of :data:`MODES` (``auto``: fanotify when the kernel has pre-content events, else full);
+    - ``mode``: one of :data:`MODES` (``auto``: fanotify when the kernel has pre-content events, else nbd when it
+      has NBD devices, else full);
     - ``backend``, ``backend_config``: where blobs come from (:func:`cachefilesd_py.backends.make_backend`'s
       kind and options, ``--blob-dir`` being localfs's ``dir``; never shown in ``repr``: it may hold credentials);
     - ``amplify``: least bytes one fetch brings in; ``readahead``: bytes filled ahead of a sequential reader
