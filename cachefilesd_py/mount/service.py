@@ -169,6 +169,7 @@ def _start_daemon(spec: MountSpec, data: dict[str, Any], module: str = SUPERVISO
         data["log"] = str(log_path)
         written = read_record(mp) or {}
         data["worker_pid"] = written.get("worker_pid")
+        data.update({key: written[key] for key in ("source", "nbd") if key in written})  # the nbd daemon's devices
         return data
     code = proc.wait()
     if status.startswith("error "):

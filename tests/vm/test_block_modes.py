@@ -20,7 +20,7 @@ import pytest
 from fscache.loop import backing_files
 from tests.support.fstree import assert_same_tree
 from tests.support.machine import missing_erofs
-from tests.vm.test_daemon import MiB, NYDUS_EROFS, _layers, build, large_image, scratch
+from tests.vm.test_daemon import NYDUS_EROFS, MiB, _layers, build, large_image, scratch
 
 TIMEOUT = 300
 
@@ -76,7 +76,7 @@ def test_full_mode_mounts_over_loop_devices_where_file_backed_is_missing(layers:
         assert_same_tree(merged, mp)
 
 
-@pytest.mark.kernel("loop")
+@pytest.mark.kernel("erofs-file-backed", "loop")  # without file-backed mounts, the test above is this one
 def test_full_mode_forced_over_loop_devices(layers: tuple[Path, Path]) -> None:
     merged, image = layers
     with mounted(image, "full-loop", "full", "--no-file-backed") as (mp, rec):
