@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from fscache.loop import backing_files
+from fscache.nbd import why_no_nbd
 from tests.support.fstree import assert_same_tree
 
 CLI = str(Path(sys.executable).with_name("nydus-erofs"))
@@ -88,3 +89,14 @@ def test_force_loop_env_makes_auto_use_loop_devices(image: tuple[Path, Path], tm
         done = nydus("umount", str(tmp_path / "mnt"))
     assert done.returncode == 0, done.stderr
     assert _ours(tmp_path / "cache", out) == {}
+
+
+def test_nbd_mode_without_nbd_is_a_one_line_usage_error(image: tuple[Path, Path], tmp_path: Path) -> None:
+    if why_no_nbd() is None:
+        pytest.skip("this kernel has NBD: tests/vm/test_block_modes.py mounts in nbd mode")
+    _, out = image
+    (tmp_path / "mnt").mkdir()
+    done = nydus("mount", str(out / "image.boot"), str(tmp_path / "mnt"), "--cache-dir", str(tmp_path / "c"),
+                 "--mode", "nbd")  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"nydus-erofs: error: --mode nbd: {why_no_nbd()} (use --mode full)"]
