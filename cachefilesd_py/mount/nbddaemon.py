@@ -10,7 +10,8 @@ disconnects the devices and writes its final stats into the record.
 SIGTERM/SIGINT: it unmounts if the mountpoint still shows the image — plainly, else detached, serving on until
 the files open there close (:class:`~.watch.ImageWatch`).  When the process dies (SIGKILL), its devices lose
 their server: every read of the mount not yet cached in the page cache fails with EIO (never zeros) until it is
-unmounted; there is no restart.
+unmounted; there is no restart.  ``nydus-erofs umount`` then disconnects the devices the dead daemon left
+(:func:`release_stale_devices`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from .record import initial_record, read_record, record_path, write_record
 from .spec import MountSpec, read_spec_fd
 from .watch import ImageWatch
 
-__all__ = ["main", "run_nbd_daemon"]
+__all__ = ["main", "release_stale_devices", "run_nbd_daemon"]
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,29 @@ def run_nbd_daemon(spec: MountSpec, *, ready_fd: int | None) -> int:
         for s, h in old.items():
             signal.signal(s, h)
     return 0
+
+
+def release_stale_devices(rec: dict[str, Any]) -> None:
+    """Disconnect the NBD devices of the record ``rec`` that are still bound to its daemon, which is gone (killed):
+    a device's ``/sys/block/nbdN/pid`` names the process that connected it."""
+    stale = []
+    for dev in rec.get("nbd") or ():
+        name = Path(dev).name
+        try:
+            pid = int(Path("/sys/block", name, "pid").read_text())
+        except (OSError, ValueError):
+            continue  # disconnected
+        if pid == rec.get("pid"):
+            stale.append(int(name.removeprefix("nbd")))
+    if not stale:
+        return
+    try:
+        with NbdNetlink() as netlink:
+            for index in stale:
+                log.warning("disconnecting /dev/nbd%d, left by the dead daemon %s", index, rec.get("pid"))
+                netlink.disconnect(index)
+    except OSError as e:
+        log.error("%s", e)
 
 
 def _stats(devices: Sequence[BlobDevice], pipeline: Pipeline) -> dict[str, Any]:

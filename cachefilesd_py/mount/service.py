@@ -43,7 +43,7 @@ from ..blob_handles import blob_order, open_image
 from ..pipeline import Pipeline
 from .cachefile import check_cache_path, fill_all, prepare_cache_files, probe_pre_content
 from .localmount import mount_files
-from .nbddaemon import run_nbd_daemon
+from .nbddaemon import release_stale_devices, run_nbd_daemon
 from .ready import OK, daemon_error, read_line
 from .record import initial_record, read_record, record_path, run_dir, write_record
 from .spec import MODES, MountSpec, spec_fd
@@ -283,6 +283,7 @@ def _forget(mp: Path, rec: dict[str, Any]) -> dict[str, Any]:
         except ChildProcessError:
             pass
     rec = read_record(mp) or rec
+    release_stale_devices(rec)  # an nbd daemon that was killed left its devices connected
     worker = rec.get("worker_pid")
     if worker and process_start_time(worker) == rec.get("worker_start_time") is not None and _runs_a_daemon(worker):
         # its supervisor is gone (killed): the worker stops once its mount is gone, or now

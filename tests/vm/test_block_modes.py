@@ -8,7 +8,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import select
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -139,3 +141,20 @@ def test_nbd_damaged_chunk_is_an_eio_for_its_file_only() -> None:
             assert f.read(65536) == files["b-bad"][:65536]
     (dev,) = rec["stats"]["devices"]
     assert dev["read_errors"] >= 1 and rec["stats"]["pipeline"]["digest_failures"] >= 1
+
+
+@pytest.mark.kernel("loop", "nbd")
+def test_nbd_daemon_killed_is_eio_never_zeros_and_umount_releases_its_devices(layers: tuple[Path, Path]) -> None:
+    merged, image = layers
+    with mounted(image, "nbd-killed", "nbd") as (mp, rec):
+        assert (mp / "app" / "bin").read_bytes() == (merged / "app" / "bin").read_bytes()
+        pidfd = os.pidfd_open(rec["pid"])
+        try:
+            os.kill(rec["pid"], signal.SIGKILL)
+            select.select([pidfd], [], [])  # it is gone
+        finally:
+            os.close(pidfd)
+        with pytest.raises(OSError) as info:  # no server: an I/O error, never the zeros of a hole
+            (mp / "data").read_bytes()
+        assert info.value.errno == errno.EIO
+        assert connected_nbd() == sorted(Path(d).name for d in rec["nbd"])  # until umount releases them
