@@ -47,6 +47,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import debkernel
 import vmkernel
 
 HERE = Path(__file__).resolve().parent
@@ -110,8 +111,9 @@ def parse_args(argv: Sequence[str]) -> Options:
                     "Exits with CMD's status, 124 on timeout, 125 when the VM failed.",
     )
     parser.add_argument("--kernel", type=Path, metavar="PATH",
-                        help=f"bzImage to boot (default: ${vmkernel.ENV_KERNEL}, else the shared or cached kernel "
-                             "that fits kernel-test/fragment.config)")
+                        help=f"bzImage to boot, or {debkernel.NAME!r}: Debian 12's stock kernel with an initramfs "
+                             f"of the modules the guest needs (default: ${vmkernel.ENV_KERNEL}, else the shared or "
+                             "cached kernel that fits kernel-test/fragment.config)")
     parser.add_argument("--mem", type=int, default=DEFAULT_MEM_MB, metavar="MB",
                         help="guest memory (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
@@ -208,10 +210,26 @@ def find_qemu() -> str:
 
 
 def find_kernel(explicit: Path | None) -> Path:
+    return find_boot(explicit)[0]
+
+
+def find_boot(explicit: Path | None) -> tuple[Path, Path | None]:
+    """The bzImage to boot and its initramfs (None: a kernel with everything built in).
+
+    ``explicit`` (``--kernel``), else ``$NYDUS_EROFS_KERNEL``: a bzImage path or ``debian-6.1`` (Debian 12's
+    kernel, see debkernel.py); else the shared or cached kernel that fits kernel-test/fragment.config."""
+    if explicit is None and os.environ.get(vmkernel.ENV_KERNEL) == debkernel.NAME:
+        explicit = Path(debkernel.NAME)
+    if explicit is not None and str(explicit) == debkernel.NAME:
+        try:
+            deb = debkernel.prepare()
+        except debkernel.DebianKernelError as exc:
+            raise RunVmError(f"--kernel {debkernel.NAME}: {exc}") from exc
+        return deb.bzimage, deb.initramfs
     if explicit is not None:
         if not explicit.is_file():
             raise RunVmError(f"--kernel {explicit}: no such file", EXIT_USAGE)
-        return explicit.resolve()
+        return explicit.resolve(), None
     try:
         choice, reasons = vmkernel.select_kernel()
     except vmkernel.KernelError as exc:
@@ -219,7 +237,7 @@ def find_kernel(explicit: Path | None) -> Path:
     if choice is None:
         raise RunVmError("no kernel fits kernel-test/fragment.config (" + "; ".join(reasons)
                          + "): run kernel-test/build-kernel")
-    return choice.bzimage
+    return choice.bzimage, None
 
 
 def missing_prerequisites() -> str | None:
@@ -280,7 +298,7 @@ def choose_accel(mode: str, qemu: str, kernel: Path) -> list[str]:
 
 
 def qemu_command(qemu: str, kernel: Path, opts: Options, accel: list[str], scratch: Path, job_dir: Path,
-                 sockets: Mapping[str, Path]) -> list[str]:
+                 sockets: Mapping[str, Path], initrd: Path | None = None) -> list[str]:
     for path in (INIT, job_dir):
         if re.search(r"[\s\"']", str(path)):
             raise RunVmError(f"{path}: a path on the kernel command line cannot contain blanks or quotes")
@@ -292,7 +310,7 @@ def qemu_command(qemu: str, kernel: Path, opts: Options, accel: list[str], scrat
     cmd = [
         qemu, *accel, "-smp", "2", "-m", str(opts.mem_mb),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-kernel", str(kernel), "-append", append,
+        "-kernel", str(kernel), *(["-initrd", str(initrd)] if initrd is not None else []), "-append", append,
         "-virtfs", "local,path=/,mount_tag=root,security_model=none,readonly=on,multidevs=remap",
         "-drive", f"file={scratch},format=raw,if=none,id=scratch,cache=unsafe,aio=threads",
         "-device", "virtio-blk-pci,drive=scratch",
@@ -439,7 +457,7 @@ def run(opts: Options) -> int:
     if (top := hidden_in_guest(cwd)) is not None:
         raise RunVmError(f"the working directory {cwd} is under {top}, which the guest mounts over", EXIT_USAGE)
     qemu = find_qemu()
-    kernel = find_kernel(opts.kernel)
+    kernel, initrd = find_boot(opts.kernel)
     accel = choose_accel(opts.accel, qemu, kernel)
     with tempfile.TemporaryDirectory(prefix="run-vm-", dir=_job_parent()) as tmp:
         job_dir = Path(tmp)
@@ -457,7 +475,7 @@ def run(opts: Options) -> int:
                 lsock.listen(1)
                 lsock.setblocking(False)
                 listeners[name] = lsock
-            cmd = qemu_command(qemu, kernel, opts, accel, scratch, job_dir, sockets)
+            cmd = qemu_command(qemu, kernel, opts, accel, scratch, job_dir, sockets, initrd)
             if opts.verbose:
                 print("run-vm: $ " + shlex.join(cmd), file=sys.stderr, flush=True)
             started = time.monotonic()

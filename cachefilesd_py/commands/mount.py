@@ -44,8 +44,9 @@ _REQUIRED = {"http": ("url",), "registry": ("host", "repo")}
 @click.option("--backend-config", default=None, help='Backend options: {"type": KIND, "config": {...}}, the '
               "options alone (JSON), @FILE, or key=value,...")  # fmt: skip
 @click.option("--mode", type=click.Choice([*MODES, FSCACHE_MODE]), default="auto", show_default=True,
-              help="fanotify: lazy (Linux >= 6.14); full: fetch all, then mount; fscache: bound in cachefilesd-py "
-              "through its API, mounted by fsid.")  # fmt: skip
+              help="fanotify: lazy (Linux >= 6.14); nbd: lazy over NBD devices; full: fetch all, then mount; "
+              "fscache: bound in cachefilesd-py through its API, mounted by fsid [auto: fanotify, else nbd, else "
+              "full].")  # fmt: skip
 @click.option("--cache-dir", type=click.Path(file_okay=False),
               help="Blob cache files go here (ext4, xfs or btrfs for fanotify mode); none in fscache mode.")
 @click.option("--daemon-sock", default=DEFAULT_DAEMON_SOCK, show_default=True, type=click.Path(dir_okay=False),
@@ -59,6 +60,9 @@ _REQUIRED = {"http": ("url",), "registry": ("host", "repo")}
               help="Seconds a read may wait for its data (fetch and verify, retries included); then EIO.")  # fmt: skip
 @click.option("--allow-suid", is_flag=True, help="Honour setuid/setgid bits of the image (default: nosuid).")
 @click.option("--allow-dev", is_flag=True, help="Allow opening the image's device nodes (default: nodev).")
+@click.option("--file-backed/--no-file-backed", default=None,
+              help="Mount the local files file-backed (Linux >= 6.12) or over loop devices [file-backed where the "
+                   "kernel has it].")  # fmt: skip
 @click.option("--foreground", is_flag=True, help="Serve from this process until umount (fanotify mode).")
 @click.option("--platform", default=None, help="docker://: os/arch[/variant] to pick from an index [the host's].")
 @click.option("--plain-http", is_flag=True, help="docker://: talk to the registry over HTTP, without TLS.")

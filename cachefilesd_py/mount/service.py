@@ -6,7 +6,9 @@ Modes (:func:`select_mode`; ``--mode fscache`` binds the image in cachefilesd-py
 - ``fanotify``: lazy; a daemon (:mod:`.supervisor` and its :mod:`.worker`) marks sparse blob cache files,
   mounts the bootstrap file-backed with ``device=<cache files>`` and fills what readers touch (Linux >= 6.14).
 - ``full``: every blob is fetched (verified) into its cache file first, then the image is mounted; no daemon.
-- ``auto``: fanotify when the kernel has pre-content events, else full.
+- ``nbd``: lazy; a daemon (:mod:`.nbddaemon`, one process) serves each blob as an NBD device and mounts the
+  bootstrap (over a loop device) with ``device=/dev/nbdN``, for kernels with NBD but no pre-content events.
+- ``auto``: fanotify when the kernel has pre-content events, else nbd when it has NBD, else full.
 
 :func:`mount_image` starts the supervisor with the :class:`~.spec.MountSpec` in an inherited memfd and waits for
 its readiness line (:mod:`.ready`); the runtime record (:mod:`.record`) names the supervisor (``pid``) and the
@@ -40,7 +42,8 @@ from erofs.paths import process_start_time
 from erofs.progress import ProgressCallback
 from erofs.reader.bootstrap import Bootstrap
 from fscache.errors import PreContentUnsupportedError, UnsupportedFilesystemError
-from fscache.mount import MountError, filesystem_name, is_mounted, mount_erofs_file_backed, top_mount, umount
+from fscache.mount import MountError, filesystem_name, is_mounted, top_mount, umount
+from fscache.nbd import why_no_nbd
 
 from ..backends import make_backend
 from ..blob_handles import blob_order, open_image
@@ -48,6 +51,8 @@ from ..fscache_mount import MODE as FSCACHE_MODE
 from ..fscache_mount import unbind
 from ..pipeline import Pipeline
 from .cachefile import check_cache_path, fill_all, prepare_cache_files, probe_pre_content
+from .localmount import mount_files
+from .nbddaemon import release_stale_devices, run_nbd_daemon
 from .ready import OK, daemon_error, read_line
 from .record import all_records, initial_record, log_path, read_record, record_path, run_dir, write_record
 from .spec import MODES, MountSpec, spec_fd
@@ -58,7 +63,8 @@ __all__ = ["list_mounts", "mount_image", "select_mode", "umount_image"]
 log = logging.getLogger(__name__)
 
 SUPERVISOR_MODULE = "cachefilesd_py.mount.supervisor"
-_DAEMON_MODULES = (SUPERVISOR_MODULE.encode(), b"cachefilesd_py.mount.worker")
+NBD_MODULE = "cachefilesd_py.mount.nbddaemon"
+_DAEMON_MODULES = (SUPERVISOR_MODULE.encode(), b"cachefilesd_py.mount.worker", NBD_MODULE.encode())
 
 
 # -- mode selection -----------------------------------------------------------------------------------------------
@@ -77,6 +83,10 @@ def select_mode(mode: str, cache_dir: Path) -> str:
         raise UsageError(f"unknown mode {mode!r} (expected one of: {', '.join(MODES)})")
     if mode == "full":
         return mode
+    if mode == "nbd":
+        if why := why_no_nbd():
+            raise UsageError(f"--mode nbd: {why} (use --mode full)")
+        return mode
     cache_dir.mkdir(parents=True, exist_ok=True)
     check_cache_dir(cache_dir, "fanotify")
     try:
@@ -86,6 +96,9 @@ def select_mode(mode: str, cache_dir: Path) -> str:
     except PreContentUnsupportedError as e:
         if mode == "fanotify":
             raise UsageError(f"--mode fanotify: {e} (use --mode full)") from None
+        if why_no_nbd() is None:
+            log.info("no fanotify pre-content events (%s): mounting in nbd mode", e)
+            return "nbd"
         log.info("no fanotify pre-content events (%s): mounting in full mode", e)
         return "full"
     return "fanotify"
@@ -124,7 +137,7 @@ def mount_image(spec: MountSpec, *, foreground: bool = False,
     record = record_path(mp)
     data = initial_record(spec)
     if spec.mode == "full":
-        _mount_full(spec, progress)
+        data["source"] = _mount_full(spec, progress)
         data["pid"] = None
         try:
             write_record(record, data)
@@ -134,12 +147,12 @@ def mount_image(spec: MountSpec, *, foreground: bool = False,
         return data
     if foreground:
         data["log"] = None  # it logs to stderr
-        data["stopped_by"] = run_daemon(spec, ready_fd=None)
+        data["stopped_by"] = (run_nbd_daemon if spec.mode == "nbd" else run_daemon)(spec, ready_fd=None)
         return data
-    return _start_daemon(spec, data)
+    return _start_daemon(spec, data, NBD_MODULE if spec.mode == "nbd" else SUPERVISOR_MODULE)
 
 
-def _start_daemon(spec: MountSpec, data: dict[str, Any]) -> dict[str, Any]:
+def _start_daemon(spec: MountSpec, data: dict[str, Any], module: str = SUPERVISOR_MODULE) -> dict[str, Any]:
     """Start the supervisor (the spec in an inherited memfd, never on its command line) and wait until it says
     the worker serves."""
     mp = Path(spec.mountpoint)
@@ -151,7 +164,7 @@ def _start_daemon(spec: MountSpec, data: dict[str, Any]) -> dict[str, Any]:
     try:
         sfd = spec_fd(spec)
         try:
-            cmd = [sys.executable, "-m", SUPERVISOR_MODULE, "--spec-fd", str(sfd), "--ready-fd", str(w)]
+            cmd = [sys.executable, "-m", module, "--spec-fd", str(sfd), "--ready-fd", str(w)]
             with open(log_file, "ab") as logf:
                 proc = subprocess.Popen(
                     cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf, pass_fds=(w, sfd),
@@ -171,6 +184,7 @@ def _start_daemon(spec: MountSpec, data: dict[str, Any]) -> dict[str, Any]:
         data["log"] = str(log_file)
         written = read_record(mp) or {}
         data["worker_pid"] = written.get("worker_pid")
+        data.update({key: written[key] for key in ("source", "nbd") if key in written})  # the nbd daemon's devices
         return data
     code = proc.wait()
     if status.startswith("error "):
@@ -212,7 +226,7 @@ def _check_cache_not_blobs(cache: Path, config: dict[str, Any]) -> None:
             raise UsageError(f"--cache-dir {cache} is the blob directory: its cache files would overwrite the blobs")
 
 
-def _mount_full(spec: MountSpec, progress: ProgressCallback | None) -> None:
+def _mount_full(spec: MountSpec, progress: ProgressCallback | None) -> str:
     be = make_backend(spec.backend, **spec.backend_config)
     files = []
     try:
@@ -220,8 +234,8 @@ def _mount_full(spec: MountSpec, progress: ProgressCallback | None) -> None:
                       fill_timeout=spec.fill_timeout) as pipeline:  # fmt: skip
             files = prepare_cache_files(Path(spec.cache_dir), open_image(spec.boot, be))
             fill_all(files, pipeline, progress)
-        mount_erofs_file_backed(spec.boot, spec.mountpoint, [cf.path for cf in files], allow_suid=spec.allow_suid,
-                                allow_dev=spec.allow_dev)  # fmt: skip
+        return mount_files(spec.boot, spec.mountpoint, [str(cf.path) for cf in files], file_backed=spec.file_backed,
+                           allow_suid=spec.allow_suid, allow_dev=spec.allow_dev)  # fmt: skip
     finally:
         for cf in files:
             cf.close()
@@ -318,6 +332,7 @@ def _forget(mp: Path, rec: dict[str, Any], timeout: float = 30.0) -> dict[str, A
         except ChildProcessError:
             pass
     rec = read_record(mp) or rec
+    release_stale_devices(rec)  # an nbd daemon that was killed left its devices connected
     worker = _live_worker(rec)
     if worker is not None:  # its supervisor is gone: the worker stops once its mount is gone, or now
         if rec.get("released"):  # it serves nobody: never wait for its fills
@@ -342,7 +357,8 @@ def umount_image(mountpoint: str | os.PathLike[str], *, timeout: float = 30.0) -
         why = " (an EROFS mount it has no record of: use umount(8))" if is_mounted(mp) else ""
         raise UsageError(f"{mp} is not mounted by nydus-erofs{why}")
     top = top_mount(mp)
-    if top is not None and (top.fstype, top.source) != ("erofs", rec.get("boot")):  # ours is gone (or under it)
+    source = rec.get("source") or rec.get("boot")  # a loop device when mounted over loop devices
+    if top is not None and (top.fstype, top.source) != ("erofs", source):  # ours is gone (or under it)
         raise UsageError(f"{mp}: {top.fstype} {top.source} is mounted there, not the image nydus-erofs mounted: "
                          "left alone")  # fmt: skip
     mounted = top is not None

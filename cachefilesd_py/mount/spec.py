@@ -22,14 +22,15 @@ from ..pipeline import FILL_TIMEOUT
 
 __all__ = ["MODES", "MountSpec", "read_spec_fd", "spec_fd"]
 
-MODES = ("auto", "fanotify", "full")
+MODES = ("auto", "fanotify", "full", "nbd")
 
 
 @dataclass(frozen=True)
 class MountSpec:
     """A mount of a Nydus image: ``boot`` (its bootstrap) on ``mountpoint``, blob cache files in ``cache_dir``.
 
-    - ``mode``: one of :data:`MODES` (``auto``: fanotify when the kernel has pre-content events, else full);
+    - ``mode``: one of :data:`MODES` (``auto``: fanotify when the kernel has pre-content events, else nbd when it
+      has NBD devices, else full);
     - ``backend``, ``backend_config``: where blobs come from (:func:`cachefilesd_py.backends.make_backend`'s
       kind and options, ``--blob-dir`` being localfs's ``dir``; never shown in ``repr``: it may hold credentials);
     - ``amplify``: least bytes one fetch brings in; ``readahead``: bytes filled ahead of a sequential reader
@@ -38,6 +39,8 @@ class MountSpec:
       past it the read gets EIO and the fetch is abandoned;
     - ``allow_suid``, ``allow_dev``: mount without ``nosuid`` / ``nodev`` (by default an image's setuid bits and
       device nodes mean nothing on this host).
+    - ``file_backed``: mount the local files file-backed (True), over loop devices (False), or file-backed where
+      the kernel has it, else loop devices (None; :mod:`.localmount`).
     """
 
     boot: str
@@ -53,6 +56,7 @@ class MountSpec:
     fill_timeout: float = FILL_TIMEOUT
     allow_suid: bool = False
     allow_dev: bool = False
+    file_backed: bool | None = None
 
     def resolved(self) -> Self:
         """The spec with absolute, symlink-free paths (what the daemon, run from ``/``, is given)."""

@@ -18,6 +18,7 @@ RUN_VM = KERNEL_TEST / "run-vm"
 BUILD_KERNEL = KERNEL_TEST / "build-kernel"
 sys.path.insert(0, str(KERNEL_TEST))
 
+import debkernel  # noqa: E402
 import run_vm  # noqa: E402
 import vmkernel  # noqa: E402
 
@@ -233,6 +234,48 @@ def test_kernel_panic_fails_clearly() -> None:
     assert done.returncode == run_vm.EXIT_VM_FAILED
     assert "kernel panic" in done.stderr
     assert "Kernel panic" in done.stderr  # the console tail shows the kernel's own message
+
+
+# --- Debian 12's stock kernel (debkernel.py) ---
+
+@pytest.mark.tools("bsdtar")
+def test_initramfs_archive_lists_what_cpio_reads(tmp_path: Path) -> None:
+    dep = tmp_path / "a.ko"
+    dep.write_bytes(b"\x7fELF...\0license=GPL\0depends=b,c-d\0vermagic=6.1\0")
+    assert debkernel.module_depends(dep.read_bytes()) == ["b", "c-d"]
+    assert debkernel.module_depends(b"\0depends=\0") == []
+    archive = debkernel.initramfs_content([dep], b"#!busybox")
+    done = subprocess.run(["bsdtar", "-tf", "-"], input=archive, capture_output=True, check=True)
+    names = done.stdout.decode().split()
+    assert {"init", "bin/busybox", "bin/sh", "modules/a.ko", "modules/order"} <= set(names)
+
+
+def test_module_closure_puts_dependencies_first(tmp_path: Path) -> None:
+    for name, deps in (("top", "mid,leaf"), ("mid", "leaf"), ("leaf", ""), ("unused", "")):
+        (tmp_path / "kernel" / name).mkdir(parents=True)
+        (tmp_path / "kernel" / name / f"{name}.ko").write_bytes(f"\0depends={deps}\0".encode())
+    assert [p.name for p in debkernel.module_closure(tmp_path, ("top",))] == ["leaf.ko", "mid.ko", "top.ko"]
+    with pytest.raises(debkernel.DebianKernelError, match="module nope not found"):
+        debkernel.module_closure(tmp_path, ("nope",))
+
+
+def test_initrd_goes_to_qemu_when_given(tmp_path: Path) -> None:
+    sockets = {name: tmp_path / f"{name}.sock" for name in run_vm.CHANNELS}
+    opts = run_vm.parse_args(["--", "true"])
+    assert "-initrd" not in run_vm.qemu_command("qemu", tmp_path / "k", opts, [], tmp_path / "s", tmp_path, sockets)
+    cmd = run_vm.qemu_command("qemu", tmp_path / "k", opts, [], tmp_path / "s", tmp_path, sockets, tmp_path / "i")
+    assert cmd[cmd.index("-initrd") + 1] == str(tmp_path / "i")
+
+
+@needs_vm
+@pytest.mark.tools("apt-get", "dpkg-deb", "busybox")
+def test_debian_kernel_boots_with_its_modules() -> None:
+    done = run_vm_cmd("--kernel", debkernel.NAME, "--timeout", "240", "--", "sh", "-c",
+                      "uname -r; ls /dev/loop-control /dev/nbd0; grep -w erofs /proc/filesystems", timeout=600)
+    assert done.returncode == 0, done.stderr
+    release, *rest = done.stdout.split("\n")
+    assert release.startswith("6.1.0-") and release.endswith("-amd64")
+    assert rest[:2] == ["/dev/loop-control", "/dev/nbd0"] and "erofs" in rest[2]
 
 
 # --- vagrant/ ---

@@ -77,23 +77,59 @@ def missing_fanotify() -> str | None:
 
 @functools.cache
 def missing_cachefiles() -> str | None:
-    """The fscache on-demand test VM: its scratch disk and /dev/cachefiles (tests/vm)."""
-    if "VM_SCRATCH" not in os.environ or not os.path.exists("/dev/cachefiles"):
+    """fscache on-demand mode: /dev/cachefiles and a scratch disk for it (the test VM on our 6.12 kernel)."""
+    if "VM_SCRATCH" not in os.environ:
         return "needs the fscache test VM (VM_SCRATCH and /dev/cachefiles)"
+    if not os.path.exists("/dev/cachefiles"):
+        return f"this kernel ({os.uname().release}) has no cachefiles on-demand mode (/dev/cachefiles)"
     return None
 
 
-KERNEL_FEATURES = {"erofs": missing_erofs, "fanotify": missing_fanotify, "cachefiles": missing_cachefiles}
+@functools.cache
+def missing_loop() -> str | None:
+    """Loop block devices: /dev/loop-control (root)."""
+    if missing_root():
+        return "loop devices need root"
+    return None if os.path.exists("/dev/loop-control") else "no loop devices here (/dev/loop-control)"
 
 
 @functools.cache
-def missing_vm() -> str | None:
+def missing_nbd() -> str | None:
+    """NBD block devices (/dev/nbd0), which the nbd mount mode serves."""
+    if missing_root():
+        return "NBD devices need root"
+    return None if os.path.exists("/dev/nbd0") else f"this kernel ({os.uname().release}) has no NBD (/dev/nbd0)"
+
+
+# A test's kernel("feature", ...) marker: "erofs" (the default) is file-backed EROFS, "erofs-file-backed" says so.
+KERNEL_FEATURES = {"erofs": missing_erofs, "erofs-file-backed": missing_erofs, "fanotify": missing_fanotify,
+                   "cachefiles": missing_cachefiles, "loop": missing_loop, "nbd": missing_nbd}
+
+
+def in_vm() -> bool:
+    return os.environ.get("NYDUS_EROFS_IN_VM") == "1"
+
+
+def _run_vm_module():  # noqa: ANN202 - kernel-test/run_vm.py, stdlib only, outside the package
     sys.path.insert(0, str(REPO / "kernel-test"))
     try:
         import run_vm
     finally:
         sys.path.remove(str(REPO / "kernel-test"))
+    return run_vm
+
+
+@functools.cache
+def missing_vm(kernel: str | None = None) -> str | None:
+    """Whether the test VM boots here: qemu, mkfs.ext4 and its kernel — the fitting one, or ``kernel`` (a name
+    run-vm --kernel takes, e.g. ``debian-6.1``, fetched and prepared once)."""
+    run_vm = _run_vm_module()
     why = run_vm.missing_prerequisites()
+    if why is None and kernel is not None:
+        try:
+            run_vm.find_boot(Path(kernel))
+        except run_vm.RunVmError as e:
+            why = str(e)
     return f"cannot boot the test VM: {why}" if why else None
 
 
@@ -120,16 +156,20 @@ def missing_upstream() -> str | None:
     return None if boot.is_file() else f"upstream nydus-image fixtures not found at {NYDUS}"
 
 
+def missing_kernel_features(item: pytest.Item) -> list[str]:
+    """What ``item``'s ``kernel(...)`` markers ask for and the running kernel lacks."""
+    why = [KERNEL_FEATURES[feature]() for mark in item.iter_markers("kernel") for feature in mark.args or ("erofs",)]
+    return [w for w in why if w]
+
+
 def missing_for(item: pytest.Item) -> list[str]:
     """What ``item``'s markers ask for and this machine lacks."""
     why: list[str | None] = []
     if item.get_closest_marker("root"):
         why.append(missing_root())
-    for mark in item.iter_markers("kernel"):
-        for feature in mark.args or ("erofs",):
-            why.append(KERNEL_FEATURES[feature]())
-    if item.get_closest_marker("vm"):
-        why.append(missing_vm())
+    why.extend(missing_kernel_features(item))
+    for mark in item.iter_markers("vm"):
+        why.append(missing_vm(*mark.args))
     if item.get_closest_marker("network"):
         why.append(missing_network())
     for mark in item.iter_markers("tools"):

@@ -1,0 +1,189 @@
+"""The daemon of an ``nbd`` mount (``python -m cachefilesd_py.mount.nbddaemon``): one process, no supervisor.
+
+For kernels with NBD but neither fanotify pre-content events (6.14) nor cachefiles on-demand: it prepares the
+blobs' sparse cache files, serves each blob as an NBD device (:class:`~.nbdserver.BlobDevice`, ``workers``
+connections each), mounts the bootstrap — bound to a loop device, since a file-backed mount takes no block
+device — with ``device=/dev/nbdN`` per blob, writes the runtime record (``pid``: itself, ``source``: the loop
+device, ``nbd``: the devices), reports ``ok`` on the ready pipe and serves until the image is released.  Then it
+disconnects the devices and writes its final stats into the record.
+
+SIGTERM/SIGINT: it unmounts if the mountpoint still shows the image — plainly, else detached, serving on until
+the files open there close (:class:`~.watch.ImageWatch`).  When the process dies (SIGKILL), its devices lose
+their server: every read of the mount not yet cached in the page cache fails with EIO (never zeros) until it is
+unmounted; there is no restart.  ``nydus-erofs umount`` then disconnects the devices the dead daemon left
+(:func:`release_stale_devices`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import logging
+import os
+import select
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from erofs.errors import BackendError, NydusErofsError, UsageError
+from erofs.paths import process_start_time
+from fscache.errors import FscacheError
+from fscache.inotify import Inotify
+from fscache.nbd import NbdNetlink
+
+from ..backends import BlobBackend, make_backend
+from ..blob_handles import open_image
+from ..pipeline import Pipeline
+from .cachefile import CacheFile, prepare_cache_files
+from .localmount import mount_over_block_devices
+from .nbdserver import BlobDevice
+from .ready import OK, error_line, report
+from .record import initial_record, read_record, record_path, write_record
+from .spec import MountSpec, read_spec_fd
+from .watch import ImageWatch
+
+__all__ = ["main", "release_stale_devices", "run_nbd_daemon"]
+
+log = logging.getLogger(__name__)
+
+
+def run_nbd_daemon(spec: MountSpec, *, ready_fd: int | None) -> int:
+    """Serve, mount, report readiness on ``ready_fd``, serve until the image is released (``spec`` resolved, its
+    mode nbd).  A startup failure is reported as one line on ``ready_fd`` and raised."""
+    boot, mountpoint, cache_dir = Path(spec.boot), Path(spec.mountpoint), Path(spec.cache_dir)
+    record = record_path(mountpoint)
+    files: list[CacheFile] = []
+    devices: list[BlobDevice] = []
+    backend: BlobBackend | None = None
+    netlink: NbdNetlink | None = None
+    inotify: Inotify | None = None
+    watch: ImageWatch | None = None
+    pipeline = Pipeline(amplify=spec.amplify, workers=spec.workers, fill_timeout=spec.fill_timeout)
+    wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    stopping: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping.append(signum)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    old_wakeup = signal.set_wakeup_fd(wake_w)
+    me = os.getpid()
+    try:
+        try:
+            try:
+                backend = make_backend(spec.backend, **spec.backend_config)
+            except BackendError as e:
+                raise UsageError(f"backend {spec.backend}: {e}") from None
+            handles = open_image(boot, backend)
+            if not handles:
+                raise UsageError(f"{boot}: the image has no data blobs: mount it directly")
+            files = prepare_cache_files(cache_dir, handles)
+            netlink = NbdNetlink()
+            for cf in files:
+                devices.append(BlobDevice(cf, pipeline, netlink, connections=spec.workers))
+            inotify = Inotify()
+            source = mount_over_block_devices(str(boot), str(mountpoint), [d.path for d in devices],
+                                              allow_suid=spec.allow_suid, allow_dev=spec.allow_dev)  # fmt: skip
+            watch = ImageWatch.add(inotify, mountpoint)
+            data = dict(initial_record(spec), pid=me, start_time=process_start_time(me), source=source,
+                        blobs=[cf.handle.blob_id for cf in files], nbd=[d.path for d in devices])  # fmt: skip
+            write_record(record, data)
+        except BaseException as e:
+            report(ready_fd, error_line(e))
+            if watch is not None:
+                watch.unmount()
+            raise
+        report(ready_fd, OK)
+        log.info("serving %s on %s (%d blobs over NBD)", boot, mountpoint, len(files))
+        poll = select.poll()
+        poll.register(watch.fileno(), select.POLLIN)
+        poll.register(wake_r, select.POLLIN)
+        while not watch.released():
+            if stopping:
+                watch.unmount()
+                if watch.released():
+                    break
+                watch.log_linger("stopping", "serving it")
+                stopping.clear()
+            poll.poll()
+            try:
+                os.read(wake_r, 512)
+            except BlockingIOError:
+                pass
+        stats = _stats(devices, pipeline)
+        try:
+            if (read_record(mountpoint) or {}).get("pid") == me:  # not removed, nor a new mount's by now
+                write_record(record, dict(data, stats=stats, stopped=True))
+        except (OSError, ValueError, NydusErofsError) as e:
+            log.error("cannot write final stats to %s: %s", record, e)
+        log.info("stopped: %s", json.dumps(stats["pipeline"]))
+    finally:
+        for d in devices:
+            d.disconnect()
+        pipeline.close()
+        for cf in files:
+            cf.close()
+        for closable in (netlink, inotify, backend):
+            if closable is not None:
+                closable.close()
+        signal.set_wakeup_fd(old_wakeup)
+        os.close(wake_r)
+        os.close(wake_w)
+        for s, h in old.items():
+            signal.signal(s, h)
+    return 0
+
+
+def release_stale_devices(rec: dict[str, Any]) -> None:
+    """Disconnect the NBD devices of the record ``rec`` that are still bound to its daemon, which is gone (killed):
+    a device's ``/sys/block/nbdN/pid`` names the process that connected it."""
+    stale = []
+    for dev in rec.get("nbd") or ():
+        name = Path(dev).name
+        try:
+            pid = int(Path("/sys/block", name, "pid").read_text())
+        except (OSError, ValueError):
+            continue  # disconnected
+        if pid == rec.get("pid"):
+            stale.append(int(name.removeprefix("nbd")))
+    if not stale:
+        return
+    try:
+        with NbdNetlink() as netlink:
+            for index in stale:
+                log.warning("disconnecting /dev/nbd%d, left by the dead daemon %s", index, rec.get("pid"))
+                netlink.disconnect(index)
+    except OSError as e:
+        log.error("%s", e)
+
+
+def _stats(devices: Sequence[BlobDevice], pipeline: Pipeline) -> dict[str, Any]:
+    return {"pipeline": pipeline.stats.snapshot(), "devices": [d.stats() for d in devices]}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cachefilesd_py.mount.nbddaemon", description=__doc__.splitlines()[0])
+    ap.add_argument("--spec-fd", type=int, required=True, help="Inherited fd holding the mount spec (JSON)")
+    ap.add_argument("--ready-fd", type=int, default=None)
+    args = ap.parse_args(argv)
+    try:
+        spec = read_spec_fd(args.spec_fd)
+    except (NydusErofsError, OSError) as e:
+        report(args.ready_fd, error_line(e))
+        return 1
+    logging.basicConfig(level=spec.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        stream=sys.stderr)  # fmt: skip
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    try:
+        run_nbd_daemon(spec, ready_fd=args.ready_fd)
+    except (NydusErofsError, FscacheError, OSError, ValueError) as e:  # reported on --ready-fd already
+        log.error("%s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
