@@ -59,6 +59,7 @@ __all__ = [
     "cached_nydus_image",
     "fetch_bootstrap_layer",
     "is_image_reference",
+    "json_object",
     "parse_image_reference",
     "resolve_nydus_image",
 ]
@@ -181,7 +182,8 @@ class NydusImage:
         }
 
 
-def _json(data: bytes, what: str) -> dict[str, Any]:
+def json_object(data: bytes, what: str) -> dict[str, Any]:
+    """``data`` (a manifest, an image config...) as a JSON object; ImageError when it is none."""
     try:
         value = json.loads(data)
     except ValueError as e:
@@ -324,7 +326,7 @@ class RemoteImage:
             raise ImageError(f"manifest {reference[:19]}…: the registry sent content hashing to {digest[:19]}…")
         if expect is not None and len(body) != expect.get("size"):
             raise ImageError(f"manifest {reference[:19]}…: {len(body)} bytes, its descriptor says {expect.get('size')}")
-        manifest = _json(body, f"manifest {reference}")
+        manifest = json_object(body, f"manifest {reference}")
         return manifest, str(manifest.get("mediaType") or content_type), digest, body
 
     def _select(self, index: Mapping[str, Any]) -> Mapping[str, Any]:

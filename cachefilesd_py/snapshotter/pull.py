@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import json
 import os
 import secrets
 import subprocess
@@ -34,7 +33,7 @@ from google.protobuf import field_mask_pb2
 
 from erofs.errors import BackendError, NydusErofsError, UsageError
 
-from ..reference import DOCKER_HUB, RemoteImage, bootstrap_layers
+from ..reference import DOCKER_HUB, RemoteImage, bootstrap_layers, json_object
 from .nydus import (
     LABEL_IMAGE_REF,
     LABEL_LAYER_DIGEST,
@@ -86,16 +85,6 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
 
 def _digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _json(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        value = json.loads(data)
-    except ValueError as e:
-        raise BackendError(f"{what}: not JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise BackendError(f"{what}: not a JSON object")
-    return value
 
 
 # -- containerd -----------------------------------------------------------------------------------------------------
@@ -192,7 +181,7 @@ def pull(ref: str, address: str, *, snapshotter: str = "nydus-erofs", namespace:
     image = _fetch(image_ref, plain_http, platform)
     if not image.config:
         return _plain_pull(name, address, snapshotter, namespace, plain_http, platform)
-    diff_ids = (_json(image.config, "config").get("rootfs") or {}).get("diff_ids") or []
+    diff_ids = (json_object(image.config, "config").get("rootfs") or {}).get("diff_ids") or []
     if len(diff_ids) != len(image.layers):
         raise PullError(f"{ref}: the config has {len(diff_ids)} diff_ids for {len(image.layers)} layers")
     chains = chain_ids(diff_ids)
