@@ -79,9 +79,10 @@ def erofs_mounts(cd: Containerd) -> list[str]:
 
 
 def cache_bytes(cd: Containerd) -> int:
+    """Bytes of blob data in the snapshotter's cache (not the chunk maps, ``*.map``, a mount starts empty)."""
     total = 0
     for dirpath, _, files in os.walk(cd.snapshotter.root / "cache"):
-        total += sum(os.lstat(os.path.join(dirpath, f)).st_blocks * 512 for f in files)
+        total += sum(os.lstat(os.path.join(dirpath, f)).st_blocks * 512 for f in files if not f.endswith(".map"))
     return total
 
 
