@@ -438,6 +438,8 @@ def _write_bootstrap(backend: RegistryBackend, layer_desc: Mapping[str, Any], de
             fd2, boot_tmp = tempfile.mkstemp(prefix=f".{dest.name}-", dir=dest.parent)
             with os.fdopen(fd2, "wb") as out:
                 _extract_bootstrap(layer, out)
+                out.flush()
+                os.fsync(out.fileno())  # whole on disk before it is renamed into place
         if blob_ids is not None:
             _check_blob_table(Path(boot_tmp), blob_ids)
         os.chmod(boot_tmp, 0o644)
