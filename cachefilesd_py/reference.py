@@ -49,13 +49,17 @@ from erofs.reader.bootstrap import Bootstrap
 __all__ = [
     "BOOTSTRAPS_DIR",
     "MAX_BOOTSTRAP",
+    "ImageDocuments",
     "ImageNotFoundError",
     "ImageReference",
     "NydusImage",
     "NydusManifest",
     "RemoteImage",
+    "bootstrap_layers",
     "cached_nydus_image",
+    "fetch_bootstrap_layer",
     "is_image_reference",
+    "json_object",
     "parse_image_reference",
     "resolve_nydus_image",
 ]
@@ -127,6 +131,19 @@ def parse_image_reference(text: str) -> ImageReference:
 
 
 @dataclass(frozen=True)
+class ImageDocuments:
+    """The documents a reference names, each as the registry served it: ``top`` (an index, or the manifest
+    itself) and the manifest of the wanted platform (``manifest``, parsed, and ``manifest_body``)."""
+
+    top: bytes = field(repr=False)
+    top_type: str
+    manifest_body: bytes = field(repr=False)
+    manifest: Mapping[str, Any] = field(repr=False)
+    media_type: str
+    digest: str  # sha256:<hex> of manifest_body
+
+
+@dataclass(frozen=True)
 class NydusManifest:
     """A resolved Nydus image manifest: its digest, the bootstrap layer's descriptor, the blob layers' ids."""
 
@@ -165,7 +182,8 @@ class NydusImage:
         }
 
 
-def _json(data: bytes, what: str) -> dict[str, Any]:
+def json_object(data: bytes, what: str) -> dict[str, Any]:
+    """``data`` (a manifest, an image config...) as a JSON object; ImageError when it is none."""
     try:
         value = json.loads(data)
     except ValueError as e:
@@ -204,6 +222,15 @@ def describe_manifest(manifest: Mapping[str, Any], media_type: str) -> str:
     parts = [f"{n} {kind}" for kind, n in counts.items()]
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return f"{what} with {listed} layer{'s' if len(layers) > 1 else ''}"
+
+
+def bootstrap_layers(manifest: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The layers of ``manifest`` annotated as a Nydus bootstrap (none: the image is not a Nydus one)."""
+    layers = manifest.get("layers")
+    if not isinstance(layers, list):
+        return []
+    return [x for x in layers
+            if isinstance(x, dict) and (x.get("annotations") or {}).get(ANN_NYDUS_BOOTSTRAP) == "true"]  # fmt: skip
 
 
 def _descriptor_digest(desc: Mapping[str, Any], what: str) -> str:
@@ -265,6 +292,7 @@ class RemoteImage:
             # digests are checked here, as a whole (an ImageError), not per read by the backend
             extra = {k: v for k, v in (options or {}).items() if k not in ("host", "repo", "verify_digest")}
             self._backend = RegistryBackend(**{**extra, **self.backend_config}, verify_digest=False)
+        self._documents: ImageDocuments | None = None
         self._resolved: NydusManifest | None = None
 
     def close(self) -> None:
@@ -289,16 +317,17 @@ class RemoteImage:
             raise type(e)(f"{self.ref}: {e}") from None
 
     # -- manifest -----------------------------------------------------------------------------------------------
-    def _get_manifest(self, reference: str, expect: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], str, str]:
-        """(manifest, its media type, its digest) of ``reference``; a digest reference is checked."""
+    def _get_manifest(self, reference: str,
+                      expect: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], str, str, bytes]:  # fmt: skip
+        """(manifest, its media type, its digest, its body) of ``reference``; a digest reference is checked."""
         body, content_type = self._backend.manifest(reference, ACCEPT)
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         if _DIGEST.fullmatch(reference) and digest != reference:
             raise ImageError(f"manifest {reference[:19]}…: the registry sent content hashing to {digest[:19]}…")
         if expect is not None and len(body) != expect.get("size"):
             raise ImageError(f"manifest {reference[:19]}…: {len(body)} bytes, its descriptor says {expect.get('size')}")
-        manifest = _json(body, f"manifest {reference}")
-        return manifest, str(manifest.get("mediaType") or content_type), digest
+        manifest = json_object(body, f"manifest {reference}")
+        return manifest, str(manifest.get("mediaType") or content_type), digest, body
 
     def _select(self, index: Mapping[str, Any]) -> Mapping[str, Any]:
         entries = [m for m in index.get("manifests") or [] if isinstance(m, dict)]
@@ -310,23 +339,33 @@ class RemoteImage:
         nydus = [m for m in matching if NYDUS_OS_FEATURE in (m.get("platform", {}).get("os.features") or [])]
         return (nydus or matching)[0]
 
+    def documents(self) -> ImageDocuments:
+        """The manifest of the platform (through the index when the reference names one), fetched once."""
+        if self._documents is not None:
+            return self._documents
+        with self._errors():
+            manifest, media_type, digest, body = self._get_manifest(self.ref.reference)
+            top, top_type = body, media_type
+            if media_type in (MT_INDEX, MT_DOCKER_LIST) or "manifests" in manifest:
+                desc = self._select(manifest)
+                manifest, media_type, digest, body = self._get_manifest(_descriptor_digest(desc, "index entry"), desc)
+            self._documents = ImageDocuments(top, top_type, body, manifest, media_type, digest)
+        return self._documents
+
     def resolve(self) -> NydusManifest:
         """The Nydus manifest (fetched once); UsageError when the reference names something else."""
         if self._resolved is not None:
             return self._resolved
+        docs = self.documents()
         with self._errors():
-            manifest, media_type, digest = self._get_manifest(self.ref.reference)
-            if media_type in (MT_INDEX, MT_DOCKER_LIST) or "manifests" in manifest:
-                desc = self._select(manifest)
-                manifest, media_type, digest = self._get_manifest(_descriptor_digest(desc, "index entry"), desc)
-            self._resolved = self._nydus(manifest, media_type, digest)
+            self._resolved = self._nydus(docs.manifest, docs.media_type, docs.digest)
         return self._resolved
 
-    def _nydus(self, manifest: dict[str, Any], media_type: str, digest: str) -> NydusManifest:
+    def _nydus(self, manifest: Mapping[str, Any], media_type: str, digest: str) -> NydusManifest:
         layers = manifest.get("layers")
         if not isinstance(layers, list) or not all(isinstance(x, dict) for x in layers):
             layers = []
-        boots = [x for x in layers if (x.get("annotations") or {}).get(ANN_NYDUS_BOOTSTRAP) == "true"]
+        boots = bootstrap_layers(manifest)
         if not boots:
             raise UsageError(f"not a Nydus image ({describe_manifest(manifest, media_type)})")
         if len(boots) > 1 or boots[0] is not layers[-1]:
@@ -361,41 +400,75 @@ class RemoteImage:
         """Fetch the bootstrap layer (digest verified), extract its ``image/image.boot`` to ``dest`` (atomically:
         a temporary file beside it, renamed once checked) and check its blob table against the manifest."""
         resolved = self.resolve()
-        dest = Path(dest)
         with self._errors():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, layer_tmp = tempfile.mkstemp(prefix=".layer-", dir=dest.parent)
-            boot_tmp = None
-            try:
-                with os.fdopen(fd, "w+b") as layer:
-                    self._fetch_layer(resolved.bootstrap_layer, layer)
-                    layer.seek(0)
-                    fd2, boot_tmp = tempfile.mkstemp(prefix=f".{dest.name}-", dir=dest.parent)
-                    with os.fdopen(fd2, "wb") as out:
-                        _extract_bootstrap(layer, out)
-                _check_blob_table(Path(boot_tmp), resolved.blob_ids)
-                os.chmod(boot_tmp, 0o644)
-                os.replace(boot_tmp, dest)
-                boot_tmp = None
-            finally:
-                os.unlink(layer_tmp)
-                if boot_tmp is not None:
-                    os.unlink(boot_tmp)
-        return dest
+            return _write_bootstrap(self._backend, resolved.bootstrap_layer, Path(dest), resolved.blob_ids)
 
-    def _fetch_layer(self, desc: Mapping[str, Any], out: Any) -> None:
-        digest, size = str(desc["digest"]), int(desc["size"])
-        blob_id = digest.removeprefix("sha256:")
-        sha = hashlib.sha256()
-        offset = 0
-        while offset < size:
-            piece = self._backend.read(blob_id, offset, min(_FETCH_PIECE, size - offset))
-            sha.update(piece)
-            out.write(piece)
-            offset += len(piece)
-        if sha.hexdigest() != blob_id:
-            raise ImageError(f"bootstrap layer {digest[:19]}…: the registry sent content hashing to "
-                             f"sha256:{sha.hexdigest()[:12]}…")  # fmt: skip
+    def fetch_blob(self, desc: Mapping[str, Any], out: Any, what: str) -> None:
+        """Write the blob ``desc`` names (``digest``, ``size``) to ``out``, its digest verified."""
+        with self._errors():
+            _fetch_blob(self._backend, desc, out, what)
+
+
+def _fetch_blob(backend: RegistryBackend, desc: Mapping[str, Any], out: Any, what: str) -> None:
+    digest, size = _descriptor_digest(desc, what), _descriptor_size(desc, what)
+    blob_id = digest.removeprefix("sha256:")
+    sha = hashlib.sha256()
+    offset = 0
+    while offset < size:
+        piece = backend.read(blob_id, offset, min(_FETCH_PIECE, size - offset))
+        sha.update(piece)
+        out.write(piece)
+        offset += len(piece)
+    if sha.hexdigest() != blob_id:
+        raise ImageError(f"{what} {digest[:19]}…: the registry sent content hashing to "
+                         f"sha256:{sha.hexdigest()[:12]}…")  # fmt: skip
+
+
+def _write_bootstrap(backend: RegistryBackend, layer_desc: Mapping[str, Any], dest: Path,
+                     blob_ids: tuple[str, ...] | None) -> Path:  # fmt: skip
+    """Fetch the bootstrap layer (digest verified), extract its ``image/image.boot`` to ``dest`` (atomically:
+    a temporary file beside it, renamed once checked); with ``blob_ids``, check its blob table against them."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, layer_tmp = tempfile.mkstemp(prefix=".layer-", dir=dest.parent)
+    boot_tmp = None
+    try:
+        with os.fdopen(fd, "w+b") as layer:
+            _fetch_blob(backend, layer_desc, layer, "bootstrap layer")
+            layer.seek(0)
+            fd2, boot_tmp = tempfile.mkstemp(prefix=f".{dest.name}-", dir=dest.parent)
+            with os.fdopen(fd2, "wb") as out:
+                _extract_bootstrap(layer, out)
+                out.flush()
+                os.fsync(out.fileno())  # whole on disk before it is renamed into place
+        if blob_ids is not None:
+            _check_blob_table(Path(boot_tmp), blob_ids)
+        os.chmod(boot_tmp, 0o644)
+        os.replace(boot_tmp, dest)
+        boot_tmp = None
+    finally:
+        os.unlink(layer_tmp)
+        if boot_tmp is not None:
+            os.unlink(boot_tmp)
+    return dest
+
+
+def fetch_bootstrap_layer(host: str, repo: str, layer_digest: str, dest: str | os.PathLike[str],
+                          options: Mapping[str, Any] | None = None) -> Path:  # fmt: skip
+    """Fetch the bootstrap layer ``layer_digest`` of repository ``repo`` at ``host`` and put its
+    ``image/image.boot`` at ``dest``, as :meth:`RemoteImage.fetch_bootstrap` does (digest verified, streamed,
+    size-bounded, atomic) for a caller that knows the layer but not the manifest (so no blob-table check).
+    ``options``: more registry backend options (``plain_http``, ``insecure``...)."""
+    if not _DIGEST.fullmatch(layer_digest):
+        raise UsageError(f"layer digest {layer_digest!r} is not sha256:<64 hex digits>")
+    extra = {k: v for k, v in (options or {}).items() if k not in ("host", "repo", "verify_digest")}
+    try:
+        with RegistryBackend(host, repo, **extra, verify_digest=False) as backend:
+            size = backend.size(layer_digest.removeprefix("sha256:"))
+            if size > MAX_BOOTSTRAP:
+                raise ImageError(f"bootstrap layer of {size} bytes: over the limit of {MAX_BOOTSTRAP}")
+            return _write_bootstrap(backend, {"digest": layer_digest, "size": size}, Path(dest), None)
+    except NydusErofsError as e:
+        raise type(e)(f"{host}/{repo}: {e}") from None
 
 
 def _member_name(name: str) -> str:

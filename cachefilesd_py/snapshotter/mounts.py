@@ -22,7 +22,7 @@ from fscache.mount import is_mounted
 from ..mount.record import read_record
 from ..mount.service import mount_image, umount_image
 from ..mount.spec import MountSpec
-from .nydus import BOOT_FILE, BackendSpec
+from .nydus import BOOT_FILE, load_backend
 from .store import ACTIVE, NYDUS_BLOB, NYDUS_BOOTSTRAP, Snapshot
 
 __all__ = ["Layout", "LazyMounts", "MountEntry", "mounts_for"]
@@ -82,9 +82,9 @@ class LazyMounts:
             mnt.mkdir(exist_ok=True)
             cache = self.layout.cache(snap)
             cache.mkdir(parents=True, exist_ok=True)
-            backend = BackendSpec.load(self.layout.dir(snap))
+            backend = load_backend(self.layout.dir(snap))
             spec = MountSpec(boot=str(self.layout.boot(snap)), mountpoint=str(mnt), cache_dir=str(cache),
-                             mode=self.mode, backend=backend.kind, backend_config=backend.config,
+                             mode=self.mode, backend=backend.type, backend_config=backend.config,
                              amplify=self.amplify, readahead=self.readahead)  # fmt: skip
             rec = mount_image(spec)
             log.info("mounted %s (%s mode) on %s", snap.name, rec.get("mode"), mnt)

@@ -2,7 +2,8 @@
 
 What it does, through containerd's own API (so containerd's metadata, leases and garbage collector see it all):
 
-1. fetch the manifest (the index's entry for the platform) and the config from the registry;
+1. fetch the manifest (the index's entry for the platform) and the config from the registry
+   (:class:`cachefilesd_py.reference.RemoteImage`);
 2. under a lease, write them into containerd's content store, the manifest labelled with what it refers to and
    the config with the top snapshot (``containerd.io/gc.ref.snapshot.<snapshotter>``), so the GC keeps them;
 3. prepare one snapshot per layer, keyed by the chain IDs of the config's ``diff_ids`` and labelled as containerd's
@@ -18,9 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
+import io
 import os
-import platform as host_platform
 import secrets
 import subprocess
 import time
@@ -33,15 +33,11 @@ from google.protobuf import field_mask_pb2
 
 from erofs.errors import BackendError, NydusErofsError, UsageError
 
-from ..backends.registry import OCI_MANIFEST, RegistryClient, RegistryOptions
-from ..backends.retry import PermanentFailure, TempFailure, describe
-from ..backends.transport import status_failure
+from ..reference import DOCKER_HUB, RemoteImage, bootstrap_layers, json_object
 from .nydus import (
-    DOCKER_HUB,
     LABEL_IMAGE_REF,
     LABEL_LAYER_DIGEST,
     LABEL_MANIFEST_DIGEST,
-    LABEL_NYDUS_BOOTSTRAP,
     LABEL_TARGET,
     split_image_ref,
 )
@@ -59,10 +55,6 @@ from .proto import (
 
 __all__ = ["PullError", "PullResult", "chain_ids", "pull"]
 
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-INDEXES = (OCI_INDEX, DOCKER_LIST)
 SNAPSHOT_LABEL_PREFIX = "containerd.io/snapshot/"
 GC_SNAPSHOT = "containerd.io/gc.ref.snapshot."
 GC_CONTENT = "containerd.io/gc.ref.content."
@@ -91,66 +83,8 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
     return out
 
 
-def host_os_arch() -> tuple[str, str]:
-    machine = host_platform.machine().lower()
-    return "linux", {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}.get(machine, machine)
-
-
-def _parse_platform(text: str | None) -> tuple[str, str, str]:
-    if not text:
-        return (*host_os_arch(), "")
-    parts = text.split("/")
-    if len(parts) not in (2, 3) or not all(parts):
-        raise UsageError(f"--platform {text!r}: expected os/arch[/variant]")
-    return parts[0], parts[1], parts[2] if len(parts) == 3 else ""
-
-
-# -- registry -------------------------------------------------------------------------------------------------------
-class _Registry:
-    def __init__(self, host: str, repo: str, plain_http: bool) -> None:
-        self.client = RegistryClient(RegistryOptions(host, repo, plain_http=plain_http))
-
-    def get(self, path: str, accept: str, what: str) -> tuple[bytes, str]:
-        try:
-            return self._get(path, accept, what)
-        except BackendError:
-            raise
-        except (TempFailure, PermanentFailure, OSError) as e:
-            raise BackendError(f"{what}: {describe(e)}") from None
-
-    def _get(self, path: str, accept: str, what: str) -> tuple[bytes, str]:
-        resp = self.client.request("GET", self.client.url(path), {"Accept": accept})
-        if resp.status != 200:
-            raise status_failure(resp, what)
-        size = resp.content_length
-        if size is None or size > MAX_DOCUMENT:
-            resp.close()
-            raise BackendError(f"{what}: no length or larger than {MAX_DOCUMENT} bytes")
-        body = resp.read_exact(size)
-        return body, (resp.header("Content-Type") or "").split(";")[0].strip()
-
-    def close(self) -> None:
-        self.client.transport.close()
-
-
 def _digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _verified(data: bytes, digest: str, what: str) -> bytes:
-    if _digest(data) != digest:
-        raise BackendError(f"{what}: content does not match its digest {digest}")
-    return data
-
-
-def _json(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        value = json.loads(data)
-    except ValueError as e:
-        raise BackendError(f"{what}: not JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise BackendError(f"{what}: not a JSON object")
-    return value
 
 
 # -- containerd -----------------------------------------------------------------------------------------------------
@@ -218,49 +152,36 @@ class _Image:
     config: bytes = b""
 
 
-def _fetch(reg: _Registry, ref: str, tag: str, want: tuple[str, str, str]) -> _Image:
-    accept = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
-    top, top_type = reg.get(f"manifests/{tag}", accept, f"manifest {ref}")
-    if tag.startswith("sha256:"):
-        _verified(top, tag, f"manifest {ref}")
-    top_json = _json(top, f"manifest {ref}")
-    top_type = top_json.get("mediaType") or top_type
-    manifest, manifest_type = top, top_type
-    if top_type in INDEXES:
-        entry = _choose(top_json, want, ref)
-        manifest, _ = reg.get(f"manifests/{entry['digest']}", accept, f"manifest {entry['digest']}")
-        manifest = _verified(manifest, entry["digest"], f"manifest {entry['digest']}")
-        manifest_type = entry.get("mediaType") or OCI_MANIFEST
-    m = _json(manifest, "manifest")
-    layers = m.get("layers")
-    config_digest = (m.get("config") or {}).get("digest")
-    if not isinstance(layers, list) or not all(isinstance(x, dict) and "digest" in x for x in layers) or \
-            not isinstance(config_digest, str):  # fmt: skip
-        raise BackendError(f"manifest {ref}: not an image manifest (no config or layers)")
-    image = _Image(top, top_type, manifest, manifest_type, layers)
-    if not any((lay.get("annotations") or {}).get(LABEL_NYDUS_BOOTSTRAP) == "true" for lay in layers):
-        return image
-    config, _ = reg.get(f"blobs/{config_digest}", "*/*", f"config {config_digest}")
-    return dataclasses.replace(image, config_digest=config_digest,
-                               config=_verified(config, config_digest, f"config {config_digest}"))  # fmt: skip
+def _fetch(ref: str, plain_http: bool, platform: str | None) -> _Image:
+    with RemoteImage(ref, platform=platform, plain_http=plain_http) as remote:
+        docs = remote.documents()
+        layers = docs.manifest.get("layers")
+        config_desc = docs.manifest.get("config")
+        if not isinstance(layers, list) or not all(isinstance(x, dict) and "digest" in x for x in layers) or \
+                not isinstance(config_desc, dict):  # fmt: skip
+            raise BackendError(f"manifest {ref}: not an image manifest (no config or layers)")
+        image = _Image(docs.top, docs.top_type, docs.manifest_body, docs.media_type, layers)
+        if not bootstrap_layers(docs.manifest):
+            return image
+        remote.resolve()  # a Nydus image as it should be: its bootstrap the last layer, the others blobs
+        if not isinstance(config_desc.get("size"), int) or config_desc["size"] > MAX_DOCUMENT:
+            raise BackendError(f"manifest {ref}: no config size, or larger than {MAX_DOCUMENT} bytes")
+        config = io.BytesIO()
+        remote.fetch_blob(config_desc, config, "config")
+        return dataclasses.replace(image, config_digest=str(config_desc["digest"]), config=config.getvalue())
 
 
 def pull(ref: str, address: str, *, snapshotter: str = "nydus-erofs", namespace: str = "default",
          plain_http: bool = False, platform: str | None = None) -> PullResult:  # fmt: skip
     """Pull ``ref`` into the containerd at ``address`` (see the module docstring)."""
     host, repo, tag = split_image_ref(ref)
-    want = _parse_platform(platform)
     sep = "@" if tag.startswith("sha256:") else ":"
     image_ref = f"{host}/{repo}{sep}{tag}"
     name = f"docker.io/{repo}{sep}{tag}" if host == DOCKER_HUB else image_ref  # containerd's name for it
-    reg = _Registry(host, repo, plain_http)
-    try:
-        image = _fetch(reg, ref, tag, want)
-    finally:
-        reg.close()
+    image = _fetch(image_ref, plain_http, platform)
     if not image.config:
         return _plain_pull(name, address, snapshotter, namespace, plain_http, platform)
-    diff_ids = (_json(image.config, "config").get("rootfs") or {}).get("diff_ids") or []
+    diff_ids = (json_object(image.config, "config").get("rootfs") or {}).get("diff_ids") or []
     if len(diff_ids) != len(image.layers):
         raise PullError(f"{ref}: the config has {len(diff_ids)} diff_ids for {len(image.layers)} layers")
     chains = chain_ids(diff_ids)
@@ -301,15 +222,6 @@ def _store(cd: _Containerd, image: _Image, image_ref: str, name: str, snapshotte
                        LABEL_MANIFEST_DIGEST: manifest_digest})  # fmt: skip
         _prepare_layer(cd, snapshotter, chains[i], chains[i - 1] if i else "", labels)
     _put_image(cd, name, target)
-
-
-def _choose(index: dict[str, Any], want: tuple[str, str, str], ref: str) -> dict[str, Any]:
-    os_, arch, variant = want
-    for entry in index.get("manifests") or []:
-        p = entry.get("platform") or {}
-        if p.get("os") == os_ and p.get("architecture") == arch and (not variant or p.get("variant") == variant):
-            return entry
-    raise PullError(f"{ref}: no manifest for {'/'.join(x for x in want if x)}")
 
 
 def _prepare_layer(cd: _Containerd, snapshotter: str, chain: str, parent: str, labels: dict[str, str]) -> None:

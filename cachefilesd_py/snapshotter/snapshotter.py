@@ -24,15 +24,17 @@ from pathlib import Path
 
 from erofs.errors import UsageError
 
+from ..backends.config import BackendSpec
 from ..mount.spec import MODES
 from .mounts import Layout, LazyMounts, MountEntry, mounts_for
 from .nydus import (
     LABEL_IMAGE_REF,
     LABEL_LAYER_DIGEST,
     LABEL_TARGET,
-    BackendSpec,
     fetch_bootstrap,
     layer_role,
+    registry_backend,
+    save_backend,
     take_unpacked_bootstrap,
 )
 from .store import ACTIVE, COMMITTED, NYDUS_BLOB, NYDUS_BOOTSTRAP, VIEW, Snapshot, SnapshotError, Store
@@ -156,9 +158,9 @@ class Snapshotter:
         try:
             size = 0
             if role == NYDUS_BOOTSTRAP:
-                backend = BackendSpec.registry(labels[LABEL_IMAGE_REF], self.plain_http)
+                backend = registry_backend(labels[LABEL_IMAGE_REF], self.plain_http)
                 fetch_bootstrap(backend, labels[LABEL_LAYER_DIGEST], self.layout.boot(snap))
-                backend.save(d)
+                save_backend(backend, d)
                 size = self.layout.boot(snap).stat().st_size
             committed = self.store.commit(key, target, {}, size, 1)
         except BaseException:
@@ -181,10 +183,10 @@ class Snapshotter:
         if layer_role(snap.labels) == NYDUS_BOOTSTRAP and take_unpacked_bootstrap(fs, self.layout.boot(snap)):
             image_ref = snap.labels.get(LABEL_IMAGE_REF)
             if image_ref:
-                backend = BackendSpec.registry(image_ref, self.plain_http)
+                backend = registry_backend(image_ref, self.plain_http)
             else:
                 backend = BackendSpec("localfs", {"dir": str(self.containerd_root / CONTENT_BLOBS)})
-            backend.save(self.layout.dir(snap))
+            save_backend(backend, self.layout.dir(snap))
             nydus = NYDUS_BOOTSTRAP
         size, inodes = disk_usage(fs)
         committed = self.store.commit(key, name, labels, size, inodes, nydus)
