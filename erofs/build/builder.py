@@ -75,6 +75,8 @@ def check_options(chunk_size: int, compressor: str, digester: str) -> ImageOptio
 LayerReader = Callable[[ChunkStore], Node]
 # Merging turns the layer trees (bottom to top) into the image tree.
 Merger = Callable[[list[Node]], Node]
+# Picks the nodes the prefetch table lists from the image tree.
+PrefetchSelector = Callable[[Node], Sequence[Node]]
 
 
 def _single(trees: list[Node]) -> Node:
@@ -86,12 +88,14 @@ def _single(trees: list[Node]) -> Node:
 def build_layers(readers: Sequence[LayerReader], output_dir: str | os.PathLike[str], opts: ImageOptions,
                  merge: Merger = _single, known: ChunkIndex | None = None,
                  extra_blobs: Sequence[BlobInfo] = (),
-                 extra_blob_files: Mapping[str, Path] | None = None) -> BuildResult:  # fmt: skip
+                 extra_blob_files: Mapping[str, Path] | None = None,
+                 prefetch: PrefetchSelector | None = None) -> BuildResult:  # fmt: skip
     """Build an image from layer readers into ``output_dir`` atomically.
 
     ``known`` pre-seeds dedup (a chunk dict's chunks, referring to ``extra_blobs``, which become the first
     blob slots of the image).  ``extra_blob_files`` (blob id -> file) are copied into OUT/blobs when the
-    image references them, so OUT is self-contained.
+    image references them, so OUT is self-contained.  ``prefetch`` picks the prefetch table's inodes from the
+    merged tree (:func:`erofs.build.prefetch.resolve`).
     """
     out = Path(output_dir)
     try:
@@ -132,7 +136,7 @@ def build_layers(readers: Sequence[LayerReader], output_dir: str | os.PathLike[s
         used = _used_blobs(tree)
         if used != set(range(len(blobs))):
             blobs, tree = _drop_unused(blobs, tree, used)
-        inodes = write_bootstrap(tmp / BOOTSTRAP_NAME, tree, blobs, opts)
+        inodes = write_bootstrap(tmp / BOOTSTRAP_NAME, tree, blobs, opts, prefetch(tree) if prefetch else ())
         for b in blobs:
             src = (extra_blob_files or {}).get(b.blob_id)
             if src is not None and not (tmp / BLOBS_DIR / b.blob_id).exists():
@@ -210,7 +214,8 @@ def build_directory(source: str | os.PathLike[str], output_dir: str | os.PathLik
 
 def build_image(sources: Sequence[str], output_dir: str | os.PathLike[str], opts: ImageOptions, *,
                 whiteout_spec: str = "oci", platform: str | None = None, chunk_dict: str | None = None,
-                chunk_dict_blob_dir: str | None = None) -> BuildResult:  # fmt: skip
+                chunk_dict_blob_dir: str | None = None,
+                prefetch: PrefetchSelector | None = None) -> BuildResult:  # fmt: skip
     """Build one image from SOURCE layers into ``output_dir`` (atomically; see :func:`build_layers`)."""
     if chunk_dict_blob_dir and not chunk_dict:
         raise UsageError("--chunk-dict-blob-dir needs --chunk-dict")
@@ -229,5 +234,5 @@ def build_image(sources: Sequence[str], output_dir: str | os.PathLike[str], opts
     return build_layers(
         readers, output_dir, opts, merge=merge,
         known=cd.known if cd else None, extra_blobs=cd.blobs if cd else (),
-        extra_blob_files=cd.blob_files if cd else None,
+        extra_blob_files=cd.blob_files if cd else None, prefetch=prefetch,
     )  # fmt: skip

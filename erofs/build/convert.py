@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from erofs.build.bootstrap import ImageOptions
-from erofs.build.builder import BuildResult, build_image
+from erofs.build.builder import BuildResult, PrefetchSelector, build_image
 from erofs.build.sources.oci import DEFAULT_PLATFORM, MT_MANIFEST, REF_NAME, OciLayout, parse_platform, parse_reference
 from erofs.errors import SourceError, UsageError
 from erofs.paths import BLOBS_DIR, BOOTSTRAP_NAME, make_dirs, remove_stale_temps, temp_prefix
@@ -166,7 +166,7 @@ def read_target_index(path: Path) -> dict[str, Any]:
 
 def convert(source: str, target: str, opts: ImageOptions, *, platform: str | None = None,
             chunk_dict: str | None = None, plain_http: bool = False,
-            work_dir: str | None = None) -> ConvertResult:  # fmt: skip
+            work_dir: str | None = None, prefetch: PrefetchSelector | None = None) -> ConvertResult:  # fmt: skip
     """Convert the OCI image ``source`` into a Nydus image at ``target`` (``oci:`` or ``docker://``)."""
     src_kind, src_rest = _split(source)
     dst_kind, dst_rest = _split(target)
@@ -196,7 +196,7 @@ def convert(source: str, target: str, opts: ImageOptions, *, platform: str | Non
         src_manifest = layout.manifest(tag, want)
         config = layout._blob_json(src_manifest["config"])
         sources = [src_ref]
-        result = build_image(sources, tmp / "image", opts, platform=want, chunk_dict=chunk_dict)
+        result = build_image(sources, tmp / "image", opts, platform=want, chunk_dict=chunk_dict, prefetch=prefetch)
 
         made: list[Path] = []
         if dst_kind == "oci":

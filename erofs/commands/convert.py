@@ -8,6 +8,7 @@ import click
 
 from erofs.build.builder import check_options
 from erofs.build.convert import convert as convert_image
+from erofs.build.prefetch import selector as prefetch_selector
 from erofs.units import parse_size
 
 
@@ -21,16 +22,19 @@ from erofs.units import parse_size
 @click.option("--chunk-dict", type=click.Path(dir_okay=False), help="Dedup against this image bootstrap.")
 @click.option("--plain-http", is_flag=True, help="Talk to docker:// registries over HTTP, without TLS.")
 @click.option("--work-dir", type=click.Path(file_okay=False), help="Where temporary files go [system temp].")
+@click.option("--prefetch-list", metavar="FILE|-",
+              help="Files to prefetch first: absolute paths, one a line (a directory: all under it).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def convert(source: str, target: str, chunk_size: str, compressor: str, digester: str, platform: str | None,
-            chunk_dict: str | None, plain_http: bool, work_dir: str | None, as_json: bool) -> None:  # fmt: skip
+            chunk_dict: str | None, plain_http: bool, work_dir: str | None, prefetch_list: str | None,
+            as_json: bool) -> None:  # fmt: skip
     """Convert SOURCE (oci:PATH[:TAG] | docker://REGISTRY/REPO[:TAG]) into a Nydus image at TARGET (same forms).
 
     The Nydus image has one layer per data blob and a last layer holding image/image.boot, as nydusify writes.
     """
     opts = check_options(parse_size(chunk_size), compressor, digester)
     result = convert_image(source, target, opts, platform=platform, chunk_dict=chunk_dict, plain_http=plain_http,
-                           work_dir=work_dir)  # fmt: skip
+                           work_dir=work_dir, prefetch=prefetch_selector(prefetch_list))  # fmt: skip
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
