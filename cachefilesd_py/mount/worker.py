@@ -48,6 +48,7 @@ from .ready import OK, error_line, report
 from .record import initial_record, record_path, write_record
 from .server import FanotifyServer
 from .spec import MountSpec, read_spec_fd
+from .trace import start_trace
 from .watch import ImageWatch
 
 __all__ = ["main", "run_daemon"]
@@ -146,6 +147,7 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
             backend.close()
         raise
     assert watch is not None and inotify is not None and server is not None
+    trace = start_trace(mountpoint, resume=adopted)
 
     def on_signal(signum: int, frame: object) -> None:
         server.stop()
@@ -163,6 +165,9 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
         if group_fd is None and not watch.released():
             watch.unmount()
         stats = server.stats()
+        if trace is not None:
+            trace.stop()
+            stats["trace"] = trace.stats()
         server.close()
         pipeline.close()
         for cf in files:
