@@ -42,6 +42,12 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
 @click.option("--readahead", default=None, callback=_size,
               help="Bytes filled ahead of a sequential reader (0: off) [8 x amplify].")  # fmt: skip
 @click.option("--workers", default=4, show_default=True, type=click.IntRange(1, 256), help="Fill threads.")
+@click.option("--prefetch/--no-prefetch", default=True, show_default=True,
+              help="Fetch the files of the image's prefetch table in the background.")  # fmt: skip
+@click.option("--prefetch-all", is_flag=True, help="Then prefetch the rest of the image too.")
+@click.option("--prefetch-bandwidth", default="0", callback=_size, help="Prefetch cap in bytes/s (0: none).")
+@click.option("--prefetch-merge", default="1MiB", show_default=True, callback=_size,
+              help="Largest piece prefetch fills at once.")  # fmt: skip
 @click.option("--foreground", is_flag=True, help="Serve from this process until umount (fanotify mode).")
 @click.option("--json", "as_json", is_flag=True, help="Print the mount record as JSON.")
 def mount(blob_dir: str | None, backend: str | None, backend_config: str | None, foreground: bool, as_json: bool,

@@ -222,6 +222,10 @@ class FanotifyServer:
         self._count("filled")
         self._unmark_if_complete(cf)
 
+    def filled(self, cf: CacheFile) -> None:
+        """Data was written into ``cf`` outside the event path (prefetch): unmark it if it is complete now."""
+        self._unmark_if_complete(cf)
+
     def _unmark_if_complete(self, cf: CacheFile) -> None:
         """Once a cache file has no hole left, drop its mark: later reads raise no event at all."""
         if not cf.marked or not cf.complete():

@@ -31,7 +31,10 @@ class MountSpec:
     - ``backend``, ``backend_config``: where blobs come from (:func:`cachefilesd_py.backends.make_backend`'s
       kind and options, ``--blob-dir`` being localfs's ``dir``; never shown in ``repr``: it may hold credentials);
     - ``amplify``: least bytes one fetch brings in; ``readahead``: bytes filled ahead of a sequential reader
-      (0: off, None: 8 x amplify); ``workers``: fill threads; ``log_level``: the daemon's.
+      (0: off, None: 8 x amplify); ``workers``: fill threads; ``log_level``: the daemon's;
+    - ``prefetch``: fetch the files of the image's prefetch table in the background once mounted;
+      ``prefetch_all``: then the rest of the blobs too; ``prefetch_bandwidth``: its cap in bytes/s fetched (0:
+      none); ``prefetch_merge``: the largest piece it fills at once (:mod:`cachefilesd_py.prefetch`).
     """
 
     boot: str
@@ -44,6 +47,10 @@ class MountSpec:
     readahead: int | None = None
     workers: int = 4
     log_level: str = "INFO"
+    prefetch: bool = True
+    prefetch_all: bool = False
+    prefetch_bandwidth: int = 0
+    prefetch_merge: int = 1 << 20
 
     def resolved(self) -> Self:
         """The spec with absolute, symlink-free paths (what the daemon, run from ``/``, is given)."""

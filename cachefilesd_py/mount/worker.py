@@ -44,6 +44,7 @@ from ..backends import BlobBackend, make_backend
 from ..blob_handles import open_image
 from ..pipeline import Pipeline
 from .cachefile import CacheFile, prepare_cache_files
+from .prefetch import start_prefetch, stop_prefetch
 from .ready import OK, error_line, report
 from .record import initial_record, record_path, write_record
 from .server import FanotifyServer
@@ -148,6 +149,11 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
         raise
     assert watch is not None and inotify is not None and server is not None
     trace = start_trace(mountpoint, resume=adopted)
+    try:
+        prefetcher = start_prefetch(spec, files, server, pipeline)
+    except (NydusErofsError, OSError) as e:  # the image was checked already: this is not worth failing the mount
+        log.warning("no prefetch: %s", e)
+        prefetcher = None
 
     def on_signal(signum: int, frame: object) -> None:
         server.stop()
@@ -164,7 +170,10 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
         # a failure: a supervisor starts the next worker on the mount as it is; alone, unmount (detached if busy)
         if group_fd is None and not watch.released():
             watch.unmount()
+        prefetch_stats = stop_prefetch(prefetcher, mountpoint) if prefetcher is not None else None
         stats = server.stats()
+        if prefetch_stats is not None:
+            stats["prefetch"] = prefetch_stats
         if trace is not None:
             trace.stop()
             stats["trace"] = trace.stats()
