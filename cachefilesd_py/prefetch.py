@@ -143,6 +143,14 @@ class Prefetcher:
             self._thread.join()
             self._thread = None
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until it ends by itself (or ``timeout``); whether it has."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
             return dict(self._stats)
