@@ -30,7 +30,9 @@ from typing import Any
 
 from cachefilesd_py.image_store import BlobEntry, Image, ImageStore, UnknownImageError, check_name, parse_volume_key
 from cachefilesd_py.notify import notify
+from cachefilesd_py.object_prefetch import ObjectPrefetches
 from cachefilesd_py.pipeline import Pipeline
+from cachefilesd_py.prefetch import PrefetchOptions
 from cachefilesd_py.supervisor import RestartPolicy, Supervisor, WorkerProcess, describe
 from erofs.errors import NydusErofsError
 from erofs.reader.backend import BackendStats
@@ -146,12 +148,14 @@ class Daemon:
         threads: int = 4,
         amplify: int = 1 << 20,
         pipeline: Pipeline | None = None,
+        prefetch: PrefetchOptions | None = None,
     ) -> None:
         self.device = device
         self.store = store
         self.threads = max(1, threads)
         self.pipeline = pipeline if pipeline is not None else Pipeline(amplify=amplify, workers=self.threads)
         self.counters = _Counters()
+        self.prefetches = ObjectPrefetches(self.pipeline, prefetch) if prefetch and prefetch.enabled else None
         self.state = "INIT"
         self.started = time.time()
         self._objects: dict[int, _Object] = {}
@@ -183,6 +187,8 @@ class Daemon:
                     self.handle(msg)
         finally:
             self.state = "STOPPING"
+            if self.prefetches is not None:
+                self.prefetches.close()
             self._pool.shutdown(wait=True, cancel_futures=True)
             self.pipeline.close()
             with self._lock:
@@ -259,6 +265,20 @@ class Daemon:
             return
         self.counters.add(opens=1)
         log.debug("OPEN object %d: %s in volume %s, %d bytes", msg.object_id, obj.what, volume, size)
+        if self.prefetches is not None:
+            self._prefetch(volume)
+
+    def _prefetch(self, volume: str) -> None:
+        """Start the prefetch of the volume's images whose blobs are all open now."""
+        assert self.prefetches is not None
+        with self._lock:
+            blobs = {o.key: o for o in self._objects.values() if o.volume == volume and o.blob is not None}
+            fsids = list(self._volumes.get(volume, ()))
+        for fsid in fsids:
+            try:
+                self.prefetches.maybe_start(volume, self.store.image(fsid), blobs)
+            except (NydusErofsError, OSError) as e:
+                log.warning("prefetch of %s: %s", fsid, e)
 
     def _refuse(self, msg: OpenRequest, err: int, why: str, level: int) -> None:
         log.log(level, "OPEN %s in %s refused (%s): %s", msg.cookie_key, msg.volume_key, errno.errorcode[err], why)
@@ -275,6 +295,8 @@ class Daemon:
         with self._lock:
             obj = self._objects.pop(msg.object_id, None)
         if obj is not None:
+            if self.prefetches is not None:
+                self.prefetches.volume_closing(obj.volume)
             obj.close()
             self.counters.add(closes=1)
             log.debug("CLOSE object %d (%s)", msg.object_id, obj.what)
@@ -367,6 +389,7 @@ class Daemon:
             "volumes": volumes,
             "objects": [{"id": o.object_id, "volume": o.volume, "key": o.key, "kind": o.kind} for o in objects],
             "uptime": round(time.time() - self.started, 3),
+            "prefetch": self.prefetches.stats() if self.prefetches is not None else {},
         }
 
     def backend_metrics(self) -> dict[str, Any]:

@@ -28,12 +28,27 @@ from erofs.reader.prefetch import prefetch_files
 
 from .pipeline import BlobHandle, Pipeline, PresentFn, WriteFn
 
-__all__ = ["DEFAULT_MERGE", "PrefetchItem", "PrefetchTarget", "Prefetcher", "plan_prefetch"]
+__all__ = ["DEFAULT_MERGE", "PrefetchItem", "PrefetchOptions", "PrefetchTarget", "Prefetcher", "plan_prefetch"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MERGE = 1 << 20
 _PAGE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchOptions:
+    """What a daemon prefetches on mount: the table's files (``table``), then every blob (``everything``); the cap
+    in bytes/s fetched (``bandwidth``, 0: none) and the largest piece (``merge``)."""
+
+    table: bool = True
+    everything: bool = False
+    bandwidth: int = 0
+    merge: int = DEFAULT_MERGE
+
+    @property
+    def enabled(self) -> bool:
+        return self.table or self.everything
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +151,12 @@ class Prefetcher:
         self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
         self._thread.start()
 
+    def cancel(self) -> None:
+        """Ask it to end after the piece in progress, without waiting."""
+        self._stop.set()
+
     def stop(self) -> None:
-        """End after the piece in progress (a no-op once done)."""
+        """End after the piece in progress and wait for that (a no-op once done)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
