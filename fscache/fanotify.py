@@ -28,7 +28,6 @@ from fscache.errors import (
 from fscache.fd import FdOwner
 
 __all__ = [
-    "FAN_ACCESS",
     "FAN_ALLOW",
     "FAN_CLASS_PRE_CONTENT",
     "FAN_CLOEXEC",
@@ -38,14 +37,11 @@ __all__ = [
     "FAN_MARK_REMOVE",
     "FAN_NOFD",
     "FAN_NONBLOCK",
-    "FAN_OPEN",
-    "FAN_OPEN_EXEC",
     "FAN_PRE_ACCESS",
     "FAN_Q_OVERFLOW",
     "FANOTIFY_METADATA_VERSION",
     "FAN_DENY_ERRNO",
     "FanotifyGroup",
-    "NotifyGroup",
     "PreAccessEvent",
     "find_holes",
     "parse_events",
@@ -98,16 +94,10 @@ FAN_REPORT_FID = 0x00000200
 FAN_MARK_ADD = 0x00000001
 FAN_MARK_REMOVE = 0x00000002
 FAN_MARK_DONT_FOLLOW = 0x00000004
-FAN_MARK_MOUNT = 0x00000010
-FAN_MARK_IGNORED_MASK = 0x00000020
-FAN_MARK_IGNORED_SURV_MODIFY = 0x00000040
 FAN_MARK_FLUSH = 0x00000080
 FAN_MARK_INODE = 0x00000000
 
 # event mask bits
-FAN_ACCESS = 0x00000001
-FAN_OPEN = 0x00000020
-FAN_OPEN_EXEC = 0x00001000
 FAN_ACCESS_PERM = 0x00020000
 FAN_OPEN_PERM = 0x00010000
 FAN_Q_OVERFLOW = 0x00004000
@@ -381,44 +371,3 @@ class FanotifyGroup(FdOwner):
     def deny(self, event: PreAccessEvent, err: int = errno.EIO) -> None:
         """Fail the access; the reader gets ``err`` (0, or an errno the kernel refuses: plain ``FAN_DENY``, EPERM)."""
         self.respond(event, FAN_DENY_ERRNO(err) if err else FAN_DENY, fallback=FAN_DENY)
-
-
-class NotifyGroup(FdOwner):
-    """A notification-class fanotify group (``FAN_CLASS_NOTIF``, non-blocking): events tell what happened and
-    block nobody; each carries a read-only fd of the file (opened without notification, closed by the reader).
-    Notification events carry no range record: only pre-content events do."""
-
-    def __init__(self) -> None:
-        flags = FAN_CLOEXEC | FAN_NONBLOCK | FAN_CLASS_NOTIF
-        fd = _libc.fanotify_init(flags, os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC)
-        if fd < 0:
-            raise from_errno(ffi.errno, "fanotify_init(FAN_CLASS_NOTIF) failed")
-        self._fd = fd
-
-    def mark_mount(self, path: str | os.PathLike[str], mask: int) -> None:
-        """Watch every file of the mount at ``path`` for ``mask``."""
-        p = os.fsencode(path)
-        if _libc.fanotify_mark(self.fileno(), FAN_MARK_ADD | FAN_MARK_MOUNT, mask, AT_FDCWD, p) != 0:
-            raise from_errno(ffi.errno, f"fanotify_mark(FAN_MARK_MOUNT) on {os.fsdecode(p)} failed", os.fsdecode(p))
-
-    def ignore(self, fd: int, mask: int) -> bool:
-        """Stop reporting ``mask`` for the inode of ``fd`` (an ignore mark on it); False when the kernel refuses
-        (out of marks, say): events keep coming, which costs time, not correctness."""
-        flags = FAN_MARK_ADD | FAN_MARK_IGNORED_MASK | FAN_MARK_IGNORED_SURV_MODIFY
-        return _libc.fanotify_mark(self.fileno(), flags, mask, fd, ffi.NULL) == 0
-
-    def poll(self, timeout: float | None = None) -> bool:
-        """Wait up to ``timeout`` seconds (None: forever) until an event is pending."""
-        p = select.poll()
-        p.register(self.fileno(), select.POLLIN)
-        return bool(p.poll(None if timeout is None else int(timeout * 1000)))
-
-    def read_events(self) -> list[PreAccessEvent]:
-        """Read the pending events (the same records as permission events, without a range); [] when none."""
-        try:
-            buf = os.read(self.fileno(), _READ_BUF)
-        except BlockingIOError:
-            return []
-        except OSError as e:
-            raise from_errno(e.errno or errno.EIO, "read from fanotify group failed") from None
-        return parse_events(buf)

@@ -1,33 +1,42 @@
 """The access trace of a fanotify mount: which files were read, first access first.
 
-A notification-class fanotify group (:class:`fscache.fanotify.NotifyGroup`) marks the EROFS mount itself for
-``FAN_ACCESS`` (a ``read``) and ``FAN_OPEN_EXEC`` (an ``exec``, whose pages are mapped rather than read).  These
-are file-level events: a file that only shares a blob readahead window with a read one raises none, so it is not
-counted.  Each event's fd names the file (``/proc/self/fd`` readlink, made relative to the mountpoint); once a
-file is recorded an ignore mark silences its further events.  Directories raise none (no ``FAN_ONDIR``).
+Every directory of the image (from its bootstrap) gets an inotify watch for ``IN_ACCESS`` through the mount: a
+``read`` of a file there (an ``exec`` too: the kernel reads the binary's headers with ``kernel_read``) reports the
+file's name to its directory's watch.  These are file-level events: a file that only shares a fetched chunk with
+a read one raises none, so it is not counted.  Pages mapped and faulted in without a ``read`` raise none either.
 
-Offsets and lengths: notification events carry no range (only pre-content events do, and the kernel refuses
-``FAN_PRE_ACCESS`` marks on EROFS with EOPNOTSUPP), so every entry is recorded as offset 0 and the file's size:
-"this file was read", which is what a prefetch list names anyway.
+Why inotify and not a fanotify notification group on the mount: a queued fanotify event with an fd holds a
+reference to the mount until it is read, so an ``umount`` right after a read fails with EBUSY; and the kernel
+refuses ``FAN_REPORT_FID`` on a file-backed EROFS mount (ENODEV: no fsid).  An inotify watch or event pins no
+mount.  Offsets and lengths: neither kind of notification event carries a range (only fanotify pre-content
+events do, and the kernel refuses ``FAN_PRE_ACCESS`` marks on EROFS with EOPNOTSUPP), so every entry is offset 0
+and the file's size: "this file was read", which is what a prefetch list names.
 
 The trace is a JSON-lines file beside the mount's runtime record (``<key>.trace``, see :mod:`.record`): a
 header ``{"mountpoint", "mount_time", "max_entries"}``, then one ``{"path", "offset", "length", "t"}`` a file
-(``t``: seconds since the mount), appended as files are first read, so it is always current.  Bounded: at
-most :data:`TRACE_MAX_ENTRIES` files (and as many paths in memory); later first accesses are counted as
-``dropped``.  A restarted worker resumes the file (the paths already there are not recorded again).
+(``t``: seconds since the mount), appended as files are first read, so it is always current; it outlives the
+umount (``nydus-erofs trace`` after the workload) until the next mount there.  Bounded: at most
+:data:`TRACE_MAX_ENTRIES` files (and as many paths in memory; reads of other files after that are counted as
+``dropped``, once an event) and :data:`TRACE_MAX_WATCHES` directories watched (also capped by
+``fs.inotify.max_user_watches``; files of the others are not traced, counted as ``unwatched_dirs``).  A
+restarted worker resumes the file.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import select
 import threading
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from fscache.fanotify import FAN_ACCESS, FAN_OPEN_EXEC, FAN_Q_OVERFLOW, NotifyGroup
+from erofs.errors import ImageError
+from erofs.reader.bootstrap import Bootstrap
+from fscache.inotify import IN_ACCESS, IN_DONT_FOLLOW, IN_ISDIR, IN_ONLYDIR, IN_Q_OVERFLOW, Inotify, InotifyError
 
 from .record import record_path
 
@@ -36,7 +45,8 @@ __all__ = ["TRACE_MAX_ENTRIES", "AccessTrace", "read_trace", "start_trace", "tra
 log = logging.getLogger(__name__)
 
 TRACE_MAX_ENTRIES = 65536
-TRACE_MASK = FAN_ACCESS | FAN_OPEN_EXEC
+TRACE_MAX_WATCHES = 65536
+_WATCH_MASK = IN_ACCESS | IN_ONLYDIR | IN_DONT_FOLLOW
 _POLL_INTERVAL = 0.2  # how soon the thread notices stop()
 
 
@@ -74,29 +84,55 @@ def read_trace(mountpoint: str | os.PathLike[str]) -> tuple[dict[str, Any] | Non
 
 
 class AccessTrace:
-    """Records first accesses of the mount at ``mountpoint`` into its trace file, on a thread of its own."""
+    """Records first reads of files of the mount at ``mountpoint`` (the image ``boot``) into its trace file, on a
+    thread of its own."""
 
-    def __init__(self, mountpoint: str | os.PathLike[str], *, resume: bool = False,
-                 max_entries: int = TRACE_MAX_ENTRIES) -> None:  # fmt: skip
+    def __init__(self, mountpoint: str | os.PathLike[str], boot: str | os.PathLike[str], *, resume: bool = False,
+                 max_entries: int = TRACE_MAX_ENTRIES, max_watches: int = TRACE_MAX_WATCHES) -> None:  # fmt: skip
         self.mountpoint = os.path.realpath(mountpoint)
         self.path = trace_path(self.mountpoint)
         self.max_entries = max_entries
         self.dropped = 0
         self.overflows = 0
+        self.unwatched_dirs = 0
         header, entries = _load(self.path) if resume else (None, [])
         self.mount_time: float = header["mount_time"] if header else time.time()
         self._seen = {e["path"] for e in entries}
-        self._group = NotifyGroup()
+        self._dirs: dict[int, str] = {}
+        self._sizes: dict[str, int] = {}  # the image's regular files
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._inotify = Inotify()
         try:
-            self._group.mark_mount(self.mountpoint, TRACE_MASK)
+            with Bootstrap(boot) as bs:
+                self._watch(bs, max_watches)
             self._file: TextIO = open(self.path, "a" if header else "w", encoding="utf-8")  # noqa: SIM115
         except BaseException:
-            self._group.close()
+            self._inotify.close()
             raise
         if not header:
             self._write({"mountpoint": self.mountpoint, "mount_time": self.mount_time, "max_entries": max_entries})
+
+    def _watch(self, bs: Bootstrap, max_watches: int) -> None:
+        dirs: list[str] = []
+        for p, _, ino in bs.walk(on_error=lambda _p, _e: None):
+            if ino.is_dir:
+                dirs.append(p)
+            elif ino.is_reg:
+                self._sizes[p] = ino.size
+        for i, d in enumerate(dirs):
+            if i >= max_watches:
+                self.unwatched_dirs = len(dirs) - i
+                break
+            try:
+                wd = self._inotify.add_watch(self.mountpoint + (d if d != "/" else ""), _WATCH_MASK)
+            except InotifyError as e:
+                if e.errno == errno.ENOSPC:  # fs.inotify.max_user_watches
+                    self.unwatched_dirs = len(dirs) - i
+                    log.warning("access trace: %d directories not watched (inotify watch limit)", len(dirs) - i)
+                    break
+                continue
+            self._dirs[wd] = d
 
     @property
     def entries(self) -> int:
@@ -107,28 +143,31 @@ class AccessTrace:
         self._thread.start()
 
     def stop(self) -> None:
-        """Record what is queued, then end the thread and close the group and the file."""
+        """Record what is queued, then end the thread and close the watches and the file."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         else:
             self.drain()
-        self._group.close()
+        self._inotify.close()
         self._file.close()
 
     def stats(self) -> dict[str, Any]:
         return {"entries": self.entries, "dropped": self.dropped, "overflows": self.overflows,
-                "max_entries": self.max_entries, "file": str(self.path)}  # fmt: skip
+                "max_entries": self.max_entries, "watched_dirs": len(self._dirs),
+                "unwatched_dirs": self.unwatched_dirs, "file": str(self.path)}  # fmt: skip
 
     def _write(self, item: dict[str, Any]) -> None:
         self._file.write(json.dumps(item) + "\n")
         self._file.flush()
 
     def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._inotify.fileno(), select.POLLIN)
         try:
             while not self._stop.is_set():
-                if self._group.poll(_POLL_INTERVAL):
+                if poller.poll(_POLL_INTERVAL * 1000):
                     self.drain()
             self.drain()
         except Exception:  # the trace is an aid: losing it must not take the mount down
@@ -136,45 +175,36 @@ class AccessTrace:
 
     def drain(self) -> None:
         """Record the queued events."""
-        while True:
-            events = self._group.read_events()
-            if not events:
-                return
+        while events := self._inotify.read_events():
             for ev in events:
-                if ev.mask & FAN_Q_OVERFLOW:
+                if ev.mask & IN_Q_OVERFLOW:
                     self.overflows += 1
-                if ev.fd < 0:
                     continue
-                try:
-                    self._record(ev.fd)
-                finally:
-                    os.close(ev.fd)
+                if ev.mask & IN_ISDIR or not ev.mask & IN_ACCESS or not ev.name:
+                    continue
+                parent = self._dirs.get(ev.wd)
+                if parent is not None:
+                    self._record(parent.rstrip("/") + "/" + os.fsdecode(ev.name))
 
-    def _record(self, fd: int) -> None:
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-            size = os.fstat(fd).st_size
-        except OSError:
-            return
-        prefix = self.mountpoint.rstrip("/") + "/"
-        path = "/" + target[len(prefix) :] if target.startswith(prefix) else target  # detached: already relative
+    def _record(self, path: str) -> None:
         if path in self._seen:
-            self._group.ignore(fd, TRACE_MASK)
             return
         if len(self._seen) >= self.max_entries:
             self.dropped += 1
-            self._group.ignore(fd, TRACE_MASK)  # counted once a file
+            return
+        size = self._sizes.get(path)
+        if size is None:  # not a regular file of the image
             return
         self._seen.add(path)
-        self._group.ignore(fd, TRACE_MASK)
         self._write({"path": path, "offset": 0, "length": size, "t": round(time.time() - self.mount_time, 6)})
 
 
-def start_trace(mountpoint: str | os.PathLike[str], *, resume: bool) -> AccessTrace | None:
+def start_trace(mountpoint: str | os.PathLike[str], boot: str | os.PathLike[str], *,
+                resume: bool) -> AccessTrace | None:  # fmt: skip
     """The running trace of a mount the worker serves, or None (logged) when it cannot be set up."""
     try:
-        trace = AccessTrace(mountpoint, resume=resume)
-    except OSError as e:
+        trace = AccessTrace(mountpoint, boot, resume=resume)
+    except (OSError, ImageError) as e:
         log.warning("no access trace for %s: %s", mountpoint, e)
         return None
     trace.start()

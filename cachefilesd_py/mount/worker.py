@@ -148,17 +148,18 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
             backend.close()
         raise
     assert watch is not None and inotify is not None and server is not None
-    trace = start_trace(mountpoint, resume=adopted)
-    try:
-        prefetcher = start_prefetch(spec, files, server, pipeline)
-    except (NydusErofsError, OSError) as e:  # the image was checked already: this is not worth failing the mount
-        log.warning("no prefetch: %s", e)
-        prefetcher = None
 
     def on_signal(signum: int, frame: object) -> None:
         server.stop()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # the access trace and the prefetch start once a stop signal is handled (so it always ends in final stats)
+    trace = start_trace(mountpoint, boot, resume=adopted)
+    try:
+        prefetcher = start_prefetch(spec, files, server, pipeline)
+    except (NydusErofsError, OSError) as e:  # the image was checked already: this is not worth failing the mount
+        log.warning("no prefetch: %s", e)
+        prefetcher = None
     report(ready_fd, OK)
     log.info("serving %s on %s (%d blobs)", boot, mountpoint, len(files))
     try:
