@@ -274,7 +274,7 @@ def _forget(mp: Path, rec: dict[str, Any]) -> dict[str, Any]:
         # its supervisor is gone (killed): the worker stops once its mount is gone, or now
         _kill(worker, signal.SIGTERM)
         _wait_exit(worker, 30)
-    for p in (record_path(mp), record_path(mp).with_suffix(".log")):
+    for p in (record_path(mp), *(record_path(mp).with_suffix(s) for s in (".log", ".trace", ".prefetch"))):
         try:
             p.unlink()
         except FileNotFoundError:

@@ -14,8 +14,8 @@ and the file's size: "this file was read", which is what a prefetch list names.
 
 The trace is a JSON-lines file beside the mount's runtime record (``<key>.trace``, see :mod:`.record`): a
 header ``{"mountpoint", "mount_time", "max_entries"}``, then one ``{"path", "offset", "length", "t"}`` a file
-(``t``: seconds since the mount), appended as files are first read, so it is always current; it outlives the
-umount (``nydus-erofs trace`` after the workload) until the next mount there.  Bounded: at most
+(``t``: seconds since the mount), appended as files are first read, so it is always current; it goes with the
+record (``nydus-erofs umount`` removes both: take the trace before).  Bounded: at most
 :data:`TRACE_MAX_ENTRIES` files (and as many paths in memory; reads of other files after that are counted as
 ``dropped``, once an event) and :data:`TRACE_MAX_WATCHES` directories watched (also capped by
 ``fs.inotify.max_user_watches``; files of the others are not traced, counted as ``unwatched_dirs``).  A
