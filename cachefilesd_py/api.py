@@ -3,6 +3,7 @@
 - ``GET /api/v1/daemon``: state, pid of the serving process, supervisor pid, restarts, images.
 - ``GET /api/v1/metrics/backend``: backend traffic (requests, bytes, errors, retries; per backend too).
 - ``GET /api/v1/metrics/blobcache``: daemon counters (opens, reads, failures, bytes written) and pipeline stats.
+- ``GET /api/v1/trace``: the access trace of each mounted image (:mod:`cachefilesd_py.object_trace`).
 
 The listening socket is made by :func:`listen` (the supervisor keeps it across worker restarts);
 :class:`ApiServer` serves it on a thread.  :func:`get` is a client for tests and tools.

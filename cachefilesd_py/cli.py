@@ -212,6 +212,7 @@ def _serve(args: argparse.Namespace, device: CachefilesDevice, api_sock: socket.
         "/api/v1/daemon": info,
         "/api/v1/metrics/backend": daemon.backend_metrics,
         "/api/v1/metrics/blobcache": daemon.blobcache_metrics,
+        "/api/v1/trace": daemon.traces.snapshot,
     }
     api = ApiServer(api_sock, routes).start() if api_sock is not None else None
 

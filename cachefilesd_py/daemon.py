@@ -31,6 +31,7 @@ from typing import Any
 from cachefilesd_py.image_store import BlobEntry, Image, ImageStore, UnknownImageError, check_name, parse_volume_key
 from cachefilesd_py.notify import notify
 from cachefilesd_py.object_prefetch import ObjectPrefetches
+from cachefilesd_py.object_trace import ReadTraces
 from cachefilesd_py.pipeline import Pipeline
 from cachefilesd_py.prefetch import PrefetchOptions
 from cachefilesd_py.supervisor import RestartPolicy, Supervisor, WorkerProcess, describe
@@ -155,6 +156,7 @@ class Daemon:
         self.threads = max(1, threads)
         self.pipeline = pipeline if pipeline is not None else Pipeline(amplify=amplify, workers=self.threads)
         self.counters = _Counters()
+        self.traces = ReadTraces()
         self.prefetches = ObjectPrefetches(self.pipeline, prefetch) if prefetch and prefetch.enabled else None
         self.state = "INIT"
         self.started = time.time()
@@ -265,6 +267,8 @@ class Daemon:
             return
         self.counters.add(opens=1)
         log.debug("OPEN object %d: %s in volume %s, %d bytes", msg.object_id, obj.what, volume, size)
+        if image is not None:
+            self.traces.opened(volume, image)
         if self.prefetches is not None:
             self._prefetch(volume)
 
@@ -340,6 +344,11 @@ class Daemon:
             except FscacheError as e:
                 log.error("READ %s %d+%d: completion failed: %s", obj.what, msg.offset, msg.length, e)
             obj.release()
+            if ok and obj.blob is not None:  # after the reader has its data
+                try:
+                    self.traces.read(obj.volume, obj.key, msg.offset, msg.length)
+                except Exception as e:  # noqa: BLE001 - the trace is an aid
+                    log.warning("access trace of %s: %s", obj.what, e)
 
     @staticmethod
     def _serve_bootstrap(image: Image, fd: int, offset: int, length: int) -> int:

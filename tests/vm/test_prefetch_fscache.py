@@ -101,3 +101,22 @@ def test_prefetch_all_reads_the_whole_tree_from_the_cache(base: Path) -> None:
             assert progress["state"] == "done" and progress["all_blobs"] and progress["errors"] == 0, progress
             _zero_blobs(base / "images" / "pf-all")
             assert_same_tree(src, mnt)
+
+
+def test_trace_lists_the_files_read_in_order(base: Path) -> None:
+    """The kernel's READs mapped back to files: what a workload read, first access first (a cold cache, no
+    prefetch: data already cached raises no READ)."""
+    base.mkdir(parents=True, exist_ok=True)
+    src = _image(base, "pf-trace")
+    order = ["etc/config", "app/bin/main", "data/other"]
+    for d in _daemon(base, "--no-prefetch"):
+        with mounted("pf-trace") as mnt:
+            for rel in order:
+                with open(mnt / rel, "rb") as f:
+                    assert f.read(1000) == (src / rel).read_bytes()[:1000]
+            deadline = time.monotonic() + TIMEOUT
+            while len(files := d.api("/api/v1/trace").get("pf-trace/pf-trace", {}).get("files", [])) < len(order):
+                assert time.monotonic() < deadline, files
+                time.sleep(0.05)  # polling another process' progress
+            assert [f["path"] for f in files] == ["/" + rel for rel in order]
+            assert all(f["offset"] == 0 and f["length"] > 0 for f in files)
