@@ -59,6 +59,12 @@ _REQUIRED = {"http": ("url",), "registry": ("host", "repo")}
               help="Seconds a read may wait for its data (fetch and verify, retries included); then EIO.")  # fmt: skip
 @click.option("--allow-suid", is_flag=True, help="Honour setuid/setgid bits of the image (default: nosuid).")
 @click.option("--allow-dev", is_flag=True, help="Allow opening the image's device nodes (default: nodev).")
+@click.option("--prefetch/--no-prefetch", default=True, show_default=True,
+              help="Fetch the files of the image's prefetch table in the background.")  # fmt: skip
+@click.option("--prefetch-all", is_flag=True, help="Then prefetch the rest of the image too.")
+@click.option("--prefetch-bandwidth", type=SIZE, default="0", help="Prefetch cap in bytes/s (0: none).")
+@click.option("--prefetch-merge", type=SIZE, default="1MiB", show_default=True,
+              help="Largest piece prefetch fills at once.")  # fmt: skip
 @click.option("--foreground", is_flag=True, help="Serve from this process until umount (fanotify mode).")
 @click.option("--platform", default=None, help="docker://: os/arch[/variant] to pick from an index [the host's].")
 @click.option("--plain-http", is_flag=True, help="docker://: talk to the registry over HTTP, without TLS.")

@@ -38,6 +38,9 @@ class MountSpec:
       past it the read gets EIO and the fetch is abandoned;
     - ``allow_suid``, ``allow_dev``: mount without ``nosuid`` / ``nodev`` (by default an image's setuid bits and
       device nodes mean nothing on this host).
+    - ``prefetch``: fetch the files of the image's prefetch table in the background once mounted;
+      ``prefetch_all``: then the rest of the blobs too; ``prefetch_bandwidth``: its cap in bytes/s fetched (0:
+      none); ``prefetch_merge``: the largest piece it fills at once (:mod:`cachefilesd_py.prefetch`).
     """
 
     boot: str
@@ -53,6 +56,10 @@ class MountSpec:
     fill_timeout: float = FILL_TIMEOUT
     allow_suid: bool = False
     allow_dev: bool = False
+    prefetch: bool = True
+    prefetch_all: bool = False
+    prefetch_bandwidth: int = 0
+    prefetch_merge: int = 1 << 20
 
     def resolved(self) -> Self:
         """The spec with absolute, symlink-free paths (what the daemon, run from ``/``, is given)."""
