@@ -5,6 +5,7 @@
 - ``GET /api/v1/metrics/blobcache``: daemon counters (opens, reads, failures, bytes written) and pipeline stats.
 - ``GET /api/v1/images``: the images the daemon serves, with their bindings.
 - ``PUT /api/v1/images/{fsid}`` (JSON body, :mod:`cachefilesd_py.bindings`): bind an image; ``DELETE``: unbind.
+- ``GET /api/v1/trace``: the access trace of each mounted image (:mod:`cachefilesd_py.object_trace`).
 
 The listening socket is made by :func:`listen` (the supervisor keeps it across worker restarts);
 :class:`ApiServer` serves it on a thread.  Request bodies are at most :data:`MAX_BODY` bytes; errors are JSON

@@ -89,6 +89,12 @@ _PATH = click.Path(path_type=Path)
 @click.option("--threads", type=click.IntRange(max=1024), default=4, show_default=True, help="READ worker threads.")
 @click.option("--amplify", type=_Size(), default="1MiB", show_default=True,
               help="Merge reads of adjacent chunks up to this many bytes.")  # fmt: skip
+@click.option("--prefetch/--no-prefetch", default=True, show_default=True,
+              help="On mount, fetch the files of the image's prefetch table in the background.")  # fmt: skip
+@click.option("--prefetch-all", is_flag=True, help="Then prefetch the rest of the image's blobs too.")
+@click.option("--prefetch-bandwidth", type=_Size(), default="0", help="Prefetch cap in bytes/s (0: none).")
+@click.option("--prefetch-merge", type=_Size(), default="1MiB", show_default=True,
+              help="Largest piece prefetch fills at once.")  # fmt: skip
 @click.option("--api-sock", type=_PATH, help="Serve the HTTP API on this Unix socket.")
 @click.option("--no-supervisor", is_flag=True, help="One process, no failover.")
 @click.option("--json-logs", is_flag=True, help="Log JSON lines.")
@@ -199,9 +205,11 @@ def _serve(args: argparse.Namespace, device: CachefilesDevice, api_sock: socket.
     from cachefilesd_py.api import ApiServer
     from cachefilesd_py.daemon import Daemon
     from cachefilesd_py.image_store import ImageStore
+    from cachefilesd_py.prefetch import PrefetchOptions
 
     store = ImageStore(args.images_dir, _make_backend(args))
-    daemon = Daemon(device, store, threads=args.threads, amplify=args.amplify)
+    prefetch = PrefetchOptions(args.prefetch, args.prefetch_all, args.prefetch_bandwidth, args.prefetch_merge)
+    daemon = Daemon(device, store, threads=args.threads, amplify=args.amplify, prefetch=prefetch)
 
     def info() -> dict[str, Any]:
         return {**daemon.info(), "supervisor_pid": supervisor_pid, "restarts": restarts}
@@ -211,6 +219,7 @@ def _serve(args: argparse.Namespace, device: CachefilesDevice, api_sock: socket.
         "/api/v1/metrics/backend": daemon.backend_metrics,
         "/api/v1/metrics/blobcache": daemon.blobcache_metrics,
         "/api/v1/images": daemon.images,
+        "/api/v1/trace": daemon.traces.snapshot,
     }
     api = ApiServer(api_sock, routes, image_routes(daemon)).start() if api_sock is not None else None
 

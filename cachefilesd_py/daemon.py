@@ -41,7 +41,10 @@ from cachefilesd_py.bindings import BINDING_NAME, BindRequest, stage
 from cachefilesd_py.blob_handles import blob_description_key
 from cachefilesd_py.image_store import BlobEntry, Image, ImageStore, UnknownImageError, check_name, parse_volume_key
 from cachefilesd_py.notify import notify
+from cachefilesd_py.object_prefetch import ObjectPrefetches
+from cachefilesd_py.object_trace import ReadTraces
 from cachefilesd_py.pipeline import Pipeline
+from cachefilesd_py.prefetch import PrefetchOptions
 from cachefilesd_py.supervisor import RestartPolicy, Supervisor, WorkerProcess, describe
 from erofs.errors import ImageError, NydusErofsError
 from erofs.paths import BOOTSTRAP_NAME
@@ -163,12 +166,15 @@ class Daemon:
         threads: int = 4,
         amplify: int = 1 << 20,
         pipeline: Pipeline | None = None,
+        prefetch: PrefetchOptions | None = None,
     ) -> None:
         self.device = device
         self.store = store
         self.threads = max(1, threads)
         self.pipeline = pipeline if pipeline is not None else Pipeline(amplify=amplify, workers=self.threads)
         self.counters = _Counters()
+        self.traces = ReadTraces()
+        self.prefetches = ObjectPrefetches(self.pipeline, prefetch) if prefetch and prefetch.enabled else None
         self.state = "INIT"
         self.started = time.time()
         self._objects: dict[int, _Object] = {}
@@ -203,6 +209,8 @@ class Daemon:
                     self.handle(msg)
         finally:
             self.state = "STOPPING"
+            if self.prefetches is not None:
+                self.prefetches.close()
             self._pool.shutdown(wait=True, cancel_futures=True)
             self.pipeline.close()
             with self._lock:
@@ -292,6 +300,22 @@ class Daemon:
             return
         self.counters.add(opens=1)
         log.debug("OPEN object %d: %s in volume %s, %d bytes", msg.object_id, obj.what, volume, size)
+        if image is not None:
+            self.traces.opened(volume, image)
+        if self.prefetches is not None:
+            self._prefetch(volume)
+
+    def _prefetch(self, volume: str) -> None:
+        """Start the prefetch of the volume's images whose blobs are all open now."""
+        assert self.prefetches is not None
+        with self._lock:
+            blobs = {o.key: o for o in self._objects.values() if o.volume == volume and o.blob is not None}
+            fsids = list(self._volumes.get(volume, ()))
+        for fsid in fsids:
+            try:
+                self.prefetches.maybe_start(volume, self.store.image(fsid), blobs)
+            except (NydusErofsError, OSError) as e:
+                log.warning("prefetch of %s: %s", fsid, e)
 
     def _refuse(self, msg: OpenRequest, err: int, why: str, level: int) -> None:
         log.log(level, "OPEN %s in %s refused (%s): %s", msg.cookie_key, msg.volume_key, errno.errorcode[err], why)
@@ -308,6 +332,8 @@ class Daemon:
         with self._lock:
             obj = self._objects.pop(msg.object_id, None)
         if obj is not None:
+            if self.prefetches is not None:
+                self.prefetches.volume_closing(obj.volume)
             with self._lock:
                 self._closed.notify_all()
             obj.close()
@@ -353,6 +379,11 @@ class Daemon:
             except FscacheError as e:
                 log.error("READ %s %d+%d: completion failed: %s", obj.what, msg.offset, msg.length, e)
             obj.release()
+            if ok and obj.blob is not None:  # after the reader has its data
+                try:
+                    self.traces.read(obj.volume, obj.key, msg.offset, msg.length)
+                except Exception as e:  # noqa: BLE001 - the trace is an aid
+                    log.warning("access trace of %s: %s", obj.what, e)
 
     @staticmethod
     def _serve_bootstrap(image: Image, fd: int, offset: int, length: int) -> int:
@@ -469,6 +500,7 @@ class Daemon:
             "volumes": volumes,
             "objects": [{"id": o.object_id, "volume": o.volume, "key": o.key, "kind": o.kind} for o in objects],
             "uptime": round(time.time() - self.started, 3),
+            "prefetch": self.prefetches.stats() if self.prefetches is not None else {},
         }
 
     def backend_metrics(self) -> dict[str, Any]:

@@ -21,13 +21,17 @@ from dataclasses import dataclass
 from erofs.errors import NydusErofsError
 from fscache.fd import FdOwner
 
-__all__ = ["IN_IGNORED", "IN_MODIFY", "IN_Q_OVERFLOW", "IN_UNMOUNT", "Inotify", "InotifyError", "InotifyEvent", "Watch"]
+__all__ = ["IN_ACCESS", "IN_DONT_FOLLOW", "IN_IGNORED", "IN_ISDIR", "IN_MODIFY", "IN_ONLYDIR", "IN_Q_OVERFLOW",
+           "IN_UNMOUNT", "Inotify", "InotifyError", "InotifyEvent", "Watch"]
 
+IN_ACCESS = 0x00000001
 IN_MODIFY = 0x00000002
 IN_UNMOUNT = 0x00002000
 IN_Q_OVERFLOW = 0x00004000
 IN_IGNORED = 0x00008000
 IN_ONLYDIR = 0x01000000
+IN_DONT_FOLLOW = 0x02000000
+IN_ISDIR = 0x40000000
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
 

@@ -63,6 +63,12 @@ _REQUIRED = {"http": ("url",), "registry": ("host", "repo")}
 @click.option("--file-backed/--no-file-backed", default=None,
               help="Mount the local files file-backed (Linux >= 6.12) or over loop devices [file-backed where the "
                    "kernel has it].")  # fmt: skip
+@click.option("--prefetch/--no-prefetch", default=True, show_default=True,
+              help="Fetch the files of the image's prefetch table in the background.")  # fmt: skip
+@click.option("--prefetch-all", is_flag=True, help="Then prefetch the rest of the image too.")
+@click.option("--prefetch-bandwidth", type=SIZE, default="0", help="Prefetch cap in bytes/s (0: none).")
+@click.option("--prefetch-merge", type=SIZE, default="1MiB", show_default=True,
+              help="Largest piece prefetch fills at once.")  # fmt: skip
 @click.option("--foreground", is_flag=True, help="Serve from this process until umount (fanotify mode).")
 @click.option("--platform", default=None, help="docker://: os/arch[/variant] to pick from an index [the host's].")
 @click.option("--plain-http", is_flag=True, help="docker://: talk to the registry over HTTP, without TLS.")

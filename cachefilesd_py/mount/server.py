@@ -232,6 +232,10 @@ class FanotifyServer:
         self._count("filled")
         self._unmark_if_complete(cf)
 
+    def filled(self, cf: CacheFile) -> None:
+        """Data was written into ``cf`` outside the event path (prefetch): unmark it if it is complete now."""
+        self._unmark_if_complete(cf)
+
     def _watch_changes(self, cf: CacheFile) -> None:
         """Watch a cache file about to be unmarked for changes made under the mount (before the unmark: none is
         missed)."""

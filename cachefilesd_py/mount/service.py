@@ -53,9 +53,11 @@ from ..pipeline import Pipeline
 from .cachefile import check_cache_path, fill_all, prepare_cache_files, probe_pre_content
 from .localmount import mount_files
 from .nbddaemon import release_stale_devices, run_nbd_daemon
+from .prefetch import prefetch_progress_path
 from .ready import OK, daemon_error, read_line
 from .record import all_records, initial_record, log_path, read_record, record_path, run_dir, write_record
 from .spec import MODES, MountSpec, spec_fd
+from .trace import trace_path
 from .worker import run_daemon
 
 __all__ = ["list_mounts", "mount_image", "select_mode", "umount_image"]
@@ -341,7 +343,7 @@ def _forget(mp: Path, rec: dict[str, Any], timeout: float = 30.0) -> dict[str, A
         else:
             _kill(worker, signal.SIGTERM)
             _wait_exit(worker, timeout)
-    for p in (record_path(mp), log_path(mp)):
+    for p in (record_path(mp), log_path(mp), trace_path(mp), prefetch_progress_path(mp)):
         try:
             p.unlink()
         except FileNotFoundError:

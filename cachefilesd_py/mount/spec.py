@@ -41,6 +41,9 @@ class MountSpec:
       device nodes mean nothing on this host).
     - ``file_backed``: mount the local files file-backed (True), over loop devices (False), or file-backed where
       the kernel has it, else loop devices (None; :mod:`.localmount`).
+    - ``prefetch``: fetch the files of the image's prefetch table in the background once mounted;
+      ``prefetch_all``: then the rest of the blobs too; ``prefetch_bandwidth``: its cap in bytes/s fetched (0:
+      none); ``prefetch_merge``: the largest piece it fills at once (:mod:`cachefilesd_py.prefetch`).
     """
 
     boot: str
@@ -57,6 +60,10 @@ class MountSpec:
     allow_suid: bool = False
     allow_dev: bool = False
     file_backed: bool | None = None
+    prefetch: bool = True
+    prefetch_all: bool = False
+    prefetch_bandwidth: int = 0
+    prefetch_merge: int = 1 << 20
 
     def resolved(self) -> Self:
         """The spec with absolute, symlink-free paths (what the daemon, run from ``/``, is given)."""

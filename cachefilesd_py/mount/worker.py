@@ -47,10 +47,12 @@ from ..blob_handles import open_image
 from ..logfilter import daemon_logging
 from ..pipeline import Pipeline
 from .cachefile import CacheFile, prepare_cache_files
+from .prefetch import start_prefetch, stop_prefetch
 from .ready import OK, error_line, report
 from .record import initial_record, record_path, write_record
 from .server import FanotifyServer
 from .spec import MountSpec, read_spec_fd
+from .trace import start_trace
 from .watch import ImageWatch
 
 __all__ = ["main", "run_daemon"]
@@ -168,6 +170,13 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
         server.stop()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # the access trace and the prefetch start once a stop signal is handled (so it always ends in final stats)
+    trace = start_trace(mountpoint, boot, resume=adopted)
+    try:
+        prefetcher = start_prefetch(spec, files, server, pipeline)
+    except (NydusErofsError, OSError) as e:  # the image was checked already: this is not worth failing the mount
+        log.warning("no prefetch: %s", e)
+        prefetcher = None
     report(ready_fd, OK)
     log.info("serving %s on %s (%d blobs)", boot, mountpoint, len(files))
     try:
@@ -179,10 +188,16 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
         # a failure: a supervisor starts the next worker on the mount as it is; alone, unmount (detached if busy)
         if group_fd is None and not watch.released():
             watch.unmount()
+        prefetch_stats = stop_prefetch(prefetcher, mountpoint) if prefetcher is not None else None
         stats = server.stats()
         who = "worker_pid" if group_fd is not None else "pid"
         if watch.released():  # nothing reads through the marks: a `mount` finding us stuck below may kill us
             _mark_record(record, who, me, dict(data, released=True))
+        if prefetch_stats is not None:
+            stats["prefetch"] = prefetch_stats
+        if trace is not None:
+            trace.stop()
+            stats["trace"] = trace.stats()
         server.close()
         pipeline.close()
         for cf in files:

@@ -3,7 +3,7 @@
 Bootstrap layout, every table 4 KiB aligned::
 
     0     [pad][erofs_super_block @1024][RafsV6SuperBlockExt @1152][erofs_deviceslot × blobs @1408]
-    4K..  [RafsV6Blob × blobs]
+    4K..  [RafsV6Blob × blobs][prefetch table: u32 nids, right after the blob table, unaligned]
     ..    inode area: per inode, 32-byte slot aligned: inode, inline xattrs, then its chunk indexes or its
           inline tail (dir/symlink data); meta_blkaddr is one block before it, so the root's nid is 128
     ..    data blocks of directories and symlinks too big to inline
@@ -158,8 +158,13 @@ def _needs_extended(n: Node, nlink: int, build_time: tuple[int, int]) -> bool:
     )
 
 
-def write_bootstrap(path: str | os.PathLike[str], root: Node, blobs: Sequence[BlobInfo], opts: ImageOptions) -> int:
-    """Lay out ``root`` and write the bootstrap to ``path``.  Returns the number of inodes."""
+def write_bootstrap(path: str | os.PathLike[str], root: Node, blobs: Sequence[BlobInfo], opts: ImageOptions,
+                    prefetch: Sequence[Node] = ()) -> int:  # fmt: skip
+    """Lay out ``root`` and write the bootstrap to ``path``.  Returns the number of inodes.
+
+    ``prefetch``: nodes of ``root`` the prefetch table lists, in order (:mod:`erofs.build.prefetch`); as
+    upstream, an image without blobs gets no table.
+    """
     if len(blobs) > r.RAFS_MAX_BLOBS:
         raise SourceError(f"an image holds at most {r.RAFS_MAX_BLOBS} blobs, this one needs {len(blobs)}")
     order, entries, links = _ordered(root)
@@ -199,7 +204,9 @@ def write_bootstrap(path: str | os.PathLike[str], root: Node, blobs: Sequence[Bl
     # -- place: header block, blob table, inode area, data blocks, chunk table
     devt_end = r.RAFSV6_DEVTABLE_OFFSET + len(blobs) * e.EROFS_DEVT_SLOT_SIZE
     blob_table_off = _align(devt_end, BLK)
-    inode_area = _align(blob_table_off + len(blobs) * r.RafsV6Blob.size, BLK) or BLK
+    prefetch_off = blob_table_off + len(blobs) * r.RafsV6Blob.size
+    prefetch_len = len(prefetch) * r.RAFSV6_PREFETCH_ENTRY_SIZE if blobs else 0
+    inode_area = _align(prefetch_off + prefetch_len, BLK) or BLK
     meta_blkaddr = inode_area // BLK - 1
     pos = inode_area
     for rec in recs:
@@ -294,6 +301,11 @@ def write_bootstrap(path: str | os.PathLike[str], root: Node, blobs: Sequence[Bl
                 start = rec.raw_blkaddr * BLK
                 img[start : start + full] = rec.data[:full]
     img[chunk_table_off : chunk_table_off + len(chunk_table)] = chunk_table
+    if prefetch_len:
+        nids = [nid_of[id(n)] for n in prefetch]
+        if max(nids) > r.RAFSV6_PREFETCH_MAX_NID:
+            raise SourceError("the bootstrap is too large for a prefetch table (a nid exceeds 32 bits)")
+        img[prefetch_off : prefetch_off + prefetch_len] = r.prefetch_table_pack(nids)
 
     flags = (
         r.COMPRESSOR_SUPER_FLAGS[opts.compressor]
@@ -310,6 +322,8 @@ def write_bootstrap(path: str | os.PathLike[str], root: Node, blobs: Sequence[Bl
             s_chunk_size=opts.chunk_size,
             s_chunk_table_offset=chunk_table_off,
             s_chunk_table_size=len(chunk_table),
+            s_prefetch_table_offset=prefetch_off if prefetch_len else 0,
+            s_prefetch_table_size=prefetch_len,
         )
     )
     for i, b in enumerate(blobs):

@@ -78,6 +78,8 @@ def check_options(chunk_size: int, compressor: str, digester: str) -> ImageOptio
 LayerReader = Callable[[ChunkStore], Node]
 # Merging turns the layer trees (bottom to top) into the image tree.
 Merger = Callable[[list[Node]], Node]
+# Picks the nodes the prefetch table lists from the image tree.
+PrefetchSelector = Callable[[Node], Sequence[Node]]
 
 
 def _single(trees: list[Node]) -> Node:
@@ -90,12 +92,14 @@ def build_layers(readers: Sequence[LayerReader], output_dir: str | os.PathLike[s
                  merge: Merger = _single, known: ChunkIndex | None = None,
                  extra_blobs: Sequence[BlobInfo] = (),
                  extra_blob_files: Mapping[str, Path] | None = None,
-                 progress: ProgressCallback | None = None) -> BuildResult:  # fmt: skip
+                 progress: ProgressCallback | None = None,
+                 prefetch: PrefetchSelector | None = None) -> BuildResult:  # fmt: skip
     """Build an image from layer readers into ``output_dir`` atomically.
 
     ``known`` pre-seeds dedup (a chunk dict's chunks, referring to ``extra_blobs``, which become the first
     blob slots of the image).  ``extra_blob_files`` (blob id -> file) are copied into OUT/blobs when the
     image references them, so OUT is self-contained.  ``progress`` is called with the bytes of file data read.
+    ``prefetch`` picks the prefetch table's inodes from the merged tree (:func:`erofs.build.prefetch.resolve`).
     """
     out = Path(output_dir)
     try:
@@ -137,7 +141,7 @@ def build_layers(readers: Sequence[LayerReader], output_dir: str | os.PathLike[s
         used = _used_blobs(tree)
         if used != set(range(len(blobs))):
             blobs, tree = _drop_unused(blobs, tree, used)
-        inodes = write_bootstrap(tmp / BOOTSTRAP_NAME, tree, blobs, opts)
+        inodes = write_bootstrap(tmp / BOOTSTRAP_NAME, tree, blobs, opts, prefetch(tree) if prefetch else ())
         for b in blobs:
             src = (extra_blob_files or {}).get(b.blob_id)
             if src is not None and not (tmp / BLOBS_DIR / b.blob_id).exists():
@@ -225,7 +229,8 @@ def build_directory(source: str | os.PathLike[str], output_dir: str | os.PathLik
 def build_image(sources: Sequence[str], output_dir: str | os.PathLike[str], opts: ImageOptions, *,
                 whiteout_spec: str = "oci", platform: str | None = None, chunk_dict: str | None = None,
                 chunk_dict_blob_dir: str | None = None,
-                progress: ProgressCallback | None = None) -> BuildResult:  # fmt: skip
+                progress: ProgressCallback | None = None,
+                prefetch: PrefetchSelector | None = None) -> BuildResult:  # fmt: skip
     """Build one image from SOURCE layers into ``output_dir`` (atomically; see :func:`build_layers`)."""
     if chunk_dict_blob_dir and not chunk_dict:
         raise UsageError("--chunk-dict-blob-dir needs --chunk-dict")
@@ -244,5 +249,5 @@ def build_image(sources: Sequence[str], output_dir: str | os.PathLike[str], opts
     return build_layers(
         readers, output_dir, opts, merge=merge,
         known=cd.known if cd else None, extra_blobs=cd.blobs if cd else (),
-        extra_blob_files=cd.blob_files if cd else None, progress=progress,
+        extra_blob_files=cd.blob_files if cd else None, progress=progress, prefetch=prefetch,
     )  # fmt: skip

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from erofs.build.bootstrap import ImageOptions
-from erofs.build.builder import BuildResult, build_image
+from erofs.build.builder import BuildResult, PrefetchSelector, build_image
 from erofs.build.sources.oci import (
     ANN_NYDUS_BOOTSTRAP,
     DEFAULT_PLATFORM,
@@ -190,7 +190,8 @@ def read_target_index(path: Path) -> dict[str, Any]:
 
 def convert(source: str, target: str, opts: ImageOptions, *, platform: str | None = None,
             chunk_dict: str | None = None, chunk_dict_blob_dir: str | None = None, plain_http: bool = False,
-            work_dir: str | None = None, progress: ProgressCallback | None = None) -> ConvertResult:  # fmt: skip
+            work_dir: str | None = None, progress: ProgressCallback | None = None,
+            prefetch: PrefetchSelector | None = None) -> ConvertResult:  # fmt: skip
     """Convert the OCI image ``source`` into a Nydus image at ``target`` (``oci:`` or ``docker://``)."""
     src_kind, src_rest = _split(source)
     dst_kind, dst_rest = _split(target)
@@ -224,7 +225,8 @@ def convert(source: str, target: str, opts: ImageOptions, *, platform: str | Non
         config = layout._blob_json(src_manifest["config"])
         sources = [src_ref]
         result = build_image(sources, tmp / "image", opts, platform=platform, chunk_dict=chunk_dict,
-                             chunk_dict_blob_dir=chunk_dict_blob_dir, progress=progress)  # fmt: skip
+                             chunk_dict_blob_dir=chunk_dict_blob_dir, progress=progress,
+                             prefetch=prefetch)  # fmt: skip
 
         made: list[Path] = []
         if dst_kind == "oci":

@@ -10,6 +10,7 @@ import click
 
 from erofs.build.builder import build_image, check_options
 from erofs.build.overlay import WHITEOUT_SPECS
+from erofs.build.prefetch import selector as prefetch_selector
 from erofs.build.sources.oci import looks_like_layout
 from erofs.commands import SIZE
 from erofs.progress import progress
@@ -32,19 +33,23 @@ from erofs.units import count
 @click.option("--chunk-dict-blob-dir", type=click.Path(file_okay=False),
               help="Blob directory of --chunk-dict [default: its directory's blobs/].")  # fmt: skip
 @click.option("--platform", default=None, help="os/arch[/variant] of a multi-platform OCI image [the host's].")
+@click.option("--prefetch-list", metavar="FILE|-",
+              help="Files to prefetch first: absolute paths, one a line (a directory: all under it).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def build(sources: tuple[str, ...], output_dir: str, chunk_size: int, compressor: str, digester: str,
           whiteout_spec: str, chunk_dict: str | None, chunk_dict_blob_dir: str | None, platform: str | None,
-          as_json: bool) -> None:  # fmt: skip
+          prefetch_list: str | None, as_json: bool) -> None:  # fmt: skip
     """Build a Nydus RAFS v6 image (OUT/image.boot + OUT/blobs/<id>) from SOURCE layers, bottom to top."""
     opts = check_options(chunk_size, compressor, digester)
+    prefetch = prefetch_selector(prefetch_list)
     for src in sources:
         if not src.startswith("oci:") and os.path.isdir(src) and looks_like_layout(src):
             click.echo(f"nydus-erofs: warning: {src} is an OCI image layout, built here as plain files: "
                        f"for the image it holds, give oci:{src}[:TAG]", err=True)  # fmt: skip
     with progress("building", quiet=as_json) as bar:
         result = build_image(sources, output_dir, opts, whiteout_spec=whiteout_spec, platform=platform,
-                             chunk_dict=chunk_dict, chunk_dict_blob_dir=chunk_dict_blob_dir, progress=bar)  # fmt: skip
+                             chunk_dict=chunk_dict, chunk_dict_blob_dir=chunk_dict_blob_dir, progress=bar,
+                             prefetch=prefetch)  # fmt: skip
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:

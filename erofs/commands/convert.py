@@ -8,6 +8,7 @@ import click
 
 from erofs.build.builder import check_options
 from erofs.build.convert import convert as convert_image
+from erofs.build.prefetch import selector as prefetch_selector
 from erofs.commands import SIZE
 from erofs.progress import progress
 from erofs.units import count
@@ -26,19 +27,23 @@ from erofs.units import count
               help="Blob directory of --chunk-dict [default: its directory's blobs/].")  # fmt: skip
 @click.option("--plain-http", is_flag=True, help="Talk to docker:// registries over HTTP, without TLS.")
 @click.option("--work-dir", type=click.Path(file_okay=False), help="Where temporary files go [system temp].")
+@click.option("--prefetch-list", metavar="FILE|-",
+              help="Files to prefetch first: absolute paths, one a line (a directory: all under it).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def convert(source: str, target: str, chunk_size: int, compressor: str, digester: str, platform: str | None,
             chunk_dict: str | None, chunk_dict_blob_dir: str | None, plain_http: bool, work_dir: str | None,
+            prefetch_list: str | None,
             as_json: bool) -> None:  # fmt: skip
     """Convert SOURCE (oci:PATH[:TAG] | docker://REGISTRY/REPO[:TAG]) into a Nydus image at TARGET (same forms).
 
     The Nydus image has one layer per data blob and a last layer holding image/image.boot, as nydusify writes.
     """
     opts = check_options(chunk_size, compressor, digester)
+    prefetch = prefetch_selector(prefetch_list)
     with progress("converting", quiet=as_json) as bar:
         result = convert_image(source, target, opts, platform=platform, chunk_dict=chunk_dict,
                                chunk_dict_blob_dir=chunk_dict_blob_dir, plain_http=plain_http, work_dir=work_dir,
-                               progress=bar)  # fmt: skip
+                               progress=bar, prefetch=prefetch)  # fmt: skip
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:

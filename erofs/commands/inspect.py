@@ -10,10 +10,11 @@ from typing import Any
 
 import click
 
-from erofs.errors import UsageError
+from erofs.errors import ImageError, UsageError
 from erofs.format import erofs_fs as fs
 from erofs.format import rafs_v6 as rv
 from erofs.reader.bootstrap import Bootstrap
+from erofs.reader.prefetch import prefetch_entries
 from erofs.reader.records import Inode
 from erofs.units import count
 
@@ -105,6 +106,11 @@ def image_info(bs: Bootstrap) -> dict[str, Any]:
             "chunk_table": [ext.s_chunk_table_offset, ext.s_chunk_table_size],
             "prefetch_table": [ext.s_prefetch_table_offset, ext.s_prefetch_table_size],
         }
+        try:
+            info["prefetch"] = [{"nid": p.nid, "path": p.path, "kind": p.kind} for p in prefetch_entries(bs)]
+        except ImageError as e:
+            info["prefetch"] = None
+            info["prefetch_error"] = str(e)
     if bs.blobs:
         info["blobs"] = [
             {
@@ -307,6 +313,10 @@ def inspect(bootstrap: str, as_json: bool, ls_path: str | None, stat_path: str |
             f"chunks: {ch['referenced']} referenced, {ch['unique']} unique, {count(ch['holes'], 'hole')}, "
             f"dedup ratio {ch['dedup_ratio']}, compression ratio {ch['compression_ratio']}"
         )
+        if info.get("prefetch") or info.get("prefetch_error"):
+            click.echo(f"prefetch table: {info.get('prefetch_error') or str(len(info['prefetch'])) + ' entries'}")
+            for p in info["prefetch"] or ():
+                click.echo(f"  {p['path'] or '?'}  (nid {p['nid']}, {p['kind']})")
         click.echo(f"blobs: {len(info['blobs'])}")
         for b in info["blobs"]:
             if b["chunk_count"] is None:  # a plain EROFS device

@@ -7,6 +7,7 @@ See ``docs/format.md`` §3, §4 and §9.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from erofs.format.cstruct import parse
@@ -21,6 +22,11 @@ RAFS_MAX_CHUNKS_PER_BLOB = 1 << 24  # ci_index is 24 bits across advise and devi
 RAFS_DEFAULT_CHUNK_SIZE = 1 << 20
 RAFS_MIN_CHUNK_SIZE = 1 << 12
 RAFS_MAX_CHUNK_SIZE = 1 << 24
+
+# The prefetch table (RafsV6PrefetchTable): little-endian u32 nids, placed right after the blob table
+# (not aligned); s_prefetch_table_size is in bytes.  See docs/format.md §3.
+RAFSV6_PREFETCH_ENTRY_SIZE = 4
+RAFSV6_PREFETCH_MAX_NID = 0xFFFFFFFE  # upstream asserts nid < u32::MAX
 
 # RafsSuperFlags (rafs/src/metadata/mod.rs)
 RAFS_SUPER_FLAG_COMPRESSION_NONE = 0x1
@@ -299,6 +305,16 @@ def chunk_index_fields(blob_index: int, ci_index: int) -> tuple[int, int]:
 def chunk_index_decode(advise: int, device_id: int) -> tuple[int, int]:
     """Inverse of :func:`chunk_index_fields`: (blob_index, ci_index); blob_index -1 means the bootstrap."""
     return (device_id & 0xFF) - 1, ((device_id >> 8) & 0xFF) << 16 | advise
+
+
+def prefetch_table_pack(nids: list[int]) -> bytes:
+    """The bytes of a prefetch table listing ``nids``."""
+    return struct.pack(f"<{len(nids)}I", *nids)
+
+
+def prefetch_table_unpack(raw: bytes | memoryview) -> list[int]:
+    """The nids of a prefetch table (its size a multiple of 4)."""
+    return list(struct.unpack(f"<{len(raw) // RAFSV6_PREFETCH_ENTRY_SIZE}I", raw))
 
 
 def chunk_info_v1_encode(c_off: int, c_size: int, d_off: int, d_size: int) -> tuple[int, int]:

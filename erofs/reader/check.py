@@ -25,6 +25,7 @@ from erofs.reader.backend import BlobBackend
 from erofs.reader.blob import BlobMeta, chunk_table_mismatches, plan_reads
 from erofs.reader.bootstrap import Bootstrap
 from erofs.reader.data import ImageReader
+from erofs.reader.prefetch import prefetch_problems
 from erofs.reader.records import Inode, file_type_of_mode
 
 
@@ -143,6 +144,9 @@ class _Checker:
         if self.bs.is_rafs:
             self.rafs_tables()
         self.tree()
+        if self.bs.is_rafs:
+            for problem in prefetch_problems(self.bs):
+                self.r.add(problem)
         if self.backend is not None:
             self.data()
 

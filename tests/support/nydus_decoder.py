@@ -114,6 +114,15 @@ def chunk_table(boot: bytes, ext: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def prefetch_table(boot: bytes, ext: dict[str, Any]) -> list[int]:
+    """§1.7: the prefetch table, little-endian u32 nids (size in bytes; offset 0 means no table)."""
+    off, size = ext["prefetch_table_offset"], ext["prefetch_table_size"]
+    if not off or not size:
+        return []
+    assert size % 4 == 0 and off + size <= len(boot), (off, size)
+    return [u32(boot, off + 4 * i) for i in range(size // 4)]
+
+
 @dataclass
 class Bootstrap:
     raw: bytes
