@@ -101,7 +101,7 @@ def mount_fscache(source: str, mountpoint: str | os.PathLike[str], *, daemon_soc
     status, answer = _call(daemon_sock, "PUT", fsid, body)
     if status != 200:
         raise _api_error(status, answer, f"binding {source} in cachefilesd-py")
-    record = {"mountpoint": str(mp), "boot": "none", "source": source, "mode": MODE, "fsid": fsid,
+    record = {"mountpoint": str(mp), "boot": "none", "source": "none", "image": source, "mode": MODE, "fsid": fsid,
               "domain_id": domain_id, "daemon_sock": daemon_sock, "backend": answer.get("backend"),
               "cache_dir": None, "pid": None}  # fmt: skip
     try:
