@@ -36,6 +36,7 @@ from fscache.nbd import NbdNetlink
 
 from ..backends import BlobBackend, make_backend
 from ..blob_handles import open_image
+from ..logfilter import daemon_logging
 from ..pipeline import Pipeline
 from .cachefile import CacheFile, prepare_cache_files
 from .localmount import mount_over_block_devices
@@ -174,8 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (NydusErofsError, OSError) as e:
         report(args.ready_fd, error_line(e))
         return 1
-    logging.basicConfig(level=spec.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-                        stream=sys.stderr)  # fmt: skip
+    daemon_logging(spec.log_level, "%(asctime)s %(name)s %(levelname)s: %(message)s")
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     try:
         run_nbd_daemon(spec, ready_fd=args.ready_fd)
