@@ -18,22 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from cachefilesd_py.mount.record import RUN_DIR_ENV
 from fscache.fd import punch_hole
 from tests.mount.test_fanotify_mount import TIMEOUT, Mounts, _in_thread, build
 from tests.support.poll import wait_for
 
 pytestmark = pytest.mark.kernel("erofs", "fanotify")
-
-
-@pytest.fixture
-def mounts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mounts]:
-    monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path / "run"))
-    m = Mounts(tmp_path)
-    try:
-        yield m
-    finally:
-        m.cleanup()
 
 
 def _tree(root: Path, seed: int, sizes: dict[str, int]) -> dict[str, bytes]:

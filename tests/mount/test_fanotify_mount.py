@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -133,16 +133,6 @@ class Mounts:
                     except ChildProcessError:
                         pass
         self.active.clear()
-
-
-@pytest.fixture
-def mounts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mounts]:
-    monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path / "run"))
-    m = Mounts(tmp_path)
-    try:
-        yield m
-    finally:
-        m.cleanup()
 
 
 def _in_thread(fn: Callable[[], Any]) -> Any:

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 
 from cachefilesd_py.mount.prefetch import read_prefetch_progress
-from cachefilesd_py.mount.record import RUN_DIR_ENV
 from cachefilesd_py.mount.service import mount_image
 from cachefilesd_py.mount.spec import MountSpec
 from tests.mount.test_fanotify_mount import Mounts, _in_thread
@@ -30,16 +29,6 @@ pytestmark = [pytest.mark.kernel("erofs", "fanotify"), pytest.mark.network, pyte
 
 LISTED = ["/app/bin/main", "/app/lib/liba.so", "/app/lib/libb.so", "/etc/config"]
 UNLISTED = ["/data/never", "/data/other"]
-
-
-@pytest.fixture
-def mounts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mounts]:
-    monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path / "run"))
-    m = Mounts(tmp_path)
-    try:
-        yield m
-    finally:
-        m.cleanup()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,16 +20,6 @@ CLI = str(Path(sys.executable).with_name("nydus-erofs"))
 pytestmark = pytest.mark.kernel("erofs", "fanotify")
 
 ORDER = ["/srv/b.txt", "/a.txt", "/usr/lib/c.so"]
-
-
-@pytest.fixture
-def mounts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mounts]:
-    monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path / "run"))
-    m = Mounts(tmp_path)
-    try:
-        yield m
-    finally:
-        m.cleanup()
 
 
 @pytest.fixture(scope="module")
