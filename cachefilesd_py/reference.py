@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import re
-import tarfile
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cachefilesd_py.backends.registry import ManifestNotFoundError, RegistryBackend
-from erofs.build.convert import ANN_NYDUS_BOOTSTRAP, BOOTSTRAP_MEMBER, MT_NYDUS_BLOB, NYDUS_OS_FEATURE
+from erofs.build.convert import ANN_NYDUS_BOOTSTRAP, MT_NYDUS_BLOB, NYDUS_OS_FEATURE, extract_bootstrap
 from erofs.build.sources.oci import (
     DEFAULT_PLATFORM,
     MT_DOCKER_LIST,
@@ -41,7 +40,6 @@ from erofs.build.sources.oci import (
     MT_MANIFEST,
     parse_platform,
 )
-from erofs.build.sources.stream import LayerStream
 from erofs.errors import BackendError, ImageError, NydusErofsError, SourceError, UsageError
 from erofs.paths import BOOTSTRAP_NAME
 from erofs.reader.bootstrap import Bootstrap
@@ -437,7 +435,7 @@ def _write_bootstrap(backend: RegistryBackend, layer_desc: Mapping[str, Any], de
             layer.seek(0)
             fd2, boot_tmp = tempfile.mkstemp(prefix=f".{dest.name}-", dir=dest.parent)
             with os.fdopen(fd2, "wb") as out:
-                _extract_bootstrap(layer, out)
+                extract_bootstrap(layer, out, MAX_BOOTSTRAP)
                 out.flush()
                 os.fsync(out.fileno())  # whole on disk before it is renamed into place
         if blob_ids is not None:
@@ -469,41 +467,6 @@ def fetch_bootstrap_layer(host: str, repo: str, layer_digest: str, dest: str | o
             return _write_bootstrap(backend, {"digest": layer_digest, "size": size}, Path(dest), None)
     except NydusErofsError as e:
         raise type(e)(f"{host}/{repo}: {e}") from None
-
-
-def _member_name(name: str) -> str:
-    while name.startswith("./"):
-        name = name[2:]
-    return name
-
-
-def _extract_bootstrap(layer: Any, out: Any) -> None:
-    """Copy the ``image/image.boot`` member of the tar (plain, gzip or zstd) in ``layer`` to ``out``: a regular
-    file of at most :data:`MAX_BOOTSTRAP` bytes; nothing else of the tar is written anywhere."""
-    try:
-        stream = LayerStream(layer, "bootstrap layer", threaded=False)
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
-                if _member_name(member.name) != BOOTSTRAP_MEMBER:
-                    continue
-                if not member.isreg():
-                    raise ImageError(f"bootstrap layer: {BOOTSTRAP_MEMBER} is not a regular file")
-                if member.size > MAX_BOOTSTRAP:
-                    raise ImageError(f"bootstrap layer: {BOOTSTRAP_MEMBER} of {member.size} bytes is over the "
-                                     f"limit of {MAX_BOOTSTRAP}")  # fmt: skip
-                src = tar.extractfile(member)
-                assert src is not None
-                left = member.size
-                while left:
-                    chunk = src.read(min(left, 1 << 20))
-                    if not chunk:
-                        raise ImageError(f"bootstrap layer: {BOOTSTRAP_MEMBER} is truncated")
-                    out.write(chunk)
-                    left -= len(chunk)
-                return
-    except (tarfile.TarError, SourceError, EOFError) as e:
-        raise ImageError(f"bootstrap layer: {e}") from None
-    raise ImageError(f"bootstrap layer: no {BOOTSTRAP_MEMBER} in it")
 
 
 def _check_blob_table(boot: Path, blob_ids: tuple[str, ...]) -> None:

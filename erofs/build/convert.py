@@ -22,13 +22,15 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from erofs.build.bootstrap import ImageOptions
 from erofs.build.builder import BuildResult, PrefetchSelector, build_image
 from erofs.build.sources.oci import (
     ANN_NYDUS_BOOTSTRAP,
     DEFAULT_PLATFORM,
+    MT_DOCKER_LIST,
+    MT_INDEX,
     MT_MANIFEST,
     MT_NYDUS_BLOB,
     REF_NAME,
@@ -37,7 +39,8 @@ from erofs.build.sources.oci import (
     parse_platform,
     parse_reference,
 )
-from erofs.errors import SourceError, UsageError
+from erofs.build.sources.stream import LayerStream
+from erofs.errors import ImageError, SourceError, UsageError
 from erofs.paths import BLOBS_DIR, BOOTSTRAP_NAME, make_dirs, remove_stale_temps, temp_prefix
 from erofs.progress import ProgressCallback
 
@@ -50,16 +53,44 @@ BOOTSTRAP_MEMBER = "image/image.boot"
 CONVERT_TEMP = "nydus-erofs-convert-"  # + owner + random: the work directory in --work-dir
 
 
+ALL_PLATFORMS = "all"  # --platform all: every platform of an index, converted into a Nydus index
+
+
 @dataclass(slots=True)
-class ConvertResult:
-    target: str
+class PlatformImage:
+    """One converted image: its platform (``os/arch[/variant]``), its Nydus manifest's digest, the build."""
+
+    platform: str
     manifest_digest: str
-    manifest: dict[str, Any]
     build: BuildResult
 
     def to_json(self) -> dict[str, object]:
-        return {"target": self.target, "manifest_digest": self.manifest_digest, "manifest": self.manifest,
-                "image": self.build.to_json()}  # fmt: skip
+        return {"platform": self.platform, "manifest_digest": self.manifest_digest, "image": self.build.to_json()}
+
+
+@dataclass(slots=True)
+class ConvertResult:
+    """What ``convert`` wrote: ``manifest`` is the Nydus manifest, or with ``is_index`` the Nydus index whose
+    entries are ``images``'s manifests."""
+
+    target: str
+    manifest_digest: str
+    manifest: dict[str, Any]
+    images: list[PlatformImage]
+    is_index: bool = False
+
+    @property
+    def build(self) -> BuildResult:
+        return self.images[0].build
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {"target": self.target, "manifest_digest": self.manifest_digest,
+                                  "manifest": self.manifest}  # fmt: skip
+        if self.is_index:
+            out["platforms"] = [image.to_json() for image in self.images]
+        else:
+            out["image"] = self.build.to_json()
+        return out
 
 
 _SKOPEO_FATAL = re.compile(r'level=fatal msg="((?:[^"\\]|\\.)*)"')  # logrus: time=... level=fatal msg="..."
@@ -188,45 +219,131 @@ def read_target_index(path: Path) -> dict[str, Any]:
     return index
 
 
+def extract_bootstrap(layer: BinaryIO, out: BinaryIO, limit: int) -> None:
+    """Copy the ``image/image.boot`` member of a bootstrap layer (a tar: plain, gzip or zstd) to ``out``: a
+    regular file of at most ``limit`` bytes; nothing else of the tar is written anywhere.  ImageError if not."""
+    try:
+        stream = LayerStream(layer, "bootstrap layer", threaded=False)
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                if re.sub(r"^(\./)+", "", member.name) != BOOTSTRAP_MEMBER:
+                    continue
+                if not member.isreg():
+                    raise ImageError(f"bootstrap layer: {BOOTSTRAP_MEMBER} is not a regular file")
+                if member.size > limit:
+                    raise ImageError(f"bootstrap layer: {BOOTSTRAP_MEMBER} of {member.size} bytes is over the "
+                                     f"limit of {limit}")  # fmt: skip
+                src = tar.extractfile(member)
+                assert src is not None
+                left = member.size
+                while left:
+                    chunk = src.read(min(left, 1 << 20))
+                    if not chunk:
+                        raise ImageError(f"bootstrap layer: {BOOTSTRAP_MEMBER} is truncated")
+                    out.write(chunk)
+                    left -= len(chunk)
+                return
+    except (tarfile.TarError, SourceError, EOFError) as e:
+        raise ImageError(f"bootstrap layer: {e}") from None
+    raise ImageError(f"bootstrap layer: no {BOOTSTRAP_MEMBER} in it")
+
+
+def local_layout(ref: str, dest: Path, *, platform: str | None, plain_http: bool) -> str:
+    """``ref`` as an ``oci:PATH[:TAG]`` reference to read: itself, or a ``docker://`` image copied by skopeo into
+    the new layout ``dest`` — the image of ``platform`` (``os/arch[/variant]``), or with None the index and
+    every image it lists."""
+    kind, rest = _split(ref)
+    if kind == "oci":
+        path, _ = parse_reference(ref)
+        if not path.is_dir():
+            raise SourceError(f"{path}: no such OCI image layout directory")
+        return ref
+    if platform is None:
+        select = ["--all"]
+    else:
+        os_name, arch = platform.split("/")[:2]
+        select = [f"--override-os={os_name}", f"--override-arch={arch}"]
+    _skopeo(f"cannot pull {ref}", "copy", "--quiet", *_tls(plain_http, "src"), *select, f"docker:{rest}",
+            f"oci:{dest}:src")  # fmt: skip
+    return f"oci:{dest}:src"
+
+
+def platform_text(p: dict[str, Any]) -> str:
+    """``os/arch[/variant]`` of an OCI platform object."""
+    return "/".join(str(p[k]) for k in ("os", "architecture", "variant") if p.get(k))
+
+
+def is_index(doc: dict[str, Any]) -> bool:
+    return doc.get("mediaType") in (MT_INDEX, MT_DOCKER_LIST) or ("manifests" in doc and "layers" not in doc)
+
+
+def index_platforms(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The platform objects of an index's image entries, in its order; attestations (``unknown/unknown``) and
+    entries without a platform are no images to convert."""
+    out = []
+    for d in doc.get("manifests") or []:
+        p = d.get("platform") if isinstance(d, dict) else None
+        if isinstance(p, dict) and p.get("os") not in (None, "unknown") and p.get("architecture") not in (None, ""):
+            out.append(dict(p))
+    return out
+
+
+def _nydus_platform(p: dict[str, Any]) -> dict[str, Any]:
+    features = [f for f in p.get("os.features") or [] if f != NYDUS_OS_FEATURE]
+    return {**p, "os.features": [*features, NYDUS_OS_FEATURE]}
+
+
 def convert(source: str, target: str, opts: ImageOptions, *, platform: str | None = None,
             chunk_dict: str | None = None, chunk_dict_blob_dir: str | None = None, plain_http: bool = False,
             work_dir: str | None = None, progress: ProgressCallback | None = None,
             prefetch: PrefetchSelector | None = None) -> ConvertResult:  # fmt: skip
-    """Convert the OCI image ``source`` into a Nydus image at ``target`` (``oci:`` or ``docker://``)."""
-    src_kind, src_rest = _split(source)
+    """Convert the OCI image ``source`` into a Nydus image at ``target`` (``oci:`` or ``docker://``); with
+    ``platform`` ``all``, every platform of the source's index into a Nydus index of Nydus manifests."""
+    _split(source)
     dst_kind, dst_rest = _split(target)
+    every = platform == ALL_PLATFORMS
     want = platform or DEFAULT_PLATFORM
-    parse_platform(want)
+    if not every:
+        parse_platform(want)
     if dst_kind == "oci":
         out_path, out_tag = parse_reference(target)
         read_target_index(out_path)  # an unusable target fails now, not after the build
-        if src_kind == "oci":
+        if source.startswith("oci:"):
             src_path, src_tag = parse_reference(source)
             if out_tag == src_tag and out_path.is_dir() and src_path.is_dir() and out_path.samefile(src_path):
                 raise UsageError(f"{target} is the source image: give the Nydus image another tag")
     remove_stale_temps(work_dir or tempfile.gettempdir(), re.escape(CONVERT_TEMP))  # what a killed convert left
     with tempfile.TemporaryDirectory(prefix=temp_prefix(CONVERT_TEMP), dir=work_dir) as tmpdir:
         tmp = Path(tmpdir)
-        if src_kind == "docker":
-            os_name, arch = want.split("/")[:2]
-            src_ref = f"oci:{tmp / 'src'}:src"
-            _skopeo(f"cannot pull {source}", "copy", "--quiet", *_tls(plain_http, "src"), f"--override-os={os_name}",
-                    f"--override-arch={arch}", f"docker:{src_rest}", src_ref)  # fmt: skip
-        else:
-            src_ref = source
+        src_ref = local_layout(source, tmp / "src", platform=None if every else want, plain_http=plain_http)
         layout_path, tag = parse_reference(src_ref)
-        if not layout_path.is_dir():
-            raise SourceError(f"{layout_path}: no such OCI image layout directory")
         layout = OciLayout(layout_path)
-        src_manifest = layout.manifest(tag, platform)
-        if is_nydus_manifest(src_manifest):
-            raise SourceError(f"{source} is already a Nydus image: nothing to convert (mount its bootstrap, or "
-                              "convert the OCI image it was made from)")  # fmt: skip
-        config = layout._blob_json(src_manifest["config"])
-        sources = [src_ref]
-        result = build_image(sources, tmp / "image", opts, platform=platform, chunk_dict=chunk_dict,
-                             chunk_dict_blob_dir=chunk_dict_blob_dir, progress=progress,
-                             prefetch=prefetch)  # fmt: skip
+        _, top = layout.top(tag)
+        make_index = every and is_index(top)
+        if make_index:
+            platforms = index_platforms(top)
+            if not platforms:
+                raise SourceError(f"{source}: the index lists no image of a platform")
+        elif every:  # one image: its config says its platform
+            config = layout.blob_json(top["config"]) if isinstance(top.get("config"), dict) else {}
+            platforms = [{k: config[k] for k in ("os", "architecture", "variant") if isinstance(config.get(k), str)}]
+            if len(platforms[0]) < 2:
+                raise SourceError(f"{source}: its config names no os/architecture: give --platform OS/ARCH")
+        else:
+            os_name, arch, variant = parse_platform(want)
+            platforms = [{"os": os_name, "architecture": arch, **({"variant": variant} if variant else {})}]
+        images: list[tuple[str, BuildResult, dict[str, Any], dict[str, Any], dict[str, Any]]] = []
+        for i, p in enumerate(platforms):
+            text = platform_text(p)
+            src_manifest = layout.manifest(tag, text if (platform or make_index) else None)
+            if is_nydus_manifest(src_manifest):
+                raise SourceError(f"{source} is already a Nydus image: nothing to convert (mount its bootstrap, or "
+                                  "convert the OCI image it was made from)")  # fmt: skip
+            config = layout.blob_json(src_manifest["config"])
+            result = build_image([src_ref], tmp / f"image-{i}", opts, platform=text if (platform or make_index)
+                                 else None, chunk_dict=chunk_dict, chunk_dict_blob_dir=chunk_dict_blob_dir,
+                                 progress=progress, prefetch=prefetch)  # fmt: skip
+            images.append((text, result, src_manifest, config, _nydus_platform(p)))
 
         made: list[Path] = []
         if dst_kind == "oci":
@@ -236,30 +353,52 @@ def convert(source: str, target: str, opts: ImageOptions, *, platform: str | Non
             out_path, out_tag = tmp / "out", "nydus"
         try:
             writer = _LayoutWriter(out_path)
-            layers = []
-            diff_ids = []
-            for b in result.blobs:
-                layers.append(writer.add_file(tmp / "image" / BLOBS_DIR / b.blob_id, b.blob_id, MT_NYDUS_BLOB,
-                                              annotations={ANN_NYDUS_BLOB: "true"}))  # fmt: skip
-                diff_ids.append(f"sha256:{b.blob_id}")
-            boot_gz, boot_diff_id = _bootstrap_layer(tmp / "image" / BOOTSTRAP_NAME)
-            boot_annotations = {ANN_NYDUS_BOOTSTRAP: "true", ANN_NYDUS_FS_VERSION: "6"}
-            layers.append(writer.add_bytes(boot_gz, MT_LAYER_GZIP, annotations=boot_annotations))
-            diff_ids.append(boot_diff_id)
-            new_config = {k: v for k, v in config.items() if k != "history"}
-            new_config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
-            config_desc = writer.add_bytes(json.dumps(new_config, sort_keys=True).encode(), MT_CONFIG)
-            manifest = {"schemaVersion": 2, "mediaType": MT_MANIFEST, "config": config_desc, "layers": layers}
-            manifest_desc = writer.add_bytes(json.dumps(manifest, indent=2).encode(), MT_MANIFEST)
-            os_name, arch, *variant = want.split("/")
-            manifest_desc["platform"] = {"os": os_name, "architecture": arch, "os.features": [NYDUS_OS_FEATURE],
-                                         **({"variant": variant[0]} if variant else {})}  # fmt: skip
-            writer.tag(manifest_desc, out_tag)
+            written = []
+            descs = []
+            for i, (text, result, src_manifest, config, nydus_platform) in enumerate(images):
+                manifest = _write_image(writer, tmp / f"image-{i}", result, src_manifest, config)
+                desc = writer.add_bytes(json.dumps(manifest, indent=2).encode(), MT_MANIFEST)
+                desc["platform"] = nydus_platform
+                descs.append(desc)
+                written.append(PlatformImage(text, desc["digest"], result))
+            if make_index:
+                index: dict[str, Any] = {"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": descs}
+                if top.get("annotations"):
+                    index["annotations"] = top["annotations"]
+                top_desc = writer.add_bytes(json.dumps(index, indent=2).encode(), MT_INDEX)
+                top_doc = index
+            else:
+                top_desc, top_doc = descs[0], manifest
+            writer.tag(top_desc, out_tag)
             if dst_kind == "docker":
                 _skopeo(f"cannot push {target}", "copy", "--quiet", *_tls(plain_http, "dest"),
-                        f"oci:{out_path}:{out_tag}", f"docker:{dst_rest}")  # fmt: skip
-            return ConvertResult(target, manifest_desc["digest"], manifest, result)
+                        *(["--all"] if make_index else []), f"oci:{out_path}:{out_tag}",
+                        f"docker:{dst_rest}")  # fmt: skip
+            return ConvertResult(target, top_desc["digest"], top_doc, written, make_index)
         except BaseException:
             if made:  # a layout this conversion created: gone again, not left half-written
                 shutil.rmtree(made[0], ignore_errors=True)
             raise
+
+
+def _write_image(writer: _LayoutWriter, image_dir: Path, result: BuildResult, src_manifest: dict[str, Any],
+                 config: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Add one built image's blobs, bootstrap layer and config to the layout; its Nydus manifest.  The source's
+    config (without its history, which counts the old layers) and manifest annotations carry over."""
+    layers = []
+    diff_ids = []
+    for b in result.blobs:
+        layers.append(writer.add_file(image_dir / BLOBS_DIR / b.blob_id, b.blob_id, MT_NYDUS_BLOB,
+                                      annotations={ANN_NYDUS_BLOB: "true"}))  # fmt: skip
+        diff_ids.append(f"sha256:{b.blob_id}")
+    boot_gz, boot_diff_id = _bootstrap_layer(image_dir / BOOTSTRAP_NAME)
+    boot_annotations = {ANN_NYDUS_BOOTSTRAP: "true", ANN_NYDUS_FS_VERSION: "6"}
+    layers.append(writer.add_bytes(boot_gz, MT_LAYER_GZIP, annotations=boot_annotations))
+    diff_ids.append(boot_diff_id)
+    new_config = {k: v for k, v in config.items() if k != "history"}
+    new_config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
+    config_desc = writer.add_bytes(json.dumps(new_config, sort_keys=True).encode(), MT_CONFIG)
+    manifest: dict[str, Any] = {"schemaVersion": 2, "mediaType": MT_MANIFEST, "config": config_desc, "layers": layers}
+    if src_manifest.get("annotations"):
+        manifest["annotations"] = src_manifest["annotations"]
+    return manifest

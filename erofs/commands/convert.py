@@ -21,7 +21,9 @@ from erofs.units import count
               help="Chunk size, a power of two from 4KiB to 16MiB.")  # fmt: skip
 @click.option("--compressor", type=click.Choice(["none", "lz4_block", "zstd"]), default="zstd", show_default=True)
 @click.option("--digester", type=click.Choice(["blake3", "sha256"]), default="blake3", show_default=True)
-@click.option("--platform", default=None, help="os/arch[/variant] to convert [the host's].")
+@click.option("--platform", default=None,
+              help="os/arch[/variant] to convert [the host's]; 'all': every platform of an index, into a "
+                   "Nydus index.")  # fmt: skip
 @click.option("--chunk-dict", type=click.Path(dir_okay=False), help="Dedup against this image bootstrap.")
 @click.option("--chunk-dict-blob-dir", type=click.Path(file_okay=False),
               help="Blob directory of --chunk-dict [default: its directory's blobs/].")  # fmt: skip
@@ -46,5 +48,8 @@ def convert(source: str, target: str, chunk_size: int, compressor: str, digester
                                progress=bar, prefetch=prefetch)  # fmt: skip
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
+    elif result.is_index:
+        each = "; ".join(f"{i.platform}: {count(len(i.build.blobs), 'blob')} + bootstrap" for i in result.images)
+        click.echo(f"{target}: {result.manifest_digest}, index of {count(len(result.images), 'platform')} ({each})")
     else:
         click.echo(f"{target}: {result.manifest_digest}, {count(len(result.build.blobs), 'blob')} + bootstrap")

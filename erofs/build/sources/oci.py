@@ -110,7 +110,7 @@ class OciLayout:
             raise SourceError(f"{self.path}: unsupported or malformed digest {digest!r} (sha256 only)")
         return self.path / "blobs" / "sha256" / m.group(1), m.group(1)
 
-    def _blob_json(self, desc: dict[str, Any]) -> Any:
+    def blob_json(self, desc: dict[str, Any]) -> Any:
         path, hexd = self.blob_path(desc)
         try:
             raw = path.read_bytes() if path.stat().st_size <= _MAX_JSON else b""
@@ -123,9 +123,21 @@ class OciLayout:
         except (ValueError, UnicodeError) as e:
             raise SourceError(f"{self.path}: blob {desc.get('digest')} is not valid JSON ({e})") from None
 
+    def top(self, tag: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The descriptor index.json holds for ``tag`` (None: its only one) and the document it names: an image
+        index or an image manifest."""
+        desc = self._top_descriptor(tag)
+        doc = self.blob_json(desc)
+        if not isinstance(doc, dict):
+            raise SourceError(f"{self.path}: blob {desc.get('digest')} is not a manifest or index")
+        return desc, doc
+
     def manifest(self, tag: str | None, platform: str | None) -> dict[str, Any]:
         """The image manifest of ``tag``: from an image index, the one for ``platform`` (None: the host's); a
         single-platform image must be for ``platform`` when one is given (its config says which it is)."""
+        return self._resolve(self._top_descriptor(tag), platform, 0)
+
+    def _top_descriptor(self, tag: str | None) -> dict[str, Any]:
         index = self._json(self.path / "index.json", "index.json")
         manifests = index.get("manifests") if isinstance(index, dict) else None
         if not isinstance(manifests, list) or not manifests:
@@ -140,7 +152,9 @@ class OciLayout:
             desc = manifests[0]
         else:
             raise SourceError(f"{self.path}: the layout holds {len(manifests)} images: name one with oci:PATH:TAG")
-        return self._resolve(desc, platform, 0)
+        if not isinstance(desc, dict):
+            raise SourceError(f"{self.path}: index.json has a malformed descriptor")
+        return desc
 
     def _resolve(self, desc: dict[str, Any], platform: str | None, depth: int) -> dict[str, Any]:
         choices: list[str] = []
@@ -160,7 +174,7 @@ class OciLayout:
         p = desc.get("platform")
         if not isinstance(p, dict):
             config = manifest.get("config")
-            p = self._blob_json(config) if isinstance(config, dict) else None
+            p = self.blob_json(config) if isinstance(config, dict) else None
         if not isinstance(p, dict) or not isinstance(p.get("os"), str) or not isinstance(p.get("architecture"), str):
             return None
         variant = p.get("variant")
@@ -171,7 +185,7 @@ class OciLayout:
         """The manifest below ``desc`` for platform ``want`` (an index's entries, nested indexes too)."""
         if depth > _MAX_NESTING:
             raise SourceError(f"{self.path}: image indexes nested too deeply")
-        doc = self._blob_json(desc)
+        doc = self.blob_json(desc)
         if not isinstance(doc, dict):
             raise SourceError(f"{self.path}: blob {desc.get('digest')} is not a manifest or index")
         media = doc.get("mediaType") or desc.get("mediaType")
