@@ -31,7 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from cachefilesd_py.backends.registry import ManifestNotFoundError, RegistryBackend
-from erofs.build.convert import ANN_NYDUS_BOOTSTRAP, MT_NYDUS_BLOB, NYDUS_OS_FEATURE, extract_bootstrap
+from erofs.build.convert import (
+    ANN_NYDUS_BOOTSTRAP,
+    MAX_BOOTSTRAP,
+    MT_NYDUS_BLOB,
+    NYDUS_OS_FEATURE,
+    extract_bootstrap,
+)
 from erofs.build.sources.oci import (
     DEFAULT_PLATFORM,
     MT_DOCKER_LIST,
@@ -65,7 +71,6 @@ __all__ = [
 MT_DOCKER_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
 MT_DOCKER_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 ACCEPT = (MT_MANIFEST, MT_INDEX, MT_DOCKER_MANIFEST, MT_DOCKER_LIST)
-MAX_BOOTSTRAP = 1 << 30  # bytes: the bootstrap layer, and the bootstrap in it
 DOCKER_HUB = "registry-1.docker.io"
 _FETCH_PIECE = 8 << 20  # bytes per ranged GET of the bootstrap layer
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
@@ -435,7 +440,7 @@ def _write_bootstrap(backend: RegistryBackend, layer_desc: Mapping[str, Any], de
             layer.seek(0)
             fd2, boot_tmp = tempfile.mkstemp(prefix=f".{dest.name}-", dir=dest.parent)
             with os.fdopen(fd2, "wb") as out:
-                extract_bootstrap(layer, out, MAX_BOOTSTRAP)
+                extract_bootstrap(layer, out)
                 out.flush()
                 os.fsync(out.fileno())  # whole on disk before it is renamed into place
         if blob_ids is not None:

@@ -50,6 +50,7 @@ ANN_NYDUS_BLOB = "containerd.io/snapshot/nydus-blob"
 ANN_NYDUS_FS_VERSION = "containerd.io/snapshot/nydus-fs-version"
 NYDUS_OS_FEATURE = "nydus.remoteimage.v1"
 BOOTSTRAP_MEMBER = "image/image.boot"
+MAX_BOOTSTRAP = 1 << 30  # bytes: the bootstrap layer, and the bootstrap in it, read from an image
 CONVERT_TEMP = "nydus-erofs-convert-"  # + owner + random: the work directory in --work-dir
 
 
@@ -219,7 +220,7 @@ def read_target_index(path: Path) -> dict[str, Any]:
     return index
 
 
-def extract_bootstrap(layer: BinaryIO, out: BinaryIO, limit: int) -> None:
+def extract_bootstrap(layer: BinaryIO, out: BinaryIO, limit: int = MAX_BOOTSTRAP) -> None:
     """Copy the ``image/image.boot`` member of a bootstrap layer (a tar: plain, gzip or zstd) to ``out``: a
     regular file of at most ``limit`` bytes; nothing else of the tar is written anywhere.  ImageError if not."""
     try:
