@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 import tempfile
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ from erofs.build.sources.layers import layers_of
 from erofs.build.sources.oci import MT_NYDUS_BLOB, OciLayout, parse_platform, parse_reference
 from erofs.build.tree import Node, walk
 from erofs.errors import ImageError
-from erofs.paths import BOOTSTRAP_NAME
+from erofs.paths import BOOTSTRAP_NAME, remove_stale_temps, temp_prefix
 from erofs.progress import ProgressCallback
 from erofs.reader.backend import LocalBlobDir
 from erofs.reader.bootstrap import Bootstrap
@@ -56,6 +57,7 @@ from erofs.reader.check import check_image
 from erofs.reader.data import ImageReader
 from erofs.reader.records import Inode
 
+CHECK_TEMP = "nydus-erofs-check-"  # + owner + random: the scratch directory in --work-dir
 SOURCE_CHUNK = 4 << 20  # bytes per chunk of the scratch copy of the source's file data
 _READ = 1 << 20
 _TYPES = {stat.S_IFREG: "regular file", stat.S_IFDIR: "directory", stat.S_IFLNK: "symlink",
@@ -156,7 +158,8 @@ def compare_images(source: str, target: str, *, platform: str | None = None, pla
     if platform is not None:
         parse_platform(platform)
     report = CompareReport(source, target)
-    with tempfile.TemporaryDirectory(prefix="nydus-erofs-check-", dir=work_dir) as tmpdir:
+    remove_stale_temps(work_dir or tempfile.gettempdir(), re.escape(CHECK_TEMP))  # what a killed check left
+    with tempfile.TemporaryDirectory(prefix=temp_prefix(CHECK_TEMP), dir=work_dir) as tmpdir:
         tmp = Path(tmpdir)
         src = _Side("source", source, tmp / "source", platform, plain_http)
         dst = _Side("target", target, tmp / "target", platform, plain_http)

@@ -201,3 +201,14 @@ def ok_tool(*args: str) -> str:
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
+
+
+def test_check_cleans_its_work_dir_and_what_a_killed_check_left(source: Path, tmp_path: Path) -> None:
+    out = tmp_path / "nydus"
+    convert_all(source, f"oci:{out}:n")
+    code = "from erofs.paths import temp_prefix; print(temp_prefix('nydus-erofs-check-'))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    stale = tmp_path / "work" / (r.stdout.strip() + "abcd1234")  # named by a process that has exited
+    (stale / "source").mkdir(parents=True)
+    ok("check", "--source", f"oci:{source}:multi", "--target", f"oci:{out}:n", "--work-dir", tmp_path / "work")
+    assert list((tmp_path / "work").iterdir()) == []
