@@ -322,7 +322,8 @@ def _compare_trees(root: Node, data: _SourceData, reader: ImageReader, report: P
         xs, xt = dict(node.xattrs), dict(bs.xattrs(ino))
         if xs != xt:
             name = min(k for k in set(xs) | set(xt) if xs.get(k) != xt.get(k))
-            raise _differ(path, f"xattr {os.fsdecode(name)}", xs.get(name), xt.get(name))
+            shown = [repr(os.fsdecode(v)) if v is not None else "absent" for v in (xs.get(name), xt.get(name))]
+            raise _differ(path, f"xattr {os.fsdecode(name)}", *shown)
         if node.is_dir:
             report.directories += 1
         elif stat.S_ISLNK(node.mode):

@@ -49,14 +49,25 @@ def _image(lay: Layout, arch: str, layers: list[bytes], annotations: dict[str, s
     return lay.blob(json.dumps(body).encode(), MT_MANIFEST, platform={"os": "linux", "architecture": arch})
 
 
-def _tar(files: dict[str, bytes], modes: dict[str, int] | None = None) -> bytes:
-    """A tar layer of regular files (name → content; mode 0644 unless ``modes`` says otherwise)."""
+def _tar(files: dict[str, bytes], modes: dict[str, int] | None = None, xattrs: dict[str, str] | None = None,
+         specials: bool = False) -> bytes:  # fmt: skip
+    """A tar layer of regular files (name → content; mode 0644 unless ``modes`` says otherwise; ``xattrs``: a
+    user.test xattr per file), and with ``specials`` a symlink and a character device."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
         for name, data in files.items():
             ti = tarfile.TarInfo(name)
             ti.size, ti.mtime, ti.mode = len(data), 1_700_000_000, (modes or {}).get(name, 0o644)
+            if name in (xattrs or {}):
+                ti.pax_headers = {"SCHILY.xattr.user.test": (xattrs or {})[name]}
             tf.addfile(ti, io.BytesIO(data))
+        if specials:
+            link = tarfile.TarInfo("bin/sh")
+            link.type, link.linkname, link.mode = tarfile.SYMTYPE, "tool", 0o777
+            dev = tarfile.TarInfo("dev/null")
+            dev.type, dev.devmajor, dev.devminor, dev.mode = tarfile.CHRTYPE, 1, 3, 0o666
+            tf.addfile(link)
+            tf.addfile(dev)
     return buf.getvalue()
 
 
@@ -64,16 +75,16 @@ ARM_TOOL = b"arm64 tool " * 40_000
 
 
 def two_platforms(root: Path, *, arm_tool: bytes = ARM_TOOL, arm_mode: int = 0o755, env: str = "ARCH",
-                  arm: bool = True) -> Path:  # fmt: skip
+                  arm: bool = True, arm_xattr: str = "arm") -> Path:  # fmt: skip
     """An OCI layout tagged ``multi``: an annotated index of a linux/amd64 and (``arm``) a linux/arm64 image, two
     layers each (the upper one deletes a file of the lower one by a whiteout and replaces another)."""
     lay = Layout(root)
     base = _tar({"etc/os-release": b"ID=test\n", "bin/tool": b"x" * (300 << 10), "gone": b"whited out\n",
-                 "etc/motd": b"base\n"})  # fmt: skip
+                 "etc/motd": b"base\n"}, specials=True)  # fmt: skip
     amd_top = _tar({"etc/arch": b"amd64\n", ".wh.gone": b"", "etc/motd": b"upper\n",
                     "bin/tool": b"amd64 tool " * 50_000}, {"bin/tool": 0o755})  # fmt: skip
     arm_top = _tar({"etc/arch": b"arm64\n", ".wh.gone": b"", "etc/motd": b"upper\n", "bin/tool": arm_tool},
-                   {"bin/tool": arm_mode})  # fmt: skip
+                   {"bin/tool": arm_mode}, {"etc/arch": arm_xattr})  # fmt: skip
     amd = _image(lay, "amd64", [base, amd_top], {"org.opencontainers.image.title": "amd"}, env)
     images = [amd] + ([_image(lay, "arm64", [base, arm_top], {"org.opencontainers.image.title": "arm"}, env)]
                       if arm else [])  # fmt: skip
@@ -124,7 +135,7 @@ def test_convert_all_platforms_into_a_nydus_index_that_checks_equal(source: Path
         assert config["config"]["Env"] == [f"ARCH={arch}"] and config["architecture"] == arch
         assert len(config["rootfs"]["diff_ids"]) == 3
     stdout = ok("check", "--source", f"oci:{source}:multi", "--target", f"oci:{out}:n")
-    assert "linux/amd64: 4 files, 3 directories" in stdout and "linux/arm64: 4 files" in stdout, stdout
+    assert "linux/amd64: 4 files, 4 directories, 2 others" in stdout and "linux/arm64: 4 files" in stdout, stdout
     assert stdout.strip().splitlines()[-1] == f"OK: oci:{out}:n matches oci:{source}:multi"
     report = json.loads(ok("check", "--source", f"oci:{source}:multi", "--target", f"oci:{out}:n", "--json"))
     assert report["ok"] and [p["platform"] for p in report["platforms"]] == ["linux/amd64", "linux/arm64"]
@@ -144,6 +155,10 @@ def test_check_names_the_first_difference(source: Path, tmp_path: Path) -> None:
     mode = tmp_path / "mode"
     convert_all(two_platforms(tmp_path / "s2", arm_mode=0o700), f"oci:{mode}:n")
     assert "linux/arm64: /bin/tool: the mode is 0755 in the source, 0700 in the target" in fails(src, f"oci:{mode}:n")
+    xattr = tmp_path / "xattr"
+    convert_all(two_platforms(tmp_path / "s5", arm_xattr="ARM"), f"oci:{xattr}:n")
+    line = fails(src, f"oci:{xattr}:n")
+    assert line.endswith("linux/arm64: /etc/arch: xattr user.test is 'arm' in the source, 'ARM' in the target"), line
     config = tmp_path / "config"
     convert_all(two_platforms(tmp_path / "s3", env="OTHER"), f"oci:{config}:n")
     assert "linux/amd64: config: config.Env differs" in fails(src, f"oci:{config}:n")
