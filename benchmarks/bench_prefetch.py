@@ -18,7 +18,8 @@ site-packages, with its ``__pycache__``) on the mount (``PYTHONHOME``), imports 
 prints once.  A first mount records the access trace (``nydus-erofs trace``); the image is rebuilt with it as
 ``--prefetch-list``.  Each round starts the workload right after the mount, in three modes: no prefetch, the
 traced table, ``--prefetch-all`` (the image without a table: the whole blob).  Time to the workload's output,
-and the bytes the proxy sent from mount to umount (the umount waits for the prefetch to finish).
+and the bytes the proxy sent and the blob requests it served from mount to umount (the umount waits for the
+prefetch to finish).
 
 Numbers are reported (``extra_info`` and the run's comparison lines), not asserted: the machine is shared.
 """
@@ -210,6 +211,7 @@ class Startup:
         self.bytes: list[int] = []
         self.fetched: list[int] = []
         self.prefetch: list[dict[str, Any]] = []
+        self.requests: list[int] = []
 
     def mount(self) -> Path:
         return _mount(self.mounts, self.front, self.out, self.name, **self.kw)
@@ -237,6 +239,7 @@ class Startup:
             wait_for(lambda: (p := read_prefetch_progress(mp)) and p["state"] == "done", "prefetch done", TIMEOUT)
         stats = self.mounts.umount(mp)["stats"]
         self.bytes.append(self.front.bytes_sent)
+        self.requests.append(self.front.blob_requests())
         self.fetched.append(stats["pipeline"]["bytes_fetched"])
         if "prefetch" in stats:
             self.prefetch.append(stats["prefetch"])
@@ -250,7 +253,8 @@ class Startup:
         done = f" (prefetch done in {statistics.median(p['seconds'] for p in self.prefetch):.1f} s)" \
             if self.prefetch else ""  # fmt: skip
         return (f"{self.label} {statistics.median(self.seconds):.2f} s to output, "
-                f"{statistics.median(self.bytes) / MiB:.1f} MiB from the registry{done}")  # fmt: skip
+                f"{statistics.median(self.bytes) / MiB:.1f} MiB in {statistics.median(self.requests):.0f} blob requests"
+                f"{done}")  # fmt: skip
 
 
 def _record_trace(run: Startup, path: Path) -> int:
@@ -305,7 +309,8 @@ def test_startup(benchmark: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     blob = sum(b.stat().st_size for b in (plain / "blobs").iterdir())
     for run in (none, table, everything):
         benchmark.extra_info.update({f"{run.name}_s": [round(s, 3) for s in run.seconds],
-                                     f"{run.name}_bytes": run.bytes, f"{run.name}_fetched": run.fetched,
+                                     f"{run.name}_bytes": run.bytes, f"{run.name}_requests": run.requests,
+                                     f"{run.name}_fetched": run.fetched,
                                      f"{run.name}_prefetch": run.prefetch})
     benchmark.extra_info.update(traced_files=files, blob_bytes=blob, latency_s=LATENCY, bandwidth=BANDWIDTH)
     comparison(f"prefetch startup (python3 {IMPORTS[7:]}; {files} files traced; blob {blob / MiB:.1f} MiB; link "
