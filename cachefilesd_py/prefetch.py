@@ -2,8 +2,8 @@
 the rest of every blob; in the background, below on-demand reads, through the :class:`~.pipeline.Pipeline`
 (so every chunk is fetched once, digest-verified and decompressed like any other).
 
-Below on-demand reads: one thread of its own (never the front end's fill workers), at the lowest CPU priority
-(``nice 19`` for that thread), in pieces of at most ``merge`` bytes, with ``wait=False`` fills (a chunk an
+Below on-demand reads: one thread of its own (never the front end's fill workers; not niced, since a niced
+thread holding the GIL off the CPU stalls the fill workers), in pieces of at most ``merge`` bytes, with ``wait=False`` fills (a chunk an
 on-demand read is fetching is left to it, never waited for); an on-demand read that wants a chunk the prefetch
 is fetching waits for that one fetch, not for the prefetch queue.  ``bandwidth`` (bytes/s, 0: no cap) limits
 the compressed bytes the prefetch fetches.  :meth:`Prefetcher.stop` ends it after the piece in progress.
@@ -16,7 +16,6 @@ A file's data is its chunks, merged while they are contiguous in one blob and th
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -113,13 +112,6 @@ def plan_prefetch(bs: Bootstrap, handles: Mapping[str, BlobHandle], pipeline: Pi
     return items, nfiles
 
 
-def _lower_priority() -> None:
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only (Linux)
-    except OSError:
-        pass
-
-
 class Prefetcher:
     """Runs a plan on a thread of its own; :meth:`stats` is its progress (``state``: idle → running → done, or
     stopped; ``files_done``/``files``, ``bytes`` written, ``bytes_fetched`` (compressed), ``pieces_done``/
@@ -200,7 +192,8 @@ class Prefetcher:
         return total
 
     def _run(self) -> None:
-        _lower_priority()
+        # Not niced: a low-priority thread that holds the GIL while the scheduler keeps it off the CPU stalls
+        # every on-demand fill behind it (a priority inversion seen in benchmarks/bench_prefetch.py).
         started = time.monotonic()
         fetched = 0
         file_ok = True
