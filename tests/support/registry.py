@@ -175,6 +175,9 @@ _HOP = {
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 10
+    # headers and body go out as separate small writes: with Nagle's algorithm the second waits for the client's
+    # delayed ACK (40 ms on Linux), a delay of the test front's making, not of the link it stands for
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet

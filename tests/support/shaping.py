@@ -7,7 +7,6 @@ The pacing is the point of these sleeps: they model the wire, they synchronise n
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -88,9 +87,6 @@ class ShapedFront(Front):
         self.link.reset()
 
     def handle(self, h: _Handler) -> None:
-        # headers and body go out as separate small writes: without this, Nagle's algorithm holds the second until
-        # the client's delayed ACK (40 ms on Linux), which is the proxy's doing, not the link's
-        h.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         time.sleep(self.latency)
         raw = h.wfile
         h.wfile = _PacedWriter(raw, self.link)  # type: ignore[assignment]
