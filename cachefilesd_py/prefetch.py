@@ -2,11 +2,11 @@
 the rest of every blob; in the background, below on-demand reads, through the :class:`~.pipeline.Pipeline`
 (so every chunk is fetched once, digest-verified and decompressed like any other).
 
-Below on-demand reads: one thread of its own (never the front end's fill workers; not niced, since a niced
-thread holding the GIL off the CPU stalls the fill workers), in pieces of at most ``merge`` bytes, with ``wait=False`` fills (a chunk an
-on-demand read is fetching is left to it, never waited for); an on-demand read that wants a chunk the prefetch
-is fetching waits for that one fetch, not for the prefetch queue.  ``bandwidth`` (bytes/s, 0: no cap) limits
-the compressed bytes the prefetch fetches.  :meth:`Prefetcher.stop` ends it after the piece in progress.
+Below on-demand reads: one thread of its own (never the front end's fill workers; not niced, since a niced thread
+holding the GIL off the CPU stalls the fill workers), in pieces of at most ``merge`` bytes, with ``wait=False``
+fills (a chunk an on-demand read is fetching is left to it, never waited for); an on-demand read that wants a chunk
+the prefetch is fetching waits for that one fetch, not for the prefetch queue. ``bandwidth`` (bytes/s, 0: no cap)
+limits the compressed bytes the prefetch fetches. :meth:`Prefetcher.stop` ends it after the piece in progress.
 
 A file's data is its chunks, merged while they are contiguous in one blob and the piece stays within
 ``merge`` bytes; a directory of the table stands for every regular file under it
