@@ -85,17 +85,14 @@ def _build(source: Path, out: Path) -> dict[str, Any]:
 
 
 NYDUS_REPOS = {"a": "vm/nydus-a", "b": "vm/nydus-b"}
-BUSYBOX_REPO = "vm/busybox-nydus"
 
 
 def _convert_nydus_images(tmp: Path, registry: str, auth: str, served: dict[str, Any]) -> None:
     """Two images made by umoci, ``nydus-erofs convert``-ed into two repositories of the registry (with its
-    credentials from a docker config that skopeo reads), and a busybox image (``nydus_images["busybox"]``) for
-    containers to run from; or why not, in ``missing["nydus"]`` (``missing["busybox"]``)."""
+    credentials from a docker config that skopeo reads); or why not, in ``missing["nydus"]``."""
     import base64
     import shutil
 
-    from tests.support.busybox_image import busybox_layout
     from tests.support.fstree import snapshot
     from tests.support.remote_image import convert_to, make_source_layout, unpack_layout
 
@@ -114,13 +111,6 @@ def _convert_nydus_images(tmp: Path, registry: str, auth: str, served: dict[str,
         snap.write_bytes(pickle.dumps(snapshot(expected)))
         convert_to(layout, f"docker://{registry}/{repo}:v1", env=env)
         served["nydus_images"][name] = {"repo": repo, "tag": "v1", "snapshot": str(snap)}
-    if shutil.which("busybox") is None:
-        served["missing"]["busybox"] = "busybox (static) makes the image containers run from (setup.sh installs it)"
-        return
-    (tmp / "nydus-busybox").mkdir()
-    busybox = busybox_layout(tmp / "nydus-busybox")  # for tests/vm/test_snapshotter_fscache.py's `ctr run`
-    convert_to(busybox, f"docker://{registry}/{BUSYBOX_REPO}:v1", env=env)
-    served["nydus_images"]["busybox"] = {"repo": BUSYBOX_REPO, "tag": "v1", "snapshot": ""}
 
 
 @contextmanager
