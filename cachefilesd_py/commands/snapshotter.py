@@ -11,8 +11,9 @@ from pathlib import Path
 
 import click
 
-from cachefilesd_py.mount.spec import MODES
+from cachefilesd_py.fscache_mount import DEFAULT_DAEMON_SOCK
 from cachefilesd_py.notify import notify
+from cachefilesd_py.snapshotter.mounts import SNAPSHOTTER_MODES
 from cachefilesd_py.snapshotter.service import serve
 from cachefilesd_py.snapshotter.snapshotter import Snapshotter
 from erofs.commands import SIZE
@@ -21,9 +22,13 @@ from erofs.commands import SIZE
 @click.command()
 @click.option("--address", required=True, type=click.Path(dir_okay=False), help="Unix socket to serve on.")
 @click.option("--root", required=True, type=click.Path(file_okay=False), help="Snapshots and their metadata.")
-@click.option("--mode", type=click.Choice(MODES), default="auto", show_default=True,
-              help="Nydus images: fanotify (lazy, Linux >= 6.14) or full (fetch all, then mount).")  # fmt: skip
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Blob cache files [ROOT/cache].")
+@click.option("--mode", type=click.Choice(SNAPSHOTTER_MODES), default="auto", show_default=True,
+              help="Nydus images: fanotify (lazy, Linux >= 6.14), fscache (bound in cachefilesd-py, mounted by "
+                   "fsid), or full (fetch all, then mount).")  # fmt: skip
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="Blob cache files [ROOT/cache]; none in fscache mode.")
+@click.option("--daemon-sock", default=DEFAULT_DAEMON_SOCK, show_default=True,
+              help="fscache mode: cachefilesd-py's API socket.")
 @click.option("--plain-http", is_flag=True, help="Reach registries over HTTP, without TLS.")
 @click.option("--containerd-root", default="/var/lib/containerd", show_default=True,
               type=click.Path(file_okay=False), help="containerd root (plain pulls: its content store).")  # fmt: skip
@@ -32,12 +37,13 @@ from erofs.commands import SIZE
               help="Bytes filled ahead of a sequential reader (0: off).")  # fmt: skip
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO")
 def snapshotter(address: str, root: str, mode: str, cache_dir: str | None, plain_http: bool, containerd_root: str,
-                amplify: int, readahead: int, log_level: str) -> None:  # fmt: skip
+                daemon_sock: str, amplify: int, readahead: int, log_level: str) -> None:  # fmt: skip
     """Serve containerd's snapshotter API: Nydus images run before they are downloaded, other images as overlayfs."""
     logging.basicConfig(level=log_level, stream=sys.stderr, force=True,  # a daemon: its log goes to stderr
                         format="nydus-erofs snapshotter: %(levelname)s: %(name)s: %(message)s")  # fmt: skip
     sn = Snapshotter(Path(root), cache_dir=Path(cache_dir) if cache_dir else None, mode=mode, plain_http=plain_http,
-                     containerd_root=Path(containerd_root), amplify=amplify, readahead=readahead)  # fmt: skip
+                     containerd_root=Path(containerd_root), amplify=amplify, readahead=readahead,
+                     daemon_sock=daemon_sock)  # fmt: skip
     sn.reattach()
     server = serve(sn, Path(address))
     notify("READY=1", f"STATUS=serving on {address}")

@@ -3,7 +3,8 @@ bootstraps.
 
 Layout under the root: ``snapshots/<id>/fs`` (a layer's files, or a container's upper dir), ``snapshots/<id>/work``
 (overlayfs' work dir); a Nydus bootstrap snapshot has ``image.boot``, ``backend.json`` and ``mnt`` (where the image
-is mounted, once a container needs it) instead, its blob cache files in ``<cache dir>/<id>``.
+is mounted, once a container needs it) instead, its blob cache files in ``<cache dir>/<id>`` (none in fscache
+mode: the image is bound in cachefilesd-py, which keeps the cache, and mounted by fsid).
 
 Mounts are containerd's overlayfs snapshotter's: a snapshot without lower layers is a bind mount of its ``fs``;
 otherwise overlayfs, ``lowerdir`` the ancestors' ``fs`` nearest first.  A Nydus blob layer contributes nothing (its
@@ -19,13 +20,18 @@ from pathlib import Path
 
 from fscache.mount import is_mounted
 
+from ..fscache_mount import DEFAULT_DAEMON_SOCK, mount_fscache
+from ..fscache_mount import MODE as FSCACHE_MODE
 from ..mount.record import read_record
 from ..mount.service import mount_image, umount_image
-from ..mount.spec import MountSpec
+from ..mount.spec import MODES, MountSpec
 from .nydus import BOOT_FILE, load_backend
 from .store import ACTIVE, NYDUS_BLOB, NYDUS_BOOTSTRAP, Snapshot
 
-__all__ = ["Layout", "LazyMounts", "MountEntry", "mounts_for"]
+__all__ = ["SNAPSHOTTER_MODES", "Layout", "LazyMounts", "MountEntry", "mounts_for"]
+
+#: how the snapshotter mounts Nydus images: ``nydus-erofs mount``'s modes, and fscache (bound in cachefilesd-py)
+SNAPSHOTTER_MODES = (*MODES, FSCACHE_MODE)
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +69,14 @@ class Layout:
 
 class LazyMounts:
     """The EROFS mounts of bootstrap snapshots (through :func:`~cachefilesd_py.mount.service.mount_image`: its
-    daemon runs in a session of its own, so it outlives a killed snapshotter and running containers keep reading)."""
+    daemon runs in a session of its own, so it outlives a killed snapshotter and running containers keep reading;
+    in fscache mode through :func:`~cachefilesd_py.fscache_mount.mount_fscache`: the cachefilesd-py at
+    ``daemon_sock`` serves the image, and the kernel keeps the mount whatever happens to the snapshotter)."""
 
-    def __init__(self, layout: Layout, mode: str, *, amplify: int = 1 << 20, readahead: int | None = 0) -> None:
+    def __init__(self, layout: Layout, mode: str, *, amplify: int = 1 << 20, readahead: int | None = 0,
+                 daemon_sock: str = DEFAULT_DAEMON_SOCK) -> None:  # fmt: skip
         self.layout, self.mode, self.amplify, self.readahead = layout, mode, amplify, readahead
+        self.daemon_sock = daemon_sock
         self._lock = threading.Lock()
 
     def is_mounted(self, snap: Snapshot) -> bool:
@@ -80,9 +90,16 @@ class LazyMounts:
             if self.is_mounted(snap):
                 return mnt
             mnt.mkdir(exist_ok=True)
+            backend = load_backend(self.layout.dir(snap))
+            if self.mode == FSCACHE_MODE:
+                if read_record(mnt) is not None:  # a mount gone by other means: unbound before binding again
+                    umount_image(mnt)
+                rec = mount_fscache(str(self.layout.boot(snap)), mnt, daemon_sock=self.daemon_sock,
+                                    backend=backend.type, backend_config=backend.config)  # fmt: skip
+                log.info("mounted %s (fscache mode, fsid %s) on %s", snap.name, rec["fsid"], mnt)
+                return mnt
             cache = self.layout.cache(snap)
             cache.mkdir(parents=True, exist_ok=True)
-            backend = load_backend(self.layout.dir(snap))
             spec = MountSpec(boot=str(self.layout.boot(snap)), mountpoint=str(mnt), cache_dir=str(cache),
                              mode=self.mode, backend=backend.type, backend_config=backend.config,
                              amplify=self.amplify, readahead=self.readahead)  # fmt: skip

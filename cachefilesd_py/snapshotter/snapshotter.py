@@ -25,8 +25,8 @@ from pathlib import Path
 from erofs.errors import UsageError
 
 from ..backends.config import BackendSpec
-from ..mount.spec import MODES
-from .mounts import Layout, LazyMounts, MountEntry, mounts_for
+from ..fscache_mount import DEFAULT_DAEMON_SOCK
+from .mounts import SNAPSHOTTER_MODES, Layout, LazyMounts, MountEntry, mounts_for
 from .nydus import (
     LABEL_IMAGE_REF,
     LABEL_LAYER_DIGEST,
@@ -67,7 +67,8 @@ def disk_usage(path: Path) -> tuple[int, int]:
 class Snapshotter:
     """Snapshots under ``root`` (metadata in ``root/metadata.db``).
 
-    ``mode``: how Nydus images are mounted (:data:`~cachefilesd_py.mount.spec.MODES`); ``plain_http``: reach
+    ``mode``: how Nydus images are mounted (:data:`~.mounts.SNAPSHOTTER_MODES`; ``daemon_sock``: the API socket of
+    the cachefilesd-py that serves them in fscache mode); ``plain_http``: reach
     registries over HTTP; ``containerd_root``: where a plain pull's blobs are (containerd's content store);
     ``amplify``, ``readahead``: the mounts' (:class:`~cachefilesd_py.mount.spec.MountSpec`); no readahead by
     default: a container starts by reading scattered files, and a window of megabytes after each would fetch
@@ -76,8 +77,8 @@ class Snapshotter:
 
     def __init__(self, root: Path, *, cache_dir: Path | None = None, mode: str = "auto", plain_http: bool = False,
                  containerd_root: Path = Path("/var/lib/containerd"), amplify: int = 1 << 20,
-                 readahead: int | None = 0) -> None:  # fmt: skip
-        if mode not in MODES:
+                 readahead: int | None = 0, daemon_sock: str = DEFAULT_DAEMON_SOCK) -> None:  # fmt: skip
+        if mode not in SNAPSHOTTER_MODES:
             raise SnapshotError("INVALID_ARGUMENT", f"unknown mode {mode!r}")
         root.mkdir(parents=True, exist_ok=True)
         if any(c in str(root.resolve()) for c in ",:"):  # the paths go into overlayfs' mount options
@@ -91,7 +92,7 @@ class Snapshotter:
         (root / "snapshots").mkdir(exist_ok=True)
         self.layout = Layout(root.resolve(), (cache_dir or root / "cache").resolve())
         self.store = Store(root / "metadata.db")
-        self.lazy = LazyMounts(self.layout, mode, amplify=amplify, readahead=readahead)
+        self.lazy = LazyMounts(self.layout, mode, amplify=amplify, readahead=readahead, daemon_sock=daemon_sock)
         self.plain_http = plain_http
         self.containerd_root = containerd_root
         # held while a snapshot's row and directory are created, and by cleanup: it never sees a directory whose
