@@ -14,12 +14,16 @@ except under ``CI``, where every test must run: there it fails instead (in the V
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.support.machine import in_vm, missing_for, missing_kernel_features
+from tests.support.cli import run
+from tests.support.kmount import MNT_DETACH, is_mounted, umount
+from tests.support.machine import in_vm, missing_for, missing_kernel_features, unavailable
 from tests.support.registry import RegistryServer
 
 collect_ignore = [] if os.environ.get("NYDUS_EROFS_IN_VM") == "1" else ["vm"]
@@ -29,13 +33,10 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     missing = missing_for(item)
     if not missing:
         return
-    why = "; ".join(missing)
     # In the VM each kernel runs the modes it supports: a feature its kernel lacks skips even in CI (the host's
     # tests/kernel_test/test_vm_suite.py checks which skips each kernel may have).
     kernel_only = in_vm() and set(missing) <= set(missing_kernel_features(item))
-    if os.environ.get("CI") and not kernel_only:
-        pytest.fail(f"CI must run this test, but: {why}")
-    pytest.skip(why)
+    unavailable("; ".join(missing), even_in_ci=kernel_only)
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +52,25 @@ def auth_registry_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[R
     """A docker-registry demanding htpasswd Basic auth (TEST_USER / TEST_PASSWORD)."""
     with RegistryServer(tmp_path_factory.mktemp("registry-auth"), htpasswd=True) as reg:
         yield reg
+
+
+@pytest.fixture
+def run_env(tmp_path: Path) -> dict[str, str]:
+    """The environment for a ``nydus-erofs`` run whose runtime records stay in this test's own folder."""
+    return dict(os.environ, NYDUS_EROFS_RUN_DIR=str(tmp_path / "run"))
+
+
+@pytest.fixture
+def mountpoint(tmp_path: Path, run_env: dict[str, str]) -> Iterator[Path]:
+    """An empty mountpoint for ``nydus-erofs mount … env=run_env``, left unmounted (and its daemon stopped)
+    whatever the test did."""
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    try:
+        yield mp
+    finally:
+        if is_mounted(mp):  # a failing test must not leave its mount (and daemon) behind
+            run("umount", mp, env=run_env)
+        if is_mounted(mp):
+            with contextlib.suppress(OSError):
+                umount(mp, MNT_DETACH)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-CLI = str(Path(sys.executable).with_name("nydus-erofs"))
+from tests.support.cli import CLI
 
 
 @pytest.fixture(scope="module")

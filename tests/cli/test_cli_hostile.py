@@ -16,36 +16,17 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.build.test_hostile import _oci, member, tar_bytes
-from tests.support.kmount import MNT_DETACH, mount, mount_erofs, umount
+from tests.support.cli import CACHEFILESD, CLI, TIMEOUT, one_line, run
+from tests.support.kmount import MNT_DETACH, is_mounted, mount, mount_erofs, umount
 from tests.support.machine import missing_erofs, missing_fanotify
 from tests.support.poll import wait_for
-
-BIN = Path(sys.executable).parent
-CLI = str(BIN / "nydus-erofs")
-CACHEFILESD = str(BIN / "cachefilesd-py")
-TIMEOUT = 60
-
-
-def run(*args: str | os.PathLike[str], prog: str = CLI, **kw: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([prog, *map(str, args)], capture_output=True, text=True, timeout=TIMEOUT, **kw)
-
-
-def one_line(proc: subprocess.CompletedProcess[str], code: int, text: str, prog: str = "nydus-erofs") -> None:
-    """Exit ``code``, and stderr is exactly one error line holding ``text``."""
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), proc.stderr
-    assert text in lines[0], lines[0]
-    assert proc.returncode == code, (proc.returncode, proc.stderr)
 
 
 def listing(root: Path) -> dict[str, str]:
@@ -324,36 +305,12 @@ def test_convert_out_of_space_leaves_no_half_layout(layout: str, small_fs: Path)
 
 
 # -- mount / umount ----------------------------------------------------------------------------------------------------
-@pytest.fixture
-def run_env(tmp_path: Path) -> dict[str, str]:
-    return dict(os.environ, NYDUS_EROFS_RUN_DIR=str(tmp_path / "run"))
-
-
-def _mounted(mp: Path) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == str(mp.resolve()) for line in f)
-
-
-@pytest.fixture
-def mountpoint(tmp_path: Path, run_env: dict[str, str]) -> Iterator[Path]:
-    mp = tmp_path / "mnt"
-    mp.mkdir()
-    try:
-        yield mp
-    finally:
-        if _mounted(mp):  # a failing test must not leave its mount (and daemon) behind
-            run("umount", mp, env=run_env)
-        if _mounted(mp):
-            with contextlib.suppress(OSError):
-                umount(mp, MNT_DETACH)
-
-
 def test_mount_with_the_blob_dir_as_cache_dir(image: Path, mountpoint: Path, run_env: dict[str, str]) -> None:
     before = listing(image)
     for extra in ((), ("--blob-dir", image / "blobs"), ("--mode", "full")):
         r = run("mount", image / "image.boot", mountpoint, "--cache-dir", image / "blobs", *extra, env=run_env)
         one_line(r, 2, "is the blob directory")
-        assert not _mounted(mountpoint)
+        assert not is_mounted(mountpoint)
     assert listing(image) == before
 
 
@@ -366,7 +323,7 @@ def test_mount_mode_fscache_needs_cachefiles(image: Path, mountpoint: Path, run_
     r = run("mount", image / "image.boot", mountpoint, "--cache-dir", tmp_path / "c", "--mode", "fscache",
             env=run_env)  # fmt: skip
     one_line(r, 2, "--cache-dir is cachefilesd-py's in fscache mode")
-    assert not _mounted(mountpoint) and not (tmp_path / "c").exists()
+    assert not is_mounted(mountpoint) and not (tmp_path / "c").exists()
 
 
 def test_mount_a_damaged_bootstrap(image: Path, mountpoint: Path, run_env: dict[str, str], tmp_path: Path) -> None:
@@ -398,7 +355,7 @@ def test_mount_bad_backend_config(args: list[str], message: str, image: Path, mo
     r = run("mount", image / "image.boot", mountpoint, "--cache-dir", tmp_path / "c", *args, env=run_env)
     one_line(r, 2, message)
     assert "[Errno" not in r.stderr and "__init__()" not in r.stderr
-    assert not _mounted(mountpoint)
+    assert not is_mounted(mountpoint)
 
 
 @pytest.mark.tools("mkfs.erofs")
@@ -409,7 +366,7 @@ def test_mount_a_plain_erofs_image(mode: str, source: Path, mountpoint: Path, ru
     r = run("mount", tmp_path / "plain.img", mountpoint, "--cache-dir", tmp_path / "c", "--blob-dir", tmp_path,
             "--mode", mode, env=run_env)  # fmt: skip
     one_line(r, 3, "not a Nydus RAFS v6 bootstrap")  # the same exit status, whichever process finds it
-    assert not _mounted(mountpoint)
+    assert not is_mounted(mountpoint)
 
 
 @pytest.mark.parametrize("mode", ["auto", "full"])
@@ -417,7 +374,7 @@ def test_mount_cache_dir_with_a_comma(mode: str, image: Path, mountpoint: Path, 
                                       tmp_path: Path) -> None:  # fmt: skip
     r = run("mount", image / "image.boot", mountpoint, "--cache-dir", tmp_path / "a,b", "--mode", mode, env=run_env)
     one_line(r, 2, "must not contain commas")  # the same exit status, whichever process finds it
-    assert not (tmp_path / "a,b").exists() and not _mounted(mountpoint)
+    assert not (tmp_path / "a,b").exists() and not is_mounted(mountpoint)
 
 
 def test_mount_full_of_a_damaged_blob_is_one_line(image: Path, mountpoint: Path, run_env: dict[str, str],
@@ -428,7 +385,7 @@ def test_mount_full_of_a_damaged_blob_is_one_line(image: Path, mountpoint: Path,
     blob.write_bytes(data)
     r = run("mount", image / "image.boot", mountpoint, "--cache-dir", tmp_path / "c", "--mode", "full", env=run_env)
     one_line(r, 3, "does not match its digest")  # the pipeline's log line of the same failure came out too
-    assert not _mounted(mountpoint)
+    assert not is_mounted(mountpoint)
 
 
 def _modes(tmp_path: Path) -> list[str]:
@@ -464,7 +421,7 @@ def test_mount_of_a_damaged_blob_exits_alike_in_every_mode(damage: str, code: in
                 env=run_env)  # fmt: skip
         one_line(r, code, message)
         assert blob.name in r.stderr and "[Errno" not in r.stderr, (mode, r.stderr)
-        assert not _mounted(mountpoint) and not _mount_daemons(run_env)
+        assert not is_mounted(mountpoint) and not _mount_daemons(run_env)
         assert not any((tmp_path / "run").iterdir()), mode
 
 
@@ -482,14 +439,14 @@ def test_mount_with_a_full_run_dir(image: Path, mountpoint: Path, small_fs: Path
         one_line(r, 1, f"No space left on device: {rdir}/")
         assert "[Errno" not in r.stderr, (mode, r.stderr)
         assert list(rdir.iterdir()) == [], mode
-        assert not _mounted(mountpoint) and not _mount_daemons(env)
+        assert not is_mounted(mountpoint) and not _mount_daemons(env)
 
 
 @pytest.mark.kernel
 def test_umount_leaves_a_mount_that_is_not_ours(image: Path, mountpoint: Path, run_env: dict[str, str]) -> None:
     with mount_erofs(image / "image.boot", mountpoint, [blob_of(image)]):
         one_line(run("umount", mountpoint, env=run_env), 2, "not mounted by nydus-erofs")
-        assert _mounted(mountpoint) and (mountpoint / "d" / "f").read_bytes() == b"hello\n"
+        assert is_mounted(mountpoint) and (mountpoint / "d" / "f").read_bytes() == b"hello\n"
 
 
 @pytest.mark.kernel
@@ -590,7 +547,7 @@ def test_mount_interrupted_before_ready_leaves_no_mount(image: Path, mountpoint:
     assert (proc.returncode, err) == (130, "nydus-erofs: aborted\n")
     # an orphaned worker used to mount the image after the CLI had said "aborted": none may be left to do so
     wait_for(lambda: not _mount_daemons(run_env), "a mount daemon outlived the aborted mount", 30)
-    assert not _mounted(mountpoint)
+    assert not is_mounted(mountpoint)
     assert not any((tmp_path / "run").iterdir())
 
 

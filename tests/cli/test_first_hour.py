@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import CLI
-from tests.cli.test_cli_hostile import one_line, run
+from tests.support.cli import CLI, one_line, run
 from tests.support.oci import MT_LAYER, Layout, tar_layer
 from tests.support.registry import RegistryServer
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import CLI
+from tests.support.cli import CLI
 from tests.support.oci import MT_LAYER, Layout, tar_layer
 from tests.support.terminal import run_in_terminal
 

@@ -17,7 +17,7 @@ import pytest
 
 from erofs.paths import remove_stale_temps, temp_prefix
 from tests.build.test_hostile import _oci, member, tar_bytes
-from tests.cli.test_cli_hostile import CLI, TIMEOUT, run
+from tests.support.cli import CLI, TIMEOUT, run
 from tests.support.poll import wait_for
 
 BIG = 4 << 20  # the size of the file the blocked builds read from stdin

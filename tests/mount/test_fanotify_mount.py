@@ -47,6 +47,7 @@ from fscache.errors import PreContentUnsupportedError
 from fscache.fanotify import FanotifyGroup
 from fscache.inotify import Inotify
 from fscache.mount import MountError, is_mounted, umount
+from tests.support.damage import flip_chunk_byte
 from tests.support.fstree import assert_same_tree
 from tests.support.kmount import umount as kernel_umount
 from tests.support.paths import NYDUS as UPSTREAM
@@ -363,18 +364,7 @@ def test_corrupted_chunk_gives_eio_for_its_file_only(mounts: Mounts, tmp_path: P
     # flip a byte in the middle chunk of victim.bin
     blobs = tmp_path / "damaged-blobs"
     shutil.copytree(out / "blobs", blobs)
-    backend = make_backend("localfs", dir=blobs)
-    try:
-        (handle,) = open_image(out / "image.boot", backend)
-    finally:
-        backend.close()
-    with Bootstrap(out / "image.boot") as bs:
-        victim_chunks = [fc for fc in bs.file_chunks(bs.lookup("/victim.bin")) if fc.ci_index is not None]
-    c_off, c_size, _, _ = handle.meta.chunk(victim_chunks[1].ci_index)
-    blob = blobs / handle.blob_id
-    raw = bytearray(blob.read_bytes())
-    raw[c_off + c_size // 2] ^= 0xFF
-    blob.write_bytes(raw)
+    flipped = flip_chunk_byte(out / "image.boot", blobs, "/victim.bin", 1)
 
     mp, rec = mounts.mount(out, "damaged", blobs=blobs)
     with pytest.raises(OSError) as info:
@@ -394,13 +384,13 @@ def test_corrupted_chunk_gives_eio_for_its_file_only(mounts: Mounts, tmp_path: P
 
     assert _in_thread(head) == files["victim.bin"][: 1 << 20]
     log_text = Path(rec["log"]).read_text()
-    assert handle.blob_id in log_text and f"chunk {victim_chunks[1].ci_index}" in log_text
+    assert flipped.blob_id in log_text and f"chunk {flipped.ci_index}" in log_text
     stats = mounts.umount(mp)["stats"]
     assert stats["events"]["denied"] >= 2 and stats["pipeline"]["digest_failures"] >= 1
     # full mode verifies everything before mounting: the damaged chunk fails the mount, nothing is mounted
     with pytest.raises(DigestMismatchError) as failed:
         mounts.mount(out, "damaged-full", mode="full", blobs=blobs)
-    assert handle.blob_id in str(failed.value) and "\n" not in str(failed.value)
+    assert flipped.blob_id in str(failed.value) and "\n" not in str(failed.value)
     assert not is_mounted(tmp_path / "mnt-damaged-full", None) and read_record(tmp_path / "mnt-damaged-full") is None
 
 

@@ -28,13 +28,12 @@ from typing import Any
 
 import pytest
 
-from cachefilesd_py.backends import make_backend
-from cachefilesd_py.blob_handles import open_image
 from cachefilesd_py.mount.record import RUN_DIR_ENV
 from erofs.format.rafs_v6 import BLOB_FEATURE_HAS_TOC, BlobInfo, RafsV6Blob
 from erofs.paths import process_start_time
 from erofs.reader import Bootstrap
 from fscache.mount import is_mounted
+from tests.support.damage import flip_chunk_byte
 from tests.support.kmount import umount as kernel_umount
 from tests.support.poll import wait_for
 
@@ -357,17 +356,7 @@ def test_rereading_a_corrupt_page_neither_refetches_nor_grows_the_log(cli: Cli, 
     build([src], out)
     blobs = tmp_path / "damaged"
     shutil.copytree(out / "blobs", blobs)
-    backend = make_backend("localfs", dir=blobs)
-    try:
-        (handle,) = open_image(out / "image.boot", backend)
-    finally:
-        backend.close()
-    with Bootstrap(out / "image.boot") as bs:
-        chunks = [fc for fc in bs.file_chunks(bs.lookup("/victim.bin")) if fc.ci_index is not None]
-    c_off, c_size, _, _ = handle.meta.chunk(chunks[1].ci_index)
-    raw = bytearray((blobs / handle.blob_id).read_bytes())
-    raw[c_off + c_size // 2] ^= 0xFF
-    (blobs / handle.blob_id).write_bytes(raw)
+    flipped = flip_chunk_byte(out / "image.boot", blobs, "/victim.bin", 1)
 
     mp = tmp_path / "mnt"
     rec = cli.mount(out / "image.boot", mp, tmp_path / "cache", "--mode", "fanotify", "--blob-dir", str(blobs),
@@ -381,7 +370,7 @@ def test_rereading_a_corrupt_page_neither_refetches_nor_grows_the_log(cli: Cli, 
             failures = 0
             for _ in range(200):
                 try:
-                    os.pread(fd, 4096, chunks[1].file_offset)
+                    os.pread(fd, 4096, flipped.file_offset)
                 except OSError as e:
                     assert e.errno == errno.EIO
                     failures += 1

@@ -8,42 +8,16 @@ import json
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import CLI
-from tests.cli.test_cli_hostile import one_line, run
-from tests.support.kmount import MNT_DETACH, umount
+from tests.support.cli import CLI, one_line, run
+from tests.support.kmount import is_mounted
 from tests.support.registry import RegistryServer
 from tests.support.terminal import run_in_terminal
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture
-def run_env(tmp_path: Path) -> dict[str, str]:
-    return dict(os.environ, NYDUS_EROFS_RUN_DIR=str(tmp_path / "run"))
-
-
-def _mounted(mp: Path) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == str(mp.resolve()) for line in f)
-
-
-@pytest.fixture
-def mnt(tmp_path: Path, run_env: dict[str, str]) -> Iterator[Path]:
-    """A mountpoint that is left unmounted (and its daemon stopped) whatever the test did."""
-    mp = tmp_path / "mnt"
-    mp.mkdir()
-    try:
-        yield mp
-    finally:
-        if _mounted(mp):
-            run("umount", mp, env=run_env)
-        if _mounted(mp):
-            umount(mp, MNT_DETACH)
 
 
 @pytest.fixture(scope="module")
@@ -60,29 +34,30 @@ def big_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_a_missing_bootstrap_is_named(mnt: Path, tmp_path: Path, run_env: dict[str, str]) -> None:
-    one_line(run("mount", tmp_path / "nonexist", mnt, "--cache-dir", tmp_path / "c", env=run_env), 2,
+def test_a_missing_bootstrap_is_named(mountpoint: Path, tmp_path: Path, run_env: dict[str, str]) -> None:
+    one_line(run("mount", tmp_path / "nonexist", mountpoint, "--cache-dir", tmp_path / "c", env=run_env), 2,
              f"bootstrap {tmp_path / 'nonexist'} does not exist")  # fmt: skip
     boot = tmp_path / "lonely" / "image.boot"  # a bootstrap without blobs/ beside it
     boot.parent.mkdir()
     boot.write_bytes(b"")
-    one_line(run("mount", boot, mnt, "--cache-dir", tmp_path / "c", env=run_env), 2,
+    one_line(run("mount", boot, mountpoint, "--cache-dir", tmp_path / "c", env=run_env), 2,
              f"no blobs/ beside {boot}: give --blob-dir DIR")  # fmt: skip
 
 
 @pytest.mark.kernel("erofs")
-def test_full_mode_draws_a_progress_line(big_image: Path, mnt: Path, tmp_path: Path, run_env: dict[str, str]) -> None:
-    r = run_in_terminal([CLI, "mount", big_image / "image.boot", mnt, "--cache-dir", tmp_path / "c", "--mode", "full"],
-                        env=run_env)  # fmt: skip
+def test_full_mode_draws_a_progress_line(big_image: Path, mountpoint: Path, tmp_path: Path,
+                                         run_env: dict[str, str]) -> None:  # fmt: skip
+    r = run_in_terminal([CLI, "mount", big_image / "image.boot", mountpoint, "--cache-dir", tmp_path / "c",
+                         "--mode", "full"], env=run_env)  # fmt: skip
     assert r.returncode == 0, r.terminal
     lines = [ln for ln in r.progress_lines() if ln.startswith("\rfetching: ")]
     assert lines and "%" in lines[-1] and "MiB of 64.0 MiB" in lines[-1], r.terminal
-    assert run("umount", mnt, env=run_env).returncode == 0
+    assert run("umount", mountpoint, env=run_env).returncode == 0
     # --json: the record only, no progress line
-    r = run_in_terminal([CLI, "mount", big_image / "image.boot", mnt, "--cache-dir", tmp_path / "c2",
+    r = run_in_terminal([CLI, "mount", big_image / "image.boot", mountpoint, "--cache-dir", tmp_path / "c2",
                          "--mode", "full", "--json"], env=run_env)  # fmt: skip
     assert r.returncode == 0 and "fetching" not in r.terminal and json.loads(r.stdout)["mode"] == "full"
-    assert run("umount", mnt, env=run_env).returncode == 0
+    assert run("umount", mountpoint, env=run_env).returncode == 0
 
 
 @pytest.mark.kernel("erofs", "fanotify")
@@ -92,7 +67,7 @@ def test_mounts_lists_them_with_their_logs(big_image: Path, tmp_path: Path, run_
     mps = {}
     try:
         for mode in ("fanotify", "full"):
-            mp = mps[mode] = tmp_path / f"mnt-{mode}"
+            mp = mps[mode] = tmp_path / f"mountpoint-{mode}"
             mp.mkdir()
             r = run("mount", big_image / "image.boot", mp, "--cache-dir", tmp_path / f"c-{mode}", "--mode", mode,
                     env=run_env)  # fmt: skip
@@ -110,14 +85,15 @@ def test_mounts_lists_them_with_their_logs(big_image: Path, tmp_path: Path, run_
         assert f"log {fan['log']}" in human and f"{mps['full']}: full mode, mounted, no daemon" in human
     finally:
         for mp in mps.values():
-            if _mounted(mp):
+            if is_mounted(mp):
                 run("umount", mp, env=run_env)
     assert json.loads(run("mounts", "--json", env=run_env).stdout) == []
 
 
 @pytest.mark.kernel("erofs", "fanotify")
-def test_ctrl_c_on_foreground_exits_130(big_image: Path, mnt: Path, tmp_path: Path, run_env: dict[str, str]) -> None:
-    proc = subprocess.Popen([CLI, "mount", big_image / "image.boot", mnt, "--cache-dir", tmp_path / "c",
+def test_ctrl_c_on_foreground_exits_130(big_image: Path, mountpoint: Path, tmp_path: Path,
+                                        run_env: dict[str, str]) -> None:  # fmt: skip
+    proc = subprocess.Popen([CLI, "mount", big_image / "image.boot", mountpoint, "--cache-dir", tmp_path / "c",
                              "--mode", "fanotify", "--foreground"], stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_env)  # fmt: skip
     try:
@@ -127,12 +103,12 @@ def test_ctrl_c_on_foreground_exits_130(big_image: Path, mnt: Path, tmp_path: Pa
             seen.append(line)
             if "INFO: serving " in line:
                 break
-        assert _mounted(mnt), "".join(seen)
+        assert is_mounted(mountpoint), "".join(seen)
         proc.send_signal(signal.SIGINT)
         rest = proc.stderr.read()
         assert proc.wait(60) == 130, rest
         assert rest.rstrip().endswith("nydus-erofs: aborted")
-        assert not _mounted(mnt)
+        assert not is_mounted(mountpoint)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -143,12 +119,12 @@ def test_ctrl_c_on_foreground_exits_130(big_image: Path, mnt: Path, tmp_path: Pa
 @pytest.mark.tools("docker-registry")
 @pytest.mark.kernel("erofs", "fanotify")
 @pytest.mark.parametrize("mode", ["full", "fanotify"])
-def test_plain_http_registry_suggests_plain_http(mode: str, big_image: Path, mnt: Path, tmp_path: Path,
+def test_plain_http_registry_suggests_plain_http(mode: str, big_image: Path, mountpoint: Path, tmp_path: Path,
                                                  registry_server: RegistryServer,
                                                  run_env: dict[str, str]) -> None:  # fmt: skip
-    r = run("mount", big_image / "image.boot", mnt, "--cache-dir", tmp_path / "c", "--mode", mode,
+    r = run("mount", big_image / "image.boot", mountpoint, "--cache-dir", tmp_path / "c", "--mode", mode,
             "--backend", "registry", "--backend-config", f"host={registry_server.host},repo=first/hour",
             env=run_env)  # fmt: skip
     one_line(r, 4, "the server speaks plain HTTP, not HTTPS: add plain_http=true to --backend-config")
     assert "SSL" not in r.stderr and "attempts" not in r.stderr
-    assert not _mounted(mnt)
+    assert not is_mounted(mountpoint)

@@ -21,7 +21,8 @@ def test_a_benchmark_prints_its_comparison(tmp_path: Path, comparison: Any) -> N
     (src / "d").mkdir(parents=True)
     (src / "d" / "f.bin").write_bytes(os.urandom(3 << 20))
     (src / "small").write_text("hello\n")
-    env = {**os.environ, "NYDUS_EROFS_BENCH_SOURCE": str(src), "NYDUS_EROFS_MKFS": "mkfs.erofs"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}  # not a worker of ours (xdist)
+    env.update(NYDUS_EROFS_BENCH_SOURCE=str(src), NYDUS_EROFS_MKFS="mkfs.erofs")
     proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/bench_build.py", "-q", "--color=no",
                            "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'run'}"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip

@@ -10,16 +10,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fscache.mount import MNT_DETACH, MS_RDONLY, MountError, mount_erofs_file_backed
+from fscache.mount import is_mounted as _is_mounted
 from fscache.mount import mount as _mount
 from fscache.mount import umount as _umount
 
-__all__ = ["MNT_DETACH", "MS_RDONLY", "mount", "mount_erofs", "umount"]
+__all__ = ["MNT_DETACH", "MS_RDONLY", "is_mounted", "mount", "mount_erofs", "umount"]
 
 
 def mount(source: str | os.PathLike[str], target: str | os.PathLike[str], fstype: str = "erofs",
           flags: int = MS_RDONLY, data: str = "") -> None:  # fmt: skip
     """mount(2); an OSError names the source, target, type and options."""
     _mount(source, target, fstype, flags, data or None)
+
+
+def is_mounted(mountpoint: str | os.PathLike[str]) -> bool:
+    """Whether anything (of any type) is mounted exactly at ``mountpoint``."""
+    return _is_mounted(mountpoint, fstype=None)
 
 
 def umount(target: str | os.PathLike[str], flags: int = 0, detach_if_busy: bool = True) -> None:

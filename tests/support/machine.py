@@ -14,9 +14,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
+from fscache.errors import KernelInterfaceError
+from fscache.fanotify import FanotifyGroup
 from tests.support.kmount import mount_erofs
 from tests.support.paths import NYDUS, REPO
 
@@ -61,9 +64,6 @@ def missing_fanotify() -> str | None:
     """fanotify pre-content events (Linux ≥ 6.14) on a sparse file in the temp dir, where tests put theirs."""
     if missing_root():
         return "fanotify pre-content groups need root"
-    from fscache.errors import KernelInterfaceError
-    from fscache.fanotify import FanotifyGroup
-
     with tempfile.TemporaryDirectory(prefix="probe-fanotify-") as tmp:
         probe = Path(tmp) / "sparse"
         probe.write_bytes(b"")
@@ -102,8 +102,14 @@ def missing_nbd() -> str | None:
 
 
 # A test's kernel("feature", ...) marker: "erofs" (the default) is file-backed EROFS, "erofs-file-backed" says so.
-KERNEL_FEATURES = {"erofs": missing_erofs, "erofs-file-backed": missing_erofs, "fanotify": missing_fanotify,
-                   "cachefiles": missing_cachefiles, "loop": missing_loop, "nbd": missing_nbd}
+KERNEL_FEATURES = {
+    "erofs": missing_erofs,
+    "erofs-file-backed": missing_erofs,
+    "fanotify": missing_fanotify,
+    "cachefiles": missing_cachefiles,
+    "loop": missing_loop,
+    "nbd": missing_nbd,
+}
 
 
 def in_vm() -> bool:
@@ -177,3 +183,11 @@ def missing_for(item: pytest.Item) -> list[str]:
     if item.get_closest_marker("upstream"):
         why.append(missing_upstream())
     return list(dict.fromkeys(w for w in why if w))
+
+
+def unavailable(why: str, *, even_in_ci: bool = False) -> NoReturn:
+    """Skip a test whose needs this machine does not meet, saying why — but under ``CI``, where every test must
+    run, fail instead (``even_in_ci``: a kernel feature the VM's kernel lacks, which each kernel may skip)."""
+    if os.environ.get("CI") and not even_in_ci:
+        pytest.fail(f"CI must run this test, but: {why}")
+    pytest.skip(why)

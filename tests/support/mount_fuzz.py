@@ -99,10 +99,11 @@ def _taint() -> str:
 
 
 def fuzz_mounts(image: Path, tmp: Path, *, cases: int, seed: int, cli_cases: int = 0,
-                walk_timeout: float = 20.0) -> dict[str, int]:  # fmt: skip
+                walk_timeout: float = 20.0, shard: tuple[int, int] = (0, 1)) -> dict[str, int]:  # fmt: skip
     """Mount ``cases`` fuzzed copies of ``image``'s bootstrap with mount(2) (the first ``cli_cases`` also with
     ``nydus-erofs mount --mode full``), walk each mount, unmount; assert a clean outcome for each.  Returns how
-    many mounts were refused and how many were walked."""
+    many mounts were refused and how many were walked.  ``shard=(k, n)``: only the cases whose number is k modulo
+    n (so n runs in parallel cover the same cases as one)."""
     boot = (image / "image.boot").read_bytes()
     (blob,) = (image / "blobs").iterdir()
     mp = tmp / "fuzz-mnt"
@@ -112,6 +113,8 @@ def fuzz_mounts(image: Path, tmp: Path, *, cases: int, seed: int, cli_cases: int
     outcomes = {"mount refused": 0, "walked": 0}
     env = dict(os.environ, **{RUN_DIR_ENV: str(tmp / "fuzz-run")})
     for n, data in enumerate(_cases(boot, cases, seed)):
+        if n % shard[1] != shard[0]:
+            continue
         case_boot.write_bytes(data)
         try:
             mount_erofs_file_backed(case_boot, mp, [blob])

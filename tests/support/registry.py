@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from cachefilesd_py.backends.registry import push_blob
+
 REGISTRY_BIN = "docker-registry"
 #: htpasswd credentials known to the test registry (bcrypt cost 4, so checks are fast)
 TEST_USER = "alice"
@@ -134,8 +136,6 @@ class RegistryServer:
 
 def push_test_blob(registry: RegistryServer, repo: str, data: bytes, tmp: Path, **options: Any) -> str:
     """Push ``data`` as a blob; returns its id (sha256 hex)."""
-    from cachefilesd_py.backends.registry import push_blob
-
     path = tmp / f"blob-{hashlib.sha256(data).hexdigest()}"
     path.write_bytes(data)
     digest = push_blob(registry.host, repo, path, plain_http=True, docker_config=False, **options)

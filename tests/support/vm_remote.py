@@ -11,9 +11,11 @@ dir, which the guest sees over 9p.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
@@ -22,6 +24,13 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from cachefilesd_py.backends.registry import push_blob
+from tests.support.fstree import snapshot
+from tests.support.machine import unavailable
+from tests.support.registry import TEST_PASSWORD, TEST_USER, Front, RegistryServer, registry_binary
+from tests.support.remote_image import convert_to, make_source_layout, unpack_layout
+from tests.support.rootfs import T0, make_rootfs
 
 ENV = "NYDUS_EROFS_VM_REMOTE"
 REPO = "vm/remote"
@@ -53,6 +62,12 @@ class Served:
         with open(path or self.snapshot, "rb") as f:
             return pickle.load(f)  # written by serve_for_vm on the host, from our own snapshot()
 
+    def require(self, *what: str) -> None:
+        """Skip (fail under ``CI``) unless the host serves each of ``what`` (a backend, or "nydus" images)."""
+        for name in what:
+            if name in self.missing:
+                unavailable(self.missing[name])
+
 
 def load() -> Served | None:
     """The description :func:`serve_for_vm` wrote, or None when ``$NYDUS_EROFS_VM_REMOTE`` is unset."""
@@ -64,7 +79,6 @@ def load() -> Served | None:
 
 def _source(root: Path) -> Path:
     """tests/support/rootfs.py's tree (a small directory, for TCG) plus ``big``."""
-    from tests.support.rootfs import T0, make_rootfs
 
     make_rootfs(root, entries=150)
     body = os.urandom(MiB)
@@ -90,12 +104,6 @@ NYDUS_REPOS = {"a": "vm/nydus-a", "b": "vm/nydus-b"}
 def _convert_nydus_images(tmp: Path, registry: str, auth: str, served: dict[str, Any]) -> None:
     """Two images made by umoci, ``nydus-erofs convert``-ed into two repositories of the registry (with its
     credentials from a docker config that skopeo reads); or why not, in ``missing["nydus"]``."""
-    import base64
-    import shutil
-
-    from tests.support.fstree import snapshot
-    from tests.support.remote_image import convert_to, make_source_layout, unpack_layout
-
     if shutil.which("umoci") is None or shutil.which("skopeo") is None:
         served["missing"]["nydus"] = "umoci and skopeo make the Nydus images (setup.sh installs them)"
         return
@@ -118,10 +126,6 @@ def serve_for_vm(tmp: Path) -> Iterator[dict[str, str]]:
     """Build the image under ``tmp``, serve its blob over HTTP and from a registry on 127.0.0.1, and yield the
     environment to give run-vm (``$NYDUS_EROFS_VM_REMOTE``); the servers stop on exit.  A registry that is not
     installed is recorded in ``missing`` (the guest test fails in CI, skips elsewhere)."""
-    from cachefilesd_py.backends.registry import push_blob
-    from tests.support.fstree import snapshot
-    from tests.support.registry import TEST_PASSWORD, TEST_USER, Front, RegistryServer, registry_binary
-
     source = _source(tmp / "source")
     image = tmp / "image"
     out = _build(source, image)

@@ -15,8 +15,22 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.machine import unavailable
+from tests.support.vm_remote import ENV, Served, load
+
 
 @pytest.fixture
 def vm_scratch() -> Path:
     """The guest's writable ext4 scratch folder (fresh for each VM boot, shared by all tests of that boot)."""
     return Path(os.environ["VM_SCRATCH"])
+
+
+@pytest.fixture(scope="module")
+def served() -> Served:
+    """What the host serves to the VM (tests/support/vm_remote.py): fails in CI, skips elsewhere, when missing."""
+    remote = load()
+    if remote is None:
+        unavailable(f"no servers on the host (${ENV} unset): run tests/kernel_test/test_vm_suite.py")
+    if "VM_HOST" not in os.environ:
+        unavailable("the VM has no network: run-vm --net")
+    return remote

@@ -16,32 +16,12 @@ import pytest
 from cachefilesd_py.api import request
 from tests.support.fstree import assert_same_snapshot, snapshot
 from tests.support.kmount import MS_RDONLY, mount, umount
-from tests.support.vm_remote import ENV, Served, load
+from tests.support.vm_remote import Served
 from tests.vm.test_daemon import DaemonProc, mounted, scratch
 
 pytestmark = [pytest.mark.kernel("cachefiles"), pytest.mark.network]
 
 NYDUS_EROFS = str(Path(sys.executable).with_name("nydus-erofs"))
-
-
-def _unavailable(why: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"CI must run the bind API tests, but: {why}")
-    pytest.skip(why)
-
-
-@pytest.fixture(scope="module")
-def served() -> Served:
-    remote = load()
-    if remote is None:
-        _unavailable(f"no servers on the host (${ENV} unset): run tests/kernel_test/test_vm_suite.py")
-    if "VM_HOST" not in os.environ:
-        _unavailable("the VM has no network: run-vm --net")
-    assert remote is not None
-    for what in ("registry", "nydus"):
-        if what in remote.missing:
-            _unavailable(remote.missing[what])
-    return remote
 
 
 def _ref(served: Served, name: str) -> str:
@@ -50,6 +30,7 @@ def _ref(served: Served, name: str) -> str:
 
 
 def test_two_images_from_two_repositories_bound_mounted_and_unbound(served: Served) -> None:
+    served.require("registry", "nydus")
     d = DaemonProc(scratch() / "bind-api").start()  # no backend of its own: each image brings its own
     backend = {"type": "registry", "config": {"plain_http": True, "auth": served.registry_auth}}
     try:
@@ -81,6 +62,7 @@ def test_two_images_from_two_repositories_bound_mounted_and_unbound(served: Serv
 
 
 def test_nydus_erofs_mount_fscache_by_reference(served: Served) -> None:
+    served.require("registry", "nydus")
     d = DaemonProc(scratch() / "bind-cli").start()
     mnt = scratch() / "mnt" / "cli"
     mnt.mkdir(parents=True, exist_ok=True)

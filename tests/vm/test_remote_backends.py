@@ -17,29 +17,12 @@ from pathlib import Path
 import pytest
 
 from tests.support.fstree import assert_same_snapshot, snapshot
-from tests.support.vm_remote import BIG_MIB, ENV, Served, load
+from tests.support.vm_remote import BIG_MIB, Served
 from tests.vm.test_daemon import DaemonProc, MiB, mounted, scratch
 
 pytestmark = [pytest.mark.kernel("cachefiles"), pytest.mark.network]
 
 PIECE_AT, PIECE_LEN = 10 * MiB + 12345, 100_000
-
-
-def _unavailable(why: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"CI must run the network backend tests, but: {why}")
-    pytest.skip(why)
-
-
-@pytest.fixture(scope="module")
-def served() -> Served:
-    remote = load()
-    if remote is None:
-        _unavailable(f"no servers on the host (${ENV} unset): run tests/kernel_test/test_vm_suite.py")
-    if "VM_HOST" not in os.environ:
-        _unavailable("the VM has no network: run-vm --net")
-    assert remote is not None
-    return remote
 
 
 def _backend_args(backend: str, remote: Served) -> list[str]:
@@ -54,8 +37,7 @@ def _backend_args(backend: str, remote: Served) -> list[str]:
 def remote_daemon(request: pytest.FixtureRequest, served: Served) -> Iterator[tuple[str, DaemonProc]]:
     """A daemon whose one backend is the host's server; the image's blobs/ is not there, only its bootstrap."""
     backend: str = request.param
-    if backend in served.missing:
-        _unavailable(served.missing[backend])
+    served.require(backend)
     base = scratch() / f"remote-{backend}"
     d = DaemonProc(base, *_backend_args(backend, served))
     image = d.images / backend

@@ -23,24 +23,10 @@ from cachefilesd_py.snapshotter.pull import SNAPSHOT_LABEL_PREFIX, chain_ids
 from tests.support.containerd import SnapshotterProcess
 from tests.support.fstree import assert_same_snapshot, snapshot
 from tests.support.kmount import mount, umount
-from tests.support.vm_remote import ENV, Served, load
+from tests.support.vm_remote import Served
 from tests.vm.test_daemon import DaemonProc, scratch
 
 pytestmark = [pytest.mark.kernel("cachefiles"), pytest.mark.network]
-
-
-def _served() -> Served:
-    """What the host serves (the images' registry); skipped without it, failed in CI."""
-    remote = load()
-    why = (f"no servers on the host (${ENV} unset): run tests/kernel_test/test_vm_suite.py" if remote is None else
-           "the VM has no network: run-vm --net" if "VM_HOST" not in os.environ else
-           next((remote.missing[n] for n in ("registry", "nydus") if n in remote.missing), None))  # fmt: skip
-    if why:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the snapshotter's fscache test, but: {why}")
-        pytest.skip(why)
-    assert remote is not None
-    return remote
 
 
 def _registry(served: Served, base: Path, monkeypatch: pytest.MonkeyPatch) -> str:
@@ -88,8 +74,9 @@ def _mounts_under(root: Path) -> list[str]:
             if f.split()[4].startswith(f"{root}/")]  # fmt: skip
 
 
-def test_container_snapshot_is_an_overlay_over_the_image_mounted_by_fsid(monkeypatch: pytest.MonkeyPatch) -> None:
-    served = _served()
+def test_container_snapshot_is_an_overlay_over_the_image_mounted_by_fsid(served: Served,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    served.require("registry", "nydus")
     image = served.nydus_images["a"]
     base = scratch() / "snapshotter-fscache"
     ref = f"{_registry(served, base, monkeypatch)}/{image['repo']}:{image['tag']}"
