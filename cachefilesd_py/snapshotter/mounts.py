@@ -65,8 +65,10 @@ class LazyMounts:
     """The EROFS mounts of bootstrap snapshots (through :func:`~cachefilesd_py.mount.service.mount_image`: its
     daemon runs in a session of its own, so it outlives a killed snapshotter and running containers keep reading)."""
 
-    def __init__(self, layout: Layout, mode: str, *, amplify: int = 1 << 20, readahead: int | None = 0) -> None:
+    def __init__(self, layout: Layout, mode: str, *, amplify: int = 1 << 20, readahead: int | None = 0,
+                 cache_size_limit: int = 0) -> None:  # fmt: skip
         self.layout, self.mode, self.amplify, self.readahead = layout, mode, amplify, readahead
+        self.cache_size_limit = cache_size_limit
         self._lock = threading.Lock()
 
     def is_mounted(self, snap: Snapshot) -> bool:
@@ -85,7 +87,8 @@ class LazyMounts:
             backend = load_backend(self.layout.dir(snap))
             spec = MountSpec(boot=str(self.layout.boot(snap)), mountpoint=str(mnt), cache_dir=str(cache),
                              mode=self.mode, backend=backend.type, backend_config=backend.config,
-                             amplify=self.amplify, readahead=self.readahead)  # fmt: skip
+                             amplify=self.amplify, readahead=self.readahead,
+                             cache_size_limit=self.cache_size_limit)  # fmt: skip
             rec = mount_image(spec)
             log.info("mounted %s (%s mode) on %s", snap.name, rec.get("mode"), mnt)
             return mnt

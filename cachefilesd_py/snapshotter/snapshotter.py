@@ -69,14 +69,14 @@ class Snapshotter:
 
     ``mode``: how Nydus images are mounted (:data:`~cachefilesd_py.mount.spec.MODES`); ``plain_http``: reach
     registries over HTTP; ``containerd_root``: where a plain pull's blobs are (containerd's content store);
-    ``amplify``, ``readahead``: the mounts' (:class:`~cachefilesd_py.mount.spec.MountSpec`); no readahead by
-    default: a container starts by reading scattered files, and a window of megabytes after each would fetch
-    much of the image.
+    ``amplify``, ``readahead``, ``cache_size_limit``: the mounts' (:class:`~cachefilesd_py.mount.spec.MountSpec`;
+    the limit holds for each image's cache); no readahead by default: a container starts by reading scattered
+    files, and a window of megabytes after each would fetch much of the image.
     """
 
     def __init__(self, root: Path, *, cache_dir: Path | None = None, mode: str = "auto", plain_http: bool = False,
                  containerd_root: Path = Path("/var/lib/containerd"), amplify: int = 1 << 20,
-                 readahead: int | None = 0) -> None:  # fmt: skip
+                 readahead: int | None = 0, cache_size_limit: int = 0) -> None:  # fmt: skip
         if mode not in MODES:
             raise SnapshotError("INVALID_ARGUMENT", f"unknown mode {mode!r}")
         root.mkdir(parents=True, exist_ok=True)
@@ -91,7 +91,8 @@ class Snapshotter:
         (root / "snapshots").mkdir(exist_ok=True)
         self.layout = Layout(root.resolve(), (cache_dir or root / "cache").resolve())
         self.store = Store(root / "metadata.db")
-        self.lazy = LazyMounts(self.layout, mode, amplify=amplify, readahead=readahead)
+        self.lazy = LazyMounts(self.layout, mode, amplify=amplify, readahead=readahead,
+                               cache_size_limit=cache_size_limit)  # fmt: skip
         self.plain_http = plain_http
         self.containerd_root = containerd_root
         # held while a snapshot's row and directory are created, and by cleanup: it never sees a directory whose

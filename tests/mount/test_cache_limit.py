@@ -4,7 +4,8 @@
   once, while a sampling thread watches the cache dir's allocated bytes: never above the limit plus one chunk per
   fill worker; a file kept open and re-read while the others evict it reads right every time;
 - the LRU policy itself: least recently used first, never a pinned chunk, never one read within the grace;
-- the option on the command line: a bad size is a one-line usage error; full mode refuses an image over the limit.
+- the option on the command line: a bad size is a one-line usage error; full mode refuses an image over the limit;
+  in fscache mode it is cachefilesd-py's; the snapshotter takes it for its mounts.
 """
 
 from __future__ import annotations
@@ -153,3 +154,9 @@ def test_cache_size_limit_on_the_command_line(big_image: tuple[Path, dict[str, s
     assert proc.returncode == 2, proc.stderr
     assert "full mode keeps the whole image (200.0 MiB) in the cache" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not os.path.ismount(mp)
+    proc = subprocess.run([*CLI, "mount", str(out / "image.boot"), str(mp), "--mode", "fscache",
+                           "--cache-size-limit", "32MiB"], capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2 and "cachefilesd-py's in fscache mode" in proc.stderr, proc.stderr
+    proc = subprocess.run([*CLI, "snapshotter", "--address", str(tmp_path / "sn.sock"), "--root", str(tmp_path / "sn"),
+                           "--cache-size-limit", "lots"], capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2 and "--cache-size-limit" in proc.stderr and "Traceback" not in proc.stderr
