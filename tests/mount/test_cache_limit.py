@@ -4,6 +4,8 @@
   once, while a sampling thread watches the cache dir's allocated bytes: never above the limit plus one chunk per
   fill worker; a file kept open and re-read while the others evict it reads right every time;
 - the LRU policy itself: least recently used first, never a pinned chunk, never one read within the grace;
+- eviction on real cache files (no mount): a victim is absent in the page map and on disk in the chunk map, and a
+  hole in the file; a pinned range stays; a reopened cache finds exactly the chunks that stayed;
 - the option on the command line: a bad size is a one-line usage error; full mode refuses an image over the limit;
   in fscache mode it is cachefilesd-py's; the snapshotter takes it for its mounts.
 """
@@ -21,7 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from cachefilesd_py.mount.evict import LruPolicy
+from cachefilesd_py.backends import make_backend
+from cachefilesd_py.blob_handles import open_image
+from cachefilesd_py.mount.cachefile import prepare_cache_files
+from cachefilesd_py.mount.evict import CacheLimit, LruPolicy
+from cachefilesd_py.pipeline import Pipeline
 from tests.mount.test_fanotify_mount import CLI, Mounts, build
 
 LIMIT = 32 << 20
@@ -139,6 +145,51 @@ def test_lru_policy_evicts_the_least_recently_used_never_a_pinned_or_young_chunk
     warm.add("x", 1)
     warm.add("old", 2, cold=True)  # found in the cache at start: the first to go, grace or not
     assert warm.choose(0) == ([("old", 2)], True)
+
+
+def test_eviction_forgets_the_chunk_in_both_maps_and_punches_it(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    data = random.Random(7).randbytes(8 * CHUNK)
+    (src / "f.bin").write_bytes(data)
+    out = tmp_path / "out"
+    build([src], out, "none", "1MiB")
+    backend = make_backend("localfs", dir=out / "blobs")
+    try:
+        (handle,) = open_image(out / "image.boot", backend)
+        (cf,) = prepare_cache_files(tmp_path / "cache", [handle])
+        limit = CacheLimit([cf], 3 * CHUNK, grace=0.0)
+        with Pipeline(amplify=0, workers=1) as pipeline:
+
+            def fill(i: int) -> None:
+                pipeline.fill(handle, i * CHUNK, CHUNK, limit.writer(cf, cf.pwrite), cf.present)
+
+            def cached() -> list[int]:
+                return [i for i in range(8) if cf.known(i * CHUNK, CHUNK)]
+
+            for i in range(3):
+                fill(i)
+            cf.flush()  # chunks 0-2 recorded on disk
+            assert cached() == [0, 1, 2] and limit.evictions == 0
+            with limit.pinned(cf, 0, CHUNK):  # a fill serving chunk 0: it stays, 1 and 2 go
+                fill(3)
+                fill(4)
+                assert cached() == [0, 3, 4]
+            assert not cf.chunks.has(1) and not cf.chunks.persisted(1) and cf.chunks.persisted(0)
+            assert all(off + n <= CHUNK or off >= 3 * CHUNK for off, n in cf.data_extents()), "1 and 2 are holes"
+            fill(5)  # 0 was touched when its fill ended: 3 is the least recently used now
+            assert cached() == [0, 4, 5] and limit.evictions == 3 and limit.bytes_evicted == 3 * CHUNK
+            assert limit.used == 3 * CHUNK and limit.allocated() <= 3 * CHUNK + 4096
+            for i in cached():
+                assert os.pread(cf.fd, CHUNK, i * CHUNK) == data[i * CHUNK : (i + 1) * CHUNK]
+        cf.close()
+        (cf,) = prepare_cache_files(tmp_path / "cache", [handle])  # what a restart finds
+        try:
+            assert [i for i in range(8) if cf.chunks.has(i)] == [0, 4, 5]
+        finally:
+            cf.close()
+    finally:
+        backend.close()
 
 
 def test_cache_size_limit_on_the_command_line(big_image: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
