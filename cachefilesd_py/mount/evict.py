@@ -283,6 +283,10 @@ class CacheLimit:
             with self._cond:
                 while self.policy.evicting(key):  # its old bytes are being punched: write after the hole
                     self._cond.wait()
+                if key in self.policy:  # written again (a waiter's copy): takes no more room
+                    self.policy.add(key, size)
+                    self.policy.pin(key)
+                    return
                 victims, enough = self.policy.choose(size)
                 if not victims:
                     if enough or self._wait_or_give_up(give_up):
