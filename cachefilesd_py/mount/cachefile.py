@@ -255,6 +255,24 @@ class CacheFile:
                 out.append((ci, (b - a) * PAGE_SIZE))
         return out
 
+    def trim_unrecorded(self) -> int:
+        """Punch out the data no recorded chunk covers (what a killed daemon wrote but never recorded: it would
+        take room while counting for nothing); returns the bytes punched.  Only through an fd that raises no
+        event (not ``watched``), with no fill of this file running."""
+        have = self._data_pages()
+        punched, i, n = 0, 0, len(have)
+        while i < n:
+            if not have[i] or self.pages[i]:
+                i += 1
+                continue
+            j = i
+            while j < n and have[j] and not self.pages[j]:
+                j += 1
+            self._punch(i * PAGE_SIZE, (j - i) * PAGE_SIZE)
+            punched += (j - i) * PAGE_SIZE
+            i = j
+        return punched
+
     def drop_chunk(self, ci: int) -> None:
         """Eviction's first step: chunk ``ci`` is absent from now on, in the page map (its next read is a fill)
         and in the chunk map (before a single byte of it is punched out)."""

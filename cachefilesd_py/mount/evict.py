@@ -196,6 +196,8 @@ class CacheLimit:
         self._cond = threading.Condition()
         self._warned = False
         for cf in self.files:
+            if not cf.watched:
+                self._trim(cf)
             for ci, size in cf.resident_chunks():
                 self.policy.add((cf, ci), size, cold=True)
 
@@ -220,7 +222,20 @@ class CacheLimit:
                     "bytes_evicted": self.bytes_evicted, "over_limit": self.over_limit, "waits": self.waits,
                     "punch_failures": self.punch_failures}  # fmt: skip
 
+    def _trim(self, cf: CacheFile) -> None:
+        if cf.shared:  # what another daemon wrote and has not recorded yet is not garbage
+            return
+        punched = cf.trim_unrecorded()
+        if punched:
+            log.info("cache file %s: %s written but never recorded punched out", cf.path, format_size(punched))
+
     # -- the event thread -----------------------------------------------------------------------------------
+    def adopted(self, cf: CacheFile) -> None:
+        """A restarted worker's ``cf`` has an fd that raises no event now, before any fill of it: the data its
+        dead predecessor wrote but never recorded goes (it would take room, counting for nothing)."""
+        with self._cond:
+            self._trim(cf)
+
     def serve_present(self, cf: CacheFile, offset: int, length: int) -> bool:
         """Whether ``[offset, offset + length)`` of ``cf`` is present (then its chunks are touched): the event
         thread's check before it allows a read.  No chunk can be chosen for eviction in between."""

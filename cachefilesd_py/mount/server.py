@@ -195,6 +195,8 @@ class FanotifyServer:
                         continue
                     if cf.watched:
                         cf.adopt_event_fd(ev.fd)
+                        if self.limit is not None:
+                            self.limit.adopted(cf)
                     offset, end = ev.offset, ev.offset + ev.count
                     if cf.known(offset, ev.count) if self.limit is None else \
                             self.limit.serve_present(cf, offset, ev.count):  # fmt: skip

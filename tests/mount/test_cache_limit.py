@@ -5,13 +5,15 @@
   fill worker; a file kept open and re-read while the others evict it reads right every time;
 - the LRU policy itself: least recently used first, never a pinned chunk, never one read within the grace;
 - eviction on real cache files (no mount): a victim is absent in the page map and on disk in the chunk map, and a
-  hole in the file; a pinned range stays; a reopened cache finds exactly the chunks that stayed;
+  hole in the file; a pinned range stays; a reopened cache finds exactly the chunks that stayed; what a killed
+  daemon wrote but never recorded is punched out when the limit starts (it would take room, counting for nothing);
 - the option on the command line: a bad size is a one-line usage error; full mode refuses an image over the limit;
   in fscache mode it is cachefilesd-py's; the snapshotter takes it for its mounts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -27,7 +29,7 @@ from cachefilesd_py.backends import make_backend
 from cachefilesd_py.blob_handles import open_image
 from cachefilesd_py.mount.cachefile import prepare_cache_files
 from cachefilesd_py.mount.evict import CacheLimit, LruPolicy
-from cachefilesd_py.pipeline import Pipeline
+from cachefilesd_py.pipeline import BlobHandle, Pipeline
 from tests.mount.test_fanotify_mount import CLI, Mounts, build
 
 LIMIT = 32 << 20
@@ -147,16 +149,25 @@ def test_lru_policy_evicts_the_least_recently_used_never_a_pinned_or_young_chunk
     assert warm.choose(0) == ([("old", 2)], True)
 
 
-def test_eviction_forgets_the_chunk_in_both_maps_and_punches_it(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _one_blob(tmp_path: Path, seed: int, chunks: int) -> Iterator[tuple[bytes, BlobHandle]]:
+    """A one-file image of ``chunks`` random 1 MiB chunks: its data and its blob's handle (localfs)."""
     src = tmp_path / "src"
     src.mkdir()
-    data = random.Random(7).randbytes(8 * CHUNK)
+    data = random.Random(seed).randbytes(chunks * CHUNK)
     (src / "f.bin").write_bytes(data)
     out = tmp_path / "out"
     build([src], out, "none", "1MiB")
     backend = make_backend("localfs", dir=out / "blobs")
     try:
         (handle,) = open_image(out / "image.boot", backend)
+        yield data, handle
+    finally:
+        backend.close()
+
+
+def test_eviction_forgets_the_chunk_in_both_maps_and_punches_it(tmp_path: Path) -> None:
+    with _one_blob(tmp_path, 7, 8) as (data, handle):
         (cf,) = prepare_cache_files(tmp_path / "cache", [handle])
         limit = CacheLimit([cf], 3 * CHUNK, grace=0.0)
         with Pipeline(amplify=0, workers=1) as pipeline:
@@ -188,8 +199,27 @@ def test_eviction_forgets_the_chunk_in_both_maps_and_punches_it(tmp_path: Path) 
             assert [i for i in range(8) if cf.chunks.has(i)] == [0, 4, 5]
         finally:
             cf.close()
-    finally:
-        backend.close()
+
+
+def test_data_written_but_never_recorded_is_punched_out_under_a_limit(tmp_path: Path) -> None:
+    with _one_blob(tmp_path, 8, 4) as (data, handle):
+        (cf,) = prepare_cache_files(tmp_path / "cache", [handle])
+        with Pipeline(amplify=0, workers=1) as pipeline:
+            pipeline.fill(handle, 0, CHUNK, cf.pwrite, cf.present)
+        cf.close()  # chunk 0 recorded
+        fd = os.open(cf.path, os.O_RDWR)
+        try:  # a daemon killed before it recorded chunks 2 and 3
+            os.pwrite(fd, data[2 * CHUNK :], 2 * CHUNK)
+        finally:
+            os.close(fd)
+        (cf,) = prepare_cache_files(tmp_path / "cache", [handle])
+        try:
+            assert os.fstat(cf.fd).st_blocks * 512 >= 3 * CHUNK
+            limit = CacheLimit([cf], 8 * CHUNK)
+            assert cf.data_extents() == [(0, CHUNK)] and limit.used == CHUNK
+            assert os.fstat(cf.fd).st_blocks * 512 <= CHUNK + 4096
+        finally:
+            cf.close()
 
 
 def test_cache_size_limit_on_the_command_line(big_image: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
