@@ -2,7 +2,8 @@
 
 - a ~200 MiB image mounted with a 32 MiB limit reads back identical to its source, file by file, four readers at
   once, while a sampling thread watches the cache dir's allocated bytes: never above the limit plus one chunk per
-  fill worker; a file kept open and re-read while the others evict it reads right every time;
+  fill worker; a file kept open and re-read while the others evict it reads right every time; a worker killed
+  midway leaves the cache under the limit once its successor has served the rest;
 - the LRU policy itself: least recently used first, never a pinned chunk, never one read within the grace;
 - eviction on real cache files (no mount): a victim is absent in the page map and on disk in the chunk map, and a
   hole in the file; a pinned range stays; a reopened cache finds exactly the chunks that stayed; what a killed
@@ -30,7 +31,7 @@ from cachefilesd_py.blob_handles import open_image
 from cachefilesd_py.mount.cachefile import prepare_cache_files
 from cachefilesd_py.mount.evict import CacheLimit, LruPolicy
 from cachefilesd_py.pipeline import BlobHandle, Pipeline
-from tests.mount.test_fanotify_mount import CLI, Mounts, build
+from tests.mount.test_fanotify_mount import CLI, Mounts, _kill_worker, _new_worker, build
 
 LIMIT = 32 << 20
 CHUNK = 1 << 20
@@ -118,6 +119,23 @@ def test_a_200mib_image_reads_right_under_a_32mib_cache_limit(big_image: tuple[P
     assert stats["pipeline"]["digest_failures"] == 0
     assert _allocated(cache) <= LIMIT + overhead
     print(f"peak {peak[0] / 2**20:.1f} MiB, {limit}")
+
+
+@pytest.mark.root
+@pytest.mark.kernel("erofs", "fanotify")
+def test_the_limit_holds_across_a_worker_restart(big_image: tuple[Path, dict[str, str]], mounts: Mounts,
+                                                 tmp_path: Path) -> None:  # fmt: skip
+    out, digests = big_image
+    cache = tmp_path / "cache"
+    mp, rec = mounts.mount(out, "restart", cache=cache, cache_size_limit=LIMIT, workers=WORKERS, prefetch=False)
+    names = sorted(digests)
+    for name in names[:15]:  # 60 MiB written, some of it never recorded when the worker dies
+        assert _sha_uncached(mp / name) == digests[name], name
+    _new_worker(mp, _kill_worker(rec))
+    for name in [*names[15:], *names[:5]]:
+        assert _sha_uncached(mp / name) == digests[name], name
+    assert _allocated(cache) <= LIMIT + WORKERS * CHUNK + (64 << 10)
+    assert mounts.umount(mp)["stats"]["cache_limit"]["evictions"] > 0
 
 
 def test_lru_policy_evicts_the_least_recently_used_never_a_pinned_or_young_chunk() -> None:
