@@ -7,7 +7,7 @@
                     | --backend registry --host H --repo R [--plain-http] [--auth user:pass]
                     | --backend s3 --backend-config bucket=B,...]
                    [--backend-config JSON|@FILE|KEY=VALUE,...] [--threads N] [--amplify 1MiB] [--api-sock PATH]
-                   [--no-supervisor] [--json-logs]
+                   [--cache-size-limit SIZE] [--no-supervisor] [--json-logs]
 
 While it runs, ``mount -t erofs none -o fsid=NAME /mnt`` mounts ``IMAGES/NAME/image.boot`` (blobs from
 ``IMAGES/NAME/blobs/`` unless a backend for all images is given).  With ``--api-sock``, images are also bound
@@ -95,6 +95,9 @@ _PATH = click.Path(path_type=Path)
 @click.option("--prefetch-bandwidth", type=_Size(), default="0", help="Prefetch cap in bytes/s (0: none).")
 @click.option("--prefetch-merge", type=_Size(), default="1MiB", show_default=True,
               help="Largest piece prefetch fills at once.")  # fmt: skip
+@click.option("--cache-size-limit", type=_Size(), default="0",
+              help="Most bytes the cache may take (0: no limit): objects no mount uses are culled, least recently "
+              "used first.")  # fmt: skip
 @click.option("--api-sock", type=_PATH, help="Serve the HTTP API on this Unix socket.")
 @click.option("--no-supervisor", is_flag=True, help="One process, no failover.")
 @click.option("--json-logs", is_flag=True, help="Log JSON lines.")
@@ -203,6 +206,7 @@ def _serve(args: argparse.Namespace, device: CachefilesDevice, api_sock: socket.
            restarts: int, supervisor_pid: int | None, ready: bool) -> int:  # fmt: skip
     """The worker: image store, daemon and API, until SIGTERM."""
     from cachefilesd_py.api import ApiServer
+    from cachefilesd_py.cache_limit import ObjectCuller
     from cachefilesd_py.daemon import Daemon
     from cachefilesd_py.image_store import ImageStore
     from cachefilesd_py.prefetch import PrefetchOptions
@@ -210,9 +214,15 @@ def _serve(args: argparse.Namespace, device: CachefilesDevice, api_sock: socket.
     store = ImageStore(args.images_dir, _make_backend(args))
     prefetch = PrefetchOptions(args.prefetch, args.prefetch_all, args.prefetch_bandwidth, args.prefetch_merge)
     daemon = Daemon(device, store, threads=args.threads, amplify=args.amplify, prefetch=prefetch)
+    # the worker holds the culler (its counters: ``culler.stats()``, in the daemon info)
+    culler = None
+    if args.cache_size_limit:
+        culler = ObjectCuller(device, args.cache_dir, args.cache_size_limit,
+                              lambda: {o["key"] for o in daemon.info()["objects"]}).start()  # fmt: skip
 
     def info() -> dict[str, Any]:
-        return {**daemon.info(), "supervisor_pid": supervisor_pid, "restarts": restarts}
+        limit = {} if culler is None else {"cache_limit": culler.stats()}
+        return {**daemon.info(), "supervisor_pid": supervisor_pid, "restarts": restarts, **limit}
 
     routes = {
         "/api/v1/daemon": info,
@@ -233,6 +243,8 @@ def _serve(args: argparse.Namespace, device: CachefilesDevice, api_sock: socket.
     try:
         daemon.run()
     finally:
+        if culler is not None:
+            culler.stop()
         if api is not None:
             api.stop()
         store.close()

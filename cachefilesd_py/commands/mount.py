@@ -69,6 +69,9 @@ _REQUIRED = {"http": ("url",), "registry": ("host", "repo")}
 @click.option("--prefetch-bandwidth", type=SIZE, default="0", help="Prefetch cap in bytes/s (0: none).")
 @click.option("--prefetch-merge", type=SIZE, default="1MiB", show_default=True,
               help="Largest piece prefetch fills at once.")  # fmt: skip
+@click.option("--cache-size-limit", type=SIZE, default="0",
+              help="Most bytes the cache files may take (0: no limit); fanotify mode punches out the least recently "
+              "used chunks to stay under it, full and nbd modes refuse an image that does not fit.")  # fmt: skip
 @click.option("--foreground", is_flag=True, help="Serve from this process until umount (fanotify mode).")
 @click.option("--platform", default=None, help="docker://: os/arch[/variant] to pick from an index [the host's].")
 @click.option("--plain-http", is_flag=True, help="docker://: talk to the registry over HTTP, without TLS.")
@@ -138,6 +141,8 @@ def _mount_fscache(boot: str, spec_options: dict[str, Any], blob_dir: str | None
     """``--mode fscache``: bind in cachefilesd-py, mount by fsid (no daemon of ours)."""
     if spec_options["cache_dir"] is not None:
         raise UsageError("--cache-dir is cachefilesd-py's in fscache mode (its --cache-dir)")
+    if spec_options["cache_size_limit"]:
+        raise UsageError("--cache-size-limit is cachefilesd-py's in fscache mode (its --cache-size-limit)")
     if blob_dir is not None:
         kind, config = "localfs", {**config, "dir": str(Path(blob_dir).resolve())}
     if not is_image_reference(boot):

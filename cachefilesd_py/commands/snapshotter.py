@@ -35,15 +35,19 @@ from erofs.commands import SIZE
 @click.option("--amplify", type=SIZE, default="1MiB", show_default=True, help="Least bytes one fetch brings in.")
 @click.option("--readahead", type=SIZE, default="0", show_default=True,
               help="Bytes filled ahead of a sequential reader (0: off).")  # fmt: skip
+@click.option("--cache-size-limit", type=SIZE, default="0",
+              help="Most bytes each image's cache may take (0: no limit; lazy mounts evict, full mounts refuse an "
+              "image over it).")  # fmt: skip
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO")
 def snapshotter(address: str, root: str, mode: str, cache_dir: str | None, plain_http: bool, containerd_root: str,
-                daemon_sock: str, amplify: int, readahead: int, log_level: str) -> None:  # fmt: skip
+                daemon_sock: str, amplify: int, readahead: int, cache_size_limit: int,
+                log_level: str) -> None:  # fmt: skip
     """Serve containerd's snapshotter API: Nydus images run before they are downloaded, other images as overlayfs."""
     logging.basicConfig(level=log_level, stream=sys.stderr, force=True,  # a daemon: its log goes to stderr
                         format="nydus-erofs snapshotter: %(levelname)s: %(name)s: %(message)s")  # fmt: skip
     sn = Snapshotter(Path(root), cache_dir=Path(cache_dir) if cache_dir else None, mode=mode, plain_http=plain_http,
                      containerd_root=Path(containerd_root), amplify=amplify, readahead=readahead,
-                     daemon_sock=daemon_sock)  # fmt: skip
+                     daemon_sock=daemon_sock, cache_size_limit=cache_size_limit)  # fmt: skip
     sn.reattach()
     server = serve(sn, Path(address))
     notify("READY=1", f"STATUS=serving on {address}")

@@ -245,6 +245,58 @@ class CacheFile:
 
         return write
 
+    # -- eviction (:mod:`.evict`) ----------------------------------------------------------------------------
+    def resident_chunks(self) -> list[tuple[int, int]]:
+        """``(chunk index, bytes)`` of every chunk the page map holds (page-rounded: what it takes on disk)."""
+        out = []
+        for ci in range(self.handle.meta.chunk_count):
+            a, b = self._chunk_pages(ci)
+            if a < b and self.pages.find(0, a, b) < 0:
+                out.append((ci, (b - a) * PAGE_SIZE))
+        return out
+
+    def trim_unrecorded(self) -> int:
+        """Punch out the data no recorded chunk covers (what a killed daemon wrote but never recorded: it would
+        take room while counting for nothing); returns the bytes punched.  Only through an fd that raises no
+        event (not ``watched``), with no fill of this file running."""
+        have = self._data_pages()
+        punched, i, n = 0, 0, len(have)
+        while i < n:
+            if not have[i] or self.pages[i]:
+                i += 1
+                continue
+            j = i
+            while j < n and have[j] and not self.pages[j]:
+                j += 1
+            self._punch(i * PAGE_SIZE, (j - i) * PAGE_SIZE)
+            punched += (j - i) * PAGE_SIZE
+            i = j
+        return punched
+
+    def drop_chunk(self, ci: int) -> None:
+        """Eviction's first step: chunk ``ci`` is absent from now on, in the page map (its next read is a fill)
+        and in the chunk map (before a single byte of it is punched out)."""
+        a, b = self._chunk_pages(ci)
+        self.pages[a:b] = bytes(b - a)
+        self.chunks.unmark(ci)
+
+    def sync_chunk_map(self) -> None:
+        """Make the chunks dropped so far absent on disk too (a failure is logged: a restart finds their holes)."""
+        try:
+            self.chunks.sync()
+        except OSError as e:
+            log.error("chunk map %s: %s", self.chunks.path, e.strerror)
+
+    def punch_chunk(self, ci: int) -> bool:
+        """Eviction's last step: punch out the pages of chunk ``ci`` (dropped before); False if that failed."""
+        a, b = self._chunk_pages(ci)
+        try:
+            punch_hole(self.fd, a * PAGE_SIZE, (b - a) * PAGE_SIZE)
+        except OSError as e:
+            log.error("cache file %s: evicting chunk %d: %s", self.path, ci, e.strerror)
+            return False
+        return True
+
     def adopt_event_fd(self, event_fd: int) -> None:
         """From now on use a dup of ``event_fd`` (the kernel opened it without notification: writing through
         it raises no event); the fd we opened stays open for its flock."""

@@ -152,11 +152,16 @@ class ChunkMap:
                     self.marks[ci] = 0
             return dirty
         try:
-            for run_start, run_len in _runs(dirty):
-                _pwrite_all(self.fd, b"\x01" * run_len, HEADER_SIZE + run_start)
+            with self._lock:  # a chunk un-marked meanwhile (evicted) stays so; written again: the next flush's
+                for run_start, run_len in _runs([ci for ci in dirty if self.marks[ci] and ci not in self._dirty]):
+                    _pwrite_all(self.fd, b"\x01" * run_len, HEADER_SIZE + run_start)
         except OSError as e:  # the bytes are durable, only not recorded: fetched again after a restart
             log.error("chunk map %s: cannot record %d chunks: %s", self.path, len(dirty), e.strerror)
         return []
+
+    def sync(self) -> None:
+        """``fdatasync`` of the map file: the chunks un-marked so far are absent on disk too."""
+        os.fdatasync(self.fd)
 
     def close(self, data_fd: int | None = None) -> list[int]:
         """Flush (when ``data_fd`` is given) and close."""

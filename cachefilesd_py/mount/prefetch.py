@@ -46,8 +46,10 @@ def start_prefetch(spec: MountSpec, files: Sequence[CacheFile], server: Fanotify
     """Plan and start the mount's prefetch; None when the spec asks for none."""
     if not spec.prefetch and not spec.prefetch_all:
         return None
+    limit = server.limit  # with a cache size limit, prefetched chunks are charged (and may evict) like any other
     targets = {
-        cf.handle.blob_id: PrefetchTarget(cf.handle, cf.pwrite, cf.present, functools.partial(server.filled, cf))
+        cf.handle.blob_id: PrefetchTarget(cf.handle, cf.pwrite if limit is None else limit.writer(cf, cf.pwrite),
+                                          cf.present, functools.partial(server.filled, cf))
         for cf in files
         if not cf.shared and not cf.watched
     }

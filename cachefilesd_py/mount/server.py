@@ -12,7 +12,11 @@ so every read of the mount reaches the server as an event with a byte range:
   background (through the fd opened before the mark, which raises no event); a random reader gets none;
 - a cache file with nothing left to fetch is unmarked (or not marked at all): its reads raise no event.  It is
   watched instead (inotify ``IN_MODIFY``): when it changes under the mount (root punching a hole, truncating it)
-  it is marked again and the chunks whose pages are holes now are fetched again on their next read.
+  it is marked again and the chunks whose pages are holes now are fetched again on their next read;
+- with a cache size limit (:class:`~.evict.CacheLimit`) every chunk written is charged against it (the least
+  recently used ones punched out to make room), reads of present data touch their chunks, a fill pins the range
+  its event asked for until it is allowed, readahead stays within a quarter of the limit and is skipped when
+  nothing can be evicted for it, and complete files stay marked (their reads must be seen to be counted).
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from fscache.fanotify import FAN_NOFD, FAN_PRE_ACCESS, FanotifyGroup, PreAccessE
 from fscache.fd import drain
 from fscache.inotify import IN_MODIFY, Inotify, InotifyError
 
-from ..pipeline import Pipeline
+from ..pipeline import Pipeline, WriteFn
 from .cachefile import CacheFile
+from .evict import CacheLimit
 from .watch import ImageWatch
 
 __all__ = ["FanotifyServer"]
@@ -48,12 +53,18 @@ class FanotifyServer:
     handler) or the release of the image.  ``readahead``: bytes filled in the background after each fill
     (0 = off).  ``group``: serve this group (one the supervisor holds too) instead of a new one; ``adopted``: its
     marks exist already (a restarted worker): complete files are unmarked, the others marked again (harmless).
+    ``limit``: the cache size limit of ``files`` (held as :attr:`limit`, its counters for the API).
     """
 
     def __init__(self, files: Sequence[CacheFile], pipeline: Pipeline, *, workers: int = 4,
                  readahead: int | None = None, readahead_workers: int = 3, group: FanotifyGroup | None = None,
-                 adopted: bool = False) -> None:  # fmt: skip
+                 adopted: bool = False, limit: CacheLimit | None = None) -> None:  # fmt: skip
         self.files = list(files)
+        self.limit = limit
+        if limit is not None:
+            limit.rearm = self._rearm
+            if readahead is None or readahead > limit.limit // 4:  # never a window that evicts what it reads
+                readahead = min(8 * max(pipeline.amplify, 1 << 20), limit.limit // 4)
         self.pipeline = pipeline
         self.readahead = 8 * max(pipeline.amplify, 1 << 20) if readahead is None else readahead
         self.ra_piece = max(pipeline.amplify, 1 << 20)
@@ -72,7 +83,8 @@ class FanotifyServer:
         self.group = FanotifyGroup(pre_content=True) if group is None else group
         try:
             for cf in self.files:
-                if cf.complete():  # a full cache file needs no events: reads go at the kernel's own speed
+                # a full cache file needs no events: reads go at the kernel's own speed (unless there is a limit)
+                if cf.complete() and limit is None:
                     self._watch_changes(cf)
                     cf.marked = False
                     self.counters["complete_unmarked"] += 1
@@ -130,7 +142,8 @@ class FanotifyServer:
             counters = dict(self.counters)
         backends: dict[int, BlobBackend] = {id(cf.handle.backend): cf.handle.backend for cf in self.files}
         backend = BackendStats.combined(b.stats for b in backends.values()).snapshot()
-        return {
+        out: dict[str, Any] = {} if self.limit is None else {"cache_limit": self.limit.stats()}
+        return out | {
             "events": counters,
             "pipeline": self.pipeline.stats.snapshot(),
             "backend": backend,
@@ -182,8 +195,11 @@ class FanotifyServer:
                         continue
                     if cf.watched:
                         cf.adopt_event_fd(ev.fd)
+                        if self.limit is not None:
+                            self.limit.adopted(cf)
                     offset, end = ev.offset, ev.offset + ev.count
-                    if cf.known(offset, ev.count):
+                    if cf.known(offset, ev.count) if self.limit is None else \
+                            self.limit.serve_present(cf, offset, ev.count):  # fmt: skip
                         counters["allowed_present"] += 1
                         self.group.allow(ev)
                     else:
@@ -196,7 +212,8 @@ class FanotifyServer:
                 sequential = cf.last_start <= offset <= cf.last_end
                 cf.last_start, cf.last_end = offset, end
                 if sequential and self.readahead and end + self.readahead > cf.ra_end and end < cf.size \
-                        and not cf.shared and not cf.watched:  # fmt: skip
+                        and not cf.shared and not cf.watched \
+                        and (self.limit is None or self.limit.has_room(self.readahead)):  # fmt: skip
                     start = max(end, cf.ra_end)
                     stop = min(end + 2 * self.readahead, cf.size)
                     counters["readahead"] += 1
@@ -219,8 +236,16 @@ class FanotifyServer:
         if self._closing:
             self._deny(ev)
             return
+        if self.limit is None:
+            self._fill_and_allow(cf, ev, cf.event_writer(ev))
+        else:
+            with self.limit.pinned(cf, ev.offset, ev.count):  # until the kernel is told it may read
+                self._fill_and_allow(cf, ev, self.limit.writer(cf, cf.event_writer(ev)))
+
+    def _fill_and_allow(self, cf: CacheFile, ev: PreAccessEvent, write: WriteFn) -> None:
+        assert ev.offset is not None and ev.count is not None
         try:
-            self.pipeline.fill(cf.handle, ev.offset, ev.count, cf.event_writer(ev), cf.present)
+            self.pipeline.fill(cf.handle, ev.offset, ev.count, write, cf.present)
         except Exception as e:  # noqa: BLE001 - one line, EIO for this reader, keep serving
             log.error("blob %s: fill of %d+%d failed: %s", cf.handle.blob_id, ev.offset, ev.count, e)
             self._deny(ev)
@@ -271,9 +296,22 @@ class FanotifyServer:
                             cf.handle.blob_id, lost)  # fmt: skip
             self._unmark_if_complete(cf)
 
+    def _rearm(self, cf: CacheFile) -> None:
+        """Mark ``cf`` again if it is not, before a chunk of it is evicted (as :meth:`_changed` does)."""
+        with self._lock:
+            if cf.marked:
+                return
+            cf.marked = True
+            self.counters["complete_unmarked"] -= 1
+        try:
+            self.group.mark(cf.path, FAN_PRE_ACCESS)
+        except (FscacheError, OSError) as e:
+            log.error("blob %s: cannot mark the cache file again: %s", cf.handle.blob_id, e)
+
     def _unmark_if_complete(self, cf: CacheFile) -> None:
-        """Once a cache file has no hole left, drop its mark: later reads raise no event at all."""
-        if not cf.marked or not cf.complete():
+        """Once a cache file has no hole left, drop its mark: later reads raise no event at all (with a cache size
+        limit it stays marked: its reads must touch their chunks, and an eviction must be seen)."""
+        if not cf.marked or not cf.complete() or self.limit is not None:
             return
         with self._lock:
             if not cf.marked:
@@ -297,8 +335,9 @@ class FanotifyServer:
 
     def _readahead(self, cf: CacheFile, start: int, length: int) -> None:
         """Fill ``[start, start + length)`` in the background, writing through the pre-mark fd (no events)."""
+        write = cf.pwrite if self.limit is None else self.limit.writer(cf, cf.pwrite)
         try:
-            if self.pipeline.fill(cf.handle, start, length, cf.pwrite, cf.present, wait=False):
+            if self.pipeline.fill(cf.handle, start, length, write, cf.present, wait=False):
                 self._unmark_if_complete(cf)
         except Exception as e:  # noqa: BLE001 - best effort: a reader's own event will retry and report it
             log.info("blob %s: readahead of %d+%d: %s", cf.handle.blob_id, start, length, e)

@@ -51,6 +51,7 @@ from ..fscache_mount import MODE as FSCACHE_MODE
 from ..fscache_mount import unbind
 from ..pipeline import Pipeline
 from .cachefile import check_cache_path, fill_all, prepare_cache_files, probe_pre_content
+from .evict import check_whole_image_fits
 from .localmount import mount_files
 from .nbddaemon import release_stale_devices, run_nbd_daemon
 from .prefetch import prefetch_progress_path
@@ -135,6 +136,8 @@ def mount_image(spec: MountSpec, *, foreground: bool = False,
     _check_image_and_backend(spec)
     check_cache_path(cache)  # cache file paths go into the mount options (any mode: say it here, exit 2)
     spec = dataclasses.replace(spec, mode=select_mode(spec.mode, cache))
+    if spec.mode != "fanotify":
+        check_whole_image_fits(spec.cache_size_limit, spec.boot, spec.mode)
     run_dir().mkdir(parents=True, exist_ok=True)
     record = record_path(mp)
     data = initial_record(spec)

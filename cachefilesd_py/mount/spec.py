@@ -44,6 +44,9 @@ class MountSpec:
     - ``prefetch``: fetch the files of the image's prefetch table in the background once mounted;
       ``prefetch_all``: then the rest of the blobs too; ``prefetch_bandwidth``: its cap in bytes/s fetched (0:
       none); ``prefetch_merge``: the largest piece it fills at once (:mod:`cachefilesd_py.prefetch`).
+    - ``cache_size_limit``: bytes the cache files may take on disk (0: no limit); in fanotify mode the least
+      recently used chunks are punched out to stay under it (:mod:`.evict`), full and nbd modes refuse an image
+      that does not fit.
     """
 
     boot: str
@@ -64,6 +67,7 @@ class MountSpec:
     prefetch_all: bool = False
     prefetch_bandwidth: int = 0
     prefetch_merge: int = 1 << 20
+    cache_size_limit: int = 0
 
     def resolved(self) -> Self:
         """The spec with absolute, symlink-free paths (what the daemon, run from ``/``, is given)."""

@@ -47,6 +47,7 @@ from ..blob_handles import open_image
 from ..logfilter import daemon_logging
 from ..pipeline import Pipeline
 from .cachefile import CacheFile, prepare_cache_files
+from .evict import CacheLimit
 from .prefetch import start_prefetch, stop_prefetch
 from .ready import OK, error_line, report
 from .record import initial_record, record_path, write_record
@@ -122,8 +123,11 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
             if not handles:
                 raise UsageError(f"{boot}: the image has no data blobs: mount it directly")
             files = prepare_cache_files(cache_dir, handles, marked=adopted)
+            limit = CacheLimit(files, spec.cache_size_limit) if spec.cache_size_limit else None
             server = FanotifyServer(files, pipeline, workers=workers, readahead=spec.readahead, group=group,
-                                    adopted=adopted)  # fmt: skip
+                                    adopted=adopted, limit=limit)  # fmt: skip
+            if limit is not None:  # a warm cache over the limit (a lower one than last time)
+                limit.shrink()
             if not adopted:
                 mount_erofs_file_backed(boot, mountpoint, [cf.path for cf in files], allow_suid=spec.allow_suid,
                                         allow_dev=spec.allow_dev)  # fmt: skip

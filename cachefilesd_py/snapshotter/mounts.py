@@ -74,9 +74,10 @@ class LazyMounts:
     ``daemon_sock`` serves the image, and the kernel keeps the mount whatever happens to the snapshotter)."""
 
     def __init__(self, layout: Layout, mode: str, *, amplify: int = 1 << 20, readahead: int | None = 0,
-                 daemon_sock: str = DEFAULT_DAEMON_SOCK) -> None:  # fmt: skip
+                 daemon_sock: str = DEFAULT_DAEMON_SOCK, cache_size_limit: int = 0) -> None:  # fmt: skip
         self.layout, self.mode, self.amplify, self.readahead = layout, mode, amplify, readahead
         self.daemon_sock = daemon_sock
+        self.cache_size_limit = cache_size_limit
         self._lock = threading.Lock()
 
     def is_mounted(self, snap: Snapshot) -> bool:
@@ -102,7 +103,8 @@ class LazyMounts:
             cache.mkdir(parents=True, exist_ok=True)
             spec = MountSpec(boot=str(self.layout.boot(snap)), mountpoint=str(mnt), cache_dir=str(cache),
                              mode=self.mode, backend=backend.type, backend_config=backend.config,
-                             amplify=self.amplify, readahead=self.readahead)  # fmt: skip
+                             amplify=self.amplify, readahead=self.readahead,
+                             cache_size_limit=self.cache_size_limit)  # fmt: skip
             rec = mount_image(spec)
             log.info("mounted %s (%s mode) on %s", snap.name, rec.get("mode"), mnt)
             return mnt

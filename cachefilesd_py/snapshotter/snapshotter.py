@@ -70,14 +70,15 @@ class Snapshotter:
     ``mode``: how Nydus images are mounted (:data:`~.mounts.SNAPSHOTTER_MODES`; ``daemon_sock``: the API socket of
     the cachefilesd-py that serves them in fscache mode); ``plain_http``: reach
     registries over HTTP; ``containerd_root``: where a plain pull's blobs are (containerd's content store);
-    ``amplify``, ``readahead``: the mounts' (:class:`~cachefilesd_py.mount.spec.MountSpec`); no readahead by
-    default: a container starts by reading scattered files, and a window of megabytes after each would fetch
-    much of the image.
+    ``amplify``, ``readahead``, ``cache_size_limit``: the mounts' (:class:`~cachefilesd_py.mount.spec.MountSpec`;
+    the limit holds for each image's cache); no readahead by default: a container starts by reading scattered
+    files, and a window of megabytes after each would fetch much of the image.
     """
 
     def __init__(self, root: Path, *, cache_dir: Path | None = None, mode: str = "auto", plain_http: bool = False,
                  containerd_root: Path = Path("/var/lib/containerd"), amplify: int = 1 << 20,
-                 readahead: int | None = 0, daemon_sock: str = DEFAULT_DAEMON_SOCK) -> None:  # fmt: skip
+                 readahead: int | None = 0, daemon_sock: str = DEFAULT_DAEMON_SOCK,
+                 cache_size_limit: int = 0) -> None:  # fmt: skip
         if mode not in SNAPSHOTTER_MODES:
             raise SnapshotError("INVALID_ARGUMENT", f"unknown mode {mode!r}")
         root.mkdir(parents=True, exist_ok=True)
@@ -92,7 +93,8 @@ class Snapshotter:
         (root / "snapshots").mkdir(exist_ok=True)
         self.layout = Layout(root.resolve(), (cache_dir or root / "cache").resolve())
         self.store = Store(root / "metadata.db")
-        self.lazy = LazyMounts(self.layout, mode, amplify=amplify, readahead=readahead, daemon_sock=daemon_sock)
+        self.lazy = LazyMounts(self.layout, mode, amplify=amplify, readahead=readahead, daemon_sock=daemon_sock,
+                               cache_size_limit=cache_size_limit)  # fmt: skip
         self.plain_http = plain_http
         self.containerd_root = containerd_root
         # held while a snapshot's row and directory are created, and by cleanup: it never sees a directory whose
