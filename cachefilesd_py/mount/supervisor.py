@@ -68,7 +68,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import FrameType
 
 from erofs.errors import NydusErofsError, UsageError
 from fscache.errors import FscacheError, PreContentUnsupportedError
@@ -87,8 +86,7 @@ __all__ = ["FanotifySupervisor", "ResumeState", "main"]
 log = logging.getLogger(__name__)
 
 WORKER_MODULE = "cachefilesd_py.mount.worker"
-UPGRADE_SIGNAL = signal.SIGHUP
-_EXEC_BLOCKED = (*STOP_SIGNALS, UPGRADE_SIGNAL)  # blocked across the re-exec
+_EXEC_BLOCKED = (*STOP_SIGNALS, signal.SIGHUP)  # blocked across the re-exec (unblocked once handled again)
 
 
 @dataclass(frozen=True)
@@ -125,6 +123,7 @@ class FanotifySupervisor(Supervisor):
     :meth:`_linger` unmounts and answers the events until then."""
 
     forward_signals = (signal.SIGUSR1,)
+    upgrade_signal = signal.SIGHUP
 
     def __init__(self, spec: MountSpec, policy: RestartPolicy | None = None) -> None:
         super().__init__(policy)
@@ -136,8 +135,6 @@ class FanotifySupervisor(Supervisor):
         self.died = False  # the last worker died without answering what it had read
         self._ready_r = -1  # the read end of the last worker's ready pipe
         self._go_r = -1  # while a worker to take over starts: the read end of its go pipe
-        self._upgrade_wanted = False  # SIGHUP came
-        self._serving = False  # a worker serves (an upgrade may start)
 
     # -- the core's hooks ---------------------------------------------------------------------------------------
     def start_worker(self) -> WorkerProcess:
@@ -200,43 +197,8 @@ class FanotifySupervisor(Supervisor):
             return True
         return False
 
-    def wait(self) -> int:
-        """Wait for the worker to exit (its exit status); an upgrade asked for meanwhile is done first."""
-        while self._wake_r >= 0 and self.proc is not None:
-            if self._upgrade_wanted and self._serving and not self.stopping:
-                self._upgrade_wanted = False
-                self._upgrade()
-            elif self._exited_or_woken(self.proc.pid):
-                break
-        return super().wait()
-
-    def _exited_or_woken(self, pid: int) -> bool:
-        """Wait until worker ``pid`` exits (True) or a signal wakes us (False)."""
-        try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            return True
-        try:
-            poller = select.poll()
-            poller.register(pidfd, select.POLLIN)
-            poller.register(self._wake_r, select.POLLIN)
-            ready = {fd for fd, _ in poller.poll()}
-        finally:
-            os.close(pidfd)
-        if self._wake_r in ready:
-            drain(self._wake_r)
-        return pidfd in ready
-
     # -- upgrade in place (see the module's docstring) ------------------------------------------------------------
-    def _on_upgrade_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._upgrade_wanted = True
-
-    def _handle_upgrades(self) -> None:
-        """SIGHUP asks for an upgrade from now on (the wakeup fd of :meth:`handling_signals` wakes the wait)."""
-        signal.signal(UPGRADE_SIGNAL, self._on_upgrade_signal)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _EXEC_BLOCKED)  # (blocked by a re-exec before this image)
-
-    def _upgrade(self) -> None:
+    def on_upgrade(self) -> None:
         """Re-execute the supervisor (its new image hands the worker over); if it cannot, hand over here."""
         log.info("upgrade: re-executing the supervisor")
         try:
@@ -412,7 +374,7 @@ class FanotifySupervisor(Supervisor):
         its death, giving up, an error), by :meth:`_linger`.
         """
         with self.handling_signals():  # (restored only at the end: a second SIGTERM must not end the wait)
-            self._handle_upgrades()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _EXEC_BLOCKED)
             try:
                 try:
                     self.group = FanotifyGroup(pre_content=True)
@@ -431,7 +393,7 @@ class FanotifySupervisor(Supervisor):
                 if line != OK:
                     self.died = self.wait() != 0
                     return 1
-                self._serving = True
+                self.serving = True
                 return self.supervise()
             finally:
                 self._end()
@@ -444,11 +406,11 @@ class FanotifySupervisor(Supervisor):
             self.inotify = Inotify.from_fd(state.inotify_fd)
             self.restarts = state.restarts
             self.proc, self._started = ForkedWorker(state.worker_pid), time.monotonic()
-            self._handle_upgrades()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _EXEC_BLOCKED)
             try:
                 log.info("supervisor re-executed (pid %d): worker %d hands over", os.getpid(), state.worker_pid)
                 self.hand_over()
-                self._serving = True
+                self.serving = True
                 return self.supervise()
             finally:
                 self._end()

@@ -9,7 +9,6 @@ import os
 import random
 import re
 import signal
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from cachefilesd_py.mount.upgrade import request_upgrade
 from erofs.errors import UsageError
 from erofs.paths import process_start_time
 from tests.mount.test_fanotify_mount import TIMEOUT, GatedBlobServer, Mounts, build
+from tests.support.cold_read import ColdReader
 from tests.support.poll import wait_for
 
 pytestmark = pytest.mark.kernel("erofs", "fanotify")
@@ -46,42 +46,6 @@ def _cmdline(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
 
 
-class Reader:
-    """A cold sequential read of a file in 256 KiB pieces, in a thread: its sha256 and every error."""
-
-    def __init__(self, path: Path) -> None:
-        self.read = 0
-        self.errors: list[BaseException] = []
-        self.digest = ""
-        self.progress = threading.Condition()
-        self.thread = threading.Thread(target=self._run, args=(path,), daemon=True)
-        self.thread.start()
-
-    def _run(self, path: Path) -> None:
-        h = hashlib.sha256()
-        try:
-            with open(path, "rb", buffering=0) as f:
-                while piece := f.read(256 << 10):
-                    h.update(piece)
-                    with self.progress:
-                        self.read += len(piece)
-                        self.progress.notify_all()
-        except OSError as e:
-            self.errors.append(e)
-        self.digest = h.hexdigest()
-        with self.progress:
-            self.progress.notify_all()
-
-    def wait_read(self, n: int) -> None:
-        with self.progress:
-            assert self.progress.wait_for(lambda: self.read >= n or not self.thread.is_alive(), TIMEOUT)
-        assert self.read >= n, (self.read, self.errors)
-
-    def join(self) -> None:
-        self.thread.join(TIMEOUT * 2)
-        assert not self.thread.is_alive(), "reader blocked"
-
-
 def _log_has(rec: dict[str, Any], pattern: str) -> str:
     log = Path(rec["log"])
     return wait_for(lambda: re.search(pattern, log.read_text()) and log.read_text(),
@@ -102,7 +66,7 @@ def test_upgrade_during_cold_read_fails_no_read(mounts: Mounts, image64: tuple[P
                                     backend_config={"url": server.url}, mode="fanotify", prefetch=False))  # fmt: skip
         mounts.active.append(mp)
         sup, old = rec["pid"], rec["worker_pid"]
-        reader = Reader(mp / "big.bin")
+        reader = ColdReader(mp / "big.bin", TIMEOUT)
         reader.wait_read(4 << 20)
         server.armed.set()  # the next fetch stalls: the old worker holds the reader's event while it hands over
         assert server.arrived.wait(TIMEOUT), "no fetch"
