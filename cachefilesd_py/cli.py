@@ -94,6 +94,8 @@ _PATH = click.Path(path_type=Path)
 @click.option("--threads", type=click.IntRange(max=1024), default=4, show_default=True, help="READ worker threads.")
 @click.option("--amplify", type=_Size(), default="1MiB", show_default=True,
               help="Merge reads of adjacent chunks up to this many bytes.")  # fmt: skip
+@click.option("--fill-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds a read may wait for its data (fetch and verify, retries included); then EIO.")  # fmt: skip
 @click.option("--prefetch/--no-prefetch", default=True, show_default=True,
               help="On mount, fetch the files of the image's prefetch table in the background.")  # fmt: skip
 @click.option("--prefetch-all", is_flag=True, help="Then prefetch the rest of the image's blobs too.")
@@ -212,11 +214,13 @@ def _serve(args: argparse.Namespace, device: CachefilesDevice, api_sock: socket.
     from cachefilesd_py.api import ApiServer
     from cachefilesd_py.daemon import Daemon
     from cachefilesd_py.image_store import ImageStore
+    from cachefilesd_py.pipeline import Pipeline
     from cachefilesd_py.prefetch import PrefetchOptions
 
     store = ImageStore(args.images_dir, _make_backend(args))
     prefetch = PrefetchOptions(args.prefetch, args.prefetch_all, args.prefetch_bandwidth, args.prefetch_merge)
-    daemon = Daemon(device, store, threads=args.threads, amplify=args.amplify, prefetch=prefetch)
+    pipeline = Pipeline(amplify=args.amplify, workers=args.threads, fill_timeout=args.fill_timeout)
+    daemon = Daemon(device, store, threads=args.threads, pipeline=pipeline, prefetch=prefetch)
 
     def info() -> dict[str, Any]:
         return {**daemon.info(), "supervisor_pid": supervisor_pid, "restarts": restarts}

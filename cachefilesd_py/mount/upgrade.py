@@ -17,7 +17,7 @@ from typing import Any
 
 from erofs.errors import UsageError
 from erofs.paths import process_start_time
-from fscache.inotify import Inotify
+from fscache.inotify import IN_MODIFY, Inotify
 from fscache.mount import MountError
 
 from .record import log_path, read_record, run_dir
@@ -33,9 +33,9 @@ def request_upgrade(record: dict[str, Any], timeout: float = UPGRADE_TIMEOUT) ->
     """Upgrade the daemon of the mount ``record`` describes (a runtime record, :func:`~.record.read_record`) and
     return its record once a new worker serves it and the old worker is gone.
 
-    UsageError: not a mount served by a supervisor (fanotify mode); MountError: its daemon is not running, or the
-    upgrade did not complete within ``timeout`` seconds (the supervisor's log says why: the old worker serves on
-    when the new one cannot start)."""
+    UsageError: not a mount served by a supervisor (fanotify mode); MountError: its daemon is not running, the
+    supervisor called the upgrade off (its log line says why: the new worker could not start; the old one serves
+    on), or it did not complete within ``timeout`` seconds."""
     mp = record.get("mountpoint")
     if isinstance(mp, str):
         record = read_record(mp) or record  # as it is now (what ``mount`` returned lacks the start times)
@@ -49,9 +49,11 @@ def request_upgrade(record: dict[str, Any], timeout: float = UPGRADE_TIMEOUT) ->
     except ProcessLookupError:
         raise MountError(errno.ESRCH, f"{mp}: its worker {old} is gone") from None
     deadline = time.monotonic() + timeout
+    log = log_path(mp)
     try:
         with Inotify() as changes:
-            changes.add_watch(run_dir(), IN_CLOSE_WRITE | IN_MOVED_TO)
+            changes.add_watch(run_dir(), IN_CLOSE_WRITE | IN_MOVED_TO | IN_MODIFY)  # the record, the log
+            logged = log.stat().st_size if log.exists() else 0
             os.kill(record["pid"], signal.SIGHUP)
             poller = select.poll()
             poller.register(pidfd, select.POLLIN)
@@ -62,6 +64,9 @@ def request_upgrade(record: dict[str, Any], timeout: float = UPGRADE_TIMEOUT) ->
                 new = read_record(Path(mp)) or {}
                 if gone and _taken_over(new, old):
                     return new
+                logged, off = _called_off(log, logged)
+                if off:
+                    raise MountError(errno.ECANCELED, f"{mp}: {off} (log: {log})")
                 left = deadline - time.monotonic()
                 ready = poller.poll(int(left * 1000) + 1) if left > 0 else []
                 if not ready:
@@ -72,6 +77,22 @@ def request_upgrade(record: dict[str, Any], timeout: float = UPGRADE_TIMEOUT) ->
                     poller.unregister(pidfd)
     finally:
         os.close(pidfd)
+
+
+def _called_off(log: Path, offset: int) -> tuple[int, str | None]:
+    """The log's size read so far (whole lines), and the supervisor's "upgrade called off" line if it wrote one
+    after ``offset``."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return offset, None
+    whole = data[: data.rfind(b"\n") + 1]  # a line being written is read whole next time
+    for line in whole.decode(errors="replace").splitlines():
+        if "upgrade called off" in line:
+            return offset, line[line.index("upgrade called off") :].strip()
+    return offset + len(whole), None
 
 
 def _taken_over(rec: dict[str, Any], old: int) -> bool:

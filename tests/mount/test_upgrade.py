@@ -8,6 +8,7 @@ import hashlib
 import os
 import random
 import re
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from cachefilesd_py.mount.spec import MountSpec
 from cachefilesd_py.mount.upgrade import request_upgrade
 from erofs.errors import UsageError
 from erofs.paths import process_start_time
+from fscache.mount import MountError
 from tests.mount.test_fanotify_mount import TIMEOUT, GatedBlobServer, Mounts, build
 from tests.support.cold_read import ColdReader
 from tests.support.poll import wait_for
@@ -113,4 +115,21 @@ def test_request_upgrade_refuses_a_mount_without_supervisor(mounts: Mounts, imag
     mp, rec = mounts.mount(out, "full", mode="full")
     with pytest.raises(UsageError, match="only a fanotify mount"):
         request_upgrade(read_record(mp) or rec)
+    mounts.umount(mp)
+
+
+def test_upgrade_called_off_when_the_new_worker_cannot_start(mounts: Mounts, image64: tuple[Path, Path],
+                                                             tmp_path: Path) -> None:  # fmt: skip
+    """The bootstrap moved away after the mount: a new worker cannot load the image, so the supervisor calls the
+    upgrade off; request_upgrade says so, and the old worker serves on."""
+    src, out = image64
+    boot = tmp_path / "image.boot"
+    shutil.copyfile(out / "image.boot", boot)
+    mp, rec = mounts.mount(out, "off", boot=boot)
+    boot.rename(tmp_path / "moved.boot")  # (the mount holds it open)
+    with pytest.raises(MountError, match=r"upgrade called off: new worker \d+ failed: error \d "):
+        request_upgrade(rec)
+    now = read_record(mp) or {}
+    assert now["worker_pid"] == rec["worker_pid"] and process_start_time(rec["worker_pid"]) is not None
+    assert hashlib.sha256((mp / "big.bin").read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
     mounts.umount(mp)

@@ -87,11 +87,12 @@ def test_upgrade_during_cold_read_fails_no_read(monkeypatch: pytest.MonkeyPatch)
     new_pid = 0
     image, digest = large_image()
     server = GatedBlobServer(image / "blobs")  # the blobs over HTTP; armed, the next fetch waits for release
+    # (a while: the new daemon starts meanwhile, tens of seconds under TCG; hence the long --fill-timeout)
     try:
         env = {**os.environ, "NOTIFY_SOCKET": str(note.path)}
         cmd = [str(CACHEFILESD), "--cache-dir", str(d.cache), "--images-dir", str(d.images), "--api-sock",
                str(d.api_sock), "--upgrade-sock", str(upgrade_sock), "--backend", "http",
-               "--url", server.url]  # fmt: skip
+               "--url", server.url, "--fill-timeout", "900"]  # fmt: skip
         with open(d.log, "wb") as log:
             d.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
         note.wait_for("READY=1", d.proc)
