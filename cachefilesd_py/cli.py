@@ -317,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
         raise _Usage(f"--cache-dir {args.cache_dir}: cannot create it: File exists")
     if args.takeover is not None:
         _preload(args)  # all checked before the old daemon stops its worker
-    device, passed = _acquire_device(args)
+    device, passed, how = _acquire_device(args)
     api_sock: socket.socket | None = None
     upgrade_sock: socket.socket | None = None
     sup: CachefilesSupervisor | None = None
@@ -346,6 +346,7 @@ def run(args: argparse.Namespace) -> int:
                 upgrade_sock = sock
         for extra in passed.values():  # handed over, not wanted by these options
             extra.close()
+        log.info("%s", how)
         if args.no_supervisor:
             return _serve(args, device, api_sock, 0, None, ready=True)
         sup_pid = os.getpid()
@@ -387,10 +388,11 @@ def _preload(args: argparse.Namespace) -> None:
     args.preloaded = True
 
 
-def _acquire_device(args: argparse.Namespace) -> tuple[CachefilesDevice, dict[str, socket.socket]]:
+def _acquire_device(args: argparse.Namespace) -> tuple[CachefilesDevice, dict[str, socket.socket], str]:
     """The bound device: taken over (``--takeover``, with the listening sockets handed over), found in systemd's
     fd store (a restart of the service: bound already), or opened and bound (then put in the fd store).  With one
-    bound before, ``restore``: the requests read and not completed by its last user come again."""
+    bound before, ``restore``: the requests read and not completed by its last user come again.  Also a log line
+    saying which."""
     from cachefilesd_py.takeover import TakeoverState, accept_done, take_over
 
     if args.takeover is not None:
@@ -414,14 +416,12 @@ def _acquire_device(args: argparse.Namespace) -> tuple[CachefilesDevice, dict[st
             conn.close()
             raise
         accept_done(conn)
-        log.info("took %s over from daemon %d (cache %s)", args.device, state.pid, state.cache_dir)
-        return device, sockets
+        return device, sockets, f"took {args.device} over from daemon {state.pid} (cache {state.cache_dir})"
     stored = listen_fds().get("cachefiles")
     if stored:
         device = CachefilesDevice(stored[0], args.device)
         device.restore()
-        log.info("%s from the fd store: bound already, restored", args.device)
-        return device, {}
+        return device, {}, f"{args.device} from the fd store: bound already, restored"
     device = CachefilesDevice.open(args.device)  # before creating the cache dir: no device, nothing made
     try:
         try:
@@ -433,8 +433,7 @@ def _acquire_device(args: argparse.Namespace) -> tuple[CachefilesDevice, dict[st
         device.close()
         raise
     notify("FDSTORE=1", "FDNAME=cachefiles", fds=[device.fileno()])  # kept while the service runs
-    log.info("bound %s to cache %s", args.device, args.cache_dir.resolve())
-    return device, {}
+    return device, {}, f"bound {args.device} to cache {args.cache_dir.resolve()}"
 
 
 def _takeover_state(args: argparse.Namespace, api_sock: socket.socket | None,

@@ -39,7 +39,7 @@ __all__ = ["HANDOVER_TIMEOUT", "HandedOver", "Handover", "TakeoverError", "Takeo
 
 log = logging.getLogger("cachefilesd_py")
 
-HANDOVER_TIMEOUT = 120.0  # seconds a successor has to connect (a new interpreter loads the images' backends)
+HANDOVER_TIMEOUT = 600.0  # seconds a successor has to connect (a new interpreter loads the images' backends)
 _MAX_STATE = 1 << 20
 _MAX_FDS = 8
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import array
 import os
+import select
+import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from cachefilesd_py.api import listen
+from cachefilesd_py.api import get, listen
 from cachefilesd_py.notify import LISTEN_FDS_START, Watchdog, listen_fds, notify, watchdog_interval
 from cachefilesd_py.takeover import Handover, TakeoverError, TakeoverState, accept_done, successor_command, take_over
 from erofs.errors import UsageError
@@ -187,3 +189,57 @@ def test_a_successor_that_exits_first_calls_the_upgrade_off(tmp_path: Path) -> N
         assert time.monotonic() - started < TIMEOUT
     finally:
         h.listener.close()
+
+
+Notify = tuple[socket.socket, dict[str, str]]
+
+
+def test_cli_upgrade_in_place_with_a_stand_in_device(tmp_path: Path, notify_socket: Notify) -> None:
+    """The whole of ``cachefilesd-py --upgrade-sock``'s reload, /dev/null standing in for /dev/cachefiles (as in
+    tests/cli/test_cli_hostile.py; the kernel's side, restore and re-opens, is tests/vm/test_upgrade.py's): the
+    device goes to the fd store, SIGHUP starts the successor, which takes the device and the API socket over and
+    says READY=1 with its MAINPID; the old daemon exits 0; the new one pings the watchdog, answers on the same API
+    path, and removes the sockets when it stops."""
+    sock, env = notify_socket
+    cachefilesd = str(Path(sys.executable).with_name("cachefilesd-py"))
+    (tmp_path / "images").mkdir()
+    api, up = tmp_path / "api.sock", tmp_path / "up.sock"
+    cmd = [cachefilesd, "--device", "/dev/null", "--cache-dir", str(tmp_path / "cache"), "--images-dir",
+           str(tmp_path / "images"), "--api-sock", str(api), "--upgrade-sock", str(up), "--threads", "1"]  # fmt: skip
+    lines: list[str] = []
+
+    def until(line: str) -> None:
+        while line not in lines:
+            lines.extend(sock.recv(4096).decode().split("\n"))
+
+    log = tmp_path / "log"
+    with open(log, "wb") as out:
+        old = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                               env={**os.environ, **env, "WATCHDOG_USEC": "1000000"})  # fmt: skip
+    new_pid = 0
+    try:
+        until("READY=1")
+        assert "FDSTORE=1" in lines and "FDNAME=cachefiles" in lines
+        until("WATCHDOG=1")
+        first = get(api, "/api/v1/daemon", timeout=TIMEOUT)
+        lines.clear()
+        old.send_signal(signal.SIGHUP)
+        until("READY=1")
+        new_pid = int(next(x for x in lines if x.startswith("MAINPID=")).split("=")[1])
+        assert old.wait(TIMEOUT) == 0 and new_pid != old.pid
+        assert "STOPPING=1" not in lines
+        lines.clear()
+        until("WATCHDOG=1")
+        second = get(api, "/api/v1/daemon", timeout=TIMEOUT)
+        assert second["supervisor_pid"] == new_pid and second["pid"] != first["pid"]
+        assert f"took /dev/null over from daemon {old.pid}" in log.read_text()
+    finally:
+        if new_pid:
+            os.kill(new_pid, signal.SIGTERM)
+            pidfd = os.pidfd_open(new_pid)
+            assert select.select([pidfd], [], [], TIMEOUT)[0], log.read_text()
+            os.close(pidfd)
+        if old.poll() is None:
+            old.kill()
+            old.wait()
+    assert not api.exists() and not up.exists()

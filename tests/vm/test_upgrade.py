@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from cachefilesd_py.takeover import HANDOVER_TIMEOUT
 from tests.mount.test_fanotify_mount import GatedBlobServer
 from tests.support.cold_read import ColdReader
 from tests.support.poll import wait_for
@@ -70,9 +71,9 @@ def _gone(pid: int) -> None:
         os.close(pidfd)
 
 
-def _log_has(d: DaemonProc, text: str) -> None:
+def _log_has(d: DaemonProc, text: str, timeout: float) -> None:
     wait_for(lambda: text in d.log_text() or (d.proc is not None and d.proc.poll() is not None),
-             f"{text!r} not in the log", TIMEOUT)  # fmt: skip
+             f"{text!r} not in the log", timeout)  # fmt: skip
     assert text in d.log_text(), d.log_text()
 
 
@@ -111,7 +112,9 @@ def test_upgrade_during_cold_read_fails_no_read(monkeypatch: pytest.MonkeyPatch)
             server.armed.clear()  # (only that fetch)
             note.lines.clear()
             d.proc.send_signal(signal.SIGHUP)
-            _log_has(d, "the worker finishes its reads")  # the new daemon connected: the old worker stops
+            # the new daemon started and connected (a new interpreter: minutes under TCG on a loaded host), the old
+            # worker stops
+            _log_has(d, "the worker finishes its reads", HANDOVER_TIMEOUT)
             assert reader.thread.is_alive() and reader.read < 64 * MiB, "the read ended before the upgrade"
             server.release.set()
             note.wait_for("READY=1")  # the new daemon's, once it serves
