@@ -591,7 +591,11 @@ class CachefilesSupervisor(Supervisor):
             return
         notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}",
                "STATUS=upgrading")  # fmt: skip
-        pid = handover.upgrade(self.stop_worker, self._resume)
+        self.serving = False  # (a SIGHUP meanwhile starts no second upgrade)
+        try:
+            pid = handover.upgrade(self.stop_worker, self._resume)
+        finally:
+            self.serving = True
         if pid is None:
             notify("READY=1", "STATUS=serving")
             return
@@ -619,6 +623,7 @@ class CachefilesSupervisor(Supervisor):
                 log.info("upgrade: daemon %d took over: exiting", e.pid)
                 return 0
             finally:
+                self.serving = False
                 self.stop_worker()  # a stop raced with a restart, or an error: never leave the worker
                 if not self.handed_over:
                     notify("STOPPING=1")

@@ -416,6 +416,7 @@ class FanotifySupervisor(Supervisor):
                 self._end()
 
     def _end(self) -> None:
+        self.serving = False  # (no upgrade while it stops)
         code = self.stop_worker()  # an error above: stop the worker (it serves until the release)
         self.died = (code is not None and code != 0) or self.died
         self._close_group()
