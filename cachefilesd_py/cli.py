@@ -7,13 +7,19 @@
                     | --backend registry --host H --repo R [--plain-http] [--auth user:pass]
                     | --backend s3 --backend-config bucket=B,...]
                    [--backend-config JSON|@FILE|KEY=VALUE,...] [--threads N] [--amplify 1MiB] [--api-sock PATH]
-                   [--cache-size-limit SIZE] [--no-supervisor] [--json-logs]
+                   [--cache-size-limit SIZE] [--no-supervisor] [--json-logs] [--upgrade-sock PATH]
+                   [--takeover PATH]
 
 While it runs, ``mount -t erofs none -o fsid=NAME /mnt`` mounts ``IMAGES/NAME/image.boot`` (blobs from
 ``IMAGES/NAME/blobs/`` unless a backend for all images is given).  With ``--api-sock``, images are also bound
 and unbound at run time, each with its own backend: ``PUT``/``DELETE /api/v1/images/{fsid}``
 (:mod:`cachefilesd_py.bindings`).  Errors are one line
 (``cachefilesd-py: error: ...``), exit status 1 (2 for usage errors); ``--debug`` shows tracebacks.
+
+Under systemd (``Type=notify``): READY=1 once serving, WATCHDOG=1 pings from the worker when ``WatchdogSec=`` is
+set, the bound device kept in the fd store (``FDSTORE=1``, name ``cachefiles``: a restart of the service finds
+it bound and writes ``restore``), and SIGHUP (``ExecReload``) upgrades in place with ``--upgrade-sock``
+(:mod:`cachefilesd_py.takeover`).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from cachefilesd_py.logfilter import RepeatFilter
-from cachefilesd_py.notify import notify
+from cachefilesd_py.notify import Watchdog, listen_fds, notify, watchdog_interval
 from erofs.errors import BackendError, NydusErofsError, UsageError
 from erofs.units import parse_size
 from fscache.cachefiles import DEVICE_PATH, CachefilesDevice
@@ -41,7 +47,7 @@ from fscache.errors import FscacheError
 
 if TYPE_CHECKING:
     from cachefilesd_py.backends import BlobBackend
-    from cachefilesd_py.daemon import Daemon
+    from cachefilesd_py.daemon import CachefilesSupervisor, Daemon
 
 # The daemon, pipeline, reader and backends are imported once the device is bound: startup errors come fast.
 
@@ -89,6 +95,8 @@ _PATH = click.Path(path_type=Path)
 @click.option("--threads", type=click.IntRange(max=1024), default=4, show_default=True, help="READ worker threads.")
 @click.option("--amplify", type=_Size(), default="1MiB", show_default=True,
               help="Merge reads of adjacent chunks up to this many bytes.")  # fmt: skip
+@click.option("--fill-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds a read may wait for its data (fetch and verify, retries included); then EIO.")  # fmt: skip
 @click.option("--prefetch/--no-prefetch", default=True, show_default=True,
               help="On mount, fetch the files of the image's prefetch table in the background.")  # fmt: skip
 @click.option("--prefetch-all", is_flag=True, help="Then prefetch the rest of the image's blobs too.")
@@ -100,6 +108,8 @@ _PATH = click.Path(path_type=Path)
               "used first.")  # fmt: skip
 @click.option("--api-sock", type=_PATH, help="Serve the HTTP API on this Unix socket.")
 @click.option("--no-supervisor", is_flag=True, help="One process, no failover.")
+@click.option("--upgrade-sock", type=_PATH, help="Hand over to a new daemon on SIGHUP through this socket.")
+@click.option("--takeover", type=_PATH, help="Take over from the daemon whose --upgrade-sock this is.")
 @click.option("--json-logs", is_flag=True, help="Log JSON lines.")
 @click.option("--tag", default=PROG, show_default=True, help="cachefiles cache tag.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
@@ -209,11 +219,13 @@ def _serve(args: argparse.Namespace, device: CachefilesDevice, api_sock: socket.
     from cachefilesd_py.cache_limit import ObjectCuller
     from cachefilesd_py.daemon import Daemon
     from cachefilesd_py.image_store import ImageStore
+    from cachefilesd_py.pipeline import Pipeline
     from cachefilesd_py.prefetch import PrefetchOptions
 
     store = ImageStore(args.images_dir, _make_backend(args))
     prefetch = PrefetchOptions(args.prefetch, args.prefetch_all, args.prefetch_bandwidth, args.prefetch_merge)
-    daemon = Daemon(device, store, threads=args.threads, amplify=args.amplify, prefetch=prefetch)
+    pipeline = Pipeline(amplify=args.amplify, workers=args.threads, fill_timeout=args.fill_timeout)
+    daemon = Daemon(device, store, threads=args.threads, pipeline=pipeline, prefetch=prefetch)
     # the worker holds the culler (its counters: ``culler.stats()``, in the daemon info)
     culler = None
     if args.cache_size_limit:
@@ -240,11 +252,15 @@ def _serve(args: argparse.Namespace, device: CachefilesDevice, api_sock: socket.
         signal.signal(s, on_signal)
     if ready:
         notify("READY=1", f"MAINPID={os.getpid()}", "STATUS=serving")
+    interval = getattr(args, "watchdog", None)
+    watchdog = Watchdog(interval, lambda: daemon.state == "RUNNING").start() if interval else None
     try:
         daemon.run()
     finally:
         if culler is not None:
             culler.stop()
+        if watchdog is not None:
+            watchdog.stop()
         if api is not None:
             api.stop()
         store.close()
@@ -312,45 +328,139 @@ def run(args: argparse.Namespace) -> int:
     _backend_options(args)  # usage errors first; the backend itself is made by each worker
     if os.path.lexists(args.cache_dir) and not args.cache_dir.is_dir():
         raise _Usage(f"--cache-dir {args.cache_dir}: cannot create it: File exists")
-    device = CachefilesDevice.open(args.device)  # before creating the cache dir: no device, nothing made
+    if args.takeover is not None:
+        _preload(args)  # all checked before the old daemon stops its worker
+    device, passed, how = _acquire_device(args)
     api_sock: socket.socket | None = None
+    upgrade_sock: socket.socket | None = None
+    sup: CachefilesSupervisor | None = None
+    try:
+        _preload(args)
+        from cachefilesd_py.api import listen
+        from cachefilesd_py.daemon import CachefilesSupervisor
+        from cachefilesd_py.supervisor import RestartPolicy
+        from cachefilesd_py.takeover import Handover
+
+        args.watchdog = watchdog_interval()  # (systemd's WATCHDOG_PID is this process: the worker pings for it)
+        for name, option in (("api", "api_sock"), ("upgrade", "upgrade_sock")):
+            path = getattr(args, option)
+            if name in passed:
+                sock = passed.pop(name)
+            elif path is not None:
+                try:
+                    sock = listen(path)
+                except OSError as e:
+                    raise _Usage(f"--{option.replace('_', '-')} {path}: {e.strerror or e}") from None
+            else:
+                continue
+            if name == "api":
+                api_sock = sock
+            else:
+                upgrade_sock = sock
+        for extra in passed.values():  # handed over, not wanted by these options
+            extra.close()
+        log.info("%s", how)
+        if args.no_supervisor:
+            return _serve(args, device, api_sock, 0, None, ready=True)
+        sup_pid = os.getpid()
+        handover = None
+        if upgrade_sock is not None:
+            handover = Handover(upgrade_sock, str(args.upgrade_sock or args.takeover),
+                                lambda: _takeover_state(args, api_sock, upgrade_sock),
+                                lambda: _takeover_fds(device, api_sock, upgrade_sock))  # fmt: skip
+        sup = CachefilesSupervisor(
+            device,
+            lambda restarts: _serve(args, device, api_sock, restarts, sup_pid, ready=False),
+            policy=RestartPolicy.from_env(),
+            handover=handover,
+        )
+        return sup.run()
+    finally:
+        handed_over = sup is not None and sup.handed_over  # the successor serves on these sockets' paths
+        for sock, path in ((api_sock, args.api_sock), (upgrade_sock, args.upgrade_sock)):
+            if sock is not None:
+                sock.close()
+                if path is not None and not handed_over:
+                    try:
+                        os.unlink(path)
+                    except OSError:
+                        pass
+        device.close()
+
+
+def _preload(args: argparse.Namespace) -> None:
+    """Load the daemon's modules (once here, not again in each new worker) and make the backend once: bad options
+    (auth, URL) fail here, before serving."""
+    if getattr(args, "preloaded", False):
+        return
+    from cachefilesd_py import daemon, image_store  # noqa: F401
+
+    backend = _make_backend(args)
+    if backend is not None:
+        backend.close()
+    args.preloaded = True
+
+
+def _acquire_device(args: argparse.Namespace) -> tuple[CachefilesDevice, dict[str, socket.socket], str]:
+    """The bound device: taken over (``--takeover``, with the listening sockets handed over), found in systemd's
+    fd store (a restart of the service: bound already), or opened and bound (then put in the fd store).  With one
+    bound before, ``restore``: the requests read and not completed by its last user come again.  Also a log line
+    saying which."""
+    from cachefilesd_py.takeover import TakeoverState, accept_done, take_over
+
+    if args.takeover is not None:
+        def check(state: TakeoverState) -> None:
+            if os.path.realpath(state.cache_dir) != os.path.realpath(args.cache_dir) or state.tag != args.tag:
+                raise UsageError(f"the daemon at {args.takeover} serves cache {state.cache_dir} (tag {state.tag}), "
+                                 f"not {args.cache_dir} (tag {args.tag})")  # fmt: skip
+
+        try:
+            state, fds, conn = take_over(str(args.takeover), check)
+        except UsageError as e:
+            raise _Usage(str(e)) from None
+        device = CachefilesDevice(fds.pop("cachefiles"), args.device)
+        sockets = {name: socket.socket(fileno=fd) for name, fd in fds.items()}
+        try:
+            device.restore()
+        except BaseException:
+            device.close()
+            for s in sockets.values():
+                s.close()
+            conn.close()
+            raise
+        accept_done(conn)
+        return device, sockets, f"took {args.device} over from daemon {state.pid} (cache {state.cache_dir})"
+    stored = listen_fds().get("cachefiles")
+    if stored:
+        device = CachefilesDevice(stored[0], args.device)
+        device.restore()
+        return device, {}, f"{args.device} from the fd store: bound already, restored"
+    device = CachefilesDevice.open(args.device)  # before creating the cache dir: no device, nothing made
     try:
         try:
             args.cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise _Usage(f"--cache-dir {args.cache_dir}: cannot create it: {e.strerror}") from None
         device.bind(args.cache_dir, args.tag)
-        from cachefilesd_py import daemon, image_store  # noqa: F401 - loaded once here, not again in each new worker
-        from cachefilesd_py.api import listen
-        from cachefilesd_py.daemon import CachefilesSupervisor
-        from cachefilesd_py.supervisor import RestartPolicy
-
-        backend = _make_backend(args)  # bad backend options (auth, URL) fail here, before serving
-        if backend is not None:
-            backend.close()
-        if args.api_sock is not None:
-            try:
-                api_sock = listen(args.api_sock)
-            except OSError as e:
-                raise _Usage(f"--api-sock {args.api_sock}: {e.strerror or e}") from None
-        log.info("bound %s to cache %s", args.device, args.cache_dir.resolve())
-        if args.no_supervisor:
-            return _serve(args, device, api_sock, 0, None, ready=True)
-        sup_pid = os.getpid()
-        sup = CachefilesSupervisor(
-            device,
-            lambda restarts: _serve(args, device, api_sock, restarts, sup_pid, ready=False),
-            policy=RestartPolicy.from_env(),
-        )
-        return sup.run()
-    finally:
-        if api_sock is not None:
-            api_sock.close()
-            try:
-                os.unlink(args.api_sock)
-            except OSError:
-                pass
+    except BaseException:
         device.close()
+        raise
+    notify("FDSTORE=1", "FDNAME=cachefiles", fds=[device.fileno()])  # kept while the service runs
+    return device, {}, f"bound {args.device} to cache {args.cache_dir.resolve()}"
+
+
+def _takeover_state(args: argparse.Namespace, api_sock: socket.socket | None,
+                    upgrade_sock: socket.socket | None) -> Any:  # fmt: skip
+    from cachefilesd_py.takeover import TakeoverState
+
+    names = ["cachefiles", *(name for name, s in (("api", api_sock), ("upgrade", upgrade_sock)) if s is not None)]
+    return TakeoverState(pid=os.getpid(), cache_dir=str(args.cache_dir.resolve()), tag=args.tag,
+                         images_dir=str(args.images_dir.resolve()), fds=names)  # fmt: skip
+
+
+def _takeover_fds(device: CachefilesDevice, api_sock: socket.socket | None,
+                  upgrade_sock: socket.socket | None) -> list[int]:  # fmt: skip
+    return [device.fileno(), *(s.fileno() for s in (api_sock, upgrade_sock) if s is not None)]
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

@@ -15,7 +15,9 @@ logged per restart with its delay.  While it waits no worker runs; a stop signal
 (:data:`TEST_BACKOFF_ENV` replaces these numbers, for tests.)
 
 SIGTERM/SIGINT are passed on to the worker as SIGTERM, and the supervisor waits for it; a worker that then exits
-ends the supervision.  The supervisor is single-threaded (so forking it is safe) and waits in ``waitpid``/``poll``.
+ends the supervision.  The supervisor is single-threaded (so forking it is safe) and waits in ``poll`` (on a pidfd
+of its worker and the signals' wakeup pipe).  A path may name an :attr:`Supervisor.upgrade_signal` (SIGHUP): while
+a worker serves, it makes the wait call :meth:`Supervisor.on_upgrade` (an upgrade in place, the path's own).
 """
 
 from __future__ import annotations
@@ -130,6 +132,7 @@ class Supervisor:
 
     forward_signals: tuple[int, ...] = ()  # passed on to the worker as they are (stop signals become SIGTERM)
     stopped_between_workers = 1  # the exit status when a stop signal comes while no worker runs
+    upgrade_signal: int | None = None  # asks for an upgrade: :meth:`on_upgrade`, once :attr:`serving`
 
     def __init__(self, policy: RestartPolicy | None = None) -> None:
         self.policy = policy or RestartPolicy()
@@ -138,6 +141,8 @@ class Supervisor:
         self.stopping = False
         self._started = 0.0  # monotonic time of the last spawn
         self._wake_r = self._wake_w = -1  # the signals' wakeup pipe
+        self.serving = False  # a worker serves: an upgrade may start (the subclass says when)
+        self.upgrade_wanted = False  # the upgrade signal came
 
     # -- what a kernel path plugs in ----------------------------------------------------------------------------
     def start_worker(self) -> WorkerProcess:
@@ -164,6 +169,10 @@ class Supervisor:
         """``fd`` (of :meth:`wake_fds`) is readable: whether that ends the wait (and the supervision)."""
         return False
 
+    def on_upgrade(self) -> None:
+        """The :attr:`upgrade_signal` came while a worker serves (called from :meth:`wait`; it may replace
+        :attr:`proc`)."""
+
     # -- the core -----------------------------------------------------------------------------------------------
     @contextmanager
     def handling_signals(self) -> Iterator[None]:
@@ -171,6 +180,8 @@ class Supervisor:
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         previous_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         previous = {s: signal.signal(s, self._on_signal) for s in (*STOP_SIGNALS, *self.forward_signals)}
+        if self.upgrade_signal is not None:
+            previous[self.upgrade_signal] = signal.signal(self.upgrade_signal, self._on_upgrade_signal)
         try:
             yield
         finally:
@@ -180,6 +191,9 @@ class Supervisor:
             for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
             self._wake_r = self._wake_w = -1
+
+    def _on_upgrade_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.upgrade_wanted = True
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum in STOP_SIGNALS:
@@ -229,11 +243,34 @@ class Supervisor:
         return ForkedWorker(pid)
 
     def wait(self) -> int:
-        """Wait for the worker to exit; its exit status."""
+        """Wait for the worker to exit; its exit status.  An upgrade asked for meanwhile is done first."""
+        while self._wake_r >= 0 and self.proc is not None:
+            if self.upgrade_wanted and self.serving and not self.stopping:
+                self.upgrade_wanted = False
+                self.on_upgrade()
+            elif self._exited_or_woken(self.proc.pid):
+                break
         assert self.proc is not None
         code = self.proc.wait()
         self.proc = None
         return code
+
+    def _exited_or_woken(self, pid: int) -> bool:
+        """Wait until worker ``pid`` exits (True) or a signal wakes us (False)."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return True
+        try:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            poller.register(self._wake_r, select.POLLIN)
+            ready = {fd for fd, _ in poller.poll()}
+        finally:
+            os.close(pidfd)
+        if self._wake_r in ready:
+            drain(self._wake_r)
+        return pidfd in ready
 
     def stop_worker(self) -> int | None:
         """SIGTERM the worker, if one runs, and wait for it; its exit status."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from cachefilesd_py.fscache_mount import DEFAULT_DAEMON_SOCK
-from cachefilesd_py.notify import notify
+from cachefilesd_py.notify import Watchdog, notify
 from cachefilesd_py.snapshotter.mounts import SNAPSHOTTER_MODES
 from cachefilesd_py.snapshotter.service import serve
 from cachefilesd_py.snapshotter.snapshotter import Snapshotter
@@ -51,6 +51,7 @@ def snapshotter(address: str, root: str, mode: str, cache_dir: str | None, plain
     sn.reattach()
     server = serve(sn, Path(address))
     notify("READY=1", f"STATUS=serving on {address}")
+    watchdog = Watchdog.start_if_enabled(lambda: True)  # WATCHDOG=1 while the process runs Python at all
     click.echo(f"serving on {address}")
     try:
         server.wait_for_termination()
@@ -59,4 +60,6 @@ def snapshotter(address: str, root: str, mode: str, cache_dir: str | None, plain
         server.stop(10).wait()
         raise
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         sn.close()

@@ -110,6 +110,12 @@ class FanotifyServer:
         except (BlockingIOError, OSError):
             pass
 
+    def finish(self) -> None:
+        """Hand over (after :meth:`stop`): drop the readahead not started, wait for every fill already taken
+        (each answers its event) and for the readahead under way; the events not read stay queued."""
+        self._ra_pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True)
+
     def close(self, deny_queued: bool = True) -> None:
         """Deny every event still held or queued (EIO: when the group closes, the kernel would *allow* them,
         and holes would read as zeros), then close the group and the stop pipe."""

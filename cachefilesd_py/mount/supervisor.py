@@ -30,12 +30,33 @@ a stop (systemd's ``TimeoutStopSec``) time for the files open on the image to cl
 
 Its arguments are file descriptors only: the :class:`~.spec.MountSpec` comes as JSON in ``--spec-fd`` and goes
 to each worker the same way.
+
+Upgrade in place (SIGHUP, or :func:`cachefilesd_py.mount.upgrade.request_upgrade`): the code on disk replaces
+the code running, with no read failed and no event lost.  In two steps:
+
+1. the supervisor re-executes itself (``os.execv`` of the same interpreter and module, same pid): the group fd,
+   the inotify fd and the running worker are inherited; the spec goes again in a new ``--spec-fd``, and what the
+   new image needs (those fd numbers, the worker's pid, the restart count) as one JSON object in ``--resume``
+   (:class:`ResumeState`; no secret in it).  The stop signals and SIGHUP are blocked across the exec (a mask
+   survives it; the handlers do not) and unblocked once the new image handles them.  Before it execs, it checks
+   that the new code imports at all (``python -c "import ..."``); if not, or if the exec fails, it logs why and
+   goes on with step 2 in the old code.
+2. the (new) supervisor hands the worker over (:meth:`FanotifySupervisor.hand_over`): it starts a new worker with
+   ``--takeover-fd``, which loads the image and backend, says ``ok`` and waits; then it sends SIGHUP to the old
+   worker, which stops reading events, finishes the fills it took (their readers get their data), flushes and
+   exits 0 leaving the image mounted; events it did not read stay queued in the group.  Once it is gone (had it
+   died instead, its pending events are denied as above), the supervisor writes the go byte: the new worker opens
+   the cache files and serves the queue.  Reads wait meanwhile (about the time to open the cache files); none
+   fails.  A new worker that fails to start calls the upgrade off (logged); the old one serves on.
+
+A worker running code from before SIGHUP meant "hand over" is killed by it: then the upgrade is a failover.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import os
 import resource
@@ -43,7 +64,9 @@ import select
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from erofs.errors import NydusErofsError, UsageError
@@ -53,16 +76,44 @@ from fscache.fd import drain
 from fscache.inotify import Inotify
 
 from ..logfilter import daemon_logging
-from ..supervisor import RestartPolicy, Supervisor, WorkerProcess, describe
+from ..supervisor import STOP_SIGNALS, ForkedWorker, RestartPolicy, Supervisor, WorkerProcess, describe
 from .ready import OK, error_line, read_line, report
 from .spec import MountSpec, read_spec_fd, spec_fd
 from .watch import ImageWatch
 
-__all__ = ["FanotifySupervisor", "main"]
+__all__ = ["FanotifySupervisor", "ResumeState", "main"]
 
 log = logging.getLogger(__name__)
 
 WORKER_MODULE = "cachefilesd_py.mount.worker"
+_EXEC_BLOCKED = (*STOP_SIGNALS, signal.SIGHUP)  # blocked across the re-exec (unblocked once handled again)
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """What a re-executed supervisor takes over (``--resume``, JSON): the inherited group and inotify fds, the
+    running worker (a child of this same pid) and the restarts so far."""
+
+    group_fd: int
+    inotify_fd: int
+    worker_pid: int
+    restarts: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ResumeState:
+        """The state :meth:`to_json` wrote; UsageError when ``text`` is not one."""
+        try:
+            value = json.loads(text)
+            if not isinstance(value, dict) or set(value) != {"group_fd", "inotify_fd", "worker_pid", "restarts"}:
+                raise ValueError("expected the ResumeState fields")
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in value.values()):
+                raise ValueError("expected integers")
+            return cls(**value)
+        except ValueError as e:
+            raise UsageError(f"--resume: {e}") from None
 
 
 class FanotifySupervisor(Supervisor):
@@ -72,6 +123,7 @@ class FanotifySupervisor(Supervisor):
     :meth:`_linger` unmounts and answers the events until then."""
 
     forward_signals = (signal.SIGUSR1,)
+    upgrade_signal = signal.SIGHUP
 
     def __init__(self, spec: MountSpec, policy: RestartPolicy | None = None) -> None:
         super().__init__(policy)
@@ -82,6 +134,7 @@ class FanotifySupervisor(Supervisor):
         self.watch: ImageWatch | None = None
         self.died = False  # the last worker died without answering what it had read
         self._ready_r = -1  # the read end of the last worker's ready pipe
+        self._go_r = -1  # while a worker to take over starts: the read end of its go pipe
 
     # -- the core's hooks ---------------------------------------------------------------------------------------
     def start_worker(self) -> WorkerProcess:
@@ -92,8 +145,12 @@ class FanotifySupervisor(Supervisor):
         cmd = [sys.executable, "-m", WORKER_MODULE, "--spec-fd", str(sfd), "--group-fd", str(gfd),
                "--inotify-fd", str(ifd), "--restart", str(self.restarts), "--supervisor-pid", str(os.getpid()),
                "--ready-fd", str(w)]  # fmt: skip
+        fds = [gfd, ifd, w, sfd]
+        if self._go_r >= 0:
+            cmd += ["--takeover-fd", str(self._go_r)]
+            fds.append(self._go_r)
         try:
-            return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=(gfd, ifd, w, sfd))
+            return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=fds)
         except BaseException:
             os.close(self._ready_r)
             raise
@@ -139,6 +196,87 @@ class FanotifySupervisor(Supervisor):
             log.warning("%s was unmounted and released: stopping", self.mountpoint)
             return True
         return False
+
+    # -- upgrade in place (see the module's docstring) ------------------------------------------------------------
+    def on_upgrade(self) -> None:
+        """Re-execute the supervisor (its new image hands the worker over); if it cannot, hand over here."""
+        log.info("upgrade: re-executing the supervisor")
+        try:
+            self._reexec()
+        except (OSError, subprocess.SubprocessError, NydusErofsError) as e:
+            log.error("upgrade: cannot re-execute the supervisor (%s): handing over in this one", e)
+        self.hand_over()
+
+    def _reexec(self) -> None:
+        """``os.execv`` this module again with the group, the inotify instance and the worker; returns only when
+        the new code does not import or the exec failed (raised)."""
+        assert self.group is not None and self.inotify is not None and self.proc is not None
+        module = __spec__.name if __spec__ is not None else "cachefilesd_py.mount.supervisor"
+        check = subprocess.run([sys.executable, "-c", f"import {module}, {WORKER_MODULE}"], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)  # fmt: skip
+        if check.returncode != 0:
+            last = (check.stderr.decode(errors="replace").strip().splitlines() or ["exit status"])[-1]
+            raise UsageError(f"the new code does not import: {last}")
+        gfd, ifd = self.group.fileno(), self.inotify.fileno()
+        state = ResumeState(group_fd=gfd, inotify_fd=ifd, worker_pid=self.proc.pid, restarts=self.restarts)
+        sfd = spec_fd(self.spec)
+        argv = [sys.executable, "-m", module, "--spec-fd", str(sfd), "--resume", state.to_json()]
+        for h in logging.getLogger().handlers:
+            h.flush()
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _EXEC_BLOCKED)
+        try:
+            for fd in (gfd, ifd, sfd):
+                os.set_inheritable(fd, True)
+            os.execv(sys.executable, argv)
+        finally:  # the exec failed
+            for fd in (gfd, ifd):
+                os.set_inheritable(fd, False)
+            os.close(sfd)
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+    def hand_over(self) -> None:
+        """Start a new worker and let the running one hand over to it (see the module's docstring)."""
+        old = self.proc
+        assert old is not None
+        if self.stopping:  # (a stop came while the supervisor re-executed itself)
+            return
+        go_r, go_w = os.pipe2(os.O_CLOEXEC)
+        self._go_r = go_r
+        try:
+            new = self.start_worker()
+        except OSError as e:
+            os.close(go_w)
+            log.error("upgrade called off: cannot start a new worker: %s", e)
+            return
+        finally:
+            os.close(go_r)
+            self._go_r = -1
+        try:
+            line = read_line(self._ready_r)
+            if line != OK:
+                log.error("upgrade called off: new worker %d failed: %s", new.pid, line or "no answer")
+                os.close(go_w)
+                go_w = -1  # (end of file: it exits)
+                new.wait()
+                return
+            log.info("worker %d is ready: worker %d hands over", new.pid, old.pid)
+            old.send_signal(signal.SIGHUP)
+            code = old.wait()
+            if code != 0:
+                log.error("worker %d died while handing over (%s): denying its pending events", old.pid,
+                          describe(code))  # fmt: skip
+                log.error("denied %d events of worker %d (EIO)", self.deny_in_flight(), old.pid)
+            self.proc, self._started = new, time.monotonic()
+            try:
+                os.write(go_w, b"g")
+            except OSError as e:  # it died meanwhile: the supervision restarts it
+                log.error("new worker %d: %s", new.pid, e)
+            if self.stopping:
+                new.send_signal(signal.SIGTERM)
+            log.info("worker %d took over from worker %d", new.pid, old.pid)
+        finally:
+            if go_w >= 0:
+                os.close(go_w)
 
     # -- the group ----------------------------------------------------------------------------------------------
     def _released(self) -> bool:
@@ -236,6 +374,7 @@ class FanotifySupervisor(Supervisor):
         its death, giving up, an error), by :meth:`_linger`.
         """
         with self.handling_signals():  # (restored only at the end: a second SIGTERM must not end the wait)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _EXEC_BLOCKED)
             try:
                 try:
                     self.group = FanotifyGroup(pre_content=True)
@@ -254,11 +393,33 @@ class FanotifySupervisor(Supervisor):
                 if line != OK:
                     self.died = self.wait() != 0
                     return 1
+                self.serving = True
                 return self.supervise()
             finally:
-                code = self.stop_worker()  # an error above: stop the worker (it serves until the release)
-                self.died = (code is not None and code != 0) or self.died
-                self._close_group()
+                self._end()
+
+    def resume(self, state: ResumeState) -> int:
+        """Go on as the supervisor that re-executed itself into this process (``state``): hand its worker over to
+        a new one, then supervise as :meth:`run` does."""
+        with self.handling_signals():
+            self.group = FanotifyGroup.from_fd(state.group_fd)
+            self.inotify = Inotify.from_fd(state.inotify_fd)
+            self.restarts = state.restarts
+            self.proc, self._started = ForkedWorker(state.worker_pid), time.monotonic()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _EXEC_BLOCKED)
+            try:
+                log.info("supervisor re-executed (pid %d): worker %d hands over", os.getpid(), state.worker_pid)
+                self.hand_over()
+                self.serving = True
+                return self.supervise()
+            finally:
+                self._end()
+
+    def _end(self) -> None:
+        self.serving = False  # (no upgrade while it stops)
+        code = self.stop_worker()  # an error above: stop the worker (it serves until the release)
+        self.died = (code is not None and code != 0) or self.died
+        self._close_group()
 
     def _close_group(self) -> None:
         if self.group is not None:
@@ -280,15 +441,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  description=__doc__.splitlines()[0])  # fmt: skip
     ap.add_argument("--spec-fd", type=int, required=True, help="Inherited fd holding the mount spec (JSON)")
     ap.add_argument("--ready-fd", type=int, default=None)
+    ap.add_argument("--resume", default=None, help="Re-executed for an upgrade: the ResumeState (JSON)")
     args = ap.parse_args(argv)
     try:
         spec = read_spec_fd(args.spec_fd)
         policy = RestartPolicy.from_env()
+        resume = ResumeState.from_json(args.resume) if args.resume is not None else None
     except (NydusErofsError, OSError) as e:
         report(args.ready_fd, error_line(e))
         return 1
     daemon_logging(spec.log_level, "%(asctime)s %(name)s %(levelname)s: %(message)s")
-    return FanotifySupervisor(spec, policy).run(args.ready_fd)
+    supervisor = FanotifySupervisor(spec, policy)
+    return supervisor.run(args.ready_fd) if resume is None else supervisor.resume(resume)
 
 
 if __name__ == "__main__":

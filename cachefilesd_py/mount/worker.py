@@ -16,6 +16,14 @@ open files close``) and serving on until the release; a second signal changes no
 cache files (those fds, opened after the marks, are watched by the group: it writes through a dup of an event fd
 instead, opened by the kernel without notification).  ``kill -USR1`` dumps its threads' stacks into the log.
 
+Upgrade in place (:mod:`.upgrade`): SIGHUP makes a worker hand over: it stops reading events, finishes the fills
+it took (each answers its event), flushes its chunk maps and exits with status 0, leaving the image mounted and
+the events it did not read queued for the next worker; it writes no final record (the next worker's is the
+mount's).  The next worker (``--takeover-fd``) is one that starts as a restarted one would, but reports ``ok``
+once its image and backend are loaded and then waits for one byte on that fd (the old worker is gone) before it
+opens the cache files and serves: two workers never read the same group at once (the kernel matches an answer
+by the event fd's *number*, which two processes could both have).
+
 Its arguments are file descriptors only: the :class:`~.spec.MountSpec` comes as JSON in ``--spec-fd`` (it may
 carry credentials: never on a command line).  ``nydus-erofs mount --foreground`` runs :func:`run_daemon` in the
 calling process, with no supervisor.
@@ -78,7 +86,7 @@ def _mark_record(record: Path, who: str, me: int, data: dict[str, Any]) -> None:
 
 
 def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = None, inotify_fd: int | None = None,
-               restart: int = 0, supervisor_pid: int | None = None) -> int:  # fmt: skip
+               restart: int = 0, supervisor_pid: int | None = None, takeover_fd: int | None = None) -> int:  # fmt: skip
     """Prepare, mark, mount, watch the mount (:class:`ImageWatch`), report readiness on ``ready_fd`` and serve
     until the image's filesystem is released; ``spec`` is resolved, its mode fanotify.
 
@@ -90,7 +98,8 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
     ``restart`` > 0: the files are marked and the image mounted (perhaps detached) and watched already, by a
     worker that died: serve them as they are.  ``supervisor_pid``: the supervisor's pid, for the record (never
     ``getppid()``: a worker whose supervisor died is re-parented, to init or a subreaper); a worker whose
-    supervisor is gone before the record is written fails its start.
+    supervisor is gone before the record is written fails its start.  ``takeover_fd``: take over from a worker
+    handing over (see the module's docstring): report ``ok`` once the image is loaded, then wait on this fd.
 
     Every startup failure is reported as one line on ``ready_fd`` (:func:`error_line`) and raised.  On exit the
     final stats go into the runtime record, for ``umount`` (unless the record is another daemon's by then).
@@ -105,7 +114,7 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
     backend: BlobBackend | None = None
     group = None if group_fd is None else FanotifyGroup.from_fd(group_fd)
     inotify = None if inotify_fd is None else Inotify.from_fd(inotify_fd)
-    adopted = restart > 0
+    adopted = restart > 0 or takeover_fd is not None
     pipeline = Pipeline(amplify=amplify, workers=workers, fill_timeout=spec.fill_timeout)
     try:
         try:
@@ -122,6 +131,10 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
             handles = open_image(boot, backend)
             if not handles:
                 raise UsageError(f"{boot}: the image has no data blobs: mount it directly")
+            if takeover_fd is not None:  # ready to take over; the cache files once the old worker is gone
+                report(ready_fd, OK)
+                ready_fd = None
+                await_takeover(takeover_fd)
             files = prepare_cache_files(cache_dir, handles, marked=adopted)
             limit = CacheLimit(files, spec.cache_size_limit) if spec.cache_size_limit else None
             server = FanotifyServer(files, pipeline, workers=workers, readahead=spec.readahead, group=group,
@@ -168,12 +181,14 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
     assert watch is not None and inotify is not None and server is not None
 
     stopped_by: list[int] = []
+    handing_over: list[int] = []
 
     def on_signal(signum: int, frame: object) -> None:
-        stopped_by.append(signum)
+        (handing_over if signum == signal.SIGHUP else stopped_by).append(signum)
         server.stop()
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    handled = (signal.SIGTERM, signal.SIGINT, *((signal.SIGHUP,) if group_fd is not None else ()))
+    old = {s: signal.signal(s, on_signal) for s in handled}
     # the access trace and the prefetch start once a stop signal is handled (so it always ends in final stats)
     trace = start_trace(mountpoint, boot, resume=adopted)
     try:
@@ -185,6 +200,10 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
     log.info("serving %s on %s (%d blobs)", boot, mountpoint, len(files))
     try:
         while not server.serve(watch):  # a stop signal: unmount; if files are open there, serve until they close
+            if handing_over:  # (a supervisor's worker) the next worker serves the mount as it is
+                log.info("handing over: finishing the fills under way")
+                server.finish()
+                break
             watch.unmount()
             if not watch.released():
                 watch.log_linger("stopping", "serving it")
@@ -202,18 +221,37 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
         if trace is not None:
             trace.stop()
             stats["trace"] = trace.stats()
-        server.close()
+        server.close(deny_queued=not handing_over)
         pipeline.close()
         for cf in files:
             cf.close()
         if backend is not None:
             backend.close()
         inotify.close()
-        _mark_record(record, who, me, dict(data, stats=stats, stopped=True))
-        log.info("stopped: %s", json.dumps(stats["pipeline"]))
+        if handing_over:
+            log.info("handed over: %s", json.dumps(stats["pipeline"]))
+        else:
+            _mark_record(record, who, me, dict(data, stats=stats, stopped=True))
+            log.info("stopped: %s", json.dumps(stats["pipeline"]))
         for s, h in old.items():  # only now: a late SIGTERM must not cut the final record short
             signal.signal(s, h)
-    return stopped_by[0] if stopped_by else 0
+    return stopped_by[0] if stopped_by and not handing_over else 0
+
+
+def await_takeover(fd: int) -> None:
+    """Wait for the supervisor's go (one byte on ``fd``: the old worker is gone); closes ``fd``.  MountError when
+    the supervisor gave up the upgrade (end of file)."""
+    try:
+        while True:
+            try:
+                got = os.read(fd, 1)
+                break
+            except InterruptedError:
+                continue
+    finally:
+        os.close(fd)
+    if not got:
+        raise MountError(errno.ECANCELED, "the supervisor called the upgrade off")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -224,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--inotify-fd", type=int, default=None, help="Inherited inotify instance")
     ap.add_argument("--restart", type=int, default=0, help="Restart number of this worker (0: the first)")
     ap.add_argument("--supervisor-pid", type=int, default=None, help="The supervisor's pid")
+    ap.add_argument("--takeover-fd", type=int, default=None, help="Take over from a worker handing over")
     args = ap.parse_args(argv)
     try:
         spec = read_spec_fd(args.spec_fd)
@@ -234,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)  # `kill -USR1`: thread stacks to the log
     try:
         run_daemon(spec, ready_fd=args.ready_fd, group_fd=args.group_fd, inotify_fd=args.inotify_fd,
-                   restart=args.restart, supervisor_pid=args.supervisor_pid)  # fmt: skip
+                   restart=args.restart, supervisor_pid=args.supervisor_pid, takeover_fd=args.takeover_fd)  # fmt: skip
     except (NydusErofsError, FscacheError, OSError, ValueError) as e:  # reported on --ready-fd already
         log.error("%s", e)
         return 1
