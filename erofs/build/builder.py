@@ -138,7 +138,7 @@ def build_layers(readers: Sequence[LayerReader], output_dir: str | os.PathLike[s
                     raise SourceError(f"an image holds at most {r.RAFS_MAX_BLOBS} blobs")
                 blobs.append(info)
         tree = merge(trees)
-        used = _used_blobs(tree)
+        used = _used_blobs(tree, len(blobs))
         if used != set(range(len(blobs))):
             blobs, tree = _drop_unused(blobs, tree, used)
         inodes = write_bootstrap(tmp / BOOTSTRAP_NAME, tree, blobs, opts, prefetch(tree) if prefetch else ())
@@ -173,7 +173,8 @@ def _remove_stale_blobs(blobs_dir: Path, keep: set[str]) -> None:
             os.unlink(entry.path)
 
 
-def _used_blobs(tree: Node) -> set[int]:
+def _used_blobs(tree: Node, blobs: int) -> set[int]:
+    """The blob indexes the chunks of ``tree`` use (of ``blobs`` in all)."""
     used: set[int] = set()
     stack = [tree]
     seen: set[int] = set()
@@ -182,7 +183,10 @@ def _used_blobs(tree: Node) -> set[int]:
         if id(node) in seen:
             continue
         seen.add(id(node))
-        used.update(c.blob_index for c in node.chunks if c is not None)
+        if node.chunks:
+            used.update(c.blob_index for c in node.chunks if c is not None)
+            if len(used) == blobs:  # all of them: the usual case, found at the first files
+                break
         if node.children:
             stack.extend(node.children.values())
     return used
