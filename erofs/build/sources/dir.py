@@ -6,6 +6,7 @@ import errno
 import os
 import stat
 from collections.abc import Callable
+from operator import attrgetter
 
 from erofs.build.chunker import ChunkStore
 from erofs.build.tree import LayerTree, Node
@@ -28,8 +29,12 @@ def _xattrs(path: bytes) -> dict[bytes, bytes]:
         except OSError as e:
             if e.errno != errno.ENODATA:
                 raise
-    check_xattrs(out)
+    if out:
+        check_xattrs(out)
     return out
+
+
+_name = attrgetter("name")
 
 
 def _inode(st: os.stat_result, path: bytes) -> Node:
@@ -62,7 +67,7 @@ def read_directory(root: str | os.PathLike[str], store: ChunkStore,
         path, node = stack.pop()
         assert node.children is not None
         with os.scandir(path) as it:
-            entries = sorted(it, key=lambda d: d.name)
+            entries = sorted(it, key=_name)
         for de in entries:
             full = de.path
             st = de.stat(follow_symlinks=False)
@@ -85,7 +90,7 @@ def read_directory(root: str | os.PathLike[str], store: ChunkStore,
                 if st.st_size:
                     fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
                     try:
-                        child.chunks = store.add_file(fd, st.st_size)
+                        child.chunks = store.add_file(fd, st.st_size, st.st_blocks * 512 < st.st_size)
                     except EOFError as e:  # e.g. /sys files, whose size is a page whatever they hold
                         raise SourceError(f"{os.fsdecode(full)}: {e}") from None
                     finally:
