@@ -27,6 +27,10 @@ BLOCK = 4096
 _ZEROS = bytes(BLOCK)
 
 
+def _align(x: int, a: int) -> int:
+    return -(-x // a) * a
+
+
 def tar_header(name: bytes, size: int) -> bytes:
     """The 512-byte GNU tar header Nydus writes after each blob section (empty mode/uid/gid, mtime 0)."""
     h = bytearray(512)
@@ -42,39 +46,71 @@ def tar_header(name: bytes, size: int) -> bytes:
 
 class _Sink:
     """Writes and hashes the blob in a background thread (both release the GIL), in batches of ~4 MiB, so
-    reading, digesting and compressing the next chunks overlap with it.  Memory is bounded by the queue."""
+    reading, digesting and compressing the next chunks overlap with it.
+
+    Batches are a few preallocated buffers passed round (filled here, written and hashed there, handed back):
+    file data is read straight into them (:meth:`reserve`), no copy and no fresh pages per batch, and memory
+    is bounded by their number whatever the file sizes."""
 
     BATCH = 4 << 20
+    BUFFERS = 4
 
-    def __init__(self, f: object) -> None:
+    def __init__(self, f: object, largest: int = 0) -> None:
         self.f = f
         self.sha = hashlib.sha256()
-        self._batch = bytearray()
-        self._q: queue.Queue[bytearray | None] = queue.Queue(maxsize=4)
+        self._capacity = self.BATCH + largest  # a batch is sent once BATCH is reached: room for one more piece
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(self.BUFFERS):
+            self._free.put(bytearray(self._capacity))
+        self._buf = self._free.get()
+        self._view = memoryview(self._buf)
+        self._fill = 0
+        self._q: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="blob-writer", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while (buf := self._q.get()) is not None:
+        while (item := self._q.get()) is not None:
+            buf, fill = item
             if self._error is None:
                 try:
-                    self.f.write(buf)  # type: ignore[attr-defined]
-                    self.sha.update(buf)
+                    with memoryview(buf) as view, view[:fill] as data:
+                        self.f.write(data)  # type: ignore[attr-defined]
+                        self.sha.update(data)
                 except BaseException as e:  # reported to the producer at its next write or drain
                     self._error = e
+            self._free.put(buf)
+
+    def reserve(self, n: int) -> memoryview:
+        """Room for the next ``n`` bytes of the blob, to be filled and then taken with :meth:`commit` (or
+        dropped by not committing)."""
+        if self._fill + n > self._capacity:
+            self._flush()
+            if n > self._capacity:
+                self._capacity = n
+                self._buf = bytearray(n)
+                self._view = memoryview(self._buf)
+        return self._view[self._fill : self._fill + n]
+
+    def commit(self, n: int) -> None:
+        self._fill += n
+        if self._fill >= self.BATCH:
+            self._flush()
 
     def write(self, data: bytes | memoryview) -> None:
-        self._batch += data
-        if len(self._batch) >= self.BATCH:
-            self._flush()
+        n = len(data)
+        self.reserve(n)[:] = data
+        self.commit(n)
 
     def _flush(self) -> None:
         if self._error is not None:
             raise self._error
-        if self._batch:
-            self._q.put(self._batch)
-            self._batch = bytearray()
+        if self._fill:
+            self._q.put((self._buf, self._fill))
+            self._buf = self._free.get()  # waits while every buffer is queued: memory stays bounded
+            self._view = memoryview(self._buf)
+            self._fill = 0
 
     def drain(self) -> None:
         """Wait until everything written so far is on its way to the file and in the hash."""
@@ -102,7 +138,7 @@ class BlobWriter:
         self.digester = digester
         self._tmp = directory / f".blob-{blob_index}.tmp"
         self._f = open(self._tmp, "wb")  # noqa: SIM115 - closed in finish()/abort()
-        self._sink = _Sink(self._f)
+        self._sink = _Sink(self._f, _align(chunk_size, BLOCK))
         self._c_off = 0
         self._d_off = 0
         self._ci: list[tuple[int, int]] = []
@@ -115,6 +151,26 @@ class BlobWriter:
     def _write(self, data: bytes | memoryview) -> None:
         self._sink.write(data)
         self._c_off += len(data)
+
+    def reserve(self, size: int) -> memoryview:
+        """Where an uncompressed chunk of ``size`` bytes goes when stored: read it into this view, then
+        :meth:`commit_chunk` it, or leave it (a duplicate) and it is not stored."""
+        return self._sink.reserve(size + (-size % BLOCK))[:size]
+
+    def commit_chunk(self, size: int, digest: bytes) -> ChunkRef:
+        """Store the chunk just read into :meth:`reserve`'s view (``compressor="none"`` only)."""
+        if len(self._ci) >= r.RAFS_MAX_CHUNKS_PER_BLOB:
+            raise OverflowError("a blob holds at most 2^24 chunks: use a larger --chunk-size")
+        pad = -size % BLOCK
+        if pad:
+            self._sink.reserve(size + pad)[size:] = _ZEROS[:pad]
+        self._sink.commit(size + pad)
+        c_off, d_off = self._c_off, self._d_off
+        self._c_off += size + pad
+        self._d_off += size + pad
+        self._ci.append(r.chunk_info_v1_encode(c_off, size, d_off, size))
+        self._digests.append(digest)
+        return ChunkRef(self.blob_index, len(self._ci) - 1, c_off, size, d_off, size, digest)
 
     def add_chunk(self, data: bytes | memoryview, digest: bytes) -> ChunkRef:
         """Store one chunk (``digest`` is of ``data``, computed by the caller for dedup) and return where."""

@@ -20,7 +20,7 @@ import os
 import stat
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from erofs.build import xattr
 from erofs.build.tree import ChunkRef, Node
@@ -52,94 +52,80 @@ class ImageOptions:
     digester: str
 
 
-@dataclass(slots=True, eq=False)
-class _Rec:
-    """Placement of one inode: where its record goes, what follows the inode, where its data blocks are."""
-
-    inode: Node
-    ino: int
-    nlink: int = 0
-    extended: bool = False
-    xattr_body: bytes = b""
-    xattr_icount: int = 0
-    data: bytes = b""  # directory or symlink bytes (nids patched in for directories later)
-    dir_blocks: list[list[tuple[bytes, Node]]] = field(default_factory=list)
-    layout: int = e.EROFS_INODE_FLAT_PLAIN
-    tail: bytes = b""
-    offset: int = 0  # of the inode record in the bootstrap
-    raw_blkaddr: int = 0
-
-    @property
-    def head_size(self) -> int:
-        return (64 if self.extended else 32) + len(self.xattr_body)
-
-    def record_size(self) -> int:
-        if self.layout == e.EROFS_INODE_CHUNK_BASED:
-            return _align(self.head_size, 8) + 8 * len(self.inode.chunks)
-        return self.head_size + len(self.tail)
+# hot-loop packers of the structures the bootstrap holds per inode, dirent and chunk (fields as the C declares)
+_COMPACT = e.erofs_inode_compact.packer("i_format", "i_xattr_icount", "i_mode", "i_nlink", "i_size", "i_u", "i_ino",
+                                        "i_uid", "i_gid")  # fmt: skip
+_EXTENDED = e.erofs_inode_extended.packer("i_format", "i_xattr_icount", "i_mode", "i_size", "i_u", "i_ino", "i_uid",
+                                          "i_gid", "i_mtime", "i_mtime_nsec", "i_nlink")  # fmt: skip
+_CHUNK_INDEX = e.erofs_inode_chunk_index.packer("advise", "device_id", "blkaddr")
+_DIRENT = e.erofs_dirent.packer("nid", "nameoff", "file_type")
+_CHUNK_INFO = r.RafsV5ChunkInfo.packer("block_id", "blob_index", "flags", "compressed_size", "uncompressed_size",
+                                       "compressed_offset", "uncompressed_offset", "file_offset", "index")  # fmt: skip
+_DIRENT_SIZE = e.erofs_dirent.size
+_S_IFMT = 0o170000
 
 
-def _dir_blocks(entries: list[tuple[bytes, Node]]) -> tuple[list[list[tuple[bytes, Node]]], int]:
-    """Pack sorted entries greedily into blocks; returns the blocks and the directory's i_size."""
-    blocks: list[list[tuple[bytes, Node]]] = [[]]
+def _dir_blocks(entries: list[tuple[bytes, Node]]) -> tuple[list[int], int]:
+    """Pack sorted entries greedily into blocks; returns where each block starts (an index into ``entries``)
+    and the directory's i_size."""
+    starts = [0]
     used = 0
-    for name, node in entries:
-        need = e.erofs_dirent.size + len(name)
+    for i, (name, _) in enumerate(entries):
+        need = _DIRENT_SIZE + len(name)
         if used + need > BLK:
-            blocks.append([])
+            starts.append(i)
             used = 0
-        blocks[-1].append((name, node))
         used += need
-    return blocks, (len(blocks) - 1) * BLK + used
+    return starts, (len(starts) - 1) * BLK + used
 
 
-def _dir_bytes(blocks: list[list[tuple[bytes, Node]]], nid_of: dict[int, int]) -> bytes:
-    out = bytearray()
-    for i, block in enumerate(blocks):
-        start = len(out)
-        nameoff = e.erofs_dirent.size * len(block)
-        names = []
+def _dir_bytes(entries: list[tuple[bytes, Node]], starts: list[int], size: int, nid_of: dict[int, int]) -> bytearray:
+    out = bytearray(size)
+    bounds = [*starts, len(entries)]
+    for b in range(len(starts)):
+        block = entries[bounds[b] : bounds[b + 1]]
+        pos = b * BLK
+        nameoff = pos + _DIRENT_SIZE * len(block)
         for name, node in block:
-            out += e.erofs_dirent.pack(nid=nid_of[id(node)], nameoff=nameoff, file_type=_FT[stat.S_IFMT(node.mode)])
+            _DIRENT.pack_into(out, pos, nid_of[id(node)], nameoff - b * BLK, _FT[node.mode & _S_IFMT])
+            pos += _DIRENT_SIZE
+            out[nameoff : nameoff + len(name)] = name
             nameoff += len(name)
-            names.append(name)
-        out += b"".join(names)
-        if i < len(blocks) - 1:
-            out += bytes(BLK - (len(out) - start))
-    return bytes(out)
+    return out
 
 
-def _ordered(root: Node) -> tuple[list[Node], dict[int, list[tuple[bytes, Node]]], Counter[int]]:
-    """Unique inodes breadth first (root first), each directory's sorted entries, dirent counts per inode."""
+def _ordered(root: Node) -> tuple[list[Node], dict[int, list[tuple[bytes, Node]]], dict[int, int]]:
+    """Unique inodes breadth first (root first), each directory's sorted entries, and the number of extra
+    directory entries (hard links) of the non-directories that have them."""
     order: list[Node] = [root]
     seen = {id(root)}
     entries: dict[int, list[tuple[bytes, Node]]] = {}
-    links: Counter[int] = Counter()
+    extra_links: dict[int, int] = {}
     parent = {id(root): root}
-    i = 0
-    while i < len(order):
-        node = order[i]
-        i += 1
-        if node.children is None:
+    name_len = e.EROFS_NAME_LEN
+    for node in order:  # grows while iterated: breadth first
+        children = node.children
+        if children is None:
             continue
-        listing = [(b".", node), (b"..", parent[id(node)])]
-        for name, child in node.children.items():
-            if not name or b"/" in name or name in (b".", b".."):
+        for name, child in children.items():
+            if not name or len(name) > name_len or b"/" in name or name == b"." or name == b"..":
+                if len(name) > name_len:
+                    raise SourceError(f"file name longer than 255 bytes: {name[:40]!r}...")
                 raise SourceError(f"invalid file name {name!r}")
-            if len(name) > e.EROFS_NAME_LEN:
-                raise SourceError(f"file name longer than 255 bytes: {name[:40]!r}...")
-            listing.append((name, child))
-            links[id(child)] += 1
-            if id(child) not in seen:
-                seen.add(id(child))
+            key = id(child)
+            if key not in seen:
+                seen.add(key)
                 order.append(child)
                 if child.children is not None:
-                    parent[id(child)] = node
+                    parent[key] = node
             elif child.children is not None:
                 raise SourceError(f"directory {name!r} is linked twice")
-        listing.sort(key=lambda x: x[0])
+            else:
+                extra_links[key] = extra_links.get(key, 1) + 1
+        listing = [(b".", node), (b"..", parent[id(node)]), *children.items()]
+        listing.sort()  # names are unique, so only they are compared: bytewise, '.' and '..' included
         entries[id(node)] = listing
-    return order, entries, links
+    return order, entries, extra_links
 
 
 def _build_time(order: Sequence[Node]) -> tuple[int, int]:
@@ -148,58 +134,69 @@ def _build_time(order: Sequence[Node]) -> tuple[int, int]:
     return min(k for k, v in counts.items() if v == best)
 
 
-def _needs_extended(n: Node, nlink: int, build_time: tuple[int, int]) -> bool:
-    return (
-        n.size > 0xFFFFFFFF
-        or n.uid > 0xFFFF
-        or n.gid > 0xFFFF
-        or nlink > 0xFFFF
-        or (n.mtime, n.mtime_nsec) != build_time
-    )
-
-
 def write_bootstrap(path: str | os.PathLike[str], root: Node, blobs: Sequence[BlobInfo], opts: ImageOptions,
                     prefetch: Sequence[Node] = ()) -> int:  # fmt: skip
     """Lay out ``root`` and write the bootstrap to ``path``.  Returns the number of inodes.
 
     ``prefetch``: nodes of ``root`` the prefetch table lists, in order (:mod:`erofs.build.prefetch`); as
     upstream, an image without blobs gets no table.
+
+    Per-inode facts live in lists indexed like ``order`` (no object per inode) and every structure is packed
+    straight into the one image buffer.
     """
     if len(blobs) > r.RAFS_MAX_BLOBS:
         raise SourceError(f"an image holds at most {r.RAFS_MAX_BLOBS} blobs, this one needs {len(blobs)}")
-    order, entries, links = _ordered(root)
+    order, entries, extra_links = _ordered(root)
     build_time = _build_time(order)
-    recs: list[_Rec] = []
+    count = len(order)
+    nlinks = [1] * count
+    layouts = [e.EROFS_INODE_FLAT_PLAIN] * count
+    xattr_bodies: list[bytes] = [b""] * count
+    xattr_icounts = [0] * count
+    extended = [False] * count
+    sizes = [0] * count  # of each inode's record: inode, xattrs, then chunk indexes or inline tail
+    tails = [0] * count  # inline tail length
+    data: dict[int, bytes] = {}  # position -> symlink target (directories: built once nids are known)
+    dir_starts: dict[int, list[int]] = {}
     has_xattr = False
-    for ino, node in enumerate(order, 1):
-        rec = _Rec(node, ino)
-        fmt = stat.S_IFMT(node.mode)
+    chunk_size = opts.chunk_size
+    bt_sec, bt_nsec = build_time
+    for i, node in enumerate(order):
+        mode = node.mode
+        fmt = mode & _S_IFMT
         if fmt not in _FT:
-            raise SourceError(f"unsupported file type {oct(node.mode)}")
+            raise SourceError(f"unsupported file type {oct(mode)}")
         if node.children is not None:
-            rec.nlink = 2 + sum(1 for _, c in entries[id(node)][2:] if c.children is not None)
-            rec.dir_blocks, node.size = _dir_blocks(entries[id(node)])
+            listing = entries[id(node)]
+            nlinks[i] = 2 + sum(1 for _, c in listing[2:] if c.children is not None)
+            dir_starts[i], node.size = _dir_blocks(listing)
         else:
-            rec.nlink = links[id(node)] or 1
+            nlinks[i] = extra_links.get(id(node), 1)
             if fmt == stat.S_IFLNK:
-                rec.data = node.target or b""
-                node.size = len(rec.data)
+                data[i] = node.target or b""
+                node.size = len(data[i])
             elif fmt != stat.S_IFREG:
                 node.size = 0
-        rec.xattr_body, rec.xattr_icount = xattr.ibody(node.xattrs)
-        has_xattr |= bool(node.xattrs)
-        rec.extended = _needs_extended(node, rec.nlink, build_time)
-        if fmt == stat.S_IFREG and node.size:
-            rec.layout = e.EROFS_INODE_CHUNK_BASED
-            expected = -(-node.size // opts.chunk_size)
+        if node.xattrs:
+            xattr_bodies[i], xattr_icounts[i] = xattr.ibody(node.xattrs)
+            has_xattr = True
+        ext = (node.mtime != bt_sec or node.mtime_nsec != bt_nsec or node.size > 0xFFFFFFFF or node.uid > 0xFFFF
+               or node.gid > 0xFFFF or nlinks[i] > 0xFFFF)  # fmt: skip
+        extended[i] = ext
+        head = (64 if ext else 32) + len(xattr_bodies[i])
+        size = node.size
+        if fmt == stat.S_IFREG and size:
+            layouts[i] = e.EROFS_INODE_CHUNK_BASED
+            expected = -(-size // chunk_size)
             if len(node.chunks) != expected:
-                raise AssertionError(f"file of {node.size} bytes has {len(node.chunks)} chunks, not {expected}")
-        elif node.size:
-            tail_len = node.size % BLK
-            if tail_len and rec.head_size + tail_len <= BLK:
-                rec.layout = e.EROFS_INODE_FLAT_INLINE
-                rec.tail = b"\0" * tail_len  # placeholder of the right size; filled once nids are known
-        recs.append(rec)
+                raise AssertionError(f"file of {size} bytes has {len(node.chunks)} chunks, not {expected}")
+            sizes[i] = _align(head, 8) + 8 * expected
+        else:
+            tail_len = size % BLK
+            if tail_len and head + tail_len <= BLK:
+                layouts[i] = e.EROFS_INODE_FLAT_INLINE
+                tails[i] = tail_len
+            sizes[i] = head + tails[i]
 
     # -- place: header block, blob table, inode area, data blocks, chunk table
     devt_end = r.RAFSV6_DEVTABLE_OFFSET + len(blobs) * e.EROFS_DEVT_SLOT_SIZE
@@ -208,99 +205,97 @@ def write_bootstrap(path: str | os.PathLike[str], root: Node, blobs: Sequence[Bl
     prefetch_len = len(prefetch) * r.RAFSV6_PREFETCH_ENTRY_SIZE if blobs else 0
     inode_area = _align(prefetch_off + prefetch_len, BLK) or BLK
     meta_blkaddr = inode_area // BLK - 1
+    meta_base = meta_blkaddr * BLK
     pos = inode_area
-    for rec in recs:
-        pos = _align(pos, e.EROFS_SLOTSIZE)
-        size = rec.record_size()
-        if rec.tail and pos % BLK + size > BLK:
+    offsets = [0] * count
+    slot_mask = e.EROFS_SLOTSIZE - 1
+    for i in range(count):
+        pos = (pos + slot_mask) & ~slot_mask
+        size = sizes[i]
+        if tails[i] and pos % BLK + size > BLK:
             pos = _align(pos, BLK)
-        rec.offset = pos
+        offsets[i] = pos
         pos += size
-    nid_of = {id(rec.inode): (rec.offset - meta_blkaddr * BLK) // e.EROFS_SLOTSIZE for rec in recs}
+    slot_bits = e.EROFS_SLOTSIZE.bit_length() - 1
+    nid_of = {id(node): (offsets[i] - meta_base) >> slot_bits for i, node in enumerate(order)}
     root_nid = nid_of[id(root)]
     assert root_nid <= 0xFFFF
     pos = _align(pos, BLK)
-    for rec in recs:
-        if rec.inode.children is not None:
-            rec.data = _dir_bytes(rec.dir_blocks, nid_of)
-            assert len(rec.data) == rec.inode.size
-        if rec.data:
-            full = len(rec.data) - len(rec.tail)
-            if rec.layout == e.EROFS_INODE_FLAT_INLINE:
-                rec.tail = rec.data[full:]
-            if full:
-                rec.raw_blkaddr = pos // BLK
-                pos += _align(full, BLK)
-            elif rec.layout == e.EROFS_INODE_FLAT_INLINE:
-                rec.raw_blkaddr = e.EROFS_NULL_ADDR
+    blkaddrs = [0] * count
+    for i, starts in dir_starts.items():
+        node = order[i]
+        data[i] = _dir_bytes(entries[id(node)], starts, node.size, nid_of)
+    for i in sorted(data):
+        full = len(data[i]) - tails[i]
+        if full:
+            blkaddrs[i] = pos // BLK
+            pos += _align(full, BLK)
+        elif layouts[i] == e.EROFS_INODE_FLAT_INLINE:
+            blkaddrs[i] = e.EROFS_NULL_ADDR
     chunk_table_off = pos
     unique: dict[tuple[int, int], tuple[ChunkRef, int]] = {}
-    for rec in recs:
-        for i, c in enumerate(rec.inode.chunks):
-            if c is not None and (c.blob_index, c.ci_index) not in unique:
-                unique[(c.blob_index, c.ci_index)] = (c, i * opts.chunk_size)
-    chunk_table = b"".join(
-        r.RafsV5ChunkInfo.pack(
-            block_id=c.digest,
-            blob_index=c.blob_index,
-            flags=r.BLOB_CHUNK_FLAG_COMPRESSED if c.compressed else 0,
-            compressed_size=c.c_size,
-            uncompressed_size=c.d_size,
-            compressed_offset=c.c_off,
-            uncompressed_offset=c.d_off,
-            file_offset=file_offset,
-            index=c.ci_index,
-        )
-        for c, file_offset in (unique[k] for k in sorted(unique))
-    )
-    total = _align(chunk_table_off + len(chunk_table), BLK)
+    for i, node in enumerate(order):
+        if layouts[i] == e.EROFS_INODE_CHUNK_BASED:
+            for n, c in enumerate(node.chunks):
+                if c is not None and (c.blob_index, c.ci_index) not in unique:
+                    unique[(c.blob_index, c.ci_index)] = (c, n * chunk_size)
+    chunk_table_len = len(unique) * r.RafsV5ChunkInfo.size
+    total = _align(chunk_table_off + chunk_table_len, BLK)
 
     # -- emit
     img = bytearray(total)
-    chunk_format = e.EROFS_CHUNK_FORMAT_INDEXES | (opts.chunk_size.bit_length() - 1 - e.EROFS_BLKSIZ_BITS)
-    for rec in recs:
-        node = rec.inode
-        fmt = stat.S_IFMT(node.mode)
-        if rec.layout == e.EROFS_INODE_CHUNK_BASED:
+    pos = chunk_table_off
+    for key in sorted(unique):
+        c, file_offset = unique[key]
+        _CHUNK_INFO.pack_into(img, pos, c.digest, c.blob_index, r.BLOB_CHUNK_FLAG_COMPRESSED if c.compressed else 0,
+                              c.c_size, c.d_size, c.c_off, c.d_off, file_offset, c.ci_index)  # fmt: skip
+        pos += _CHUNK_INFO.size
+    chunk_format = e.EROFS_CHUNK_FORMAT_INDEXES | (chunk_size.bit_length() - 1 - e.EROFS_BLKSIZ_BITS)
+    datalayout_bit = e.EROFS_I_DATALAYOUT_BIT
+    chunk_based = e.EROFS_INODE_CHUNK_BASED
+    time_encode = e.erofs_time_encode
+    index_fields = r.chunk_index_fields
+    for i, node in enumerate(order):
+        layout = layouts[i]
+        mode = node.mode
+        fmt = mode & _S_IFMT
+        if layout == chunk_based:
             i_u = chunk_format
-        elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
+        elif fmt == stat.S_IFCHR or fmt == stat.S_IFBLK:
             i_u = e.erofs_new_encode_dev(os.major(node.rdev), os.minor(node.rdev))
         else:
-            i_u = rec.raw_blkaddr
-        i_format = (rec.layout << e.EROFS_I_DATALAYOUT_BIT) | int(rec.extended)
-        if rec.extended:
-            raw = e.erofs_inode_extended.pack(
-                i_format=i_format, i_xattr_icount=rec.xattr_icount, i_mode=node.mode & 0xFFFF, i_size=node.size,
-                i_u=i_u, i_ino=rec.ino, i_uid=node.uid, i_gid=node.gid, i_mtime=e.erofs_time_encode(node.mtime),
-                i_mtime_nsec=node.mtime_nsec, i_nlink=rec.nlink,
-            )  # fmt: skip
+            i_u = blkaddrs[i]
+        p = offsets[i]
+        if extended[i]:
+            _EXTENDED.pack_into(img, p, (layout << datalayout_bit) | 1, xattr_icounts[i], mode & 0xFFFF, node.size,
+                                i_u, i + 1, node.uid, node.gid, time_encode(node.mtime), node.mtime_nsec,
+                                nlinks[i])  # fmt: skip
+            p += 64
         else:
-            raw = e.erofs_inode_compact.pack(
-                i_format=i_format, i_xattr_icount=rec.xattr_icount, i_mode=node.mode & 0xFFFF, i_nlink=rec.nlink,
-                i_size=node.size, i_u=i_u, i_ino=rec.ino, i_uid=node.uid, i_gid=node.gid,
-            )  # fmt: skip
-        p = rec.offset
-        img[p : p + len(raw)] = raw
-        p += len(raw)
-        img[p : p + len(rec.xattr_body)] = rec.xattr_body
-        p += len(rec.xattr_body)
-        if rec.layout == e.EROFS_INODE_CHUNK_BASED:
-            p = _align(p, 8)
-            idx = bytearray()
+            _COMPACT.pack_into(img, p, layout << datalayout_bit, xattr_icounts[i], mode & 0xFFFF, nlinks[i], node.size,
+                               i_u, i + 1, node.uid, node.gid)  # fmt: skip
+            p += 32
+        body = xattr_bodies[i]
+        if body:
+            img[p : p + len(body)] = body
+            p += len(body)
+        if layout == chunk_based:
+            p = (p + 7) & ~7
             for c in node.chunks:
                 if c is None:
-                    idx += e.erofs_inode_chunk_index.pack(blkaddr=e.EROFS_NULL_ADDR)
+                    _CHUNK_INDEX.pack_into(img, p, 0, 0, e.EROFS_NULL_ADDR)
                 else:
-                    advise, device_id = r.chunk_index_fields(c.blob_index, c.ci_index)
-                    idx += e.erofs_inode_chunk_index.pack(advise=advise, device_id=device_id, blkaddr=c.d_off // BLK)
-            img[p : p + len(idx)] = idx
-        else:
-            img[p : p + len(rec.tail)] = rec.tail
-            full = len(rec.data) - len(rec.tail)
+                    advise, device_id = index_fields(c.blob_index, c.ci_index)
+                    _CHUNK_INDEX.pack_into(img, p, advise, device_id, c.d_off // BLK)
+                p += 8
+        elif i in data:
+            raw = data[i]
+            full = len(raw) - tails[i]
+            if tails[i]:
+                img[p : p + tails[i]] = raw[full:]
             if full:
-                start = rec.raw_blkaddr * BLK
-                img[start : start + full] = rec.data[:full]
-    img[chunk_table_off : chunk_table_off + len(chunk_table)] = chunk_table
+                start = blkaddrs[i] * BLK
+                img[start : start + full] = raw[:full]
     if prefetch_len:
         nids = [nid_of[id(n)] for n in prefetch]
         if max(nids) > r.RAFSV6_PREFETCH_MAX_NID:
@@ -321,7 +316,7 @@ def write_bootstrap(path: str | os.PathLike[str], root: Node, blobs: Sequence[Bl
             s_blob_table_size=len(blobs) * r.RafsV6Blob.size,
             s_chunk_size=opts.chunk_size,
             s_chunk_table_offset=chunk_table_off,
-            s_chunk_table_size=len(chunk_table),
+            s_chunk_table_size=chunk_table_len,
             s_prefetch_table_offset=prefetch_off if prefetch_len else 0,
             s_prefetch_table_size=prefetch_len,
         )
@@ -337,7 +332,7 @@ def write_bootstrap(path: str | os.PathLike[str], root: Node, blobs: Sequence[Bl
         feature_compat=r.EROFS_FEATURE_COMPAT_RAFS_V6,
         blkszbits=e.EROFS_BLKSIZ_BITS,
         root_nid=root_nid,
-        inos=len(recs),
+        inos=count,
         build_time=e.erofs_time_encode(build_time[0]),
         build_time_nsec=build_time[1],
         blocks=total // BLK,
@@ -351,4 +346,4 @@ def write_bootstrap(path: str | os.PathLike[str], root: Node, blobs: Sequence[Bl
         f.write(img)
         f.flush()
         os.fsync(f.fileno())
-    return len(recs)
+    return count

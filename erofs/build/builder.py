@@ -11,6 +11,7 @@ an image replaces it, removing the old blobs the new bootstrap does not use.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import re
 import shutil
@@ -101,7 +102,21 @@ def build_layers(readers: Sequence[LayerReader], output_dir: str | os.PathLike[s
     image references them, so OUT is self-contained.  ``progress`` is called with the bytes of file data read.
     ``prefetch`` picks the prefetch table's inodes from the merged tree (:func:`erofs.build.prefetch.resolve`).
     """
-    out = Path(output_dir)
+    collecting = gc.isenabled()
+    gc.disable()  # the tree is tens of thousands of long-lived objects and no cycles: collections only cost
+    try:
+        return _build_layers(readers, out=Path(output_dir), opts=opts, merge=merge, known=known,
+                             extra_blobs=extra_blobs, extra_blob_files=extra_blob_files, progress=progress,
+                             prefetch=prefetch)  # fmt: skip
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _build_layers(readers: Sequence[LayerReader], *, out: Path, opts: ImageOptions, merge: Merger,
+                  known: ChunkIndex | None, extra_blobs: Sequence[BlobInfo],
+                  extra_blob_files: Mapping[str, Path] | None, progress: ProgressCallback | None,
+                  prefetch: PrefetchSelector | None) -> BuildResult:  # fmt: skip
     try:
         made = make_dirs(out)  # what a failure removes again (OUT and any parents this build created)
     except OSError as e:
@@ -138,7 +153,7 @@ def build_layers(readers: Sequence[LayerReader], output_dir: str | os.PathLike[s
                     raise SourceError(f"an image holds at most {r.RAFS_MAX_BLOBS} blobs")
                 blobs.append(info)
         tree = merge(trees)
-        used = _used_blobs(tree)
+        used = _used_blobs(tree, len(blobs))
         if used != set(range(len(blobs))):
             blobs, tree = _drop_unused(blobs, tree, used)
         inodes = write_bootstrap(tmp / BOOTSTRAP_NAME, tree, blobs, opts, prefetch(tree) if prefetch else ())
@@ -173,7 +188,8 @@ def _remove_stale_blobs(blobs_dir: Path, keep: set[str]) -> None:
             os.unlink(entry.path)
 
 
-def _used_blobs(tree: Node) -> set[int]:
+def _used_blobs(tree: Node, blobs: int) -> set[int]:
+    """The blob indexes the chunks of ``tree`` use (of ``blobs`` in all)."""
     used: set[int] = set()
     stack = [tree]
     seen: set[int] = set()
@@ -182,7 +198,10 @@ def _used_blobs(tree: Node) -> set[int]:
         if id(node) in seen:
             continue
         seen.add(id(node))
-        used.update(c.blob_index for c in node.chunks if c is not None)
+        if node.chunks:
+            used.update(c.blob_index for c in node.chunks if c is not None)
+            if len(used) == blobs:  # all of them: the usual case, found at the first files
+                break
         if node.children:
             stack.extend(node.children.values())
     return used

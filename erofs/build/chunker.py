@@ -15,10 +15,32 @@ from pathlib import Path
 from erofs import codec
 from erofs.build.blob import BlobWriter
 from erofs.build.tree import ChunkRef
-from erofs.format.rafs_v6 import BlobInfo
+from erofs.format.rafs_v6 import RAFS_MAX_CHUNK_SIZE, BlobInfo
 from erofs.progress import ProgressCallback
 
 ChunkIndex = dict[tuple[bytes, int], ChunkRef]
+_ZEROS = bytes(RAFS_MAX_CHUNK_SIZE)  # what a chunk read from a hole holds
+
+
+def _in_hole(fd: int, off: int, want: int, size: int) -> bool:
+    """Whether ``want`` bytes at ``off`` of a file of ``size`` bytes lie wholly in a hole."""
+    try:
+        data_at = os.lseek(fd, off, os.SEEK_DATA)
+    except OSError as e:
+        if e.errno != errno.ENXIO:  # ENXIO: only a hole from here on
+            raise
+        data_at = size
+    return data_at >= off + want
+
+
+def _read_full(fd: int, view: memoryview, off: int, size: int) -> None:
+    got = 0
+    want = len(view)
+    while got < want:
+        n = os.preadv(fd, [view[got:]], off + got)
+        if not n:
+            raise EOFError(f"file shrank while being read ({off + got} of {size} bytes)")
+        got += n
 
 
 class ChunkStore:
@@ -47,10 +69,7 @@ class ChunkStore:
         if ref is not None:
             self.bytes_deduped += len(data)
             return ref
-        if self._writer is None:
-            self._writer = BlobWriter(self.blobs_dir, self.blob_index, self.chunk_size, self.compressor,
-                                      self.digester)  # fmt: skip
-        ref = self._writer.add_chunk(data, digest)
+        ref = self._blob().add_chunk(data, digest)
         self.known[key] = ref
         return ref
 
@@ -72,33 +91,67 @@ class ChunkStore:
             left -= want
         return chunks
 
-    def add_file(self, fd: int, size: int) -> list[ChunkRef | None]:
-        """Chunk an open regular file; chunks lying wholly in a hole become holes (``None``), unread."""
+    def _blob(self) -> BlobWriter:
+        if self._writer is None:
+            self._writer = BlobWriter(self.blobs_dir, self.blob_index, self.chunk_size, self.compressor,
+                                      self.digester)  # fmt: skip
+        return self._writer
+
+    def add_file(self, fd: int, size: int, maybe_sparse: bool = True) -> list[ChunkRef | None]:
+        """Chunk an open regular file; chunks lying wholly in a hole become holes (``None``).
+
+        ``maybe_sparse`` (its blocks hold less than its size) looks for holes before reading; otherwise only
+        a chunk that reads as zeros is checked for being a hole.  Uncompressed, a chunk is read straight into
+        the blob's write buffer and stays there unless it is a duplicate."""
+        if self.compressor != "none":
+            return self._add_file_compressed(fd, size)
+        blob = self._blob()
+        chunks: list[ChunkRef | None] = []
+        chunk_size = self.chunk_size
+        known = self.known
+        for off in range(0, size, chunk_size):
+            want = min(chunk_size, size - off)
+            if maybe_sparse and _in_hole(fd, off, want, size):
+                chunks.append(None)
+                continue
+            view = blob.reserve(want)
+            _read_full(fd, view, off, size)
+            if (not maybe_sparse and not view[0] and not view[-1] and _ZEROS.startswith(view)
+                    and _in_hole(fd, off, want, size)):  # fmt: skip
+                chunks.append(None)
+                continue
+            digest = codec.chunk_digest(self.digester, view)
+            key = (digest, want)
+            self.bytes_in += want
+            if self.progress is not None:
+                self.progress(want)
+            ref = known.get(key)
+            if ref is not None:
+                self.bytes_deduped += want
+            else:
+                ref = blob.commit_chunk(want, digest)
+                known[key] = ref
+            chunks.append(ref)
+        return chunks
+
+    def _add_file_compressed(self, fd: int, size: int) -> list[ChunkRef | None]:
         buf = bytearray(min(self.chunk_size, size))
         view = memoryview(buf)
         chunks: list[ChunkRef | None] = []
         for off in range(0, size, self.chunk_size):
             want = min(self.chunk_size, size - off)
-            try:
-                data_at = os.lseek(fd, off, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno != errno.ENXIO:  # ENXIO: only a hole from here on
-                    raise
-                data_at = size
-            if data_at >= off + want:
+            if _in_hole(fd, off, want, size):
                 chunks.append(None)
                 continue
-            got = 0
-            while got < want:
-                n = os.preadv(fd, [view[got:want]], off + got)
-                if not n:
-                    raise EOFError(f"file shrank while being read ({off + got} of {size} bytes)")
-                got += n
+            _read_full(fd, view[:want], off, size)
             chunks.append(self.add(view[:want]))
         return chunks
 
     def finish(self) -> BlobInfo | None:
         """Seal the layer's blob, if it got any chunk."""
+        if self._writer is not None and not self._writer.chunk_count:  # every chunk was a duplicate
+            self.abort()
+            self._writer = None
         return self._writer.finish() if self._writer is not None else None
 
     def abort(self) -> None:

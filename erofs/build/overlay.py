@@ -72,11 +72,27 @@ def merge_layers(layers: Sequence[LayerTree], spec: str = "oci") -> Node:
     """The flattened tree of ``layers`` (bottom first) under whiteout ``spec``."""
     if spec not in WHITEOUT_SPECS:
         raise UsageError(f"unknown whiteout spec {spec!r} ({', '.join(WHITEOUT_SPECS)})")
+    if len(layers) == 1 and spec != "overlayfs" and not layers[0].implicit and not layers[0].links:
+        return _only_layer(layers[0].root, spec)
     merged = Node.directory(0o755)
     for layer in layers:
         _resolve_links(merged, layer)
         _apply(merged, layer, spec)
     return merged
+
+
+def _only_layer(root: Node, spec: str) -> Node:
+    """What merging one layer without implicit directories or hard links onto nothing gives, without copying
+    its directories: its own tree, less the whiteout entries (``oci``; they hide nothing below it)."""
+    if spec == "oci":
+        stack = [root]
+        while stack:
+            children = stack.pop().children
+            assert children is not None
+            for name in [name for name in children if name.startswith(WH_PREFIX)]:
+                del children[name]
+            stack.extend(child for child in children.values() if child.children is not None)
+    return root
 
 
 def _apply(merged: Node, layer: LayerTree, spec: str) -> None:

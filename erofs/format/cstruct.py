@@ -37,6 +37,22 @@ class CStruct:
         self.tuple = namedtuple(name, self.field_names)  # type: ignore[misc]
         self._defaults = {f: (b"" if fmt.endswith("s") else 0) for f, fmt in fields}
         self._items = tuple(self._defaults.items())
+        self._fields = fields
+
+    def packer(self, *names: str) -> struct.Struct:
+        """A :class:`struct.Struct` of this layout taking only ``names`` (in declaration order), positionally;
+        the other fields are written as zeros.  For hot loops: ``packer(...).pack_into(buf, off, *values)``."""
+        fmt = []
+        wanted = list(names)
+        for name, f in self._fields:
+            if wanted and name == wanted[0]:
+                fmt.append(f)
+                wanted.pop(0)
+            else:
+                fmt.append(f"{struct.calcsize('<' + f)}x")
+        if wanted:
+            raise TypeError(f"{self.name}: {wanted} are not fields, or not in declaration order")
+        return struct.Struct("<" + "".join(fmt))
 
     def pack(self, **fields: Any) -> bytes:
         if not fields.keys() <= self._defaults.keys():
