@@ -14,7 +14,7 @@ PACKAGES=(
     skopeo umoci docker-registry
     # archives: tar, gzip, zstd, xz, bsdtar (a second tar writer in the tests)
     tar gzip zstd xz-utils libarchive-tools
-    # the VM guest's network (ip), the virtualenv
+    # the VM guest's network (ip); benchmarks/coldstart's registry in a network namespace (ip netns exec); the virtualenv
     iproute2 python3-venv ca-certificates
     # setpriv (tests run image binaries as user nobody), mount/umount
     util-linux

@@ -30,7 +30,7 @@ COMMANDS = {
     "zstd": "zstd",  # tests/test_tar.py's .tar.zst
     "xz": "xz-utils",  # the kernel source tarball
     "bsdtar": "libarchive-tools",  # tests/test_tar.py: a second tar writer
-    "ip": "iproute2",  # kernel-test/vm-init: the guest's network
+    "ip": "iproute2",  # kernel-test/vm-init: the guest's network; benchmarks/coldstart: ip netns exec
     "make": "build-essential",  # (its dependency) kernel-test/vmkernel.py, erofs-utils 1.9.3 for the benchmarks
     "gcc": "build-essential",
     "bc": "bc",  # the kernel build

@@ -27,7 +27,7 @@ class Layout:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        (root / "blobs" / "sha256").mkdir(parents=True)
+        (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
         (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
         self.index: list[dict] = []
 
@@ -37,9 +37,13 @@ class Layout:
         return {"mediaType": media, "digest": f"sha256:{d}", "size": len(data), **extra}
 
     def manifest(self, layers: list[tuple[bytes, str]], config: dict | None = None, **extra: object) -> dict:
+        return self.manifest_of([self.blob(data, media) for data, media in layers], config, **extra)
+
+    def manifest_of(self, layers: list[dict], config: dict | None = None, **extra: object) -> dict:
+        """A manifest of layers already in the layout (their descriptors)."""
         body = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
                 "config": self.blob(json.dumps(config or {}).encode(), "application/vnd.oci.image.config.v1+json"),
-                "layers": [self.blob(data, media) for data, media in layers]}  # fmt: skip
+                "layers": layers}  # fmt: skip
         return self.blob(json.dumps(body).encode(), body["mediaType"], **extra)
 
     def image_index(self, manifests: list[dict], **extra: object) -> dict:

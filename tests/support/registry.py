@@ -62,17 +62,26 @@ def _status(host: str, port: int, path: str = "/v2/", timeout: float = 1.0) -> i
 
 class RegistryServer:
     """``docker-registry serve`` on 127.0.0.1:<free port> with its storage under ``root``; anonymous, or with
-    htpasswd Basic auth (:data:`TEST_USER`/:data:`TEST_PASSWORD`) when ``htpasswd=True``."""
+    htpasswd Basic auth (:data:`TEST_USER`/:data:`TEST_PASSWORD`) when ``htpasswd=True``.
 
-    def __init__(self, root: str | os.PathLike[str], *, htpasswd: bool = False) -> None:
+    With ``netns``, it runs inside that network namespace (``ip netns exec``) on ``addr``:5000 instead; with
+    ``accesslog``, it logs every request with its response's size (combined log format) to ``registry.log``."""
+
+    def __init__(self, root: str | os.PathLike[str], *, htpasswd: bool = False, netns: str | None = None,
+                 addr: str = "127.0.0.1", accesslog: bool = False) -> None:  # fmt: skip
         self.root = Path(root)
         self.htpasswd = htpasswd
+        self.netns, self.addr, self.accesslog = netns, addr, accesslog
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def log(self) -> Path:
+        return self.root / "registry.log"
+
+    @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.addr}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -87,10 +96,10 @@ class RegistryServer:
         cfg = self.root / "config.yml"
         cfg.write_text(
             "version: 0.1\n"
-            "log:\n  level: error\n  accesslog:\n    disabled: true\n"
+            f"log:\n  level: error\n  accesslog:\n    disabled: {'false' if self.accesslog else 'true'}\n"
             f"storage:\n  filesystem:\n    rootdirectory: {self.root / 'data'}\n  delete:\n    enabled: true\n"
             f"{auth}"
-            f"http:\n  addr: 127.0.0.1:{self.port}\n"
+            f"http:\n  addr: {self.host}\n"
         )
         return cfg
 
@@ -99,21 +108,23 @@ class RegistryServer:
         if exe is None:
             raise RuntimeError("docker-registry is not installed (apt-get install docker-registry)")
         self.root.mkdir(parents=True, exist_ok=True)
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         for _ in range(3):  # another process may grab the free port between our probe and the bind
-            self.port = free_port()
-            log = open(self.root / "registry.log", "wb")  # noqa: SIM115 - kept for the process' life
+            self.port = 5000 if self.netns else free_port()  # a namespace of its own: nobody else binds there
+            log = open(self.log, "wb")  # noqa: SIM115 - kept for the process' life
             self.proc = subprocess.Popen(
-                [exe, "serve", str(self._config())], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
+                [*prefix, exe, "serve", str(self._config())], stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )  # fmt: skip
             log.close()
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and self.proc.poll() is None:
-                if _status("127.0.0.1", self.port, timeout=0.5) in (200, 401):
+                if _status(self.addr, self.port, timeout=0.5) in (200, 401):
                     return self
                 time.sleep(0.02)  # polling interval, not synchronisation
             self.stop()
-        tail = (self.root / "registry.log").read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"docker-registry did not become ready on 127.0.0.1:{self.port}: {tail}")
+        tail = self.log.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"docker-registry did not become ready on {self.host}: {tail}")
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
