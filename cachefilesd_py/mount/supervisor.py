@@ -41,6 +41,7 @@ import os
 import resource
 import select
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -55,6 +56,7 @@ from fscache.inotify import Inotify
 from ..logfilter import daemon_logging
 from ..supervisor import RestartPolicy, Supervisor, WorkerProcess, describe
 from .ready import OK, error_line, read_line, report
+from .record import api_path, listen_api
 from .spec import MountSpec, read_spec_fd, spec_fd
 from .watch import ImageWatch
 
@@ -82,6 +84,7 @@ class FanotifySupervisor(Supervisor):
         self.watch: ImageWatch | None = None
         self.died = False  # the last worker died without answering what it had read
         self._ready_r = -1  # the read end of the last worker's ready pipe
+        self.api: socket.socket | None = None  # the API's listening socket, served by each worker in turn
 
     # -- the core's hooks ---------------------------------------------------------------------------------------
     def start_worker(self) -> WorkerProcess:
@@ -92,8 +95,12 @@ class FanotifySupervisor(Supervisor):
         cmd = [sys.executable, "-m", WORKER_MODULE, "--spec-fd", str(sfd), "--group-fd", str(gfd),
                "--inotify-fd", str(ifd), "--restart", str(self.restarts), "--supervisor-pid", str(os.getpid()),
                "--ready-fd", str(w)]  # fmt: skip
+        fds = (gfd, ifd, w, sfd)
+        if self.api is not None:
+            cmd += ["--api-fd", str(self.api.fileno())]
+            fds += (self.api.fileno(),)
         try:
-            return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=(gfd, ifd, w, sfd))
+            return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=fds)
         except BaseException:
             os.close(self._ready_r)
             raise
@@ -240,6 +247,7 @@ class FanotifySupervisor(Supervisor):
                 try:
                     self.group = FanotifyGroup(pre_content=True)
                     self.inotify = Inotify()
+                    self.api = listen_api(self.mountpoint)
                 except PreContentUnsupportedError as e:  # as `--mode fanotify` says when it probes for them
                     report(ready_fd, error_line(UsageError(f"{e} (use --mode full)")))
                     return 1
@@ -259,6 +267,9 @@ class FanotifySupervisor(Supervisor):
                 code = self.stop_worker()  # an error above: stop the worker (it serves until the release)
                 self.died = (code is not None and code != 0) or self.died
                 self._close_group()
+                if self.api is not None:
+                    self.api.close()
+                    api_path(self.mountpoint).unlink(missing_ok=True)
 
     def _close_group(self) -> None:
         if self.group is not None:
