@@ -21,6 +21,7 @@ are clients for the CLI, tests and tools.
 from __future__ import annotations
 
 import errno
+import functools
 import http.client
 import json
 import logging
@@ -198,8 +199,12 @@ class _Handler(BaseHTTPRequestHandler):
         if route is None:
             self._item("GET", path, None)
             return
+        self._answer(route)
+
+    def _answer(self, handler: Callable[[], Mapping[str, Any] | Text]) -> None:
+        """200 and what ``handler`` returns; its ApiError as its status; anything else 500 (serving goes on)."""
         try:
-            body = route()
+            body = handler()
         except ApiError as e:
             self._send(e.status, {"code": e.code, "message": str(e)})
             return
@@ -235,24 +240,14 @@ class _Handler(BaseHTTPRequestHandler):
         if action is None:
             self._item("POST", path, body)
             return
-        try:
-            self._send(200, action(body))
-        except ApiError as e:
-            self._send(e.status, {"code": e.code, "message": str(e)})
-        except Exception as e:  # noqa: BLE001 - reported to the client, the server goes on
-            self._send(500, {"code": "InternalError", "message": str(e)})
+        self._answer(lambda: action(body))
 
     def _item(self, method: str, path: str, body: bytes | None) -> None:
         for (m, prefix), handler in self.server.item_routes.items():
             if path.startswith(prefix) and len(path) > len(prefix) and "/" not in path[len(prefix) :]:
                 if m != method:
                     continue
-                try:
-                    self._send(200, handler(path[len(prefix) :], body))
-                except ApiError as e:
-                    self._send(e.status, {"code": e.code, "message": str(e)})
-                except Exception as e:  # noqa: BLE001 - reported to the client, the server goes on
-                    self._send(500, {"code": "InternalError", "message": str(e)})
+                self._answer(functools.partial(handler, path[len(prefix) :], body))
                 return
         known = path in self.server.routes or path in self.server.actions or any(
             path.startswith(p) and "/" not in path[len(p) :] for _, p in self.server.item_routes
