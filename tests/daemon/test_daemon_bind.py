@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from cachefilesd_py.api import ApiServer, get, listen, request
-from cachefilesd_py.cli import image_routes
 from cachefilesd_py.daemon import Daemon
+from cachefilesd_py.daemon_api import image_routes
 from cachefilesd_py.image_store import ImageStore
 from fscache.cachefiles import CloseRequest, OpenRequest, ReadRequest
 from tests.daemon.test_daemon_service import TIMEOUT, FakeDevice, _anon_fd, _build
