@@ -138,6 +138,14 @@ class _Handler(BaseHTTPRequestHandler):
             return
         super().handle()
 
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":  # a bare "GET /path": answered with a status line, refused
+            self.send_error(400, "HTTP/0.9 requests are not accepted")
+            return False
+        return True
+
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (malformed requests) as 4xx JSON: an unknown method is 405, not 501."""
         status = {HTTPStatus.NOT_IMPLEMENTED: 405, HTTPStatus.HTTP_VERSION_NOT_SUPPORTED: 400}.get(code, code)

@@ -1,0 +1,153 @@
+"""cachefilesd-py's API on the host (the daemon against a fake device, as in test_daemon_service): every field
+present and moving as READs are served, the Prometheus text, peer credentials, malformed requests, no
+credentials in answers.  (GC culls through /dev/cachefiles: tests/vm/test_ops_api.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cachefilesd_py.api import ApiServer, get, listen, request
+from cachefilesd_py.daemon import Daemon
+from cachefilesd_py.daemon_api import daemon_routes
+from cachefilesd_py.image_store import ImageStore
+from fscache.cachefiles import CloseRequest, OpenRequest, ReadRequest
+from tests.daemon.test_daemon_service import TIMEOUT, FakeDevice, _anon_fd, _build
+from tests.support.api_clients import NOBODY_CLIENT, as_nobody, malformed_requests, prometheus_samples, send_raw
+
+SECRET = "s3cret-token-do-not-echo"
+
+
+@dataclass
+class Served:
+    daemon: Daemon
+    dev: FakeDevice
+    sock: Path
+    tmp: Path
+    out: dict
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a", "b"):
+        (src / name).write_bytes(os.urandom(200_000))
+    out = _build(tmp_path / "images" / "img", src, "--chunk-size", "64KiB", "--compressor", "lz4_block")
+    dev = FakeDevice()
+    daemon = Daemon(dev, ImageStore(tmp_path / "images"), threads=2, amplify=0)  # type: ignore[arg-type]
+    sock_dir = tmp_path / "sock"
+    sock_dir.mkdir(mode=0o755)
+    sock_path = sock_dir / "api.sock"
+    sock = listen(sock_path)
+    api = ApiServer(sock, *daemon_routes(daemon, tmp_path / "cache", 0, None)).start()
+    t = threading.Thread(target=daemon.run)
+    t.start()
+    try:
+        yield Served(daemon, dev, sock_path, tmp_path, out)
+    finally:
+        daemon.stop()
+        t.join(TIMEOUT)
+        api.stop()
+        sock.close()
+        daemon.store.close()
+        dev.close()
+
+
+def _read(s: Served, msg: int, offset: int) -> None:
+    reads = s.daemon.counters.snapshot()["reads"]
+    s.dev.push(ReadRequest(msg, 11, offset, 4096))
+    assert s.daemon.counters.wait_for(lambda c: c["reads"] == reads + 1, TIMEOUT)
+
+
+def test_every_field_present_and_moving(served: Served) -> None:
+    s = served
+    blob = s.out["blobs"][0]["id"]
+    info = get(s.sock, "/api/v1/daemon")
+    assert info["version"] and info["pid"] == os.getpid() and info["state"] == "RUNNING" and info["mode"] == "fscache"
+    assert info["uptime"] >= 0
+    s.dev.push(OpenRequest(1, 10, "erofs,img", "img", _anon_fd(s.tmp / "boot.cache"), 0))
+    s.dev.push(OpenRequest(2, 11, "erofs,img", blob, _anon_fd(s.tmp / "blob.cache"), 0))
+    _read(s, 3, 0)
+    before = get(s.sock, "/api/v1/metrics")
+    assert set(before) == {"daemon", "backend", "pipeline", "cache", "inflight", "images", "blobs"}
+    assert before["blobs"][blob]["image"] == "img" and before["blobs"][blob]["size"] == s.out["blobs"][0][
+        "uncompressed_size"]  # fmt: skip
+    assert before["images"]["img"]["blobs"] == [blob] and before["inflight"] == 0
+    _read(s, 4, 65536)  # the next chunk: fetched
+    after = get(s.sock, "/api/v1/metrics")
+    for key in ("requests", "bytes", "latency_count", "latency_le_10s"):
+        assert after["backend"][key] > before["backend"][key], key
+        assert after["images"]["img"]["backend"][key] > before["images"]["img"]["backend"][key], key
+    assert after["backend"]["errors"] == after["backend"]["retries"] == 0
+    for key in ("fills", "chunks_fetched", "bytes_fetched", "chunks_written"):
+        assert after["pipeline"][key] > before["pipeline"][key], key
+    assert after["pipeline"]["digest_failures"] == 0
+    assert after["cache"]["misses"] == before["cache"]["misses"] + 1
+    _read(s, 5, 65536)  # the same chunk again: written already (a hit)
+    again = get(s.sock, "/api/v1/metrics")
+    assert again["cache"]["hits"] == after["cache"]["hits"] + 1
+    assert again["daemon"]["uptime"] >= after["daemon"]["uptime"] >= before["daemon"]["uptime"]
+    s.dev.push(CloseRequest(6, 10))
+    s.dev.push(CloseRequest(7, 11))
+
+
+def test_prometheus_text_parses_and_matches_the_json(served: Served) -> None:
+    s = served
+    blob = s.out["blobs"][0]["id"]
+    s.dev.push(OpenRequest(1, 11, "erofs,img", blob, _anon_fd(s.tmp / "blob.cache"), 0))
+    _read(s, 2, 0)
+    status, answer = request(s.sock, "GET", "/metrics")
+    assert status == 200
+    samples = prometheus_samples(answer["text"])
+    snap = get(s.sock, "/api/v1/metrics")
+    assert all(name.startswith("nydus_erofs_") for name, _ in samples)
+    image = (("image", "img"),)
+    assert samples[("nydus_erofs_backend_bytes_total", image)] == snap["backend"]["bytes"]
+    assert samples[("nydus_erofs_backend_latency_seconds_count", image)] == snap["backend"]["latency_count"]
+    assert samples[("nydus_erofs_fills_total", ())] == snap["pipeline"]["fills"] >= 1
+    assert samples[("nydus_erofs_cache_misses_total", ())] == 1
+    assert samples[("nydus_erofs_blob_size_bytes", (("blob", blob), ("image", "img")))] > 0
+    assert samples[("nydus_erofs_daemon_info", (("mode", "fscache"), ("version", snap["daemon"]["version"])))] == 1
+    s.dev.push(CloseRequest(3, 11))
+
+
+def test_the_socket_is_root_s_and_other_users_are_refused(served: Served) -> None:
+    s = served
+    st = os.stat(s.sock)
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0
+    denied = as_nobody(s.sock.parent, s.sock.name, *NOBODY_CLIENT, s.sock.name)
+    assert denied.returncode != 0 and "PermissionError" in denied.stderr  # the socket's mode
+    os.chmod(s.sock, 0o666)  # were it open to all, the peer's credentials still keep others out
+    refused = as_nobody(s.sock.parent, s.sock.name, *NOBODY_CLIENT, s.sock.name)
+    assert refused.returncode == 0 and refused.stdout.strip() == "403", refused.stderr
+    assert get(s.sock, "/api/v1/daemon")["state"] == "RUNNING"
+
+
+def test_a_thousand_malformed_requests_leave_it_serving(served: Served) -> None:
+    statuses = [send_raw(served.sock, data) for data in malformed_requests(1000)]
+    assert all(st is None or 400 <= st < 500 for st in statuses), sorted({st for st in statuses if st})
+    assert sum(st is not None for st in statuses) > 900  # answered, not just dropped
+    assert get(served.sock, "/api/v1/daemon")["state"] == "RUNNING"
+    assert request(served.sock, "PUT", "/api/v1/images/x", {"bootstrap": "x" * (70 << 10)})[0] == 413
+
+
+def test_no_credentials_in_answers(served: Served) -> None:
+    s = served
+    boot = str(s.tmp / "images" / "img" / "image.boot")
+    backend = {"type": "registry", "config": {"host": "127.0.0.1:9", "repo": "x/y", "auth": f"user:{SECRET}",
+                                              "plain_http": True}}  # fmt: skip
+    status, answer = request(s.sock, "PUT", "/api/v1/images/two", {"bootstrap": boot, "backend": backend})
+    assert status == 200, answer
+    assert SECRET in (s.tmp / "images" / "two" / "binding.json").read_text()  # kept, to fetch with
+    for path in ("/api/v1/daemon", "/api/v1/images", "/api/v1/images/two", "/api/v1/metrics", "/metrics",
+                 "/api/v1/metrics/backend", "/api/v1/metrics/blobcache"):  # fmt: skip
+        st, body = request(s.sock, "GET", path)
+        assert st == 200 and SECRET not in json.dumps(body) and "user:" not in json.dumps(body), path
