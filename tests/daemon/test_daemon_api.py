@@ -7,68 +7,24 @@ from __future__ import annotations
 import json
 import os
 import stat
-import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
-import pytest
-
-from cachefilesd_py.api import ApiServer, get, listen, request
-from cachefilesd_py.daemon import Daemon
-from cachefilesd_py.daemon_api import daemon_routes
-from cachefilesd_py.image_store import ImageStore
+from cachefilesd_py.api import get, request
 from fscache.cachefiles import CloseRequest, OpenRequest, ReadRequest
-from tests.daemon.test_daemon_service import TIMEOUT, FakeDevice, _anon_fd, _build
+from tests.daemon.conftest import ApiServed
+from tests.daemon.test_daemon_service import TIMEOUT, _anon_fd
 from tests.support.api_clients import NOBODY_CLIENT, as_nobody, malformed_requests, prometheus_samples, send_raw
 
 SECRET = "s3cret-token-do-not-echo"
 
 
-@dataclass
-class Served:
-    daemon: Daemon
-    dev: FakeDevice
-    sock: Path
-    tmp: Path
-    out: dict
-
-
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[Served]:
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in ("a", "b"):
-        (src / name).write_bytes(os.urandom(200_000))
-    out = _build(tmp_path / "images" / "img", src, "--chunk-size", "64KiB", "--compressor", "lz4_block")
-    dev = FakeDevice()
-    daemon = Daemon(dev, ImageStore(tmp_path / "images"), threads=2, amplify=0)  # type: ignore[arg-type]
-    sock_dir = tmp_path / "sock"
-    sock_dir.mkdir(mode=0o755)
-    sock_path = sock_dir / "api.sock"
-    sock = listen(sock_path)
-    api = ApiServer(sock, *daemon_routes(daemon, tmp_path / "cache", 0, None)).start()
-    t = threading.Thread(target=daemon.run)
-    t.start()
-    try:
-        yield Served(daemon, dev, sock_path, tmp_path, out)
-    finally:
-        daemon.stop()
-        t.join(TIMEOUT)
-        api.stop()
-        sock.close()
-        daemon.store.close()
-        dev.close()
-
-
-def _read(s: Served, msg: int, offset: int) -> None:
+def _read(s: ApiServed, msg: int, offset: int) -> None:
     reads = s.daemon.counters.snapshot()["reads"]
     s.dev.push(ReadRequest(msg, 11, offset, 4096))
     assert s.daemon.counters.wait_for(lambda c: c["reads"] == reads + 1, TIMEOUT)
 
 
-def test_every_field_present_and_moving(served: Served) -> None:
-    s = served
+def test_every_field_present_and_moving(api_served: ApiServed) -> None:
+    s = api_served
     blob = s.out["blobs"][0]["id"]
     info = get(s.sock, "/api/v1/daemon")
     assert info["version"] and info["pid"] == os.getpid() and info["state"] == "RUNNING" and info["mode"] == "fscache"
@@ -99,8 +55,8 @@ def test_every_field_present_and_moving(served: Served) -> None:
     s.dev.push(CloseRequest(7, 11))
 
 
-def test_prometheus_text_parses_and_matches_the_json(served: Served) -> None:
-    s = served
+def test_prometheus_text_parses_and_matches_the_json(api_served: ApiServed) -> None:
+    s = api_served
     blob = s.out["blobs"][0]["id"]
     s.dev.push(OpenRequest(1, 11, "erofs,img", blob, _anon_fd(s.tmp / "blob.cache"), 0))
     _read(s, 2, 0)
@@ -119,8 +75,8 @@ def test_prometheus_text_parses_and_matches_the_json(served: Served) -> None:
     s.dev.push(CloseRequest(3, 11))
 
 
-def test_the_socket_is_root_s_and_other_users_are_refused(served: Served) -> None:
-    s = served
+def test_the_socket_is_root_s_and_other_users_are_refused(api_served: ApiServed) -> None:
+    s = api_served
     st = os.stat(s.sock)
     assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0
     denied = as_nobody(s.sock.parent, s.sock.name, *NOBODY_CLIENT, s.sock.name)
@@ -131,16 +87,16 @@ def test_the_socket_is_root_s_and_other_users_are_refused(served: Served) -> Non
     assert get(s.sock, "/api/v1/daemon")["state"] == "RUNNING"
 
 
-def test_a_thousand_malformed_requests_leave_it_serving(served: Served) -> None:
-    statuses = [send_raw(served.sock, data) for data in malformed_requests(1000)]
+def test_a_thousand_malformed_requests_leave_it_serving(api_served: ApiServed) -> None:
+    statuses = [send_raw(api_served.sock, data) for data in malformed_requests(1000)]
     assert all(st is None or 400 <= st < 500 for st in statuses), sorted({st for st in statuses if st})
     assert sum(st is not None for st in statuses) > 900  # answered, not just dropped
-    assert get(served.sock, "/api/v1/daemon")["state"] == "RUNNING"
-    assert request(served.sock, "PUT", "/api/v1/images/x", {"bootstrap": "x" * (70 << 10)})[0] == 413
+    assert get(api_served.sock, "/api/v1/daemon")["state"] == "RUNNING"
+    assert request(api_served.sock, "PUT", "/api/v1/images/x", {"bootstrap": "x" * (70 << 10)})[0] == 413
 
 
-def test_no_credentials_in_answers(served: Served) -> None:
-    s = served
+def test_no_credentials_in_answers(api_served: ApiServed) -> None:
+    s = api_served
     boot = str(s.tmp / "images" / "img" / "image.boot")
     backend = {"type": "registry", "config": {"host": "127.0.0.1:9", "repo": "x/y", "auth": f"user:{SECRET}",
                                               "plain_http": True}}  # fmt: skip
