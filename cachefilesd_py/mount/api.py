@@ -7,7 +7,8 @@ a worker's death, and requests made meanwhile wait for the next worker.
   worker's; ``restarts``; ``mountpoint``.
 - ``images``: one, the mount: ``id`` (the mountpoint), ``boot``, ``backend`` (its type), ``blobs``.
 - metrics: ``cache.hits`` counts the reads of present data that raised an event (those of a complete, unmarked
-  cache file raise none and are not counted), ``cache.misses`` the reads that needed a fill; per blob
+  cache file raise none and are not counted), ``cache.misses`` the other reads, those that needed a fill
+  (counted as they arrive, before their fill); per blob
   ``cached``: the bytes its cache file holds.
 - GC: a mount's cache holds its own blobs only: nothing to collect (``nydus-erofs ctl gc --cache-dir`` collects a
   cache dir's files that no mount uses: :mod:`.gc`).
@@ -71,7 +72,7 @@ class MountApi:
         blobs = {b: {"image": mp, "size": s["size"], "cached": s["size"] - min(s["missing"], s["size"])}
                  for b, s in stats["blobs"].items()}  # fmt: skip
         return snapshot(daemon=self.info(), backend=backend, pipeline=stats["pipeline"],
-                        hits=events["allowed_present"], misses=events["filled"] + events["denied"],
+                        hits=events["allowed_present"], misses=events["events"] - events["allowed_present"],
                         inflight=self.pipeline.inflight(),
                         images={mp: {"backend": backend, "blobs": list(blobs), "prefetch": prefetch}},
                         blobs=blobs)  # fmt: skip
