@@ -68,6 +68,13 @@ def _emit(ctx: click.Context, as_json: bool, body: Mapping[str, Any], table: Tab
         table(body)
 
 
+def _table(rows: list[tuple[str, ...]]) -> None:
+    """A table under a blank line: headers, then the rows (headers alone are not printed)."""
+    if len(rows) > 1:
+        click.echo()
+        _rows(rows)
+
+
 def _rows(rows: list[tuple[str, ...]]) -> None:
     """Columns padded to their widest cell."""
     if not rows:
@@ -148,19 +155,17 @@ def metrics(ctx: click.Context, as_json: bool, prometheus: bool) -> None:
                ("pipeline", f"{p['fills']} fills, {p['chunks_fetched']} chunks fetched, "
                             f"{p['digest_failures']} digest failures, {p['fetch_failures']} fetch failures"),
                ("in flight", f"{d['inflight']} chunk fetches")])  # fmt: skip
-        click.echo()
         rows = [("IMAGE", "REQUESTS", "BYTES", "PREFETCH")]
         for name, i in d["images"].items():
             pf = i.get("prefetch") or {}
             progress = f"{pf.get('pieces_done', 0)}/{pf.get('pieces', 0)} {pf.get('state', '')}" if pf else "-"
             rows.append((name, str(i["backend"]["requests"]), _size(i["backend"]["bytes"]), progress))
-        _rows(rows)
-        click.echo()
+        _table(rows)
         rows = [("BLOB", "IMAGE", "SIZE", "CACHED")]
         for blob, x in d["blobs"].items():
             cached = _size(x["cached"]) if x.get("cached") is not None else "-"
             rows.append((blob[:16], str(x.get("image", "")), _size(x.get("size", 0)), cached))
-        _rows(rows)
+        _table(rows)
 
     _emit(ctx, as_json, _ask(ctx, "GET", "/api/v1/metrics"), table)
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 from cachefilesd_py.api import get, request
 from fscache.cachefiles import CloseRequest, OpenRequest, ReadRequest
@@ -15,6 +18,11 @@ from tests.daemon.test_daemon_service import TIMEOUT, _anon_fd
 from tests.support.api_clients import NOBODY_CLIENT, as_nobody, malformed_requests, prometheus_samples, send_raw
 
 SECRET = "s3cret-token-do-not-echo"
+CLI = str(Path(sys.executable).with_name("nydus-erofs"))
+
+
+def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CLI, "ctl", *args], capture_output=True, text=True, timeout=120, check=False)
 
 
 def _read(s: ApiServed, msg: int, offset: int) -> None:
@@ -107,3 +115,21 @@ def test_no_credentials_in_answers(api_served: ApiServed) -> None:
                  "/api/v1/metrics/backend", "/api/v1/metrics/blobcache"):  # fmt: skip
         st, body = request(s.sock, "GET", path)
         assert st == 200 and SECRET not in json.dumps(body) and "user:" not in json.dumps(body), path
+
+
+def test_ctl_tables_and_json(api_served: ApiServed) -> None:
+    sock = str(api_served.sock)
+    info = ctl("--sock", sock, "info")
+    rows = dict(line.split(None, 1) for line in info.stdout.splitlines())
+    assert info.returncode == 0 and rows["mode"] == "fscache" and rows["state"] == "RUNNING" and rows["version"]
+    assert json.loads(ctl("--sock", sock, "--json", "info").stdout)["mode"] == "fscache"
+    assert json.loads(ctl("--sock", sock, "info", "--json").stdout)["state"] == "RUNNING"
+    images = ctl("--sock", sock, "images").stdout.splitlines()
+    assert images[0].split() == ["IMAGE", "BACKEND", "BLOBS"] and images[1].split() == ["img", "-", "-"]
+    metrics = ctl("--sock", sock, "metrics")
+    assert metrics.returncode == 0 and metrics.stdout.startswith("backend ") and "BLOB" not in metrics.stdout
+    assert set(json.loads(ctl("--sock", sock, "metrics", "--json").stdout)) >= {"backend", "cache", "pipeline"}
+    prom = ctl("--sock", sock, "metrics", "--prometheus")
+    assert prom.returncode == 0 and "nydus_erofs_daemon_info{" in prom.stdout
+    gc = ctl("--sock", sock, "gc")  # nothing in the cache dir: nothing culled
+    assert gc.returncode == 0 and gc.stdout == "0 files removed, 0 B freed\n", gc.stderr
