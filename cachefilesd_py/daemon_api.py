@@ -7,17 +7,14 @@
   counts the READs, ``cache.hits`` the chunks a READ's fill found written already.  An image's backend
   counters are those of its backend (images sharing the daemon's one backend show the same).  Per blob:
   ``image`` (the first image listing it), ``images``, ``size``.
-- GC (``POST /api/v1/gc``): the kernel's cache objects (``CACHE/cache/I<volume>/@<fan>/D<blob id>``) of blobs
-  no bound image references are culled through the device (``cull``: the kernel moves them to its graveyard,
-  and refuses one in use).
+- GC (``POST /api/v1/gc``): lists (``unreferenced``) the blobs whose kernel cache objects
+  (``CACHE/cache/I<volume>/@<fan>/D<blob id>``) no bound image references; it removes nothing yet: culling them
+  through the device (``cull``) left the kernel's cache so that the next daemon did not start (tests/vm).
 """
 
 from __future__ import annotations
 
-import errno
-import os
 import re
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,13 +27,11 @@ from cachefilesd_py.image_store import UnknownImageError, check_name
 from cachefilesd_py.metrics import daemon_version, snapshot
 from cachefilesd_py.reference import ImageNotFoundError
 from erofs.errors import BackendError, ImageError, NydusErofsError, UsageError
-from fscache.errors import FscacheError
 
 __all__ = ["MODE", "daemon_routes"]
 
 MODE = "fscache"
 _BLOB_OBJECT = re.compile(r"D(?P<blob>[0-9a-f]{64})")
-_cwd_lock = threading.Lock()  # `cull` acts in the process's working directory
 
 
 class _DaemonApi:
@@ -79,36 +74,15 @@ class _DaemonApi:
         return out
 
     def gc(self) -> dict[str, Any]:
-        """Cull the cache objects of the blobs no bound image references."""
+        """The blobs whose cache objects no bound image references (``unreferenced``); nothing is culled yet."""
         keep = self._referenced()
-        removed: list[str] = []
-        busy: list[str] = []
-        freed = 0
-        root = self.cache_dir / "cache"
-        with _cwd_lock:
-            home = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                for fan in sorted(root.glob("I*/@*")):
-                    for entry in sorted(os.scandir(fan), key=lambda e: e.name):
-                        m = _BLOB_OBJECT.fullmatch(entry.name)
-                        if m is None or m["blob"] in keep or not entry.is_file(follow_symlinks=False):
-                            continue
-                        size = entry.stat(follow_symlinks=False).st_blocks * 512
-                        os.chdir(fan)
-                        try:
-                            self.daemon.device.command(f"cull {entry.name}")
-                        except FscacheError as e:
-                            if e.errno not in (errno.EBUSY, errno.ENOENT, errno.ESTALE):
-                                raise
-                            if e.errno == errno.EBUSY:
-                                busy.append(m["blob"])
-                            continue
-                        removed.append(m["blob"])
-                        freed += size
-            finally:
-                os.fchdir(home)
-                os.close(home)
-        return {"removed": removed, "freed_bytes": freed, "busy": busy}
+        found = set()
+        for path in (self.cache_dir / "cache").glob("I*/@*/D*"):
+            m = _BLOB_OBJECT.fullmatch(path.name)
+            if m is not None and m["blob"] not in keep:
+                found.add(m["blob"])
+        return {"removed": [], "freed_bytes": 0, "unreferenced": sorted(found),
+                "message": "cachefilesd-py does not cull yet: the cache objects of these blobs are unreferenced"}
 
 
 def daemon_routes(daemon: Daemon, cache_dir: Path, restarts: int,
