@@ -31,7 +31,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -47,7 +47,7 @@ from fscache.errors import FscacheError
 
 if TYPE_CHECKING:
     from cachefilesd_py.backends import BlobBackend
-    from cachefilesd_py.daemon import CachefilesSupervisor, Daemon
+    from cachefilesd_py.daemon import CachefilesSupervisor
 
 # The daemon, pipeline, reader and backends are imported once the device is bound: startup errors come fast.
 
@@ -218,6 +218,7 @@ def _serve(args: argparse.Namespace, device: CachefilesDevice, api_sock: socket.
     from cachefilesd_py.api import ApiServer
     from cachefilesd_py.cache_limit import ObjectCuller
     from cachefilesd_py.daemon import Daemon
+    from cachefilesd_py.daemon_api import daemon_routes
     from cachefilesd_py.image_store import ImageStore
     from cachefilesd_py.pipeline import Pipeline
     from cachefilesd_py.prefetch import PrefetchOptions
@@ -231,19 +232,10 @@ def _serve(args: argparse.Namespace, device: CachefilesDevice, api_sock: socket.
     if args.cache_size_limit:
         culler = ObjectCuller(device, args.cache_dir, args.cache_size_limit,
                               lambda: {o["key"] for o in daemon.info()["objects"]}).start()  # fmt: skip
-
-    def info() -> dict[str, Any]:
-        limit = {} if culler is None else {"cache_limit": culler.stats()}
-        return {**daemon.info(), "supervisor_pid": supervisor_pid, "restarts": restarts, **limit}
-
-    routes = {
-        "/api/v1/daemon": info,
-        "/api/v1/metrics/backend": daemon.backend_metrics,
-        "/api/v1/metrics/blobcache": daemon.blobcache_metrics,
-        "/api/v1/images": daemon.images,
-        "/api/v1/trace": daemon.traces.snapshot,
-    }
-    api = ApiServer(api_sock, routes, image_routes(daemon)).start() if api_sock is not None else None
+    api = None
+    if api_sock is not None:
+        more = None if culler is None else (lambda: {"cache_limit": culler.stats()})
+        api = ApiServer(api_sock, *daemon_routes(daemon, args.cache_dir, restarts, supervisor_pid, more)).start()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         daemon.stop()
@@ -268,58 +260,10 @@ def _serve(args: argparse.Namespace, device: CachefilesDevice, api_sock: socket.
     return 0
 
 
-def image_routes(daemon: Daemon) -> dict[tuple[str, str], Any]:
-    """``PUT``/``DELETE``/``GET /api/v1/images/{fsid}``: bind, unbind, describe; errors as HTTP statuses."""
-    from cachefilesd_py.api import ApiError
-    from cachefilesd_py.bindings import parse_bind_request
-    from cachefilesd_py.daemon import ImageInUseError
-    from cachefilesd_py.image_store import UnknownImageError, check_name
-    from cachefilesd_py.reference import ImageNotFoundError
-    from erofs.errors import ImageError
-
-    def answer(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        try:
-            return fn()
-        except ImageInUseError as e:
-            raise ApiError(409, "Conflict", str(e)) from None
-        except (UnknownImageError, ImageNotFoundError) as e:
-            raise ApiError(404, "NotFound", str(e)) from None
-        except UsageError as e:
-            raise ApiError(400, "BadRequest", str(e)) from None
-        except ImageError as e:
-            raise ApiError(422, "BadImage", str(e)) from None
-        except (BackendError, OSError) as e:
-            raise ApiError(502, "BackendError", str(e)) from None
-
-    def valid(fsid: str) -> str:
-        try:
-            if fsid.startswith("."):
-                raise UnknownImageError(f"fsid {fsid!r} is not a valid image name")
-            return check_name(fsid)
-        except UnknownImageError as e:
-            raise ApiError(400, "BadRequest", str(e)) from None
-
-    def put(fsid: str, body: bytes | None) -> dict[str, Any]:
-        req = parse_bind_request(valid(fsid), body or b"")
-        return answer(lambda: daemon.bind(req))
-
-    def bad_body(fsid: str, body: bytes | None) -> dict[str, Any]:
-        try:
-            return put(fsid, body)
-        except UsageError as e:
-            raise ApiError(400, "BadRequest", str(e)) from None
-
-    def delete(fsid: str, body: bytes | None) -> dict[str, Any]:
-        return answer(lambda: daemon.unbind(valid(fsid)))
-
-    def describe(fsid: str, body: bytes | None) -> dict[str, Any]:
-        return answer(lambda: {"fsid": valid(fsid), **daemon.describe(fsid)})
-
-    prefix = "/api/v1/images/"
-    return {("PUT", prefix): bad_body, ("DELETE", prefix): delete, ("GET", prefix): describe}
-
-
 def run(args: argparse.Namespace) -> int:
+    for name in ("images_dir", "cache_dir", "blob_dir", "api_sock"):  # absolute: the API's gc changes directory
+        if getattr(args, name) is not None:
+            setattr(args, name, Path(os.path.abspath(getattr(args, name))))
     images = args.images_dir
     if not images.is_dir():
         raise _Usage(f"--images-dir {images}: not a directory")

@@ -199,6 +199,11 @@ class Pipeline:
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
 
+    def inflight(self) -> int:
+        """Chunk fetches in flight now (reads waiting on a backend)."""
+        with self._lock:
+            return len(self._inflight)
+
     # -- planning -----------------------------------------------------------------------------------------------
     def chunks_to_fill(self, blob: BlobHandle, offset: int, length: int) -> tuple[list[int], list[int]]:
         """(requested, extra): chunk indexes meeting ``[offset, offset+length)`` and the amplification chunks

@@ -4,7 +4,8 @@ One JSON file per mountpoint in the run dir (``$NYDUS_EROFS_RUN_DIR`` or ``/run/
 ``<sha256 of the mountpoint>.json``, with the daemon's log beside it (``.log``).  Its fields: ``mountpoint``,
 ``boot``, ``cache_dir``, ``mode``, ``backend`` (the kind); for a daemon ``pid`` and ``start_time`` (the process
 ``umount`` stops: the supervisor), ``blobs``, and with a supervisor ``worker_pid``, ``worker_start_time``,
-``restarts``; ``stats`` and ``stopped`` once the daemon stopped.  The backend's options are never written here.
+``restarts``, ``api_sock`` (its API's socket: :func:`api_path`); ``stats`` and ``stopped`` once the daemon
+stopped.  The backend's options are never written here.
 """
 
 from __future__ import annotations
@@ -13,17 +14,22 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 from erofs.errors import NydusErofsError
 from fscache.mount import MountError
 
+from ..api import listen
 from .spec import MountSpec
 
-__all__ = ["RUN_DIR_ENV", "all_records", "initial_record", "log_path", "read_record", "record_path", "run_dir",
-           "write_record"]
+__all__ = ["RUN_DIR_ENV", "all_records", "api_path", "initial_record", "listen_api", "log_path", "read_record",
+           "record_path", "run_dir", "write_record"]
+
+log = logging.getLogger(__name__)
 
 RUN_DIR_ENV = "NYDUS_EROFS_RUN_DIR"
 DEFAULT_RUN_DIR = "/run/nydus-erofs/mounts"
@@ -41,6 +47,21 @@ def record_path(mountpoint: str | os.PathLike[str]) -> Path:
 def log_path(mountpoint: str | os.PathLike[str]) -> Path:
     """Where the daemon of the mount at ``mountpoint`` logs (what it could not serve, and why)."""
     return record_path(mountpoint).with_suffix(".log")
+
+
+def api_path(mountpoint: str | os.PathLike[str]) -> Path:
+    """The Unix socket of the API of the mount's daemon (:mod:`cachefilesd_py.api`)."""
+    return record_path(mountpoint).with_suffix(".sock")
+
+
+def listen_api(mountpoint: str | os.PathLike[str]) -> socket.socket | None:
+    """Listen on the mount's API socket; None (and a warning: the mount is served without an API) if it cannot."""
+    path = api_path(mountpoint)
+    try:
+        return listen(path)
+    except OSError as e:
+        log.warning("no API: %s: %s", path, e.strerror or e)
+        return None
 
 
 def all_records() -> list[dict[str, Any]]:

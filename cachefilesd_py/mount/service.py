@@ -56,7 +56,7 @@ from .localmount import mount_files
 from .nbddaemon import release_stale_devices, run_nbd_daemon
 from .prefetch import prefetch_progress_path
 from .ready import OK, daemon_error, read_line
-from .record import all_records, initial_record, log_path, read_record, record_path, run_dir, write_record
+from .record import all_records, api_path, initial_record, log_path, read_record, record_path, run_dir, write_record
 from .spec import MODES, MountSpec, spec_fd
 from .trace import trace_path
 from .worker import run_daemon
@@ -189,7 +189,7 @@ def _start_daemon(spec: MountSpec, data: dict[str, Any], module: str = SUPERVISO
         data["log"] = str(log_file)
         written = read_record(mp) or {}
         data["worker_pid"] = written.get("worker_pid")
-        data.update({key: written[key] for key in ("source", "nbd") if key in written})  # the nbd daemon's devices
+        data.update({key: written[key] for key in ("source", "nbd", "api_sock") if key in written})  # (nbd: devices)
         return data
     code = proc.wait()
     if status.startswith("error "):
@@ -346,7 +346,7 @@ def _forget(mp: Path, rec: dict[str, Any], timeout: float = 30.0) -> dict[str, A
         else:
             _kill(worker, signal.SIGTERM)
             _wait_exit(worker, timeout)
-    for p in (record_path(mp), log_path(mp), trace_path(mp), prefetch_progress_path(mp)):
+    for p in (record_path(mp), log_path(mp), trace_path(mp), prefetch_progress_path(mp), api_path(mp)):
         try:
             p.unlink()
         except FileNotFoundError:

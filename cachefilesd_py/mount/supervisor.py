@@ -62,11 +62,12 @@ import os
 import resource
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from erofs.errors import NydusErofsError, UsageError
@@ -78,6 +79,7 @@ from fscache.inotify import Inotify
 from ..logfilter import daemon_logging
 from ..supervisor import STOP_SIGNALS, ForkedWorker, RestartPolicy, Supervisor, WorkerProcess, describe
 from .ready import OK, error_line, read_line, report
+from .record import api_path, listen_api
 from .spec import MountSpec, read_spec_fd, spec_fd
 from .watch import ImageWatch
 
@@ -92,12 +94,13 @@ _EXEC_BLOCKED = (*STOP_SIGNALS, signal.SIGHUP)  # blocked across the re-exec (un
 @dataclass(frozen=True)
 class ResumeState:
     """What a re-executed supervisor takes over (``--resume``, JSON): the inherited group and inotify fds, the
-    running worker (a child of this same pid) and the restarts so far."""
+    running worker (a child of this same pid), the restarts so far and the API's listening socket (-1: none)."""
 
     group_fd: int
     inotify_fd: int
     worker_pid: int
     restarts: int
+    api_fd: int
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -107,7 +110,7 @@ class ResumeState:
         """The state :meth:`to_json` wrote; UsageError when ``text`` is not one."""
         try:
             value = json.loads(text)
-            if not isinstance(value, dict) or set(value) != {"group_fd", "inotify_fd", "worker_pid", "restarts"}:
+            if not isinstance(value, dict) or set(value) != {f.name for f in fields(cls)}:
                 raise ValueError("expected the ResumeState fields")
             if not all(isinstance(v, int) and not isinstance(v, bool) for v in value.values()):
                 raise ValueError("expected integers")
@@ -135,6 +138,7 @@ class FanotifySupervisor(Supervisor):
         self.died = False  # the last worker died without answering what it had read
         self._ready_r = -1  # the read end of the last worker's ready pipe
         self._go_r = -1  # while a worker to take over starts: the read end of its go pipe
+        self.api: socket.socket | None = None  # the API's listening socket, served by each worker in turn
 
     # -- the core's hooks ---------------------------------------------------------------------------------------
     def start_worker(self) -> WorkerProcess:
@@ -149,6 +153,9 @@ class FanotifySupervisor(Supervisor):
         if self._go_r >= 0:
             cmd += ["--takeover-fd", str(self._go_r)]
             fds.append(self._go_r)
+        if self.api is not None:
+            cmd += ["--api-fd", str(self.api.fileno())]
+            fds.append(self.api.fileno())
         try:
             return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=fds)
         except BaseException:
@@ -218,18 +225,20 @@ class FanotifySupervisor(Supervisor):
             last = (check.stderr.decode(errors="replace").strip().splitlines() or ["exit status"])[-1]
             raise UsageError(f"the new code does not import: {last}")
         gfd, ifd = self.group.fileno(), self.inotify.fileno()
-        state = ResumeState(group_fd=gfd, inotify_fd=ifd, worker_pid=self.proc.pid, restarts=self.restarts)
+        afd = self.api.fileno() if self.api is not None else -1
+        state = ResumeState(group_fd=gfd, inotify_fd=ifd, worker_pid=self.proc.pid, restarts=self.restarts,
+                            api_fd=afd)  # fmt: skip
         sfd = spec_fd(self.spec)
         argv = [sys.executable, "-m", module, "--spec-fd", str(sfd), "--resume", state.to_json()]
         for h in logging.getLogger().handlers:
             h.flush()
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _EXEC_BLOCKED)
         try:
-            for fd in (gfd, ifd, sfd):
+            for fd in (gfd, ifd, sfd, *((afd,) if afd >= 0 else ())):
                 os.set_inheritable(fd, True)
             os.execv(sys.executable, argv)
         finally:  # the exec failed
-            for fd in (gfd, ifd):
+            for fd in (gfd, ifd, *((afd,) if afd >= 0 else ())):
                 os.set_inheritable(fd, False)
             os.close(sfd)
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
@@ -379,6 +388,7 @@ class FanotifySupervisor(Supervisor):
                 try:
                     self.group = FanotifyGroup(pre_content=True)
                     self.inotify = Inotify()
+                    self.api = listen_api(self.mountpoint)
                 except PreContentUnsupportedError as e:  # as `--mode fanotify` says when it probes for them
                     report(ready_fd, error_line(UsageError(f"{e} (use --mode full)")))
                     return 1
@@ -404,6 +414,7 @@ class FanotifySupervisor(Supervisor):
         with self.handling_signals():
             self.group = FanotifyGroup.from_fd(state.group_fd)
             self.inotify = Inotify.from_fd(state.inotify_fd)
+            self.api = socket.socket(fileno=state.api_fd) if state.api_fd >= 0 else None
             self.restarts = state.restarts
             self.proc, self._started = ForkedWorker(state.worker_pid), time.monotonic()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _EXEC_BLOCKED)
@@ -420,6 +431,9 @@ class FanotifySupervisor(Supervisor):
         code = self.stop_worker()  # an error above: stop the worker (it serves until the release)
         self.died = (code is not None and code != 0) or self.died
         self._close_group()
+        if self.api is not None:
+            self.api.close()
+            api_path(self.mountpoint).unlink(missing_ok=True)
 
     def _close_group(self) -> None:
         if self.group is not None:

@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,11 +55,12 @@ from ..backends import BlobBackend, make_backend
 from ..blob_handles import open_image
 from ..logfilter import daemon_logging
 from ..pipeline import Pipeline
+from .api import MountApi
 from .cachefile import CacheFile, prepare_cache_files
 from .evict import CacheLimit
 from .prefetch import start_prefetch, stop_prefetch
 from .ready import OK, error_line, report
-from .record import initial_record, record_path, write_record
+from .record import api_path, initial_record, listen_api, record_path, write_record
 from .server import FanotifyServer
 from .spec import MountSpec, read_spec_fd
 from .trace import start_trace
@@ -86,7 +88,8 @@ def _mark_record(record: Path, who: str, me: int, data: dict[str, Any]) -> None:
 
 
 def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = None, inotify_fd: int | None = None,
-               restart: int = 0, supervisor_pid: int | None = None, takeover_fd: int | None = None) -> int:  # fmt: skip
+               restart: int = 0, supervisor_pid: int | None = None, takeover_fd: int | None = None,
+               api_fd: int | None = None) -> int:  # fmt: skip
     """Prepare, mark, mount, watch the mount (:class:`ImageWatch`), report readiness on ``ready_fd`` and serve
     until the image's filesystem is released; ``spec`` is resolved, its mode fanotify.
 
@@ -100,6 +103,8 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
     ``getppid()``: a worker whose supervisor died is re-parented, to init or a subreaper); a worker whose
     supervisor is gone before the record is written fails its start.  ``takeover_fd``: take over from a worker
     handing over (see the module's docstring): report ``ok`` once the image is loaded, then wait on this fd.
+    ``api_fd``: the API's listening socket, the supervisor's (:mod:`.api`); without a supervisor, the worker
+    listens itself.
 
     Every startup failure is reported as one line on ``ready_fd`` (:func:`error_line`) and raised.  On exit the
     final stats go into the runtime record, for ``umount`` (unless the record is another daemon's by then).
@@ -116,6 +121,7 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
     inotify = None if inotify_fd is None else Inotify.from_fd(inotify_fd)
     adopted = restart > 0 or takeover_fd is not None
     pipeline = Pipeline(amplify=amplify, workers=workers, fill_timeout=spec.fill_timeout)
+    api_sock: socket.socket | None = None
     try:
         try:
             try:
@@ -157,8 +163,10 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
             if supervisor_pid is None or os.getppid() != supervisor_pid:
                 raise MountError(errno.ESRCH, f"the supervisor (pid {supervisor_pid}) is gone")  # a daemon failure
             owner = supervisor_pid
+        api_sock = socket.socket(fileno=api_fd) if api_fd is not None else listen_api(mountpoint)
         data = dict(initial_record(spec), pid=owner, start_time=process_start_time(owner),
-                    blobs=[cf.handle.blob_id for cf in files])  # fmt: skip
+                    blobs=[cf.handle.blob_id for cf in files],
+                    api_sock=str(api_path(mountpoint)) if api_sock is not None else None)  # fmt: skip
         if group_fd is not None:
             data.update(worker_pid=me, worker_start_time=process_start_time(me), restarts=restart)
         write_record(record, data)
@@ -177,8 +185,9 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
             inotify.close()
         if backend is not None:
             backend.close()
+        _close_api(api_sock, api_fd, mountpoint)
         raise
-    assert watch is not None and inotify is not None and server is not None
+    assert watch is not None and inotify is not None and server is not None and backend is not None
 
     stopped_by: list[int] = []
     handing_over: list[int] = []
@@ -196,6 +205,9 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
     except (NydusErofsError, OSError) as e:  # the image was checked already: this is not worth failing the mount
         log.warning("no prefetch: %s", e)
         prefetcher = None
+    mount_api = MountApi(spec, files, server, pipeline, backend, restarts=restart, supervisor_pid=supervisor_pid)
+    mount_api.prefetcher = prefetcher
+    api = mount_api.serve(api_sock) if api_sock is not None else None
     report(ready_fd, OK)
     log.info("serving %s on %s (%d blobs)", boot, mountpoint, len(files))
     try:
@@ -211,6 +223,10 @@ def run_daemon(spec: MountSpec, *, ready_fd: int | None, group_fd: int | None = 
         # a failure: a supervisor starts the next worker on the mount as it is; alone, unmount (detached if busy)
         if group_fd is None and not watch.released():
             watch.unmount()
+        mount_api.state = "STOPPING"
+        if api is not None:
+            api.stop()
+        _close_api(api_sock, api_fd, mountpoint)
         prefetch_stats = stop_prefetch(prefetcher, mountpoint) if prefetcher is not None else None
         stats = server.stats()
         who = "worker_pid" if group_fd is not None else "pid"
@@ -254,6 +270,18 @@ def await_takeover(fd: int) -> None:
         raise MountError(errno.ECANCELED, "the supervisor called the upgrade off")
 
 
+def _close_api(sock: socket.socket | None, api_fd: int | None, mountpoint: Path) -> None:
+    """Close the API socket; one this worker listened on itself (no supervisor) is removed too."""
+    if sock is None:
+        return
+    sock.close()
+    if api_fd is None:
+        try:
+            api_path(mountpoint).unlink()
+        except FileNotFoundError:
+            pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cachefilesd_py.mount.worker", description=__doc__.splitlines()[0])
     ap.add_argument("--spec-fd", type=int, required=True, help="Inherited fd holding the mount spec (JSON)")
@@ -263,6 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--restart", type=int, default=0, help="Restart number of this worker (0: the first)")
     ap.add_argument("--supervisor-pid", type=int, default=None, help="The supervisor's pid")
     ap.add_argument("--takeover-fd", type=int, default=None, help="Take over from a worker handing over")
+    ap.add_argument("--api-fd", type=int, default=None, help="Inherited listening socket of the API")
     args = ap.parse_args(argv)
     try:
         spec = read_spec_fd(args.spec_fd)
@@ -273,7 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)  # `kill -USR1`: thread stacks to the log
     try:
         run_daemon(spec, ready_fd=args.ready_fd, group_fd=args.group_fd, inotify_fd=args.inotify_fd,
-                   restart=args.restart, supervisor_pid=args.supervisor_pid, takeover_fd=args.takeover_fd)  # fmt: skip
+                   restart=args.restart, supervisor_pid=args.supervisor_pid, takeover_fd=args.takeover_fd,
+                   api_fd=args.api_fd)  # fmt: skip
     except (NydusErofsError, FscacheError, OSError, ValueError) as e:  # reported on --ready-fd already
         log.error("%s", e)
         return 1

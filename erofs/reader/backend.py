@@ -39,7 +39,7 @@ def check_blob_id(blob_id: str) -> str:
 LATENCY_BUCKETS_MS = (1, 10, 100, 1000, 10000)
 
 
-def _bucket_name(ms: int) -> str:
+def latency_bucket_name(ms: int) -> str:
     return f"latency_le_{ms}ms" if ms < 1000 else f"latency_le_{ms // 1000}s"
 
 
@@ -103,7 +103,7 @@ class BackendStats:
             out: dict[str, int | float] = {
                 f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")
             }
-            out.update(zip(map(_bucket_name, LATENCY_BUCKETS_MS), self._buckets, strict=True))
+            out.update(zip(map(latency_bucket_name, LATENCY_BUCKETS_MS), self._buckets, strict=True))
         out["latency_sum_ms"] = round(out["latency_sum_ms"], 3)
         out["latency_max_ms"] = round(out["latency_max_ms"], 3)
         return out

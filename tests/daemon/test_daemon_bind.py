@@ -10,21 +10,21 @@ import http.client
 import json
 import os
 import socket
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from cachefilesd_py.api import ApiServer, get, listen, request
-from cachefilesd_py.cli import image_routes
+from cachefilesd_py.api import get, request
 from cachefilesd_py.daemon import Daemon
+from cachefilesd_py.daemon_api import image_routes
 from cachefilesd_py.image_store import ImageStore
 from fscache.cachefiles import CloseRequest, OpenRequest, ReadRequest
 from tests.daemon.test_daemon_service import TIMEOUT, FakeDevice, _anon_fd, _build
 from tests.support.registry import RegistryServer
 from tests.support.remote_image import convert_to, make_source_layout, run
+from tests.support.served_daemon import serving
 
 IMAGES = "/api/v1/images/"
 PLAIN_HTTP = {"type": "registry", "config": {"plain_http": True}}
@@ -53,20 +53,9 @@ def served(tmp_path: Path) -> Iterator[Served]:
     daemon = Daemon(dev, ImageStore(images), threads=2, amplify=0)  # type: ignore[arg-type]
     daemon.unbind_wait = 1.0
     sock_path = tmp_path / "api.sock"
-    sock = listen(sock_path)
-    api = ApiServer(sock, {"/api/v1/daemon": daemon.info, "/api/v1/images": daemon.images},
-                    image_routes(daemon)).start()  # fmt: skip
-    t = threading.Thread(target=daemon.run)
-    t.start()
-    try:
+    with serving(daemon, sock_path, {"/api/v1/daemon": daemon.info, "/api/v1/images": daemon.images},
+                 image_routes(daemon)):  # fmt: skip
         yield Served(daemon, dev, sock_path, tmp_path, images)
-    finally:
-        daemon.stop()
-        t.join(TIMEOUT)
-        api.stop()
-        sock.close()
-        daemon.store.close()
-        dev.close()
 
 
 @pytest.fixture
