@@ -4,7 +4,8 @@ A 256 MiB file (each MiB half random, half text: lz4_block stores it in ~half) i
 and an lz4_block image.  *Direct*: the uncompressed image mounted file-backed with its blob as ``device=``,
 so the kernel reads the blob itself.  *fanotify*: ``nydus-erofs mount`` over an empty cache dir (the daemon
 is a separate process, as in production): every readahead window of the reader is an event; missing chunks
-are read from the blob (one pread per span), blake3-verified, decompressed and written through the event fd.
+are read from the blob (one ``preadv`` per span into a reused page-aligned buffer), blake3-verified where they
+lie (lz4_block: decompressed into another reused buffer first) and written through the event fd.
 
 *Copy loop*: the reference the issue gives for scale, measured in the same rounds (uncompressed case): one
 thread answering each event by copying the holes of its range from the blob into the cache file (pread,
@@ -13,9 +14,21 @@ window is 1 MiB as for ours.  It bounds what any copy-into-a-cache-file design r
 
 Cold runs drop the page cache first (blob included).  Warm runs read the file a second time (page cache).
 ``warm_cache`` is a remount over the filled cache with the page cache dropped: no fetch, events only.
-Targets (issue 7): cold >= 0.8x direct (uncompressed), >= 0.6x (lz4_block); warm = direct.  The ratios
-(direct time / our time, higher is better) go to ``extra_info`` and are printed in the run's summary; they are
-reported, not asserted, because the machine is shared and timings swing.
+Targets (issue 17): cold >= 0.8x direct (uncompressed, digests on), >= 0.7x (lz4_block); warm = direct.  The
+ratios (direct time / our time, higher is better) go to ``extra_info`` and are printed in the run's summary;
+they are reported, not asserted, because the machine is shared and timings swing.  So is the daemon's CPU time
+per cold read (user + system, all its threads): it swings far less with the load than wall time does.
+
+Where a cold read's time goes: py-spy of the daemon at 500 Hz over two cold reads, the busy samples of its fill
+and readahead threads (they overlap: 2 cores, shared with other work).  Before the pooled buffers (uncompressed):
+the blob's ``pread`` 32%, the ``pwrite`` into the cache file (the kernel allocating and filling its page cache)
+32%, the chunk map's ``fdatasync`` every 64 MiB 21% (a thread of its own, but its writeback competes with the
+blob's reads for the disk), blake3 14%.  After (``preadv`` into reused buffers), at a far higher load: the
+blob's ``preadv`` 62% (the blob is cold: disk), ``pwrite`` 29%, ``fdatasync`` 4.5%, blake3 2.8%; lz4_block:
+``preadv`` 52%, ``pwrite`` 26%, ``fdatasync`` 6%, answering fanotify 6%, blake3 5.6%, lz4 (into a reused
+buffer through liblz4) 2.7%.  Python bookkeeping is a few percent; fresh anonymous pages (first touch ~1 GB/s
+here against ~26 GB/s reused) no longer show.  What is left is the kernel's: the disk read of the blob and
+the cache file's page cache.
 """
 
 from __future__ import annotations
@@ -51,6 +64,12 @@ pytestmark = [pytest.mark.root, pytest.mark.kernel("erofs", "fanotify")]  # root
 def _drop_caches() -> None:
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _read(path: Path) -> float:
@@ -168,13 +187,15 @@ class LazyMount:
         self.keep_cache = keep_cache
         self.mnt.mkdir(exist_ok=True)
         self.stats: list[dict[str, Any]] = []
+        self.pid = 0  # the process serving the mount (the worker, under a supervisor)
 
     def setup(self) -> None:
         self.teardown()
         if not self.keep_cache:
             shutil.rmtree(self.cache, ignore_errors=True)
-        mount_image(MountSpec(str(self.out / "image.boot"), str(self.mnt), str(self.cache), mode="fanotify",
-                              backend_config={"dir": str(self.out / "blobs")}))  # fmt: skip
+        rec = mount_image(MountSpec(str(self.out / "image.boot"), str(self.mnt), str(self.cache), mode="fanotify",
+                                    backend_config={"dir": str(self.out / "blobs")}))  # fmt: skip
+        self.pid = rec.get("worker_pid") or rec["pid"]
         _drop_caches()
 
     def teardown(self) -> None:
@@ -197,6 +218,7 @@ def test_cold_read_vs_direct(benchmark: Any, images: dict[str, Path], compressor
     copy_loop = CopyLoop(images["none"], tmp_path) if compressor == "none" else None
     lazy = LazyMount(images[compressor], tmp_path)
     times: list[float] = []
+    cpu: list[float] = []
 
     def setup() -> None:
         direct.measure()
@@ -205,7 +227,9 @@ def test_cold_read_vs_direct(benchmark: Any, images: dict[str, Path], compressor
         lazy.setup()
 
     def read() -> None:
+        before = _cpu_seconds(lazy.pid)
         times.append(_read(lazy.mnt / "big.bin"))
+        cpu.append(_cpu_seconds(lazy.pid) - before)
 
     try:
         benchmark.pedantic(read, setup=setup, rounds=ROUNDS, iterations=1)
@@ -215,7 +239,8 @@ def test_cold_read_vs_direct(benchmark: Any, images: dict[str, Path], compressor
     cold, d_cold, d_warm = min(times), min(direct.cold), min(direct.warm)
     median_ratio = statistics.median(d / t for d, t in zip(direct.cold, times, strict=True))
     last = lazy.stats[-1]
-    target = 0.8 if compressor == "none" else 0.6
+    target = 0.8 if compressor == "none" else 0.7
+    daemon_cpu = statistics.median(cpu)
     benchmark.extra_info.update(
         compressor=compressor,
         cold_s=round(cold, 4),
@@ -226,13 +251,16 @@ def test_cold_read_vs_direct(benchmark: Any, images: dict[str, Path], compressor
         warm_s=round(warm, 4),
         direct_warm_s=round(d_warm, 4),
         warm_ratio=round(d_warm / warm, 3),
+        daemon_cpu_s_median=round(daemon_cpu, 3),
+        load_average=os.getloadavg()[0],
         events=last["events"],
         fetched_bytes=last["pipeline"]["bytes_fetched"],
         dedup_hits=last["pipeline"]["dedup_hits"],
     )
     comparison(f"fanotify {compressor}: cold {cold:.3f} s vs direct {d_cold:.3f} s -> {d_cold / cold:.2f}x (median of "
                f"pairs {median_ratio:.2f}x, target {target}x); warm {warm:.4f} s vs {d_warm:.4f} s -> "
-               f"{d_warm / warm:.2f}x; {last['events']['events']} events")  # fmt: skip
+               f"{d_warm / warm:.2f}x; {last['events']['events']} events; daemon CPU {daemon_cpu:.2f} s per cold read "
+               f"(median); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")  # fmt: skip
     if copy_loop is not None:
         c_cold = min(copy_loop.cold)
         c_median = statistics.median(d / t for d, t in zip(direct.cold, copy_loop.cold, strict=True))

@@ -5,13 +5,19 @@ gives it a ``write(d_off, data)`` callback (pwrite into the anonymous cache fd, 
 fd).  The pipeline maps the range to chunks (``BlobMeta.chunks_for_range``), widens it to whole chunks,
 amplifies it with the chunks that follow in uncompressed order up to ``amplify`` bytes, drops the chunks the
 caller already has (``present``), fetches the rest with one ranged backend read per contiguous compressed span
-(:func:`erofs.reader.blob.plan_reads`), verifies and decompresses each chunk (``BlobMeta.decode_chunk``) and
-writes it.  A chunk that fails its fetch or its digest is never written.
+(:func:`erofs.reader.blob.plan_reads`), verifies and decompresses each chunk and writes it.  A chunk that fails
+its fetch or its digest is never written.
+
+No needless copies (:mod:`.fillbuf`): a span is read straight into a pooled page-aligned buffer (the backend's
+``read_into`` when it has one: ``preadv``), an uncompressed chunk is hashed and written where it lies in it, a
+compressed one is decompressed into another pooled buffer (liblz4/libzstd through ctypes, GIL released), hashed
+and written from there.  The buffers are reused by the next fills: no fresh pages per fill.
 
 Data handed to ``write`` is the chunk zero-padded to a multiple of 4 KiB (chunks start 4 KiB-aligned in the
-uncompressed layout, so the padding covers no other chunk).  The buffer is *not* guaranteed to be
-page-aligned in memory: a caller that writes with O_DIRECT copies it into an aligned buffer
-(``fscache.cachefiles.write_range`` does).  ``write`` may be called from the thread that called ``fill`` only.
+uncompressed layout, so the padding covers no other chunk).  It is page-aligned in memory when it was
+decompressed or padded (a pooled buffer), not necessarily when it is an uncompressed chunk within a span (a
+caller writing with O_DIRECT checks: ``fscache.cachefiles.write_range`` does).  ``write`` may be called from
+the thread that called ``fill`` only, and must not keep ``data`` once it returns: the buffer is reused.
 
 A chunk wanted by two concurrent fills is fetched once: the first claims it in an in-flight table of futures
 keyed by ``(blob_id, ci)``, the others wait for it.  When the owner's data is not yet in a waiter's
@@ -36,8 +42,9 @@ import ctypes
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 
 from erofs.errors import BackendError, DigestMismatchError, ImageError, NydusErofsError
@@ -45,6 +52,7 @@ from erofs.reader.blob import BlobMeta, plan_reads
 
 from .backends import BlobBackend
 from .backends.retry import PermanentFailure, deadline, time_left
+from .fillbuf import BufferPool, decompress_into
 
 __all__ = ["PAGE_SIZE", "BlobHandle", "Pipeline", "PipelineStats", "WriteFn", "PresentFn", "tune_malloc"]
 
@@ -162,14 +170,14 @@ def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 64 << 20) 
     return ok
 
 
-def _padded(data: memoryview) -> memoryview:
-    n = data.nbytes
-    want = -(-n // PAGE_SIZE) * PAGE_SIZE
-    if want == n:
-        return data
-    buf = bytearray(want)
-    buf[:n] = data
-    return memoryview(buf)
+@dataclass(eq=False)
+class _Claim:
+    """A chunk being fetched by one fill: the future of its data, the copy of the blob it is read from, and how
+    many other fills wait for it (only then is its data copied out of the owner's reused buffer)."""
+
+    future: Future[memoryview | None]
+    backend: BlobBackend
+    waiters: int = 0
 
 
 class Pipeline:
@@ -192,12 +200,13 @@ class Pipeline:
         self.stats = PipelineStats()
         tune_malloc()
         self._lock = threading.Lock()
-        # (blob id, chunk) → the future of its fetch and the backend (the copy of the blob) it is fetched from
-        self._inflight: dict[tuple[str, int], tuple[Future[memoryview | None], BlobBackend]] = {}
+        # (blob id, chunk) → its fetch: the future of its data, the backend (the copy of the blob), the waiters
+        self._inflight: dict[tuple[str, int], _Claim] = {}
         # (blob id, chunk) → (until when, the failure, the backend it came from): failure caching
         self._failed: dict[tuple[str, int], tuple[float, BaseException, BlobBackend]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
+        self.buffers = BufferPool()
 
     def inflight(self) -> int:
         """Chunk fetches in flight now (reads waiting on a backend)."""
@@ -290,10 +299,11 @@ class Pipeline:
                         del self._failed[(bid, ci)]
                 claim = self._inflight.get((bid, ci))
                 if claim is None:
-                    self._inflight[(bid, ci)] = (Future(), blob.backend)
+                    self._inflight[(bid, ci)] = _Claim(Future(), blob.backend)
                     owned.append(ci)
                 elif wait:
-                    waits.append((ci, *claim))
+                    claim.waiters += 1
+                    waits.append((ci, claim.future, claim.backend))
         if waits:
             self.stats.add(dedup_hits=len(waits))
         if errors:
@@ -306,7 +316,7 @@ class Pipeline:
             with self._lock:
                 for ci in owned:
                     claim = self._inflight.pop((bid, ci), None)
-                    fut = claim[0] if claim is not None else None
+                    fut = claim.future if claim is not None else None
                     if fut is not None and not fut.done():
                         fut.set_exception(errors.get(ci) or RuntimeError(f"blob {bid}: chunk {ci} was not fetched"))
 
@@ -368,11 +378,11 @@ class Pipeline:
             claim = self._inflight.pop((bid, ci), None)
         if claim is None:
             return
-        fut = claim[0]
+        fut = claim.future
         if error is not None:
             fut.set_exception(error)
-        else:
-            fut.set_result(data)
+        else:  # `data` lies in a buffer about to be reused: waiters get a copy (nobody waits: no copy)
+            fut.set_result(memoryview(bytes(data)) if data is not None and claim.waiters else None)
 
     def _fetch_owned(self, blob: BlobHandle, cis: Iterable[int], write: WriteFn, present: PresentFn | None,
                      errors: dict[int, BaseException], resolve: bool = True) -> int:  # fmt: skip
@@ -407,42 +417,94 @@ class Pipeline:
         todo.sort()
         written = 0
         for start, length, group in plan_reads(meta, (ci for _, ci in todo)):
+            with self._span(blob, start, length) as view:
+                if isinstance(view, BaseException):
+                    for ci in group:
+                        fail(ci, view, "fetch_failures")
+                    continue
+                self.stats.add(backend_reads=1, chunks_fetched=len(group), bytes_fetched=length)
+                for ci in group:
+                    c_off, c_size, d_off, d_size = meta.chunk(ci)
+                    raw = view[c_off - start : c_off - start + c_size]
+                    padded = -(-d_size // PAGE_SIZE) * PAGE_SIZE
+                    with self._decoded(meta, ci, raw, padded) as data:
+                        if isinstance(data, DigestMismatchError):
+                            fail(ci, data, "digest_failures")
+                            continue
+                        if isinstance(data, ImageError):
+                            fail(ci, data, "decode_failures")
+                            continue
+                        try:
+                            write(d_off, data)
+                        except Exception as e:  # noqa: BLE001 - reported as this chunk's failure
+                            errors[ci] = e
+                            self.stats.add(write_failures=1)
+                        else:
+                            written += data.nbytes
+                            self.stats.add(chunks_written=1, bytes_written=data.nbytes)
+                        if resolve:  # verified data: waiters may write it themselves if our write failed
+                            self._resolve(bid, ci, data)
+        return written
+
+    @contextmanager
+    def _span(self, blob: BlobHandle, start: int, length: int) -> Iterator[memoryview | NydusErofsError]:
+        """The blob's stored bytes ``[start, start + length)``: read into a pooled buffer when the backend can
+        (``read_into``), else as the bytes its ``read`` returns; or the error that stopped the read."""
+        bid = blob.blob_id
+        read_into = getattr(blob.backend, "read_into", None)
+        if read_into is None:
+            got: memoryview | NydusErofsError
             try:
                 buf = blob.backend.read(bid, start, length)
+                got = memoryview(buf)
                 if len(buf) != length:
-                    raise BackendError(f"blob {bid}: short read at {start}: {len(buf)} of {length} bytes")
+                    got = BackendError(f"blob {bid}: short read at {start}: {len(buf)} of {length} bytes")
             except NydusErofsError as e:
-                for ci in group:
-                    fail(ci, e, "fetch_failures")
-                continue
+                got = e
             except OSError as e:
-                err = BackendError(f"blob {bid}: read of {start}+{length} failed: {e}")
-                for ci in group:
-                    fail(ci, err, "fetch_failures")
-                continue
-            self.stats.add(backend_reads=1, chunks_fetched=len(group), bytes_fetched=length)
-            view = memoryview(buf)
-            for ci in group:
-                c_off, c_size, d_off, _ = meta.chunk(ci)
-                try:
-                    data = _padded(meta.decode_chunk(ci, view[c_off - start : c_off - start + c_size]))
-                except DigestMismatchError as e:
-                    fail(ci, e, "digest_failures")
-                    continue
-                except ImageError as e:
-                    fail(ci, e, "decode_failures")
-                    continue
-                try:
-                    write(d_off, data)
-                except Exception as e:  # noqa: BLE001 - reported as this chunk's failure
-                    errors[ci] = e
-                    self.stats.add(write_failures=1)
+                got = BackendError(f"blob {bid}: read of {start}+{length} failed: {e}")
+            yield got
+            return
+        with self.buffers.lease(length) as view:
+            try:
+                read_into(bid, start, view)
+                got = view
+            except NydusErofsError as e:
+                got = e
+            except OSError as e:
+                got = BackendError(f"blob {bid}: read of {start}+{length} failed: {e}")
+            yield got
+
+    @contextmanager
+    def _decoded(self, meta: BlobMeta, ci: int, raw: memoryview, padded: int) -> Iterator[memoryview | ImageError]:
+        """Chunk ``ci`` verified and zero-padded to ``padded`` bytes, from its stored bytes ``raw``: ``raw``
+        itself when it is stored uncompressed and whole pages, else decompressed (or copied) into a pooled
+        buffer; or the ImageError (DigestMismatchError) that rejected it."""
+        c_off, c_size, _, d_size = meta.chunk(ci)
+        got: memoryview | ImageError
+        if c_size == d_size == padded:
+            try:
+                got = meta.decode_chunk(ci, raw)  # verified where it lies: no copy
+            except ImageError as e:
+                got = e
+            yield got
+            return
+        with self.buffers.lease(padded) as out:
+            data = out[:d_size]
+            try:
+                if c_size != d_size:
+                    try:
+                        decompress_into(meta.compressor, raw, data)
+                    except ImageError as e:
+                        raise ImageError(f"blob {meta.blob_id}: chunk {ci} (at {c_off}): {e}") from None
                 else:
-                    written += data.nbytes
-                    self.stats.add(chunks_written=1, bytes_written=data.nbytes)
-                if resolve:  # verified data: waiters may write it themselves if our write failed
-                    self._resolve(bid, ci, data)
-        return written
+                    data[:] = raw
+                meta.verify_chunk(ci, data)
+                out[d_size:] = bytes(padded - d_size)
+                got = out
+            except ImageError as e:
+                got = e
+            yield got
 
     # -- asynchronous use ---------------------------------------------------------------------------------------
     def submit(self, blob: BlobHandle, offset: int, length: int, write: WriteFn,

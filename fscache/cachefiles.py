@@ -14,6 +14,7 @@ import os
 import platform
 import select
 import stat
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -267,49 +268,68 @@ class CachefilesDevice(FdOwner):
         return parse_message(buf)
 
 
-def _aligned_buffer(size: int) -> mmap.mmap:
-    return mmap.mmap(-1, size)
+_staging = threading.local()  # per thread: a page-aligned buffer reused by every copying write_range
+
+
+def _staging_buffer(size: int) -> memoryview:
+    """A page-aligned buffer of ``size`` bytes, this thread's own, reused across writes (fresh anonymous pages
+    cost a fault and a zeroing each on first touch)."""
+    buf: mmap.mmap | None = getattr(_staging, "buf", None)
+    if buf is None or len(buf) < size:
+        if buf is not None:
+            buf.close()
+        buf = _staging.buf = mmap.mmap(-1, max(size, 1 << 20))
+    return memoryview(buf)[:size]
+
+
+def _page_aligned(view: memoryview) -> bool:
+    """Whether ``view`` starts on a page boundary in memory and is whole pages long (direct I/O takes it as is)."""
+    if view.nbytes % PAGE_SIZE or not view.c_contiguous:
+        return False
+    return int(ffi.cast("uintptr_t", ffi.from_buffer(view))) % PAGE_SIZE == 0
 
 
 def write_range(anon_fd: int, offset: int, data: bytes | memoryview | Iterable[bytes | memoryview]) -> int:
     """Write ``data`` (bytes-like or chunks of it) at ``offset`` into a cache file, zero-padded to whole pages.
 
     The cache file is written with direct I/O, so the offset must be page-aligned and the write comes from a
-    page-aligned buffer. Returns the number of bytes written (a multiple of :data:`PAGE_SIZE`).
+    page-aligned buffer: ``data`` itself when it is one buffer, page-aligned and whole pages long (the
+    pipeline's pooled buffers), else a copy in a buffer of the calling thread's, reused.  Returns the number of
+    bytes written (a multiple of :data:`PAGE_SIZE`).
     """
     if offset % PAGE_SIZE:
         raise ValueError(f"cachefiles write offset {offset} is not aligned to {PAGE_SIZE}")
     chunks: list[bytes | memoryview] = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
-    total = sum(memoryview(c).nbytes for c in chunks)
+    views = [memoryview(c).cast("B") for c in chunks]
+    total = sum(v.nbytes for v in views)
     if total == 0:
         return 0
     padded = -(-total // PAGE_SIZE) * PAGE_SIZE
-    buf = _aligned_buffer(padded)
-    try:
+    if len(views) == 1 and _page_aligned(views[0]):
+        view = views[0]
+    else:
+        view = _staging_buffer(padded)
         pos = 0
-        for c in chunks:
-            mv = memoryview(c).cast("B")
-            buf[pos : pos + mv.nbytes] = mv
-            pos += mv.nbytes
-        view = memoryview(buf)
-        try:
-            done = 0
-            while done < padded:
-                try:
-                    n = os.pwrite(anon_fd, view[done:], offset + done)
-                except OSError as e:
-                    raise KernelInterfaceError(
-                        e.errno or errno.EIO,
-                        f"pwrite of {padded - done} bytes at {offset + done} to cache fd {anon_fd} failed: "
-                        f"{os.strerror(e.errno or errno.EIO)}",
-                    ) from None
-                if n <= 0:
-                    raise KernelInterfaceError(errno.EIO, f"pwrite to cache fd {anon_fd} wrote nothing")
-                done += n
-        finally:
-            view.release()
+        for v in views:
+            view[pos : pos + v.nbytes] = v
+            pos += v.nbytes
+        view[pos:] = bytes(padded - pos)
+    try:
+        done = 0
+        while done < padded:
+            try:
+                n = os.pwrite(anon_fd, view[done:], offset + done)
+            except OSError as e:
+                raise KernelInterfaceError(
+                    e.errno or errno.EIO,
+                    f"pwrite of {padded - done} bytes at {offset + done} to cache fd {anon_fd} failed: "
+                    f"{os.strerror(e.errno or errno.EIO)}",
+                ) from None
+            if n <= 0:
+                raise KernelInterfaceError(errno.EIO, f"pwrite to cache fd {anon_fd} wrote nothing")
+            done += n
     finally:
-        buf.close()
+        view.release()
     return padded
 
 

@@ -262,6 +262,36 @@ class BlobFileBackend:
         finally:
             self._release(entry)
 
+    def read_into(self, blob_id: str, offset: int, buf: memoryview) -> None:
+        """:meth:`read` of ``buf.nbytes`` bytes at ``offset`` straight into ``buf`` (``preadv``: no bytes object
+        in between), or BackendError."""
+        length = buf.nbytes
+        if offset < 0:
+            self.stats.add(errors=1)
+            raise BackendError(f"blob {blob_id}: invalid range {offset}+{length}")
+        if length == 0:
+            return
+        with self.stats.timed():
+            entry = self._acquire_counted(blob_id)
+            try:
+                got = 0
+                while got < length:
+                    try:
+                        n = os.preadv(entry.fd, [buf[got:]], offset + got)
+                    except OSError as e:
+                        self.stats.add(requests=1, errors=1)
+                        raise BackendError(f"blob {blob_id}: read at {offset + got} failed: {e.strerror}") from None
+                    self.stats.add(requests=1, bytes=n)
+                    if not n:
+                        self.stats.add(errors=1)
+                        size = os.fstat(entry.fd).st_size
+                        raise BackendError(
+                            f"blob {blob_id}: range {offset}+{length} is past the end of the blob (size {size})"
+                        )
+                    got += n
+            finally:
+                self._release(entry)
+
     def size(self, blob_id: str) -> int:
         with self.stats.timed():
             entry = self._acquire_counted(blob_id)

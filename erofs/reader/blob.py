@@ -302,6 +302,13 @@ class BlobMeta:
             data: bytes | memoryview = _decompress(self.compressor, raw, d_size, where)
         else:
             data = raw
+        self.verify_chunk(ci, data)
+        return memoryview(data)
+
+    def verify_chunk(self, ci: int, data: bytes | memoryview) -> None:
+        """DigestMismatchError unless ``data`` (chunk ``ci``'s uncompressed bytes) matches its digest; ImageError
+        when the chunk has no digest or the digester is unknown."""
+        c_off, c_size, _, _ = self.chunk(ci)
         want = self.digest(ci)
         if want is None:
             raise ImageError(f"blob {self.blob_id}: chunk {ci}: no digest recorded, cannot verify it")
@@ -314,7 +321,6 @@ class BlobMeta:
                 f"blob {self.blob_id}: chunk {ci} (compressed {c_off}+{c_size}) does not match its digest "
                 f"{want.hex()[:16]}…"
             )
-        return memoryview(data)
 
     def check_chunk_bounds(self, ci: int) -> tuple[int, int, int, int]:
         """The chunk's info, after checking its sizes and offsets against the blob (ImageError otherwise)."""

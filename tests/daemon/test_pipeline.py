@@ -219,6 +219,11 @@ class GatedBackend(LocalBlobDir):
         assert self.go.wait(TIMEOUT), "gate never opened"
         return super().read(blob_id, offset, length)
 
+    def read_into(self, blob_id: str, offset: int, buf: memoryview) -> None:  # the pipeline's read
+        self.entered.set()
+        assert self.go.wait(TIMEOUT), "gate never opened"
+        super().read_into(blob_id, offset, buf)
+
 
 @pytest.mark.parametrize("with_present", [True, False])
 def test_concurrent_fills_fetch_each_chunk_once(image: Path, with_present: bool) -> None:
@@ -305,6 +310,12 @@ class HeldBackend(LocalBlobDir):
             self.entered.set()
             assert self.release.wait(TIMEOUT), "never released"
         return super().read(blob_id, offset, length)
+
+    def read_into(self, blob_id: str, offset: int, buf: memoryview) -> None:  # the pipeline's read
+        if offset <= self.held < offset + buf.nbytes:
+            self.entered.set()
+            assert self.release.wait(TIMEOUT), "never released"
+        super().read_into(blob_id, offset, buf)
 
 
 def test_fill_without_wait_leaves_inflight_chunks_to_their_owner(image: Path) -> None:
