@@ -3,13 +3,18 @@
 ``--sock PATH`` names the socket (cachefilesd-py's ``--api-sock``), ``--mount MNT`` the fanotify mount whose
 daemon to ask (the socket its runtime record names).  Subcommands print tables, or the API's JSON with ``--json``:
 ``info``, ``images``, ``metrics`` (``--prometheus``: the ``/metrics`` text), ``gc`` (``--cache-dir DIR``: collect
-a cache dir of mounts without asking any daemon: :mod:`cachefilesd_py.mount.gc`).
+a cache dir of mounts without asking any daemon: :mod:`cachefilesd_py.mount.gc`), ``upgrade`` (a new daemon takes
+over without a failed read: :mod:`cachefilesd_py.mount.upgrade` for a mount, SIGHUP and
+:mod:`cachefilesd_py.takeover` for cachefilesd-py).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import signal
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,7 +23,9 @@ import click
 from cachefilesd_py.api import request
 from cachefilesd_py.mount.gc import collect
 from cachefilesd_py.mount.record import read_record
+from cachefilesd_py.mount.upgrade import UPGRADE_TIMEOUT, request_upgrade
 from erofs.errors import NydusErofsError, UsageError
+from fscache.mount import MountError
 
 __all__ = ["ctl"]
 
@@ -188,5 +195,42 @@ def gc(ctx: click.Context, as_json: bool, cache_dir: str | None) -> None:
         for name in d.get("removed", []):
             click.echo(f"removed {name}")
         click.echo(f"{len(d.get('removed', []))} files removed, {_size(d.get('freed_bytes', 0))} freed")
+
+    _emit(ctx, as_json, body, table)
+
+
+@ctl.command()
+@_JSON
+@click.option("--timeout", type=float, default=UPGRADE_TIMEOUT, show_default=True, help="Seconds to wait for it.")
+@click.pass_context
+def upgrade(ctx: click.Context, as_json: bool, timeout: float) -> None:
+    """Replace the daemon with one running the code installed now, without a failed read."""
+    if ctx.obj["mount"] is not None:
+        rec = read_record(ctx.obj["mount"])
+        if rec is None:
+            raise UsageError(f"{ctx.obj['mount']} is not mounted by nydus-erofs")
+        old = rec.get("worker_pid")
+        new = request_upgrade(rec, timeout)
+        body = {"old_pid": old, "pid": new.get("worker_pid"), "supervisor_pid": new.get("pid")}
+    else:  # cachefilesd-py: SIGHUP to its main process, then wait for the API to be served by the successor
+        before = _ask(ctx, "GET", "/api/v1/daemon")
+        main_pid = before.get("supervisor_pid") or before["pid"]
+        os.kill(main_pid, signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                now = _ask(ctx, "GET", "/api/v1/daemon")
+            except ApiUnreachableError:  # between the two daemons
+                now = before
+            if (now.get("supervisor_pid") or now["pid"]) != main_pid:
+                break
+            if time.monotonic() > deadline:
+                raise MountError(errno.ETIMEDOUT, f"the daemon (pid {main_pid}) did not hand over within {timeout:g} s"
+                                 " (its log says why; it serves on)")  # fmt: skip
+            time.sleep(0.2)  # polling the API: the successor announces itself nowhere else
+        body = {"old_pid": main_pid, "pid": now["pid"], "supervisor_pid": now.get("supervisor_pid")}
+
+    def table(d: Mapping[str, Any]) -> None:
+        click.echo(f"upgraded: pid {d['old_pid']} handed over to pid {d['pid']}")
 
     _emit(ctx, as_json, body, table)

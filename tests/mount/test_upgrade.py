@@ -5,6 +5,7 @@ sequential read, a new worker takes over from the old one with no failed read; t
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import re
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from cachefilesd_py.api import get
 from cachefilesd_py.mount.record import read_record
 from cachefilesd_py.mount.service import mount_image
 from cachefilesd_py.mount.spec import MountSpec
@@ -23,6 +25,7 @@ from erofs.errors import UsageError
 from erofs.paths import process_start_time
 from fscache.mount import MountError
 from tests.mount.test_fanotify_mount import TIMEOUT, GatedBlobServer, Mounts, build
+from tests.support.cli import run
 from tests.support.cold_read import ColdReader
 from tests.support.poll import wait_for
 
@@ -102,9 +105,15 @@ def test_request_upgrade_twice_then_umount(mounts: Mounts, image64: tuple[Path, 
     first = request_upgrade(rec)
     assert first["pid"] == rec["pid"] and first["worker_pid"] != rec["worker_pid"]
     assert process_start_time(rec["worker_pid"]) is None
-    second = request_upgrade(first)
+    # the second through the command line, as an operator does it; the API's socket survived the re-exec
+    r = run("ctl", "--mount", mp, "upgrade", "--json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    second = read_record(mp) or {}
+    assert json.loads(r.stdout) == {"old_pid": first["worker_pid"], "pid": second["worker_pid"],
+                                    "supervisor_pid": rec["pid"]}  # fmt: skip
     assert second["worker_pid"] not in (rec["worker_pid"], first["worker_pid"])
     assert process_start_time(first["worker_pid"]) is None
+    assert get(second["api_sock"], "/api/v1/daemon", timeout=60)["pid"] == second["worker_pid"]
     assert hashlib.sha256((mp / "big.bin").read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
     assert len(re.findall("supervisor re-executed", Path(rec["log"]).read_text())) == 2
     mounts.umount(mp)

@@ -14,9 +14,10 @@ CACHEFILESD = str(BIN / "cachefilesd-py")
 TIMEOUT = 60
 
 
-def run(*args: str | os.PathLike[str], prog: str = CLI, **kw: Any) -> subprocess.CompletedProcess[str]:
+def run(*args: str | os.PathLike[str], prog: str = CLI, timeout: float = TIMEOUT,
+        **kw: Any) -> subprocess.CompletedProcess[str]:  # fmt: skip
     """``prog`` (``nydus-erofs``) with ``args``; stdout and stderr captured as text."""
-    return subprocess.run([prog, *map(str, args)], capture_output=True, text=True, timeout=TIMEOUT, **kw)
+    return subprocess.run([prog, *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def one_line(proc: subprocess.CompletedProcess[str], code: int, text: str, prog: str = "nydus-erofs") -> None:
