@@ -20,6 +20,7 @@ are clients for the CLI, tests and tools.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import http.client
@@ -30,7 +31,7 @@ import socket
 import stat
 import struct
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -68,14 +69,33 @@ class ApiError(Exception):
         self.code = code
 
 
+_SUN_PATH_MAX = 107  # sizeof(struct sockaddr_un.sun_path) less its NUL
+
+
+@contextlib.contextmanager
+def unix_address(path: str) -> Iterator[str]:
+    """``path`` as a socket address: itself, or — longer than an address holds (a deep run dir) — the same file
+    reached through ``/proc/self/fd`` of its directory, opened while the address is in use."""
+    if len(os.fsencode(path)) <= _SUN_PATH_MAX:
+        yield path
+        return
+    head, name = os.path.split(path)
+    fd = os.open(head or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{name}"
+    finally:
+        os.close(fd)
+
+
 def listen(path: str | os.PathLike[str]) -> socket.socket:
     """A listening AF_UNIX stream socket at ``path`` (a stale socket file there is replaced, nothing else: not
     the socket of a daemon that still answers on it)."""
     p = os.fspath(path)
     try:
         if stat.S_ISSOCK(os.lstat(p).st_mode):
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
-                if probe.connect_ex(p) == 0:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe, \
+                    unix_address(p) as address:
+                if probe.connect_ex(address) == 0:
                     raise OSError(errno.EADDRINUSE, "in use by a running daemon", p)
             os.unlink(p)
     except FileNotFoundError:
@@ -83,7 +103,8 @@ def listen(path: str | os.PathLike[str]) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         os.fchmod(sock.fileno(), 0o600)  # the socket file gets this mode when bound (never a moment more open)
-        sock.bind(p)
+        with unix_address(p) as address:
+            sock.bind(address)
         os.chmod(p, 0o600)
         sock.listen(16)
     except OSError:
@@ -303,7 +324,8 @@ class _UnixConnection(http.client.HTTPConnection):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(self.timeout)
         try:
-            s.connect(self._path)
+            with unix_address(self._path) as address:
+                s.connect(address)
         except OSError:
             s.close()
             raise

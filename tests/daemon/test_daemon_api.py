@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cachefilesd_py.api import get, request
+from cachefilesd_py.api import ApiServer, get, listen, request
 from fscache.cachefiles import CloseRequest, OpenRequest, ReadRequest
 from tests.daemon.conftest import ApiServed
 from tests.daemon.test_daemon_service import TIMEOUT, _anon_fd
@@ -133,3 +133,19 @@ def test_ctl_tables_and_json(api_served: ApiServed) -> None:
     assert prom.returncode == 0 and "nydus_erofs_daemon_info{" in prom.stdout
     gc = ctl("--sock", sock, "gc")  # nothing in the cache dir: nothing culled
     assert gc.returncode == 0 and gc.stdout == "0 files removed, 0 B freed\n", gc.stderr
+
+
+def test_a_socket_path_longer_than_a_socket_address_is_served(tmp_path: Path) -> None:
+    """A deep run dir (a socket path over sun_path's 107 bytes) still gets its API, and clients reach it."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    path = deep / "api.sock"
+    assert len(str(path)) > 108
+    sock = listen(path)
+    server = ApiServer(sock, {"/api/v1/daemon": lambda: {"state": "RUNNING"}}).start()
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert get(path, "/api/v1/daemon") == {"state": "RUNNING"}
+    finally:
+        server.stop()
+        sock.close()
