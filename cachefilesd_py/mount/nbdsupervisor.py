@@ -116,7 +116,6 @@ class NbdSupervisor(Supervisor):
 
     def restarted(self) -> None:
         line = read_line(self._ready_r)
-        os.close(self._ready_r)
         assert self.proc is not None
         log.info("worker %d started (restart %d): %s", self.proc.pid, self.restarts, line or "no answer")
         if line != OK:
@@ -163,7 +162,6 @@ class NbdSupervisor(Supervisor):
                     return 1
                 proc = self.spawn()
                 line = read_line(self._ready_r)
-                os.close(self._ready_r)
                 log.info("worker %d started: %s", proc.pid, line or "no answer")
                 if line:
                     report(ready_fd, line)
