@@ -1,16 +1,29 @@
-"""NBD block devices served from user space: the kernel's generic-netlink ``nbd`` family and the wire protocol.
+"""NBD block devices served from user space: the kernel's generic-netlink ``nbd`` family, its ioctl interface
+(the fallback) and the wire protocol.
 
 :class:`NbdNetlink` connects a device to sockets the caller serves (``NBD_CMD_CONNECT``: the kernel picks a free
 ``/dev/nbdN``, starts it and answers with its index — the device is usable when :meth:`NbdNetlink.connect`
-returns), and disconnects it (``NBD_CMD_DISCONNECT``: the kernel sends ``NBD_CMD_DISC`` on each socket and shuts
-them down).  The server side reads :class:`NbdRequest` (28 bytes) from its socket and answers each with
-:func:`reply_header` (16 bytes), followed by the data for a read; an error reply carries an errno and no data.
+returns), gives a device whose connections died new sockets (``NBD_CMD_RECONFIGURE``: each replaces a dead
+connection; requests held meanwhile, up to the ``dead_conn_timeout`` given at connect, go to the new ones), and
+disconnects it (``NBD_CMD_DISCONNECT``: the kernel sends ``NBD_CMD_DISC`` on each socket and shuts them down).
+The device stays configured when all its connections die: a process other than the one that connected it
+reconfigures or disconnects it by index.
+
+:class:`NbdIoctl` does the same with the older ioctls on ``/dev/nbdN`` (``NBD_SET_SOCK`` per connection, then
+``NBD_DO_IT``, which blocks in a thread of ours for as long as the device runs; ``NBD_DISCONNECT`` ends it), for
+kernels without the netlink family.  It cannot reconfigure: the device lives and dies with the thread in
+``NBD_DO_IT``, so with the process.  :func:`open_nbd` picks one (:data:`TEST_IOCTL_ENV` forces the ioctls).
+
+The server side reads :class:`NbdRequest` (28 bytes) from its socket and answers each with :func:`reply_header`
+(16 bytes), followed by the data for a read; an error reply carries an errno and no data.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import signal
 import socket
 import struct
 import threading
@@ -25,9 +38,12 @@ __all__ = [
     "NBD_CMD_READ",
     "NBD_CMD_TRIM",
     "NBD_CMD_WRITE",
+    "TEST_IOCTL_ENV",
+    "NbdIoctl",
     "NbdNetlink",
     "NbdRequest",
     "discard",
+    "open_nbd",
     "why_no_nbd",
     "read_request",
     "reply_header",
@@ -63,6 +79,7 @@ NBD_GENL_FAMILY_NAME = "nbd"
 NBD_GENL_VERSION = 1
 NBD_CMD_CONNECT = 1
 NBD_CMD_DISCONNECT = 2
+NBD_CMD_RECONFIGURE = 3
 NBD_ATTR_INDEX = 1
 NBD_ATTR_SIZE_BYTES = 2
 NBD_ATTR_BLOCK_SIZE_BYTES = 3
@@ -73,6 +90,17 @@ NBD_ATTR_SOCKETS = 7
 NBD_ATTR_DEAD_CONN_TIMEOUT = 8
 NBD_SOCK_ITEM = 1
 NBD_SOCK_FD = 1
+# the ioctls on /dev/nbdN (include/uapi/linux/nbd.h: _IO(0xab, n))
+NBD_SET_SOCK = 0xAB00
+NBD_SET_BLKSIZE = 0xAB01
+NBD_SET_SIZE = 0xAB02
+NBD_DO_IT = 0xAB03
+NBD_CLEAR_SOCK = 0xAB04
+NBD_DISCONNECT = 0xAB08
+NBD_SET_TIMEOUT = 0xAB09
+NBD_SET_FLAGS = 0xAB0A
+# a test hook, not a setting: "1" makes open_nbd() use the ioctls even where the netlink family exists
+TEST_IOCTL_ENV = "NYDUS_EROFS_TEST_NBD_IOCTL"
 _NLMSGHDR = struct.Struct("=IHHII")
 _GENLMSGHDR = struct.Struct("=BBH")
 _NLATTR = struct.Struct("=HH")
@@ -149,6 +177,8 @@ def _attrs(data: bytes) -> dict[int, bytes]:
 
 class NbdNetlink:
     """A generic-netlink socket talking to the kernel's ``nbd`` family (one request at a time)."""
+
+    reconfigurable = True
 
     def __init__(self) -> None:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_GENERIC)
@@ -232,6 +262,15 @@ class NbdNetlink:
                 return struct.unpack_from("=I", attrs_[NBD_ATTR_INDEX])[0]
         raise KernelInterfaceError(errno.EPROTO, "NBD connect: the kernel did not say which device")
 
+    def reconfigure(self, index: int, socks: list[socket.socket]) -> None:
+        """Give ``/dev/nbd<index>``, whose connections died, ``socks`` in their place (one each)."""
+        items = b"".join(_attr(NBD_SOCK_ITEM | NLA_F_NESTED, _u32(NBD_SOCK_FD, s.fileno())) for s in socks)
+        attrs = _u32(NBD_ATTR_INDEX, index) + _attr(NBD_ATTR_SOCKETS | NLA_F_NESTED, items)
+        try:
+            self._request(self.family, NBD_CMD_RECONFIGURE, NBD_GENL_VERSION, attrs)
+        except OSError as e:
+            raise KernelInterfaceError(e.errno or errno.EIO, f"NBD reconfigure /dev/nbd{index}: {e.strerror}") from None
+
     def disconnect(self, index: int) -> None:
         """Disconnect ``/dev/nbd<index>`` (its sockets get NBD_CMD_DISC and are shut down)."""
         try:
@@ -240,12 +279,140 @@ class NbdNetlink:
             raise KernelInterfaceError(e.errno or errno.EIO, f"NBD disconnect /dev/nbd{index}: {e.strerror}") from None
 
 
+class NbdIoctl:
+    """NBD devices set up through the ioctls of ``/dev/nbdN`` (the fallback where the netlink family is missing):
+    each connected device has an open fd and a thread of ours blocked in ``NBD_DO_IT`` until it is disconnected
+    (or the process dies: then the kernel shuts the device down and fails its requests)."""
+
+    reconfigurable = False
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[int, tuple[int, threading.Thread]] = {}  # index -> (fd, the NBD_DO_IT thread)
+
+    def close(self) -> None:
+        """(The devices stay connected until :meth:`disconnect`.)"""
+
+    def __enter__(self) -> NbdIoctl:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _claim(self) -> tuple[int, int]:
+        """(index, fd) of a free ``/dev/nbdN`` (no server: no ``pid`` attribute), opened."""
+        names = sorted(Path("/sys/block").glob("nbd*"), key=lambda p: int(p.name.removeprefix("nbd") or 0))
+        for sysdir in names:
+            index = int(sysdir.name.removeprefix("nbd"))
+            if (sysdir / "pid").exists() or index in self._running:
+                continue
+            try:
+                fd = os.open(f"/dev/nbd{index}", os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                fcntl.ioctl(fd, NBD_CLEAR_SOCK)  # a half set up device of a dead process: start afresh
+            except OSError:
+                os.close(fd)
+                continue
+            return index, fd
+        raise KernelInterfaceError(errno.ENODEV, "no free NBD device (/dev/nbdN; modprobe nbd nbds_max=...)")
+
+    def connect(self, socks: list[socket.socket], size: int, *, block_size: int = 4096, read_only: bool = True,
+                timeout: int = 0, dead_conn_timeout: int = 0) -> int:  # fmt: skip
+        """As :meth:`NbdNetlink.connect` (``dead_conn_timeout`` has no ioctl: ignored)."""
+        flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_CAN_MULTI_CONN | (NBD_FLAG_READ_ONLY if read_only else 0)
+        with self._lock:
+            index, fd = self._claim()
+            try:
+                fcntl.ioctl(fd, NBD_SET_BLKSIZE, block_size)
+                fcntl.ioctl(fd, NBD_SET_SIZE, size)
+                fcntl.ioctl(fd, NBD_SET_FLAGS, flags)
+                fcntl.ioctl(fd, NBD_SET_TIMEOUT, timeout)
+                for s in socks:
+                    fcntl.ioctl(fd, NBD_SET_SOCK, s.fileno())
+            except OSError as e:
+                try:
+                    fcntl.ioctl(fd, NBD_CLEAR_SOCK)
+                finally:
+                    os.close(fd)
+                raise KernelInterfaceError(e.errno or errno.EIO,
+                                           f"NBD setup of /dev/nbd{index}: {e.strerror}") from None  # fmt: skip
+            thread = threading.Thread(target=self._run, args=(fd,), name=f"nbd{index}-do-it", daemon=True)
+            self._running[index] = (fd, thread)
+            thread.start()
+        # NBD_DO_IT starts the device (its pid attribute appears, then its size) and blocks: no event says when
+        pid = Path(f"/sys/block/nbd{index}/pid")
+        size_attr = Path(f"/sys/block/nbd{index}/size")
+        while not (pid.exists() and int(size_attr.read_text() or 0) > 0):
+            thread.join(0.01)
+            if not thread.is_alive():
+                with self._lock:
+                    self._running.pop(index, None)
+                raise KernelInterfaceError(errno.EIO, f"NBD_DO_IT on /dev/nbd{index} failed at once")
+        return index
+
+    def _run(self, fd: int) -> None:
+        """The thread of a device: ``NBD_DO_IT`` until the device is disconnected (no signal of the process may
+        interrupt it: that would shut the device down), then clear it and close the fd."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            fcntl.ioctl(fd, NBD_DO_IT)
+        except OSError:
+            pass  # the device stopped (disconnected, or all its connections died)
+        finally:
+            try:
+                fcntl.ioctl(fd, NBD_CLEAR_SOCK)
+            except OSError:
+                pass
+            os.close(fd)
+
+    def reconfigure(self, index: int, socks: list[socket.socket]) -> None:
+        raise KernelInterfaceError(errno.EOPNOTSUPP, f"/dev/nbd{index}: the NBD ioctls cannot reconnect a device")
+
+    def disconnect(self, index: int) -> None:
+        """Disconnect ``/dev/nbd<index>`` (``NBD_DISCONNECT``: NBD_CMD_DISC on each socket) and wait for its
+        ``NBD_DO_IT`` to return; a device of another process (dead, its sockets gone) is cleared too."""
+        with self._lock:
+            fd, thread = self._running.pop(index, (-1, None))
+        try:
+            if thread is None:
+                fd = os.open(f"/dev/nbd{index}", os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    fcntl.ioctl(fd, NBD_DISCONNECT)
+                    fcntl.ioctl(fd, NBD_CLEAR_SOCK)
+                finally:
+                    os.close(fd)
+            else:
+                try:
+                    fcntl.ioctl(fd, NBD_DISCONNECT)
+                finally:
+                    thread.join()
+        except OSError as e:
+            raise KernelInterfaceError(e.errno or errno.EIO, f"NBD disconnect /dev/nbd{index}: {e.strerror}") from None
+
+
+Nbd = NbdNetlink | NbdIoctl
+
+
+def open_nbd() -> Nbd:
+    """The netlink interface, or the ioctls where the kernel has no netlink family (or :data:`TEST_IOCTL_ENV`)."""
+    if os.environ.get(TEST_IOCTL_ENV) != "1":
+        try:
+            return NbdNetlink()
+        except KernelInterfaceError:
+            if not Path("/dev/nbd0").exists():
+                raise
+    return NbdIoctl()
+
+
 def why_no_nbd() -> str | None:
-    """None when the kernel serves NBD devices through netlink, else why not."""
+    """None when the kernel serves NBD devices (through netlink, or the ioctls of ``/dev/nbdN``), else why not."""
     if not Path("/sys/module/nbd").exists():
         return "the kernel has no NBD (no nbd module loaded: modprobe nbd)"
     try:
         NbdNetlink().close()
     except OSError as e:
-        return str(e)
+        if not Path("/dev/nbd0").exists():
+            return str(e)
     return None

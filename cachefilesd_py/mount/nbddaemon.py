@@ -1,22 +1,27 @@
-"""The daemon of an ``nbd`` mount (``python -m cachefilesd_py.mount.nbddaemon``): one process, no supervisor.
+"""The worker of an ``nbd`` mount (``python -m cachefilesd_py.mount.nbddaemon``), run by :mod:`.nbdsupervisor`
+(or in the foreground, alone).
 
 For kernels with NBD but neither fanotify pre-content events (6.14) nor cachefiles on-demand: it prepares the
 blobs' sparse cache files, serves each blob as an NBD device (:class:`~.nbdserver.BlobDevice`, ``workers``
 connections each), mounts the bootstrap — bound to a loop device, since a file-backed mount takes no block
-device — with ``device=/dev/nbdN`` per blob, writes the runtime record (``pid``: itself, ``source``: the loop
-device, ``nbd``: the devices), reports ``ok`` on the ready pipe and serves until the image is released.  Then it
-disconnects the devices and writes its final stats into the record.
+device — with ``device=/dev/nbdN`` per blob, watches the image (on the supervisor's inotify instance), writes
+the runtime record (``pid``: the supervisor, ``worker_pid``: itself, ``source``: the loop device, ``nbd``: the
+devices, ``nbd_pid``: the process that connected them, ``nbd_ioctl``: whether through the ioctls), reports
+``ok`` on the ready pipe and serves until the image is released.  Then it disconnects the devices and writes its
+final stats into the record.  A restarted worker (``--restart N --devices I,J``) finds the image mounted and
+watched and its devices without connections: it gives each device new sockets (``NBD_CMD_RECONFIGURE``) and
+serves the requests the kernel held meanwhile.
 
 SIGTERM/SIGINT: it unmounts if the mountpoint still shows the image — plainly, else detached, serving on until
-the files open there close (:class:`~.watch.ImageWatch`).  When the process dies (SIGKILL), its devices lose
-their server: every read of the mount not yet cached in the page cache fails with EIO (never zeros) until it is
-unmounted; there is no restart.  ``nydus-erofs umount`` then disconnects the devices the dead daemon left
-(:func:`release_stale_devices`).
+the files open there close (:class:`~.watch.ImageWatch`).  A worker that fails after its start leaves the
+devices connected (for the next one); only a release, or a failed first start, disconnects them.  Devices left
+by a daemon that died for good are disconnected by ``nydus-erofs umount`` (:func:`release_stale_devices`).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import faulthandler
 import json
 import logging
@@ -32,7 +37,8 @@ from erofs.errors import BackendError, NydusErofsError, UsageError
 from erofs.paths import process_start_time
 from fscache.errors import FscacheError
 from fscache.inotify import Inotify
-from fscache.nbd import NbdNetlink
+from fscache.mount import MountError
+from fscache.nbd import Nbd, NbdIoctl, NbdNetlink, open_nbd
 
 from ..backends import BlobBackend, make_backend
 from ..blob_handles import open_image
@@ -51,17 +57,22 @@ __all__ = ["main", "release_stale_devices", "run_nbd_daemon"]
 log = logging.getLogger(__name__)
 
 
-def run_nbd_daemon(spec: MountSpec, *, ready_fd: int | None) -> int:
+def run_nbd_daemon(spec: MountSpec, *, ready_fd: int | None, inotify_fd: int | None = None, restart: int = 0,
+                   devices_at: Sequence[int] = (), supervisor_pid: int | None = None) -> int:  # fmt: skip
     """Serve, mount, report readiness on ``ready_fd``, serve until the image is released (``spec`` resolved, its
-    mode nbd).  A startup failure is reported as one line on ``ready_fd`` and raised."""
+    mode nbd).  A startup failure is reported as one line on ``ready_fd`` and raised.  ``restart`` > 0: the
+    image is mounted and watched (``inotify_fd``) already, over ``devices_at`` (their indexes, one per blob), by a
+    worker that died: reconnect them.  ``supervisor_pid``: the supervisor, named in the record."""
     boot, mountpoint, cache_dir = Path(spec.boot), Path(spec.mountpoint), Path(spec.cache_dir)
     record = record_path(mountpoint)
+    adopted = restart > 0
     files: list[CacheFile] = []
     devices: list[BlobDevice] = []
     backend: BlobBackend | None = None
-    netlink: NbdNetlink | None = None
-    inotify: Inotify | None = None
+    nbd: Nbd | None = None
+    inotify = Inotify() if inotify_fd is None else Inotify.from_fd(inotify_fd)
     watch: ImageWatch | None = None
+    release_devices = not adopted  # a failed first start disconnects what it connected; a restart never
     pipeline = Pipeline(amplify=spec.amplify, workers=spec.workers, fill_timeout=spec.fill_timeout)
     wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     stopping: list[int] = []
@@ -78,27 +89,48 @@ def run_nbd_daemon(spec: MountSpec, *, ready_fd: int | None) -> int:
                 backend = make_backend(spec.backend, **spec.backend_config)
             except BackendError as e:
                 raise UsageError(f"backend {spec.backend}: {e}") from None
+            if adopted:
+                watch = ImageWatch.inherited(inotify, mountpoint)
+                if watch is None:
+                    raise UsageError(f"{mountpoint} was unmounted and released")
             handles = open_image(boot, backend)
             if not handles:
                 raise UsageError(f"{boot}: the image has no data blobs: mount it directly")
+            if adopted and len(devices_at) != len(handles):
+                raise UsageError(f"{len(devices_at)} NBD devices for the {len(handles)} blobs of {boot}")
             files = prepare_cache_files(cache_dir, handles)
-            netlink = NbdNetlink()
-            for cf in files:
-                devices.append(BlobDevice(cf, pipeline, netlink, connections=spec.workers))
-            inotify = Inotify()
-            source = mount_over_block_devices(str(boot), str(mountpoint), [d.path for d in devices],
-                                              allow_suid=spec.allow_suid, allow_dev=spec.allow_dev)  # fmt: skip
-            watch = ImageWatch.add(inotify, mountpoint)
-            data = dict(initial_record(spec), pid=me, start_time=process_start_time(me), source=source,
-                        blobs=[cf.handle.blob_id for cf in files], nbd=[d.path for d in devices])  # fmt: skip
+            nbd = open_nbd()
+            for n, cf in enumerate(files):
+                devices.append(BlobDevice(cf, pipeline, nbd, connections=spec.workers,
+                                          index=devices_at[n] if adopted else None))  # fmt: skip
+            owner = me
+            if supervisor_pid is not None:
+                if os.getppid() != supervisor_pid:
+                    raise MountError(errno.ESRCH, f"the supervisor (pid {supervisor_pid}) is gone")
+                owner = supervisor_pid
+            if adopted:
+                earlier = read_record(mountpoint) or {}
+                source, nbd_pid = earlier.get("source"), earlier.get("nbd_pid")
+            else:
+                source = mount_over_block_devices(str(boot), str(mountpoint), [d.path for d in devices],
+                                                  allow_suid=spec.allow_suid, allow_dev=spec.allow_dev)  # fmt: skip
+                watch = ImageWatch.add(inotify, mountpoint)
+                nbd_pid = me
+            data = dict(initial_record(spec), pid=owner, start_time=process_start_time(owner), source=source,
+                        blobs=[cf.handle.blob_id for cf in files], nbd=[d.path for d in devices], nbd_pid=nbd_pid,
+                        nbd_ioctl=isinstance(nbd, NbdIoctl))  # fmt: skip
+            if supervisor_pid is not None:
+                data.update(worker_pid=me, worker_start_time=process_start_time(me), restarts=restart)
             write_record(record, data)
         except BaseException as e:
             report(ready_fd, error_line(e))
-            if watch is not None:
+            if watch is not None and not adopted:
                 watch.unmount()
             raise
         report(ready_fd, OK)
-        log.info("serving %s on %s (%d blobs over NBD)", boot, mountpoint, len(files))
+        release_devices = False  # from now on a failure leaves them to the next worker
+        log.info("serving %s on %s (%d blobs over NBD%s)", boot, mountpoint, len(files),
+                 f", restart {restart}" if adopted else "")  # fmt: skip
         poll = select.poll()
         poll.register(watch.fileno(), select.POLLIN)
         poll.register(wake_r, select.POLLIN)
@@ -114,20 +146,24 @@ def run_nbd_daemon(spec: MountSpec, *, ready_fd: int | None) -> int:
                 os.read(wake_r, 512)
             except BlockingIOError:
                 pass
+        release_devices = True
         stats = _stats(devices, pipeline)
         try:
-            if (read_record(mountpoint) or {}).get("pid") == me:  # not removed, nor a new mount's by now
+            if (read_record(mountpoint) or {}).get("pid") == data["pid"]:  # not removed, nor a new mount's by now
                 write_record(record, dict(data, stats=stats, stopped=True))
         except (OSError, ValueError, NydusErofsError) as e:
             log.error("cannot write final stats to %s: %s", record, e)
         log.info("stopped: %s", json.dumps(stats["pipeline"]))
     finally:
         for d in devices:
-            d.disconnect()
+            if release_devices:
+                d.disconnect()
+            else:
+                d.hang_up()
         pipeline.close()
         for cf in files:
             cf.close()
-        for closable in (netlink, inotify, backend):
+        for closable in (nbd, inotify, backend):
             if closable is not None:
                 closable.close()
         signal.set_wakeup_fd(old_wakeup)
@@ -140,7 +176,7 @@ def run_nbd_daemon(spec: MountSpec, *, ready_fd: int | None) -> int:
 
 def release_stale_devices(rec: dict[str, Any]) -> None:
     """Disconnect the NBD devices of the record ``rec`` that are still bound to its daemon, which is gone (killed):
-    a device's ``/sys/block/nbdN/pid`` names the process that connected it."""
+    a device's ``/sys/block/nbdN/pid`` names the process that connected it (``nbd_pid``: the first worker)."""
     stale = []
     for dev in rec.get("nbd") or ():
         name = Path(dev).name
@@ -148,15 +184,15 @@ def release_stale_devices(rec: dict[str, Any]) -> None:
             pid = int(Path("/sys/block", name, "pid").read_text())
         except (OSError, ValueError):
             continue  # disconnected
-        if pid == rec.get("pid"):
+        if pid == rec.get("nbd_pid", rec.get("pid")):
             stale.append(int(name.removeprefix("nbd")))
     if not stale:
         return
     try:
-        with NbdNetlink() as netlink:
+        with NbdIoctl() if rec.get("nbd_ioctl") else NbdNetlink() as nbd:
             for index in stale:
                 log.warning("disconnecting /dev/nbd%d, left by the dead daemon %s", index, rec.get("pid"))
-                netlink.disconnect(index)
+                nbd.disconnect(index)
     except OSError as e:
         log.error("%s", e)
 
@@ -169,6 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cachefilesd_py.mount.nbddaemon", description=__doc__.splitlines()[0])
     ap.add_argument("--spec-fd", type=int, required=True, help="Inherited fd holding the mount spec (JSON)")
     ap.add_argument("--ready-fd", type=int, default=None)
+    ap.add_argument("--inotify-fd", type=int, default=None, help="Inherited inotify instance (the supervisor's)")
+    ap.add_argument("--restart", type=int, default=0, help="Restart number of this worker (0: the first)")
+    ap.add_argument("--devices", default="", help="The NBD device indexes to reconnect (a restart), comma-separated")
+    ap.add_argument("--supervisor-pid", type=int, default=None)
     args = ap.parse_args(argv)
     try:
         spec = read_spec_fd(args.spec_fd)
@@ -178,7 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     daemon_logging(spec.log_level, "%(asctime)s %(name)s %(levelname)s: %(message)s")
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     try:
-        run_nbd_daemon(spec, ready_fd=args.ready_fd)
+        run_nbd_daemon(spec, ready_fd=args.ready_fd, inotify_fd=args.inotify_fd, restart=args.restart,
+                       devices_at=[int(i) for i in args.devices.split(",") if i],
+                       supervisor_pid=args.supervisor_pid)  # fmt: skip
     except (NydusErofsError, FscacheError, OSError, ValueError) as e:  # reported on --ready-fd already
         log.error("%s", e)
         return 1

@@ -1,8 +1,11 @@
 """Serving blobs as NBD block devices (the ``nbd`` mount mode): each blob's uncompressed layout is one
 ``/dev/nbdN``, read by EROFS as a ``device=``.
 
-A :class:`BlobDevice` connects one device (:class:`fscache.nbd.NbdNetlink`) to ``connections`` socket pairs,
-each served by its own thread: a READ request is answered from the blob's sparse cache file (:mod:`.cachefile`)
+A :class:`BlobDevice` connects one device (:func:`fscache.nbd.open_nbd`) to ``connections`` socket pairs (at
+least two: the kernel moves a request that was in flight on a connection that died to another connection, or
+holds it for a reconnect, only when the device has more than one), each served by its own thread; a restarted
+daemon gives the device it finds (``index``) new sockets instead, in place of the dead ones (:mod:`.nbdsupervisor`).
+A READ request is answered from the blob's sparse cache file (:mod:`.cachefile`)
 after the pipeline filled what the file lacks (fetch → verify → decompress → pwrite), so a remount finds what an
 earlier one fetched.  A fill that fails (backend error, digest mismatch) is an EIO reply for that request: the
 reader gets an I/O error, never zeros.  WRITE and TRIM are refused (EPERM; the device is read-only anyway).
@@ -24,7 +27,7 @@ from fscache.nbd import (
     NBD_CMD_READ,
     NBD_CMD_TRIM,
     NBD_CMD_WRITE,
-    NbdNetlink,
+    Nbd,
     NbdRequest,
     discard,
     read_request,
@@ -39,12 +42,19 @@ __all__ = ["BlobDevice"]
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 32 << 20  # a read request longer than this is refused (the kernel sends at most max_sectors)
+# How long the kernel holds the requests of a device whose connections all died (its daemon was killed) for a
+# restarted daemon to reconnect, before failing them with EIO: the restart backoff (at most 5 s) plus a daemon's
+# start, with room for a slow machine.  A supervisor that gives up disconnects the devices, failing them at once.
+DEAD_CONN_TIMEOUT = 120
 
 
 class BlobDevice:
     """One blob served as ``/dev/nbd<index>`` through ``connections`` sockets."""
 
-    def __init__(self, cf: CacheFile, pipeline: Pipeline, netlink: NbdNetlink, *, connections: int = 1) -> None:
+    def __init__(self, cf: CacheFile, pipeline: Pipeline, netlink: Nbd, *, connections: int = 2,
+                 index: int | None = None) -> None:  # fmt: skip
+        """Connect a free device (``index`` None) or give ``/dev/nbd<index>``, left by a daemon that died, our
+        sockets in place of its dead ones."""
         self.cf = cf
         self.pipeline = pipeline
         self.netlink = netlink
@@ -56,7 +66,7 @@ class BlobDevice:
         ours = self._socks
         theirs: list[socket.socket] = []
         try:
-            for _ in range(max(connections, 1)):
+            for _ in range(max(connections, 2)):
                 a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                 ours.append(a)
                 theirs.append(b)
@@ -65,15 +75,19 @@ class BlobDevice:
                                      daemon=True)  # fmt: skip
                 t.start()
                 self._threads.append(t)
-            self.index = netlink.connect(theirs, cf.size)
+            if index is None:
+                self.index = netlink.connect(theirs, cf.size, dead_conn_timeout=DEAD_CONN_TIMEOUT)
+            else:
+                netlink.reconfigure(index, theirs)
+                self.index = index
         except BaseException:
-            self._hang_up()
+            self.hang_up()
             raise
         finally:
             for s in theirs:  # the kernel holds its own reference now
                 s.close()
-        log.info("blob %s served as %s (%d bytes, %d connections)", cf.handle.blob_id, self.path, cf.size,
-                 len(ours))  # fmt: skip
+        log.info("blob %s served as %s (%d bytes, %d connections%s)", cf.handle.blob_id, self.path, cf.size,
+                 len(ours), "" if index is None else ", reconnected")  # fmt: skip
 
     @property
     def path(self) -> str:
@@ -145,9 +159,9 @@ class BlobDevice:
                 self.netlink.disconnect(self.index)
             except OSError as e:
                 log.error("%s", e)
-        self._hang_up()
+        self.hang_up()
 
-    def _hang_up(self) -> None:
+    def hang_up(self) -> None:
         """Shut our ends down (a thread blocked in recv returns) and wait for the serving threads."""
         for s in self._socks:
             try:

@@ -6,8 +6,9 @@ Modes (:func:`select_mode`; ``--mode fscache`` binds the image in cachefilesd-py
 - ``fanotify``: lazy; a daemon (:mod:`.supervisor` and its :mod:`.worker`) marks sparse blob cache files,
   mounts the bootstrap file-backed with ``device=<cache files>`` and fills what readers touch (Linux >= 6.14).
 - ``full``: every blob is fetched (verified) into its cache file first, then the image is mounted; no daemon.
-- ``nbd``: lazy; a daemon (:mod:`.nbddaemon`, one process) serves each blob as an NBD device and mounts the
-  bootstrap (over a loop device) with ``device=/dev/nbdN``, for kernels with NBD but no pre-content events.
+- ``nbd``: lazy; a daemon (:mod:`.nbdsupervisor` and its :mod:`.nbddaemon`) serves each blob as an NBD device and
+  mounts the bootstrap (over a loop device) with ``device=/dev/nbdN``, for kernels with NBD but no pre-content
+  events.
 - ``auto``: fanotify when the kernel has pre-content events, else nbd when it has NBD, else full.
 
 :func:`mount_image` starts the supervisor with the :class:`~.spec.MountSpec` in an inherited memfd and waits for
@@ -66,8 +67,9 @@ __all__ = ["list_mounts", "mount_image", "select_mode", "umount_image"]
 log = logging.getLogger(__name__)
 
 SUPERVISOR_MODULE = "cachefilesd_py.mount.supervisor"
-NBD_MODULE = "cachefilesd_py.mount.nbddaemon"
-_DAEMON_MODULES = (SUPERVISOR_MODULE.encode(), b"cachefilesd_py.mount.worker", NBD_MODULE.encode())
+NBD_MODULE = "cachefilesd_py.mount.nbdsupervisor"
+_DAEMON_MODULES = (SUPERVISOR_MODULE.encode(), b"cachefilesd_py.mount.worker", NBD_MODULE.encode(),
+                   b"cachefilesd_py.mount.nbddaemon")  # fmt: skip
 
 
 # -- mode selection -----------------------------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """``nydus-erofs mount`` on block devices, in the VM on each test kernel: ``--mode full`` over loop devices where
 the kernel has no file-backed EROFS mounts (Debian 12's 6.1), and ``--mode nbd`` (lazy, one NBD device per blob)
 wherever the kernel has NBD.  Images read back identical to their sources; a small read of a large image fetches
-little; a damaged chunk is an EIO for its file only; umount leaves no device bound."""
+little; a damaged chunk is an EIO for its file only; the nbd worker killed mid-read is restarted by its
+supervisor and the read completes with the right bytes (or EIO, never wrong ones); the ioctl fallback reads the
+same; umount leaves no device bound."""
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import select
@@ -19,7 +22,10 @@ from typing import Any
 
 import pytest
 
+from cachefilesd_py.mount.record import read_record
+from cachefilesd_py.supervisor import TEST_BACKOFF_ENV
 from fscache.loop import backing_files
+from fscache.nbd import TEST_IOCTL_ENV
 from tests.support.fstree import assert_same_tree
 from tests.support.machine import missing_erofs
 from tests.vm.test_daemon import NYDUS_EROFS, MiB, _layers, build, large_image, scratch
@@ -27,9 +33,9 @@ from tests.vm.test_daemon import NYDUS_EROFS, MiB, _layers, build, large_image, 
 TIMEOUT = 300
 
 
-def nydus(*args: str) -> subprocess.CompletedProcess[str]:
+def nydus(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(NYDUS_EROFS), *args], capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          timeout=TIMEOUT)  # fmt: skip
+                          timeout=TIMEOUT, env={**os.environ, **(env or {})})  # fmt: skip
 
 
 def connected_nbd() -> list[str]:
@@ -38,7 +44,8 @@ def connected_nbd() -> list[str]:
 
 
 @contextmanager
-def mounted(image: Path, name: str, mode: str, *flags: str) -> Iterator[tuple[Path, dict[str, Any]]]:
+def mounted(image: Path, name: str, mode: str, *flags: str,
+            env: dict[str, str] | None = None) -> Iterator[tuple[Path, dict[str, Any]]]:  # fmt: skip
     """``image`` mounted in ``mode`` with a fresh cache dir; unmounted afterwards, leaving no device bound."""
     base = scratch() / "block-modes" / name
     shutil.rmtree(base, ignore_errors=True)
@@ -46,7 +53,7 @@ def mounted(image: Path, name: str, mode: str, *flags: str) -> Iterator[tuple[Pa
     mp.mkdir(parents=True)
     blobs = image / "blobs"
     done = nydus("mount", str(image / "image.boot"), str(mp), "--cache-dir", str(base / "cache"), "--blob-dir",
-                 str(blobs), "--mode", mode, "--json", *flags)  # fmt: skip
+                 str(blobs), "--mode", mode, "--json", *flags, env=env)  # fmt: skip
     assert done.returncode == 0, done.stderr
     rec = json.loads(done.stdout)
     try:
@@ -143,18 +150,80 @@ def test_nbd_damaged_chunk_is_an_eio_for_its_file_only() -> None:
     assert dev["read_errors"] >= 1 and rec["stats"]["pipeline"]["digest_failures"] >= 1
 
 
+def _kill(pid: int) -> None:
+    """SIGKILL ``pid`` and wait until it is gone."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        select.select([pidfd], [], [])
+    finally:
+        os.close(pidfd)
+
+
+def _record(mp: Path) -> dict[str, Any]:
+    """The mount's runtime record as its daemon last wrote it."""
+    rec = read_record(mp)
+    assert rec is not None
+    return rec
+
+
 @pytest.mark.kernel("loop", "nbd")
-def test_nbd_daemon_killed_is_eio_never_zeros_and_umount_releases_its_devices(layers: tuple[Path, Path]) -> None:
+def test_nbd_worker_killed_mid_read_is_restarted_and_the_read_completes_right() -> None:
+    image, digest = large_image()
+    env = {TEST_BACKOFF_ENV: "0.5,1,3"}
+    with mounted(image, "nbd-killed", "nbd", env=env) as (mp, rec):
+        worker = rec["worker_pid"]
+        assert worker and worker != rec["pid"]
+        # a cold read of the whole file, by another process; the worker is killed while it runs
+        reader = subprocess.Popen(["sha256sum", str(mp / "big")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)  # fmt: skip
+        cache = next(p for p in (mp.parent / "cache").iterdir() if p.suffix != ".map")
+        with open(mp / "big", "rb") as f:  # the reader is under way once the first MiB is in (we read it too)
+            assert f.read(MiB)
+        _kill(worker)
+        out, err = reader.communicate(timeout=TIMEOUT)
+        if reader.returncode == 0:
+            assert out.split()[0] == digest  # the right bytes...
+        else:
+            assert "Input/output error" in err  # ...or an I/O error, never wrong bytes
+        print(f"nbd worker killed mid-read: reader {'completed' if reader.returncode == 0 else 'got EIO'}, "
+              f"{os.stat(cache).st_blocks * 512} bytes in the cache file")
+        Path("/proc/sys/vm/drop_caches").write_text("3")
+        h = hashlib.sha256()
+        with open(mp / "big", "rb") as f:  # the restarted worker serves the same devices
+            while piece := f.read(MiB):
+                h.update(piece)
+        assert h.hexdigest() == digest
+        now = _record(mp)
+        assert now["worker_pid"] != worker and now["restarts"] >= 1  # the supervisor restarted the worker
+        assert now["nbd"] == rec["nbd"] and connected_nbd() == sorted(Path(d).name for d in rec["nbd"])
+    assert rec["stopped"] and rec["stats"]["devices"]
+
+
+@pytest.mark.kernel("loop", "nbd")
+def test_nbd_supervisor_gives_up_then_reads_are_eio_never_zeros(layers: tuple[Path, Path]) -> None:
     merged, image = layers
-    with mounted(image, "nbd-killed", "nbd") as (mp, rec):
+    env = {TEST_BACKOFF_ENV: "0.1,0.1,0"}  # no restart: the first death gives up
+    with mounted(image, "nbd-giveup", "nbd", env=env) as (mp, rec):
         assert (mp / "app" / "bin").read_bytes() == (merged / "app" / "bin").read_bytes()
-        pidfd = os.pidfd_open(rec["pid"])
-        try:
-            os.kill(rec["pid"], signal.SIGKILL)
-            select.select([pidfd], [], [])  # it is gone
-        finally:
-            os.close(pidfd)
-        with pytest.raises(OSError) as info:  # no server: an I/O error, never the zeros of a hole
-            (mp / "data").read_bytes()
-        assert info.value.errno == errno.EIO
-        assert connected_nbd() == sorted(Path(d).name for d in rec["nbd"])  # until umount releases them
+        with open(mp / "data", "rb", buffering=0) as f:  # open before the death: the detached image keeps it
+            _kill(rec["worker_pid"])
+            pidfd = os.pidfd_open(rec["pid"])
+            try:
+                select.select([pidfd], [], [], TIMEOUT)  # the supervisor gives up: it unmounts, disconnects, exits
+            finally:
+                os.close(pidfd)
+            with pytest.raises(OSError) as info:  # no server: an I/O error, never the zeros of a hole
+                f.read()
+            assert info.value.errno == errno.EIO
+        assert connected_nbd() == []
+
+
+@pytest.mark.kernel("loop", "nbd")
+def test_nbd_over_the_ioctls_reads_identical(layers: tuple[Path, Path]) -> None:
+    merged, image = layers
+    with mounted(image, "nbd-ioctl", "nbd", env={TEST_IOCTL_ENV: "1"}) as (mp, rec):
+        assert _record(mp)["nbd_ioctl"] is True and len(rec["nbd"]) == 2
+        assert connected_nbd() == sorted(Path(d).name for d in rec["nbd"])
+        assert_same_tree(merged, mp)
+    assert rec["stopped"] and sum(d["read_errors"] for d in rec["stats"]["devices"]) == 0
