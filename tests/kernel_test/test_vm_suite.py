@@ -26,7 +26,7 @@ import run_vm  # noqa: E402
 from tests.support.vm_remote import serve_for_vm  # noqa: E402
 
 # Boot included. The whole folder shares one boot; under TCG, Python runs some 20 times slower than on the host.
-VM_SUITE_TIMEOUT_S = int(os.environ.get("NYDUS_EROFS_VM_SUITE_TIMEOUT", "1200"))
+VM_SUITE_TIMEOUT_S = int(os.environ.get("NYDUS_EROFS_VM_SUITE_TIMEOUT", "1800"))
 
 
 # Debian's 6.1 lacks these kernel features: the tests that need them skip there, even in CI — nothing else may.

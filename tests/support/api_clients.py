@@ -11,6 +11,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from cachefilesd_py.api import unix_address
+
 NOBODY = 65534
 
 
@@ -47,7 +49,8 @@ def send_raw(sock_path: str | os.PathLike[str], data: bytes, timeout: float = 60
     """Send ``data``, half-close, read the answer until the daemon closes: its status (None: no answer)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
-        s.connect(os.fspath(sock_path))
+        with unix_address(os.fspath(sock_path)) as address:
+            s.connect(address)
         try:
             s.sendall(data)
             s.shutdown(socket.SHUT_WR)
