@@ -4,8 +4,8 @@ In fscache mode the cache files are the kernel's (``CACHE/cache/I<volume>/@<fano
 one per image's bootstrap); the daemon only writes into the objects the kernel opened.  Our own accounting is the
 allocated bytes (``st_blocks``) of that tree; when it is over the limit, objects are culled least recently used
 first (the later of a file's atime and mtime) with the kernel's own ``cull <name>`` command, written on
-``/dev/cachefiles`` from the object's directory (the kernel acts on a name in the writer's working directory:
-the culling thread has a working directory of its own, ``unshare(CLONE_FS)``).  An object the daemon has open
+``/dev/cachefiles`` from the object's directory on a thread with a working directory of its own
+(:mod:`cachefilesd_py.cull`, shared with the API's GC).  An object the daemon has open
 (``in_use``: the cookie keys of its open objects, i.e. the bootstraps and blobs of mounted images) is never
 culled, nor one the kernel refuses (EBUSY): the limit holds for what no mount uses, and a mounted image's cache
 may take more (cachefiles on-demand has no culling of parts of an object; and a new object is an anonymous
@@ -20,17 +20,15 @@ in :meth:`ObjectCuller.stats`: ``culls``, ``bytes_culled``, ``in_use`` (objects 
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import logging
 import os
-import shutil
 import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cachefilesd_py.cull import Cull, cull_object, own_working_directory, reap
 from erofs.units import format_size
 from fscache.cachefiles import CachefilesDevice
 from fscache.errors import FscacheError
@@ -40,8 +38,6 @@ __all__ = ["CHECK_INTERVAL", "ObjectCuller"]
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 5.0  # seconds between two looks at the cache's size
-_CLONE_FS = 0x00000200
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True)
@@ -49,13 +45,6 @@ class _Object:
     path: Path
     allocated: int
     last_use: float
-
-
-def _own_working_directory() -> None:
-    """Give the calling thread a working directory of its own (``unshare(CLONE_FS)``): its chdir moves no other."""
-    if _libc.unshare(_CLONE_FS) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"unshare(CLONE_FS): {os.strerror(err)}")
 
 
 class ObjectCuller:
@@ -101,7 +90,7 @@ class ObjectCuller:
 
     def _run(self) -> None:
         try:
-            _own_working_directory()
+            own_working_directory()
         except OSError as e:
             log.error("cache size limit: %s: not culling", e)
             return
@@ -148,21 +137,17 @@ class ObjectCuller:
         self._reap()
 
     def _cull(self, obj: _Object) -> bool:
-        """``cull`` one object from its directory; False when the kernel refuses (in use) or it is gone."""
+        """``cull`` one object; False when the kernel refuses (in use) or it is gone."""
         try:
-            os.chdir(obj.path.parent)
-            self.device.command(f"cull {obj.path.name}")
+            result = cull_object(self.device, obj.path)
         except (FscacheError, OSError) as e:
-            err = getattr(e, "errno", None)
-            if err == errno.EBUSY:
-                with self._lock:
-                    self.in_use_skipped += 1
-                return False
-            if err != errno.ENOENT:
-                log.warning("cache size limit: cannot cull %s: %s", obj.path, e)
+            log.warning("cache size limit: cannot cull %s: %s", obj.path, e)
             return False
-        finally:
-            os.chdir("/")
+        if result is Cull.BUSY:
+            with self._lock:
+                self.in_use_skipped += 1
+        if result is not Cull.CULLED:
+            return False
         with self._lock:
             self.culls += 1
             self.bytes_culled += obj.allocated
@@ -171,18 +156,4 @@ class ObjectCuller:
         return True
 
     def _reap(self) -> None:
-        """Empty the graveyard (culled objects land there)."""
-        graveyard = self.cache_dir / "graveyard"
-        try:
-            names = os.listdir(graveyard)
-        except FileNotFoundError:
-            return
-        for name in names:
-            path = graveyard / name
-            try:
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-            except OSError as e:
-                log.warning("cache size limit: cannot remove %s: %s", path, e)
+        reap(self.cache_dir)
