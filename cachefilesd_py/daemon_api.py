@@ -7,13 +7,18 @@
   counts the READs, ``cache.hits`` the chunks a READ's fill found written already.  An image's backend
   counters are those of its backend (images sharing the daemon's one backend show the same).  Per blob:
   ``image`` (the first image listing it), ``images``, ``size``.
-- GC (``POST /api/v1/gc``): lists (``unreferenced``) the blobs whose kernel cache objects
-  (``CACHE/cache/I<volume>/@<fan>/D<blob id>``) no bound image references; it removes nothing yet: culling them
-  through the device (``cull``) left the kernel's cache so that the next daemon did not start (tests/vm).
+- GC (``POST /api/v1/gc``): culls the kernel cache objects (``CACHE/cache/I<volume>/@<fan>/D<blob id>``) of the
+  blobs no bound image references (``unreferenced``), with the kernel's ``cull`` on a thread of its own (its own
+  working directory: :mod:`cachefilesd_py.cull`), then empties ``CACHE/graveyard``.  Answers ``removed`` (blob
+  ids), ``freed_bytes`` (their allocated bytes) and ``skipped`` (blob ids not culled: an object the daemon has
+  open, one the kernel refuses with EBUSY, or a cull that failed otherwise, logged).  A referenced blob's object
+  is never culled.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -22,13 +27,17 @@ from typing import Any
 from cachefilesd_py.api import Action, ApiError, ItemRoute, Route
 from cachefilesd_py.api_routes import routes
 from cachefilesd_py.bindings import parse_bind_request
+from cachefilesd_py.cull import Cull, cull_object, on_own_thread, reap
 from cachefilesd_py.daemon import Daemon, ImageInUseError
 from cachefilesd_py.image_store import UnknownImageError, check_name
 from cachefilesd_py.metrics import daemon_version, snapshot
 from cachefilesd_py.reference import ImageNotFoundError
 from erofs.errors import BackendError, ImageError, NydusErofsError, UsageError
+from fscache.errors import FscacheError
 
 __all__ = ["MODE", "daemon_routes"]
+
+log = logging.getLogger(__name__)
 
 MODE = "fscache"
 _BLOB_OBJECT = re.compile(r"D(?P<blob>[0-9a-f]{64})")
@@ -39,7 +48,7 @@ class _DaemonApi:
                  more_info: Callable[[], dict[str, Any]] | None) -> None:  # fmt: skip
         self.daemon = daemon
         self.more_info = more_info
-        self.cache_dir = cache_dir
+        self.cache_dir = Path(os.path.abspath(cache_dir))  # the culling thread changes directory
         self.restarts = restarts
         self.supervisor_pid = supervisor_pid
 
@@ -77,15 +86,46 @@ class _DaemonApi:
         return out
 
     def gc(self) -> dict[str, Any]:
-        """The blobs whose cache objects no bound image references (``unreferenced``); nothing is culled yet."""
+        """Cull the cache objects of the blobs no bound image references, except those the daemon has open."""
         keep = self._referenced()
-        found = set()
-        for path in (self.cache_dir / "cache").glob("I*/@*/D*"):
+        found: list[tuple[str, Path]] = []
+        for path in sorted((self.cache_dir / "cache").glob("I*/@*/D*")):
             m = _BLOB_OBJECT.fullmatch(path.name)
             if m is not None and m["blob"] not in keep:
-                found.add(m["blob"])
-        return {"removed": [], "freed_bytes": 0, "unreferenced": sorted(found),
-                "message": "cachefilesd-py does not cull yet: the cache objects of these blobs are unreferenced"}
+                found.append((m["blob"], path))
+        in_use = {o["key"] for o in self.daemon.info()["objects"]}
+        removed, skipped, freed = on_own_thread(lambda: self._cull(found, in_use), name="gc")
+        return {"removed": sorted(removed), "freed_bytes": freed, "skipped": sorted(skipped),
+                "unreferenced": sorted({blob for blob, _ in found})}  # fmt: skip
+
+    def _cull(self, found: list[tuple[str, Path]], in_use: set[str]) -> tuple[set[str], set[str], int]:
+        """On a thread with its own working directory: cull ``found`` (blob id, object path) but what is
+        ``in_use`` (open objects' keys); the culled blobs, the skipped ones and the bytes freed."""
+        removed: set[str] = set()
+        skipped: set[str] = set()
+        freed = 0
+        reap(self.cache_dir)
+        for blob, path in found:
+            if path.name[1:] in in_use:  # D<cookie key>
+                skipped.add(blob)
+                continue
+            try:
+                allocated = path.lstat().st_blocks * 512
+                result = cull_object(self.daemon.device, path)
+            except FileNotFoundError:
+                continue
+            except (FscacheError, OSError) as e:
+                log.warning("gc: cannot cull %s: %s", path, e)
+                skipped.add(blob)
+                continue
+            if result is Cull.CULLED:
+                removed.add(blob)
+                freed += allocated
+                log.info("gc: culled %s (%d bytes)", path, allocated)
+            elif result is Cull.BUSY:
+                skipped.add(blob)
+        reap(self.cache_dir)
+        return removed, skipped, freed
 
 
 def daemon_routes(daemon: Daemon, cache_dir: Path, restarts: int, supervisor_pid: int | None,

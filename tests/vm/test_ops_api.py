@@ -1,6 +1,7 @@
 """cachefilesd-py's API with /dev/cachefiles: every field present and moving as mounts read, the Prometheus
-text, malformed requests, and ``nydus-erofs ctl gc``: an unbound image's blobs are named unreferenced, the
-other image's are not (nothing is culled yet).  (Other users refused: tests/daemon/test_daemon_api.py.)"""
+text, malformed requests, and ``nydus-erofs ctl gc``: an unbound image's blob objects are culled (gone from the
+cache, the graveyard emptied), the other image's stay and it still reads right, and a new daemon gets ready
+afterwards.  (Other users refused: tests/daemon/test_daemon_api.py.)"""
 
 from __future__ import annotations
 
@@ -59,13 +60,26 @@ def test_api_and_gc_with_the_kernel_cache() -> None:
         statuses = [send_raw(sock, data) for data in malformed_requests(1000)]
         assert all(st is None or 400 <= st < 500 for st in statuses), sorted({st for st in statuses if st})
         assert _objects(d.cache) == set(blobs.values())
-        # unbind one: gc names its blob as unreferenced (and culls nothing yet), nothing of two
+        # unbind one: gc culls its blob's object, nothing of two's, and empties the graveyard
         assert request(sock, "DELETE", "/api/v1/images/one")[0] == 200
         got = ctl("--sock", sock, "gc", "--json")
         assert got.returncode == 0, got.stderr
         answer = json.loads(got.stdout)
-        assert answer["unreferenced"] == [blobs["one"]] and answer["removed"] == [], answer
-        assert _objects(d.cache) == set(blobs.values())
+        assert answer["removed"] == [blobs["one"]] and answer["skipped"] == [], answer
+        assert answer["freed_bytes"] > 0, answer
+        assert _objects(d.cache) == {blobs["two"]}
+        assert list((d.cache / "graveyard").iterdir()) == []
+        with mounted("two") as mnt:
+            assert sha256_file(mnt / "f") == sums["two"]
+        again = json.loads(ctl("--sock", sock, "gc", "--json").stdout)
+        assert again["removed"] == [] and again["freed_bytes"] == 0, again
+        assert _objects(d.cache) == {blobs["two"]}
+    finally:
+        rc = d.stop()
+    assert rc == 0, d.log_text()
+    # a new daemon after a gc that culled gets ready and serves
+    d = DaemonProc(base).start()
+    try:
         with mounted("two") as mnt:
             assert sha256_file(mnt / "f") == sums["two"]
     finally:
