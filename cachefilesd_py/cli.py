@@ -261,7 +261,8 @@ def _serve(args: argparse.Namespace, device: CachefilesDevice, api_sock: socket.
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("images_dir", "cache_dir", "blob_dir", "api_sock"):  # absolute: logged and handed to a successor as given
+    # absolute: a successor (upgrade in place) gets the same command line, wherever it is started from
+    for name in ("images_dir", "cache_dir", "blob_dir", "api_sock"):
         if getattr(args, name) is not None:
             setattr(args, name, Path(os.path.abspath(getattr(args, name))))
     images = args.images_dir
