@@ -74,7 +74,7 @@ class _DaemonApi:
         backend = {k: v for k, v in d.backend_metrics().items() if k != "backends"}
         return snapshot(daemon=self.info(), backend=backend, pipeline=pipeline, hits=pipeline["chunks_present"],
                         misses=counters["reads"], inflight=d.pipeline.inflight(), images=images,
-                        blobs=blobs)  # fmt: skip
+                        blobs=blobs, per_blob=d.pipeline.stats.per_blob())  # fmt: skip
 
     def _referenced(self) -> set[str]:
         out: set[str] = set()

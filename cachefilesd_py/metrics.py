@@ -17,7 +17,8 @@ The snapshot (:func:`snapshot`):
 - ``images``: per image (fsid, or the mountpoint of a fanotify mount): ``backend`` (its backend's counters, as
   above), ``blobs`` (ids), ``prefetch`` (its progress: ``state``, ``pieces``, ``pieces_done``, ``bytes``...);
 - ``blobs``: per blob id: ``image``, ``size`` (uncompressed bytes), ``cached`` (bytes of it in the cache, when
-  the daemon knows).
+  the daemon knows), ``pipeline`` (the pipeline's counters of that blob: fills, chunks fetched, digest
+  failures...).
 
 Prometheus names are ``nydus_erofs_`` + the names below; each daemon has its own
 :class:`~prometheus_client.CollectorRegistry` (:func:`registry`), never the global one.
@@ -77,12 +78,15 @@ def daemon_version() -> str:
 
 def snapshot(*, daemon: Mapping[str, Any], backend: Mapping[str, Any], pipeline: Mapping[str, Any], hits: int,
              misses: int, inflight: int, images: Mapping[str, Mapping[str, Any]],
-             blobs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:  # fmt: skip
-    """The snapshot (see the module's docstring) from the parts each daemon has."""
+             blobs: Mapping[str, Mapping[str, Any]],
+             per_blob: Mapping[str, Mapping[str, int]]) -> dict[str, Any]:  # fmt: skip
+    """The snapshot (see the module's docstring) from the parts each daemon has (``per_blob``: the pipeline's
+    counters of each blob, :meth:`~cachefilesd_py.pipeline.PipelineStats.per_blob`)."""
     return {"daemon": dict(daemon), "backend": dict(backend), "pipeline": dict(pipeline),
             "cache": {"hits": hits, "misses": misses}, "inflight": inflight,
             "images": {k: dict(v) for k, v in images.items()},
-            "blobs": {k: dict(v) for k, v in blobs.items()}}  # fmt: skip
+            "blobs": {k: {**v, "pipeline": {key: per_blob.get(k, {}).get(key, 0) for key, _, _ in PIPELINE_COUNTERS}}
+                      for k, v in blobs.items()}}  # fmt: skip
 
 
 def _latency(family: HistogramMetricFamily, labels: list[str], stats: Mapping[str, Any]) -> None:
@@ -139,6 +143,11 @@ def families(snap: Snapshot) -> Iterator[Metric]:
             cached.add_metric([blob, str(b.get("image", ""))], float(b["cached"]))
     yield size
     yield cached
+    for key, name, text in PIPELINE_COUNTERS:
+        c = CounterMetricFamily(PREFIX + f"blob_{name}", f"{text} (this blob)", labels=["blob", "image"])
+        for blob, b in snap["blobs"].items():
+            c.add_metric([blob, str(b.get("image", ""))], float(b["pipeline"].get(key, 0)))
+        yield c
 
 
 class _SnapshotCollector(Collector):

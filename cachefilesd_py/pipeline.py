@@ -102,6 +102,7 @@ class PipelineStats:
     ``digest_failures``, ``fetch_failures`` (backend errors, per chunk), ``decode_failures`` (other image
     errors, per chunk), ``write_failures``; ``failures_cached``: chunks failed at once, a recent failure
     remembered (no fetch); ``timeouts``: chunks of another fill not waited for past the deadline.
+    :meth:`per_blob`: the same counters of each blob (those counted with its ``blob`` id).
     """
 
     fills: int = 0
@@ -120,12 +121,23 @@ class PipelineStats:
     failures_cached: int = 0
     timeouts: int = 0
     _cond: threading.Condition = field(default_factory=threading.Condition, repr=False, compare=False)
+    _blobs: dict[str, dict[str, int]] = field(default_factory=dict, repr=False, compare=False)
 
-    def add(self, **counts: int) -> None:
+    def add(self, blob: str | None = None, **counts: int) -> None:
+        """Add ``counts``; with ``blob``, to that blob's counters too."""
         with self._cond:
             for k, v in counts.items():
                 setattr(self, k, getattr(self, k) + v)
+            if blob is not None:
+                mine = self._blobs.setdefault(blob, {})
+                for k, v in counts.items():
+                    mine[k] = mine.get(k, 0) + v
             self._cond.notify_all()
+
+    def per_blob(self) -> dict[str, dict[str, int]]:
+        """Each blob's counters (only those counted for it: absent means 0)."""
+        with self._cond:
+            return {b: dict(c) for b, c in self._blobs.items()}
 
     def wait_for(self, predicate: Callable[[PipelineStats], bool], timeout: float | None = None) -> bool:
         """Block until ``predicate(stats)`` holds (checked after every update) or ``timeout`` passes."""
@@ -142,6 +154,7 @@ class PipelineStats:
             for f in fields(self):
                 if not f.name.startswith("_"):
                     setattr(self, f.name, 0)
+            self._blobs.clear()
 
 
 _M_TRIM_THRESHOLD = -1
@@ -268,7 +281,7 @@ class Pipeline:
         """
         if self._closed:
             raise RuntimeError("pipeline is closed")
-        self.stats.add(fills=1)
+        self.stats.add(blob=blob.blob_id, fills=1)
         with deadline(self.fill_timeout):
             return self._fill(blob, offset, length, write, present, wait)
 
@@ -278,7 +291,7 @@ class Pipeline:
         if not wanted:
             return 0
         if extra:
-            self.stats.add(chunks_amplified=len(extra))
+            self.stats.add(blob=blob.blob_id, chunks_amplified=len(extra))
         requested = set(wanted)
         meta = blob.meta
         bid = blob.blob_id
@@ -305,9 +318,9 @@ class Pipeline:
                     claim.waiters += 1
                     waits.append((ci, claim.future, claim.backend))
         if waits:
-            self.stats.add(dedup_hits=len(waits))
+            self.stats.add(blob=bid, dedup_hits=len(waits))
         if errors:
-            self.stats.add(failures_cached=len(errors))
+            self.stats.add(blob=bid, failures_cached=len(errors))
         written = 0
         try:
             written += self._fetch_owned(blob, owned, write, present, errors)
@@ -332,7 +345,7 @@ class Pipeline:
                 if fut.done():  # the owner's own failure
                     errors[ci] = e
                     continue
-                self.stats.add(timeouts=1)
+                self.stats.add(blob=bid, timeouts=1)
                 errors[ci] = BackendError(f"blob {bid}: chunk {ci} not filled within the {self.fill_timeout:g}s "
                                           "deadline")  # fmt: skip
                 continue
@@ -351,11 +364,11 @@ class Pipeline:
             try:
                 write(d_off, data)
             except Exception as e:  # noqa: BLE001
-                self.stats.add(write_failures=1)
+                self.stats.add(blob=bid, write_failures=1)
                 errors[ci] = e
                 continue
             written += data.nbytes
-            self.stats.add(chunks_written=1, bytes_written=data.nbytes)
+            self.stats.add(blob=bid, chunks_written=1, bytes_written=data.nbytes)
         if refetch:
             written += self._fetch_owned(blob, refetch, write, present, errors, resolve=False)
 
@@ -391,7 +404,7 @@ class Pipeline:
 
         def fail(ci: int, e: BaseException, counter: str) -> None:
             errors[ci] = e
-            self.stats.add(**{counter: 1})
+            self.stats.add(blob=bid, **{counter: 1})
             ttl = FAILED_FETCH_TTL if counter == "fetch_failures" else BAD_CHUNK_TTL
             with self._lock:
                 self._failed[(bid, ci)] = (time.monotonic() + ttl, e, blob.backend)
@@ -413,7 +426,7 @@ class Pipeline:
                 continue
             todo.append((c_off, ci))
         if skipped:
-            self.stats.add(chunks_present=skipped)
+            self.stats.add(blob=bid, chunks_present=skipped)
         todo.sort()
         written = 0
         for start, length, group in plan_reads(meta, (ci for _, ci in todo)):
@@ -422,7 +435,7 @@ class Pipeline:
                     for ci in group:
                         fail(ci, view, "fetch_failures")
                     continue
-                self.stats.add(backend_reads=1, chunks_fetched=len(group), bytes_fetched=length)
+                self.stats.add(blob=bid, backend_reads=1, chunks_fetched=len(group), bytes_fetched=length)
                 for ci in group:
                     c_off, c_size, d_off, d_size = meta.chunk(ci)
                     raw = view[c_off - start : c_off - start + c_size]
@@ -438,10 +451,10 @@ class Pipeline:
                             write(d_off, data)
                         except Exception as e:  # noqa: BLE001 - reported as this chunk's failure
                             errors[ci] = e
-                            self.stats.add(write_failures=1)
+                            self.stats.add(blob=bid, write_failures=1)
                         else:
                             written += data.nbytes
-                            self.stats.add(chunks_written=1, bytes_written=data.nbytes)
+                            self.stats.add(blob=bid, chunks_written=1, bytes_written=data.nbytes)
                         if resolve:  # verified data: waiters may write it themselves if our write failed
                             self._resolve(bid, ci, data)
         return written

@@ -75,7 +75,7 @@ class MountApi:
                         hits=events["allowed_present"], misses=events["events"] - events["allowed_present"],
                         inflight=self.pipeline.inflight(),
                         images={mp: {"backend": backend, "blobs": list(blobs), "prefetch": prefetch}},
-                        blobs=blobs)  # fmt: skip
+                        blobs=blobs, per_blob=self.pipeline.stats.per_blob())  # fmt: skip
 
     def gc(self) -> dict[str, Any]:
         return {"removed": [], "freed_bytes": 0,

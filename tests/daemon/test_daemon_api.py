@@ -53,7 +53,8 @@ def test_every_field_present_and_moving(api_served: ApiServed) -> None:
     assert after["backend"]["errors"] == after["backend"]["retries"] == 0
     for key in ("fills", "chunks_fetched", "bytes_fetched", "chunks_written"):
         assert after["pipeline"][key] > before["pipeline"][key], key
-    assert after["pipeline"]["digest_failures"] == 0
+        assert after["blobs"][blob]["pipeline"][key] > before["blobs"][blob]["pipeline"][key], key  # per blob
+    assert after["pipeline"]["digest_failures"] == after["blobs"][blob]["pipeline"]["digest_failures"] == 0
     assert after["cache"]["misses"] == before["cache"]["misses"] + 1
     _read(s, 5, 65536)  # the same chunk again: written already (a hit)
     again = get(s.sock, "/api/v1/metrics")

@@ -375,6 +375,8 @@ def test_corrupted_chunk_is_not_written(image: Path, tmp_path: Path) -> None:
             # the neighbours were written, the damaged chunk never
             assert sorted(w[0] for w in dest.writes) == [chunks[4][0], chunks[6][0]]
             assert p.stats.digest_failures + p.stats.decode_failures == 1
+            mine = p.stats.per_blob()[h.blob_id]  # the blob's own counters say the same
+            assert mine.get("digest_failures", 0) + mine.get("decode_failures", 0) == 1 and mine["chunks_written"] == 2
             # the same chunk as an amplification extra: logged, not raised, not written
             dest = Dest(h.uncompressed_size)
             p.amplify = 3 * CHUNK

@@ -78,6 +78,9 @@ def test_every_field_present_and_moving(mounts: Mounts, two_images: tuple[Path, 
         assert after["pipeline"][key] > before["pipeline"][key], key
     assert after["cache"]["misses"] > before["cache"]["misses"]
     assert after["blobs"][blobs[0]]["cached"] >= 64 << 10
+    for key in ("fills", "chunks_fetched", "bytes_fetched", "chunks_written"):  # per blob too
+        assert after["blobs"][blobs[0]]["pipeline"][key] > before["blobs"][blobs[0]]["pipeline"][key], key
+    assert after["blobs"][blobs[0]]["pipeline"]["digest_failures"] == 0
     assert after["pipeline"]["digest_failures"] == after["backend"]["errors"] == 0
     # the page cache forgets the file: its pages are read again, from the cache file (a hit)
     fd = os.open(mp / "a", os.O_RDONLY)
@@ -101,6 +104,8 @@ def test_every_field_present_and_moving(mounts: Mounts, two_images: tuple[Path, 
     assert samples[("nydus_erofs_cache_hits_total", ())] == snap["cache"]["hits"]
     assert samples[("nydus_erofs_chunks_fetched_total", ())] == snap["pipeline"]["chunks_fetched"]
     assert samples[("nydus_erofs_blob_cached_bytes", (("blob", blobs[0]), *image))] == snap["blobs"][blobs[0]]["cached"]
+    blob_fills = samples[("nydus_erofs_blob_fills_total", (("blob", blobs[0]), *image))]
+    assert blob_fills == snap["blobs"][blobs[0]]["pipeline"]["fills"] > 0
     assert samples[("nydus_erofs_daemon_info", (("mode", "fanotify"), ("version", info["version"])))] == 1
     # the backend's options (here the blob dir) are in no answer
     for path in ("/api/v1/daemon", "/api/v1/images", "/api/v1/metrics", "/metrics"):
