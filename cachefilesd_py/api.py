@@ -56,6 +56,8 @@ ItemRoute = Callable[[str, bytes | None], Mapping[str, Any]]
 #: ``POST path`` → handler of the request body
 Action = Callable[[bytes], Mapping[str, Any]]
 MAX_BODY = 64 << 10
+LINGER_MAX = 1 << 20  # what an over-long body is drained up to, after its 413
+LINGER_SECONDS = 1.0
 REQUEST_TIMEOUT = 30.0  # seconds a connection may take to send a request (a client that stalls is dropped)
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -210,8 +212,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(400, {"code": "BadRequest", "message": "bad Content-Length"})
             return None
         if int(length) > MAX_BODY:
-            self.close_connection = True  # the body is not read
+            self.close_connection = True  # the body is not kept
             self._send(413, {"code": "TooLarge", "message": f"request body over {MAX_BODY} bytes"})
+            self._linger(int(length))
             return None
         body = self.rfile.read(int(length))
         if len(body) != int(length):
@@ -219,6 +222,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(400, {"code": "BadRequest", "message": "request body shorter than its Content-Length"})
             return None
         return body
+
+    def _linger(self, length: int) -> None:
+        """After answering a request whose body is not read: end the answer (EOF to the client), then discard
+        what the client still sends, up to LINGER_MAX bytes for LINGER_SECONDS at most, so a client writing its
+        body reads the answer instead of EPIPE (the daemon closing on unread data resets the connection)."""
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(LINGER_SECONDS)
+            left = min(length, LINGER_MAX)
+            while left > 0 and (chunk := self.rfile.read1(min(left, 65536))):
+                left -= len(chunk)
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         if self.headers.get("Content-Length", "0") not in ("", "0") or self.headers.get("Transfer-Encoding"):
