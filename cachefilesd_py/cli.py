@@ -47,7 +47,7 @@ from fscache.errors import FscacheError
 
 if TYPE_CHECKING:
     from cachefilesd_py.backends import BlobBackend
-    from cachefilesd_py.daemon import CachefilesSupervisor
+    from cachefilesd_py.daemon_supervisor import CachefilesSupervisor
 
 # The daemon, pipeline, reader and backends are imported once the device is bound: startup errors come fast.
 
@@ -282,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         _preload(args)
         from cachefilesd_py.api import listen
-        from cachefilesd_py.daemon import CachefilesSupervisor
+        from cachefilesd_py.daemon_supervisor import CachefilesSupervisor
         from cachefilesd_py.supervisor import RestartPolicy
         from cachefilesd_py.takeover import Handover
 
@@ -338,7 +338,7 @@ def _preload(args: argparse.Namespace) -> None:
     (auth, URL) fail here, before serving."""
     if getattr(args, "preloaded", False):
         return
-    from cachefilesd_py import daemon, image_store  # noqa: F401
+    from cachefilesd_py import daemon, daemon_supervisor, image_store  # noqa: F401
 
     backend = _make_backend(args)
     if backend is not None:

@@ -3,9 +3,9 @@
 A supervisor process holds the kernel object (``/dev/cachefiles``, or a fanotify group) and runs the worker that
 serves it; when the worker dies, the kernel object stays, because the supervisor still holds it, so the mounts
 stay up.  What a death needs is the path's own (:meth:`Supervisor.on_death`): the cachefiles daemon writes
-``restore`` (requests the dead worker had read become NEW again, see :mod:`cachefilesd_py.daemon`), the fanotify
-mount denies the events the dead worker had read (see :mod:`cachefilesd_py.mount.supervisor`).  Then the core
-starts a new worker, after a backoff.
+``restore`` (requests the dead worker had read become NEW again, see :mod:`cachefilesd_py.daemon_supervisor`),
+the fanotify mount denies the events the dead worker had read (see :mod:`cachefilesd_py.mount.supervisor`).  Then
+the core starts a new worker, after a backoff.
 
 The restart policy (:class:`RestartPolicy`, the one both paths use): the n-th worker death in a row waits
 0.1 s * 2**(n-1), at most 5 s, before the restart (0.1, 0.2, 0.4, ... 3.2, 5, 5 s: a backend briefly down gets

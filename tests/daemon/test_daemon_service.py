@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from cachefilesd_py.api import ApiServer, get, listen
-from cachefilesd_py.daemon import CachefilesSupervisor, Daemon
+from cachefilesd_py.daemon import Daemon
+from cachefilesd_py.daemon_supervisor import CachefilesSupervisor
 from cachefilesd_py.image_store import ImageStore
 from cachefilesd_py.notify import notify
 from cachefilesd_py.supervisor import RestartPolicy
