@@ -34,77 +34,43 @@ worker the same way.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import signal
-import subprocess
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from erofs.errors import NydusErofsError
 from fscache.errors import FscacheError
 from fscache.inotify import Inotify
 
-from ..logfilter import daemon_logging
-from ..supervisor import RestartPolicy, Supervisor, WorkerProcess, describe
+from ..supervisor import RestartPolicy, describe
+from .mountsupervisor import MountSupervisor
 from .nbddaemon import release_stale_devices
-from .ready import OK, error_line, read_line, report
+from .ready import error_line, report
 from .record import read_record
-from .spec import MountSpec, read_spec_fd, spec_fd
-from .watch import ImageWatch
+from .spec import MountSpec
 
 __all__ = ["NbdSupervisor", "main"]
 
 log = logging.getLogger(__name__)
 
-WORKER_MODULE = "cachefilesd_py.mount.nbddaemon"
 
+class NbdSupervisor(MountSupervisor):
+    """Runs the nbd worker (a fresh interpreter given the inotify fd and the spec: :class:`.MountSupervisor`) and
+    restarts it, reconnecting the same devices, when it dies (see the module's docstring)."""
 
-class NbdSupervisor(Supervisor):
-    """Runs the nbd worker (a fresh interpreter given the inotify fd and the spec) and restarts it, reconnecting
-    the same devices, when it dies (see the module's docstring)."""
-
-    forward_signals = (signal.SIGUSR1,)
+    module = "cachefilesd_py.mount.nbdsupervisor"
+    worker_module = "cachefilesd_py.mount.nbddaemon"
 
     def __init__(self, spec: MountSpec, policy: RestartPolicy | None = None) -> None:
-        super().__init__(policy)
-        self.spec = spec
-        self.mountpoint = Path(spec.mountpoint)
-        self.inotify: Inotify | None = None
-        self.watch: ImageWatch | None = None
+        super().__init__(spec, policy)
         self.record: dict[str, object] = {}  # the first worker's: its devices
-        self._ready_r = -1
 
     def _devices(self) -> list[int]:
         return [int(str(d).removeprefix("/dev/nbd")) for d in self.record.get("nbd") or ()]  # type: ignore[union-attr]
 
-    # -- the core's hooks ---------------------------------------------------------------------------------------
-    def start_worker(self) -> WorkerProcess:
-        assert self.inotify is not None
-        ifd = self.inotify.fileno()
-        self._ready_r, w = os.pipe2(os.O_CLOEXEC)
-        sfd = spec_fd(self.spec)
-        cmd = [sys.executable, "-m", WORKER_MODULE, "--spec-fd", str(sfd), "--inotify-fd", str(ifd),
-               "--restart", str(self.restarts), "--supervisor-pid", str(os.getpid()), "--ready-fd", str(w)]  # fmt: skip
-        if self.restarts:
-            cmd += ["--devices", ",".join(map(str, self._devices()))]
-        try:
-            return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=(ifd, w, sfd))
-        except BaseException:
-            os.close(self._ready_r)
-            raise
-        finally:
-            os.close(w)
-            os.close(sfd)
-
-    def on_exit(self, pid: int, code: int) -> int | None:
-        clean = code == 0 or (self.stopping and code == -signal.SIGTERM)
-        if code == 0 or self._released():  # a worker exits 0 once the image is released
-            log.info("worker %d stopped", pid)
-            return 0 if clean else 1
-        return None
+    # -- the mode's hooks ---------------------------------------------------------------------------------------
+    def worker_args(self) -> tuple[list[str], list[int]]:
+        return (["--devices", ",".join(map(str, self._devices()))] if self.restarts else []), []
 
     def on_death(self, pid: int, code: int) -> bool:
         if self.record.get("nbd_ioctl"):
@@ -114,33 +80,7 @@ class NbdSupervisor(Supervisor):
                   describe(code), ", ".join(map(str, self.record.get("nbd") or ())))  # type: ignore[arg-type]  # fmt: skip
         return True
 
-    def restarted(self) -> None:
-        line = read_line(self._ready_r)
-        assert self.proc is not None
-        log.info("worker %d started (restart %d): %s", self.proc.pid, self.restarts, line or "no answer")
-        if line != OK:
-            log.error("restarted worker failed: %s", line or "no answer")
-
-    def wake_fds(self) -> Sequence[int]:
-        assert self.inotify is not None
-        return (self.inotify.fileno(),)
-
-    def pause_ended(self, fd: int) -> bool:
-        if self._released():
-            log.warning("%s was unmounted and released: stopping", self.mountpoint)
-            return True
-        return False
-
     # -- the image ----------------------------------------------------------------------------------------------
-    def _released(self) -> bool:
-        """Whether the image's filesystem is gone (or was never mounted)."""
-        if self.watch is None:
-            assert self.inotify is not None
-            self.watch = ImageWatch.inherited(self.inotify, self.mountpoint)
-            if self.watch is None:
-                return True
-        return self.watch.released()
-
     def _give_up(self) -> None:
         """No worker will run again: unmount the image (detached if busy) and disconnect its devices, so that
         the requests the kernel holds fail now (EIO) rather than after the dead-connection timeout."""
@@ -160,15 +100,7 @@ class NbdSupervisor(Supervisor):
                 except (NydusErofsError, FscacheError, OSError) as e:
                     report(ready_fd, error_line(e))
                     return 1
-                proc = self.spawn()
-                line = read_line(self._ready_r)
-                log.info("worker %d started: %s", proc.pid, line or "no answer")
-                if line:
-                    report(ready_fd, line)
-                elif ready_fd is not None:
-                    os.close(ready_fd)  # the mount command reports the exit status and the log
-                if line != OK:
-                    self.wait()
+                if self.start_first(ready_fd) is not None:
                     return 1
                 self.record = read_record(self.mountpoint) or {}
                 status = self.supervise()
@@ -183,19 +115,7 @@ class NbdSupervisor(Supervisor):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cachefilesd_py.mount.nbdsupervisor",
-                                 description=__doc__.splitlines()[0])  # fmt: skip
-    ap.add_argument("--spec-fd", type=int, required=True, help="Inherited fd holding the mount spec (JSON)")
-    ap.add_argument("--ready-fd", type=int, default=None)
-    args = ap.parse_args(argv)
-    try:
-        spec = read_spec_fd(args.spec_fd)
-        policy = RestartPolicy.from_env()
-    except (NydusErofsError, OSError) as e:
-        report(args.ready_fd, error_line(e))
-        return 1
-    daemon_logging(spec.log_level, "%(asctime)s %(name)s %(levelname)s: %(message)s")
-    return NbdSupervisor(spec, policy).run(args.ready_fd)
+    return NbdSupervisor.main(argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -76,18 +76,16 @@ from fscache.fanotify import FAN_DENY, FAN_DENY_ERRNO, FanotifyGroup, PreAccessE
 from fscache.fd import drain
 from fscache.inotify import Inotify
 
-from ..logfilter import daemon_logging
-from ..supervisor import STOP_SIGNALS, ForkedWorker, RestartPolicy, Supervisor, WorkerProcess, describe
+from ..supervisor import STOP_SIGNALS, ForkedWorker, RestartPolicy, describe
+from .mountsupervisor import MountSupervisor
 from .ready import OK, error_line, read_line, report
 from .record import api_path, listen_api
-from .spec import MountSpec, read_spec_fd, spec_fd
-from .watch import ImageWatch
+from .spec import MountSpec, spec_fd
 
 __all__ = ["FanotifySupervisor", "ResumeState", "main"]
 
 log = logging.getLogger(__name__)
 
-WORKER_MODULE = "cachefilesd_py.mount.worker"
 _EXEC_BLOCKED = (*STOP_SIGNALS, signal.SIGHUP)  # blocked across the re-exec (unblocked once handled again)
 
 
@@ -119,66 +117,45 @@ class ResumeState:
             raise UsageError(f"--resume: {e}") from None
 
 
-class FanotifySupervisor(Supervisor):
+class FanotifySupervisor(MountSupervisor):
     """Holds the fanotify group and the inotify instance watching the image; runs the worker (a fresh interpreter
-    given both fds and the spec) and, when it dies, denies its events and starts a new one (see the module's
-    docstring).  The group is closed only once the image is released (:meth:`run`); with no worker left,
-    :meth:`_linger` unmounts and answers the events until then."""
+    given both fds and the spec: :class:`.MountSupervisor`) and, when it dies, denies its events and starts a new
+    one (see the module's docstring).  The group is closed only once the image is released (:meth:`run`); with no
+    worker left, :meth:`_linger` unmounts and answers the events until then."""
 
-    forward_signals = (signal.SIGUSR1,)
+    module = "cachefilesd_py.mount.supervisor"
+    worker_module = "cachefilesd_py.mount.worker"
     upgrade_signal = signal.SIGHUP
 
     def __init__(self, spec: MountSpec, policy: RestartPolicy | None = None) -> None:
-        super().__init__(policy)
-        self.spec = spec
-        self.mountpoint = Path(spec.mountpoint)
+        super().__init__(spec, policy)
         self.group: FanotifyGroup | None = None
-        self.inotify: Inotify | None = None
-        self.watch: ImageWatch | None = None
         self.died = False  # the last worker died without answering what it had read
-        self._ready_r = -1  # the read end of the last worker's ready pipe
         self._go_r = -1  # while a worker to take over starts: the read end of its go pipe
         self.api: socket.socket | None = None  # the API's listening socket, served by each worker in turn
+        self.resume_state: ResumeState | None = None  # ``--resume``: re-executed for an upgrade
 
-    # -- the core's hooks ---------------------------------------------------------------------------------------
-    def start_worker(self) -> WorkerProcess:
-        assert self.group is not None and self.inotify is not None
-        gfd, ifd = self.group.fileno(), self.inotify.fileno()
-        self._ready_r, w = os.pipe2(os.O_CLOEXEC)
-        sfd = spec_fd(self.spec)
-        cmd = [sys.executable, "-m", WORKER_MODULE, "--spec-fd", str(sfd), "--group-fd", str(gfd),
-               "--inotify-fd", str(ifd), "--restart", str(self.restarts), "--supervisor-pid", str(os.getpid()),
-               "--ready-fd", str(w)]  # fmt: skip
-        fds = [gfd, ifd, w, sfd]
+    # -- the mode's hooks ---------------------------------------------------------------------------------------
+    @classmethod
+    def add_arguments(cls, ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--resume", default=None, help="Re-executed for an upgrade: the ResumeState (JSON)")
+
+    def configure(self, args: argparse.Namespace) -> None:
+        self.resume_state = ResumeState.from_json(args.resume) if args.resume is not None else None
+
+    def start(self, ready_fd: int | None) -> int:
+        return self.run(ready_fd) if self.resume_state is None else self.resume(self.resume_state)
+
+    def worker_args(self) -> tuple[list[str], list[int]]:
+        assert self.group is not None
+        cmd, fds = ["--group-fd", str(self.group.fileno())], [self.group.fileno()]
         if self._go_r >= 0:
             cmd += ["--takeover-fd", str(self._go_r)]
             fds.append(self._go_r)
         if self.api is not None:
             cmd += ["--api-fd", str(self.api.fileno())]
             fds.append(self.api.fileno())
-        try:
-            return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=fds)
-        except BaseException:
-            os.close(self._ready_r)
-            raise
-        finally:
-            os.close(w)
-            os.close(sfd)
-
-    def _spawn_ready(self) -> str:
-        """Start a worker; its readiness line (``ok``, ``error ...``, or empty if it died without one)."""
-        proc = self.spawn()
-        line = read_line(self._ready_r)
-        log.info("worker %d started%s: %s", proc.pid, f" (restart {self.restarts})" if self.restarts else "",
-                 line or "no answer")  # fmt: skip
-        return line
-
-    def on_exit(self, pid: int, code: int) -> int | None:
-        clean = code == 0 or (self.stopping and code == -signal.SIGTERM)
-        if code == 0 or self._released():  # a worker exits 0 once the image is released
-            log.info("worker %d stopped", pid)
-            return 0 if clean else 1
-        return None
+        return cmd, fds
 
     def on_death(self, pid: int, code: int) -> bool:
         self.died = True
@@ -186,23 +163,6 @@ class FanotifySupervisor(Supervisor):
         log.error("denied %d events of worker %d (EIO)", self.deny_in_flight(), pid)
         self.died = False
         return True
-
-    def restarted(self) -> None:
-        line = read_line(self._ready_r)
-        assert self.proc is not None
-        log.info("worker %d started (restart %d): %s", self.proc.pid, self.restarts, line or "no answer")
-        if line != OK:
-            log.error("restarted worker failed: %s", line or "no answer")
-
-    def wake_fds(self) -> Sequence[int]:
-        assert self.inotify is not None
-        return (self.inotify.fileno(),)
-
-    def pause_ended(self, fd: int) -> bool:
-        if self._released():
-            log.warning("%s was unmounted and released: stopping", self.mountpoint)
-            return True
-        return False
 
     # -- upgrade in place (see the module's docstring) ------------------------------------------------------------
     def on_upgrade(self) -> None:
@@ -218,9 +178,10 @@ class FanotifySupervisor(Supervisor):
         """``os.execv`` this module again with the group, the inotify instance and the worker; returns only when
         the new code does not import or the exec failed (raised)."""
         assert self.group is not None and self.inotify is not None and self.proc is not None
-        module = __spec__.name if __spec__ is not None else "cachefilesd_py.mount.supervisor"
-        check = subprocess.run([sys.executable, "-c", f"import {module}, {WORKER_MODULE}"], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)  # fmt: skip
+        module = __spec__.name if __spec__ is not None else self.module
+        check = subprocess.run([sys.executable, "-c", f"import {module}, {self.worker_module}"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               timeout=60)  # fmt: skip
         if check.returncode != 0:
             last = (check.stderr.decode(errors="replace").strip().splitlines() or ["exit status"])[-1]
             raise UsageError(f"the new code does not import: {last}")
@@ -288,15 +249,6 @@ class FanotifySupervisor(Supervisor):
                 os.close(go_w)
 
     # -- the group ----------------------------------------------------------------------------------------------
-    def _released(self) -> bool:
-        """Whether the image's filesystem is gone (or was never mounted): nothing reads through the marks."""
-        if self.watch is None:
-            assert self.inotify is not None
-            self.watch = ImageWatch.inherited(self.inotify, self.mountpoint)
-            if self.watch is None:
-                return True
-        return self.watch.released()
-
     def deny_in_flight(self) -> int:
         """Deny (EIO) every permission event a dead worker had read and not answered; returns how many."""
         assert self.group is not None
@@ -378,7 +330,7 @@ class FanotifySupervisor(Supervisor):
     def run(self, ready_fd: int | None) -> int:
         """Start the first worker, relay its readiness line to ``ready_fd``, supervise; the exit status.
 
-        The group is closed only once the image's filesystem is released (see :class:`ImageWatch`): while a
+        The group is closed only once the image's filesystem is released (see :class:`~.watch.ImageWatch`): while a
         worker runs, by waiting for it (it serves until then); when none will run again (a stop signal after
         its death, giving up, an error), by :meth:`_linger`.
         """
@@ -395,13 +347,9 @@ class FanotifySupervisor(Supervisor):
                 except (NydusErofsError, FscacheError, OSError) as e:
                     report(ready_fd, error_line(e))
                     return 1
-                line = self._spawn_ready()
-                if line:
-                    report(ready_fd, line)
-                elif ready_fd is not None:
-                    os.close(ready_fd)  # the mount command reports the exit status and the log
-                if line != OK:
-                    self.died = self.wait() != 0
+                code = self.start_first(ready_fd)
+                if code is not None:
+                    self.died = code != 0
                     return 1
                 self.serving = True
                 return self.supervise()
@@ -451,22 +399,7 @@ class FanotifySupervisor(Supervisor):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cachefilesd_py.mount.supervisor",
-                                 description=__doc__.splitlines()[0])  # fmt: skip
-    ap.add_argument("--spec-fd", type=int, required=True, help="Inherited fd holding the mount spec (JSON)")
-    ap.add_argument("--ready-fd", type=int, default=None)
-    ap.add_argument("--resume", default=None, help="Re-executed for an upgrade: the ResumeState (JSON)")
-    args = ap.parse_args(argv)
-    try:
-        spec = read_spec_fd(args.spec_fd)
-        policy = RestartPolicy.from_env()
-        resume = ResumeState.from_json(args.resume) if args.resume is not None else None
-    except (NydusErofsError, OSError) as e:
-        report(args.ready_fd, error_line(e))
-        return 1
-    daemon_logging(spec.log_level, "%(asctime)s %(name)s %(levelname)s: %(message)s")
-    supervisor = FanotifySupervisor(spec, policy)
-    return supervisor.run(args.ready_fd) if resume is None else supervisor.resume(resume)
+    return FanotifySupervisor.main(argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
