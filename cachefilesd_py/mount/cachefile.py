@@ -69,6 +69,7 @@ class CacheFile:
     pages: bytearray = field(default_factory=bytearray, repr=False)
     _flusher: threading.Thread | None = field(default=None, repr=False)
     _flush_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _closing: threading.Event = field(default_factory=threading.Event, repr=False)  # the flusher: flush now
 
     def __post_init__(self) -> None:
         if not self.pages:
@@ -170,13 +171,14 @@ class CacheFile:
             return
         a, b = offset // PAGE_SIZE, -(-(offset + length) // PAGE_SIZE)
         self.pages[a:b] = b"\x01" * (b - a)
-        if self.chunks.mark(ci, length):  # a flush is due: in the background, the fills go on meanwhile
+        if self.chunks.mark(ci, length):  # a flush is due: in the background, once the burst of writes pauses
             with self._flush_lock:
                 if self._flusher is None or not self._flusher.is_alive():
                     self._flusher = threading.Thread(target=self._background_flush, name="chunk-map", daemon=True)
                     self._flusher.start()
 
     def _background_flush(self) -> None:
+        self.chunks.await_flush(self._closing)
         try:
             self.flush()
         except OSError as e:  # those chunks are holes again and not present: fetched again when read
@@ -305,6 +307,7 @@ class CacheFile:
 
     def close(self) -> None:
         """Flush the chunk map (a failure is logged: those chunks are fetched again next time) and close."""
+        self._closing.set()
         with self._flush_lock:
             flusher = self._flusher
         if flusher is not None:
