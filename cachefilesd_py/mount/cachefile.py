@@ -69,7 +69,6 @@ class CacheFile:
     pages: bytearray = field(default_factory=bytearray, repr=False)
     _flusher: threading.Thread | None = field(default=None, repr=False)
     _flush_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _closing: threading.Event = field(default_factory=threading.Event, repr=False)  # the flusher: flush now
 
     def __post_init__(self) -> None:
         if not self.pages:
@@ -178,7 +177,7 @@ class CacheFile:
                     self._flusher.start()
 
     def _background_flush(self) -> None:
-        self.chunks.await_flush(self._closing)
+        self.chunks.await_flush()
         try:
             self.flush()
         except OSError as e:  # those chunks are holes again and not present: fetched again when read
@@ -307,7 +306,7 @@ class CacheFile:
 
     def close(self) -> None:
         """Flush the chunk map (a failure is logged: those chunks are fetched again next time) and close."""
-        self._closing.set()
+        self.chunks.hurry()
         with self._flush_lock:
             flusher = self._flusher
         if flusher is not None:

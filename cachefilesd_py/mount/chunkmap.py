@@ -73,8 +73,9 @@ class ChunkMap:
     """The verified-chunk map of one cache file (thread-safe).
 
     ``has(ci)``: verified and written (in memory, flushed or not); ``mark(ci, nbytes)`` after a verified write,
-    True when a flush is due; ``unmark(ci)`` forgets a chunk (in memory and on disk); ``flush(data_fd)`` makes the
-    marked chunks durable and records them; ``persisted(ci)`` re-reads the map file (what another daemon of the
+    True when a flush is due; ``await_flush()`` waits until a due flush should run (``hurry()``: at once from now
+    on); ``unmark(ci)`` forgets a chunk (in memory and on disk); ``flush(data_fd)`` makes the marked chunks durable
+    and records them; ``persisted(ci)`` re-reads the map file (what another daemon of the
     same cache file recorded).  A map file that is not this blob's is started afresh (``fresh``), or, with
     ``reset`` false (another daemon serves the cache file), refused with ValueError.
     """
@@ -84,6 +85,8 @@ class ChunkMap:
         self.key = key
         self.chunk_count = chunk_count
         self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # a due flush waiting (await_flush) for a pause
+        self._hurry = False  # closing: a due flush runs at once
         self._dirty: set[int] = set()
         self._dirty_bytes = 0
         self._dirty_since = self._last_mark = 0.0  # time.monotonic() of the oldest unflushed mark, of the latest
@@ -141,18 +144,26 @@ class ChunkMap:
                 self._dirty_since = self._last_mark
             self._dirty.add(ci)
             self._dirty_bytes += nbytes
+            if self._dirty_bytes >= FLUSH_MAX_BYTES:
+                self._cond.notify_all()
             return self._dirty_bytes >= FLUSH_BYTES
 
-    def await_flush(self, stop: threading.Event) -> None:
+    def await_flush(self) -> None:
         """Return when a due flush should run: no chunk marked for :data:`FLUSH_QUIET` seconds, or
-        :data:`FLUSH_MAX_BYTES` waiting, or the oldest waiting for :data:`FLUSH_MAX_DELAY` seconds; or ``stop``."""
-        while not stop.is_set():
-            with self._lock:
-                now = time.monotonic()
-                left = min(self._last_mark + FLUSH_QUIET, self._dirty_since + FLUSH_MAX_DELAY) - now
+        :data:`FLUSH_MAX_BYTES` waiting, or the oldest waiting for :data:`FLUSH_MAX_DELAY` seconds; or at once
+        after :meth:`hurry`."""
+        with self._cond:
+            while not self._hurry:
+                left = min(self._last_mark + FLUSH_QUIET, self._dirty_since + FLUSH_MAX_DELAY) - time.monotonic()
                 if left <= 0 or self._dirty_bytes >= FLUSH_MAX_BYTES:
                     return
-            stop.wait(min(left, FLUSH_QUIET))
+                self._cond.wait(left)
+
+    def hurry(self) -> None:
+        """From now on a due flush waits for nothing (the cache file is being closed)."""
+        with self._cond:
+            self._hurry = True
+            self._cond.notify_all()
 
     def unmark(self, ci: int) -> None:
         """Forget chunk ``ci``: in memory and in the map file (before its bytes are punched out)."""
