@@ -29,6 +29,28 @@ blob's ``preadv`` 62% (the blob is cold: disk), ``pwrite`` 29%, ``fdatasync`` 4.
 buffer through liblz4) 2.7%.  Python bookkeeping is a few percent; fresh anonymous pages (first touch ~1 GB/s
 here against ~26 GB/s reused) no longer show.  What is left is the kernel's: the disk read of the blob and
 the cache file's page cache.
+
+Since the chunk map's flush waits for the writes to pause (issue 17, the fillspeed branch's measurements, 2-core
+machine at load average 9-12, two nested VMs running): the official run above, alternating the old and the new
+flush, twice: uncompressed 0.23x/0.33x (median of pairs) -> 0.49x/0.51x, the daemon's CPU per cold read
+0.37/0.32 s -> 0.26/0.26 s, ours against the copy loop of the same rounds 0.70x/0.69x -> 1.10x/0.83x; lz4_block
+0.43x/0.48x -> 0.47x/0.62x.  ``perf record`` of the daemon (uncompressed, whole daemon, CPU time): the ``pwrite``
+into the cache file 22% (ext4's delayed-allocation ``write_begin`` 13%: buffer heads, block reservation; the
+copy 7%), blake3 17.5%, the blob's ``preadv`` 12% (the copy to user space 9%), the Python interpreter ~20%,
+context switches 7%, the ``fdatasync`` under 1% (it now runs after the read).  The reader's side (its
+``wchan`` sampled every 0.5 ms): 75-80% of a cold read's wall time is spent blocked in
+``fanotify_handle_event``, waiting for an answer; ~97% of the 274 events find their range filled already by
+the readahead and are answered in a median of 40-120 us (event read to allow), the few that wait for a fill
+take ~0.14 s together, and the rest is the event thread getting a CPU (and the GIL) on a loaded machine: each
+1 MiB window is a round trip to a process that must be scheduled.  Measured and not kept: ``O_DIRECT`` reads
+of the blob (2.4-3.4x slower than buffered here: the disk's 8 MiB readahead is what makes the direct mount fast;
+three threads of buffered 1 MiB ``preadv`` read the cold blob as fast as the direct mount does); 8 MiB mount
+readahead windows (274 -> 87 events, but each blocks the reader for a ~3 MiB fill: slower in 6 pairs of 6);
+4 MiB readahead pieces (fills 264 -> 95, no difference within the noise); a lower priority for the readahead
+threads, a shorter GIL switch interval (no difference within the noise).  Not tried: ``copy_file_range`` (ext4
+has no reflink: an in-kernel copy as costly as the ``pwrite``, and the blob could change between the verifying
+read and the copy), a C fill loop (its ceiling is the interpreter's ~20%, and the default digester, blake3,
+has no C library on the machine to call from it).
 """
 
 from __future__ import annotations

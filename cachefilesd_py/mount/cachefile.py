@@ -170,13 +170,14 @@ class CacheFile:
             return
         a, b = offset // PAGE_SIZE, -(-(offset + length) // PAGE_SIZE)
         self.pages[a:b] = b"\x01" * (b - a)
-        if self.chunks.mark(ci, length):  # a flush is due: in the background, the fills go on meanwhile
+        if self.chunks.mark(ci, length):  # a flush is due: in the background, once the burst of writes pauses
             with self._flush_lock:
                 if self._flusher is None or not self._flusher.is_alive():
                     self._flusher = threading.Thread(target=self._background_flush, name="chunk-map", daemon=True)
                     self._flusher.start()
 
     def _background_flush(self) -> None:
+        self.chunks.await_flush()
         try:
             self.flush()
         except OSError as e:  # those chunks are holes again and not present: fetched again when read
@@ -305,6 +306,7 @@ class CacheFile:
 
     def close(self) -> None:
         """Flush the chunk map (a failure is logged: those chunks are fetched again next time) and close."""
+        self.chunks.hurry()
         with self._flush_lock:
             flusher = self._flusher
         if flusher is not None:

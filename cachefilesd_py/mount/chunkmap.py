@@ -26,10 +26,17 @@ not exactly this (another key, another count, damage) is started afresh, and its
 
 Persistence (:meth:`ChunkMap.flush`): a chunk is marked in memory as soon as its verified bytes are written (the
 mount may read it at once: the bytes are in the page cache); its byte goes to the map file only after an
-``fdatasync`` of the cache file, batched every :data:`FLUSH_BYTES` of written chunks (on a thread of its own:
-the fills go on meanwhile), when the file is complete and on close.  A chunk marked in memory but not yet
-flushed when the daemon dies counts as absent at the next start (it is fetched again).  A failed ``fdatasync``
-un-marks every chunk written since the last flush.
+``fdatasync`` of the cache file, so a chunk the map records is never zeros (or a part of the chunk) after a
+crash.  A flush is due once :data:`FLUSH_BYTES` of written chunks wait for it, and then runs (on a thread of its
+own) when the writes pause (:meth:`ChunkMap.await_flush`: :data:`FLUSH_QUIET` seconds without a new chunk), or
+at the latest once :data:`FLUSH_MAX_BYTES` wait or the oldest has waited :data:`FLUSH_MAX_DELAY` seconds; also
+when the file is complete and on close.  Batching is what the delay buys: the writeback of a burst of fills
+(a cold sequential read) does not compete for the disk with the blob reads of that same burst, and there are
+fewer ``fdatasync`` calls.  (``sync_file_range`` would not do instead: it neither commits the file's block
+allocation nor flushes the disk's cache, so it makes nothing durable.)  What the delay costs: more chunks
+fetched again after a crash, at most :data:`FLUSH_MAX_BYTES`.  A chunk marked in memory but not yet flushed
+when the daemon dies counts as absent at the next start (it is fetched again).  A failed ``fdatasync`` un-marks
+every chunk written since the last flush.
 """
 
 from __future__ import annotations
@@ -38,9 +45,10 @@ import logging
 import os
 import struct
 import threading
+import time
 from pathlib import Path
 
-__all__ = ["FLUSH_BYTES", "KEY_HEX", "ChunkMap", "map_path"]
+__all__ = ["FLUSH_BYTES", "FLUSH_MAX_BYTES", "FLUSH_MAX_DELAY", "FLUSH_QUIET", "KEY_HEX", "ChunkMap", "map_path"]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +57,10 @@ VERSION = 1
 _HEADER = struct.Struct("<8sII32s16x")
 HEADER_SIZE = _HEADER.size  # 64
 KEY_HEX = 32  # hex digits of the key in a cache file's name (128 bits)
-FLUSH_BYTES = 64 << 20  # written chunk bytes between two fdatasync + map updates
+FLUSH_BYTES = 64 << 20  # written chunk bytes that make an fdatasync + map update due
+FLUSH_QUIET = 0.25  # seconds without a new chunk before a due flush runs (the burst of writes is over)...
+FLUSH_MAX_BYTES = 1 << 30  # ...or once this many bytes wait for it...
+FLUSH_MAX_DELAY = 5.0  # ...or once the oldest has waited this long (seconds)
 _ONE = bytes([0] + [1] * 255)  # translate table: any non-zero byte is a recorded chunk
 
 
@@ -62,8 +73,9 @@ class ChunkMap:
     """The verified-chunk map of one cache file (thread-safe).
 
     ``has(ci)``: verified and written (in memory, flushed or not); ``mark(ci, nbytes)`` after a verified write,
-    True when a flush is due; ``unmark(ci)`` forgets a chunk (in memory and on disk); ``flush(data_fd)`` makes the
-    marked chunks durable and records them; ``persisted(ci)`` re-reads the map file (what another daemon of the
+    True when a flush is due; ``await_flush()`` waits until a due flush should run (``hurry()``: at once from now
+    on); ``unmark(ci)`` forgets a chunk (in memory and on disk); ``flush(data_fd)`` makes the marked chunks durable
+    and records them; ``persisted(ci)`` re-reads the map file (what another daemon of the
     same cache file recorded).  A map file that is not this blob's is started afresh (``fresh``), or, with
     ``reset`` false (another daemon serves the cache file), refused with ValueError.
     """
@@ -73,8 +85,11 @@ class ChunkMap:
         self.key = key
         self.chunk_count = chunk_count
         self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # a due flush waiting (await_flush) for a pause
+        self._hurry = False  # closing: a due flush runs at once
         self._dirty: set[int] = set()
         self._dirty_bytes = 0
+        self._dirty_since = self._last_mark = 0.0  # time.monotonic() of the oldest unflushed mark, of the latest
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             header = _HEADER.pack(MAGIC, VERSION, chunk_count, key)
@@ -124,9 +139,31 @@ class ChunkMap:
             self.marks[ci] = 1
             if durable:
                 return False
+            self._last_mark = time.monotonic()
+            if not self._dirty:
+                self._dirty_since = self._last_mark
             self._dirty.add(ci)
             self._dirty_bytes += nbytes
+            if self._dirty_bytes >= FLUSH_MAX_BYTES:
+                self._cond.notify_all()
             return self._dirty_bytes >= FLUSH_BYTES
+
+    def await_flush(self) -> None:
+        """Return when a due flush should run: no chunk marked for :data:`FLUSH_QUIET` seconds, or
+        :data:`FLUSH_MAX_BYTES` waiting, or the oldest waiting for :data:`FLUSH_MAX_DELAY` seconds; or at once
+        after :meth:`hurry`."""
+        with self._cond:
+            while not self._hurry:
+                left = min(self._last_mark + FLUSH_QUIET, self._dirty_since + FLUSH_MAX_DELAY) - time.monotonic()
+                if left <= 0 or self._dirty_bytes >= FLUSH_MAX_BYTES:
+                    return
+                self._cond.wait(left)
+
+    def hurry(self) -> None:
+        """From now on a due flush waits for nothing (the cache file is being closed)."""
+        with self._cond:
+            self._hurry = True
+            self._cond.notify_all()
 
     def unmark(self, ci: int) -> None:
         """Forget chunk ``ci``: in memory and in the map file (before its bytes are punched out)."""

@@ -1,13 +1,16 @@
 """The chunk map beside a cache file: what it records survives a restart only once flushed after an fdatasync;
-a map that is not the blob's (another key, another chunk count, damage) starts afresh."""
+a due flush waits for the writes to pause, but never past its bounds; a map that is not the blob's (another key,
+another chunk count, damage) starts afresh."""
 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
+from cachefilesd_py.mount import chunkmap
 from cachefilesd_py.mount.chunkmap import HEADER_SIZE, ChunkMap
 
 KEY = bytes(range(32))
@@ -38,6 +41,28 @@ def test_marks_count_after_a_restart_only_once_flushed(tmp_path: Path) -> None:
         assert ChunkMap(tmp_path / "cache.map", KEY, 10).marks == bytearray(b"\0" * 7 + b"\1" + b"\0" * 2)
     finally:
         os.close(fd)
+
+
+def test_a_due_flush_waits_for_a_pause_only_within_its_bounds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(chunkmap, "FLUSH_QUIET", 3600.0)  # the writes never pause here
+    monkeypatch.setattr(chunkmap, "FLUSH_MAX_DELAY", 3600.0)
+    monkeypatch.setattr(chunkmap, "FLUSH_MAX_BYTES", 3 * 4096)
+    for hurried in (False, True):
+        m = ChunkMap(tmp_path / "cache.map", KEY, 10)
+        try:
+            m.mark(0, 4096)
+            waiter = threading.Thread(target=m.await_flush)
+            waiter.start()
+            m.mark(1, 4096)
+            assert waiter.is_alive()  # a burst of writes under the byte bound: the flush waits
+            if hurried:
+                m.hurry()  # closing: the flush runs now
+            else:
+                m.mark(2, 4096)  # the bound: the flush runs, burst or not
+            waiter.join(timeout=60)
+            assert not waiter.is_alive()
+        finally:
+            m.close()
 
 
 @pytest.mark.parametrize("change", ["key", "count", "magic"])
