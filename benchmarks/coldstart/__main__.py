@@ -4,6 +4,10 @@ Builds the images (:mod:`.images`), starts docker-registry in a network namespac
 (:mod:`.netns`), pushes them, then times each mode at each size from a cold state (:mod:`.runs`), repetitions
 interleaved; prints the medians as a markdown table and writes what ``--json``, ``--plot`` and ``--markdown`` ask.
 Needs root (namespaces, mounts, containerd, drop_caches).
+
+With ``--vm`` the runs are in the test VM instead (:mod:`.vm`, :mod:`.guest`): OCI (skopeo + umoci) and Nydus
+lazy over fscache (cachefilesd-py), at 100 MiB and 2 GiB unless ``--sizes``; ``--markdown`` then writes only
+the page's VM section (the host's runs' page keeps it).
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ from tests.support.registry import RegistryServer
 
 from .images import WORKLOAD, oci_images, publish
 from .netns import ShapedNetns, rate_bits
-from .report import page, plot_runs, table
-from .runs import MODES, Run, cold_start
+from .report import page, plot_runs, splice, table, vm_section
+from .runs import MODES, VM_MODES, Run, cold_start
+from .vm import vm_cold_start
 
 FULL_SIZES = "100M,500M,1G,2G"
 QUICK_SIZES = "100M,500M"
+VM_SIZES = "100M,2G"
 
 
 def _load() -> str:
@@ -42,7 +48,8 @@ def _load() -> str:
 @click.option("--rate", default="200mbit", show_default=True, help="The registry's link rate (tc units).")
 @click.option("--quick", is_flag=True, help=f"Sizes {QUICK_SIZES} (unless --sizes), one repetition.")
 @click.option("--repetitions", type=click.IntRange(1, 20), default=None, help="Runs per point [3; --quick: 1].")
-@click.option("--modes", default=",".join(MODES), show_default=True, help="Which modes to run.")
+@click.option("--modes", default=None, help=f"Which modes to run [{','.join(MODES)}; --vm: {','.join(VM_MODES)}].")
+@click.option("--vm", is_flag=True, help=f"Run in the test VM (kernel-test/run-vm, fscache) [sizes {VM_SIZES}].")
 @click.option("--base", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="A root filesystem directory for the base layer [the files of a few of this machine's packages].")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -52,20 +59,22 @@ def _load() -> str:
 @click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), help="Write the results page.")
 @click.option("--from-json", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Measure nothing: report the runs of an earlier --json.")
-def main(sizes: str | None, rate: str, quick: bool, repetitions: int | None, modes: str, base: Path | None,
-         work_dir: Path | None, json_out: Path | None, plot: Path | None, markdown: Path | None,
+def main(sizes: str | None, rate: str, quick: bool, repetitions: int | None, modes: str | None, vm: bool,
+         base: Path | None, work_dir: Path | None, json_out: Path | None, plot: Path | None, markdown: Path | None,
          from_json: Path | None) -> None:  # fmt: skip
     """Time container cold starts (pull to first output line) vs image size: OCI, Nydus lazy, Nydus with a
     trace-based prefetch table; registry behind a link shaped to RATE."""
     try:
-        chosen = sizes or (QUICK_SIZES if quick else FULL_SIZES)
+        chosen = sizes or (VM_SIZES if vm else QUICK_SIZES if quick else FULL_SIZES)
         size_list = [parse_size(s.strip(), "--sizes") for s in chosen.split(",")]
         rate_bits(rate)
     except (UsageError, ValueError) as e:
         raise click.UsageError(str(e)) from None
-    mode_list = [m.strip() for m in modes.split(",")]
-    if unknown := [m for m in mode_list if m not in MODES]:
-        raise click.UsageError(f"--modes: unknown {', '.join(unknown)} (known: {', '.join(MODES)})")
+    known = VM_MODES if vm else MODES
+    mode_list = [m.strip() for m in modes.split(",")] if modes else list(known)
+    if unknown := [m for m in mode_list if m not in known]:
+        raise click.UsageError(f"--modes: unknown {', '.join(unknown)} (known{' with --vm' if vm else ''}: "
+                               f"{', '.join(known)})")  # fmt: skip
     if from_json is not None:
         try:
             saved = json.loads(from_json.read_text())
@@ -75,35 +84,41 @@ def main(sizes: str | None, rate: str, quick: bool, repetitions: int | None, mod
     else:
         if os.geteuid() != 0:
             raise click.ClickException("needs root: network namespaces, mounts, containerd and drop_caches")
-        runs, facts = _measure(size_list, rate, repetitions or (1 if quick else 3), mode_list, base, work_dir)
+        runs, facts = _measure(size_list, rate, repetitions or (1 if quick or vm else 3), mode_list, base, work_dir,
+                               vm)  # fmt: skip
     click.echo(table(runs))
     if json_out:
         json_out.write_text(json.dumps({"runs": [r.as_json() for r in runs], "facts": facts}, indent=1) + "\n")
     if plot:
         plot_runs(runs, plot, f"cold start at {facts['rate']}, {facts['repetitions']} repetition(s), medians")
     if markdown:
-        markdown.write_text(page(runs, facts, plot))
+        before = markdown.read_text() if markdown.exists() else ""
+        markdown.write_text(splice(before, vm_section(runs, facts)) if vm else splice(page(runs, facts, plot), before))
 
 
 def _measure(sizes: list[int], rate: str, reps: int, modes: list[str], base: Path | None,
-             work_dir: Path | None) -> tuple[list[Run], dict]:  # fmt: skip
+             work_dir: Path | None, vm: bool) -> tuple[list[Run], dict]:  # fmt: skip
     """Build and publish the images, then the runs (repetitions outermost, so noise spreads over all points)."""
     tmp = Path(tempfile.mkdtemp(prefix="nydus-coldstart-"))
     work = work_dir or tmp / "work"
     work.mkdir(parents=True, exist_ok=True)
     started, load_before = time.time(), _load()
     runs: list[Run] = []
+    guest: dict = {}
     try:
         click.echo(f"building images for {', '.join(str(s) for s in sizes)} bytes in {work}", err=True)
         layout, images = oci_images(work, sizes, base)
         with ShapedNetns(rate) as ns, RegistryServer(tmp / "registry", netns=ns.name, addr=ns.ns_addr,
                                                      accesslog=True) as registry:  # fmt: skip
-            publish(work, layout, images, registry.host)
+            publish(work, layout, images, registry.host, prefetch="nydus-prefetch" in modes)
             measured = time.time()
             for rep in range(reps):
                 for image in images:
                     for mode in modes:
-                        r = cold_start(mode, image, registry, tmp, rep)
+                        if vm:
+                            r, guest = vm_cold_start(mode, image, registry, rep)
+                        else:
+                            r = cold_start(mode, image, registry, tmp, rep)
                         runs.append(r)
                         click.echo(f"{mode:15} {image.size_bytes / (1 << 20):7.0f} MiB rep {rep}: {r.seconds:6.2f} s "
                                    f"(pull {r.pull_seconds:.2f} s), fetched {r.bytes_fetched / (1 << 20):.1f} MiB",
@@ -116,6 +131,8 @@ def _measure(sizes: list[int], rate: str, reps: int, modes: list[str], base: Pat
              "cpus": os.cpu_count(), "load_before": load_before, "load_after": _load(),
              "build_minutes": round((measured - started) / 60, 1),
              "run_minutes": round((time.time() - measured) / 60, 1)}  # fmt: skip
+    if vm:
+        facts["vm"] = guest
     return runs, facts
 
 if __name__ == "__main__":

@@ -246,11 +246,14 @@ def record_trace(ref: str, work: Path) -> Path:
     return out
 
 
-def publish(work: Path, layout: Path, images: list[Image], host: str) -> Path:
-    """Every image to the registry at ``host`` in the three forms; returns the prefetch list used."""
+def publish(work: Path, layout: Path, images: list[Image], host: str, prefetch: bool = True) -> Path | None:
+    """Every image to the registry at ``host`` in the three forms (without the prefetch one unless
+    ``prefetch``); returns the prefetch list used."""
     for im in images:
         push_layout(layout, im.tag, host, REPOS["oci"])
         push_layout(_convert(work, layout, im.tag, "nydus"), im.tag, host, REPOS["nydus"])
+    if not prefetch:
+        return None
     trace = record_trace(images[0].ref(host, "nydus"), work)
     for im in images:
         target = _convert(work, layout, im.tag, "nydus-prefetch", "--prefetch-list", trace)

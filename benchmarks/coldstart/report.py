@@ -12,10 +12,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
 
-from .runs import MODES, Run  # noqa: E402
+from .runs import MODES, VM_MODES, Run  # noqa: E402
 
 _MIB = 1 << 20
-LABELS = {"oci": "OCI (ctr pull + run)", "nydus": "Nydus lazy", "nydus-prefetch": "Nydus + trace prefetch"}
+LABELS = {"oci": "OCI (ctr pull + run)", "nydus": "Nydus lazy", "nydus-prefetch": "Nydus + trace prefetch",
+          "vm-oci": "VM/TCG: OCI (skopeo + umoci + chroot)", "vm-fscache": "VM/TCG: Nydus lazy over fscache"}
+#: the heading of the page's section on the VM's runs (``--vm``); the host's page keeps it
+VM_HEADING = "## In the test VM: Nydus over fscache (TCG, relative figures)"
 
 
 def medians(runs: Sequence[Run]) -> dict[tuple[str, int], tuple[float, float, float]]:
@@ -32,7 +35,7 @@ def table(runs: Sequence[Run]) -> str:
     """A markdown table: one row per size, per mode its start seconds and MiB fetched (% of the image)."""
     med = medians(runs)
     sizes = sorted({size for _, size in med})
-    modes = [m for m in MODES if any(k[0] == m for k in med)]
+    modes = [m for m in MODES + VM_MODES if any(k[0] == m for k in med)]
     head = "| image (OCI, gzip) | " + " | ".join(f"{LABELS[m]}: s (pull s) / MiB fetched" for m in modes) + " |"
     lines = [head, "|" + "---|" * (len(modes) + 1)]
     for size in sizes:
@@ -50,7 +53,7 @@ def table(runs: Sequence[Run]) -> str:
 def plot_runs(runs: Sequence[Run], path: Path, title: str) -> None:
     med = medians(runs)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for m in MODES:
+    for m in MODES + VM_MODES:
         points = sorted((size, v) for (mode, size), v in med.items() if mode == m)
         if not points:
             continue
@@ -137,3 +140,50 @@ def page(runs: Sequence[Run], facts: dict, plot: Path | None) -> str:
         lines += [f"![cold start vs image size]({plot.name})", ""]
     lines += ["## The issue's targets, measured", ""] + [f"- {t}" for t in _targets(runs)] + [""]
     return "\n".join(lines)
+
+
+def vm_section(runs: Sequence[Run], facts: dict) -> str:
+    """The page's section on the runs in the test VM (``--vm``): how, the table, fscache against OCI."""
+    med = medians(runs)
+    guest = facts.get("vm", {})
+    lines = [
+        VM_HEADING,
+        "",
+        "Made by `.venv/bin/python -m benchmarks.coldstart --vm` (benchmarks/coldstart/vm.py, guest.py): the same "
+        "images and registry (docker-registry in the namespace shaped with tbf to "
+        f"{facts['rate']}; bytes fetched from its access log), but each run in a fresh test VM "
+        f"(kernel-test/run-vm: kernel {guest.get('kernel', '?')}, CPU \"{guest.get('cpu', '?')}\", "
+        f"{guest.get('mem_mb', '?')} MB), which reaches the registry through qemu's user-mode network: cold by "
+        "construction (new page cache, empty cachefiles cache). No containerd in the VM: the runs are the "
+        "mount + overlay + chroot path. Nydus lazy over fscache = cachefilesd-py started (not timed), then "
+        "`nydus-erofs mount docker://… --mode fscache` (the daemon fetches the bootstrap and binds the image, "
+        "the kernel mounts it by fsid), an overlay over it and the workload in a chroot; OCI = `skopeo copy` + "
+        "`umoci unpack` + the workload in a chroot. The guest runs under TCG, several times slower than the "
+        "host: compare the rows with each other, not with the host's table above.",
+        "",
+        f"- {facts['repetitions']} repetition(s) per point; {_took(facts)}; host load average "
+        f"{facts['load_before']} before, {facts['load_after']} after",
+        "",
+        table(runs),
+    ]
+    sizes = sorted({size for _, size in med})
+    for size in sizes:
+        if ("vm-fscache", size) in med and ("vm-oci", size) in med:
+            share = med["vm-fscache", size][0] / med["vm-oci", size][0]
+            lines.append(f"- at {size / _MIB:.0f} MiB, Nydus over fscache starts in {100 * share:.1f}% of the "
+                         "OCI time")  # fmt: skip
+    if len(sizes) > 1 and all(("vm-fscache", s) in med for s in (sizes[0], sizes[-1])):
+        ratio = med["vm-fscache", sizes[-1]][0] / med["vm-fscache", sizes[0]][0]
+        lines.append(f"- Nydus over fscache at {sizes[-1] / _MIB:.0f} MiB: {ratio:.2f}x its start at "
+                     f"{sizes[0] / _MIB:.0f} MiB")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def splice(page_text: str, keep_from: str) -> str:
+    """``page_text`` without its VM section, then the VM section of ``keep_from`` (or ``keep_from`` itself
+    when it is one)."""
+    head = page_text.split(VM_HEADING, 1)[0].rstrip("\n")
+    _, found, tail = keep_from.partition(VM_HEADING)
+    if not found:
+        return head + "\n"
+    return f"{head}\n\n{VM_HEADING}{tail}" if head else f"{VM_HEADING}{tail}"

@@ -20,6 +20,8 @@ from tests.support.registry import RegistryServer
 from .images import WORKLOAD, Image
 
 MODES = ("oci", "nydus", "nydus-prefetch")
+#: the modes run in the test VM (:mod:`.vm`): skopeo copy + umoci unpack + chroot, and Nydus lazy over fscache
+VM_MODES = ("vm-oci", "vm-fscache")
 #: a combined-log-format line: "METHOD PATH HTTP/x" STATUS SIZE
 _ACCESS = re.compile(r'"([A-Z]+) (\S+) HTTP/[\d.]+" (\d{3}) (\d+|-)')
 
@@ -51,6 +53,18 @@ def registry_bytes(log: Path, offset: int) -> int:
     return sum(int(m.group(4)) for m in _ACCESS.finditer(text) if m.group(1) == "GET" and m.group(4) != "-")
 
 
+def first_line(argv: list[str], t0: float, what: str) -> float:
+    """Run ``argv`` (the workload) to its end; the seconds from ``t0`` to its first line of output."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    seconds = time.perf_counter() - t0
+    rest, err = proc.communicate(timeout=600)
+    if proc.returncode != 0 or not first.strip():
+        raise RuntimeError(f"{what}: the workload failed (exit {proc.returncode}): {first}{rest}{err}")
+    return seconds
+
+
 def cold_start(mode: str, image: Image, registry: RegistryServer, tmp: Path, repetition: int) -> Run:
     """One run of ``mode`` (see :data:`MODES`) on ``image``, from a cold state."""
     ref = image.ref(registry.host, mode)
@@ -66,14 +80,8 @@ def cold_start(mode: str, image: Image, registry: RegistryServer, tmp: Path, rep
             run(CLI, "pull", "--plain-http", "--address", cd.sock, ref)
             snapshotter = ["--snapshotter", SNAPSHOTTER]
         pulled = time.perf_counter() - t0
-        proc = subprocess.Popen(["ctr", "--address", str(cd.sock), "--namespace", NAMESPACE, "run", "--rm",
-                                 *snapshotter, ref, f"coldstart-{repetition}", "/bin/bash", "-c", WORKLOAD],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-        assert proc.stdout is not None
-        first = proc.stdout.readline()
-        seconds = time.perf_counter() - t0
-        rest, err = proc.communicate(timeout=600)
-        if proc.returncode != 0 or not first.strip():
-            raise RuntimeError(f"{mode} {ref}: the workload failed (exit {proc.returncode}): {first}{rest}{err}")
+        seconds = first_line(["ctr", "--address", str(cd.sock), "--namespace", NAMESPACE, "run", "--rm",
+                              *snapshotter, ref, f"coldstart-{repetition}", "/bin/bash", "-c", WORKLOAD],
+                             t0, f"{mode} {ref}")  # fmt: skip
     shutil.rmtree(root, ignore_errors=True)
     return Run(mode, image.size_bytes, seconds, registry_bytes(registry.log, offset), pulled, repetition)
