@@ -154,23 +154,27 @@ class BlobWriter:
 
     def reserve(self, size: int) -> memoryview:
         """Where an uncompressed chunk of ``size`` bytes goes when stored: read it into this view, then
-        :meth:`commit_chunk` it, or leave it (a duplicate) and it is not stored."""
-        return self._sink.reserve(size + (-size % BLOCK))[:size]
+        :meth:`commit_chunk` it, or leave it (a duplicate) and it is not stored.  The padding to the next
+        4 KiB that follows the view is zeroed here."""
+        pad = -size % BLOCK
+        view = self._sink.reserve(size + pad)
+        if pad:
+            view[size:] = _ZEROS[:pad]
+        return view[:size]
 
     def commit_chunk(self, size: int, digest: bytes) -> ChunkRef:
         """Store the chunk just read into :meth:`reserve`'s view (``compressor="none"`` only)."""
-        if len(self._ci) >= r.RAFS_MAX_CHUNKS_PER_BLOB:
+        ci = self._ci
+        index = len(ci)
+        if index >= r.RAFS_MAX_CHUNKS_PER_BLOB:
             raise OverflowError("a blob holds at most 2^24 chunks: use a larger --chunk-size")
-        pad = -size % BLOCK
-        if pad:
-            self._sink.reserve(size + pad)[size:] = _ZEROS[:pad]
-        self._sink.commit(size + pad)
-        c_off, d_off = self._c_off, self._d_off
-        self._c_off += size + pad
-        self._d_off += size + pad
-        self._ci.append(r.chunk_info_v1_encode(c_off, size, d_off, size))
+        stored = size + (-size % BLOCK)
+        self._sink.commit(stored)
+        off = self._c_off  # uncompressed: the data offset is the stored offset
+        self._c_off = self._d_off = off + stored
+        ci.append(r.chunk_info_v1_encode(off, size, off, size))
         self._digests.append(digest)
-        return ChunkRef(self.blob_index, len(self._ci) - 1, c_off, size, d_off, size, digest)
+        return ChunkRef(self.blob_index, index, off, size, off, size, digest)
 
     def add_chunk(self, data: bytes | memoryview, digest: bytes) -> ChunkRef:
         """Store one chunk (``digest`` is of ``data``, computed by the caller for dedup) and return where."""

@@ -224,7 +224,7 @@ def _drop_unused(blobs: list[BlobInfo], tree: Node, used: set[int]) -> tuple[lis
         if id(node) in seen:
             continue
         seen.add(id(node))
-        node.chunks = [None if c is None else dataclasses.replace(c, blob_index=renumber[c.blob_index])
+        node.chunks = [None if c is None else c._replace(blob_index=renumber[c.blob_index])
                        for c in node.chunks]  # fmt: skip
         if node.children:
             stack.extend(node.children.values())
