@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import importlib
 import os
 import re
 import shutil
@@ -19,9 +20,9 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from erofs.build.bootstrap import ImageOptions, write_bootstrap
-from erofs.build.chunk_dict import load_chunk_dict
 from erofs.build.chunker import ChunkIndex, ChunkStore
 from erofs.build.overlay import merge_layers
 from erofs.build.sources.dir import DirLayer, read_directory
@@ -33,8 +34,14 @@ from erofs.format.rafs_v6 import BlobInfo
 from erofs.paths import BLOBS_DIR, BOOTSTRAP_NAME, make_dirs, remove_dirs, remove_stale_temps, temp_prefix
 from erofs.progress import ProgressCallback
 
+if TYPE_CHECKING:
+    from erofs.build.chunk_dict import ChunkDict
+
 BUILD_TEMP = ".nydus-erofs-build-"  # + owner + random: the temporary directory inside OUT
 _BLOB_ID = re.compile(r"[0-9a-f]{64}")
+# Read through erofs.reader, whose import is a third of the build command's: imported only when a build has a
+# chunk dict (as the CLI imports a command's module only when it runs).
+_CHUNK_DICT_MODULE = "erofs.build.chunk_dict"
 
 
 @dataclass(slots=True)
@@ -217,7 +224,7 @@ def _drop_unused(blobs: list[BlobInfo], tree: Node, used: set[int]) -> tuple[lis
         if id(node) in seen:
             continue
         seen.add(id(node))
-        node.chunks = [None if c is None else dataclasses.replace(c, blob_index=renumber[c.blob_index])
+        node.chunks = [None if c is None else c._replace(blob_index=renumber[c.blob_index])
                        for c in node.chunks]  # fmt: skip
         if node.children:
             stack.extend(node.children.values())
@@ -259,7 +266,9 @@ def build_image(sources: Sequence[str], output_dir: str | os.PathLike[str], opts
         src = os.path.realpath(layer.path) if isinstance(layer, DirLayer) else None
         if src is not None and (out == src or out.startswith(src.rstrip("/") + "/")):
             raise UsageError(f"--output-dir {output_dir} is inside SOURCE {layer.path}: the image would hold itself")
-    cd = load_chunk_dict(chunk_dict, chunk_dict_blob_dir, opts) if chunk_dict else None
+    cd: ChunkDict | None = None
+    if chunk_dict:
+        cd = importlib.import_module(_CHUNK_DICT_MODULE).load_chunk_dict(chunk_dict, chunk_dict_blob_dir, opts)
 
     def merge(_trees: list[Node]) -> Node:
         return merge_layers([layer.result for layer in layers if layer.result is not None], whiteout_spec)

@@ -105,33 +105,36 @@ class ChunkStore:
         the blob's write buffer and stays there unless it is a duplicate."""
         if self.compressor != "none":
             return self._add_file_compressed(fd, size)
-        blob = self._blob()
+        blob = self._writer or self._blob()
         chunks: list[ChunkRef | None] = []
         chunk_size = self.chunk_size
         known = self.known
+        digester = self.digester
+        progress = self.progress
+        taken = 0
         for off in range(0, size, chunk_size):
-            want = min(chunk_size, size - off)
+            want = size - off if size - off < chunk_size else chunk_size
             if maybe_sparse and _in_hole(fd, off, want, size):
                 chunks.append(None)
                 continue
             view = blob.reserve(want)
-            _read_full(fd, view, off, size)
-            if (not maybe_sparse and not view[0] and not view[-1] and _ZEROS.startswith(view)
+            if os.preadv(fd, (view,), off) != want:  # short: read on (or fail) the slow way
+                _read_full(fd, view, off, size)
+            if (not view[0] and not view[-1] and not maybe_sparse and _ZEROS.startswith(view)
                     and _in_hole(fd, off, want, size)):  # fmt: skip
                 chunks.append(None)
                 continue
-            digest = codec.chunk_digest(self.digester, view)
-            key = (digest, want)
-            self.bytes_in += want
-            if self.progress is not None:
-                self.progress(want)
-            ref = known.get(key)
-            if ref is not None:
-                self.bytes_deduped += want
+            digest = codec.chunk_digest(digester, view)
+            taken += want
+            if progress is not None:
+                progress(want)
+            ref = known.get((digest, want))
+            if ref is None:
+                ref = known[(digest, want)] = blob.commit_chunk(want, digest)
             else:
-                ref = blob.commit_chunk(want, digest)
-                known[key] = ref
+                self.bytes_deduped += want
             chunks.append(ref)
+        self.bytes_in += taken
         return chunks
 
     def _add_file_compressed(self, fd: int, size: int) -> list[ChunkRef | None]:

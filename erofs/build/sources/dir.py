@@ -9,6 +9,7 @@ import stat
 import threading
 from collections.abc import Callable
 from operator import attrgetter
+from stat import S_IFDIR, S_IFLNK, S_IFREG
 
 from erofs.build.chunker import ChunkStore
 from erofs.build.tree import ChunkRef, LayerTree, Node
@@ -37,18 +38,16 @@ def _xattrs(path: bytes) -> dict[bytes, bytes]:
 
 
 _name = attrgetter("name")
+_S_IFMT = 0o170000
 
 
 def _inode(st: os.stat_result, path: bytes) -> Node:
-    return Node(
-        mode=st.st_mode,
-        uid=st.st_uid,
-        gid=st.st_gid,
-        mtime=st.st_mtime_ns // 1_000_000_000,
-        mtime_nsec=st.st_mtime_ns % 1_000_000_000,
-        rdev=st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0,
-        xattrs=_xattrs(path),
-    )
+    mode = st.st_mode
+    fmt = mode & _S_IFMT
+    mtime, mtime_nsec = divmod(st.st_mtime_ns, 1_000_000_000)
+    rdev = st.st_rdev if fmt == stat.S_IFCHR or fmt == stat.S_IFBLK else 0
+    # positional, in Node's field order: one is made per entry, and keywords cost a third more
+    return Node(mode, st.st_uid, st.st_gid, mtime, mtime_nsec, 0, rdev, _xattrs(path))
 
 
 _FileJob = tuple[Node, bytes, int, bool]  # (inode, path, size, maybe sparse)
@@ -153,8 +152,8 @@ def _walk(top: bytes, tree: Node, reader: _FileReader, progress: Callable[[int],
         for de in entries:
             full = de.path
             st = de.stat(follow_symlinks=False)
-            fmt = stat.S_IFMT(st.st_mode)
-            linked = fmt != stat.S_IFDIR and st.st_nlink > 1
+            fmt = st.st_mode & _S_IFMT
+            linked = fmt != S_IFDIR and st.st_nlink > 1
             if linked:
                 first = hardlinks.get((st.st_dev, st.st_ino))
                 if first is not None:
@@ -164,17 +163,17 @@ def _walk(top: bytes, tree: Node, reader: _FileReader, progress: Callable[[int],
             children[de.name] = child
             if linked:
                 hardlinks[(st.st_dev, st.st_ino)] = child
-            if fmt == stat.S_IFDIR:
-                child.children = {}
-                stack.append((full, child))
-            elif fmt == stat.S_IFLNK:
-                child.target = os.readlink(full)
-            elif fmt == stat.S_IFREG:
+            if fmt == S_IFREG:
                 size = child.size = st.st_size
                 if size:
                     reader.add((child, full, size, st.st_blocks * 512 < size))
                     if progress:
                         progress(size)
+            elif fmt == S_IFDIR:
+                child.children = {}
+                stack.append((full, child))
+            elif fmt == S_IFLNK:
+                child.target = os.readlink(full)
 
 
 class DirLayer:
