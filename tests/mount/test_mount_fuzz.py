@@ -24,7 +24,7 @@ ENTRIES = 300
 pytestmark = pytest.mark.kernel("erofs")
 
 
-@pytest.mark.parametrize("shard", range(SHARDS))  # the same cases as one run, in pieces `pytest -n` spreads
+@pytest.mark.parametrize("shard", range(SHARDS))  # the same cases as one run, in pieces (a failure names its piece)
 def test_fuzzed_bootstraps_mount_and_walk_cleanly(tmp_path: Path, shard: int) -> None:
     image = build_image(make_rootfs(tmp_path / "root", entries=ENTRIES), tmp_path / "image")
     outcomes = fuzz_mounts(image, tmp_path, cases=CASES, seed=SEED, cli_cases=6, shard=(shard, SHARDS))
