@@ -7,6 +7,7 @@ then :func:`read_complete`) and CLOSE (close the anonymous fd, no reply). Messag
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -14,11 +15,10 @@ import os
 import platform
 import select
 import stat
+import struct
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-
-from cffi import FFI
 
 from fscache.errors import (
     DeviceBusyError,
@@ -50,29 +50,11 @@ __all__ = [
     "write_range",
 ]
 
-ffi = FFI()
-ffi.cdef(
-    """
-    struct cachefiles_msg {
-        uint32_t msg_id;
-        uint32_t opcode;
-        uint32_t len;
-        uint32_t object_id;
-        uint8_t  data[];
-    };
-    struct cachefiles_open {
-        uint32_t volume_key_size;
-        uint32_t cookie_key_size;
-        uint32_t fd;
-        uint32_t flags;
-        uint8_t  data[];
-    };
-    struct cachefiles_read {
-        uint64_t off;
-        uint64_t len;
-    };
-    """
-)
+# The structures, native-endian (``struct cachefiles_msg`` is followed by its ``data[]``, the OPEN or READ
+# payload): ``struct`` formats rather than a C parser, which costs every process importing this one its start-up.
+_MSG = struct.Struct("=IIII")  # struct cachefiles_msg: msg_id, opcode, len, object_id
+_OPEN = struct.Struct("=IIII")  # struct cachefiles_open: volume_key_size, cookie_key_size, fd, flags
+_READ = struct.Struct("=QQ")  # struct cachefiles_read: off, len
 
 CACHEFILES_MSG_MAX_SIZE = 1024
 CACHEFILES_OP_OPEN = 0
@@ -82,9 +64,9 @@ CACHEFILES_OP_READ = 2
 DEVICE_PATH = "/dev/cachefiles"
 PAGE_SIZE = mmap.PAGESIZE
 
-_MSG_SIZE = ffi.sizeof("struct cachefiles_msg")  # 16
-_OPEN_SIZE = ffi.sizeof("struct cachefiles_open")  # 16
-_READ_SIZE = ffi.sizeof("struct cachefiles_read")  # 16
+_MSG_SIZE = _MSG.size  # 16
+_OPEN_SIZE = _OPEN.size  # 16
+_READ_SIZE = _READ.size  # 16
 
 
 def _iow(type_: int, nr: int, size: int) -> int:
@@ -100,7 +82,7 @@ def _iow(type_: int, nr: int, size: int) -> int:
 
 
 #: ``_IOW(0x98, 1, int)``: 0x40049801 on x86, arm64 and asm-generic.
-CACHEFILES_IOC_READ_COMPLETE = _iow(0x98, 1, ffi.sizeof("int"))
+CACHEFILES_IOC_READ_COMPLETE = _iow(0x98, 1, ctypes.sizeof(ctypes.c_int))
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,30 +134,28 @@ def parse_message(buf: bytes) -> Message:
     """Parse one message exactly as ``read(2)`` on ``/dev/cachefiles`` returned it."""
     if len(buf) < _MSG_SIZE:
         raise ProtocolError(f"cachefiles message of {len(buf)} bytes is shorter than its header")
-    cbuf = ffi.from_buffer(buf)
-    msg = ffi.cast("struct cachefiles_msg *", cbuf)
-    if msg.len != len(buf):
-        raise ProtocolError(f"cachefiles message says len={msg.len} but read returned {len(buf)} bytes")
+    msg_id, opcode, length, object_id = _MSG.unpack_from(buf)
+    if length != len(buf):
+        raise ProtocolError(f"cachefiles message says len={length} but read returned {len(buf)} bytes")
     payload = len(buf) - _MSG_SIZE
-    if msg.opcode == CACHEFILES_OP_OPEN:
+    if opcode == CACHEFILES_OP_OPEN:
         if payload < _OPEN_SIZE:
             raise ProtocolError(f"cachefiles OPEN payload of {payload} bytes is too short")
-        op = ffi.cast("struct cachefiles_open *", msg.data)
-        vsize, csize = op.volume_key_size, op.cookie_key_size
+        vsize, csize, fd, flags = _OPEN.unpack_from(buf, _MSG_SIZE)
         if _OPEN_SIZE + vsize + csize > payload:
             raise ProtocolError(f"cachefiles OPEN keys ({vsize}+{csize} bytes) overrun the message")
         start = _MSG_SIZE + _OPEN_SIZE
         volume = bytes(buf[start : start + vsize]).split(b"\0", 1)[0]
         cookie = bytes(buf[start + vsize : start + vsize + csize])
-        return OpenRequest(msg.msg_id, msg.object_id, _decode(volume), _decode(cookie), op.fd, op.flags)
-    if msg.opcode == CACHEFILES_OP_CLOSE:
-        return CloseRequest(msg.msg_id, msg.object_id)
-    if msg.opcode == CACHEFILES_OP_READ:
+        return OpenRequest(msg_id, object_id, _decode(volume), _decode(cookie), fd, flags)
+    if opcode == CACHEFILES_OP_CLOSE:
+        return CloseRequest(msg_id, object_id)
+    if opcode == CACHEFILES_OP_READ:
         if payload < _READ_SIZE:
             raise ProtocolError(f"cachefiles READ payload of {payload} bytes is too short")
-        rd = ffi.cast("struct cachefiles_read *", msg.data)
-        return ReadRequest(msg.msg_id, msg.object_id, rd.off, rd.len)
-    raise ProtocolError(f"unknown cachefiles opcode {msg.opcode}")
+        off, size = _READ.unpack_from(buf, _MSG_SIZE)
+        return ReadRequest(msg_id, object_id, off, size)
+    raise ProtocolError(f"unknown cachefiles opcode {opcode}")
 
 
 class CachefilesDevice(FdOwner):
@@ -284,9 +264,9 @@ def _staging_buffer(size: int) -> memoryview:
 
 def _page_aligned(view: memoryview) -> bool:
     """Whether ``view`` starts on a page boundary in memory and is whole pages long (direct I/O takes it as is)."""
-    if view.nbytes % PAGE_SIZE or not view.c_contiguous:
+    if not view.nbytes or view.nbytes % PAGE_SIZE or not view.c_contiguous or view.readonly:  # (read-only: copied)
         return False
-    return int(ffi.cast("uintptr_t", ffi.from_buffer(view))) % PAGE_SIZE == 0
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) % PAGE_SIZE == 0
 
 
 def write_range(anon_fd: int, offset: int, data: bytes | memoryview | Iterable[bytes | memoryview]) -> int:

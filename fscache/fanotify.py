@@ -10,12 +10,12 @@ like any other and would block on the daemon's own answer.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import select
+import struct
 from dataclasses import dataclass
-
-from cffi import FFI
 
 from fscache.errors import (
     CommandError,
@@ -47,38 +47,19 @@ __all__ = [
     "parse_events",
 ]
 
-ffi = FFI()
-ffi.cdef(
-    """
-    struct fanotify_event_metadata {
-        uint32_t event_len;
-        uint8_t  vers;
-        uint8_t  reserved;
-        uint16_t metadata_len;
-        uint64_t mask;
-        int32_t  fd;
-        int32_t  pid;
-    };
-    struct fanotify_event_info_header {
-        uint8_t  info_type;
-        uint8_t  pad;
-        uint16_t len;
-    };
-    struct fanotify_event_info_range {
-        struct fanotify_event_info_header hdr;
-        uint32_t pad;
-        uint64_t offset;
-        uint64_t count;
-    };
-    struct fanotify_response {
-        int32_t  fd;
-        uint32_t response;
-    };
-    int fanotify_init(unsigned int flags, unsigned int event_f_flags);
-    int fanotify_mark(int fanotify_fd, unsigned int flags, uint64_t mask, int dirfd, const char *pathname);
-    """
-)
-_libc = ffi.dlopen(None)
+# The structures, native-endian, as ``struct`` formats, and the two calls through ctypes (rather than a C parser,
+# which costs every process importing this one its start-up).
+_METADATA = struct.Struct("=IBBHQii")  # struct fanotify_event_metadata: event_len, vers, reserved, metadata_len,
+#                                        mask, fd, pid
+_INFO_HDR = struct.Struct("=BBH")  # struct fanotify_event_info_header: info_type, pad, len
+_RANGE = struct.Struct("=BBHIQQ")  # struct fanotify_event_info_range: the header, pad, offset, count
+_RESPONSE = struct.Struct("=iI")  # struct fanotify_response: fd, response
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
+_libc.fanotify_init.restype = ctypes.c_int
+_libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
+_libc.fanotify_mark.restype = ctypes.c_int
 
 # fanotify_init() flags
 FAN_CLOEXEC = 0x00000001
@@ -116,10 +97,10 @@ FAN_ERRNO_MASK = (1 << FAN_ERRNO_BITS) - 1
 
 AT_FDCWD = -100
 
-_META_SIZE = ffi.sizeof("struct fanotify_event_metadata")  # 24
-_INFO_HDR_SIZE = ffi.sizeof("struct fanotify_event_info_header")  # 4
-_RANGE_SIZE = ffi.sizeof("struct fanotify_event_info_range")  # 24
-_RESPONSE_SIZE = ffi.sizeof("struct fanotify_response")  # 8
+_META_SIZE = _METADATA.size  # 24
+_INFO_HDR_SIZE = _INFO_HDR.size  # 4
+_RANGE_SIZE = _RANGE.size  # 24
+_RESPONSE_SIZE = _RESPONSE.size  # 8
 _READ_BUF = 64 * 1024
 
 
@@ -203,27 +184,24 @@ def parse_events(buf: bytes | bytearray | memoryview) -> list[PreAccessEvent]:
     """Parse the events of one ``read(2)`` on a fanotify fd."""
     events: list[PreAccessEvent] = []
     data = bytes(buf)
-    cbuf = ffi.from_buffer(data)
     pos, end = 0, len(data)
     while end - pos >= _META_SIZE:
-        meta = ffi.cast("struct fanotify_event_metadata *", cbuf + pos)
-        ev_len = meta.event_len
+        ev_len, vers, _reserved, metadata_len, mask, fd, pid = _METADATA.unpack_from(data, pos)
         if ev_len < _META_SIZE or ev_len > end - pos:
             raise ProtocolError(f"fanotify event_len {ev_len} invalid at offset {pos} of {end}")
-        if meta.vers != FANOTIFY_METADATA_VERSION:
-            raise ProtocolError(f"fanotify metadata version {meta.vers}, expected {FANOTIFY_METADATA_VERSION}")
-        if meta.metadata_len < _META_SIZE or meta.metadata_len > ev_len:
-            raise ProtocolError(f"fanotify metadata_len {meta.metadata_len} invalid")
-        event = PreAccessEvent(fd=meta.fd, pid=meta.pid, mask=int(meta.mask))
-        info, info_end = pos + meta.metadata_len, pos + ev_len
+        if vers != FANOTIFY_METADATA_VERSION:
+            raise ProtocolError(f"fanotify metadata version {vers}, expected {FANOTIFY_METADATA_VERSION}")
+        if metadata_len < _META_SIZE or metadata_len > ev_len:
+            raise ProtocolError(f"fanotify metadata_len {metadata_len} invalid")
+        event = PreAccessEvent(fd=fd, pid=pid, mask=mask)
+        info, info_end = pos + metadata_len, pos + ev_len
         while info_end - info >= _INFO_HDR_SIZE:
-            hdr = ffi.cast("struct fanotify_event_info_header *", cbuf + info)
-            if hdr.len < _INFO_HDR_SIZE or hdr.len > info_end - info:
-                raise ProtocolError(f"fanotify info record length {hdr.len} invalid")
-            if hdr.info_type == FAN_EVENT_INFO_TYPE_RANGE and hdr.len >= _RANGE_SIZE:
-                rng = ffi.cast("struct fanotify_event_info_range *", cbuf + info)
-                event.offset, event.count = int(rng.offset), int(rng.count)
-            info += hdr.len
+            info_type, _pad, info_len = _INFO_HDR.unpack_from(data, info)
+            if info_len < _INFO_HDR_SIZE or info_len > info_end - info:
+                raise ProtocolError(f"fanotify info record length {info_len} invalid")
+            if info_type == FAN_EVENT_INFO_TYPE_RANGE and info_len >= _RANGE_SIZE:
+                *_hdr, event.offset, event.count = _RANGE.unpack_from(data, info)
+            info += info_len
         events.append(event)
         pos += ev_len
     if pos != end:
@@ -241,7 +219,7 @@ class FanotifyGroup(FdOwner):
         event_f_flags = os.O_RDWR | os.O_LARGEFILE | os.O_CLOEXEC
         fd = _libc.fanotify_init(flags, event_f_flags)
         if fd < 0:
-            err = ffi.errno
+            err = ctypes.get_errno()
             if err == errno.EINVAL:
                 raise PreContentUnsupportedError(
                     err, "kernel refuses fanotify_init(FAN_CLASS_PRE_CONTENT): fanotify permission events missing"
@@ -272,7 +250,7 @@ class FanotifyGroup(FdOwner):
         p = os.fsencode(path)
         if _libc.fanotify_mark(self.fileno(), flags, mask, AT_FDCWD, p) == 0:
             return
-        err = ffi.errno
+        err = ctypes.get_errno()
         name = os.fsdecode(p)
         if err == errno.EINVAL and mask & FAN_PRE_ACCESS and os.path.exists(p) and not os.path.isfile(p):
             raise CommandError(err, f"cannot mark {name} for FAN_PRE_ACCESS: not a regular file", name)
@@ -319,8 +297,7 @@ class FanotifyGroup(FdOwner):
         return parse_events(buf)
 
     def _write_response(self, fd: int, response: int) -> None:
-        resp = ffi.new("struct fanotify_response *", {"fd": fd, "response": response})
-        os.write(self.fileno(), ffi.buffer(resp, _RESPONSE_SIZE))
+        os.write(self.fileno(), _RESPONSE.pack(fd, response))
 
     def respond_fd(self, fd: int, response: int, fallback: int | None = None) -> bool:
         """Answer the pending permission event that was read with event fd number ``fd``; False if there is none.
