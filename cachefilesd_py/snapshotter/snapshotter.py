@@ -9,8 +9,9 @@ A layer Prepare carrying the target label (:data:`~.nydus.LABEL_TARGET`, the lay
   of the image, until the snapshot is removed (the image's removal);
 
 and both answer ``ALREADY_EXISTS``: containerd then finds the committed target (List) and skips the layer.  A
-bootstrap layer without the image's location (a plain ``ctr image pull``) is unpacked by containerd's differ like
-any layer; its Commit takes the unpacked bootstrap and reads the blobs from containerd's content store.
+bootstrap layer labelled without the image's location is unpacked by containerd's differ like any layer; its Commit
+takes the unpacked bootstrap and reads the blobs from containerd's content store.  containerd 1.6's ``ctr image
+pull`` labels no layer at all, and cannot unpack a data blob: its first one is refused with what to use instead.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from .nydus import (
     registry_backend,
     save_backend,
     take_unpacked_bootstrap,
+    unpack_chain_id,
+    untarrable_layer,
 )
 from .store import ACTIVE, COMMITTED, NYDUS_BLOB, NYDUS_BOOTSTRAP, VIEW, Snapshot, SnapshotError, Store
 
@@ -125,6 +128,8 @@ class Snapshotter:
         log.debug("%s %r parent %r labels %s", "prepare" if kind == ACTIVE else "view", key, parent, labels)
         target = labels.get(LABEL_TARGET, "")
         role = layer_role(labels)
+        if not target and not parent and kind == ACTIVE:
+            self._refuse_untarrable(key)
         if target and role and kind == ACTIVE:
             existing = self.store.get(target)
             if existing is not None and existing.kind == COMMITTED and existing.parent == parent:
@@ -147,6 +152,15 @@ class Snapshotter:
         except BaseException:
             self._drop(snap)
             raise
+
+    def _refuse_untarrable(self, key: str) -> None:
+        """containerd 1.6's own unpack (``ctr image pull``) prepares each layer without its labels and has its
+        differ apply the layer's blob; a first layer that is a Nydus data blob (its diff ID its digest, and no tar)
+        it can never apply: say so, and what pulls the image instead, rather than let it fail in the differ."""
+        chain_id = unpack_chain_id(key)
+        if chain_id and untarrable_layer(self.containerd_root / CONTENT_BLOBS / chain_id.removeprefix("sha256:")):
+            raise SnapshotError("FAILED_PRECONDITION", "the layer is not a tar (a Nydus data blob?): "
+                                "`ctr image pull` cannot unpack it; pull the image with `nydus-erofs pull`")
 
     def _commit_remote(self, key: str, parent: str, labels: dict[str, str], target: str, role: str) -> None:
         """Create ``key`` as a Nydus layer, commit it as ``target``, and say ALREADY_EXISTS (containerd skips it)."""

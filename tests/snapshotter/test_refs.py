@@ -1,12 +1,16 @@
-"""Image references as containerd names them, and layer chain IDs (the snapshot keys containerd looks for)."""
+"""Image references as containerd names them, layer chain IDs (the snapshot keys containerd looks for), and the
+layers containerd's own unpack cannot apply."""
 
 from __future__ import annotations
 
 import hashlib
+import io
+import tarfile
+from pathlib import Path
 
 import pytest
 
-from cachefilesd_py.snapshotter.nydus import split_image_ref
+from cachefilesd_py.snapshotter.nydus import split_image_ref, unpack_chain_id, untarrable_layer
 from cachefilesd_py.snapshotter.pull import chain_ids
 from erofs.errors import UsageError
 
@@ -34,3 +38,27 @@ def test_chain_ids() -> None:
     abc = "sha256:" + hashlib.sha256(f"{ab} {c}".encode()).hexdigest()
     assert chain_ids([a, b, c]) == [a, ab, abc]
     assert chain_ids([]) == []
+
+
+def test_unpack_chain_id() -> None:
+    chain = "sha256:" + "ab" * 32
+    assert unpack_chain_id(f"default/7/extract-123-AbC_ {chain}") == chain
+    assert unpack_chain_id(f"extract-1 {chain}") == chain
+    assert unpack_chain_id(f"default/8/ctr-snapshot {chain}") == ""
+    assert unpack_chain_id("default/9/extract-1 sha256:short") == ""
+
+
+def test_untarrable_layer(tmp_path: Path) -> None:
+    """What containerd's differ would fail to apply as a tar: a Nydus data blob (here zstd data); not a tar, an
+    empty one (the end-of-archive block), an empty file or a missing one."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo("etc/hello.txt")
+        info.size = 6
+        tar.addfile(info, io.BytesIO(b"hello\n"))
+    cases = {"tar": (buf.getvalue(), False), "end": (bytes(1024), False), "empty": (b"", False),
+             "blob": (bytes.fromhex("28b52ffd") + bytes(range(256)) * 4, True), "short": (b"\x28\xb5\x2f\xfd", True)}
+    for name, (data, untarrable) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        assert untarrable_layer(tmp_path / name) is untarrable, name
+    assert untarrable_layer(tmp_path / "missing") is False
