@@ -17,6 +17,7 @@ import tarfile
 from pathlib import Path
 
 from erofs.build.convert import ANN_NYDUS_BLOB, ANN_NYDUS_BOOTSTRAP, BOOTSTRAP_MEMBER
+from erofs.reader.bootstrap import Bootstrap
 
 from ..backends.config import BackendSpec, parse_backend_spec
 from ..reference import fetch_bootstrap_layer, parse_image_reference
@@ -24,8 +25,8 @@ from .store import NYDUS_BLOB, NYDUS_BOOTSTRAP
 
 __all__ = [
     "LABEL_IMAGE_REF", "LABEL_LAYER_DIGEST", "LABEL_MANIFEST_DIGEST", "LABEL_NYDUS_BLOB", "LABEL_NYDUS_BOOTSTRAP",
-    "LABEL_TARGET", "fetch_bootstrap", "layer_role", "load_backend", "registry_backend", "save_backend",
-    "split_image_ref", "take_unpacked_bootstrap", "unpack_chain_id", "untarrable_layer",
+    "LABEL_TARGET", "fetch_bootstrap", "layer_role", "load_backend", "missing_blob", "registry_backend",
+    "save_backend", "split_image_ref", "take_unpacked_bootstrap", "unpack_chain_id", "untarrable_layer",
 ]  # fmt: skip
 
 #: the chain ID containerd asks for: a snapshotter that has it answers AlreadyExists and the layer is skipped
@@ -98,6 +99,14 @@ def take_unpacked_bootstrap(fs_dir: Path, dest: Path) -> bool:
         return False
     os.replace(src, dest)
     return True
+
+
+def missing_blob(boot: Path, blobs_dir: Path) -> str:
+    """The first blob the bootstrap ``boot`` names that ``blobs_dir`` (containerd's content store) does not have,
+    or ""."""
+    with Bootstrap(boot) as bs:
+        ids = [b.blob_id for b in bs.blobs]
+    return next((i for i in ids if not (blobs_dir / i).is_file()), "")
 
 
 def unpack_chain_id(key: str) -> str:

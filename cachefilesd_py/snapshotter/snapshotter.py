@@ -34,6 +34,7 @@ from .nydus import (
     LABEL_TARGET,
     fetch_bootstrap,
     layer_role,
+    missing_blob,
     registry_backend,
     save_backend,
     take_unpacked_bootstrap,
@@ -202,7 +203,14 @@ class Snapshotter:
             if image_ref:
                 backend = registry_backend(image_ref, self.plain_http)
             else:
-                backend = BackendSpec("localfs", {"dir": str(self.containerd_root / CONTENT_BLOBS)})
+                blobs = self.containerd_root / CONTENT_BLOBS
+                missing = missing_blob(self.layout.boot(snap), blobs)
+                if missing:
+                    raise SnapshotError("FAILED_PRECONDITION", f"blob {missing} of the Nydus image is not in "
+                                        f"{blobs}, and the layer labels do not say where the image is: with "
+                                        "containerd's CRI plugin set disable_snapshot_annotations = false, or "
+                                        "pull with `nydus-erofs pull`")  # fmt: skip
+                backend = BackendSpec("localfs", {"dir": str(blobs)})
             save_backend(backend, self.layout.dir(snap))
             nydus = NYDUS_BOOTSTRAP
         size, inodes = disk_usage(fs)

@@ -319,6 +319,20 @@ def test_kubelet_pull_through_cri_is_lazy(registry_server: RegistryServer, image
     assert not mounts_under(tmp_path / "cri")
 
 
+def test_cri_pull_without_annotations_says_what_to_set(registry_server: RegistryServer, images: dict,
+                                                       tmp_path: Path) -> None:  # fmt: skip
+    """containerd's CRI plugin as it comes (``disable_snapshot_annotations = true``) labels the layers without
+    the image's location: the blob layers are skipped undownloaded, so the bootstrap's commit has no blobs to
+    read. The pull fails then, saying what to set, rather than a container later."""
+    ref = images["nydus"]
+    with Containerd(tmp_path / "cri", "--plain-http", cri_registry=registry_server.host, cri_annotations=False) as cd:
+        with grpc.insecure_channel(f"unix:{cd.sock}") as ch, pytest.raises(grpc.RpcError) as e:
+            cri_pb2_grpc.ImageServiceStub(ch).PullImage(cri_pb2.PullImageRequest(image=cri_pb2.ImageSpec(image=ref)))
+        assert "disable_snapshot_annotations = false" in str(e.value.details())
+        assert "\n" not in str(e.value.details())
+    assert not mounts_under(tmp_path / "cri")
+
+
 def test_full_mode_fetches_the_image_at_pull(images: dict, tmp_path: Path) -> None:
     """``--mode full`` (for kernels without fanotify pre-content events): the image is fetched whole when pulled,
     and runs the same."""
