@@ -17,6 +17,7 @@ import tarfile
 from pathlib import Path
 
 from erofs.build.convert import ANN_NYDUS_BLOB, ANN_NYDUS_BOOTSTRAP, BOOTSTRAP_MEMBER
+from erofs.errors import ImageError
 from erofs.reader.bootstrap import Bootstrap
 
 from ..backends.config import BackendSpec, parse_backend_spec
@@ -26,7 +27,8 @@ from .store import NYDUS_BLOB, NYDUS_BOOTSTRAP
 __all__ = [
     "LABEL_IMAGE_REF", "LABEL_LAYER_DIGEST", "LABEL_MANIFEST_DIGEST", "LABEL_NYDUS_BLOB", "LABEL_NYDUS_BOOTSTRAP",
     "LABEL_TARGET", "fetch_bootstrap", "layer_role", "load_backend", "missing_blob", "registry_backend",
-    "save_backend", "split_image_ref", "take_unpacked_bootstrap", "unpack_chain_id", "untarrable_layer",
+    "save_backend", "split_image_ref", "take_unpacked_bootstrap", "unlabelled_bootstrap", "unpack_chain_id",
+    "untarrable_layer",
 ]  # fmt: skip
 
 #: the chain ID containerd asks for: a snapshotter that has it answers AlreadyExists and the layer is skipped
@@ -99,6 +101,22 @@ def take_unpacked_bootstrap(fs_dir: Path, dest: Path) -> bool:
         return False
     os.replace(src, dest)
     return True
+
+
+def unlabelled_bootstrap(fs_dir: Path) -> bool:
+    """Whether containerd's differ unpacked a Nydus bootstrap layer into ``fs_dir`` though its snapshot came without
+    labels (containerd 1.6's ``ctr image pull``): the tree is ``image/image.boot`` alone, and that is a RAFS v6
+    bootstrap."""
+    boot = fs_dir / BOOTSTRAP_MEMBER
+    try:
+        if [p.name for p in fs_dir.iterdir()] != [boot.parent.name] or list(boot.parent.iterdir()) != [boot]:
+            return False
+        if boot.is_symlink() or not boot.is_file():
+            return False
+        with Bootstrap(boot) as bs:
+            return bs.is_rafs
+    except (OSError, ImageError):
+        return False
 
 
 def missing_blob(boot: Path, blobs_dir: Path) -> str:

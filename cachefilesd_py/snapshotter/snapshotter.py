@@ -11,7 +11,10 @@ A layer Prepare carrying the target label (:data:`~.nydus.LABEL_TARGET`, the lay
 and both answer ``ALREADY_EXISTS``: containerd then finds the committed target (List) and skips the layer.  A
 bootstrap layer labelled without the image's location is unpacked by containerd's differ like any layer; its Commit
 takes the unpacked bootstrap and reads the blobs from containerd's content store.  containerd 1.6's ``ctr image
-pull`` labels no layer at all, and cannot unpack a data blob: its first one is refused with what to use instead.
+pull`` labels no layer at all: our data blobs start with a tar end-of-archive marker, so its differ applies each
+as an empty layer (given the README's stream processor for their media type), and the bootstrap layer is known
+by what it unpacks to (:func:`~.nydus.unlabelled_bootstrap`) and taken the same way.  A first layer that is no
+tar (a blob written without that prefix) is refused with what to use instead.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from .nydus import (
     registry_backend,
     save_backend,
     take_unpacked_bootstrap,
+    unlabelled_bootstrap,
     unpack_chain_id,
     untarrable_layer,
 )
@@ -156,8 +160,9 @@ class Snapshotter:
 
     def _refuse_untarrable(self, key: str) -> None:
         """containerd 1.6's own unpack (``ctr image pull``) prepares each layer without its labels and has its
-        differ apply the layer's blob; a first layer that is a Nydus data blob (its diff ID its digest, and no tar)
-        it can never apply: say so, and what pulls the image instead, rather than let it fail in the differ."""
+        differ apply the layer's blob; a first layer that is a Nydus data blob without our zero prefix (upstream's,
+        or ours from before it: its diff ID its digest, and no tar) it can never apply: say so, and what pulls the
+        image instead, rather than let it fail in the differ."""
         chain_id = unpack_chain_id(key)
         if chain_id and untarrable_layer(self.containerd_root / CONTENT_BLOBS / chain_id.removeprefix("sha256:")):
             raise SnapshotError("FAILED_PRECONDITION", "the layer is not a tar (a Nydus data blob?): "
@@ -198,7 +203,8 @@ class Snapshotter:
             raise SnapshotError("FAILED_PRECONDITION", f"snapshot {key!r} is not active")
         nydus = None
         fs = self.layout.fs(snap)
-        if layer_role(snap.labels) == NYDUS_BOOTSTRAP and take_unpacked_bootstrap(fs, self.layout.boot(snap)):
+        role = layer_role(snap.labels) or (NYDUS_BOOTSTRAP if unlabelled_bootstrap(fs) else "")
+        if role == NYDUS_BOOTSTRAP and take_unpacked_bootstrap(fs, self.layout.boot(snap)):
             image_ref = snap.labels.get(LABEL_IMAGE_REF)
             if image_ref:
                 backend = registry_backend(image_ref, self.plain_http)

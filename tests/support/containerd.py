@@ -12,9 +12,12 @@ from types import TracebackType
 
 import grpc
 
+from erofs.build.sources.oci import MT_NYDUS_BLOB
+
 CLI = str(Path(sys.executable).with_name("nydus-erofs"))
 SNAPSHOTTER = "nydus-erofs"
 NAMESPACE = "default"
+NYDUS_BLOB_PROCESSOR = "io.containerd.nydus-erofs.blob.v1"  # any name: containerd keys payloads by it
 
 
 def _cri(registry: str | None, annotations: bool = True) -> str:
@@ -51,6 +54,12 @@ state = "{tmp / 'state'}"
 [proxy_plugins.{SNAPSHOTTER}]
   type = "snapshot"
   address = "{snapshotter_sock}"
+
+# as the README says: a Nydus data blob goes through unchanged, and is applied as the empty tar it starts with
+[stream_processors."{NYDUS_BLOB_PROCESSOR}"]
+  accepts = ["{MT_NYDUS_BLOB}"]
+  returns = "application/vnd.oci.image.layer.v1.tar"
+  path = "/bin/cat"
 """
 
 
