@@ -1,18 +1,20 @@
-"""Image references as containerd names them, layer chain IDs (the snapshot keys containerd looks for), and the
-layers containerd's own unpack cannot apply."""
+"""Image references as containerd names them, layer chain IDs (the snapshot keys containerd looks for), the
+layers containerd's own unpack cannot apply, and the bootstrap layer it unpacks without labels."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import shutil
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from cachefilesd_py.snapshotter.nydus import split_image_ref, unpack_chain_id, untarrable_layer
+from cachefilesd_py.snapshotter.nydus import split_image_ref, unlabelled_bootstrap, unpack_chain_id, untarrable_layer
 from cachefilesd_py.snapshotter.pull import chain_ids
 from erofs.errors import UsageError
+from tests.support.mount_fuzz import build_image
 
 
 @pytest.mark.parametrize(("ref", "expected"), [
@@ -62,3 +64,26 @@ def test_untarrable_layer(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(data)
         assert untarrable_layer(tmp_path / name) is untarrable, name
     assert untarrable_layer(tmp_path / "missing") is False
+
+
+def test_our_blob_is_an_empty_tar_and_its_bootstrap_tree_is_known(tmp_path: Path) -> None:
+    """A data blob we write reads, front to back, as an empty tar archive (what lets containerd's differ apply
+    it); the tree containerd unpacks the bootstrap layer to is known by its content, and nothing else is."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(bytes(range(256)) * 64)
+    out = build_image(src, tmp_path / "out")
+    (blob,) = (out / "blobs").iterdir()
+    with tarfile.open(blob) as tar:
+        assert tar.getmembers() == []
+    assert untarrable_layer(blob) is False
+    fs = tmp_path / "fs"
+    (fs / "image").mkdir(parents=True)
+    shutil.copy(out / "image.boot", fs / "image" / "image.boot")
+    assert unlabelled_bootstrap(fs)
+    (fs / "image" / "other").write_text("x")  # more than the bootstrap: an ordinary layer
+    assert not unlabelled_bootstrap(fs)
+    (fs / "image" / "other").unlink()
+    (fs / "image" / "image.boot").write_bytes(bytes(8192))  # not an EROFS image
+    assert not unlabelled_bootstrap(fs)
+    assert not unlabelled_bootstrap(tmp_path / "missing")
