@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import tarfile
 from pathlib import Path
 
 from erofs.build.convert import ANN_NYDUS_BLOB, ANN_NYDUS_BOOTSTRAP, BOOTSTRAP_MEMBER
+from erofs.errors import ImageError
+from erofs.reader.bootstrap import Bootstrap
 
 from ..backends.config import BackendSpec, parse_backend_spec
 from ..reference import fetch_bootstrap_layer, parse_image_reference
@@ -22,8 +26,9 @@ from .store import NYDUS_BLOB, NYDUS_BOOTSTRAP
 
 __all__ = [
     "LABEL_IMAGE_REF", "LABEL_LAYER_DIGEST", "LABEL_MANIFEST_DIGEST", "LABEL_NYDUS_BLOB", "LABEL_NYDUS_BOOTSTRAP",
-    "LABEL_TARGET", "fetch_bootstrap", "layer_role", "load_backend", "registry_backend", "save_backend",
-    "split_image_ref", "take_unpacked_bootstrap",
+    "LABEL_TARGET", "fetch_bootstrap", "layer_role", "load_backend", "missing_blob", "registry_backend",
+    "save_backend", "split_image_ref", "take_unpacked_bootstrap", "unlabelled_bootstrap", "unpack_chain_id",
+    "untarrable_layer",
 ]  # fmt: skip
 
 #: the chain ID containerd asks for: a snapshotter that has it answers AlreadyExists and the layer is skipped
@@ -33,6 +38,9 @@ LABEL_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
 LABEL_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
 LABEL_NYDUS_BLOB = ANN_NYDUS_BLOB
 LABEL_NYDUS_BOOTSTRAP = ANN_NYDUS_BOOTSTRAP
+
+#: the last component of the key containerd's unpack prepares a layer under: ``extract-<unique> <chain ID>``
+UNPACK_KEY = re.compile(r"(?:^|/)extract-[^/ ]* (sha256:[0-9a-f]{64})$")
 
 BACKEND_FILE = "backend.json"
 BOOT_FILE = "image.boot"
@@ -93,3 +101,54 @@ def take_unpacked_bootstrap(fs_dir: Path, dest: Path) -> bool:
         return False
     os.replace(src, dest)
     return True
+
+
+def unlabelled_bootstrap(fs_dir: Path) -> bool:
+    """Whether containerd's differ unpacked a Nydus bootstrap layer into ``fs_dir`` though its snapshot came without
+    labels (containerd 1.6's ``ctr image pull``): the tree is ``image/image.boot`` alone, and that is a RAFS v6
+    bootstrap."""
+    boot = fs_dir / BOOTSTRAP_MEMBER
+    try:
+        if [p.name for p in fs_dir.iterdir()] != [boot.parent.name] or list(boot.parent.iterdir()) != [boot]:
+            return False
+        if boot.is_symlink() or not boot.is_file():
+            return False
+        with Bootstrap(boot) as bs:
+            return bs.is_rafs
+    except (OSError, ImageError):
+        return False
+
+
+def missing_blob(boot: Path, blobs_dir: Path) -> str:
+    """The first blob the bootstrap ``boot`` names that ``blobs_dir`` (containerd's content store) does not have,
+    or ""."""
+    with Bootstrap(boot) as bs:
+        ids = [b.blob_id for b in bs.blobs]
+    return next((i for i in ids if not (blobs_dir / i).is_file()), "")
+
+
+def unpack_chain_id(key: str) -> str:
+    """The chain ID in a key of containerd's unpack (namespaced by its metadata, ``<ns>/<n>/extract-… <chain
+    ID>``), or ""."""
+    m = UNPACK_KEY.search(key)
+    return m.group(1) if m else ""
+
+
+def untarrable_layer(blob: Path) -> bool:
+    """Whether ``blob`` (a first layer in containerd's content store, whose digest is its diff ID: stored
+    uncompressed, applied as it is) is not a tar archive, as a Nydus data blob is not: containerd's differ cannot
+    apply it.  False when it is missing, empty, or starts like a tar (a header or the end-of-archive block)."""
+    try:
+        with open(blob, "rb") as f:
+            block = f.read(tarfile.BLOCKSIZE)
+    except FileNotFoundError:
+        return False
+    if len(block) < tarfile.BLOCKSIZE:
+        return len(block) > 0
+    try:
+        tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.EOFHeaderError:
+        return False
+    except tarfile.HeaderError:
+        return True
+    return False

@@ -9,8 +9,12 @@ A layer Prepare carrying the target label (:data:`~.nydus.LABEL_TARGET`, the lay
   of the image, until the snapshot is removed (the image's removal);
 
 and both answer ``ALREADY_EXISTS``: containerd then finds the committed target (List) and skips the layer.  A
-bootstrap layer without the image's location (a plain ``ctr image pull``) is unpacked by containerd's differ like
-any layer; its Commit takes the unpacked bootstrap and reads the blobs from containerd's content store.
+bootstrap layer labelled without the image's location is unpacked by containerd's differ like any layer; its Commit
+takes the unpacked bootstrap and reads the blobs from containerd's content store.  containerd 1.6's ``ctr image
+pull`` labels no layer at all: our data blobs start with a tar end-of-archive marker, so its differ applies each
+as an empty layer (given the README's stream processor for their media type), and the bootstrap layer is known
+by what it unpacks to (:func:`~.nydus.unlabelled_bootstrap`) and taken the same way.  A first layer that is no
+tar (a blob written without that prefix) is refused with what to use instead.
 """
 
 from __future__ import annotations
@@ -33,9 +37,13 @@ from .nydus import (
     LABEL_TARGET,
     fetch_bootstrap,
     layer_role,
+    missing_blob,
     registry_backend,
     save_backend,
     take_unpacked_bootstrap,
+    unlabelled_bootstrap,
+    unpack_chain_id,
+    untarrable_layer,
 )
 from .store import ACTIVE, COMMITTED, NYDUS_BLOB, NYDUS_BOOTSTRAP, VIEW, Snapshot, SnapshotError, Store
 
@@ -125,6 +133,8 @@ class Snapshotter:
         log.debug("%s %r parent %r labels %s", "prepare" if kind == ACTIVE else "view", key, parent, labels)
         target = labels.get(LABEL_TARGET, "")
         role = layer_role(labels)
+        if not target and not parent and kind == ACTIVE:
+            self._refuse_untarrable(key)
         if target and role and kind == ACTIVE:
             existing = self.store.get(target)
             if existing is not None and existing.kind == COMMITTED and existing.parent == parent:
@@ -147,6 +157,16 @@ class Snapshotter:
         except BaseException:
             self._drop(snap)
             raise
+
+    def _refuse_untarrable(self, key: str) -> None:
+        """containerd 1.6's own unpack (``ctr image pull``) prepares each layer without its labels and has its
+        differ apply the layer's blob; a first layer that is a Nydus data blob without our zero prefix (upstream's,
+        or ours from before it: its diff ID its digest, and no tar) it can never apply: say so, and what pulls the
+        image instead, rather than let it fail in the differ."""
+        chain_id = unpack_chain_id(key)
+        if chain_id and untarrable_layer(self.containerd_root / CONTENT_BLOBS / chain_id.removeprefix("sha256:")):
+            raise SnapshotError("FAILED_PRECONDITION", "the layer is not a tar (a Nydus data blob?): "
+                                "`ctr image pull` cannot unpack it; pull the image with `nydus-erofs pull`")
 
     def _commit_remote(self, key: str, parent: str, labels: dict[str, str], target: str, role: str) -> None:
         """Create ``key`` as a Nydus layer, commit it as ``target``, and say ALREADY_EXISTS (containerd skips it)."""
@@ -183,12 +203,20 @@ class Snapshotter:
             raise SnapshotError("FAILED_PRECONDITION", f"snapshot {key!r} is not active")
         nydus = None
         fs = self.layout.fs(snap)
-        if layer_role(snap.labels) == NYDUS_BOOTSTRAP and take_unpacked_bootstrap(fs, self.layout.boot(snap)):
+        role = layer_role(snap.labels) or (NYDUS_BOOTSTRAP if unlabelled_bootstrap(fs) else "")
+        if role == NYDUS_BOOTSTRAP and take_unpacked_bootstrap(fs, self.layout.boot(snap)):
             image_ref = snap.labels.get(LABEL_IMAGE_REF)
             if image_ref:
                 backend = registry_backend(image_ref, self.plain_http)
             else:
-                backend = BackendSpec("localfs", {"dir": str(self.containerd_root / CONTENT_BLOBS)})
+                blobs = self.containerd_root / CONTENT_BLOBS
+                missing = missing_blob(self.layout.boot(snap), blobs)
+                if missing:
+                    raise SnapshotError("FAILED_PRECONDITION", f"blob {missing} of the Nydus image is not in "
+                                        f"{blobs}, and the layer labels do not say where the image is: with "
+                                        "containerd's CRI plugin set disable_snapshot_annotations = false, or "
+                                        "pull with `nydus-erofs pull`")  # fmt: skip
+                backend = BackendSpec("localfs", {"dir": str(blobs)})
             save_backend(backend, self.layout.dir(snap))
             nydus = NYDUS_BOOTSTRAP
         size, inodes = disk_usage(fs)

@@ -2,9 +2,12 @@
 
 Layout (``docs/format.md`` §9; every tar header follows its payload)::
 
-    [chunks][hdr image.blob][chunk-info table][CCT header 4 KiB][hdr blob.meta]
+    [4 KiB of zeros][chunks][hdr image.blob][chunk-info table][CCT header 4 KiB][hdr blob.meta]
     [chunk digests 32 B each][hdr blob.digest][ToC entries][hdr rafs.blob.toc]
 
+The zero prefix is one EROFS block (uncompressed chunks stay block aligned) and, being two zero tar blocks and
+more, an end-of-archive marker: read forwards, the blob is an empty tar with trailing data, so containerd's own
+differ applies it as an empty layer whose diff ID is the blob's digest (``docs/format.md`` §9.1).
 Uncompressed offsets advance by 4 KiB-rounded chunk sizes.  With ``compressor="none"`` the stored bytes
 sit at exactly those offsets (zero padded), so the data region is what the kernel reads through a
 file-backed ``device=`` mount.  The blob id is the sha256 of the whole file.
@@ -162,7 +165,8 @@ class BlobWriter:
         self._f = open(self._tmp, "wb")  # noqa: SIM115 - closed in finish()/abort()
         self._sink = _Sink(self._f, _align(chunk_size, BLOCK))
         self._c_off = 0
-        self._d_off = 0
+        self._write(_ZEROS)  # the prefix (module docstring): chunks start at BLOCK in both layouts
+        self._d_off = BLOCK
         self._ci: list[tuple[int, int]] = []
         self._digests: list[bytes] = []
 

@@ -68,18 +68,19 @@ def built(tmp_path: Path) -> dict:
 
 
 def _open_read_close(s: Served, fsid: str, blob_id: str, base: int, volume: str | None = None) -> bytes:
-    """OPEN the image's bootstrap and blob, READ the blob's first chunk, CLOSE both: the chunk as cached."""
+    """OPEN the image's bootstrap and blob, READ the blob's first chunk (after its 4 KiB zero prefix), CLOSE both:
+    the chunk as cached."""
     vol = f"erofs,{volume or fsid}"
     boot_fd, blob_fd = _anon_fd(s.tmp / f"{fsid}.boot"), _anon_fd(s.tmp / f"{fsid}.blob")
     reads = s.daemon.counters.snapshot()["reads"]
     s.dev.push(OpenRequest(base, base, vol, fsid, boot_fd, 0))
     s.dev.push(OpenRequest(base + 1, base + 1, vol, blob_id, blob_fd, 0))
-    s.dev.push(ReadRequest(base + 2, base + 1, 0, 4096))
+    s.dev.push(ReadRequest(base + 2, base + 1, 4096, 4096))
     assert s.daemon.counters.wait_for(lambda c: c["reads"] == reads + 1, TIMEOUT)
     assert s.dev.copens[base] > 0 and s.dev.copens[base + 1] > 0, s.dev.copens
     s.dev.push(CloseRequest(base + 3, base))
     s.dev.push(CloseRequest(base + 4, base + 1))
-    return (s.tmp / f"{fsid}.blob").read_bytes()
+    return (s.tmp / f"{fsid}.blob").read_bytes()[4096:]
 
 
 def test_bind_a_bootstrap_open_it_unbind_it(served: Served, built: dict) -> None:

@@ -176,7 +176,7 @@ def _one_damaged(images: tuple[Path, dict, dict], tmp_path: Path) -> tuple[Path,
     base_id = out["one"]["blobs"][0]["id"]
     damaged = imgs / "one" / "blobs" / base_id
     raw = bytearray(damaged.read_bytes())
-    raw[100] ^= 0xFF  # inside the first chunk's data: its digest no longer matches
+    raw[4096 + 100] ^= 0xFF  # inside the first chunk's data (after the zero prefix): its digest no longer matches
     damaged.write_bytes(raw)
     return imgs, base_id, files
 

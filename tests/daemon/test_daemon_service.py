@@ -115,14 +115,15 @@ def test_open_read_close(served: tuple[Daemon, FakeDevice, Path, dict, dict[str,
     dev.push(OpenRequest(2, 11, "erofs,img", blob["id"], blob_fd, 0))
     dev.push(OpenRequest(3, 12, "erofs,img", "unknown", bad_fd, 0))
     dev.push(ReadRequest(4, 10, 0, 8192))
-    dev.push(ReadRequest(5, 11, 0, 4096))  # one page of the first chunk: the whole chunk is written
+    dev.push(ReadRequest(5, 11, 4096, 4096))  # one page of the first chunk (after the blob's zero prefix): all of
+    # the chunk is written
     assert daemon.counters.wait_for(lambda c: c["reads"] == 2, TIMEOUT)
     boot = (tmp / "images" / "img" / "image.boot").read_bytes()
     assert dev.copens == {1: len(boot), 2: blob["uncompressed_size"], 3: -errno.ENOENT}
     assert not _fd_open(bad_fd, tmp / "x")  # refused: its fd is closed at once
     assert (tmp / "boot.cache").read_bytes()[:8192] == boot[:8192]
     cached = (tmp / "blob.cache").read_bytes()
-    assert len(cached) == 65536 and cached in files["a"] + files["b"]
+    assert len(cached) == 4096 + 65536 and cached[4096:] in files["a"] + files["b"]
     stats = daemon.blobcache_metrics()
     assert stats["opens"] == 2 and stats["opens_failed"] == 1 and stats["reads_failed"] == 0
     assert stats["pipeline"]["chunks_written"] == 1
@@ -142,16 +143,16 @@ def test_a_damaged_chunk_is_never_written(served: tuple[Daemon, FakeDevice, Path
     blob = out["blobs"][0]
     path = tmp / "images" / "img" / "blobs" / blob["id"]
     raw = bytearray(path.read_bytes())
-    raw[100] ^= 0xFF  # inside the first chunk's compressed data
+    raw[4096 + 100] ^= 0xFF  # inside the first chunk's compressed data (after the zero prefix)
     path.write_bytes(raw)
     fd = _anon_fd(tmp / "blob.cache")
     dev.push(OpenRequest(1, 11, "erofs,img", blob["id"], fd, 0))
-    dev.push(ReadRequest(2, 11, 0, 4096))
-    dev.push(ReadRequest(3, 11, 65536, 4096))  # the second chunk is intact
+    dev.push(ReadRequest(2, 11, 4096, 4096))
+    dev.push(ReadRequest(3, 11, 4096 + 65536, 4096))  # the second chunk is intact
     assert daemon.counters.wait_for(lambda c: c["reads"] == 2, TIMEOUT)
     cached = (tmp / "blob.cache").read_bytes()
-    assert cached[:65536] == bytes(65536)  # nothing written there: the reader gets EIO
-    assert cached[65536:] in files["a"] + files["b"]
+    assert cached[:4096 + 65536] == bytes(4096 + 65536)  # nothing written there: the reader gets EIO
+    assert cached[4096 + 65536:] in files["a"] + files["b"]
     assert daemon.blobcache_metrics()["reads_failed"] == 1
     dev.push(CloseRequest(4, 11))
 

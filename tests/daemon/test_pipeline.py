@@ -398,12 +398,12 @@ def test_missing_blob_raises_backend_error(image: Path, tmp_path: Path) -> None:
     dest = Dest(h.uncompressed_size)
     with Pipeline() as p:
         with pytest.raises(BackendError):
-            p.fill(h2, 0, 4096, dest.write)
+            p.fill(h2, 4096, 4096, dest.write)  # the first chunk (after the blob's zero prefix)
         assert dest.writes == [] and p.stats.fetch_failures >= 1
         # the failure did not leave the chunk claimed: a later fill with a good backend succeeds
         backend = make_backend("localfs", dir=image / "blobs")
         try:
-            assert p.fill(BlobHandle(h.blob_id, h.meta, backend), 0, 4096, dest.write) > 0
+            assert p.fill(BlobHandle(h.blob_id, h.meta, backend), 4096, 4096, dest.write) > 0
         finally:
             backend.close()
 

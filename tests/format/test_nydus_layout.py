@@ -101,8 +101,7 @@ def check_image_layout(boot_path: Path, blob_dir: Path, *, compressor: str, dige
         )  # fmt: skip
         assert cct["ci_compressor"] == entry["ci_compressor"]
         # chunk infos: compressed data ascending, uncompressed offsets 4K-aligned advancing by round_up_4k
-        c_end = 0
-        d_end = 0
+        c_end = d_end = 4096 if ours else 0  # ours start after a one-block zero prefix (§9.1)
         for ci, c in enumerate(blob.chunks):
             assert c["c_off"] >= c_end, ci  # ascending, not overlapping (uncompressed blobs may stay 4K-aligned)
             c_end = c["c_off"] + c["c_size"]

@@ -35,6 +35,7 @@ from tests.mount.test_fanotify_mount import CLI, Mounts, _kill_worker, _new_work
 
 LIMIT = 32 << 20
 CHUNK = 1 << 20
+PREFIX = 4096  # the blob's zero block: chunk i of a one-file blob is at PREFIX + i * CHUNK
 WORKERS = 4
 NFILES, FILE_SIZE = 50, 4 << 20  # 200 MiB
 
@@ -191,26 +192,27 @@ def test_eviction_forgets_the_chunk_in_both_maps_and_punches_it(tmp_path: Path) 
         with Pipeline(amplify=0, workers=1) as pipeline:
 
             def fill(i: int) -> None:
-                pipeline.fill(handle, i * CHUNK, CHUNK, limit.writer(cf, cf.pwrite), cf.present)
+                pipeline.fill(handle, PREFIX + i * CHUNK, CHUNK, limit.writer(cf, cf.pwrite), cf.present)
 
             def cached() -> list[int]:
-                return [i for i in range(8) if cf.known(i * CHUNK, CHUNK)]
+                return [i for i in range(8) if cf.known(PREFIX + i * CHUNK, CHUNK)]
 
             for i in range(3):
                 fill(i)
             cf.flush()  # chunks 0-2 recorded on disk
             assert cached() == [0, 1, 2] and limit.evictions == 0
-            with limit.pinned(cf, 0, CHUNK):  # a fill serving chunk 0: it stays, 1 and 2 go
+            with limit.pinned(cf, PREFIX, CHUNK):  # a fill serving chunk 0: it stays, 1 and 2 go
                 fill(3)
                 fill(4)
                 assert cached() == [0, 3, 4]
             assert not cf.chunks.has(1) and not cf.chunks.persisted(1) and cf.chunks.persisted(0)
-            assert all(off + n <= CHUNK or off >= 3 * CHUNK for off, n in cf.data_extents()), "1 and 2 are holes"
+            assert all(off + n <= PREFIX + CHUNK or off >= PREFIX + 3 * CHUNK for off, n in cf.data_extents()), \
+                "1 and 2 are holes"  # fmt: skip
             fill(5)  # 0 was touched when its fill ended: 3 is the least recently used now
             assert cached() == [0, 4, 5] and limit.evictions == 3 and limit.bytes_evicted == 3 * CHUNK
             assert limit.used == 3 * CHUNK and limit.allocated() <= 3 * CHUNK + 4096
             for i in cached():
-                assert os.pread(cf.fd, CHUNK, i * CHUNK) == data[i * CHUNK : (i + 1) * CHUNK]
+                assert os.pread(cf.fd, CHUNK, PREFIX + i * CHUNK) == data[i * CHUNK : (i + 1) * CHUNK]
         cf.close()
         (cf,) = prepare_cache_files(tmp_path / "cache", [handle])  # what a restart finds
         try:
@@ -223,18 +225,18 @@ def test_data_written_but_never_recorded_is_punched_out_under_a_limit(tmp_path: 
     with _one_blob(tmp_path, 8, 4) as (data, handle):
         (cf,) = prepare_cache_files(tmp_path / "cache", [handle])
         with Pipeline(amplify=0, workers=1) as pipeline:
-            pipeline.fill(handle, 0, CHUNK, cf.pwrite, cf.present)
+            pipeline.fill(handle, PREFIX, CHUNK, cf.pwrite, cf.present)
         cf.close()  # chunk 0 recorded
         fd = os.open(cf.path, os.O_RDWR)
         try:  # a daemon killed before it recorded chunks 2 and 3
-            os.pwrite(fd, data[2 * CHUNK :], 2 * CHUNK)
+            os.pwrite(fd, data[2 * CHUNK :], PREFIX + 2 * CHUNK)
         finally:
             os.close(fd)
         (cf,) = prepare_cache_files(tmp_path / "cache", [handle])
         try:
             assert os.fstat(cf.fd).st_blocks * 512 >= 3 * CHUNK
             limit = CacheLimit([cf], 8 * CHUNK)
-            assert cf.data_extents() == [(0, CHUNK)] and limit.used == CHUNK
+            assert cf.data_extents() == [(PREFIX, CHUNK)] and limit.used == CHUNK
             assert os.fstat(cf.fd).st_blocks * 512 <= CHUNK + 4096
         finally:
             cf.close()

@@ -271,6 +271,22 @@ def test_nydus_erofs_pull_of_an_oci_image_pulls_it(containerd: Containerd, image
         remove_image(containerd, ref)
 
 
+def test_plain_ctr_pull_of_nydus_runs_it(containerd: Containerd, images: dict) -> None:
+    """containerd 1.6's own ``ctr image pull`` (no layer labels; every blob downloaded): with the stream processor
+    the README configures, its differ applies each data blob as the empty tar it starts with, and the bootstrap
+    layer, known by its content, is mounted lazily over the blobs in containerd's content store."""
+    ref = images["nydus"]
+    containerd.ctr("images", "pull", "--plain-http", "--snapshotter", SNAPSHOTTER, ref)
+    try:
+        assert ctr_run(containerd, ref, "ctr-pull-1", "cat /etc/hello.txt") == "hello from the image\n"
+        assert ctr_run(containerd, ref, "ctr-pull-2", LISTING) == expected_listing(images["rootfs"])
+        assert erofs_mounts(containerd)  # the image is the lazy EROFS mount, not unpacked files
+    finally:
+        remove_image(containerd, ref)
+    assert snapshots(containerd) == []
+    assert not erofs_mounts(containerd)
+
+
 def test_pull_errors_are_one_line(containerd: Containerd, images: dict, tmp_path: Path) -> None:
     cases = [
         ([images["nydus"], "--address", str(tmp_path / "nothing.sock")], "cannot reach containerd"),
@@ -297,6 +313,20 @@ def test_kubelet_pull_through_cri_is_lazy(registry_server: RegistryServer, image
                      namespace="k8s.io").stdout  # fmt: skip
         assert out == "hello from the image\n"
         assert 0 < cache_bytes(cd) < images["blob_bytes"] * 0.05
+    assert not mounts_under(tmp_path / "cri")
+
+
+def test_cri_pull_without_annotations_says_what_to_set(registry_server: RegistryServer, images: dict,
+                                                       tmp_path: Path) -> None:  # fmt: skip
+    """containerd's CRI plugin as it comes (``disable_snapshot_annotations = true``) labels the layers without
+    the image's location: the blob layers are skipped undownloaded, so the bootstrap's commit has no blobs to
+    read. The pull fails then, saying what to set, rather than a container later."""
+    ref = images["nydus"]
+    with Containerd(tmp_path / "cri", "--plain-http", cri_registry=registry_server.host, cri_annotations=False) as cd:
+        with grpc.insecure_channel(f"unix:{cd.sock}") as ch, pytest.raises(grpc.RpcError) as e:
+            cri_pb2_grpc.ImageServiceStub(ch).PullImage(cri_pb2.PullImageRequest(image=cri_pb2.ImageSpec(image=ref)))
+        assert "disable_snapshot_annotations = false" in str(e.value.details())
+        assert "\n" not in str(e.value.details())
     assert not mounts_under(tmp_path / "cri")
 
 

@@ -12,13 +12,17 @@ from types import TracebackType
 
 import grpc
 
+from erofs.build.sources.oci import MT_NYDUS_BLOB
+
 CLI = str(Path(sys.executable).with_name("nydus-erofs"))
 SNAPSHOTTER = "nydus-erofs"
 NAMESPACE = "default"
+NYDUS_BLOB_PROCESSOR = "io.containerd.nydus-erofs.blob.v1"  # any name: containerd keys payloads by it
 
 
-def _cri(registry: str | None) -> str:
-    """The CRI plugin (kubelet's API) pulling into the snapshotter with layer labels, ``registry`` over HTTP;
+def _cri(registry: str | None, annotations: bool = True) -> str:
+    """The CRI plugin (kubelet's API) pulling into the snapshotter with layer labels (``annotations``: the
+    image's location among them, as the README says; False: containerd's default), ``registry`` over HTTP;
     without ``registry``, no CRI plugin."""
     if registry is None:
         return 'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
@@ -29,17 +33,17 @@ def _cri(registry: str | None) -> str:
   restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "{SNAPSHOTTER}"
-    disable_snapshot_annotations = false
+    disable_snapshot_annotations = {str(not annotations).lower()}
   [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{registry}"]
     endpoint = ["http://{registry}"]
 """
 
 
-def _config(tmp: Path, snapshotter_sock: Path, cri_registry: str | None) -> str:
+def _config(tmp: Path, snapshotter_sock: Path, cri_registry: str | None, cri_annotations: bool) -> str:
     return f"""version = 2
 root = "{tmp / 'root'}"
 state = "{tmp / 'state'}"
-{_cri(cri_registry)}
+{_cri(cri_registry, cri_annotations)}
 
 [grpc]
   address = "{tmp / 'containerd.sock'}"
@@ -50,6 +54,12 @@ state = "{tmp / 'state'}"
 [proxy_plugins.{SNAPSHOTTER}]
   type = "snapshot"
   address = "{snapshotter_sock}"
+
+# as the README says: a Nydus data blob goes through unchanged, and is applied as the empty tar it starts with
+[stream_processors."{NYDUS_BLOB_PROCESSOR}"]
+  accepts = ["{MT_NYDUS_BLOB}"]
+  returns = "application/vnd.oci.image.layer.v1.tar"
+  path = "/bin/cat"
 """
 
 
@@ -91,9 +101,10 @@ class SnapshotterProcess:
 
 class Containerd:
     """containerd (and the snapshotter it proxies to) under ``tmp``; with ``cri_registry`` (``host:port``), its CRI
-    plugin too, pulling from that registry over HTTP."""
+    plugin too, pulling from that registry over HTTP (``cri_annotations``: see :func:`_cri`)."""
 
-    def __init__(self, tmp: Path, *snapshotter_options: str, cri_registry: str | None = None) -> None:
+    def __init__(self, tmp: Path, *snapshotter_options: str, cri_registry: str | None = None,
+                 cri_annotations: bool = True) -> None:  # fmt: skip
         tmp.mkdir(parents=True, exist_ok=True)
         self.tmp = tmp
         self.sock = tmp / "containerd.sock"
@@ -101,7 +112,7 @@ class Containerd:
         self.snapshotter = SnapshotterProcess(tmp / "snapshotter.sock", tmp / "snapshots", tmp / "snapshotter.log",
                                               "--containerd-root", str(self.root), *snapshotter_options)  # fmt: skip
         self.config = tmp / "config.toml"
-        self.config.write_text(_config(tmp, self.snapshotter.sock, cri_registry))
+        self.config.write_text(_config(tmp, self.snapshotter.sock, cri_registry, cri_annotations))
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Containerd:
