@@ -53,6 +53,16 @@ _COMPARISONS = pytest.StashKey[Comparisons]()
 _PACKAGES = ("erofs", "cachefilesd_py", "fscache", "tests/support")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which makes an unset --dist "load"
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """Under ``pytest -n N`` with no ``--dist``: ``--dist loadfile``, so a module's tests run on one worker and its
+    module-scoped fixtures (an image, a registry, a containerd; the README's earlier blocks) are made once, not
+    once per worker (xdist's loadgroup does not group under pytest 9.2: pytest-dev/pytest-xdist#1386).  Not in
+    pyproject's addopts: any ``--dist`` there turns pytest-benchmark off even without ``-n``."""
+    if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", "no") == "no":
+        config.option.dist = "loadfile"
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_COMPARISONS] = Comparisons()
     if "PYTEST_XDIST_WORKER" not in os.environ:
