@@ -60,9 +60,8 @@ def nydus_pull(cd: Containerd, ref: str) -> str:
     return proc.stdout
 
 
-def ctr_run(cd: Containerd, ref: str, cid: str, script: str, *options: str) -> str:
-    proc = cd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, *options, ref, cid, "/bin/sh", "-c", script)
-    return proc.stdout
+def ctr_run(cd: Containerd, ref: str, cid: str, script: str) -> str:
+    return cd.run(ref, cid, "/bin/sh", "-c", script)
 
 
 def remove_image(cd: Containerd, ref: str) -> None:
@@ -309,9 +308,7 @@ def test_kubelet_pull_through_cri_is_lazy(registry_server: RegistryServer, image
         rows = cd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls", namespace="k8s.io").stdout.splitlines()[1:]
         assert len(rows) == 2 and all(r.split()[-1] == "Committed" for r in rows)
         assert cache_bytes(cd) == 0
-        out = cd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, ref, "cri-1", "/bin/cat", "/etc/hello.txt",
-                     namespace="k8s.io").stdout  # fmt: skip
-        assert out == "hello from the image\n"
+        assert cd.run(ref, "cri-1", "/bin/cat", "/etc/hello.txt", namespace="k8s.io") == "hello from the image\n"
         assert 0 < cache_bytes(cd) < images["blob_bytes"] * 0.05
     assert not mounts_under(tmp_path / "cri")
 

@@ -142,6 +142,23 @@ class Containerd:
             raise AssertionError(f"ctr {' '.join(args)}: exit {proc.returncode}: {proc.stderr}")
         return proc
 
+    def run(self, ref: str, cid: str, *argv: str, namespace: str = NAMESPACE) -> str:
+        """``ctr run --rm`` of ``argv`` in a container of ``ref`` on the snapshotter; what it printed on stdout.  The
+        output goes to a file on a bind mount, not through ctr: ctr's copy of a short-lived task's stdout can come
+        back empty with exit 0 (a race in containerd's I/O: seen once here, after a pull); a file the task wrote is
+        complete when it has exited.  The container's exit status must be 0."""
+        out = self.tmp / f"stdout-{cid}"
+        out.mkdir()
+        try:
+            self.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, "--mount",
+                     f"type=bind,src={out},dst=/.stdout,options=rbind:rw", ref, cid, "/bin/sh", "-c",
+                     '"$0" "$@" > /.stdout/out', *argv, namespace=namespace)  # fmt: skip
+            return (out / "out").read_text()
+        finally:
+            for f in out.iterdir():
+                f.unlink()
+            out.rmdir()
+
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         if self.proc is not None:
             self._remove_all()
