@@ -11,7 +11,8 @@ does): ``nydus-erofs serve DIR --listen ADDR:PORT``.
 - Never anything outside DIR: ``..`` and ``.`` segments (encoded or not), NUL, backslashes, empty segments and
   absolute-form targets are refused (400 or 404), and a path whose real path (symlinks resolved) leaves DIR is
   404, like one that does not exist; directories are not listed.
-- Only ``GET`` and ``HEAD`` (405 otherwise); a thread per connection; one log line per request.
+- Only ``GET`` and ``HEAD`` (405 otherwise); a thread per connection; one log line per request, every request
+  being answered when a stop comes is answered (and logged) before "stopped".
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ def single_range(header: str | None, size: int) -> tuple[int, int] | None | bool
     return first, min(last, size - 1)
 
 
+DRAIN_SECONDS = 10  # how long a stop waits for the requests being answered (so each one's log line is written)
+
+
 class BlobServer(http.server.ThreadingHTTPServer):
     """Serves ``root`` read-only on ``address``; :meth:`serve_forever` in a thread, :meth:`shutdown` to stop."""
 
@@ -89,7 +93,24 @@ class BlobServer(http.server.ThreadingHTTPServer):
             raise NotADirectoryError(f"{root}: not a directory")
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
+        self._in_flight = 0  # requests read and not yet answered (not idle keep-alive connections)
+        self._quiet = threading.Condition()
         super().__init__(address, _Handler)
+
+    def request_began(self) -> None:
+        with self._quiet:
+            self._in_flight += 1
+
+    def request_ended(self) -> None:
+        with self._quiet:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._quiet.notify_all()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until no request is being answered (its log line written), at most ``timeout`` seconds."""
+        with self._quiet:
+            return self._quiet.wait_for(lambda: not self._in_flight, timeout)
 
     @property
     def url(self) -> str:
@@ -155,6 +176,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def version_string(self) -> str:
         return self.server_version
+
+    def handle_one_request(self) -> None:
+        self._counted = False
+        try:
+            super().handle_one_request()
+        finally:
+            if self._counted:
+                self.server.request_ended()
+
+    def parse_request(self) -> bool:  # a request line has been read: it is answered before a stop returns
+        self.server.request_began()
+        self._counted = True
+        return super().parse_request()
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass  # one line per request, with the bytes sent, when it ends (_done)
@@ -270,6 +304,7 @@ def serve_directory(root: str | os.PathLike[str], address: tuple[str, int], stop
         stop.wait()
     finally:
         server.shutdown()
+        server.drain(DRAIN_SECONDS)
         thread.join()
         server.server_close()
 
