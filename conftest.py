@@ -11,6 +11,7 @@ from __future__ import annotations
 import compileall
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,10 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_COMPARISONS] = Comparisons()
+    # pytest keeps each test module's assertion-rewritten code in __pycache__ (``*-pytest-*.pyc``) only when
+    # bytecode may be written: with PYTHONDONTWRITEBYTECODE set (as on these machines) every worker of every run
+    # rewrote every test module again (collection: 4.0 s CPU a process; 1.5–1.9 s from the cache).
+    sys.dont_write_bytecode = False
     if "PYTEST_XDIST_WORKER" not in os.environ:
         _compile_packages()
 
