@@ -8,8 +8,6 @@ import stat
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import crc32c
-
 from erofs.errors import ImageError
 from erofs.format import erofs_fs as fs
 
@@ -31,6 +29,9 @@ def erofs_superblock_csum(block0: bytes | memoryview, blkszbits: int = fs.EROFS_
     if len(block0) < end:
         raise ImageError(f"superblock: image is {len(block0)} bytes, shorter than its first block ({end})")
     view = memoryview(block0)
+    import crc32c  # here, not at the top: its package imports importlib.metadata and argparse (~20 ms) and only
+    # images with EROFS_FEATURE_COMPAT_SB_CHKSUM (mkfs.erofs's, not ours or upstream Nydus's) need it
+
     crc = crc32c.crc32c(view[fs.EROFS_SUPER_OFFSET : _SB_CSUM_OFF])
     crc = crc32c.crc32c(b"\0\0\0\0", crc)
     crc = crc32c.crc32c(view[_SB_CSUM_OFF + 4 : end], crc)
