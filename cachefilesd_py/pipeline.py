@@ -52,6 +52,7 @@ from erofs.reader.blob import BlobMeta, plan_reads
 
 from .backends import BlobBackend
 from .backends.retry import PermanentFailure, deadline, time_left
+from .defaults import FILL_TIMEOUT
 from .fillbuf import BufferPool, decompress_into
 
 __all__ = ["PAGE_SIZE", "BlobHandle", "Pipeline", "PipelineStats", "WriteFn", "PresentFn", "tune_malloc"]
@@ -59,7 +60,6 @@ __all__ = ["PAGE_SIZE", "BlobHandle", "Pipeline", "PipelineStats", "WriteFn", "P
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 4096
-FILL_TIMEOUT = 30.0  # seconds one fill may take, by default
 BAD_CHUNK_TTL = 20.0  # seconds a chunk that failed its digest (or decoding) fails without a refetch
 FAILED_FETCH_TTL = 3.0  # seconds a chunk whose fetch failed fails without a refetch
 WriteFn = Callable[[int, memoryview], object]

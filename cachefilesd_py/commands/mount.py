@@ -21,6 +21,7 @@ import click
 
 from cachefilesd_py.backends import KINDS
 from cachefilesd_py.backends.config import parse_backend_option
+from cachefilesd_py.defaults import FILL_TIMEOUT
 from cachefilesd_py.fscache_mount import DEFAULT_DAEMON_SOCK, mount_fscache
 from cachefilesd_py.fscache_mount import MODE as FSCACHE_MODE
 from cachefilesd_py.logfilter import daemon_logging
@@ -56,7 +57,7 @@ _REQUIRED = {"http": ("url",), "registry": ("host", "repo")}
 @click.option("--readahead", type=SIZE, default=None,
               help="Bytes filled ahead of a sequential reader (0: off) [8 x amplify].")  # fmt: skip
 @click.option("--workers", default=4, show_default=True, type=click.IntRange(1, 256), help="Fill threads.")
-@click.option("--fill-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
+@click.option("--fill-timeout", default=FILL_TIMEOUT, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds a read may wait for its data (fetch and verify, retries included); then EIO.")  # fmt: skip
 @click.option("--allow-suid", is_flag=True, help="Honour setuid/setgid bits of the image (default: nosuid).")
 @click.option("--allow-dev", is_flag=True, help="Allow opening the image's device nodes (default: nodev).")

@@ -23,7 +23,7 @@ from typing import Any
 from erofs.errors import NydusErofsError
 from fscache.mount import MountError
 
-from ..api import listen
+from ..unixsock import listen
 from .spec import MountSpec
 
 __all__ = ["RUN_DIR_ENV", "all_records", "api_path", "initial_record", "listen_api", "log_path", "read_record",

@@ -18,7 +18,7 @@ from typing import Any, Self
 
 from erofs.errors import UsageError
 
-from ..pipeline import FILL_TIMEOUT
+from ..defaults import FILL_TIMEOUT
 
 __all__ = ["MODES", "MountSpec", "read_spec_fd", "spec_fd"]
 
