@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from cachefilesd_py.api import request
+from cachefilesd_py.imageref import is_image_reference
 from cachefilesd_py.mount.record import read_record, record_path, run_dir, write_record
-from cachefilesd_py.reference import RemoteImage, is_image_reference
+from cachefilesd_py.reference import RemoteImage
 from erofs.errors import BackendError, ImageError, UsageError
 from fscache.cachefiles import DEVICE_PATH
 from fscache.mount import MountError, is_mounted, mount_erofs_fscache

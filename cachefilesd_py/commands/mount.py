@@ -24,10 +24,11 @@ from cachefilesd_py.backends.config import parse_backend_option
 from cachefilesd_py.defaults import FILL_TIMEOUT
 from cachefilesd_py.fscache_mount import DEFAULT_DAEMON_SOCK, mount_fscache
 from cachefilesd_py.fscache_mount import MODE as FSCACHE_MODE
+from cachefilesd_py.imageref import is_image_reference
 from cachefilesd_py.logfilter import daemon_logging
 from cachefilesd_py.mount.service import list_mounts, mount_image, umount_image
 from cachefilesd_py.mount.spec import MODES, MountSpec
-from cachefilesd_py.reference import cached_nydus_image, is_image_reference
+from cachefilesd_py.reference import cached_nydus_image
 from erofs.commands import SIZE
 from erofs.errors import ImageError, UsageError
 from erofs.paths import BLOBS_DIR, blobs_beside
