@@ -1,7 +1,8 @@
 """The runtime record of a mount: which daemon serves it, and its final stats once it stopped.
 
 One JSON file per mountpoint in the run dir (``$NYDUS_EROFS_RUN_DIR`` or ``/run/nydus-erofs/mounts``), named
-``<sha256 of the mountpoint>.json``, with the daemon's log beside it (``.log``).  Its fields: ``mountpoint``,
+``<sha256 of the mountpoint>.json``, with the mount's other files beside it: the daemon's log (``.log``), its API
+socket (``.sock``), access trace (``.trace``) and prefetch progress (``.prefetch``).  Its fields: ``mountpoint``,
 ``boot``, ``cache_dir``, ``mode``, ``backend`` (the kind); for a daemon ``pid`` and ``start_time`` (the process
 ``umount`` stops: the supervisor), ``blobs``, and with a supervisor ``worker_pid``, ``worker_start_time``,
 ``restarts``, ``api_sock`` (its API's socket: :func:`api_path`); ``stats`` and ``stopped`` once the daemon
@@ -26,8 +27,8 @@ from fscache.mount import MountError
 from ..unixsock import listen
 from .spec import MountSpec
 
-__all__ = ["RUN_DIR_ENV", "all_records", "api_path", "initial_record", "listen_api", "log_path", "read_record",
-           "record_path", "run_dir", "write_record"]
+__all__ = ["RUN_DIR_ENV", "all_records", "api_path", "initial_record", "listen_api", "log_path",
+           "prefetch_progress_path", "read_record", "record_path", "run_dir", "trace_path", "write_record"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,16 @@ def log_path(mountpoint: str | os.PathLike[str]) -> Path:
 def api_path(mountpoint: str | os.PathLike[str]) -> Path:
     """The Unix socket of the API of the mount's daemon (:mod:`cachefilesd_py.api`)."""
     return record_path(mountpoint).with_suffix(".sock")
+
+
+def trace_path(mountpoint: str | os.PathLike[str]) -> Path:
+    """The access trace of the mount (:mod:`.trace`)."""
+    return record_path(mountpoint).with_suffix(".trace")
+
+
+def prefetch_progress_path(mountpoint: str | os.PathLike[str]) -> Path:
+    """The progress of the mount's prefetch (:mod:`.prefetch`)."""
+    return record_path(mountpoint).with_suffix(".prefetch")
 
 
 def listen_api(mountpoint: str | os.PathLike[str]) -> socket.socket | None:

@@ -48,19 +48,25 @@ from fscache.nbd import why_no_nbd
 
 from ..backends import make_backend
 from ..blob_handles import blob_order, open_image
-from ..fscache_mount import MODE as FSCACHE_MODE
-from ..fscache_mount import unbind
 from ..pipeline import Pipeline
 from .cachefile import check_cache_path, fill_all, prepare_cache_files, probe_pre_content
 from .evict import check_whole_image_fits
 from .localmount import mount_files
-from .nbddaemon import release_stale_devices, run_nbd_daemon
-from .prefetch import prefetch_progress_path
+from .nbddevices import release_stale_devices
 from .ready import OK, daemon_error, read_line
-from .record import all_records, api_path, initial_record, log_path, read_record, record_path, run_dir, write_record
-from .spec import MODES, MountSpec, spec_fd
-from .trace import trace_path
-from .worker import run_daemon
+from .record import (
+    all_records,
+    api_path,
+    initial_record,
+    log_path,
+    prefetch_progress_path,
+    read_record,
+    record_path,
+    run_dir,
+    trace_path,
+    write_record,
+)
+from .spec import FSCACHE_MODE, MODES, MountSpec, spec_fd
 
 __all__ = ["list_mounts", "mount_image", "select_mode", "umount_image"]
 
@@ -154,9 +160,21 @@ def mount_image(spec: MountSpec, *, foreground: bool = False,
         return data
     if foreground:
         data["log"] = None  # it logs to stderr
-        data["stopped_by"] = (run_nbd_daemon if spec.mode == "nbd" else run_daemon)(spec, ready_fd=None)
+        data["stopped_by"] = _run_foreground(spec)
         return data
     return _start_daemon(spec, data, NBD_MODULE if spec.mode == "nbd" else SUPERVISOR_MODULE)
+
+
+def _run_foreground(spec: MountSpec) -> int:
+    """Serve ``spec`` in this process (``mount --foreground``) until umount; the signal that stopped it, or 0.
+    The daemon's modules are imported only here: a mount that starts a daemon leaves them to its processes."""
+    if spec.mode == "nbd":
+        from .nbddaemon import run_nbd_daemon
+
+        return run_nbd_daemon(spec, ready_fd=None)
+    from .worker import run_daemon
+
+    return run_daemon(spec, ready_fd=None)
 
 
 def _start_daemon(spec: MountSpec, data: dict[str, Any], module: str = SUPERVISOR_MODULE) -> dict[str, Any]:
@@ -391,7 +409,11 @@ def umount_image(mountpoint: str | os.PathLike[str], *, timeout: float = 30.0) -
             raise MountError(errno.ETIMEDOUT, f"daemon {pid} did not stop within {timeout:g}s: killed "
                              f"(log: {log_path(mp)})")  # fmt: skip
     rec = _forget(mp, rec)
-    return unbind(rec) if rec.get("mode") == FSCACHE_MODE else rec  # the image bound in cachefilesd-py
+    if rec.get("mode") != FSCACHE_MODE:
+        return rec
+    from ..fscache_mount import unbind  # (its API client: fscache mode only)
+
+    return unbind(rec)  # the image bound in cachefilesd-py
 
 
 def reap_stale(cache: Path) -> None:
