@@ -22,18 +22,25 @@ from pathlib import Path
 from typing import Any
 
 from erofs.errors import NydusErofsError
+from erofs.paths import process_start_time
 from fscache.mount import MountError
 
 from ..unixsock import listen
 from .spec import MountSpec
 
-__all__ = ["RUN_DIR_ENV", "all_records", "api_path", "initial_record", "listen_api", "log_path",
-           "prefetch_progress_path", "read_record", "record_path", "run_dir", "trace_path", "write_record"]
+__all__ = ["NBD_MODULE", "RUN_DIR_ENV", "SUPERVISOR_MODULE", "all_records", "api_path", "initial_record", "is_daemon",
+           "listen_api", "live_worker", "log_path", "prefetch_progress_path", "read_record", "record_path", "run_dir",
+           "trace_path", "write_record"]
 
 log = logging.getLogger(__name__)
 
 RUN_DIR_ENV = "NYDUS_EROFS_RUN_DIR"
 DEFAULT_RUN_DIR = "/run/nydus-erofs/mounts"
+#: the daemons' modules, as their command lines name them (``python -m MODULE``)
+SUPERVISOR_MODULE = "cachefilesd_py.mount.supervisor"
+NBD_MODULE = "cachefilesd_py.mount.nbdsupervisor"
+_DAEMON_MODULES = (SUPERVISOR_MODULE.encode(), b"cachefilesd_py.mount.worker", NBD_MODULE.encode(),
+                   b"cachefilesd_py.mount.nbddaemon")  # fmt: skip
 
 
 def run_dir() -> Path:
@@ -121,3 +128,31 @@ def write_record(path: Path, data: dict[str, Any]) -> None:
         if isinstance(e, OSError) and not isinstance(e, NydusErofsError):
             raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
+
+
+# -- the daemon a record names ----------------------------------------------------------------------------------------
+def is_daemon(rec: dict[str, Any]) -> bool:
+    """Whether the record's ``pid`` is still the mount daemon that wrote it."""
+    pid = rec.get("pid")
+    return bool(pid) and process_start_time(pid) == rec.get("start_time") is not None and _runs_a_daemon(pid)
+
+
+def _runs_a_daemon(pid: int) -> bool:
+    """Whether ``pid`` is a mount daemon (the supervisor or worker module, or ``mount --foreground``), so never
+    init or a subreaper that a worker orphaned by its supervisor recorded as its parent."""
+    if pid <= 1 or pid == os.getpid():
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return any(m in argv for m in _DAEMON_MODULES) or (b"mount" in argv and b"--foreground" in argv)
+
+
+def live_worker(rec: dict[str, Any]) -> int | None:
+    """The record's worker, if it still runs."""
+    worker = rec.get("worker_pid")
+    if worker and process_start_time(worker) == rec.get("worker_start_time") is not None and _runs_a_daemon(worker):
+        return int(worker)
+    return None

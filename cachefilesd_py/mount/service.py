@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 from erofs.errors import BackendError, UsageError
-from erofs.paths import process_start_time
 from erofs.progress import ProgressCallback
 from erofs.reader.bootstrap import Bootstrap
 from fscache.errors import PreContentUnsupportedError, UnsupportedFilesystemError
@@ -55,9 +54,13 @@ from .localmount import mount_files
 from .nbddevices import release_stale_devices
 from .ready import OK, daemon_error, read_line
 from .record import (
+    NBD_MODULE,
+    SUPERVISOR_MODULE,
     all_records,
     api_path,
     initial_record,
+    is_daemon,
+    live_worker,
     log_path,
     prefetch_progress_path,
     read_record,
@@ -71,11 +74,6 @@ from .spec import FSCACHE_MODE, MODES, MountSpec, spec_fd
 __all__ = ["list_mounts", "mount_image", "select_mode", "umount_image"]
 
 log = logging.getLogger(__name__)
-
-SUPERVISOR_MODULE = "cachefilesd_py.mount.supervisor"
-NBD_MODULE = "cachefilesd_py.mount.nbdsupervisor"
-_DAEMON_MODULES = (SUPERVISOR_MODULE.encode(), b"cachefilesd_py.mount.worker", NBD_MODULE.encode(),
-                   b"cachefilesd_py.mount.nbddaemon")  # fmt: skip
 
 
 # -- mode selection -----------------------------------------------------------------------------------------------
@@ -311,38 +309,11 @@ def _wait_exit(pid: int, timeout: float | None) -> bool:
     return done
 
 
-def is_daemon(rec: dict[str, Any]) -> bool:
-    """Whether the record's ``pid`` is still the mount daemon that wrote it."""
-    pid = rec.get("pid")
-    return bool(pid) and process_start_time(pid) == rec.get("start_time") is not None and _runs_a_daemon(pid)
-
-
-def _runs_a_daemon(pid: int) -> bool:
-    """Whether ``pid`` is a mount daemon (the supervisor or worker module, or ``mount --foreground``), so never
-    init or a subreaper that a worker orphaned by its supervisor recorded as its parent."""
-    if pid <= 1 or pid == os.getpid():
-        return False
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
-        return False
-    return any(m in argv for m in _DAEMON_MODULES) or (b"mount" in argv and b"--foreground" in argv)
-
-
 def _kill(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
     except ProcessLookupError:  # exited meanwhile
         pass
-
-
-def _live_worker(rec: dict[str, Any]) -> int | None:
-    """The record's worker, if it still runs."""
-    worker = rec.get("worker_pid")
-    if worker and process_start_time(worker) == rec.get("worker_start_time") is not None and _runs_a_daemon(worker):
-        return int(worker)
-    return None
 
 
 def _forget(mp: Path, rec: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
@@ -358,7 +329,7 @@ def _forget(mp: Path, rec: dict[str, Any], timeout: float = 30.0) -> dict[str, A
             pass
     rec = read_record(mp) or rec
     release_stale_devices(rec)  # an nbd daemon that was killed left its devices connected
-    worker = _live_worker(rec)
+    worker = live_worker(rec)
     if worker is not None:  # its supervisor is gone: the worker stops once its mount is gone, or now
         if rec.get("released"):  # it serves nobody: never wait for its fills
             _kill(worker, signal.SIGKILL)
@@ -399,7 +370,7 @@ def umount_image(mountpoint: str | os.PathLike[str], *, timeout: float = 30.0) -
                                  f"(log: {log_path(mp)})")  # fmt: skip
             _kill(pid, signal.SIGUSR1)  # the daemon dumps its threads' stacks into its log
             _wait_exit(pid, 1.0)
-            worker = _live_worker(read_record(mp) or rec)
+            worker = live_worker(read_record(mp) or rec)
             if worker is not None:  # first: its supervisor denies what it held, sees the release and exits
                 _kill(worker, signal.SIGKILL)
                 _wait_exit(worker, None)
@@ -435,7 +406,7 @@ def reap_stale(cache: Path) -> None:
         if not isinstance(rec, dict) or rec.get("cache_dir") != os.fspath(cache) or rec.get("stopped"):
             continue
         mp = Path(rec.get("mountpoint") or "/nonexistent")
-        if is_mounted(mp, None) or is_daemon(rec) or _live_worker(rec) is None:
+        if is_mounted(mp, None) or is_daemon(rec) or live_worker(rec) is None:
             continue
         _check_orphan(mp, rec)
         log.warning("%s: worker %s of an earlier mount of %s outlived its supervisor and its image: killed",
@@ -445,7 +416,7 @@ def reap_stale(cache: Path) -> None:
 
 def _check_orphan(mp: Path, rec: dict[str, Any]) -> None:
     """UsageError if the record's worker runs on without its supervisor and its image is not released."""
-    worker = _live_worker(rec)
+    worker = live_worker(rec)
     if worker is None or is_daemon(rec) or (read_record(mp) or rec).get("released"):
         return
     raise UsageError(f"worker {worker} of an earlier mount of {mp} on cache dir {rec.get('cache_dir')} outlived its "
