@@ -26,7 +26,7 @@ writes the owner's verified data itself, so every caller ends with its range fil
 failed and it read another copy of the blob (another backend: the same layer in another image), the waiter
 fetches from its own copy instead of taking the owner's error.
 
-Each fill has a deadline (``fill_timeout``, :func:`~cachefilesd_py.backends.retry.deadline`): backend requests,
+Each fill has a deadline (``fill_timeout``, :func:`~cachefilesd_py.backends.deadline.deadline`): backend requests,
 their retries and waits for another fill's chunk end by then, and the fill fails (the reader gets EIO) instead
 of hanging on a server that trickles bytes.
 
@@ -51,7 +51,7 @@ from erofs.errors import BackendError, DigestMismatchError, ImageError, NydusEro
 from erofs.reader.blob import BlobMeta, plan_reads
 
 from .backends import BlobBackend
-from .backends.retry import PermanentFailure, deadline, time_left
+from .backends.deadline import PermanentFailure, deadline, time_left
 from .defaults import FILL_TIMEOUT
 from .fillbuf import BufferPool, decompress_into
 
