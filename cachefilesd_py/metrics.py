@@ -28,7 +28,6 @@ The tables below name each counter and say what it counts (the help text of its 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 __all__ = ["BACKEND_COUNTERS", "PIPELINE_COUNTERS", "PREFETCH_GAUGES", "Snapshot", "daemon_version", "snapshot"]
@@ -63,6 +62,10 @@ PREFETCH_GAUGES = {
 
 
 def daemon_version() -> str:
+    """The installed nydus-erofs's version ("unknown" run from a source tree).  importlib.metadata is imported by the
+    first call (an API request), not by every daemon's start."""
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("nydus-erofs")
     except PackageNotFoundError:  # run from a source tree
