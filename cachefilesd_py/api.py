@@ -11,31 +11,30 @@ serves (:mod:`cachefilesd_py.api_routes`):
 cachefilesd-py adds ``/api/v1/metrics/backend``, ``/api/v1/metrics/blobcache``, ``/api/v1/trace`` and ``PUT`` /
 ``DELETE`` / ``GET /api/v1/images/{fsid}`` (bind, unbind, describe: :mod:`cachefilesd_py.bindings`).
 
-The listening socket is made by :func:`listen` (mode 0600; the supervisor keeps it across worker restarts);
-:class:`ApiServer` serves it on a thread.  Only root and the daemon's own user are answered (the peer's
-credentials, ``SO_PEERCRED``; others get 403); request bodies are at most :data:`MAX_BODY` bytes (413); a
-malformed request gets a 4xx; errors are JSON ``{"code": …, "message": …}``.  :func:`get` and :func:`request`
-are clients for the CLI, tests and tools.
+The listening socket is made by :func:`~cachefilesd_py.unixsock.listen` (mode 0600; the supervisor keeps it
+across worker restarts); :class:`ApiServer` serves it on a thread.  Only root and the daemon's own user are
+answered (the peer's credentials, ``SO_PEERCRED``; others get 403); request bodies are at most :data:`MAX_BODY`
+bytes (413); a malformed request gets a 4xx; errors are JSON ``{"code": …, "message": …}``.  :func:`get` and
+:func:`request` are clients for the CLI, tests and tools.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import http.client
 import json
 import logging
 import os
 import socket
-import stat
-import struct
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from .unixsock import listen, peer_uid, unix_address
 
 __all__ = ["MAX_BODY", "Action", "ApiError", "ApiServer", "Route", "Text", "get", "listen", "peer_uid", "request"]
 
@@ -59,7 +58,6 @@ MAX_BODY = 64 << 10
 LINGER_MAX = 1 << 20  # what an over-long body is drained up to, after its 413
 LINGER_SECONDS = 1.0
 REQUEST_TIMEOUT = 30.0  # seconds a connection may take to send a request (a client that stalls is dropped)
-_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 class ApiError(Exception):
@@ -69,56 +67,6 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.code = code
-
-
-_SUN_PATH_MAX = 107  # sizeof(struct sockaddr_un.sun_path) less its NUL
-
-
-@contextlib.contextmanager
-def unix_address(path: str) -> Iterator[str]:
-    """``path`` as a socket address: itself, or — longer than an address holds (a deep run dir) — the same file
-    reached through ``/proc/self/fd`` of its directory, opened while the address is in use."""
-    if len(os.fsencode(path)) <= _SUN_PATH_MAX:
-        yield path
-        return
-    head, name = os.path.split(path)
-    fd = os.open(head or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        yield f"/proc/self/fd/{fd}/{name}"
-    finally:
-        os.close(fd)
-
-
-def listen(path: str | os.PathLike[str]) -> socket.socket:
-    """A listening AF_UNIX stream socket at ``path`` (a stale socket file there is replaced, nothing else: not
-    the socket of a daemon that still answers on it)."""
-    p = os.fspath(path)
-    try:
-        if stat.S_ISSOCK(os.lstat(p).st_mode):
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe, \
-                    unix_address(p) as address:
-                if probe.connect_ex(address) == 0:
-                    raise OSError(errno.EADDRINUSE, "in use by a running daemon", p)
-            os.unlink(p)
-    except FileNotFoundError:
-        pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        os.fchmod(sock.fileno(), 0o600)  # the socket file gets this mode when bound (never a moment more open)
-        with unix_address(p) as address:
-            sock.bind(address)
-        os.chmod(p, 0o600)
-        sock.listen(16)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def peer_uid(conn: socket.socket) -> int:
-    """The uid of the process at the other end of a connected Unix socket (as it was when it connected)."""
-    _, uid, _ = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-    return uid
 
 
 class _Server(ThreadingHTTPServer):

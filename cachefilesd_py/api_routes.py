@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from cachefilesd_py import metrics
 from cachefilesd_py.api import Action, Route, Text
 
 __all__ = ["routes"]
@@ -17,10 +16,10 @@ def routes(*, info: Callable[[], Mapping[str, Any]], images: Callable[[], Mappin
            gc: Callable[[], Mapping[str, Any]]) -> tuple[dict[str, Route], dict[str, Action]]:  # fmt: skip
     """The routes every daemon serves (GET routes, POST actions): ``info`` must give ``version``, ``pid``,
     ``state``, ``uptime`` and ``mode``."""
-    registry = metrics.registry(metrics_snapshot)
-
     def prometheus() -> Text:
-        return Text(metrics.CONTENT_TYPE, metrics.exposition(registry))
+        from cachefilesd_py.prometheus import CONTENT_TYPE, exposition, registry  # (by the first scrape)
+
+        return Text(CONTENT_TYPE, exposition(registry(metrics_snapshot)))
 
     def collect(body: bytes) -> Mapping[str, Any]:
         return gc()

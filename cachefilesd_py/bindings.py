@@ -34,8 +34,10 @@ from typing import Any
 
 from cachefilesd_py.backends.config import BackendSpec, parse_backend_spec
 from cachefilesd_py.blob_handles import blob_order
-from cachefilesd_py.reference import MAX_BOOTSTRAP, is_image_reference, resolve_nydus_image
+from cachefilesd_py.imageref import is_image_reference
+from cachefilesd_py.reference import resolve_nydus_image
 from erofs.errors import BackendError, ImageError, UsageError
+from erofs.imagespec import MAX_BOOTSTRAP
 from erofs.paths import BLOBS_DIR, BOOTSTRAP_NAME
 from erofs.reader.bootstrap import Bootstrap
 

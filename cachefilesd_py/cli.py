@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from cachefilesd_py.defaults import FILL_TIMEOUT
 from cachefilesd_py.logfilter import RepeatFilter
 from cachefilesd_py.notify import Watchdog, listen_fds, notify, watchdog_interval
 from erofs.errors import BackendError, NydusErofsError, UsageError
@@ -95,7 +96,7 @@ _PATH = click.Path(path_type=Path)
 @click.option("--threads", type=click.IntRange(max=1024), default=4, show_default=True, help="READ worker threads.")
 @click.option("--amplify", type=_Size(), default="1MiB", show_default=True,
               help="Merge reads of adjacent chunks up to this many bytes.")  # fmt: skip
-@click.option("--fill-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+@click.option("--fill-timeout", type=click.FloatRange(min=0.1), default=FILL_TIMEOUT, show_default=True,
               help="Seconds a read may wait for its data (fetch and verify, retries included); then EIO.")  # fmt: skip
 @click.option("--prefetch/--no-prefetch", default=True, show_default=True,
               help="On mount, fetch the files of the image's prefetch table in the background.")  # fmt: skip

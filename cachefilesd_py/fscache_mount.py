@@ -19,16 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from cachefilesd_py.api import request
+from cachefilesd_py.defaults import DEFAULT_DAEMON_SOCK
+from cachefilesd_py.imageref import is_image_reference
 from cachefilesd_py.mount.record import read_record, record_path, run_dir, write_record
-from cachefilesd_py.reference import RemoteImage, is_image_reference
+from cachefilesd_py.mount.spec import FSCACHE_MODE
+from cachefilesd_py.reference import RemoteImage
 from erofs.errors import BackendError, ImageError, UsageError
 from fscache.cachefiles import DEVICE_PATH
 from fscache.mount import MountError, is_mounted, mount_erofs_fscache
 
-__all__ = ["DEFAULT_DAEMON_SOCK", "MODE", "mount_fscache", "unbind"]
+__all__ = ["mount_fscache", "unbind"]
 
-MODE = "fscache"
-DEFAULT_DAEMON_SOCK = "/run/cachefilesd-py/api.sock"  # as systemd/cachefilesd-py.service starts it
 IMAGES_PATH = "/api/v1/images/"
 
 
@@ -101,8 +102,8 @@ def mount_fscache(source: str, mountpoint: str | os.PathLike[str], *, daemon_soc
     status, answer = _call(daemon_sock, "PUT", fsid, body)
     if status != 200:
         raise _api_error(status, answer, f"binding {source} in cachefilesd-py")
-    record = {"mountpoint": str(mp), "boot": "none", "source": "none", "image": source, "mode": MODE, "fsid": fsid,
-              "domain_id": domain_id, "daemon_sock": daemon_sock, "backend": answer.get("backend"),
+    record = {"mountpoint": str(mp), "boot": "none", "source": "none", "image": source, "mode": FSCACHE_MODE,
+              "fsid": fsid, "domain_id": domain_id, "daemon_sock": daemon_sock, "backend": answer.get("backend"),
               "cache_dir": None, "pid": None}  # fmt: skip
     try:
         run_dir().mkdir(parents=True, exist_ok=True)

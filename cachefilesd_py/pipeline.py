@@ -26,7 +26,7 @@ writes the owner's verified data itself, so every caller ends with its range fil
 failed and it read another copy of the blob (another backend: the same layer in another image), the waiter
 fetches from its own copy instead of taking the owner's error.
 
-Each fill has a deadline (``fill_timeout``, :func:`~cachefilesd_py.backends.retry.deadline`): backend requests,
+Each fill has a deadline (``fill_timeout``, :func:`~cachefilesd_py.backends.deadline.deadline`): backend requests,
 their retries and waits for another fill's chunk end by then, and the fill fails (the reader gets EIO) instead
 of hanging on a server that trickles bytes.
 
@@ -51,7 +51,8 @@ from erofs.errors import BackendError, DigestMismatchError, ImageError, NydusEro
 from erofs.reader.blob import BlobMeta, plan_reads
 
 from .backends import BlobBackend
-from .backends.retry import PermanentFailure, deadline, time_left
+from .backends.deadline import PermanentFailure, deadline, time_left
+from .defaults import FILL_TIMEOUT
 from .fillbuf import BufferPool, decompress_into
 
 __all__ = ["PAGE_SIZE", "BlobHandle", "Pipeline", "PipelineStats", "WriteFn", "PresentFn", "tune_malloc"]
@@ -59,7 +60,6 @@ __all__ = ["PAGE_SIZE", "BlobHandle", "Pipeline", "PipelineStats", "WriteFn", "P
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 4096
-FILL_TIMEOUT = 30.0  # seconds one fill may take, by default
 BAD_CHUNK_TTL = 20.0  # seconds a chunk that failed its digest (or decoding) fails without a refetch
 FAILED_FETCH_TTL = 3.0  # seconds a chunk whose fetch failed fails without a refetch
 WriteFn = Callable[[int, memoryview], object]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -31,106 +30,46 @@ from pathlib import Path
 from typing import Any
 
 from cachefilesd_py.backends.registry import ManifestNotFoundError, RegistryBackend
-from erofs.build.convert import (
+from cachefilesd_py.imageref import DIGEST, ImageReference, parse_image_reference
+from erofs.errors import BackendError, ImageError, NydusErofsError, SourceError, UsageError
+from erofs.imagespec import (
     ANN_NYDUS_BOOTSTRAP,
-    MAX_BOOTSTRAP,
-    MT_NYDUS_BLOB,
-    NYDUS_OS_FEATURE,
-    extract_bootstrap,
-)
-from erofs.build.sources.oci import (
     DEFAULT_PLATFORM,
+    MAX_BOOTSTRAP,
     MT_DOCKER_LIST,
     MT_DOCKER_MANIFEST,
     MT_INDEX,
     MT_MANIFEST,
+    MT_NYDUS_BLOB,
+    NYDUS_OS_FEATURE,
+    extract_bootstrap,
     parse_platform,
 )
-from erofs.errors import BackendError, ImageError, NydusErofsError, SourceError, UsageError
 from erofs.paths import BOOTSTRAP_NAME
 from erofs.reader.bootstrap import Bootstrap
 
 __all__ = [
     "BOOTSTRAPS_DIR",
-    "MAX_BOOTSTRAP",
     "ImageDocuments",
     "ImageNotFoundError",
-    "ImageReference",
     "NydusImage",
     "NydusManifest",
     "RemoteImage",
     "bootstrap_layers",
     "cached_nydus_image",
     "fetch_bootstrap_layer",
-    "is_image_reference",
     "json_object",
-    "parse_image_reference",
     "resolve_nydus_image",
 ]
 
 MT_DOCKER_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
 MT_DOCKER_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 ACCEPT = (MT_MANIFEST, MT_INDEX, MT_DOCKER_MANIFEST, MT_DOCKER_LIST)
-DOCKER_HUB = "registry-1.docker.io"
 _FETCH_PIECE = 8 << 20  # bytes per ranged GET of the bootstrap layer
-_DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
-_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_REPO = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
-_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:]+\])(?::\d{1,5})?")
 
 
 class ImageNotFoundError(BackendError):
     """The registry has no such image (no manifest by that tag or digest, or no such repository)."""
-
-
-@dataclass(frozen=True)
-class ImageReference:
-    """A parsed ``docker://`` reference: ``host`` (``name[:port]``), ``repo``, and ``tag`` or ``digest``."""
-
-    host: str
-    repo: str
-    tag: str | None = None
-    digest: str | None = None  # sha256:<hex>
-
-    @property
-    def reference(self) -> str:
-        """What goes after ``manifests/``: the digest if any, else the tag."""
-        return self.digest or self.tag or "latest"
-
-    def __str__(self) -> str:
-        tail = f"@{self.digest}" if self.digest else f":{self.tag or 'latest'}"
-        return f"docker://{self.host}/{self.repo}{tail}"
-
-
-def parse_image_reference(text: str) -> ImageReference:
-    """``[docker://]HOST[:PORT]/REPO[:TAG][@sha256:HEX]``; a first component that is no host name (no ``.`` or
-    ``:``, not ``localhost``) means Docker Hub, as docker reads it.  UsageError for anything else."""
-    rest = text.removeprefix("docker://")
-    bad = UsageError(f"{text!r}: expected docker://HOST[:PORT]/REPO[:TAG|@sha256:HEX]")
-    if not rest or any(c.isspace() for c in rest):
-        raise bad
-    digest = None
-    if "@" in rest:
-        rest, _, digest = rest.partition("@")
-        if not _DIGEST.fullmatch(digest):
-            raise UsageError(f"{text!r}: the digest must be sha256: and 64 lowercase hex digits")
-    first, sep, path = rest.partition("/")
-    if sep and ("." in first or ":" in first or first == "localhost" or first.startswith("[")):
-        host = DOCKER_HUB if first in ("docker.io", "index.docker.io") else first
-    else:
-        host, path = DOCKER_HUB, rest
-    tag = None
-    name, colon, maybe_tag = path.rpartition(":")
-    if colon and "/" not in maybe_tag:
-        path, tag = name, maybe_tag
-        if not _TAG.fullmatch(tag):
-            raise UsageError(f"{text!r}: {tag!r} is not a valid tag")
-    if host == DOCKER_HUB and "/" not in path:
-        path = f"library/{path}"
-    if not _HOST.fullmatch(host) or not _REPO.fullmatch(path):
-        raise bad
-    return ImageReference(host, path, None if digest else (tag or "latest"), digest)
 
 
 @dataclass(frozen=True)
@@ -238,7 +177,7 @@ def bootstrap_layers(manifest: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 
 def _descriptor_digest(desc: Mapping[str, Any], what: str) -> str:
     digest = desc.get("digest")
-    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+    if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
         raise ImageError(f"{what}: digest {digest!r} is not sha256:<64 hex digits>")
     return digest
 
@@ -325,7 +264,7 @@ class RemoteImage:
         """(manifest, its media type, its digest, its body) of ``reference``; a digest reference is checked."""
         body, content_type = self._backend.manifest(reference, ACCEPT)
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
-        if _DIGEST.fullmatch(reference) and digest != reference:
+        if DIGEST.fullmatch(reference) and digest != reference:
             raise ImageError(f"manifest {reference[:19]}…: the registry sent content hashing to {digest[:19]}…")
         if expect is not None and len(body) != expect.get("size"):
             raise ImageError(f"manifest {reference[:19]}…: {len(body)} bytes, its descriptor says {expect.get('size')}")
@@ -461,7 +400,7 @@ def fetch_bootstrap_layer(host: str, repo: str, layer_digest: str, dest: str | o
     ``image/image.boot`` at ``dest``, as :meth:`RemoteImage.fetch_bootstrap` does (digest verified, streamed,
     size-bounded, atomic) for a caller that knows the layer but not the manifest (so no blob-table check).
     ``options``: more registry backend options (``plain_http``, ``insecure``...)."""
-    if not _DIGEST.fullmatch(layer_digest):
+    if not DIGEST.fullmatch(layer_digest):
         raise UsageError(f"layer digest {layer_digest!r} is not sha256:<64 hex digits>")
     extra = {k: v for k, v in (options or {}).items() if k not in ("host", "repo", "verify_digest")}
     try:
@@ -499,11 +438,6 @@ def resolve_nydus_image(ref: str, dest_dir: str | os.PathLike[str], *, platform:
 
 
 BOOTSTRAPS_DIR = "bootstraps"  # CACHE/bootstraps/<manifest digest hex>/image.boot: images by reference
-
-
-def is_image_reference(text: str) -> bool:
-    """Whether a mount source is an image reference (``docker://...``) rather than a bootstrap file."""
-    return text.startswith("docker://")
 
 
 def cached_nydus_image(ref: str, cache_dir: str | os.PathLike[str], *, platform: str | None = None,

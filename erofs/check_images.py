@@ -35,20 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from erofs.build.chunker import ChunkIndex, ChunkStore
-from erofs.build.convert import (
-    ANN_NYDUS_BOOTSTRAP,
-    NYDUS_OS_FEATURE,
-    extract_bootstrap,
-    index_platforms,
-    is_index,
-    local_layout,
-    platform_text,
-)
+from erofs.build.convert import index_platforms, is_index, local_layout, platform_text
 from erofs.build.overlay import merge_layers
 from erofs.build.sources.layers import layers_of
-from erofs.build.sources.oci import MT_NYDUS_BLOB, OciLayout, parse_platform, parse_reference
+from erofs.build.sources.oci import OciLayout, parse_reference
 from erofs.build.tree import Node, walk
 from erofs.errors import ImageError
+from erofs.imagespec import ANN_NYDUS_BOOTSTRAP, MT_NYDUS_BLOB, NYDUS_OS_FEATURE, extract_bootstrap, parse_platform
 from erofs.paths import BOOTSTRAP_NAME, remove_stale_temps, temp_prefix
 from erofs.progress import ProgressCallback
 from erofs.reader.backend import LocalBlobDir

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import stat
 import sys
 from pathlib import Path
@@ -133,6 +132,8 @@ def remove_stale_temps(directory: str | os.PathLike[str], head: str) -> None:
             if is_file:
                 os.unlink(path)
             else:
+                import shutil  # (here only: the daemons that import this module for process_start_time never need it)
+
                 shutil.rmtree(path)  # refuses a symlink put in its place; never follows one inside
         except FileNotFoundError:
             continue  # another command removed it first

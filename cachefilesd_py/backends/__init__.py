@@ -15,8 +15,6 @@ from typing import Any
 from erofs.errors import BackendError
 from erofs.reader.backend import BackendStats, BlobBackend, LocalBlobDir
 
-from .retry import RetryPolicy, is_temp_failure, retry
-
 KINDS = ("localfs", "http", "registry", "s3")
 
 
@@ -144,8 +142,5 @@ __all__ = [
     "BackendError",
     "BackendStats",
     "BlobBackend",
-    "RetryPolicy",
-    "is_temp_failure",
     "make_backend",
-    "retry",
 ]

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode
 
-from .retry import PermanentFailure, TempFailure
+from .deadline import PermanentFailure
+from .retry import TempFailure
 from .transport import Transport, status_failure
 
 DEFAULT_TOKEN_LIFETIME = 60.0  # distribution token spec: expires_in defaults to 60 s

@@ -11,7 +11,8 @@ from typing import Any
 from erofs.errors import BackendError
 from erofs.reader.backend import BackendStats, check_blob_id
 
-from .retry import PermanentFailure, RetryPolicy, retry
+from .deadline import PermanentFailure
+from .retry import RetryPolicy, retry
 from .transport import (
     Response,
     Transport,

@@ -14,8 +14,9 @@ from urllib.parse import urljoin, urlsplit
 from erofs.errors import BackendError
 
 from .auth import Credentials, RegistryAuth, docker_credentials, parse_auth
+from .deadline import PermanentFailure
 from .http import HttpBackend
-from .retry import PermanentFailure, RetryPolicy, describe, is_temp_failure
+from .retry import RetryPolicy, describe, is_temp_failure
 from .transport import Response, Transport, status_failure
 
 _REDIRECTS = (301, 302, 303, 307, 308)

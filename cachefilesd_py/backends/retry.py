@@ -1,13 +1,9 @@
-"""One retry policy for every backend: exponential backoff with jitter, honouring ``Retry-After``; and deadlines.
+"""One retry policy for every backend: exponential backoff with jitter, honouring ``Retry-After``.
 
-Operations raise :class:`TempFailure` (or a network exception) for what may succeed on a later try;
-:func:`is_temp_failure` says which; :func:`retry` wraps a backend method and turns exhaustion into
-one :class:`~erofs.errors.BackendError` line.
-
-A caller bounds everything a backend does on its behalf with :func:`deadline` (the pipeline does, per fill):
-within it, each socket wait of the transport is cut to the time left (:func:`time_left`), no retry starts
-or sleeps past it, and once it has passed the backend call fails (:class:`DeadlineExceeded`, never retried).  A
-server sending one byte a second thus costs the reader the deadline, not forever.
+Operations raise :class:`TempFailure` (or a network exception) for what may succeed on a later try,
+:class:`~.deadline.PermanentFailure` for what will not; :func:`is_temp_failure` says which; :func:`retry` wraps a
+backend method and turns exhaustion into one :class:`~erofs.errors.BackendError` line.  No retry starts or
+sleeps past the caller's deadline (:mod:`.deadline`).
 """
 
 from __future__ import annotations
@@ -20,13 +16,13 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from erofs.errors import BackendError
+
+from .deadline import DeadlineExceeded, PermanentFailure, time_left
 
 _NET_ERRNOS = frozenset(
     {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN, errno.ETIMEDOUT, errno.EAGAIN}
@@ -41,45 +37,6 @@ class TempFailure(Exception):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
-
-
-class PermanentFailure(Exception):
-    """A failure retrying will not fix (404, bad credentials, range past the end): message without blob id."""
-
-
-class DeadlineExceeded(PermanentFailure):
-    """The caller's :func:`deadline` passed: the request is abandoned."""
-
-
-_DEADLINE: ContextVar[tuple[float, float] | None] = ContextVar("backend_deadline", default=None)
-
-
-@contextmanager
-def deadline(seconds: float | None) -> Iterator[None]:
-    """Within this block (this thread), backend calls end within ``seconds`` from now (None: no deadline); a
-    deadline already in force and nearer stays."""
-    if seconds is None:
-        yield
-        return
-    when = time.monotonic() + seconds
-    outer = _DEADLINE.get()
-    token = _DEADLINE.set(outer if outer is not None and outer[0] <= when else (when, seconds))
-    try:
-        yield
-    finally:
-        _DEADLINE.reset(token)
-
-
-def time_left(cap: float | None = None) -> float | None:
-    """Seconds left before the deadline in force, at most ``cap`` (``cap`` when there is none);
-    DeadlineExceeded once it has passed."""
-    current = _DEADLINE.get()
-    if current is None:
-        return cap
-    left = current[0] - time.monotonic()
-    if left <= 0:
-        raise DeadlineExceeded(f"no answer within the {current[1]:g}s deadline")
-    return left if cap is None else min(cap, left)
 
 
 def is_temp_failure(exc: BaseException) -> bool:
@@ -192,9 +149,10 @@ def retry(
             except Exception as exc:
                 temp = is_temp_failure(exc)
                 delay = policy.delay(attempt, getattr(exc, "retry_after", None))
-                if temp and _DEADLINE.get() is not None:
+                if temp:
                     try:
-                        if time_left() <= delay:  # the next try would start past the deadline
+                        left = time_left()  # (None: no deadline)
+                        if left is not None and left <= delay:  # the next try would start past the deadline
                             exc = DeadlineExceeded(f"{describe(exc)}, and no time left to retry before the deadline")
                             temp = False
                     except DeadlineExceeded as passed:

@@ -17,8 +17,9 @@ from urllib.parse import quote, unquote, urlsplit
 
 from erofs.errors import BackendError
 
+from .deadline import PermanentFailure
 from .http import HttpBackend, check_url
-from .retry import RETRY_STATUSES, PermanentFailure, TempFailure, parse_retry_after
+from .retry import RETRY_STATUSES, TempFailure, parse_retry_after
 from .transport import Response
 
 try:  # the optional extra: only this module needs it

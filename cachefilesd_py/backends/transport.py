@@ -3,7 +3,7 @@ over :mod:`http.client` (optionally through a forward proxy, :mod:`.proxy`), and
 response into exactly the bytes asked for.
 
 Every socket wait (connect, send, each receive of a body) is cut to the time left before the caller's
-:func:`~.retry.deadline`, and a body is read one receive at a time, checking the deadline between receives: a
+:func:`~.deadline.deadline`, and a body is read one receive at a time, checking the deadline between receives: a
 server trickling bytes cannot stretch a request past it (the status line and headers are bounded per receive).
 """
 
@@ -21,16 +21,9 @@ from urllib.parse import SplitResult, urlsplit
 
 from erofs.reader.backend import BackendStats
 
+from .deadline import PermanentFailure, time_left
 from .proxy import PROXY_FAILURE_STATUSES, ProxyRoute
-from .retry import (
-    RETRY_STATUSES,
-    PermanentFailure,
-    TempFailure,
-    describe,
-    is_temp_failure,
-    parse_retry_after,
-    time_left,
-)
+from .retry import RETRY_STATUSES, TempFailure, describe, is_temp_failure, parse_retry_after
 
 USER_AGENT = "nydus-erofs-cachefilesd-py"
 _PIECE = 1 << 20  # read/discard granularity
@@ -233,7 +226,7 @@ class TransportOptions:
     :class:`~.http.HttpBackend`, :class:`~.registry.RegistryBackend` and ``make_backend("http"/"registry", ...)``.
 
     ``timeout``: seconds a connected socket waits for the server (each read or write; the whole request is bounded
-    by the caller's :func:`~.retry.deadline`: a fill's, ``fill_timeout``); ``connect_timeout``: seconds to wait
+    by the caller's :func:`~.deadline.deadline`: a fill's, ``fill_timeout``); ``connect_timeout``: seconds to wait
     for a connection; ``pool_size``: idle keep-alive connections kept per origin; ``insecure``: no TLS
     certificate or host name verification; ``ca_file``: a PEM bundle of CAs to trust instead of the system's.
     ``proxy``, ``proxy_fallback``, ``proxy_timeout``, ``proxy_check_interval``: an HTTP forward proxy tried first,

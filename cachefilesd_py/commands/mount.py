@@ -21,12 +21,11 @@ import click
 
 from cachefilesd_py.backends import KINDS
 from cachefilesd_py.backends.config import parse_backend_option
-from cachefilesd_py.fscache_mount import DEFAULT_DAEMON_SOCK, mount_fscache
-from cachefilesd_py.fscache_mount import MODE as FSCACHE_MODE
+from cachefilesd_py.defaults import DEFAULT_DAEMON_SOCK, FILL_TIMEOUT
+from cachefilesd_py.imageref import is_image_reference
 from cachefilesd_py.logfilter import daemon_logging
 from cachefilesd_py.mount.service import list_mounts, mount_image, umount_image
-from cachefilesd_py.mount.spec import MODES, MountSpec
-from cachefilesd_py.reference import cached_nydus_image, is_image_reference
+from cachefilesd_py.mount.spec import FSCACHE_MODE, MODES, MountSpec
 from erofs.commands import SIZE
 from erofs.errors import ImageError, UsageError
 from erofs.paths import BLOBS_DIR, blobs_beside
@@ -56,7 +55,7 @@ _REQUIRED = {"http": ("url",), "registry": ("host", "repo")}
 @click.option("--readahead", type=SIZE, default=None,
               help="Bytes filled ahead of a sequential reader (0: off) [8 x amplify].")  # fmt: skip
 @click.option("--workers", default=4, show_default=True, type=click.IntRange(1, 256), help="Fill threads.")
-@click.option("--fill-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
+@click.option("--fill-timeout", default=FILL_TIMEOUT, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds a read may wait for its data (fetch and verify, retries included); then EIO.")  # fmt: skip
 @click.option("--allow-suid", is_flag=True, help="Honour setuid/setgid bits of the image (default: nosuid).")
 @click.option("--allow-dev", is_flag=True, help="Allow opening the image's device nodes (default: nodev).")
@@ -99,6 +98,8 @@ def mount(blob_dir: str | None, backend: str | None, backend_config: str | None,
     if is_image_reference(boot):  # its bootstrap into the cache dir; blobs from the same repository
         if blob_dir is not None or kind not in ("localfs", "registry") or backend == "localfs":
             raise UsageError(f"{boot}: an image reference is served from its registry (no --blob-dir or --backend)")
+        from cachefilesd_py.reference import cached_nydus_image  # (a registry client: for references only)
+
         image = cached_nydus_image(boot, spec_options["cache_dir"], platform=platform, plain_http=plain_http)
         spec_options["boot"] = boot = str(image.bootstrap)
         kind, config = image.backend, {**image.backend_config, **config}  # --backend-config: network options
@@ -153,6 +154,8 @@ def _mount_fscache(boot: str, spec_options: dict[str, Any], blob_dir: str | None
             kind, config = "localfs", {"dir": str(beside)}
     elif kind not in (None, "registry"):
         raise UsageError(f"{boot}: an image reference is served from its registry (no --blob-dir or --backend)")
+    from cachefilesd_py.fscache_mount import mount_fscache  # (cachefilesd-py's API client: fscache mode only)
+
     rec = mount_fscache(boot, spec_options["mountpoint"], daemon_sock=daemon_sock, backend=kind, backend_config=config,
                         platform=platform, plain_http=plain_http, domain_id=domain_id)  # fmt: skip
     if as_json:

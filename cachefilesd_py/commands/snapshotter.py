@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from cachefilesd_py.fscache_mount import DEFAULT_DAEMON_SOCK
+from cachefilesd_py.defaults import DEFAULT_DAEMON_SOCK
 from cachefilesd_py.notify import Watchdog, notify
 from cachefilesd_py.snapshotter.mounts import SNAPSHOTTER_MODES
 from cachefilesd_py.snapshotter.service import serve

@@ -15,7 +15,7 @@ serves the requests the kernel held meanwhile.
 SIGTERM/SIGINT: it unmounts if the mountpoint still shows the image — plainly, else detached, serving on until
 the files open there close (:class:`~.watch.ImageWatch`).  A worker that fails after its start leaves the
 devices connected (for the next one); only a release, or a failed first start, disconnects them.  Devices left
-by a daemon that died for good are disconnected by ``nydus-erofs umount`` (:func:`release_stale_devices`).
+by a daemon that died for good are disconnected by ``nydus-erofs umount`` (:mod:`.nbddevices`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from erofs.paths import process_start_time
 from fscache.errors import FscacheError
 from fscache.inotify import Inotify
 from fscache.mount import MountError
-from fscache.nbd import Nbd, NbdIoctl, NbdNetlink, open_nbd
+from fscache.nbd import Nbd, NbdIoctl, open_nbd
 
 from ..backends import BlobBackend, make_backend
 from ..blob_handles import open_image
@@ -52,7 +52,7 @@ from .record import initial_record, read_record, record_path, write_record
 from .spec import MountSpec, read_spec_fd
 from .watch import ImageWatch
 
-__all__ = ["main", "release_stale_devices", "run_nbd_daemon"]
+__all__ = ["main", "run_nbd_daemon"]
 
 log = logging.getLogger(__name__)
 
@@ -172,29 +172,6 @@ def run_nbd_daemon(spec: MountSpec, *, ready_fd: int | None, inotify_fd: int | N
         for s, h in old.items():
             signal.signal(s, h)
     return 0
-
-
-def release_stale_devices(rec: dict[str, Any]) -> None:
-    """Disconnect the NBD devices of the record ``rec`` that are still bound to its daemon, which is gone (killed):
-    a device's ``/sys/block/nbdN/pid`` names the process that connected it (``nbd_pid``: the first worker)."""
-    stale = []
-    for dev in rec.get("nbd") or ():
-        name = Path(dev).name
-        try:
-            pid = int(Path("/sys/block", name, "pid").read_text())
-        except (OSError, ValueError):
-            continue  # disconnected
-        if pid == rec.get("nbd_pid", rec.get("pid")):
-            stale.append(int(name.removeprefix("nbd")))
-    if not stale:
-        return
-    try:
-        with NbdIoctl() if rec.get("nbd_ioctl") else NbdNetlink() as nbd:
-            for index in stale:
-                log.warning("disconnecting /dev/nbd%d, left by the dead daemon %s", index, rec.get("pid"))
-                nbd.disconnect(index)
-    except OSError as e:
-        log.error("%s", e)
 
 
 def _stats(devices: Sequence[BlobDevice], pipeline: Pipeline) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from fscache.inotify import Inotify
 
 from ..supervisor import RestartPolicy, describe
 from .mountsupervisor import MountSupervisor
-from .nbddaemon import release_stale_devices
+from .nbddevices import release_stale_devices
 from .ready import error_line, report
 from .record import read_record
 from .spec import MountSpec

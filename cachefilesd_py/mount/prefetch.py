@@ -14,7 +14,6 @@ import functools
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from erofs.reader.bootstrap import Bootstrap
@@ -22,15 +21,11 @@ from erofs.reader.bootstrap import Bootstrap
 from ..pipeline import Pipeline
 from ..prefetch import Prefetcher, PrefetchTarget, plan_prefetch
 from .cachefile import CacheFile
-from .record import record_path, write_record
+from .record import prefetch_progress_path, write_record
 from .server import FanotifyServer
 from .spec import MountSpec
 
-__all__ = ["prefetch_progress_path", "read_prefetch_progress", "start_prefetch", "stop_prefetch"]
-
-
-def prefetch_progress_path(mountpoint: str | os.PathLike[str]) -> Path:
-    return record_path(mountpoint).with_suffix(".prefetch")
+__all__ = ["read_prefetch_progress", "start_prefetch", "stop_prefetch"]
 
 
 def read_prefetch_progress(mountpoint: str | os.PathLike[str]) -> dict[str, Any] | None:

@@ -1,7 +1,8 @@
 """The runtime record of a mount: which daemon serves it, and its final stats once it stopped.
 
 One JSON file per mountpoint in the run dir (``$NYDUS_EROFS_RUN_DIR`` or ``/run/nydus-erofs/mounts``), named
-``<sha256 of the mountpoint>.json``, with the daemon's log beside it (``.log``).  Its fields: ``mountpoint``,
+``<sha256 of the mountpoint>.json``, with the mount's other files beside it: the daemon's log (``.log``), its API
+socket (``.sock``), access trace (``.trace``) and prefetch progress (``.prefetch``).  Its fields: ``mountpoint``,
 ``boot``, ``cache_dir``, ``mode``, ``backend`` (the kind); for a daemon ``pid`` and ``start_time`` (the process
 ``umount`` stops: the supervisor), ``blobs``, and with a supervisor ``worker_pid``, ``worker_start_time``,
 ``restarts``, ``api_sock`` (its API's socket: :func:`api_path`); ``stats`` and ``stopped`` once the daemon
@@ -21,18 +22,25 @@ from pathlib import Path
 from typing import Any
 
 from erofs.errors import NydusErofsError
+from erofs.paths import process_start_time
 from fscache.mount import MountError
 
-from ..api import listen
+from ..unixsock import listen
 from .spec import MountSpec
 
-__all__ = ["RUN_DIR_ENV", "all_records", "api_path", "initial_record", "listen_api", "log_path", "read_record",
-           "record_path", "run_dir", "write_record"]
+__all__ = ["NBD_MODULE", "RUN_DIR_ENV", "SUPERVISOR_MODULE", "all_records", "api_path", "initial_record", "is_daemon",
+           "listen_api", "live_worker", "log_path", "prefetch_progress_path", "read_record", "record_path", "run_dir",
+           "trace_path", "write_record"]
 
 log = logging.getLogger(__name__)
 
 RUN_DIR_ENV = "NYDUS_EROFS_RUN_DIR"
 DEFAULT_RUN_DIR = "/run/nydus-erofs/mounts"
+#: the daemons' modules, as their command lines name them (``python -m MODULE``)
+SUPERVISOR_MODULE = "cachefilesd_py.mount.supervisor"
+NBD_MODULE = "cachefilesd_py.mount.nbdsupervisor"
+_DAEMON_MODULES = (SUPERVISOR_MODULE.encode(), b"cachefilesd_py.mount.worker", NBD_MODULE.encode(),
+                   b"cachefilesd_py.mount.nbddaemon")  # fmt: skip
 
 
 def run_dir() -> Path:
@@ -52,6 +60,16 @@ def log_path(mountpoint: str | os.PathLike[str]) -> Path:
 def api_path(mountpoint: str | os.PathLike[str]) -> Path:
     """The Unix socket of the API of the mount's daemon (:mod:`cachefilesd_py.api`)."""
     return record_path(mountpoint).with_suffix(".sock")
+
+
+def trace_path(mountpoint: str | os.PathLike[str]) -> Path:
+    """The access trace of the mount (:mod:`.trace`)."""
+    return record_path(mountpoint).with_suffix(".trace")
+
+
+def prefetch_progress_path(mountpoint: str | os.PathLike[str]) -> Path:
+    """The progress of the mount's prefetch (:mod:`.prefetch`)."""
+    return record_path(mountpoint).with_suffix(".prefetch")
 
 
 def listen_api(mountpoint: str | os.PathLike[str]) -> socket.socket | None:
@@ -110,3 +128,31 @@ def write_record(path: Path, data: dict[str, Any]) -> None:
         if isinstance(e, OSError) and not isinstance(e, NydusErofsError):
             raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
+
+
+# -- the daemon a record names ----------------------------------------------------------------------------------------
+def is_daemon(rec: dict[str, Any]) -> bool:
+    """Whether the record's ``pid`` is still the mount daemon that wrote it."""
+    pid = rec.get("pid")
+    return bool(pid) and process_start_time(pid) == rec.get("start_time") is not None and _runs_a_daemon(pid)
+
+
+def _runs_a_daemon(pid: int) -> bool:
+    """Whether ``pid`` is a mount daemon (the supervisor or worker module, or ``mount --foreground``), so never
+    init or a subreaper that a worker orphaned by its supervisor recorded as its parent."""
+    if pid <= 1 or pid == os.getpid():
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return any(m in argv for m in _DAEMON_MODULES) or (b"mount" in argv and b"--foreground" in argv)
+
+
+def live_worker(rec: dict[str, Any]) -> int | None:
+    """The record's worker, if it still runs."""
+    worker = rec.get("worker_pid")
+    if worker and process_start_time(worker) == rec.get("worker_start_time") is not None and _runs_a_daemon(worker):
+        return int(worker)
+    return None

@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 from erofs.errors import BackendError, UsageError
-from erofs.paths import process_start_time
 from erofs.progress import ProgressCallback
 from erofs.reader.bootstrap import Bootstrap
 from fscache.errors import PreContentUnsupportedError, UnsupportedFilesystemError
@@ -48,28 +47,33 @@ from fscache.nbd import why_no_nbd
 
 from ..backends import make_backend
 from ..blob_handles import blob_order, open_image
-from ..fscache_mount import MODE as FSCACHE_MODE
-from ..fscache_mount import unbind
 from ..pipeline import Pipeline
 from .cachefile import check_cache_path, fill_all, prepare_cache_files, probe_pre_content
 from .evict import check_whole_image_fits
 from .localmount import mount_files
-from .nbddaemon import release_stale_devices, run_nbd_daemon
-from .prefetch import prefetch_progress_path
+from .nbddevices import release_stale_devices
 from .ready import OK, daemon_error, read_line
-from .record import all_records, api_path, initial_record, log_path, read_record, record_path, run_dir, write_record
-from .spec import MODES, MountSpec, spec_fd
-from .trace import trace_path
-from .worker import run_daemon
+from .record import (
+    NBD_MODULE,
+    SUPERVISOR_MODULE,
+    all_records,
+    api_path,
+    initial_record,
+    is_daemon,
+    live_worker,
+    log_path,
+    prefetch_progress_path,
+    read_record,
+    record_path,
+    run_dir,
+    trace_path,
+    write_record,
+)
+from .spec import FSCACHE_MODE, MODES, MountSpec, spec_fd
 
 __all__ = ["list_mounts", "mount_image", "select_mode", "umount_image"]
 
 log = logging.getLogger(__name__)
-
-SUPERVISOR_MODULE = "cachefilesd_py.mount.supervisor"
-NBD_MODULE = "cachefilesd_py.mount.nbdsupervisor"
-_DAEMON_MODULES = (SUPERVISOR_MODULE.encode(), b"cachefilesd_py.mount.worker", NBD_MODULE.encode(),
-                   b"cachefilesd_py.mount.nbddaemon")  # fmt: skip
 
 
 # -- mode selection -----------------------------------------------------------------------------------------------
@@ -154,9 +158,21 @@ def mount_image(spec: MountSpec, *, foreground: bool = False,
         return data
     if foreground:
         data["log"] = None  # it logs to stderr
-        data["stopped_by"] = (run_nbd_daemon if spec.mode == "nbd" else run_daemon)(spec, ready_fd=None)
+        data["stopped_by"] = _run_foreground(spec)
         return data
     return _start_daemon(spec, data, NBD_MODULE if spec.mode == "nbd" else SUPERVISOR_MODULE)
+
+
+def _run_foreground(spec: MountSpec) -> int:
+    """Serve ``spec`` in this process (``mount --foreground``) until umount; the signal that stopped it, or 0.
+    The daemon's modules are imported only here: a mount that starts a daemon leaves them to its processes."""
+    if spec.mode == "nbd":
+        from .nbddaemon import run_nbd_daemon
+
+        return run_nbd_daemon(spec, ready_fd=None)
+    from .worker import run_daemon
+
+    return run_daemon(spec, ready_fd=None)
 
 
 def _start_daemon(spec: MountSpec, data: dict[str, Any], module: str = SUPERVISOR_MODULE) -> dict[str, Any]:
@@ -293,38 +309,11 @@ def _wait_exit(pid: int, timeout: float | None) -> bool:
     return done
 
 
-def is_daemon(rec: dict[str, Any]) -> bool:
-    """Whether the record's ``pid`` is still the mount daemon that wrote it."""
-    pid = rec.get("pid")
-    return bool(pid) and process_start_time(pid) == rec.get("start_time") is not None and _runs_a_daemon(pid)
-
-
-def _runs_a_daemon(pid: int) -> bool:
-    """Whether ``pid`` is a mount daemon (the supervisor or worker module, or ``mount --foreground``), so never
-    init or a subreaper that a worker orphaned by its supervisor recorded as its parent."""
-    if pid <= 1 or pid == os.getpid():
-        return False
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
-        return False
-    return any(m in argv for m in _DAEMON_MODULES) or (b"mount" in argv and b"--foreground" in argv)
-
-
 def _kill(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
     except ProcessLookupError:  # exited meanwhile
         pass
-
-
-def _live_worker(rec: dict[str, Any]) -> int | None:
-    """The record's worker, if it still runs."""
-    worker = rec.get("worker_pid")
-    if worker and process_start_time(worker) == rec.get("worker_start_time") is not None and _runs_a_daemon(worker):
-        return int(worker)
-    return None
 
 
 def _forget(mp: Path, rec: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
@@ -340,7 +329,7 @@ def _forget(mp: Path, rec: dict[str, Any], timeout: float = 30.0) -> dict[str, A
             pass
     rec = read_record(mp) or rec
     release_stale_devices(rec)  # an nbd daemon that was killed left its devices connected
-    worker = _live_worker(rec)
+    worker = live_worker(rec)
     if worker is not None:  # its supervisor is gone: the worker stops once its mount is gone, or now
         if rec.get("released"):  # it serves nobody: never wait for its fills
             _kill(worker, signal.SIGKILL)
@@ -381,7 +370,7 @@ def umount_image(mountpoint: str | os.PathLike[str], *, timeout: float = 30.0) -
                                  f"(log: {log_path(mp)})")  # fmt: skip
             _kill(pid, signal.SIGUSR1)  # the daemon dumps its threads' stacks into its log
             _wait_exit(pid, 1.0)
-            worker = _live_worker(read_record(mp) or rec)
+            worker = live_worker(read_record(mp) or rec)
             if worker is not None:  # first: its supervisor denies what it held, sees the release and exits
                 _kill(worker, signal.SIGKILL)
                 _wait_exit(worker, None)
@@ -391,7 +380,11 @@ def umount_image(mountpoint: str | os.PathLike[str], *, timeout: float = 30.0) -
             raise MountError(errno.ETIMEDOUT, f"daemon {pid} did not stop within {timeout:g}s: killed "
                              f"(log: {log_path(mp)})")  # fmt: skip
     rec = _forget(mp, rec)
-    return unbind(rec) if rec.get("mode") == FSCACHE_MODE else rec  # the image bound in cachefilesd-py
+    if rec.get("mode") != FSCACHE_MODE:
+        return rec
+    from ..fscache_mount import unbind  # (its API client: fscache mode only)
+
+    return unbind(rec)  # the image bound in cachefilesd-py
 
 
 def reap_stale(cache: Path) -> None:
@@ -413,7 +406,7 @@ def reap_stale(cache: Path) -> None:
         if not isinstance(rec, dict) or rec.get("cache_dir") != os.fspath(cache) or rec.get("stopped"):
             continue
         mp = Path(rec.get("mountpoint") or "/nonexistent")
-        if is_mounted(mp, None) or is_daemon(rec) or _live_worker(rec) is None:
+        if is_mounted(mp, None) or is_daemon(rec) or live_worker(rec) is None:
             continue
         _check_orphan(mp, rec)
         log.warning("%s: worker %s of an earlier mount of %s outlived its supervisor and its image: killed",
@@ -423,7 +416,7 @@ def reap_stale(cache: Path) -> None:
 
 def _check_orphan(mp: Path, rec: dict[str, Any]) -> None:
     """UsageError if the record's worker runs on without its supervisor and its image is not released."""
-    worker = _live_worker(rec)
+    worker = live_worker(rec)
     if worker is None or is_daemon(rec) or (read_record(mp) or rec).get("released"):
         return
     raise UsageError(f"worker {worker} of an earlier mount of {mp} on cache dir {rec.get('cache_dir')} outlived its "

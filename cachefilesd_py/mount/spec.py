@@ -18,11 +18,13 @@ from typing import Any, Self
 
 from erofs.errors import UsageError
 
-from ..pipeline import FILL_TIMEOUT
+from ..defaults import FILL_TIMEOUT
 
-__all__ = ["MODES", "MountSpec", "read_spec_fd", "spec_fd"]
+__all__ = ["FSCACHE_MODE", "MODES", "MountSpec", "read_spec_fd", "spec_fd"]
 
 MODES = ("auto", "fanotify", "full", "nbd")
+#: the mode of an image bound in cachefilesd-py (:mod:`cachefilesd_py.fscache_mount`): no MountSpec, no daemon of ours
+FSCACHE_MODE = "fscache"
 
 
 @dataclass(frozen=True)

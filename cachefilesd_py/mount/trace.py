@@ -38,9 +38,9 @@ from erofs.errors import ImageError
 from erofs.reader.bootstrap import Bootstrap
 from fscache.inotify import IN_ACCESS, IN_DONT_FOLLOW, IN_ISDIR, IN_ONLYDIR, IN_Q_OVERFLOW, Inotify, InotifyError
 
-from .record import record_path
+from .record import trace_path
 
-__all__ = ["TRACE_MAX_ENTRIES", "AccessTrace", "read_trace", "start_trace", "trace_path"]
+__all__ = ["TRACE_MAX_ENTRIES", "AccessTrace", "read_trace", "start_trace"]
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,6 @@ TRACE_MAX_ENTRIES = 65536
 TRACE_MAX_WATCHES = 65536
 _WATCH_MASK = IN_ACCESS | IN_ONLYDIR | IN_DONT_FOLLOW
 _POLL_INTERVAL = 0.2  # how soon the thread notices stop()
-
-
-def trace_path(mountpoint: str | os.PathLike[str]) -> Path:
-    return record_path(mountpoint).with_suffix(".trace")
 
 
 def _load(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:

@@ -20,8 +20,7 @@ from erofs.paths import process_start_time
 from fscache.inotify import IN_MODIFY, Inotify
 from fscache.mount import MountError
 
-from .record import log_path, read_record, run_dir
-from .service import is_daemon
+from .record import is_daemon, log_path, read_record, run_dir
 
 __all__ = ["UPGRADE_TIMEOUT", "request_upgrade"]
 

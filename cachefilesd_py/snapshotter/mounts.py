@@ -20,11 +20,11 @@ from pathlib import Path
 
 from fscache.mount import is_mounted
 
-from ..fscache_mount import DEFAULT_DAEMON_SOCK, mount_fscache
-from ..fscache_mount import MODE as FSCACHE_MODE
+from ..defaults import DEFAULT_DAEMON_SOCK
+from ..fscache_mount import mount_fscache
 from ..mount.record import read_record
 from ..mount.service import mount_image, umount_image
-from ..mount.spec import MODES, MountSpec
+from ..mount.spec import FSCACHE_MODE, MODES, MountSpec
 from .nydus import BOOT_FILE, load_backend
 from .store import ACTIVE, NYDUS_BLOB, NYDUS_BOOTSTRAP, Snapshot
 

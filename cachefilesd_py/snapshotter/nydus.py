@@ -16,12 +16,13 @@ import re
 import tarfile
 from pathlib import Path
 
-from erofs.build.convert import ANN_NYDUS_BLOB, ANN_NYDUS_BOOTSTRAP, BOOTSTRAP_MEMBER
 from erofs.errors import ImageError
+from erofs.imagespec import ANN_NYDUS_BLOB, ANN_NYDUS_BOOTSTRAP, BOOTSTRAP_MEMBER
 from erofs.reader.bootstrap import Bootstrap
 
 from ..backends.config import BackendSpec, parse_backend_spec
-from ..reference import fetch_bootstrap_layer, parse_image_reference
+from ..imageref import parse_image_reference
+from ..reference import fetch_bootstrap_layer
 from .store import NYDUS_BLOB, NYDUS_BOOTSTRAP
 
 __all__ = [

@@ -33,7 +33,8 @@ from google.protobuf import field_mask_pb2
 
 from erofs.errors import BackendError, NydusErofsError, UsageError
 
-from ..reference import DOCKER_HUB, RemoteImage, bootstrap_layers, json_object
+from ..imageref import DOCKER_HUB
+from ..reference import RemoteImage, bootstrap_layers, json_object
 from .nydus import (
     LABEL_IMAGE_REF,
     LABEL_LAYER_DIGEST,

@@ -29,7 +29,7 @@ from pathlib import Path
 from erofs.errors import UsageError
 
 from ..backends.config import BackendSpec
-from ..fscache_mount import DEFAULT_DAEMON_SOCK
+from ..defaults import DEFAULT_DAEMON_SOCK
 from .mounts import SNAPSHOTTER_MODES, Layout, LazyMounts, MountEntry, mounts_for
 from .nydus import (
     LABEL_IMAGE_REF,

@@ -1,6 +1,6 @@
 """``nydus-erofs convert``: an OCI image → a Nydus image, as an OCI image layout or pushed to a registry.
 
-The Nydus image follows upstream nydusify's conventions (``contrib/nydusify/pkg/utils/constant.go``): one
+The Nydus image follows upstream nydusify's conventions (:mod:`erofs.imagespec` names them): one
 layer per data blob (media type ``application/vnd.oci.image.layer.nydus.blob.v1``, digest = ``sha256:<blob
 id>``, annotation ``containerd.io/snapshot/nydus-blob``), then, last, a gzip tar layer holding
 ``image/image.boot`` (annotation ``containerd.io/snapshot/nydus-bootstrap``).  The config is the source's, its
@@ -22,35 +22,31 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from erofs.build.bootstrap import ImageOptions
 from erofs.build.builder import BuildResult, PrefetchSelector, build_image
-from erofs.build.sources.oci import (
+from erofs.build.sources.oci import REF_NAME, OciLayout, parse_reference
+from erofs.errors import SourceError, UsageError
+from erofs.imagespec import (
+    ANN_NYDUS_BLOB,
     ANN_NYDUS_BOOTSTRAP,
+    ANN_NYDUS_FS_VERSION,
+    BOOTSTRAP_MEMBER,
     DEFAULT_PLATFORM,
     MT_DOCKER_LIST,
     MT_INDEX,
     MT_MANIFEST,
     MT_NYDUS_BLOB,
-    REF_NAME,
-    OciLayout,
+    NYDUS_OS_FEATURE,
     is_nydus_manifest,
     parse_platform,
-    parse_reference,
 )
-from erofs.build.sources.stream import LayerStream
-from erofs.errors import ImageError, SourceError, UsageError
 from erofs.paths import BLOBS_DIR, BOOTSTRAP_NAME, make_dirs, remove_stale_temps, temp_prefix
 from erofs.progress import ProgressCallback
 
 MT_CONFIG = "application/vnd.oci.image.config.v1+json"
 MT_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-ANN_NYDUS_BLOB = "containerd.io/snapshot/nydus-blob"
-ANN_NYDUS_FS_VERSION = "containerd.io/snapshot/nydus-fs-version"
-NYDUS_OS_FEATURE = "nydus.remoteimage.v1"
-BOOTSTRAP_MEMBER = "image/image.boot"
-MAX_BOOTSTRAP = 1 << 30  # bytes: the bootstrap layer, and the bootstrap in it, read from an image
 CONVERT_TEMP = "nydus-erofs-convert-"  # + owner + random: the work directory in --work-dir
 
 
@@ -218,35 +214,6 @@ def read_target_index(path: Path) -> dict[str, Any]:
     if not isinstance(index, dict) or not isinstance(index.get("manifests", []), list):
         raise UsageError(f"target {index_path}: not an OCI image index")
     return index
-
-
-def extract_bootstrap(layer: BinaryIO, out: BinaryIO, limit: int = MAX_BOOTSTRAP) -> None:
-    """Copy the ``image/image.boot`` member of a bootstrap layer (a tar: plain, gzip or zstd) to ``out``: a
-    regular file of at most ``limit`` bytes; nothing else of the tar is written anywhere.  ImageError if not."""
-    try:
-        stream = LayerStream(layer, "bootstrap layer", threaded=False)
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
-                if re.sub(r"^(\./)+", "", member.name) != BOOTSTRAP_MEMBER:
-                    continue
-                if not member.isreg():
-                    raise ImageError(f"bootstrap layer: {BOOTSTRAP_MEMBER} is not a regular file")
-                if member.size > limit:
-                    raise ImageError(f"bootstrap layer: {BOOTSTRAP_MEMBER} of {member.size} bytes is over the "
-                                     f"limit of {limit}")  # fmt: skip
-                src = tar.extractfile(member)
-                assert src is not None
-                left = member.size
-                while left:
-                    chunk = src.read(min(left, 1 << 20))
-                    if not chunk:
-                        raise ImageError(f"bootstrap layer: {BOOTSTRAP_MEMBER} is truncated")
-                    out.write(chunk)
-                    left -= len(chunk)
-                return
-    except (tarfile.TarError, SourceError, EOFError) as e:
-        raise ImageError(f"bootstrap layer: {e}") from None
-    raise ImageError(f"bootstrap layer: no {BOOTSTRAP_MEMBER} in it")
 
 
 def local_layout(ref: str, dest: Path, *, platform: str | None, plain_http: bool) -> str:

@@ -469,7 +469,7 @@ def test_umount_leaves_what_was_mounted_over_a_stale_record(image: Path, mountpo
 def test_umount_never_signals_init_or_a_stranger() -> None:
     # a worker orphaned by its supervisor recorded its new parent, init, as the daemon: umount sent it SIGTERM,
     # SIGUSR1 and SIGKILL, then waited for it to exit, for ever
-    from cachefilesd_py.mount.service import is_daemon
+    from cachefilesd_py.mount.record import is_daemon
     from erofs.paths import process_start_time
 
     assert not is_daemon({"pid": 1, "start_time": process_start_time(1)})

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cachefilesd_py.reference import ImageReference, parse_image_reference, resolve_nydus_image
+from cachefilesd_py.imageref import ImageReference, parse_image_reference
+from cachefilesd_py.reference import resolve_nydus_image
 from erofs.errors import BackendError, ImageError, UsageError
 from erofs.reader.bootstrap import Bootstrap
 from tests.support.registry import TEST_PASSWORD, TEST_USER, Front, RegistryServer

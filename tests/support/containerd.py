@@ -12,7 +12,7 @@ from types import TracebackType
 
 import grpc
 
-from erofs.build.sources.oci import MT_NYDUS_BLOB
+from erofs.imagespec import MT_NYDUS_BLOB
 
 CLI = str(Path(sys.executable).with_name("nydus-erofs"))
 SNAPSHOTTER = "nydus-erofs"

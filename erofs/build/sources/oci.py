@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -19,11 +18,16 @@ from typing import Any
 
 from erofs.build.sources.tar import TarLayer
 from erofs.errors import SourceError
+from erofs.imagespec import (
+    DEFAULT_PLATFORM,
+    MT_DOCKER_LIST,
+    MT_DOCKER_MANIFEST,
+    MT_INDEX,
+    MT_MANIFEST,
+    is_nydus_manifest,
+    parse_platform,
+)
 
-MT_INDEX = "application/vnd.oci.image.index.v1+json"
-MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 LAYER_MEDIA_TYPES = {
     "application/vnd.oci.image.layer.v1.tar",
     "application/vnd.oci.image.layer.v1.tar+gzip",
@@ -36,13 +40,6 @@ LAYER_MEDIA_TYPES = {
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
 }
 REF_NAME = "org.opencontainers.image.ref.name"
-# a Nydus image (nydusify's layout, erofs.build.convert writes it): blob layers, then a bootstrap layer
-MT_NYDUS_BLOB = "application/vnd.oci.image.layer.nydus.blob.v1"
-ANN_NYDUS_BOOTSTRAP = "containerd.io/snapshot/nydus-bootstrap"
-_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm/v7",
-         "armv6l": "arm/v6", "i686": "386", "i386": "386", "ppc64le": "ppc64le", "s390x": "s390x",
-         "riscv64": "riscv64"}  # fmt: skip
-DEFAULT_PLATFORM = "linux/" + _ARCH.get(platform.machine().lower(), "amd64")  # the host's, as docker pulls
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 _MAX_JSON = 16 << 20
 _MAX_NESTING = 8
@@ -63,22 +60,6 @@ def looks_like_layout(path: str | os.PathLike[str]) -> bool:
     """Whether a directory is an OCI image layout (``oci-layout`` and ``index.json``): given as a plain
     directory SOURCE, it would be built as files, not as the image it holds."""
     return os.path.isfile(os.path.join(path, "oci-layout")) and os.path.isfile(os.path.join(path, "index.json"))
-
-
-def is_nydus_manifest(manifest: dict[str, Any]) -> bool:
-    """Whether an image manifest is a Nydus image's (Nydus blob layers or a bootstrap layer)."""
-    for desc in manifest.get("layers") or []:
-        if isinstance(desc, dict) and (desc.get("mediaType") == MT_NYDUS_BLOB
-                                       or ANN_NYDUS_BOOTSTRAP in (desc.get("annotations") or {})):  # fmt: skip
-            return True
-    return False
-
-
-def parse_platform(text: str) -> tuple[str, str, str | None]:
-    parts = text.split("/")
-    if len(parts) not in (2, 3) or not all(parts):
-        raise SourceError(f"--platform must be os/arch[/variant], not {text!r}")
-    return parts[0], parts[1], parts[2] if len(parts) == 3 else None
 
 
 class OciLayout:
