@@ -22,6 +22,7 @@ import hashlib
 import io
 import os
 import secrets
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -93,6 +94,12 @@ class _Containerd:
     """Stubs on containerd's socket; every call in ``namespace`` (and ``lease``, once set)."""
 
     def __init__(self, address: str, namespace: str) -> None:
+        try:  # no socket, or nobody listening: say so now, not after gRPC's 10 s of retries
+            with socket.socket(socket.AF_UNIX) as probe:
+                probe.settimeout(10)
+                probe.connect(address)
+        except OSError as e:
+            raise UsageError(f"cannot reach containerd at {address}: {e.strerror or e}") from None
         self.channel = grpc.insecure_channel(f"unix:{address}")
         try:
             grpc.channel_ready_future(self.channel).result(timeout=10)
