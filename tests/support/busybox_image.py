@@ -11,7 +11,7 @@ from pathlib import Path
 BUSYBOX = "/bin/busybox"
 APPLETS = ("sh", "cat", "ls", "echo", "stat", "find", "sha256sum", "rm", "mkdir", "head", "wc", "sleep", "sync",
            "true", "tail", "dd", "mv", "cp", "test", "[")  # fmt: skip
-BIG_SIZE = 96 << 20
+BIG_SIZE = 96 << 20  # the benchmarks' default; the tests take a smaller one
 
 
 def run(*args: str | Path) -> str:
@@ -21,8 +21,8 @@ def run(*args: str | Path) -> str:
     return proc.stdout
 
 
-def fill_rootfs(rootfs: Path) -> None:
-    """busybox and its applets in /bin, /etc/hello.txt, /data/big (random, :data:`BIG_SIZE`), /data/log."""
+def fill_rootfs(rootfs: Path, big_size: int = BIG_SIZE) -> None:
+    """busybox and its applets in /bin, /etc/hello.txt, /data/big (random, ``big_size``), /data/log."""
     (rootfs / "bin").mkdir(exist_ok=True)
     shutil.copy2(BUSYBOX, rootfs / "bin" / "busybox")
     for name in APPLETS:
@@ -35,20 +35,20 @@ def fill_rootfs(rootfs: Path) -> None:
     os.chown(rootfs / "etc" / "owned", 1000, 100)
     os.chmod(rootfs / "etc" / "owned", 0o640)
     with open(rootfs / "data" / "big", "wb") as f:
-        for _ in range(BIG_SIZE >> 20):
+        for _ in range(big_size >> 20):
             f.write(os.urandom(1 << 20))
     (rootfs / "data" / "log").write_text("line 1\n")
     os.symlink("hello.txt", rootfs / "etc" / "hello-link")
 
 
-def busybox_layout(tmp: Path, tag: str = "v1") -> Path:
-    """An OCI layout at ``tmp/layout`` holding ``tag``: one layer, the busybox root filesystem."""
+def busybox_layout(tmp: Path, tag: str = "v1", big_size: int = BIG_SIZE) -> Path:
+    """An OCI layout at ``tmp/layout`` holding ``tag``: one layer, the busybox root filesystem (:func:`fill_rootfs`)."""
     layout = tmp / "layout"
     run("umoci", "init", "--layout", layout)
     run("umoci", "new", "--image", f"{layout}:{tag}")
     bundle = tmp / "bundle"
     run("umoci", "unpack", "--image", f"{layout}:{tag}", bundle)
-    fill_rootfs(bundle / "rootfs")
+    fill_rootfs(bundle / "rootfs", big_size)
     run("umoci", "repack", "--image", f"{layout}:{tag}", bundle)
     run("umoci", "config", "--image", f"{layout}:{tag}", "--config.cmd", "/bin/sh", "--config.env",
         "PATH=/bin")  # fmt: skip
