@@ -7,12 +7,7 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
-
-from .runs import MODES, VM_MODES, Run  # noqa: E402
+from .runs import MODES, VM_MODES, Run
 
 _MIB = 1 << 20
 LABELS = {"oci": "OCI (ctr pull + run)", "nydus": "Nydus lazy", "nydus-prefetch": "Nydus + trace prefetch",
@@ -51,6 +46,11 @@ def table(runs: Sequence[Run]) -> str:
 
 
 def plot_runs(runs: Sequence[Run], path: Path, title: str) -> None:
+    import matplotlib  # here: ~1 s of CPU to import, and only --plot draws (the page's text does without)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     med = medians(runs)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for m in MODES + VM_MODES:
