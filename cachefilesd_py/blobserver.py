@@ -22,6 +22,7 @@ import http.server
 import logging
 import os
 import re
+import select
 import socket
 import stat
 import threading
@@ -292,16 +293,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._done(status, sent)
 
 
-def serve_directory(root: str | os.PathLike[str], address: tuple[str, int], stop: threading.Event,
+def serve_directory(root: str | os.PathLike[str], address: tuple[str, int], stop_fd: int,
           ready: Any = None) -> None:  # fmt: skip
-    """Serve ``root`` on ``address`` until ``stop`` is set; ``ready(url)`` is called once listening."""
+    """Serve ``root`` on ``address`` until ``stop_fd`` (a pipe's read end) is readable; ``ready(url)`` is called
+    once listening.  A pipe, not an Event: a signal handler may write to it, where setting an Event from a handler
+    deadlocks if the signal lands while this thread is inside the Event's lock (a stopped ``serve`` hung so)."""
     server = BlobServer(root, address)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="blobserver")
     thread.start()
     try:
         if ready is not None:
             ready(server.url)
-        stop.wait()
+        select.select([stop_fd], [], [])
     finally:
         server.shutdown()
         server.drain(DRAIN_SECONDS)

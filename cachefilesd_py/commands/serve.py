@@ -8,9 +8,9 @@ Exit codes: 0 stopped by a signal; 2 bad options (DIR not a directory, ADDR:PORT
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
-import threading
 from types import FrameType
 
 import click
@@ -35,15 +35,19 @@ def serve(directory: str, listen: str) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    stop = threading.Event()
+    stop_r, stop_w = os.pipe()
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
+    def on_signal(signum: int, frame: FrameType | None) -> None:  # no locks here: one byte down a pipe
+        try:
+            os.write(stop_w, b"x")
+        except OSError:  # (full: a stop is already on its way)
+            pass
 
+    os.set_blocking(stop_w, False)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     try:
-        serve_directory(directory, address, stop, ready=lambda url: logger.info("serving %s on %s", directory, url))
+        serve_directory(directory, address, stop_r, ready=lambda url: logger.info("serving %s on %s", directory, url))
     except NotADirectoryError:
         raise UsageError(f"{directory}: not a directory") from None
     except OSError as e:
