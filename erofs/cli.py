@@ -49,7 +49,7 @@ def entry_points(group: str) -> dict[str, str]:
                     section = line.strip("[]").strip()
                 elif section == group and "=" in line and not line.startswith(("#", ";")):
                     key, value = line.split("=", 1)
-                    found.setdefault(key.strip(), value.split()[0] if value.split() else "")
+                    found.setdefault(key.strip(), (value.split() or [""])[0])  # "module:attr [extras]"
     return found
 
 

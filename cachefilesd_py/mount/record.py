@@ -133,8 +133,12 @@ def write_record(path: Path, data: dict[str, Any]) -> None:
 # -- the daemon a record names ----------------------------------------------------------------------------------------
 def is_daemon(rec: dict[str, Any]) -> bool:
     """Whether the record's ``pid`` is still the mount daemon that wrote it."""
-    pid = rec.get("pid")
-    return bool(pid) and process_start_time(pid) == rec.get("start_time") is not None and _runs_a_daemon(pid)
+    return _still_runs(rec.get("pid"), rec.get("start_time"))
+
+
+def _still_runs(pid: int | None, start_time: Any) -> bool:
+    """Whether ``pid`` is still the process recorded as started at ``start_time``, and a mount daemon."""
+    return bool(pid) and process_start_time(pid) == start_time is not None and _runs_a_daemon(pid)
 
 
 def _runs_a_daemon(pid: int) -> bool:
@@ -153,6 +157,4 @@ def _runs_a_daemon(pid: int) -> bool:
 def live_worker(rec: dict[str, Any]) -> int | None:
     """The record's worker, if it still runs."""
     worker = rec.get("worker_pid")
-    if worker and process_start_time(worker) == rec.get("worker_start_time") is not None and _runs_a_daemon(worker):
-        return int(worker)
-    return None
+    return int(worker) if _still_runs(worker, rec.get("worker_start_time")) else None

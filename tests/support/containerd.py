@@ -4,6 +4,7 @@ as its proxy snapshotter, and ``ctr`` pointed at it.  Both processes are stopped
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,9 +156,7 @@ class Containerd:
                      '"$0" "$@" > /.stdout/out', *argv, namespace=namespace)  # fmt: skip
             return (out / "out").read_text()
         finally:
-            for f in out.iterdir():
-                f.unlink()
-            out.rmdir()
+            shutil.rmtree(out)
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         if self.proc is not None:
