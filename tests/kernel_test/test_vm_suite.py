@@ -39,6 +39,7 @@ KERNELS = [
 
 @pytest.mark.vm
 @pytest.mark.network
+@pytest.mark.timeout(VM_SUITE_TIMEOUT_S + 300)  # run-vm's own limit, then the servers' start and stop
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_vm_suite_passes_in_the_vm(tmp_path: Path, comparison: Any, kernel: str | None) -> None:
     assert run_vm.hidden_in_guest(tmp_path.resolve()) is None, f"{tmp_path} is hidden in the guest"

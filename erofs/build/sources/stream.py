@@ -227,14 +227,19 @@ class LayerStream(io.RawIOBase):
             pass
 
     def close(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            assert self._q is not None
-            self._stop = True
-            while True:  # unblock the producer; it stops after its current block
-                item = self._q.get()
-                if item is None or isinstance(item, BaseException):
-                    break
+        if self._thread is not None:
+            if not self._eof:  # the producer's last item (end or error) is still to come: unblock it
+                assert self._q is not None
+                self._stop = True  # it stops after its current block
+                while True:
+                    item = self._q.get()
+                    if item is None or isinstance(item, BaseException):
+                        break
+                self._eof = True
+            # Once the last item is taken the producer has nothing left to put, though it may still be
+            # running (is_alive() is no test of that: waiting on the queue then would wait for ever).
             self._thread.join()
+            self._thread = None
         super().close()
 
 
