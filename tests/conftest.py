@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cli import run
+from tests.support.cli import run, use_fork_server
 from tests.support.kmount import MNT_DETACH, is_mounted, umount
 from tests.support.machine import in_vm, missing_for, missing_kernel_features, unavailable
 from tests.support.registry import RegistryServer
+from tests.support.zygote import Zygote
 
 collect_ignore = [] if os.environ.get("NYDUS_EROFS_IN_VM") == "1" else ["vm"]
 
@@ -37,6 +38,23 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     # tests/kernel_test/test_vm_suite.py checks which skips each kernel may have).
     kernel_only = in_vm() and set(missing) <= set(missing_kernel_features(item))
     unavailable("; ".join(missing), even_in_ci=kernel_only)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cli_fork_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Zygote | None]:
+    """Under ``pytest -n`` (the quick loop) :func:`tests.support.cli.run` forks the programs from a process that
+    has imported them (:mod:`tests.support.zygote`), saving each run the interpreter's start and the imports;
+    the full run, as CI runs it, starts every program from its installed script."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield None
+        return
+    server = Zygote(tmp_path_factory.getbasetemp() / "cli.sock")
+    use_fork_server(server)
+    try:
+        yield server
+    finally:
+        use_fork_server(None)
+        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,31 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tests.support.zygote import ENTRY_POINTS, Zygote
+
 BIN = Path(sys.executable).parent
 CLI = str(BIN / "nydus-erofs")
 CACHEFILESD = str(BIN / "cachefilesd-py")
 TIMEOUT = 60
+ENTRY_POINTS_BY_PATH = {str(BIN / name) for name in ENTRY_POINTS}
+
+_fork_server: Zygote | None = None  # under pytest -n: tests/conftest.py's fork server
+
+
+def use_fork_server(server: Zygote | None) -> None:
+    """From now on :func:`run` forks the programs from ``server`` (None: starts them from their scripts)."""
+    global _fork_server
+    _fork_server = server
 
 
 def run(*args: str | os.PathLike[str], prog: str = CLI, timeout: float = TIMEOUT,
         **kw: Any) -> subprocess.CompletedProcess[str]:  # fmt: skip
-    """``prog`` (``nydus-erofs``) with ``args``; stdout and stderr captured as text."""
-    return subprocess.run([prog, *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw)
+    """``prog`` (``nydus-erofs``) with ``args``; stdout and stderr captured as text.  ``kw``: ``input``,
+    ``stdin``, ``cwd``, ``env``, ``umask`` as for subprocess.run (any other: run from the script)."""
+    argv = [prog, *map(str, args)]
+    if _fork_server is not None and prog in ENTRY_POINTS_BY_PATH and set(kw) <= Zygote.OPTIONS:
+        return _fork_server.run(argv, timeout=timeout, **kw)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def one_line(proc: subprocess.CompletedProcess[str], code: int, text: str, prog: str = "nydus-erofs") -> None:
