@@ -5,21 +5,20 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from erofs.format import erofs_fs as e
+from tests.support.cli import run
 from tests.support.fstree import assert_same_tree, image_devices, mount_erofs
 from tests.support.rootfs import T0, make_rootfs
 
 pytestmark = pytest.mark.root  # the rootfs fixture makes devices and sets owners
 
-CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
+
 def build(src: Path, out: Path, *args: str) -> dict:
-    proc = subprocess.run([*CLI, "build", str(src), "--output-dir", str(out), "--json", *args],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = run("build", src, "--output-dir", out, "--json", *args)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -150,15 +149,14 @@ def test_build_then_mount_a_real_tree(tmp_path: Path) -> None:
 )
 def test_bad_options_are_one_line_errors(rootfs: Path, tmp_path: Path, args: list[str], message: str) -> None:
     out = tmp_path / "out"
-    proc = subprocess.run([*CLI, "build", str(rootfs), "-o", str(out), *args], capture_output=True, text=True)
+    proc = run("build", rootfs, "-o", out, *args)
     assert proc.returncode != 0
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not out.exists()
 
 
 def test_missing_source_is_a_clear_error(tmp_path: Path) -> None:
-    proc = subprocess.run([*CLI, "build", str(tmp_path / "nope"), "-o", str(tmp_path / "out")],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = run("build", tmp_path / "nope", "-o", tmp_path / "out")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "out").exists()
@@ -167,7 +165,7 @@ def test_missing_source_is_a_clear_error(tmp_path: Path) -> None:
 def test_output_that_is_a_file_is_a_clear_error(rootfs: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.write_bytes(b"precious")
-    proc = subprocess.run([*CLI, "build", str(rootfs), "-o", str(out)], capture_output=True, text=True)
+    proc = run("build", rootfs, "-o", out)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert out.read_bytes() == b"precious"

@@ -12,8 +12,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -22,10 +20,10 @@ import pytest
 from erofs.reader.backend import LocalBlobDir
 from erofs.reader.blob import BlobMeta
 from erofs.reader.bootstrap import Bootstrap
+from tests.support.cli import run
 from tests.support.fstree import assert_same_tree, image_devices
 from tests.support.kmount import mount_erofs
 
-CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 CHUNK = 64 << 10
 
 pytestmark = pytest.mark.kernel
@@ -65,8 +63,7 @@ def layers(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 def build(layers: list[Path], out: Path, compressor: str) -> dict:
-    proc = subprocess.run([*CLI, "build", *map(str, layers), "-o", str(out), "--compressor", compressor,
-                           "--chunk-size", str(CHUNK), "--json"], capture_output=True, text=True)  # fmt: skip
+    proc = run("build", *layers, "-o", out, "--compressor", compressor, "--chunk-size", str(CHUNK), "--json")
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -120,8 +117,7 @@ def test_compressed_image_reads_back_identical(layers: list[Path], reference: Pa
                                                    for c in table)  # fmt: skip
 
     unpacked = tmp_path / "unpacked"
-    proc = subprocess.run([*CLI, "unpack", str(out / "image.boot"), "--blob-dir", str(out / "blobs"), "-o",
-                           str(unpacked)], capture_output=True, text=True)  # fmt: skip
+    proc = run("unpack", out / "image.boot", "--blob-dir", out / "blobs", "-o", unpacked)
     assert proc.returncode == 0, proc.stderr
     cache = tmp_path / "cache"
     cache.mkdir()

@@ -8,21 +8,26 @@ import io
 import json
 import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
 from cachefilesd_py.backends import make_backend
+from tests.support import cli
 from tests.support.fstree import assert_same_tree
 
-CLI = str(Path(sys.executable).with_name("nydus-erofs"))
 pytestmark = pytest.mark.tools("umoci", "skopeo")
 
 
 def run(*args: str | Path) -> str:
     proc = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+    assert proc.returncode == 0, f"{args}: {proc.stderr}"
+    return proc.stdout
+
+
+def nydus_erofs(*args: str | Path) -> str:
+    proc = cli.run(*args)
     assert proc.returncode == 0, f"{args}: {proc.stderr}"
     return proc.stdout
 
@@ -58,7 +63,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_convert_to_oci_layout(source: Path, tmp_path: Path) -> None:
     target = tmp_path / "nydus"
-    out = json.loads(run(CLI, "convert", f"oci:{source}:v1", f"oci:{target}:v1-nydus", "--json"))
+    out = json.loads(nydus_erofs("convert", f"oci:{source}:v1", f"oci:{target}:v1-nydus", "--json"))
     index = json.loads((target / "index.json").read_text())
     (desc,) = index["manifests"]
     assert desc["annotations"]["org.opencontainers.image.ref.name"] == "v1-nydus"
@@ -83,7 +88,7 @@ def test_convert_to_oci_layout(source: Path, tmp_path: Path) -> None:
 def test_convert_push_and_mount_lazily_from_the_registry(source: Path, tmp_path: Path,  # noqa: F811
                                                          registry_server) -> None:  # fmt: skip
     ref = f"docker://{registry_server.host}/app:v1-nydus"
-    run(CLI, "convert", f"oci:{source}:v1", ref, "--plain-http", "--compressor", "zstd")
+    nydus_erofs("convert", f"oci:{source}:v1", ref, "--plain-http", "--compressor", "zstd")
     manifest = json.loads(run("skopeo", "inspect", "--raw", "--tls-verify=false", ref))
     boot_layer = manifest["layers"][-1]
     backend = make_backend("registry", host=registry_server.host, repo="app", plain_http=True)
@@ -101,18 +106,18 @@ def test_convert_push_and_mount_lazily_from_the_registry(source: Path, tmp_path:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     config = f"host={registry_server.host},repo=app,plain_http=true"
-    run(CLI, "mount", tmp_path / "image.boot", mnt, "--backend", "registry", "--backend-config", config,
-        "--cache-dir", tmp_path / "cache", "--mode", "fanotify")  # fmt: skip
+    nydus_erofs("mount", tmp_path / "image.boot", mnt, "--backend", "registry", "--backend-config", config,
+                "--cache-dir", tmp_path / "cache", "--mode", "fanotify")  # fmt: skip
     try:
         assert_same_tree(expected / "rootfs", mnt)
     finally:
-        run(CLI, "umount", mnt)
+        nydus_erofs("umount", mnt)
 
 
 def test_convert_errors_are_one_line(source: Path, tmp_path: Path) -> None:
     for args in (["oci:/nonexistent:v1", f"oci:{tmp_path}/t"], [f"oci:{source}:nosuchtag", f"oci:{tmp_path}/t"],
                  [f"oci:{source}:v1", "ftp://x"]):  # fmt: skip
-        proc = subprocess.run([CLI, "convert", *args], capture_output=True, text=True)
+        proc = cli.run("convert", *args)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
@@ -120,7 +125,7 @@ def test_convert_errors_are_one_line(source: Path, tmp_path: Path) -> None:
 def test_convert_from_a_registry_source(source: Path, tmp_path: Path, registry_server) -> None:  # noqa: F811
     src = f"docker://{registry_server.host}/src:v1"
     run("skopeo", "copy", "--dest-tls-verify=false", f"oci:{source}:v1", src)
-    from_registry = json.loads(run(CLI, "convert", src, f"oci:{tmp_path}/a:n", "--plain-http", "--json"))
-    from_layout = json.loads(run(CLI, "convert", f"oci:{source}:v1", f"oci:{tmp_path}/b:n", "--json"))
+    from_registry = json.loads(nydus_erofs("convert", src, f"oci:{tmp_path}/a:n", "--plain-http", "--json"))
+    from_layout = json.loads(nydus_erofs("convert", f"oci:{source}:v1", f"oci:{tmp_path}/b:n", "--json"))
     assert from_registry["image"]["blobs"] == from_layout["image"]["blobs"]
     assert from_registry["manifest_digest"] == from_layout["manifest_digest"]  # repeatable, whatever the path

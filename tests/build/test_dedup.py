@@ -6,17 +6,15 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
+from tests.support.cli import run
 from tests.support.fstree import image_devices
 from tests.support.kmount import mount_erofs
 
-CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 CHUNK = 64 << 10
 BIG = os.urandom(40 * CHUNK + 1000)  # 41 chunks
 OTHER = os.urandom(10 * CHUNK)
@@ -35,8 +33,7 @@ def layer(path: Path, files: dict[str, bytes]) -> Path:
 
 
 def build(*args: str | Path, ok: bool = True) -> dict:
-    proc = subprocess.run([*CLI, "build", *map(str, args), "--chunk-size", str(CHUNK), "--json"],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = run("build", *args, "--chunk-size", str(CHUNK), "--json")
     assert "Traceback" not in proc.stderr
     if not ok:
         assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
@@ -108,9 +105,8 @@ def test_chunk_dict_mismatch_is_a_one_line_error(tmp_path: Path, extra: list[str
     dict_img = tmp_path / "dict"
     build(layer(tmp_path / "d.tgz", {"x": BIG}), "-o", dict_img)
     src = layer(tmp_path / "n.tgz", {"y": OTHER})
-    cmd = [*CLI, "build", str(src), "-o", str(tmp_path / "out"), "--chunk-size", str(CHUNK),
-           "--chunk-dict", str(dict_img / "image.boot"), *extra]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = run("build", src, "-o", tmp_path / "out", "--chunk-size", str(CHUNK),
+               "--chunk-dict", dict_img / "image.boot", *extra)  # fmt: skip
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
     assert not (tmp_path / "out").exists()

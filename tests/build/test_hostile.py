@@ -11,8 +11,6 @@ import io
 import json
 import os
 import stat
-import subprocess
-import sys
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,10 +19,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from tests.support.cli import run
 from tests.support.fstree import image_devices
 from tests.support.kmount import mount_erofs
-
-CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 
 
 def member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", pax: dict[str, str] | None = None,
@@ -244,8 +241,7 @@ def test_hostile_input(case: Case, preexisting: bool, tmp_path: Path) -> None:
         (out / "blobs" / "keep").write_bytes(b"previous blob")
     before_out = _listing(out) if out.exists() else None
     before = _listing(tmp_path)
-    proc = subprocess.run([*CLI, "build", source, "-o", str(out), "--chunk-size", "4KiB"], cwd=work,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = run("build", source, "-o", out, "--chunk-size", "4KiB", cwd=work, timeout=120)
     assert "Traceback" not in proc.stderr
     after = _listing(tmp_path)
     outside = {k: v for k, v in after.items() if not k.startswith("out")}

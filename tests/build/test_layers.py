@@ -19,7 +19,6 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -28,10 +27,10 @@ import pytest
 from erofs.build.overlay import merge_layers
 from erofs.build.tree import LINK_PLACEHOLDER_MODE, LayerTree, Node, walk
 from erofs.errors import SourceError
+from tests.support import cli
 from tests.support.fstree import assert_same_tree, image_devices, snapshot
 from tests.support.kmount import mount, mount_erofs, umount
 
-CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 NS = 123_456_789
 
 needs_umoci = pytest.mark.tools("umoci")
@@ -44,7 +43,7 @@ def run(*args: str | Path, cwd: Path | None = None) -> str:
 
 
 def build(*args: str | Path) -> dict:
-    proc = subprocess.run([*CLI, "build", *map(str, args), "--json"], capture_output=True, text=True)
+    proc = cli.run("build", *args, "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     return json.loads(proc.stdout)
@@ -197,8 +196,7 @@ def test_layer_files_as_sources_equal_the_oci_source(image: Path, tmp_path: Path
     plain.write_bytes(gzip.decompress(blobs[-1].read_bytes()) if blobs[-1].read_bytes()[:2] == b"\x1f\x8b"
                       else blobs[-1].read_bytes())  # fmt: skip
     with open(plain, "rb") as stdin:
-        proc = subprocess.run([*CLI, "build", *map(str, blobs[:-1]), "-", "-o", str(tmp_path / "b"), "--json"],
-                              stdin=stdin, capture_output=True, text=True)  # fmt: skip
+        proc = cli.run("build", *blobs[:-1], "-", "-o", tmp_path / "b", "--json", stdin=stdin)
     assert proc.returncode == 0, proc.stderr
     b = json.loads(proc.stdout)
     assert a["layers"] == b["layers"]

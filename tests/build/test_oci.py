@@ -6,22 +6,20 @@ from __future__ import annotations
 import gzip
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import zstandard
 
+from tests.support import cli
 from tests.support.fstree import image_devices
 from tests.support.kmount import mount_erofs
 from tests.support.oci import MT_LAYER as MT
 from tests.support.oci import Layout, tar_layer
 
-CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
-
 
 def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([*CLI, "build", *map(str, args), "--json"], capture_output=True, text=True)
+    proc = cli.run("build", *args, "--json")
     assert "Traceback" not in proc.stderr
     return proc
 

@@ -8,17 +8,16 @@ import io
 import json
 import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
 from tests.support import nydus_decoder as nd
+from tests.support.cli import run
 from tests.support.fstree import assert_same_tree, image_devices, mount_erofs
 from tests.support.paths import NYDUS
 
-CLI = str(Path(sys.executable).with_name("nydus-erofs"))
 UPSTREAM = NYDUS / "rafs-v6-2.2.boot"
 
 LIST = """/usr/bin
@@ -34,7 +33,7 @@ LIST = """/usr/bin
 
 
 def cli(*args: str | Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, input=stdin, timeout=120)
+    return run(*args, input=stdin, timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -8,24 +8,23 @@ import json
 import os
 import stat
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
+from tests.support.cli import run
 from tests.support.fstree import assert_same_tree, image_devices
 from tests.support.kmount import mount_erofs
 from tests.support.paths import SHARED
 
-CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 ALL_ENTRY_TYPE = SHARED / "interop" / "nydus" / "all-entry-type.tar"
 
 pytestmark = pytest.mark.kernel
 
 
 def build(*args: str | Path) -> dict:
-    proc = subprocess.run([*CLI, "build", *map(str, args), "--json"], capture_output=True, text=True)
+    proc = run("build", *args, "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(proc.stdout)
 
@@ -127,8 +126,7 @@ def test_stdin_source_and_repeatable_output(tree: Path, tmp_path: Path) -> None:
     gnutar("-c", "-z", "-f", archive, "--format=posix", "--sparse", "-C", tree, ".")
     a = build(archive, "-o", tmp_path / "a")
     with open(archive, "rb") as stdin:
-        proc = subprocess.run([*CLI, "build", "-", "-o", str(tmp_path / "b"), "--json"], stdin=stdin,
-                              capture_output=True, text=True)  # fmt: skip
+        proc = run("build", "-", "-o", tmp_path / "b", "--json", stdin=stdin)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["layers"] == a["layers"]
     assert (tmp_path / "a" / "image.boot").read_bytes() == (tmp_path / "b" / "image.boot").read_bytes()
@@ -191,11 +189,9 @@ def test_pre_1970_mtimes_are_stored(tmp_path: Path, fmt: int) -> None:
     want = {n: ns for n, (_, _, pax, ns) in PRE_1970.items() if pax is None or fmt == tarfile.PAX_FORMAT}
     with mount_erofs(out / "image.boot", tmp_path / "mnt", image_devices(out)) as mnt:
         assert {n: os.lstat(mnt / n).st_mtime_ns for n in want} == want
-    proc = subprocess.run([*CLI, "check", str(out / "image.boot"), "--blob-dir", str(out / "blobs")],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = run("check", out / "image.boot", "--blob-dir", out / "blobs")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    proc = subprocess.run([*CLI, "unpack", str(out / "image.boot"), "--blob-dir", str(out / "blobs"), "-o",
-                           str(tmp_path / "unpacked")], capture_output=True, text=True)  # fmt: skip
+    proc = run("unpack", out / "image.boot", "--blob-dir", out / "blobs", "-o", tmp_path / "unpacked")
     assert proc.returncode == 0, proc.stderr
     on_host = {n: ns for n, ns in want.items() if ns >= -(2**31) * 10**9}  # ext4 clamps times before 1901
     assert {n: os.lstat(tmp_path / "unpacked" / n).st_mtime_ns for n in on_host} == on_host
@@ -208,7 +204,7 @@ def test_unrepresentable_mtime_is_a_one_line_error(tmp_path: Path) -> None:
         ti = tarfile.TarInfo("ancient")
         ti.pax_headers = {"mtime": str(-(2**63) - 1)}
         tf.addfile(ti)
-    proc = subprocess.run([*CLI, "build", str(archive), "-o", str(tmp_path / "out")], capture_output=True, text=True)
+    proc = run("build", archive, "-o", tmp_path / "out")
     assert proc.returncode == 2, proc.stderr
     assert "'ancient'" in proc.stderr and "out of range" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

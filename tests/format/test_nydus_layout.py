@@ -8,17 +8,16 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.support import nydus_decoder as nd
+from tests.support.cli import run
 from tests.support.paths import SHARED
 
 NYDUS = SHARED / "interop" / "nydus"
 UPSTREAM_BOOT = NYDUS / "rafs-v6-2.2.boot"
-CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 
 
 def round_up(n: int, a: int = 4096) -> int:
@@ -189,8 +188,7 @@ def make_tree(root: Path) -> dict[str, bytes]:
 
 
 def build(src: Path, out: Path, *opts: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, "build", str(src), "--output-dir", str(out), *opts],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    return run("build", src, "--output-dir", out, *opts, timeout=120)
 
 
 @pytest.mark.parametrize("compressor", ["none", "lz4_block", "zstd"])

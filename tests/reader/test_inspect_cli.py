@@ -6,18 +6,17 @@ import json
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.root  # the source tree holds device nodes
+from tests.support import cli
 
-CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
+pytestmark = pytest.mark.root  # the source tree holds device nodes
 
 
 def run(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=120)
+    return cli.run(*args, timeout=120)
 
 
 @pytest.fixture(scope="module")

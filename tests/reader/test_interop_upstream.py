@@ -10,13 +10,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import blake3
 import pytest
 
+from tests.support import cli
 from tests.support.kmount import mount_erofs
 from tests.support.paths import SHARED
 
@@ -25,13 +25,12 @@ BOOT = NYDUS / "rafs-v6-2.2.boot"
 BLOBS = NYDUS / "blobs"
 BLOB_ID = "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
 FILES = {"lib.rs": 16931, "sync_io.rs": 13400}
-CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 
 pytestmark = pytest.mark.upstream
 
 
 def run(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=60)
+    return cli.run(*args, timeout=60)
 
 
 @pytest.fixture

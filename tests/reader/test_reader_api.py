@@ -4,7 +4,6 @@ chunks, and fetch → verify → decompress them with one ranged read per run of
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,12 @@ from erofs.reader import (
     plan_reads,
     read_chunks,
 )
+from tests.support.cli import run
 from tests.support.paths import SHARED
 
 NYDUS = SHARED / "interop" / "nydus"
 BOOT = NYDUS / "rafs-v6-2.2.boot"
 BLOB_ID = "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
-CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 
 
 class CountingSource:
@@ -110,7 +109,7 @@ def test_not_an_image(tmp_path: Path):
     p.write_bytes(b"tiny")
     with pytest.raises(ImageError, match="too small"):
         Bootstrap(p)
-    r = subprocess.run([*CLI, "inspect", str(p)], capture_output=True, text=True)
+    r = run("inspect", p)
     assert r.returncode == 3 and r.stderr.startswith("nydus-erofs: error:") and "Traceback" not in r.stderr
 
 
@@ -139,5 +138,5 @@ def test_compressed_images_are_refused_clearly(tmp_path: Path):
         pytest.skip("mkfs.erofs has no lz4")
     with pytest.raises(UnsupportedImageError, match="not a Nydus image: compressed EROFS is not supported"):
         Bootstrap(img)
-    c = subprocess.run([*CLI, "check", str(img)], capture_output=True, text=True)
+    c = run("check", img)
     assert c.returncode == 2 and c.stderr.strip().endswith("not a Nydus image: compressed EROFS is not supported")

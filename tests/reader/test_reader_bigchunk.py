@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from erofs.reader import Bootstrap, ImageReader, LocalBlobDir
 from erofs.reader.check import check_image
+from tests.support.cli import run
 from tests.support.kmount import mount_erofs
 
-CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 SIZE = 270_000  # 5 chunks of 64 KiB; next_pow2 = 512 KiB
 
 
@@ -28,8 +26,7 @@ def big_chunk_image(tmp_path: Path) -> tuple[Path, Path, bytes]:
     data = os.urandom(SIZE)
     (src / "f").write_bytes(data)
     out = tmp_path / "out"
-    r = subprocess.run([*CLI, "build", str(src), "--output-dir", str(out), "--compressor", "none",
-                        "--chunk-size", "64k"], capture_output=True, text=True)  # fmt: skip
+    r = run("build", src, "--output-dir", out, "--compressor", "none", "--chunk-size", "64k")
     assert r.returncode == 0, r.stderr
     boot = out / "image.boot"
     raw = bytearray(boot.read_bytes())

@@ -9,7 +9,6 @@ import hashlib
 import shutil
 import struct
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,12 +16,12 @@ import pytest
 
 from erofs.reader import Bootstrap, LocalBlobDir
 from erofs.reader.check import check_image
+from tests.support.cli import run
 from tests.support.paths import SHARED
 
 NYDUS = SHARED / "interop" / "nydus"
 BOOT = NYDUS / "rafs-v6-2.2.boot"
 BLOB_ID = "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
-CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 
 pytestmark = pytest.mark.upstream
 
@@ -180,7 +179,7 @@ def test_chunk_data_byte(tmp_path: Path, offset: int, path: str, chunk: int):
     problems = _problems(boot, blobs)
     assert len(problems) == 1
     _one_matching(problems, path, f"chunk {chunk} of blob {BLOB_ID}")
-    r = subprocess.run([*CLI, "check", str(boot), "--blob-dir", str(blobs)], capture_output=True, text=True)
+    r = run("check", boot, "--blob-dir", blobs)
     assert r.returncode == 3 and path in r.stdout and f"chunk {chunk}" in r.stdout
 
 

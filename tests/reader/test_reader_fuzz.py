@@ -13,7 +13,6 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 import tempfile
 import tracemalloc
 from pathlib import Path
@@ -27,6 +26,7 @@ from erofs.reader import Bootstrap, ImageReader
 from erofs.reader.blob import BlobMeta, read_chunks
 from erofs.reader.check import check_image
 from erofs.reader.unpack import unpack_to_dir, unpack_to_tar
+from tests.support.cli import CLI
 from tests.support.paths import SHARED
 
 NYDUS = SHARED / "interop" / "nydus"
@@ -161,10 +161,9 @@ def seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[bytes, di
         r = subprocess.run(["mkfs.erofs", "--quiet", "-x1", str(img), str(src)], capture_output=True)
         if r.returncode == 0:
             out["mkfs"] = (img.read_bytes(), {})
-    cli = Path(sys.executable).with_name("nydus-erofs")
     built = tmp / "built"
     r = subprocess.run(
-        [str(cli), "build", str(src), "--output-dir", str(built), "--compressor", "lz4_block", "--chunk-size", "4096"],
+        [CLI, "build", str(src), "--output-dir", str(built), "--compressor", "lz4_block", "--chunk-size", "4096"],
         capture_output=True,
     )
     if r.returncode == 0:

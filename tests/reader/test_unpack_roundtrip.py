@@ -12,23 +12,22 @@ import socket
 import stat
 import struct
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
+from tests.support import cli
 from tests.support.paths import SHARED
 
 pytestmark = pytest.mark.root  # the source tree holds device nodes and other owners
 
 NYDUS = SHARED / "interop" / "nydus"
-CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 T_NS = 1_700_000_000_123_456_789
 
 
 def run(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300)
+    return cli.run(*args, timeout=300)
 
 
 def make_rich_tree(root: Path, *, long_name: bool = True) -> None:
