@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import zstandard
 
-CLI = str(Path(sys.executable).with_name("nydus-erofs"))
+from tests.support.cli import CLI
 
 
 def test_zstd_bomb_layer_memory_is_bounded(tmp_path: Path) -> None:
