@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.support.cli import CLI
+from tests.support.cli import run
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +24,6 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def image(source: Path, tmp_path: Path) -> Path:
     """A fresh image of ``source`` (OUT with image.boot and blobs/), uncompressed, 4 KiB chunks."""
     out = tmp_path / "image"
-    r = subprocess.run([CLI, "build", str(source), "-o", str(out), "--chunk-size", "4KiB"], capture_output=True,
-                       text=True, timeout=60)  # fmt: skip
+    r = run("build", source, "-o", out, "--chunk-size", "4KiB", timeout=60)
     assert r.returncode == 0, r.stderr
     return out

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.cli import run
 from tests.support.oci import MT_LAYER, Layout
 
-CLI = str(Path(sys.executable).with_name("nydus-erofs"))
 NYDUS_FEATURE = "nydus.remoteimage.v1"
 ANN_BOOTSTRAP = "containerd.io/snapshot/nydus-bootstrap"
 MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.tools("skopeo")
 
 
 def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, timeout=600)
+    proc = run(*args, timeout=600)
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc
 

@@ -7,11 +7,11 @@ import socket
 import subprocess
 from pathlib import Path
 
-from tests.cli.conftest import CLI
+from tests.support.cli import run
 
 
 def ctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([CLI, "ctl", *args], capture_output=True, text=True, timeout=120, check=False)
+    return run("ctl", *args, timeout=120)
 
 
 def _one_line_error(p: subprocess.CompletedProcess[str], code: int, text: str) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cli import CLI, one_line, run
+from tests.support.cli import one_line, run
 from tests.support.oci import MT_LAYER, Layout, tar_layer
 from tests.support.registry import RegistryServer
 
@@ -189,5 +189,5 @@ def test_a_command_loads_only_its_own_module() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "[]"
-    r = subprocess.run([CLI, "--help"], capture_output=True, text=True, timeout=60)
+    r = run("--help", timeout=60)
     assert all(f"  {name} " in r.stdout for name in ("build", "convert", "mount", "mounts", "umount", "unpack"))

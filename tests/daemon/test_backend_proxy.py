@@ -14,7 +14,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from cachefilesd_py.backends.registry import push_blob
 from cachefilesd_py.blobserver import BlobServer
 from erofs.errors import BackendError
 from erofs.reader.backend import LATENCY_BUCKETS_MS, BackendStats
+from tests.support.cli import CLI, run
 from tests.support.poll import wait_for
 from tests.support.registry import (
     RegistryServer,
@@ -36,7 +36,6 @@ from tests.support.registry import (
 
 pytestmark = [pytest.mark.network, pytest.mark.tools("tinyproxy", "docker-registry")]
 
-CLI = str(Path(sys.executable).with_name("nydus-erofs"))
 TINYPROXY = shutil.which("tinyproxy") or "/usr/bin/tinyproxy"
 REPO = "proxy/test"
 _REQUEST = re.compile(r"Request \(file descriptor \d+\): (\w+) (\S+) HTTP/")
@@ -244,8 +243,7 @@ def test_mount_reads_right_across_a_proxy_crash(registry_server: RegistryServer,
     (src / "big.bin").write_bytes(rnd.randbytes(64 << 20))
     (src / "0-later.bin").write_bytes(rnd.randbytes(4 << 20))  # before big.bin in the blob: not read ahead
     out = tmp_path / "out"
-    r = subprocess.run([CLI, "build", str(src), "--output-dir", str(out), "--compressor", "none"],
-                       capture_output=True, text=True)  # fmt: skip
+    r = run("build", src, "--output-dir", out, "--compressor", "none")
     assert r.returncode == 0, r.stderr
     blob_ids = [p.name for p in (out / "blobs").iterdir()]
     for p in (out / "blobs").iterdir():
@@ -256,10 +254,9 @@ def test_mount_reads_right_across_a_proxy_crash(registry_server: RegistryServer,
     config = {"host": registry_server.host, "repo": REPO, "plain_http": "true", "docker_config": "false",
               "proxy": tinyproxy.url, "proxy_check_interval": "0"}  # fmt: skip
     try:
-        r = subprocess.run([CLI, "mount", str(out / "image.boot"), str(mp), "--cache-dir", str(tmp_path / "cache"),
-                            "--mode", "fanotify", "--backend", "registry",
-                            "--backend-config", ",".join(f"{k}={v}" for k, v in config.items())],
-                           capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+        r = run("mount", out / "image.boot", mp, "--cache-dir", tmp_path / "cache", "--mode", "fanotify",
+                "--backend", "registry", "--backend-config", ",".join(f"{k}={v}" for k, v in config.items()),
+                env=env, timeout=120)  # fmt: skip
         assert r.returncode == 0, r.stderr
         assert any(_blob_gets(tinyproxy, i) for i in blob_ids), tinyproxy.requests()  # metadata through it
 
@@ -294,7 +291,7 @@ def test_mount_reads_right_across_a_proxy_crash(registry_server: RegistryServer,
         assert len(tinyproxy.requests()) > before and any(
             r.startswith("GET ") and "/blobs/sha256:" in r for r in tinyproxy.requests()[before:]
         )
-        r = subprocess.run([CLI, "umount", str(mp), "--json"], capture_output=True, text=True, env=env, timeout=60)
+        r = run("umount", mp, "--json", env=env, timeout=60)
         assert r.returncode == 0, r.stderr
         backend = json.loads(r.stdout)["stats"]["backend"]
         print(f"backend stats: {backend}")

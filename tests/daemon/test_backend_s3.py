@@ -24,6 +24,7 @@ import pytest
 from cachefilesd_py.backends import make_backend
 from cachefilesd_py.backends.s3 import S3Backend, S3Options
 from erofs.errors import BackendError
+from tests.support.cli import CACHEFILESD, run
 from tests.support.fstree import assert_same_tree
 from tests.support.poll import wait_for
 from tests.support.registry import Front, free_port
@@ -32,7 +33,6 @@ boto3 = pytest.importorskip("boto3")
 
 pytestmark = pytest.mark.network
 
-CLI = str(Path(sys.executable).with_name("nydus-erofs"))
 BUCKET = "nydus-blobs"
 PREFIX = "blobs/sha256:"  # a prefix with a slash and a colon, like a registry's blob path
 REGION = "eu-west-1"
@@ -287,8 +287,7 @@ def image(s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
     base = tmp_path_factory.mktemp("s3img")
     src = _tree(base / "src")
     out = base / "out"
-    r = subprocess.run([CLI, "build", str(src), "--output-dir", str(out), "--compressor", "zstd"],
-                       capture_output=True, text=True)  # fmt: skip
+    r = run("build", src, "--output-dir", out, "--compressor", "zstd")
     assert r.returncode == 0, r.stderr
     blobs = sorted((out / "blobs").iterdir())
     assert blobs
@@ -300,9 +299,8 @@ def image(s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
 def _mount(s3: S3Server, boot: Path, mp: Path, tmp: Path, env: dict[str, str],
            **extra: str) -> subprocess.CompletedProcess[str]:  # fmt: skip
     config = {"endpoint": s3.endpoint, "bucket": BUCKET, "region": REGION, "prefix": PREFIX, **extra}
-    return subprocess.run([CLI, "mount", str(boot), str(mp), "--cache-dir", str(tmp / "cache"), "--mode", "fanotify",
-                           "--backend", "s3", "--backend-config", ",".join(f"{k}={v}" for k, v in config.items())],
-                          capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    return run("mount", boot, mp, "--cache-dir", tmp / "cache", "--mode", "fanotify", "--backend", "s3",
+               "--backend-config", ",".join(f"{k}={v}" for k, v in config.items()), env=env, timeout=120)  # fmt: skip
 
 
 @pytest.fixture
@@ -314,7 +312,7 @@ def cli_env(tmp_path: Path, aws_env: pytest.MonkeyPatch) -> Iterator[dict[str, s
         yield env
     finally:
         if os.path.ismount(mp):
-            r = subprocess.run([CLI, "umount", str(mp)], capture_output=True, text=True, env=env, timeout=60)
+            r = run("umount", mp, env=env, timeout=60)
             if os.path.ismount(mp):
                 subprocess.run(["umount", "-l", str(mp)], check=False)
             assert r.returncode == 0, r.stderr
@@ -331,7 +329,7 @@ def test_mount_from_s3_equals_the_source(s3: S3Server, image: tuple[Path, Path],
     assert r.returncode == 0, r.stderr
     assert os.path.ismount(mp)
     assert_same_tree(src, mp)
-    r = subprocess.run([CLI, "umount", str(mp), "--json"], capture_output=True, text=True, env=env, timeout=60)
+    r = run("umount", mp, "--json", env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     assert not os.path.ismount(mp)
     backend = json.loads(r.stdout)["stats"]["backend"]
@@ -360,10 +358,8 @@ def test_mount_with_wrong_credentials_fails_in_one_line(s3: S3Server, image: tup
 def test_cachefilesd_py_takes_the_s3_backend(tmp_path: Path) -> None:
     """``cachefilesd-py --backend s3 --backend-config ...``: a missing bucket is a usage error before the device is
     opened."""
-    exe = str(Path(sys.executable).with_name("cachefilesd-py"))
-    base = [exe, "--cache-dir", str(tmp_path / "c"), "--images-dir", str(tmp_path), "--no-supervisor"]
+    base: list[str | Path] = ["--cache-dir", tmp_path / "c", "--images-dir", tmp_path, "--no-supervisor"]
     for config in ([], ["--backend-config", "prefix=x/,region=r"]):
-        r = subprocess.run([*base, "--backend", "s3", *config, "--device", "/nonexistent"], capture_output=True,
-                           text=True, timeout=30)  # fmt: skip
+        r = run(*base, "--backend", "s3", *config, "--device", "/nonexistent", prog=CACHEFILESD, timeout=30)
         assert r.returncode == 2, r.stderr
         assert r.stderr == "cachefilesd-py: error: --backend s3 needs --backend-config bucket=...\n"

@@ -8,7 +8,6 @@ import json
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 from cachefilesd_py.api import ApiServer, get, listen, request
@@ -16,13 +15,13 @@ from fscache.cachefiles import CloseRequest, OpenRequest, ReadRequest
 from tests.daemon.conftest import ApiServed
 from tests.daemon.test_daemon_service import TIMEOUT, _anon_fd
 from tests.support.api_clients import NOBODY_CLIENT, as_nobody, malformed_requests, prometheus_samples, send_raw
+from tests.support.cli import run
 
 SECRET = "s3cret-token-do-not-echo"
-CLI = str(Path(sys.executable).with_name("nydus-erofs"))
 
 
 def ctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([CLI, "ctl", *args], capture_output=True, text=True, timeout=120, check=False)
+    return run("ctl", *args, timeout=120)
 
 
 def _read(s: ApiServed, msg: int, offset: int) -> None:

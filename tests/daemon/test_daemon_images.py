@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -20,13 +18,11 @@ from cachefilesd_py.backends import BlobBackend, make_backend
 from cachefilesd_py.image_store import ImageStore, UnknownImageError, check_name, parse_volume_key
 from cachefilesd_py.pipeline import Pipeline
 from erofs.errors import DigestMismatchError, ImageError
-
-CLI = str(Path(sys.executable).with_name("nydus-erofs"))
+from tests.support.cli import run
 
 
 def build(out: Path, *sources: Path, compressor: str = "zstd") -> dict:
-    proc = subprocess.run([CLI, "build", *map(str, sources), "-o", str(out), "--json", "--compressor", compressor,
-                           "--chunk-size", "64KiB"], capture_output=True, text=True)  # fmt: skip
+    proc = run("build", *sources, "-o", out, "--json", "--compressor", compressor, "--chunk-size", "64KiB")
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 

@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -24,9 +23,8 @@ from cachefilesd_py.image_store import ImageStore
 from cachefilesd_py.notify import notify
 from cachefilesd_py.supervisor import RestartPolicy
 from fscache.cachefiles import CloseRequest, Message, OpenRequest, ReadRequest
+from tests.support.cli import CACHEFILESD, run
 
-NYDUS_EROFS = str(Path(sys.executable).with_name("nydus-erofs"))
-CACHEFILESD = str(Path(sys.executable).with_name("cachefilesd-py"))
 TIMEOUT = 30.0
 
 
@@ -64,8 +62,7 @@ class FakeDevice:
 
 
 def _build(out: Path, src: Path, *args: str) -> dict:
-    proc = subprocess.run([NYDUS_EROFS, "build", str(src), "-o", str(out), "--json", *args], capture_output=True,
-                          text=True)  # fmt: skip
+    proc = run("build", src, "-o", out, "--json", *args)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -222,7 +219,7 @@ def test_supervisor_gives_up_on_a_worker_that_keeps_dying() -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([CACHEFILESD, *args], capture_output=True, text=True, timeout=TIMEOUT)
+    return run(*args, prog=CACHEFILESD, timeout=TIMEOUT)
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +17,8 @@ from cachefilesd_py.pipeline import PAGE_SIZE, BlobHandle, Pipeline
 from erofs.errors import BackendError, DigestMismatchError
 from erofs.reader.backend import LocalBlobDir
 from erofs.reader.bootstrap import Bootstrap
+from tests.support.cli import run
 
-CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 CHUNK = 64 * 1024
 TIMEOUT = 30.0
 
@@ -37,11 +35,7 @@ def _tree(root: Path) -> Path:
 
 
 def build_image(src: Path, out: Path, compressor: str, chunk_size: str = "64KiB") -> dict:
-    proc = subprocess.run(
-        [*CLI, "build", str(src), "--output-dir", str(out), "--json", "--compressor", compressor,
-         "--chunk-size", chunk_size],
-        capture_output=True, text=True,
-    )  # fmt: skip
+    proc = run("build", src, "--output-dir", out, "--json", "--compressor", compressor, "--chunk-size", chunk_size)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 

@@ -5,8 +5,6 @@ table order, directories expanded, pieces merged up to the merge size, only the 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,8 +15,8 @@ from cachefilesd_py.blob_handles import open_image
 from cachefilesd_py.pipeline import BlobHandle, Pipeline
 from cachefilesd_py.prefetch import Prefetcher, PrefetchTarget, plan_prefetch
 from erofs.reader import Bootstrap
+from tests.support.cli import run
 
-CLI = str(Path(sys.executable).with_name("nydus-erofs"))
 CHUNK = 64 << 10
 SIZES = {"/z/first": 200_000, "/a/lib/one": 70_000, "/a/lib/two": 130_000, "/b/unlisted": 150_000}
 
@@ -29,9 +27,8 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for path, size in SIZES.items():
         (root / "src" / path[1:]).parent.mkdir(parents=True, exist_ok=True)
         (root / "src" / path[1:]).write_bytes(os.urandom(size))
-    r = subprocess.run([CLI, "build", str(root / "src"), "-o", str(root / "out"), "--chunk-size", "64KiB",
-                        "--prefetch-list", "-"], input="/z/first\n/a/lib\n", capture_output=True, text=True,
-                       timeout=60)  # fmt: skip
+    r = run("build", root / "src", "-o", root / "out", "--chunk-size", "64KiB", "--prefetch-list", "-",
+            input="/z/first\n/a/lib\n", timeout=60)  # fmt: skip
     assert r.returncode == 0, r.stderr
     return root / "out"
 

@@ -11,7 +11,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,12 +19,10 @@ import pytest
 
 from cachefilesd_py.backends import make_backend
 from erofs.errors import BackendError
+from tests.support.cli import CLI, run
 from tests.support.fstree import assert_same_tree
 
 pytestmark = pytest.mark.network
-
-CLI = str(Path(sys.executable).with_name("nydus-erofs"))
-
 
 class Served:
     """``nydus-erofs serve root --listen 127.0.0.1:0``; its log lines, its address."""
@@ -218,14 +215,13 @@ def test_a_stop_lets_the_request_being_answered_finish(tree: tuple[Path, dict[st
 def test_bad_options_one_line(tmp_path: Path) -> None:
     for args, msg in [([str(tmp_path / "none")], "not a directory"),
                       ([str(tmp_path), "--listen", "nope"], "ADDR:PORT")]:  # fmt: skip
-        r = subprocess.run([CLI, "serve", *args], capture_output=True, text=True, timeout=30)
+        r = run("serve", *args, timeout=30)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and msg in r.stderr, r.stderr
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        r = subprocess.run([CLI, "serve", str(tmp_path), "--listen", f"127.0.0.1:{port}"], capture_output=True,
-                           text=True, timeout=30)  # fmt: skip
+        r = run("serve", tmp_path, "--listen", f"127.0.0.1:{port}", timeout=30)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "in use" in r.stderr, r.stderr
 
 
@@ -243,21 +239,19 @@ def test_registry_backend_mounts_an_image_from_it(tmp_path: Path) -> None:
         (src / f"f{i}.txt").write_bytes(rnd.randbytes(rnd.randrange(0, 50_000)))
     (src / "d" / "link").symlink_to("../f1.txt")
     out = tmp_path / "out"
-    r = subprocess.run([CLI, "build", str(src), "--output-dir", str(out), "--compressor", "lz4_block"],
-                       capture_output=True, text=True)  # fmt: skip
+    r = run("build", src, "--output-dir", out, "--compressor", "lz4_block")
     assert r.returncode == 0, r.stderr
     served = Served(out / "blobs")  # blobs at the top of the served directory
     mp = tmp_path / "mnt"
     mp.mkdir()
     env = {**os.environ, "NYDUS_EROFS_RUN_DIR": str(tmp_path / "run")}
     try:
-        r = subprocess.run([CLI, "mount", str(out / "image.boot"), str(mp), "--cache-dir", str(tmp_path / "cache"),
-                            "--mode", "fanotify", "--backend", "registry", "--backend-config",
-                            f"host={served.host},repo=x,plain_http=true,docker_config=false"],
-                           capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+        r = run("mount", out / "image.boot", mp, "--cache-dir", tmp_path / "cache", "--mode", "fanotify",
+                "--backend", "registry", "--backend-config",
+                f"host={served.host},repo=x,plain_http=true,docker_config=false", env=env, timeout=120)  # fmt: skip
         assert r.returncode == 0, r.stderr
         assert_same_tree(src, mp)
-        r = subprocess.run([CLI, "umount", str(mp)], capture_output=True, text=True, env=env, timeout=60)
+        r = run("umount", mp, env=env, timeout=60)
         assert r.returncode == 0, r.stderr
     finally:
         if os.path.ismount(mp):

@@ -23,6 +23,7 @@ from cachefilesd_py.api import get, listen
 from cachefilesd_py.notify import LISTEN_FDS_START, Watchdog, listen_fds, notify, watchdog_interval
 from cachefilesd_py.takeover import Handover, TakeoverError, TakeoverState, accept_done, successor_command, take_over
 from erofs.errors import UsageError
+from tests.support.cli import CACHEFILESD
 
 TIMEOUT = 30.0
 
@@ -207,10 +208,9 @@ def test_cli_upgrade_in_place_with_a_stand_in_device(tmp_path: Path, notify_sock
     says READY=1 with its MAINPID; the old daemon exits 0; the new one pings the watchdog, answers on the same API
     path, and removes the sockets when it stops."""
     sock, env = notify_socket
-    cachefilesd = str(Path(sys.executable).with_name("cachefilesd-py"))
     (tmp_path / "images").mkdir()
     api, up = tmp_path / "api.sock", tmp_path / "up.sock"
-    cmd = [cachefilesd, "--device", "/dev/null", "--cache-dir", str(tmp_path / "cache"), "--images-dir",
+    cmd = [CACHEFILESD, "--device", "/dev/null", "--cache-dir", str(tmp_path / "cache"), "--images-dir",
            str(tmp_path / "images"), "--api-sock", str(api), "--upgrade-sock", str(up), "--threads", "1"]  # fmt: skip
     lines: list[str] = []
 

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,13 +23,13 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from tests.support.cli import BIN, CLI
 from tests.support.kmount import MNT_DETACH, umount
 from tests.support.machine import missing_erofs, missing_network, missing_root, missing_tool
 from tests.support.paths import REPO
 from tests.support.registry import RegistryServer
 
 README = REPO / "README.md"
-BIN = Path(sys.executable).parent
 
 # A line matching one of these (searched in it, continuation lines joined) is not run here, for the reason given.
 SKIPPED = {
@@ -215,7 +214,7 @@ def scratch(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         mnt = s.root / "mnt"
         env = _env(s)
         if mnt.is_dir() and os.path.ismount(mnt):
-            subprocess.run([BIN / "nydus-erofs", "umount", mnt], capture_output=True, env=env, timeout=60)
+            subprocess.run([CLI, "umount", mnt], capture_output=True, env=env, timeout=60)
         if mnt.is_dir() and os.path.ismount(mnt):
             umount(mnt, MNT_DETACH)
 

@@ -14,7 +14,8 @@ import grpc
 import pytest
 
 from tests.support.busybox_image import busybox_layout, push_layout, run
-from tests.support.containerd import CLI, SNAPSHOTTER, Containerd, mounts_under
+from tests.support.cli import run as cli_run
+from tests.support.containerd import SNAPSHOTTER, Containerd, mounts_under
 from tests.support.cri import cri_pb2, cri_pb2_grpc
 from tests.support.registry import RegistryServer
 
@@ -39,7 +40,8 @@ def images(registry_server: RegistryServer, tmp_path_factory: pytest.TempPathFac
     tmp = tmp_path_factory.mktemp("images")
     layout = busybox_layout(tmp, big_size=BIG)
     oci = push_layout(layout, "v1", registry_server.host, "test/busybox")
-    run(CLI, "convert", f"oci:{layout}:v1", f"oci:{tmp / 'nydus'}:v1")
+    proc = cli_run("convert", f"oci:{layout}:v1", f"oci:{tmp / 'nydus'}:v1")
+    assert proc.returncode == 0, proc.stderr
     nydus = push_layout(tmp / "nydus", "v1", registry_server.host, "test/busybox-nydus")
     rootfs = tmp / "unpacked"
     run("umoci", "unpack", "--image", f"{layout}:v1", rootfs)
@@ -54,8 +56,7 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]
 
 
 def nydus_pull(cd: Containerd, ref: str) -> str:
-    proc = subprocess.run([CLI, "pull", "--plain-http", "--address", str(cd.sock), ref], capture_output=True,
-                          text=True)  # fmt: skip
+    proc = cli_run("pull", "--plain-http", "--address", cd.sock, ref)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -249,7 +250,8 @@ def test_restarted_snapshotter_mounts_the_image_again(containerd: Containerd, im
         (mount,) = erofs_mounts(containerd)
         mountpoint = mount.split()[4]
         containerd.snapshotter.kill()
-        run(CLI, "umount", mountpoint)
+        proc = cli_run("umount", mountpoint)
+        assert proc.returncode == 0, proc.stderr
         assert not erofs_mounts(containerd)
         containerd.snapshotter.start()
         assert [m.split()[4] for m in erofs_mounts(containerd)] == [mountpoint]
@@ -293,7 +295,7 @@ def test_pull_errors_are_one_line(containerd: Containerd, images: dict, tmp_path
     ]
     for args, message in cases:
         started = time.monotonic()
-        proc = subprocess.run([CLI, "pull", "--plain-http", *args], capture_output=True, text=True)
+        proc = cli_run("pull", "--plain-http", *args)
         assert time.monotonic() - started < 5, "an unreachable containerd is said at once, not after a timeout"
         assert proc.returncode != 0
         assert proc.stderr.startswith("nydus-erofs: error: ") and proc.stderr.count("\n") == 1, proc.stderr

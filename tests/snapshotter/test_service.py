@@ -3,7 +3,6 @@ containerd): ordinary layers behave as containerd's overlayfs snapshotter, metad
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,8 @@ from google.protobuf import field_mask_pb2
 
 from cachefilesd_py.snapshotter.proto import snapshots_pb2 as pb
 from cachefilesd_py.snapshotter.proto import snapshots_pb2_grpc as pb_grpc
-from tests.support.containerd import CLI, SnapshotterProcess
+from tests.support.cli import run
+from tests.support.containerd import SnapshotterProcess
 
 
 @pytest.fixture
@@ -100,6 +100,5 @@ def test_nydus_blob_layer_is_committed_without_download(service: tuple[Snapshott
 
 def test_one_snapshotter_per_root(service: tuple[SnapshotterProcess, pb_grpc.SnapshotsStub], tmp_path: Path) -> None:
     proc, _ = service
-    second = subprocess.run([CLI, "snapshotter", "--address", str(tmp_path / "other.sock"), "--root", str(proc.root)],
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    second = run("snapshotter", "--address", tmp_path / "other.sock", "--root", proc.root, timeout=60)
     assert (second.returncode, second.stderr) == (2, f"nydus-erofs: error: another snapshotter is using {proc.root}\n")
