@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import os
 import random
-import subprocess
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +30,8 @@ from cachefilesd_py.blob_handles import open_image
 from cachefilesd_py.mount.cachefile import prepare_cache_files
 from cachefilesd_py.mount.evict import CacheLimit, LruPolicy
 from cachefilesd_py.pipeline import BlobHandle, Pipeline
-from tests.mount.test_fanotify_mount import CLI, Mounts, _kill_worker, _new_worker, build
+from tests.mount.test_fanotify_mount import Mounts, _kill_worker, _new_worker, build
+from tests.support.cli import run
 
 LIMIT = 32 << 20
 CHUNK = 1 << 20
@@ -246,18 +246,15 @@ def test_cache_size_limit_on_the_command_line(big_image: tuple[Path, dict[str, s
     out, _ = big_image
     mp = tmp_path / "mnt"
     mp.mkdir()
-    proc = subprocess.run([*CLI, "mount", str(out / "image.boot"), str(mp), "--cache-dir", str(tmp_path / "c"),
-                           "--cache-size-limit", "32QiB"], capture_output=True, text=True)  # fmt: skip
+    proc = run("mount", out / "image.boot", mp, "--cache-dir", tmp_path / "c", "--cache-size-limit", "32QiB")
     assert proc.returncode == 2 and "--cache-size-limit" in proc.stderr and "Traceback" not in proc.stderr
     full = ["--mode", "full", "--cache-size-limit", "32MiB"]
-    proc = subprocess.run([*CLI, "mount", str(out / "image.boot"), str(mp), "--cache-dir", str(tmp_path / "c"), *full],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = run("mount", out / "image.boot", mp, "--cache-dir", tmp_path / "c", *full)
     assert proc.returncode == 2, proc.stderr
     assert "full mode keeps the whole image (100.0 MiB) in the cache" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not os.path.ismount(mp)
-    proc = subprocess.run([*CLI, "mount", str(out / "image.boot"), str(mp), "--mode", "fscache",
-                           "--cache-size-limit", "32MiB"], capture_output=True, text=True)  # fmt: skip
+    proc = run("mount", out / "image.boot", mp, "--mode", "fscache", "--cache-size-limit", "32MiB")
     assert proc.returncode == 2 and "cachefilesd-py's in fscache mode" in proc.stderr, proc.stderr
-    proc = subprocess.run([*CLI, "snapshotter", "--address", str(tmp_path / "sn.sock"), "--root", str(tmp_path / "sn"),
-                           "--cache-size-limit", "lots"], capture_output=True, text=True)  # fmt: skip
+    proc = run("snapshotter", "--address", tmp_path / "sn.sock", "--root", tmp_path / "sn",
+               "--cache-size-limit", "lots")  # fmt: skip
     assert proc.returncode == 2 and "--cache-size-limit" in proc.stderr and "Traceback" not in proc.stderr

@@ -47,6 +47,7 @@ from fscache.errors import PreContentUnsupportedError
 from fscache.fanotify import FanotifyGroup
 from fscache.inotify import Inotify
 from fscache.mount import MountError, is_mounted, umount
+from tests.support.cli import run
 from tests.support.damage import flip_chunk_byte
 from tests.support.fstree import assert_same_tree
 from tests.support.kmount import umount as kernel_umount
@@ -54,7 +55,6 @@ from tests.support.paths import NYDUS as UPSTREAM
 from tests.support.poll import wait_for
 from tests.support.rootfs import make_rootfs
 
-CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 UPSTREAM_FILES = {"lib.rs": 16931, "sync_io.rs": 13400}
 TIMEOUT = 60.0
 
@@ -74,11 +74,7 @@ def _wait_exit(pid: int, act: Callable[[], object], what: str) -> None:
 
 
 def build(sources: list[Path], out: Path, compressor: str = "none", chunk_size: str = "1MiB") -> dict[str, Any]:
-    proc = subprocess.run(
-        [*CLI, "build", *map(str, sources), "--output-dir", str(out), "--json", "--compressor", compressor,
-         "--chunk-size", chunk_size],
-        capture_output=True, text=True,
-    )  # fmt: skip
+    proc = run("build", *sources, "--output-dir", out, "--json", "--compressor", compressor, "--chunk-size", chunk_size)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -510,7 +506,7 @@ def test_cache_files_reused_or_started_afresh(images: dict[str, Path], tmp_path:
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, timeout=TIMEOUT)
+    return run(*args, env=env, timeout=TIMEOUT)
 
 
 def test_cli_mount_umount_and_errors(images: dict[str, Path], rootfs: Path, tmp_path: Path) -> None:
@@ -768,11 +764,8 @@ def test_backend_secrets_are_not_on_the_daemon_command_lines(mounts: Mounts, ima
     mp = tmp_path / "mnt-secret"
     mp.mkdir()
     try:
-        proc = subprocess.run(
-            [*CLI, "mount", str(images["none"] / "image.boot"), str(mp), "--cache-dir", str(tmp_path / "cache-secret"),
-             "--backend", "http", "--backend-config", config, "--mode", "fanotify", "--json"],
-            capture_output=True, text=True, timeout=TIMEOUT,
-        )  # fmt: skip
+        proc = run("mount", images["none"] / "image.boot", mp, "--cache-dir", tmp_path / "cache-secret", "--backend",
+                   "http", "--backend-config", config, "--mode", "fanotify", "--json", timeout=TIMEOUT)  # fmt: skip
         assert proc.returncode == 0, proc.stderr
         mounts.active.append(mp)
         rec = json.loads(proc.stdout)

@@ -17,7 +17,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import tarfile
 import tempfile
 import threading
@@ -33,11 +32,11 @@ from erofs.format.rafs_v6 import BLOB_FEATURE_HAS_TOC, BlobInfo, RafsV6Blob
 from erofs.paths import process_start_time
 from erofs.reader import Bootstrap
 from fscache.mount import is_mounted
+from tests.support.cli import run
 from tests.support.damage import flip_chunk_byte
 from tests.support.kmount import umount as kernel_umount
 from tests.support.poll import wait_for
 
-CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
 TIMEOUT = 120.0
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
@@ -53,7 +52,7 @@ class Cli:
         self.mounted: list[Path] = []
 
     def run(self, *args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*CLI, *args], capture_output=True, text=True, env=self.env, timeout=timeout)
+        return run(*args, env=self.env, timeout=timeout)
 
     def mount(self, boot: Path, mp: Path, cache: Path, *extra: str) -> dict[str, Any]:
         mp.mkdir(parents=True, exist_ok=True)
@@ -96,8 +95,7 @@ def public_dir() -> Iterator[Path]:
 
 
 def build(sources: list[Path], out: Path, *extra: str) -> dict[str, Any]:
-    proc = subprocess.run([*CLI, "build", *map(str, sources), "--output-dir", str(out), "--json", *extra],
-                          capture_output=True, text=True, timeout=TIMEOUT)  # fmt: skip
+    proc = run("build", *sources, "--output-dir", out, "--json", *extra, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 

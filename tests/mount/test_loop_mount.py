@@ -7,23 +7,20 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from fscache.loop import backing_files
 from fscache.nbd import why_no_nbd
+from tests.support.cli import run
 from tests.support.fstree import assert_same_tree
-
-CLI = str(Path(sys.executable).with_name("nydus-erofs"))
 
 pytestmark = [pytest.mark.root, pytest.mark.kernel("erofs", "loop")]
 
 
 def nydus(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([CLI, *args], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300,
-                          env=env)  # fmt: skip
+    return run(*args, stdin=subprocess.DEVNULL, timeout=300, env=env)
 
 
 @pytest.fixture(scope="module")

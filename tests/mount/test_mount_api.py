@@ -9,7 +9,6 @@ import os
 import random
 import stat
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,10 @@ from cachefilesd_py.api import get, request
 from cachefilesd_py.mount.record import api_path, read_record
 from tests.mount.test_fanotify_mount import Mounts, _in_thread, _kill_worker, build
 from tests.support.api_clients import NOBODY_CLIENT, as_nobody, malformed_requests, prometheus_samples, send_raw
+from tests.support.cli import run
 
 pytestmark = pytest.mark.kernel("erofs", "fanotify")
 
-CLI = str(Path(sys.executable).with_name("nydus-erofs"))
 QUIET = {"prefetch": False, "readahead": 0, "amplify": 0}  # every chunk read is one fill, nothing ahead
 
 
@@ -43,7 +42,7 @@ def two_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def ctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([CLI, "ctl", *args], capture_output=True, text=True, timeout=120, check=False)
+    return run("ctl", *args, timeout=120)
 
 
 def _first_page(path: Path, offset: int) -> bytes:

@@ -29,7 +29,7 @@ def big_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i in range(64):
         (src / f"f{i}").write_bytes(os.urandom(1 << 20))
     out = tmp / "out"
-    r = subprocess.run([CLI, "build", src, "-o", out], capture_output=True, text=True, timeout=120)
+    r = run("build", src, "-o", out, timeout=120)
     assert r.returncode == 0, r.stderr
     return out
 

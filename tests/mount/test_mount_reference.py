@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import cli
 from tests.support.fstree import assert_same_tree
 from tests.support.registry import TEST_PASSWORD, TEST_USER, Front, RegistryServer
-from tests.support.remote_image import CLI, convert_to, make_source_layout, run, unpack_layout
+from tests.support.remote_image import convert_to, make_source_layout, run, unpack_layout
 
 pytestmark = [pytest.mark.network, pytest.mark.tools("docker-registry", "umoci", "skopeo"),
               pytest.mark.kernel("erofs", "fanotify")]  # fmt: skip
@@ -50,7 +51,7 @@ def login(env: dict[str, str], host: str) -> None:
 
 
 def nydus(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, env=env)
+    return cli.run(*args, env=env)
 
 
 def mount_ref(ref: str, mnt: Path, cache: Path, env: dict[str, str], *extra: str) -> None:

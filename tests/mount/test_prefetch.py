@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,11 +16,11 @@ from cachefilesd_py.mount.prefetch import read_prefetch_progress
 from cachefilesd_py.mount.service import mount_image
 from cachefilesd_py.mount.spec import MountSpec
 from tests.mount.test_fanotify_mount import Mounts, _in_thread
+from tests.support.cli import run
 from tests.support.fstree import assert_same_tree
 from tests.support.poll import wait_for
 from tests.support.registry import RegistryServer, push_test_blob
 
-CLI = str(Path(sys.executable).with_name("nydus-erofs"))
 CHUNK = 64 << 10
 REPO = "prefetch/app"
 pytestmark = [pytest.mark.kernel("erofs", "fanotify"), pytest.mark.network, pytest.mark.tools("docker-registry")]
@@ -50,8 +48,8 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     listing = root / "list.txt"
     listing.write_text("/app/bin/main\n/app/lib\n/etc/config\n")
     out = root / "out"
-    r = subprocess.run([CLI, "build", str(src), "-o", str(out), "--chunk-size", "64KiB", "--compressor", "zstd",
-                        "--prefetch-list", str(listing)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = run("build", src, "-o", out, "--chunk-size", "64KiB", "--compressor", "zstd", "--prefetch-list", listing,
+            timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stderr
     return src, out
 

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from cachefilesd_py.mount.record import RUN_DIR_ENV
 from tests.mount.test_fanotify_mount import Mounts, build
+from tests.support.cli import run
 from tests.support.poll import wait_for
 
-CLI = str(Path(sys.executable).with_name("nydus-erofs"))
 pytestmark = pytest.mark.kernel("erofs", "fanotify")
 
 ORDER = ["/srv/b.txt", "/a.txt", "/usr/lib/c.so"]
@@ -35,7 +33,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def trace_cli(mp: Path, *args: str) -> str:
-    r = subprocess.run([CLI, "trace", str(mp), *args], capture_output=True, text=True, timeout=30)
+    r = run("trace", mp, *args, timeout=30)
     assert r.returncode == 0, r.stderr
     return r.stdout
 
@@ -89,6 +87,6 @@ def test_trace_lists_the_files_read_in_first_access_order(mounts: Mounts, image:
 
 def test_trace_of_an_unknown_mountpoint_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path / "run"))
-    r = subprocess.run([CLI, "trace", str(tmp_path)], capture_output=True, text=True, timeout=30)
+    r = run("trace", tmp_path, timeout=30)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "no access trace" in r.stderr

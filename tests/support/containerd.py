@@ -7,15 +7,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from types import TracebackType
 
 import grpc
 
 from erofs.imagespec import MT_NYDUS_BLOB
+from tests.support.cli import CLI
 
-CLI = str(Path(sys.executable).with_name("nydus-erofs"))
 SNAPSHOTTER = "nydus-erofs"
 NAMESPACE = "default"
 NYDUS_BLOB_PROCESSOR = "io.containerd.nydus-erofs.blob.v1"  # any name: containerd keys payloads by it

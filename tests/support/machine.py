@@ -20,6 +20,7 @@ import pytest
 
 from fscache.errors import KernelInterfaceError
 from fscache.fanotify import FanotifyGroup
+from tests.support.cli import run
 from tests.support.kmount import mount_erofs
 from tests.support.paths import NYDUS, REPO
 
@@ -46,9 +47,7 @@ def missing_erofs() -> str | None:
     with tempfile.TemporaryDirectory(prefix="probe-erofs-") as tmp:
         src, out = Path(tmp) / "src", Path(tmp) / "out"
         src.mkdir()
-        cli = Path(sys.executable).with_name("nydus-erofs")
-        built = subprocess.run([str(cli), "build", str(src), "-o", str(out)], capture_output=True, text=True,
-                               stdin=subprocess.DEVNULL, timeout=120)  # fmt: skip
+        built = run("build", src, "-o", out, stdin=subprocess.DEVNULL, timeout=120)
         if built.returncode != 0:
             return f"cannot build the probe image for a file-backed EROFS mount: {built.stderr.strip()[-300:]}"
         try:

@@ -13,24 +13,20 @@ import random
 import select
 import signal
 import stat
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from cachefilesd_py.mount.record import RUN_DIR_ENV
 from erofs.reader import Bootstrap
 from fscache.mount import MountError, is_mounted, mount_erofs_file_backed, umount
-
-CLI = [str(Path(sys.executable).with_name("nydus-erofs"))]
+from tests.support.cli import run
 
 __all__ = ["build_image", "fuzz_mounts"]
 
 
 def build_image(root: Path, out: Path) -> Path:
     """``nydus-erofs build ROOT`` with 4 KiB chunks (many chunk indexes to flip); returns ``out``."""
-    proc = subprocess.run([*CLI, "build", str(root), "--output-dir", str(out), "--chunk-size", "4KiB"],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = run("build", root, "--output-dir", out, "--chunk-size", "4KiB", timeout=600)
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -130,16 +126,14 @@ def fuzz_mounts(image: Path, tmp: Path, *, cases: int, seed: int, cli_cases: int
         assert not is_mounted(mp, None)
         assert _taint() == taint, f"case {n} (seed {seed}): the kernel got tainted ({_taint()})"
         if n < cli_cases:  # our tool: a one-line error (never a traceback), or a mount that walks
-            proc = subprocess.run([*CLI, "mount", str(case_boot), str(mp), "--mode", "full", "--cache-dir",
-                                   str(tmp / "fuzz-cache"), "--blob-dir", str(image / "blobs"), "--json"],
-                                  capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+            proc = run("mount", case_boot, mp, "--mode", "full", "--cache-dir", tmp / "fuzz-cache",
+                       "--blob-dir", image / "blobs", "--json", env=env, timeout=120)  # fmt: skip
             if proc.returncode == 0:
                 assert json.loads(proc.stdout)["mode"] == "full"
                 try:
                     assert _walk_bounded(mp, walk_timeout), f"case {n} (seed {seed}): the walk of the tool's mount hung"
                 finally:
-                    out = subprocess.run([*CLI, "umount", str(mp)], capture_output=True, text=True, env=env,
-                                         timeout=120)  # fmt: skip
+                    out = run("umount", mp, env=env, timeout=120)
                     assert out.returncode == 0, out.stderr
             else:
                 assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr

@@ -10,14 +10,12 @@ import io
 import json
 import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 from typing import Any
 
 from cachefilesd_py.backends.registry import push_blob, push_manifest
-
-CLI = str(Path(sys.executable).with_name("nydus-erofs"))
+from tests.support import cli
 
 
 def run(*args: str | os.PathLike[str], env: dict[str, str] | None = None) -> str:
@@ -63,7 +61,9 @@ def unpack_layout(layout: Path, dest: Path) -> Path:
 
 def convert_to(layout: Path, ref: str, env: dict[str, str] | None = None) -> str:
     """``nydus-erofs convert`` the layout's ``v1`` to the registry reference ``ref`` (plain HTTP)."""
-    return run(CLI, "convert", f"oci:{layout}:v1", ref, "--plain-http", "--chunk-size", "64KiB", env=env)
+    proc = cli.run("convert", f"oci:{layout}:v1", ref, "--plain-http", "--chunk-size", "64KiB", env=env)
+    assert proc.returncode == 0, f"convert {layout} {ref}: {proc.stderr}"
+    return proc.stdout
 
 
 def raw_manifest(ref: str) -> dict[str, Any]:
