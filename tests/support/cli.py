@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.support.zygote import ENTRY_POINTS, Zygote
+from tests.support.zygote import PROGRAMS, Zygote
 
 BIN = Path(sys.executable).parent
 CLI = str(BIN / "nydus-erofs")
 CACHEFILESD = str(BIN / "cachefilesd-py")
 TIMEOUT = 60
-ENTRY_POINTS_BY_PATH = {str(BIN / name) for name in ENTRY_POINTS}
+FORKABLE = {str(BIN / name) for name in PROGRAMS}
 
 _fork_server: Zygote | None = None  # under pytest -n: tests/conftest.py's fork server
 
@@ -30,7 +30,7 @@ def run(*args: str | os.PathLike[str], prog: str = CLI, timeout: float = TIMEOUT
     """``prog`` (``nydus-erofs``) with ``args``; stdout and stderr captured as text.  ``kw``: ``input``,
     ``stdin``, ``cwd``, ``env``, ``umask`` as for subprocess.run (any other: run from the script)."""
     argv = [prog, *map(str, args)]
-    if _fork_server is not None and prog in ENTRY_POINTS_BY_PATH and set(kw) <= Zygote.OPTIONS:
+    if _fork_server is not None and prog in FORKABLE and set(kw) <= Zygote.OPTIONS:
         return _fork_server.run(argv, timeout=timeout, **kw)
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
 

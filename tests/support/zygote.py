@@ -1,7 +1,7 @@
 """A fork server for the command-line programs: under ``pytest -n`` (the quick loop) the tests' runs of
 ``nydus-erofs`` and ``cachefilesd-py`` are forked from a process that has already imported them.
 
-Every run is still its own process, running the program's real entry point (``erofs.cli:main``,
+Every run is still its own process, running the entry point its installed script runs (``erofs.cli:main``,
 ``cachefilesd_py.cli:main``) on the test's argv, environment, working directory, umask and stdin/stdout/stderr
 (passed as file descriptors), with the exit status, signals included, handed back; only the interpreter's start
 and the imports are paid once (a small build: ~40 ms of CPU instead of ~120 ms here).  The full run (``pytest``, as CI
@@ -31,13 +31,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from erofs.cli import entry_points
+
 # what the server imports before forking: everything the programs import at start, so a run imports nothing
 PRELOAD = [
     "erofs.cli", "cachefilesd_py.cli",
     "erofs.commands.build", "erofs.commands.check", "erofs.commands.convert", "erofs.commands.inspect",
     "erofs.commands.unpack", "cachefilesd_py.commands.mount", "cachefilesd_py.commands.ctl",
 ]  # fmt: skip
-ENTRY_POINTS = {"nydus-erofs": "erofs.cli", "cachefilesd-py": "cachefilesd_py.cli"}
+PROGRAMS = ("nydus-erofs", "cachefilesd-py")  # run by the entry points their installed scripts run
 _MAX_REQUEST = 1 << 20
 
 
@@ -102,11 +104,12 @@ def _become(request: dict[str, Any]) -> None:
 def main() -> None:
     for name in PRELOAD:
         importlib.import_module(name)
+    scripts = entry_points("console_scripts")  # "module:function" of each program, as pyproject declares it
     request = _serve(sys.argv[1])
     _become(request)  # in a forked program from here on
-    module = importlib.import_module(ENTRY_POINTS[Path(sys.argv[0]).name])
+    module, _, function = scripts[Path(sys.argv[0]).name].partition(":")
     try:
-        code = module.main()
+        code = getattr(importlib.import_module(module), function)()
     except SystemExit as e:
         code = e.code
     # The end of a Python process (an uncaught exception has already ended it as Python does): non-daemon
